@@ -1,0 +1,18 @@
+"""The runtime (layer L3): the Cell, handler tables, dispatch and request/reply."""
+
+from flare_async.cell._cell import BroadcastResults, Cell, CellStatistics, Outcome
+from flare_async.cell._handlers import Context, HandlerTable, Kind
+from flare_async.cell._links import Backoff
+from flare_async.cell._payload import Payload
+
+__all__ = [
+    "Backoff",
+    "BroadcastResults",
+    "Cell",
+    "CellStatistics",
+    "Context",
+    "HandlerTable",
+    "Kind",
+    "Outcome",
+    "Payload",
+]

@@ -1,0 +1,696 @@
+"""The Cell: the one kind of participant. Server, relay and edge differ only in handlers and URLs.
+
+A cell owns one anyio task group: a task per listener (accepting links), a task per link
+(reading frames), a task keeping the link to the parent up, and a pool of handler workers
+that grows on demand up to ``max_concurrency``. No threads.
+
+Every message that arrives is either for this cell (dispatched to a handler or resolving a
+request) or forwarded one hop on, by the routing rule, with its payload untouched. Failures
+are answered to the origin at once with an ``Error`` frame: unknown destinations, routing
+loops, exhausted hop budgets, expired deadlines, missing handlers, full queues.
+
+Reading a link never waits for a handler: a request that finds the handler queue full is
+answered :class:`~flare_async.errors.Overloaded` right away, so replies on the same link keep
+flowing and a slow handler cannot deadlock a call chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+import msgspec
+import sniffio
+from anyio.abc import TaskGroup, TaskStatus
+
+from flare_async import _logging
+from flare_async.cell._deadlines import DeadlineTimer
+from flare_async.cell._dispatch import Job, Workers
+from flare_async.cell._handlers import Dispatch, HandlerTable, Kind
+from flare_async.cell._links import (
+    Backoff,
+    HelloFactory,
+    Peer,
+    handshake_acceptor,
+    handshake_connector,
+)
+from flare_async.cell._payload import Payload, as_payload
+from flare_async.cell._rpc import PendingTable, Waiter
+from flare_async.errors import (
+    CellClosed,
+    ConfigError,
+    DeadlineExceeded,
+    FlareError,
+    LinkBroken,
+    LinkClosed,
+    ProtocolError,
+    Status,
+    TransportError,
+    Unreachable,
+    error_for_status,
+)
+from flare_async.routing import LOCAL, PARENT, check_route, next_hop, validate_name
+from flare_async.transport import Driver, DriverRegistry, Link, Listener
+from flare_async.wire import Buffer, Bye, Error, Event, Frame, Limits, Ping, Pong, Reply, Request
+
+_DEFAULT: Final = object()
+_ROUTED: Final = (Request, Event, Reply, Error)
+_CALLS: Final = (Request, Event)
+_ANSWERS: Final = (Reply, Error)
+
+
+def _no_clock() -> float:
+    raise CellClosed("the cell has not started")
+
+
+def backend_clock() -> Callable[[], float]:
+    """The running event loop's clock, bound once (``anyio.current_time`` looks the backend up
+    on every call, which shows on the hot path). Trio's clock honours ``MockClock``."""
+    if sniffio.current_async_library() == "trio":
+        import trio  # noqa: PLC0415 - only when running on trio
+
+        return trio.current_time
+    return asyncio.get_running_loop().time
+
+
+Outcome = Payload | FlareError
+
+
+class CellStatistics(msgspec.Struct, frozen=True):
+    """A snapshot of a cell's queues and counters (see :meth:`Cell.statistics`)."""
+
+    name: str
+    children: int
+    has_parent: bool
+    pending_requests: int
+    handlers_busy: int
+    handler_queue_size: int
+    workers: int
+    handled: int
+    forwarded: int
+    rejected_overloaded: int
+    errors_returned: int
+    undeliverable: int
+
+
+class BroadcastResults(dict[str, Outcome]):
+    """Per-target outcomes of :meth:`Cell.broadcast`: a reply payload or the error, per name."""
+
+    @property
+    def replies(self) -> dict[str, Payload]:
+        return {k: v for k, v in self.items() if isinstance(v, Payload)}
+
+    @property
+    def errors(self) -> dict[str, FlareError]:
+        return {k: v for k, v in self.items() if isinstance(v, FlareError)}
+
+
+class Cell:
+    """A participant of the fabric.
+
+    Args:
+        name: this cell's place in the tree, e.g. ``server.eu.site-3``.
+        listen: URLs to accept links on (children and peers connect here).
+        parent: URL of the parent cell to connect to (``None`` for a root).
+        handlers: handler tables to mount (frozen at start).
+        drivers: transports, e.g. a shared :class:`~flare_async.MemoryNetwork`.
+        limits: wire limits (max header, max frame, max route).
+        default_timeout: deadline of a request when the caller gives none (``None``: none).
+        max_concurrency: most handlers running at once.
+        queue_size: requests waiting for a handler before new ones are refused as overloaded.
+        handshake_timeout: how long a new link may take to say hello.
+        backoff: reconnect policy for the parent link.
+        seed: seed of the jitter generator (for reproducible simulations).
+
+    Use as an async context manager; the cell runs until the block exits::
+
+        async with Cell("server", listen=["memory://server"], drivers=[net]) as cell:
+            reply = await cell.request("server.site-1", "admin", "ping", b"hi")
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        listen: Sequence[str] = (),
+        parent: str | None = None,
+        handlers: Iterable[HandlerTable] = (),
+        drivers: Iterable[Driver] = (),
+        limits: Limits | None = None,
+        default_timeout: float | None = 30.0,
+        max_concurrency: int = 256,
+        queue_size: int = 1024,
+        handshake_timeout: float = 10.0,
+        backoff: Backoff | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.name = validate_name(name)
+        self.limits = limits or Limits()
+        self.default_timeout = default_timeout
+        self.handshake_timeout = handshake_timeout
+        self.backoff = backoff or Backoff()
+        self.drivers = DriverRegistry(drivers)
+        self._listen = list(listen)
+        self._parent_url = parent
+        if parent is not None and "." not in self.name:
+            raise ConfigError(f"{self.name!r} is a root name and cannot have a parent")
+        self._tables = list(handlers)
+        self._dispatch: Dispatch | None = None
+        self._workers = Workers(self, max_concurrency, queue_size)
+        self._hello = HelloFactory(self.name, self.limits, frozenset(), 0.0)
+        self._rng = random.Random(seed)
+        self._ids = itertools.count(1)
+        self._pending = PendingTable()
+        self._children: dict[str, Peer] = {}
+        self._parent: Peer | None = None
+        self._parent_changed: anyio.Event | None = None
+        self._listeners: list[Listener] = []
+        self._tg: TaskGroup | None = None
+        self._clock: Callable[[], float] = _no_clock
+        self._timer = DeadlineTimer(self._now)
+        self._running = False
+        self._log = _logging.get_logger(cell=self.name)
+        self._forwarded = 0
+        self._errors_returned = 0
+        self._undeliverable = 0
+        self.listen_urls: list[str] = []
+        """URLs actually listened on, available once the cell has started."""
+
+    # ------------------------------------------------------------------ lifecycle
+    def mount(self, table: HandlerTable) -> None:
+        """Add a handler table before the cell starts.
+
+        Raises:
+            ConfigError: the cell already started (tables are frozen then).
+        """
+        if self._dispatch is not None:
+            raise ConfigError("handler tables are frozen once the cell has started")
+        self._tables.append(table)
+
+    async def __aenter__(self) -> Self:
+        if self._dispatch is not None:
+            raise ConfigError("a Cell can be started only once")
+        self._dispatch = Dispatch(self._tables)
+        self._parent_changed = anyio.Event()
+        self._clock = backend_clock()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._running = True
+        try:
+            tg.start_soon(self._timer.run, name=f"{self.name} deadlines")
+            for url in self._listen:
+                listener = await self.drivers.for_url(url).listen(url, limits=self.limits)
+                self._listeners.append(listener)
+                self.listen_urls.append(listener.url)
+                tg.start_soon(self._accept_loop, listener, name=f"{self.name} accept {url}")
+            if self._parent_url is not None:
+                await tg.start(self._parent_loop, self._parent_url, name=f"{self.name} parent")
+        except BaseException as exc:
+            await self._shutdown(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._shutdown(exc_type, exc, tb)
+
+    async def _shutdown(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._running = False
+        for waiter in self._pending.all():
+            waiter.fail(CellClosed(f"cell {self.name} is shutting down"))
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        with anyio.CancelScope(shield=True):
+            for listener in self._listeners:
+                await listener.aclose()
+            peers = [*self._children.values(), *([self._parent] if self._parent else [])]
+            for peer in peers:
+                await self._say_bye(peer, "cell shutting down")
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    async def _say_bye(self, peer: Peer, reason: str) -> None:
+        with anyio.move_on_after(1, shield=True):
+            with contextlib.suppress(TransportError, ProtocolError):
+                await peer.send(Frame(Bye(reason=reason)))
+            await peer.link.aclose()
+
+    def _now(self) -> float:
+        return self._clock()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def parent_name(self) -> str | None:
+        """The connected parent's name, or ``None`` while not connected."""
+        return self._parent.name if self._parent else None
+
+    @property
+    def children(self) -> list[str]:
+        """Names of the cells connected below (and peers)."""
+        return sorted(self._children)
+
+    async def wait_parent(self) -> None:
+        """Wait until the link to the parent is up (returns at once if it is)."""
+        self._check_running()
+        while self._parent is None:
+            assert self._parent_changed is not None
+            await self._parent_changed.wait()
+
+    def statistics(self) -> CellStatistics:
+        w = self._workers
+        return CellStatistics(
+            name=self.name,
+            children=len(self._children),
+            has_parent=self._parent is not None,
+            pending_requests=len(self._pending),
+            handlers_busy=w.busy,
+            handler_queue_size=w.queue_size,
+            workers=w.count,
+            handled=w.handled,
+            forwarded=self._forwarded,
+            rejected_overloaded=w.rejected,
+            errors_returned=self._errors_returned,
+            undeliverable=self._undeliverable,
+        )
+
+    def _spawn(self, fn: Any, *args: Any, name: str | None = None) -> None:
+        if self._tg is None:
+            raise CellClosed(f"cell {self.name} is not running")
+        self._tg.start_soon(fn, *args, name=name)
+
+    # ------------------------------------------------------------------ links
+    async def _accept_loop(self, listener: Listener) -> None:
+        while True:
+            try:
+                link = await listener.accept()
+            except LinkClosed:
+                return
+            self._spawn(self._accept_one, link, name=f"{self.name} link {link.peer_address}")
+
+    async def _accept_one(self, link: Link) -> None:
+        try:
+            with anyio.fail_after(self.handshake_timeout):
+                session = await handshake_acceptor(link, self.name, self._hello)
+        except (ProtocolError, TransportError, TimeoutError) as exc:
+            reason = "no hello in time" if isinstance(exc, TimeoutError) else str(exc)
+            self._log.warning("link refused", peer=link.peer_address, reason=reason)
+            with anyio.CancelScope(shield=True):
+                await link.aclose()
+            return
+        peer = Peer(link, session)
+        old = self._children.get(peer.name)
+        if old is not None:
+            self._log.warning("replacing link of reconnected cell", peer=peer.name)
+            self._drop_peer(old, LinkClosed(f"{peer.name} reconnected on a new link"))
+            with anyio.CancelScope(shield=True):
+                await old.link.aclose()
+        self._children[peer.name] = peer
+        await self._serve(peer)
+
+    async def _parent_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
+        attempt = 0
+        started = False
+        driver = self.drivers.for_url(url)
+        while True:
+            try:
+                link = await driver.connect(url, limits=self.limits)
+                try:
+                    with anyio.fail_after(self.handshake_timeout):
+                        session = await handshake_connector(link, self._hello("child"))
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await link.aclose()
+                    raise
+            except (ProtocolError, TransportError, TimeoutError) as exc:
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                self._log.warning("cannot reach parent", url=url, error=str(exc), retry_in=delay)
+                if not started:
+                    started = True
+                    task_status.started()
+                await anyio.sleep(delay)
+                continue
+            attempt = 0
+            peer = Peer(link, session)
+            self._parent = peer
+            assert self._parent_changed is not None
+            self._parent_changed.set()
+            self._parent_changed = anyio.Event()
+            if not started:
+                started = True
+                task_status.started()
+            await self._serve(peer)
+
+    async def _serve(self, peer: Peer) -> None:
+        """Read frames from one link until it ends; then forget the peer."""
+        error: TransportError = LinkClosed(f"link to {peer.name} closed")
+        try:
+            while True:
+                frame = await peer.link.receive()
+                await self._on_frame(peer, frame)
+        except LinkClosed as exc:
+            error = exc
+        except LinkBroken as exc:
+            error = exc
+            self._log.warning("link broke", peer=peer.name, error=str(exc))
+        except ProtocolError as exc:
+            error = LinkBroken(f"protocol error from {peer.name}: {exc}")
+            self._log.warning("protocol error, closing link", peer=peer.name, error=str(exc))
+        finally:
+            self._drop_peer(peer, error)
+            with anyio.CancelScope(shield=True):
+                await peer.link.aclose()
+
+    def _drop_peer(self, peer: Peer, error: TransportError) -> None:
+        if self._parent is peer:
+            self._parent = None
+        elif self._children.get(peer.name) is peer:
+            del self._children[peer.name]
+        for waiter in self._pending.via(peer):
+            waiter.fail(type(error)(f"link to {peer.name} went down: {error}"))
+
+    # ------------------------------------------------------------------ inbound
+    async def _on_frame(self, peer: Peer, frame: Frame) -> None:
+        h = frame.header
+        if isinstance(h, _ROUTED):
+            if h.dst == self.name:
+                self._deliver(frame)
+            else:
+                await self._forward(frame)
+        elif isinstance(h, Ping):
+            await peer.send(Frame(Pong(seq=h.seq)))
+        elif isinstance(h, Bye):
+            raise LinkClosed(f"{peer.name} said goodbye: {h.reason}")
+        elif isinstance(h, Pong):
+            pass
+        else:
+            raise ProtocolError(f"unexpected {type(h).__name__} on an open link", peer=peer.name)
+
+    def _deliver(self, frame: Frame) -> None:
+        h = frame.header
+        if isinstance(h, Reply):
+            waiter = self._pending.get(h.corr)
+            if waiter is not None and waiter.dst == h.src:
+                waiter.resolve(Payload.received(frame.parts, h.codec, h.headers))
+            return
+        if isinstance(h, Error):
+            waiter = self._pending.get(h.corr)
+            if waiter is not None:
+                waiter.fail(error_for_status(h.status, h.message, h.src))
+            else:
+                self._log.info(
+                    "error report for a message no longer waited on",
+                    reported_by=h.src,
+                    status=h.status,
+                    message=h.message,
+                )
+            return
+        assert isinstance(h, _CALLS)
+        deadline = self._clock() + h.budget if h.budget is not None else math.inf
+        if h.budget is not None and h.budget <= 0:
+            self._answer_error(h, Status.DEADLINE_EXCEEDED, "deadline passed before delivery")
+            return
+        assert self._dispatch is not None
+        kind = Kind.REQUEST if isinstance(h, Request) else Kind.EVENT
+        fn = self._dispatch.lookup(kind, h.channel, h.topic)
+        if fn is None:
+            self._answer_error(
+                h, Status.NO_HANDLER, f"no {kind.value} handler for {h.channel}/{h.topic}"
+            )
+            return
+        payload = Payload.received(frame.parts, h.codec, h.headers)
+        if not self._workers.submit(Job(h, payload, fn, deadline)):
+            self._answer_error(h, Status.OVERLOADED, f"{self.name} handler queue is full")
+
+    async def _forward(self, frame: Frame) -> None:
+        h = frame.header
+        assert isinstance(h, _ROUTED)
+        try:
+            check_route(self.name, h.route, self.limits.max_route)
+            if h.budget is not None and h.budget <= 0:
+                self._answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
+                return
+            hop = self._next_peer(h.dst)
+            assert hop is not None  # not LOCAL: we only forward what is not ours
+            # The budget shrinks by nothing here: forwarding happens as the frame is read.
+            out = msgspec.structs.replace(h, route=[*h.route, self.name])
+            deadline = math.inf if h.budget is None else self._clock() + h.budget
+            await self._send_via(hop, Frame(out, frame.parts), deadline)
+            self._forwarded += 1
+        except DeadlineExceeded:
+            self._answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
+        except Unreachable as exc:
+            self._answer_error(h, Status.UNREACHABLE, str(exc))
+        except (TransportError, ProtocolError) as exc:
+            self._answer_error(h, Status.LINK_BROKEN, f"{self.name} could not forward: {exc}")
+
+    def _next_peer(self, dst: str) -> Peer | None:
+        hop = next_hop(self.name, dst, self._children, self._parent is not None)
+        if hop == LOCAL:
+            return None
+        if hop == PARENT:
+            assert self._parent is not None
+            return self._parent
+        return self._children[hop]
+
+    def _answer_error(
+        self, h: Request | Event | Reply | Error, status: Status, message: str
+    ) -> None:
+        """Tell the origin its message failed here; errors about replies/errors are dropped."""
+        if not isinstance(h, _CALLS):
+            self._undeliverable += 1
+            self._log.info(
+                "dropping undeliverable answer",
+                kind=type(h).__name__,
+                src=h.src,
+                dst=h.dst,
+                reason=message,
+            )
+            return
+        self._errors_returned += 1
+        err = Error(
+            id=next(self._ids),
+            src=self.name,
+            dst=h.src,
+            route=[self.name],
+            budget=None,
+            headers={},
+            corr=h.id,
+            status=int(status),
+            message=message,
+        )
+        if self._tg is not None:
+            self._tg.start_soon(self._send_answer, Frame(err))
+
+    async def _send_answer(self, frame: Frame) -> None:
+        """Route a reply or error back to its origin; failures are logged, never raised."""
+        h = frame.header
+        assert isinstance(h, _ANSWERS)
+        try:
+            hop = self._next_peer(h.dst)
+            if hop is None:
+                self._deliver(frame)
+            else:
+                deadline = math.inf if h.budget is None else self._clock() + h.budget
+                await self._send_via(hop, frame, deadline)
+        except (Unreachable, TransportError, ProtocolError, DeadlineExceeded) as exc:
+            self._undeliverable += 1
+            self._log.info("answer could not be sent", dst=h.dst, error=str(exc))
+
+    # ------------------------------------------------------------------ outbound
+    def _check_running(self) -> None:
+        if not self._running:
+            raise CellClosed(f"cell {self.name} is not running")
+
+    async def _send_via(self, peer: Peer, frame: Frame, deadline: float) -> None:
+        """Send on one link without waiting if it has room, else wait until ``deadline``.
+
+        Raises:
+            DeadlineExceeded: the link stayed full until the deadline.
+        """
+        link = peer.link
+        if link.try_send(frame):
+            return
+        with anyio.CancelScope(deadline=deadline) as scope:
+            await link.send(frame)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"link to {peer.name} stayed full until the deadline")
+
+    async def _send_out(self, frame: Frame, deadline: float) -> Peer | None:
+        """Send a frame this cell originates; returns the peer it left through (None: local)."""
+        h = frame.header
+        assert isinstance(h, _CALLS)
+        hop = self._next_peer(h.dst)
+        if hop is None:
+            self._deliver(frame)
+        else:
+            await self._send_via(hop, frame, deadline)
+        return hop
+
+    def _timeout(self, timeout: float | object | None) -> float | None:
+        value = self.default_timeout if timeout is _DEFAULT else timeout
+        if value is not None and not isinstance(value, int | float):
+            raise ConfigError(f"timeout must be a number of seconds or None, not {value!r}")
+        return value
+
+    async def request(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        payload: Payload | Buffer | None = None,
+        *,
+        timeout: float | Any | None = _DEFAULT,
+        headers: Mapping[str, str] | None = None,
+    ) -> Payload:
+        """Send a request and wait for its reply.
+
+        Args:
+            dst: destination cell name.
+            channel / topic: what to address at the destination.
+            payload: the request body.
+            timeout: seconds until the deadline, which travels with the message and is enforced
+                at every hop and at the handler; ``None`` for none. Defaults to the cell's.
+            headers: extension headers (override the payload's).
+
+        Returns:
+            The reply payload.
+
+        Raises:
+            Unreachable: no route to ``dst`` (reported at once, by this or a relaying cell).
+            DeadlineExceeded: no reply before the deadline.
+            RemoteError: the destination answered with an error (``NoHandler``,
+                ``InternalError``, ``BadRequest``, ``Overloaded``...).
+            TransportError: the link the request left on closed or broke before the reply.
+            CellClosed: this cell is not running.
+            InvalidName: ``dst`` is not a valid cell name.
+
+        Cancelling the caller abandons the request; a reply arriving later is dropped.
+        """
+        self._check_running()
+        validate_name(dst)
+        body = as_payload(payload)
+        budget = self._timeout(timeout)
+        msg_id = next(self._ids)
+        hdrs = dict(headers) if headers is not None else dict(body.headers)
+        header = Request(
+            id=msg_id,
+            src=self.name,
+            dst=dst,
+            route=[self.name],
+            budget=budget,
+            headers=hdrs,
+            channel=channel,
+            topic=topic,
+            codec=body.codec,
+        )
+        waiter = Waiter(dst, f"{channel}/{topic}")
+        self._pending.add(msg_id, waiter)
+        try:
+            if budget is None:
+                deadline = math.inf
+            else:
+                deadline = self._clock() + budget
+                self._timer.add(deadline, waiter)
+            waiter.via = await self._send_out(Frame(header, body.parts), deadline)
+            await waiter.done.wait()
+        finally:
+            self._pending.pop(msg_id)
+            waiter.done.set()  # an abandoned waiter is no longer live for the timer
+        if waiter.reply is not None:
+            return waiter.reply
+        assert waiter.error is not None
+        raise waiter.error
+
+    async def send_event(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        payload: Payload | Buffer | None = None,
+        *,
+        timeout: float | Any | None = _DEFAULT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send a one-way event. Returns once the first hop has taken it.
+
+        A failure further on (no route, no handler, overloaded) comes back as an error report
+        that this cell logs; events are at-most-once.
+
+        Raises:
+            Unreachable: no route from this cell.
+            TransportError: the first hop's link failed.
+            CellClosed: this cell is not running.
+            InvalidName: ``dst`` is not a valid cell name.
+        """
+        self._check_running()
+        validate_name(dst)
+        body = as_payload(payload)
+        budget = self._timeout(timeout)
+        hdrs = dict(headers) if headers is not None else dict(body.headers)
+        header = Event(
+            id=next(self._ids),
+            src=self.name,
+            dst=dst,
+            route=[self.name],
+            budget=budget,
+            headers=hdrs,
+            channel=channel,
+            topic=topic,
+            codec=body.codec,
+        )
+        deadline = math.inf if budget is None else self._clock() + budget
+        await self._send_out(Frame(header, body.parts), deadline)
+
+    async def broadcast(
+        self,
+        dsts: Iterable[str],
+        channel: str,
+        topic: str,
+        payload: Payload | Buffer | None = None,
+        *,
+        timeout: float | Any | None = _DEFAULT,
+        headers: Mapping[str, str] | None = None,
+    ) -> BroadcastResults:
+        """Send one request to many cells at once and collect every outcome.
+
+        The payload buffers are shared by all the requests (encoded once). A target that fails
+        is a result, not an exception for all: each name maps to its reply :class:`Payload`
+        or to the :class:`~flare_async.errors.FlareError` it ended with.
+        """
+        self._check_running()
+        body = as_payload(payload)
+        results = BroadcastResults.fromkeys(dsts)
+
+        async def one(dst: str) -> None:
+            try:
+                results[dst] = await self.request(
+                    dst, channel, topic, body, timeout=timeout, headers=headers
+                )
+            except FlareError as exc:
+                results[dst] = exc
+
+        async with anyio.create_task_group() as tg:
+            for dst in results:
+                tg.start_soon(one, dst)
+        return results  # type: ignore[return-value]

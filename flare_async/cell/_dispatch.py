@@ -1,0 +1,188 @@
+"""Handler workers: a bounded queue and a pool of tasks that grows on demand.
+
+Workers are long-lived tasks (no task creation per message); the pool grows only while every
+worker is busy, up to ``max_concurrency``, so a cell that handles little stays small (10,000
+edge cells in one process must be cheap). A full queue refuses new work at once instead of
+making the link reader wait.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from flare_async._concurrency import Channel, WouldBlock
+from flare_async.cell._handlers import AnyHandler, Context
+from flare_async.cell._payload import Payload, as_payload
+from flare_async.errors import BadRequest, Overloaded, Status, Unauthorized, status_for_error
+from flare_async.wire import Error, Event, Frame, Reply, Request
+
+if TYPE_CHECKING:
+    from flare_async.cell._cell import Cell
+
+_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded)
+"""Errors a handler raises on purpose: their status and message go back to the caller."""
+
+
+class Job:
+    """One request or event waiting for, or running in, a handler."""
+
+    __slots__ = ("deadline", "expired", "finished", "fn", "header", "payload", "scope")
+
+    def __init__(
+        self, header: Request | Event, payload: Payload, fn: AnyHandler, deadline: float
+    ) -> None:
+        self.header = header
+        self.payload = payload
+        self.fn = fn
+        self.deadline = deadline
+        self.scope: anyio.CancelScope | None = None
+        self.expired = False
+        self.finished = False
+
+    @property
+    def live(self) -> bool:
+        return not self.finished
+
+    def expire(self) -> None:
+        """Deadline passed: cancel the handler if it runs; otherwise it will not be started."""
+        self.expired = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class Workers:
+    """The handler pool of one cell."""
+
+    def __init__(self, cell: Cell, max_concurrency: int, queue_size: int) -> None:
+        if max_concurrency < 1 or queue_size < 0:
+            raise ValueError("max_concurrency must be >= 1 and queue_size >= 0")
+        self._cell = cell
+        self.max_concurrency = max_concurrency
+        self.queue_size = queue_size
+        self._queue: Channel[Job] = Channel(queue_size + max_concurrency)
+        self.count = 0
+        self.busy = 0
+        self.handled = 0
+        self.rejected = 0
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job without waiting; False when the queue is full (caller answers Overloaded)."""
+        if self.busy >= self.max_concurrency + self.queue_size:
+            self.rejected += 1
+            return False
+        self._queue.put_nowait(job)
+        self.busy += 1
+        if not math.isinf(job.deadline):
+            self._cell._timer.add(job.deadline, job)
+        if self.busy > self.count and self.count < self.max_concurrency:
+            self.count += 1
+            self._cell._spawn(self._work, name=f"{self._cell.name} worker {self.count}")
+        return True
+
+    async def _next(self) -> Job:
+        try:
+            return self._queue.get_nowait()
+        except WouldBlock:
+            return await self._queue.get()
+
+    async def _work(self) -> None:
+        """Run jobs one after another inside one long-lived cancel scope.
+
+        The deadline timer cancels the scope when the running job's deadline passes; only then
+        is a new scope made. Entering a scope per job would cost more than the job's routing.
+        """
+        job: Job | None = None
+        while True:
+            with anyio.CancelScope() as scope:
+                while True:
+                    job = await self._next()
+                    try:
+                        if job.expired:
+                            await self._answer(job, *_deadline_status(self._cell.name))
+                            continue
+                        job.scope = scope
+                        outcome = await self._call(job)
+                        job.scope = None
+                        await self._answer(job, *outcome)
+                    finally:
+                        job.finished = True
+                        self.busy -= 1
+                        self.handled += 1
+            # Only our own scope's cancellation lands here (the timer expired ``job``);
+            # the task group's cancellation propagates.
+            if job is not None and scope.cancelled_caught:
+                with anyio.CancelScope(shield=True):
+                    await self._answer(job, *_deadline_status(self._cell.name))
+
+    async def _call(self, job: Job) -> tuple[Status | None, str, Any]:
+        cell = self._cell
+        h = job.header
+        ctx = Context(cell, h.src, h.channel, h.topic, h.id, h.route, h.headers, job.deadline)
+        try:
+            return None, "", await job.fn(ctx, job.payload)
+        except _PASSED_THROUGH as exc:
+            return status_for_error(exc), str(exc), None
+        except Exception as exc:
+            ref = uuid.uuid4().hex[:12]
+            cell._log.error(
+                "handler failed", ref=ref, channel=h.channel, topic=h.topic, src=h.src, exc_info=exc
+            )
+            text = f"internal error in {cell.name} handling {h.channel}/{h.topic} (ref {ref})"
+            return Status.INTERNAL, text, None
+
+    async def _answer(self, job: Job, status: Status | None, message: str, result: Any) -> None:
+        """Send the reply or error for a finished request; log a failed event."""
+        cell = self._cell
+        h = job.header
+        if isinstance(h, Event):
+            if status is not None:
+                cell._log.warning(
+                    "event handler failed",
+                    channel=h.channel,
+                    topic=h.topic,
+                    src=h.src,
+                    reason=message,
+                )
+            return
+        budget = None if math.isinf(job.deadline) else job.deadline - cell._clock()
+        if status is None:
+            try:
+                body = as_payload(result)
+            except TypeError as exc:
+                ref = uuid.uuid4().hex[:12]
+                cell._log.error("handler returned a bad reply", ref=ref, error=str(exc))
+                status = Status.INTERNAL
+                message = f"internal error in {cell.name}: bad reply type (ref {ref})"
+            else:
+                reply = Reply(
+                    id=next(cell._ids),
+                    src=cell.name,
+                    dst=h.src,
+                    route=[cell.name],
+                    budget=budget,
+                    headers=dict(body.headers),
+                    corr=h.id,
+                    codec=body.codec,
+                )
+                await cell._send_answer(Frame(reply, body.parts))
+                return
+        err = Error(
+            id=next(cell._ids),
+            src=cell.name,
+            dst=h.src,
+            route=[cell.name],
+            budget=budget,
+            headers={},
+            corr=h.id,
+            status=int(status),
+            message=message,
+        )
+        await cell._send_answer(Frame(err))
+
+
+def _deadline_status(cell_name: str) -> tuple[Status, str, None]:
+    return Status.DEADLINE_EXCEEDED, f"handler cancelled at the deadline in {cell_name}", None

@@ -1,0 +1,112 @@
+"""Per-link state of a cell and the hello handshake over a :class:`~flare_async.transport.Link`."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import anyio
+
+from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
+from flare_async.transport import Link
+from flare_async.wire import Bye, Frame, Hello, Limits, Role, Session, check_hello, make_hello
+
+
+class Peer:
+    """A live, handshaken link to one neighbouring cell."""
+
+    __slots__ = ("link", "name", "role", "session")
+
+    def __init__(self, link: Link, session: Session) -> None:
+        self.link = link
+        self.session = session
+        self.name = session.peer
+        self.role = session.role
+
+    async def send(self, frame: Frame) -> None:
+        await self.link.send(frame)
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.role} {self.name} via {self.link.peer_address}>"
+
+
+async def _receive_hello(link: Link) -> Hello | object:
+    frame = await link.receive()
+    header = frame.header
+    if isinstance(header, Bye):
+        raise LinkClosed(f"peer refused the link: {header.reason}")
+    return header
+
+
+async def handshake_connector(link: Link, local: Hello) -> Session:
+    """Run the hello exchange as the side that connected.
+
+    Raises:
+        ProtocolError: the peer's answer is not an acceptable hello (also VersionMismatch and
+            IdentityError).
+        TransportError: the link failed during the exchange.
+    """
+    await link.send(Frame(local))
+    expect: Role = "parent" if local.role == "child" else "peer"
+    session = check_hello(local, await _receive_hello(link), expect=expect)
+    link.peer_limits = session.peer_limits
+    return session
+
+
+async def handshake_acceptor(link: Link, name: str, make: HelloFactory) -> Session:
+    """Run the hello exchange as the side that accepted; refuse with a ``Bye`` and a reason.
+
+    Raises:
+        ProtocolError: the peer's hello is not acceptable (the peer was told why).
+        TransportError: the link failed during the exchange.
+    """
+    remote = await _receive_hello(link)
+    role: Role = "child"
+    if isinstance(remote, Hello) and remote.role == "peer":
+        role = "peer"
+    local = make("parent" if role == "child" else "peer")
+    try:
+        session = check_hello(local, remote, expect=role)
+    except ProtocolError as exc:
+        with anyio.move_on_after(1, shield=True):
+            with contextlib.suppress(LinkClosed, LinkBroken):
+                await link.send(Frame(Bye(reason=str(exc))))
+        raise
+    link.peer_limits = session.peer_limits
+    await link.send(Frame(local))
+    return session
+
+
+class HelloFactory:
+    """Builds this cell's hello for a given role."""
+
+    def __init__(
+        self, name: str, limits: Limits, capabilities: frozenset[str], heartbeat: float
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self.capabilities = capabilities
+        self.heartbeat = heartbeat
+
+    def __call__(self, role: Role) -> Hello:
+        return make_hello(self.name, role, self.limits, self.capabilities, self.heartbeat)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter for reconnecting to a parent.
+
+    Attributes:
+        initial: delay ceiling after the first failure, in seconds.
+        maximum: the cap on any delay.
+        factor: growth per failed attempt.
+    """
+
+    initial: float = 0.1
+    maximum: float = 10.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return rng.uniform(ceiling / 2, ceiling)

@@ -1,0 +1,31 @@
+"""Entry point of ``flare-async``. Subcommands arrive with the issues that need them
+(provision, run, up, simulate, job ...); each lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flare_async import __version__
+from flare_async.wire import PROTOCOL_VERSION
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flare-async",
+        description="flare_async: an asynchronous runtime and SDK for federated learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"flare-async {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("version", help="print the package and protocol versions")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    if args.command in (None, "version"):
+        sys.stdout.write(f"flare-async {__version__} (wire protocol {PROTOCOL_VERSION})\n")
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands first

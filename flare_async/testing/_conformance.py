@@ -1,0 +1,234 @@
+"""The driver conformance suite: what every :class:`~flare_async.transport.Link` must do.
+
+Modelled on trio's ``check_two_way_stream``. A driver's tests provide a factory of connected
+link pairs and call :func:`check_link_conformance` (or the single checks, one test each)::
+
+    @asynccontextmanager
+    async def tcp_pair():
+        ...
+        yield client_link, server_link
+
+    async def test_tcp_conformance():
+        await check_link_conformance(tcp_pair, break_link=reset_connection)
+
+The checks use no sleeps: blocking is detected with ``anyio.wait_all_tasks_blocked``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+import anyio
+
+from flare_async.errors import FrameTooLarge, LinkBroken, LinkClosed
+from flare_async.transport import Link
+from flare_async.wire import Event, Frame, Limits
+
+LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
+BreakLink = Callable[[Link], Awaitable[None]]
+
+
+def _frame(seq: int, payload: tuple[bytes | bytearray | memoryview, ...] = ()) -> Frame:
+    header = Event(
+        id=seq, src="a", dst="b", route=["a"], budget=None, headers={}, channel="c", topic="t"
+    )
+    return Frame(header, payload)
+
+
+def _pattern(seq: int, size: int) -> bytes:
+    """Bytes that differ per frame and per position, so corruption or mixing shows."""
+    stamp = struct.pack(">Q", seq)
+    return (stamp * (size // 8 + 1))[:size]
+
+
+def _body(frame: Frame) -> bytes:
+    return b"".join(bytes(p) for p in frame.parts)
+
+
+def _seq(frame: Frame) -> int:
+    header = frame.header
+    assert isinstance(header, Event), f"unexpected header {header!r}"
+    return header.id
+
+
+async def check_ordering(make_pair: LinkPairFactory, count: int = 300) -> None:
+    """Frames arrive in order and intact, in both directions at once."""
+    async with make_pair() as (a, b):
+
+        async def pump(src: Link, dst: Link) -> None:
+            async def send_all() -> None:
+                for i in range(count):
+                    await src.send(_frame(i, (_pattern(i, i % 97),)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_all)
+                for i in range(count):
+                    frame = await dst.receive()
+                    assert _seq(frame) == i, f"frame {_seq(frame)} arrived where {i} was due"
+                    assert _body(frame) == _pattern(i, i % 97), f"frame {i} payload corrupted"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, a, b)
+            tg.start_soon(pump, b, a)
+
+
+async def check_large_frames(make_pair: LinkPairFactory, size: int = 8 * 1024 * 1024) -> None:
+    """A multi-part payload of ``size`` bytes and an empty one both arrive intact."""
+    async with make_pair() as (a, b):
+        data = _pattern(7, size)
+        third = size // 3
+        parts = (memoryview(data)[:third], data[third : 2 * third], bytearray(data[2 * third :]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.send, _frame(1, parts))
+            big = await b.receive()
+        assert _seq(big) == 1
+        assert _body(big) == data, "large payload corrupted"
+        await b.send(_frame(2))
+        empty = await a.receive()
+        assert _seq(empty) == 2
+        assert _body(empty) == b""
+
+
+async def check_frame_too_large(make_pair: LinkPairFactory) -> None:
+    """A frame over the peer's limit is refused before sending; the link stays usable."""
+    async with make_pair() as (a, b):
+        a.peer_limits = Limits(max_frame=1024)
+        try:
+            await a.send(_frame(1, (bytes(2048),)))
+        except FrameTooLarge:
+            pass
+        else:
+            raise AssertionError("an oversize frame was sent")
+        await a.send(_frame(2, (bytes(1024),)))
+        frame = await b.receive()
+        assert _seq(frame) == 2, "the refused frame reached the peer"
+
+
+async def check_close_vs_broken(
+    make_pair: LinkPairFactory, break_link: BreakLink | None = None
+) -> None:
+    """An orderly close delivers what was sent, then ``LinkClosed``; a break is ``LinkBroken``."""
+    async with make_pair() as (a, b):
+        for i in range(3):
+            await a.send(_frame(i, (_pattern(i, 100),)))
+        await a.aclose()
+        await a.aclose()  # idempotent
+        for i in range(3):
+            assert _seq(await b.receive()) == i, "frames sent before close were lost"
+        for op in (b.receive, a.receive):
+            try:
+                await op()
+            except LinkClosed:
+                pass
+            else:
+                raise AssertionError("receive after close did not raise LinkClosed")
+        try:
+            await a.send(_frame(9))
+        except LinkClosed:
+            pass
+        else:
+            raise AssertionError("send after our own close did not raise LinkClosed")
+    if break_link is None:
+        return
+    async with make_pair() as (a, b):
+        await break_link(a)
+        try:
+            while True:
+                await b.receive()
+        except LinkBroken:
+            pass
+        except LinkClosed as exc:
+            raise AssertionError("a broken link was reported as closed on purpose") from exc
+
+
+async def check_eof_wakes_receiver(make_pair: LinkPairFactory) -> None:
+    """A receiver blocked on an idle link wakes with ``LinkClosed`` when the peer closes."""
+    async with make_pair() as (a, b):
+        outcome: list[BaseException] = []
+
+        async def wait_for_frame() -> None:
+            try:
+                await b.receive()
+            except LinkClosed as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_frame)
+            await anyio.wait_all_tasks_blocked()
+            await a.aclose()
+        assert outcome, "the blocked receiver did not see LinkClosed"
+
+
+async def check_cancel_mid_send(make_pair: LinkPairFactory, frame_size: int = 256 * 1024) -> None:
+    """Cancelling a send blocked on backpressure never corrupts the stream of frames."""
+    async with make_pair() as (a, b):
+        sent = 0
+
+        async def flood(scope_ready: anyio.Event, holder: list[anyio.CancelScope]) -> None:
+            nonlocal sent
+            with anyio.CancelScope() as scope:
+                holder.append(scope)
+                scope_ready.set()
+                while True:
+                    await a.send(_frame(sent, (_pattern(sent, frame_size),)))
+                    sent += 1
+
+        holder: list[anyio.CancelScope] = []
+        ready = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood, ready, holder)
+            await ready.wait()
+            await anyio.wait_all_tasks_blocked()  # the flood is stuck on backpressure
+            holder[0].cancel()
+        assert sent > 0, "the link accepted no frame at all"
+        marker_sent = True
+
+        async def send_marker() -> None:
+            nonlocal marker_sent
+            try:
+                await a.send(_frame(1_000_000, (b"marker",)))
+            except LinkBroken:
+                marker_sent = False  # allowed: the driver gave up the link rather than corrupt it
+
+        expected = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_marker)
+            while True:
+                try:
+                    frame = await b.receive()
+                except LinkBroken:
+                    break
+                seq = _seq(frame)
+                if seq == 1_000_000:
+                    assert _body(frame) == b"marker"
+                    break
+                assert seq == expected, f"frame {seq} arrived where {expected} was due"
+                assert _body(frame) == _pattern(seq, frame_size), f"frame {seq} corrupted"
+                expected += 1
+        assert marker_sent or expected >= sent, "link broke although the marker was accepted"
+        # The cancelled frame was delivered whole or not at all.
+        assert expected in (sent, sent + 1), f"{expected} frames arrived, {sent} were sent"
+
+
+CONFORMANCE_CHECKS = (
+    check_ordering,
+    check_large_frames,
+    check_frame_too_large,
+    check_close_vs_broken,
+    check_eof_wakes_receiver,
+    check_cancel_mid_send,
+)
+
+
+async def check_link_conformance(
+    make_pair: LinkPairFactory, *, break_link: BreakLink | None = None
+) -> None:
+    """Run every check against ``make_pair``'s links."""
+    for check in CONFORMANCE_CHECKS:
+        if check is check_close_vs_broken:
+            await check_close_vs_broken(make_pair, break_link)
+        else:
+            await check(make_pair)  # type: ignore[operator]

@@ -1,0 +1,18 @@
+"""Transports (layer L2): the driver interface, the cell's scheme registry, and drivers.
+
+This is the only layer where sockets and aiohttp live.
+"""
+
+from flare_async.transport._base import Driver, Link, Listener
+from flare_async.transport._memory import MemoryLink, MemoryNetwork
+from flare_async.transport._registry import DriverRegistry, url_scheme
+
+__all__ = [
+    "Driver",
+    "DriverRegistry",
+    "Link",
+    "Listener",
+    "MemoryLink",
+    "MemoryNetwork",
+    "url_scheme",
+]

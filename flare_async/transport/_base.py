@@ -1,0 +1,135 @@
+"""The driver interface: how a cell gets links, whatever carries them.
+
+A driver serves one or more URL schemes and offers two operations, ``connect(url)`` and
+``listen(url)``. A :class:`Link` moves whole :class:`~flare_async.wire.Frame` objects in order
+in both directions. Every driver must pass the conformance suite in
+:mod:`flare_async.testing` (ordering, large frames, close vs broken, cancellation mid-send, EOF).
+
+The contract every link keeps:
+
+* ``send`` delivers the whole frame or none of it. If it is cancelled part-way, the driver
+  either finishes the frame (shielded) or marks the link broken; a receiver never sees a
+  corrupted frame. It raises :class:`~flare_async.errors.FrameTooLarge` *before* sending
+  anything when the frame exceeds ``peer_limits``.
+* ``receive`` returns frames in the order they were sent. It raises
+  :class:`~flare_async.errors.LinkClosed` once the peer closed on purpose (after every frame
+  sent before the close was delivered) or when we closed; :class:`~flare_async.errors.LinkBroken`
+  when the link broke; :class:`~flare_async.errors.ProtocolError` on a bad frame.
+* ``send`` and ``try_send`` may be called by several tasks at once; frames never interleave.
+* ``aclose`` is idempotent and never raises for an already closed or broken link.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from flare_async.wire import Frame, Limits
+
+
+class Link(abc.ABC):
+    """One bidirectional frame link between two cells.
+
+    Attributes:
+        local_address: this end's address, as the driver names it.
+        peer_address: the other end's address, as the driver names it.
+        limits: limits applied to frames we receive.
+        peer_limits: limits applied to frames we send (updated after the hello).
+    """
+
+    local_address: str
+    peer_address: str
+    limits: Limits
+    peer_limits: Limits
+
+    @abc.abstractmethod
+    async def send(self, frame: Frame) -> None:
+        """Send one frame; blocks while the link's bounded buffer is full (backpressure).
+
+        Raises:
+            FrameTooLarge: the frame exceeds ``peer_limits``; nothing was sent.
+            LinkClosed: the link was closed.
+            LinkBroken: the link broke.
+        """
+
+    def try_send(self, frame: Frame) -> bool:
+        """Send one frame only if that needs no waiting; never blocks, never a checkpoint.
+
+        The runtime calls this first on its hot path and falls back to :meth:`send` (under a
+        deadline) when it returns ``False``. Drivers without a cheap non-blocking path keep
+        this default.
+
+        Raises:
+            The same errors as :meth:`send`.
+        """
+        return False
+
+    @abc.abstractmethod
+    async def receive(self) -> Frame:
+        """Receive the next frame.
+
+        Raises:
+            LinkClosed: the link was closed on purpose (by either side).
+            LinkBroken: the link broke.
+            ProtocolError: the peer sent a malformed or oversize frame.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the link on purpose. Idempotent; frames already sent are still delivered."""
+
+    def extra(self) -> dict[str, Any]:
+        """Driver-specific facts about the link (TLS peer certificate, socket options...)."""
+        return {}
+
+    def statistics(self) -> dict[str, int]:
+        """Queue and byte counters of the link."""
+        return {}
+
+
+class Listener(abc.ABC):
+    """Accepts incoming links on one address.
+
+    Attributes:
+        url: the URL actually listened on (for example with the port a ``:0`` bind got).
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    async def accept(self) -> Link:
+        """Wait for the next incoming link.
+
+        Raises:
+            LinkClosed: the listener was closed.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop accepting. Idempotent. Links already accepted stay open."""
+
+
+class Driver(abc.ABC):
+    """A transport: makes links for the URL schemes it serves.
+
+    Attributes:
+        schemes: URL schemes this driver serves, e.g. ``("tcp",)``.
+    """
+
+    schemes: tuple[str, ...]
+
+    @abc.abstractmethod
+    async def connect(self, url: str, *, limits: Limits) -> Link:
+        """Open a link to ``url``.
+
+        Raises:
+            ConnectError: nothing accepted the connection.
+        """
+
+    @abc.abstractmethod
+    async def listen(self, url: str, *, limits: Limits) -> Listener:
+        """Start listening on ``url``.
+
+        Raises:
+            ConnectError: the address cannot be listened on (in use, invalid).
+        """

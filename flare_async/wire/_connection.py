@@ -1,0 +1,310 @@
+"""A sans-IO frame connection: bytes in, frames out; frames in, byte segments out.
+
+Shaped after h11's ``Connection`` and asyncio's ``BufferedProtocol``. It never touches a
+socket, a clock or an event loop, so it can be tested exhaustively and fed hostile input.
+
+Receiving::
+
+    buf = conn.get_buffer()             # where to put the next bytes
+    n = sock.recv_into(buf)
+    conn.buffer_updated(n)              # or conn.receive_data(data) for bytes you already have
+    while (ev := conn.next_event()) is not NEED_DATA:
+        ...                             # a Frame, or EOF after receive_data(b"")
+
+Small frames are parsed out of one staging buffer. A large payload is read straight into its
+own destination buffer, allocated once at its announced (and already checked) size, so the
+bytes are never copied through an intermediate ``bytes`` object.
+
+Sending: ``conn.send(header, parts)`` returns the segments to write with vectored I/O; the
+payload parts are passed through by reference, never concatenated.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+
+from flare_async.errors import LinkBroken, ProtocolError
+from flare_async.wire._envelope import Envelope
+from flare_async.wire._frame import PREFIX_SIZE, Limits, decode_header, encode_head, parse_prefix
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Frame:
+    """One frame: a decoded header and its payload as a tuple of buffers.
+
+    Received frames have exactly one payload part (a read-only memoryview); frames built for
+    sending may have several (for example a codec's meta plus one buffer per tensor).
+    """
+
+    __slots__ = ("header", "parts")
+
+    def __init__(self, header: Envelope, parts: tuple[Buffer, ...] = ()) -> None:
+        self.header = header
+        self.parts = parts
+
+    @property
+    def payload_len(self) -> int:
+        return payload_size(self.parts)
+
+    def __repr__(self) -> str:
+        return f"Frame({self.header!r}, {self.payload_len} B)"
+
+
+def payload_size(parts: Sequence[Buffer]) -> int:
+    """Total size of payload parts in bytes."""
+    if len(parts) == 1:
+        p = parts[0]
+        return p.nbytes if isinstance(p, memoryview) else len(p)
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    EOF = "EOF"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""``next_event`` has nothing complete yet: feed more bytes."""
+EOF: Final = _Sentinel.EOF
+"""The peer closed cleanly between frames (after ``receive_data(b"")``)."""
+
+_EMPTY: Final = memoryview(b"")
+
+
+class ConnectionStatistics(msgspec.Struct, frozen=True):
+    """Counters of one connection.
+
+    Attributes:
+        frames_received / frames_sent: frames completed in each direction.
+        bytes_received / bytes_sent: bytes including prefix and header.
+        buffered: bytes held for frames not yet complete (bounded by the limits).
+    """
+
+    frames_received: int
+    frames_sent: int
+    bytes_received: int
+    bytes_sent: int
+    buffered: int
+
+
+class _State(enum.Enum):
+    PREFIX = 1
+    HEADER = 2
+    PAYLOAD = 3
+    CLOSED = 4
+    ERROR = 5
+
+
+class Connection:
+    """Frame codec state for one link.
+
+    Args:
+        limits: limits applied to what we receive.
+        peer: how to name the peer in errors.
+        staging_size: size of the buffer small frames are parsed from.
+        direct_threshold: payload remainders at least this big are read straight into the
+            frame's own buffer.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        peer: str | None = None,
+        staging_size: int = 256 * 1024,
+        direct_threshold: int = 64 * 1024,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.peer_limits = self.limits
+        """Limits the peer announced; applied to what we send (set after the hello)."""
+        self.peer = peer
+        self._staging = bytearray(max(staging_size, PREFIX_SIZE + self.limits.max_header))
+        self._view = memoryview(self._staging)
+        self._start = 0
+        self._end = 0
+        self._state = _State.PREFIX
+        self._header_len = 0
+        self._payload_len = 0
+        self._header: Envelope | None = None
+        self._target: bytearray | None = None
+        self._filled = 0
+        self._direct = False
+        self._direct_threshold = direct_threshold
+        self._events: deque[Frame | _Sentinel] = deque()
+        self._frames_in = 0
+        self._frames_out = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
+
+    # ------------------------------------------------------------------ receiving
+    def get_buffer(self) -> memoryview:
+        """A writable buffer for the next incoming bytes; follow with :meth:`buffer_updated`.
+
+        Raises:
+            ProtocolError: the connection already failed or saw EOF.
+        """
+        self._check_open()
+        if (
+            self._state is _State.PAYLOAD
+            and self._start == self._end
+            and self._target is not None
+            and len(self._target) - self._filled >= self._direct_threshold
+        ):
+            self._direct = True
+            return memoryview(self._target)[self._filled :]
+        self._direct = False
+        if self._end == len(self._staging):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Record that ``nbytes`` were written into the last :meth:`get_buffer` result.
+
+        Raises:
+            ProtocolError: the bytes do not form valid frames (the connection is then dead).
+        """
+        if nbytes <= 0:
+            raise ValueError("buffer_updated needs a positive byte count; use receive_data(b'')")
+        self._bytes_in += nbytes
+        if self._direct:
+            self._filled += nbytes
+            self._direct = False
+            if self._target is not None and self._filled == len(self._target):
+                self._finish_frame()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: Buffer) -> None:
+        """Feed bytes already read; ``b""`` means the peer closed its side.
+
+        Raises:
+            ProtocolError: the bytes do not form valid frames.
+            LinkBroken: the peer closed in the middle of a frame.
+        """
+        view = memoryview(data).cast("B")
+        if not view.nbytes:
+            self._receive_eof()
+            return
+        while view.nbytes:
+            buf = self.get_buffer()
+            take = min(buf.nbytes, view.nbytes)
+            buf[:take] = view[:take]
+            view = view[take:]
+            self.buffer_updated(take)
+
+    def next_event(self) -> Frame | _Sentinel:
+        """The next complete :class:`Frame`, :data:`NEED_DATA`, or :data:`EOF`."""
+        if self._events:
+            return self._events.popleft()
+        if self._state is _State.CLOSED:
+            return EOF
+        return NEED_DATA
+
+    # ------------------------------------------------------------------ sending
+    def send(self, header: Envelope, parts: Sequence[Buffer] = ()) -> list[Buffer]:
+        """Segments to write for one frame: the encoded prefix+header, then the payload parts.
+
+        Raises:
+            FrameTooLarge: the frame exceeds the peer's limits; nothing should be written.
+        """
+        size = payload_size(parts)
+        head = encode_head(header, size, self.peer_limits)
+        self._frames_out += 1
+        self._bytes_out += len(head) + size
+        return [head, *parts]
+
+    def statistics(self) -> ConnectionStatistics:
+        buffered = self._end - self._start + (self._filled if self._target is not None else 0)
+        return ConnectionStatistics(
+            self._frames_in, self._frames_out, self._bytes_in, self._bytes_out, buffered
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._state is _State.ERROR:
+            raise ProtocolError("connection already failed", peer=self.peer)
+        if self._state is _State.CLOSED:
+            raise ProtocolError("connection already received EOF", peer=self.peer)
+
+    def _compact(self) -> None:
+        pending = self._end - self._start
+        self._staging[:pending] = self._view[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._state = _State.ERROR
+        self._target = None
+        if exc.peer is None and self.peer is not None:
+            exc = type(exc)(str(exc), peer=self.peer)
+        return exc
+
+    def _parse(self) -> None:
+        try:
+            self._parse_frames()
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def _parse_frames(self) -> None:
+        view = self._view
+        while True:
+            avail = self._end - self._start
+            if self._state is _State.PREFIX:
+                if avail < PREFIX_SIZE:
+                    break
+                _, self._header_len, self._payload_len = parse_prefix(
+                    view[self._start : self._start + PREFIX_SIZE], self.limits
+                )
+                self._start += PREFIX_SIZE
+                self._state = _State.HEADER
+            elif self._state is _State.HEADER:
+                if avail < self._header_len:
+                    break
+                end = self._start + self._header_len
+                self._header = decode_header(view[self._start : end], self.limits)
+                self._start = end
+                self._state = _State.PAYLOAD
+                self._filled = 0
+                self._target = bytearray(self._payload_len)
+                if not self._payload_len:
+                    self._finish_frame()
+            else:  # PAYLOAD
+                assert self._target is not None
+                take = min(avail, len(self._target) - self._filled)
+                if not take:
+                    break
+                self._target[self._filled : self._filled + take] = view[
+                    self._start : self._start + take
+                ]
+                self._filled += take
+                self._start += take
+                if self._filled == len(self._target):
+                    self._finish_frame()
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _finish_frame(self) -> None:
+        assert self._header is not None
+        assert self._target is not None
+        payload = memoryview(self._target).toreadonly() if self._target else _EMPTY
+        self._events.append(Frame(self._header, (payload,)))
+        self._frames_in += 1
+        self._header = None
+        self._target = None
+        self._filled = 0
+        self._state = _State.PREFIX
+
+    def _receive_eof(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        self._check_open()
+        if self._state is not _State.PREFIX or self._end != self._start:
+            self._state = _State.ERROR
+            raise LinkBroken("peer closed the connection in the middle of a frame")
+        self._state = _State.CLOSED

@@ -1,0 +1,115 @@
+"""The memory driver: the conformance suite, plus what is specific to memory:// addresses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from flare_async.errors import ConfigError, ConnectError, LinkClosed, UnsupportedScheme
+from flare_async.testing import CONFORMANCE_CHECKS, check_close_vs_broken
+from flare_async.transport import DriverRegistry, Link, MemoryLink, MemoryNetwork
+from flare_async.wire import Limits
+
+pytestmark = pytest.mark.anyio
+
+
+def pair_factory(net: MemoryNetwork):
+    @asynccontextmanager
+    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
+        listener = await net.listen("memory://srv", limits=Limits())
+        try:
+            client = await net.connect("memory://srv", limits=Limits())
+            server = await listener.accept()
+            try:
+                yield client, server
+            finally:
+                await client.aclose()
+                await server.aclose()
+        finally:
+            await listener.aclose()
+
+    return make_pair
+
+
+async def abort(link: Link) -> None:
+    assert isinstance(link, MemoryLink)
+    link.abort()
+
+
+@pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
+async def test_conformance(check) -> None:
+    make_pair = pair_factory(MemoryNetwork(queue_size=8))
+    if check is check_close_vs_broken:
+        await check(make_pair, abort)
+    else:
+        await check(make_pair)
+
+
+async def test_connect_to_nothing_is_refused() -> None:
+    net = MemoryNetwork()
+    with pytest.raises(ConnectError, match="nothing listens"):
+        await net.connect("memory://nobody", limits=Limits())
+
+
+async def test_address_in_use_and_freed_on_close() -> None:
+    net = MemoryNetwork()
+    listener = await net.listen("memory://x", limits=Limits())
+    with pytest.raises(ConnectError, match="already"):
+        await net.listen("memory://x", limits=Limits())
+    await listener.aclose()
+    with pytest.raises(LinkClosed):
+        await listener.accept()
+    again = await net.listen("memory://x", limits=Limits())
+    await again.aclose()
+
+
+async def test_backlog_full_refuses_connect() -> None:
+    net = MemoryNetwork(backlog=2)
+    listener = await net.listen("memory://x", limits=Limits())
+    await net.connect("memory://x", limits=Limits())
+    await net.connect("memory://x", limits=Limits())
+    with pytest.raises(ConnectError, match="backlog"):
+        await net.connect("memory://x", limits=Limits())
+    await listener.aclose()
+
+
+async def test_unaccepted_links_break_when_listener_closes() -> None:
+    net = MemoryNetwork()
+    listener = await net.listen("memory://x", limits=Limits())
+    client = await net.connect("memory://x", limits=Limits())
+    await listener.aclose()
+    from flare_async.errors import LinkBroken
+
+    with pytest.raises(LinkBroken):
+        await client.receive()
+
+
+async def test_sever_breaks_every_accepted_link() -> None:
+    net = MemoryNetwork()
+    listener = await net.listen("memory://x", limits=Limits())
+    clients = [await net.connect("memory://x", limits=Limits()) for _ in range(3)]
+    for _ in clients:
+        await listener.accept()
+    assert net.sever("memory://x") == 3
+    from flare_async.errors import LinkBroken
+
+    for client in clients:
+        with pytest.raises(LinkBroken):
+            await client.receive()
+    await listener.aclose()
+
+
+def test_bad_urls_and_registry() -> None:
+    with pytest.raises(ConfigError):
+        MemoryNetwork._address("tcp://x")
+    with pytest.raises(ConfigError):
+        MemoryNetwork._address("memory://")
+    registry = DriverRegistry([MemoryNetwork()])
+    with pytest.raises(UnsupportedScheme, match="tcp"):
+        registry.for_url("tcp://127.0.0.1:1")
+    with pytest.raises(ConfigError):
+        registry.register(MemoryNetwork())
+    with pytest.raises(ConfigError, match="no scheme"):
+        registry.for_url("server")
