@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from flare_async.errors import ConfigError, ConnectError, LinkClosed, UnsupportedScheme
+from flare_async.errors import ConfigError, ConnectError, LinkBroken, LinkClosed, UnsupportedScheme
 from flare_async.testing import CONFORMANCE_CHECKS, check_close_vs_broken
 from flare_async.transport import DriverRegistry, Link, MemoryLink, MemoryNetwork
 from flare_async.wire import Limits
@@ -80,8 +80,6 @@ async def test_unaccepted_links_break_when_listener_closes() -> None:
     listener = await net.listen("memory://x", limits=Limits())
     client = await net.connect("memory://x", limits=Limits())
     await listener.aclose()
-    from flare_async.errors import LinkBroken
-
     with pytest.raises(LinkBroken):
         await client.receive()
 
@@ -93,8 +91,6 @@ async def test_sever_breaks_every_accepted_link() -> None:
     for _ in clients:
         await listener.accept()
     assert net.sever("memory://x") == 3
-    from flare_async.errors import LinkBroken
-
     for client in clients:
         with pytest.raises(LinkBroken):
             await client.receive()

@@ -231,4 +231,4 @@ async def check_link_conformance(
         if check is check_close_vs_broken:
             await check_close_vs_broken(make_pair, break_link)
         else:
-            await check(make_pair)  # type: ignore[operator]
+            await check(make_pair)
