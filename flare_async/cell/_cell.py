@@ -61,6 +61,14 @@ from flare_async.transport import Driver, DriverRegistry, Link, Listener
 from flare_async.wire import Buffer, Bye, Error, Event, Frame, Limits, Ping, Pong, Reply, Request
 
 _DEFAULT: Final = object()
+DISPLACED: Final = "displaced"
+"""Start of the bye reason sent to a link replaced by a newer one from the same name."""
+
+
+class _Displaced(LinkClosed):
+    """Our parent replaced this link with a newer one claiming our name."""
+
+
 _ROUTED: Final = (Request, Event, Reply, Error)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
@@ -213,8 +221,8 @@ class Cell:
                 tg.start_soon(self._accept_loop, listener, name=f"{self.name} accept {url}")
             if self._parent_url is not None:
                 await tg.start(self._parent_loop, self._parent_url, name=f"{self.name} parent")
-        except BaseException as exc:
-            await self._shutdown(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            await self._shutdown()
             raise
         return self
 
@@ -223,15 +231,13 @@ class Cell:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._shutdown(exc_type, exc, tb)
+    ) -> None:
+        await self._shutdown()
 
-    async def _shutdown(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def _shutdown(self) -> None:
+        """Stop everything the cell runs. An exception from the ``async with`` body is left to
+        propagate as it is (never wrapped in an exception group); only a failure of the cell's
+        own tasks, which would be a bug, surfaces from here."""
         self._running = False
         for waiter in self._pending.all():
             waiter.fail(CellClosed(f"cell {self.name} is shutting down"))
@@ -244,7 +250,7 @@ class Cell:
             for peer in peers:
                 await self._say_bye(peer, "cell shutting down")
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        await tg.__aexit__(None, None, None)
 
     async def _say_bye(self, peer: Peer, reason: str) -> None:
         with anyio.move_on_after(1, shield=True):
@@ -320,10 +326,11 @@ class Cell:
         peer = Peer(link, session)
         old = self._children.get(peer.name)
         if old is not None:
+            # Last one wins: a reconnecting cell's old link is usually half-dead. If it is not
+            # (two live cells claim one name), the displaced one is told so and stops retrying.
             self._log.warning("replacing link of reconnected cell", peer=peer.name)
             self._drop_peer(old, LinkClosed(f"{peer.name} reconnected on a new link"))
-            with anyio.CancelScope(shield=True):
-                await old.link.aclose()
+            await self._say_bye(old, f"{DISPLACED}: {peer.name} connected again on a new link")
         self._children[peer.name] = peer
         await self._serve(peer)
 
@@ -359,10 +366,21 @@ class Cell:
             if not started:
                 started = True
                 task_status.started()
-            await self._serve(peer)
+            ended = await self._serve(peer)
+            if isinstance(ended, _Displaced):
+                self._log.error(
+                    "displaced by another cell with our name; not reconnecting",
+                    parent=url,
+                    reason=str(ended),
+                )
+                return
 
-    async def _serve(self, peer: Peer) -> None:
-        """Read frames from one link until it ends; then forget the peer."""
+    async def _serve(self, peer: Peer) -> TransportError:
+        """Read frames from one link until it ends; then forget the peer.
+
+        Returns:
+            why the link ended.
+        """
         error: TransportError = LinkClosed(f"link to {peer.name} closed")
         try:
             while True:
@@ -380,6 +398,7 @@ class Cell:
             self._drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
                 await peer.link.aclose()
+        return error
 
     def _drop_peer(self, peer: Peer, error: TransportError) -> None:
         if self._parent is peer:
@@ -400,7 +419,8 @@ class Cell:
         elif isinstance(h, Ping):
             await peer.send(Frame(Pong(seq=h.seq)))
         elif isinstance(h, Bye):
-            raise LinkClosed(f"{peer.name} said goodbye: {h.reason}")
+            cls = _Displaced if h.reason.startswith(DISPLACED) else LinkClosed
+            raise cls(f"{peer.name} said goodbye: {h.reason}")
         elif isinstance(h, Pong):
             pass
         else:
@@ -591,6 +611,8 @@ class Cell:
         validate_name(dst)
         body = as_payload(payload)
         budget = self._timeout(timeout)
+        if budget is not None and budget <= 0:
+            raise DeadlineExceeded(f"request to {dst} has no time left (timeout {budget})")
         msg_id = next(self._ids)
         hdrs = dict(headers) if headers is not None else dict(body.headers)
         header = Request(
@@ -617,8 +639,10 @@ class Cell:
         finally:
             self._pending.pop(msg_id)
             waiter.done.set()  # an abandoned waiter is no longer live for the timer
-        if waiter.reply is not None:
-            return waiter.reply
+        # The deadline timer may hold the waiter until its deadline: keep no payload alive.
+        reply, waiter.reply = waiter.reply, None
+        if reply is not None:
+            return reply
         assert waiter.error is not None
         raise waiter.error
 

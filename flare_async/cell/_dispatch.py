@@ -23,6 +23,7 @@ from flare_async.wire import Error, Event, Frame, Reply, Request
 if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
 
+_RELEASED = Payload()
 _PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded)
 """Errors a handler raises on purpose: their status and message go back to the caller."""
 
@@ -110,6 +111,7 @@ class Workers:
                         await self._answer(job, *outcome)
                     finally:
                         job.finished = True
+                        job.payload = _RELEASED  # the timer may hold the job until its deadline
                         self.busy -= 1
                         self.handled += 1
             # Only our own scope's cancellation lands here (the timer expired ``job``);

@@ -19,15 +19,21 @@ MAX_DEPTH: Final = 16
 _PART = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-@functools.lru_cache(maxsize=65536)
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid cell name.
 
     Raises:
         InvalidName: the name is empty, too deep, or has a part outside ``[A-Za-z0-9_-]{1,64}``.
     """
+    # Checked before the cache: an unhashable value would otherwise fail in the cache lookup
+    # with a TypeError instead of InvalidName.
     if not isinstance(name, str) or not name:
-        raise InvalidName(f"cell name must be a non-empty string, got {name!r}")
+        raise InvalidName(f"cell name must be a non-empty string, got {name!r:.80}")
+    return _validate_str(name)
+
+
+@functools.lru_cache(maxsize=65536)
+def _validate_str(name: str) -> str:
     parts = name.split(".")
     if len(parts) > MAX_DEPTH:
         raise InvalidName(f"cell name {name[:80]!r} is deeper than {MAX_DEPTH} parts")

@@ -167,10 +167,13 @@ class Connection:
         """Record that ``nbytes`` were written into the last :meth:`get_buffer` result.
 
         Raises:
-            ProtocolError: the bytes do not form valid frames (the connection is then dead).
+            ProtocolError: the bytes do not form valid frames (the connection is then dead),
+                or the connection already failed or saw EOF.
         """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs a positive byte count; use receive_data(b'')")
+        # A failed or closed connection has no parser state to continue from.
+        self._check_open()
         self._bytes_in += nbytes
         if self._direct:
             self._filled += nbytes
