@@ -14,6 +14,7 @@ from flare_async.cell import (
     HandlerTable,
     Outcome,
     Payload,
+    system_handlers,
 )
 from flare_async.routing import CellName
 from flare_async.transport import Driver, Link, Listener, MemoryNetwork
@@ -31,6 +32,7 @@ __all__ = [
     "Outcome",
     "CellStatistics",
     "Backoff",
+    "system_handlers",
     "CellName",
     "Limits",
     # transports

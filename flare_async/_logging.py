@@ -28,7 +28,9 @@ def _fallback() -> Any:
             processors=[
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso"),
-                structlog.dev.ConsoleRenderer(colors=False),
+                structlog.dev.ConsoleRenderer(
+                    colors=False, exception_formatter=structlog.dev.plain_traceback
+                ),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         )
@@ -59,7 +61,9 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[

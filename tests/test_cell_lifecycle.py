@@ -239,6 +239,7 @@ def test_public_surface() -> None:
         "MemoryNetwork",
         "errors",
         "__version__",
+        "system_handlers",
     }
     for name in flare_async.__all__:
         assert hasattr(flare_async, name), name

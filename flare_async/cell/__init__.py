@@ -4,15 +4,18 @@ from flare_async.cell._cell import BroadcastResults, Cell, CellStatistics, Outco
 from flare_async.cell._handlers import Context, HandlerTable, Kind
 from flare_async.cell._links import Backoff
 from flare_async.cell._payload import Payload
+from flare_async.cell._system import CellInfo, system_handlers
 
 __all__ = [
     "Backoff",
     "BroadcastResults",
     "Cell",
+    "CellInfo",
     "CellStatistics",
     "Context",
     "HandlerTable",
     "Kind",
     "Outcome",
     "Payload",
+    "system_handlers",
 ]
