@@ -6,6 +6,7 @@ This is the only layer where sockets and aiohttp live.
 from flare_async.transport._base import Driver, Link, Listener
 from flare_async.transport._memory import MemoryLink, MemoryNetwork
 from flare_async.transport._registry import DriverRegistry, url_scheme
+from flare_async.transport._tcp import TcpDriver, TcpLink
 
 __all__ = [
     "Driver",
@@ -14,5 +15,7 @@ __all__ = [
     "Listener",
     "MemoryLink",
     "MemoryNetwork",
+    "TcpDriver",
+    "TcpLink",
     "url_scheme",
 ]
