@@ -36,6 +36,7 @@ from flare_async.cell._dispatch import Job, Workers
 from flare_async.cell._handlers import Dispatch, HandlerTable, Kind
 from flare_async.cell._links import (
     Backoff,
+    Forwarded,
     HelloFactory,
     Peer,
     handshake_acceptor,
@@ -157,6 +158,8 @@ class Cell:
         queue_size: int = 1024,
         handshake_timeout: float = 10.0,
         backoff: Backoff | None = None,
+        heartbeat: float | None = 15.0,
+        dead_after: float | None = None,
         seed: int | None = None,
     ) -> None:
         self.name = validate_name(name)
@@ -164,6 +167,10 @@ class Cell:
         self.default_timeout = default_timeout
         self.handshake_timeout = handshake_timeout
         self.backoff = backoff or Backoff()
+        if heartbeat is not None and heartbeat <= 0:
+            raise ConfigError("heartbeat must be a positive number of seconds or None")
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after or (3 * heartbeat if heartbeat else math.inf)
         self.drivers = DriverRegistry(drivers)
         self._listen = list(listen)
         self._parent_url = parent
@@ -172,7 +179,7 @@ class Cell:
         self._tables = list(handlers)
         self._dispatch: Dispatch | None = None
         self._workers = Workers(self, max_concurrency, queue_size)
-        self._hello = HelloFactory(self.name, self.limits, frozenset(), 0.0)
+        self._hello = HelloFactory(self.name, self.limits, frozenset(), heartbeat or 0.0)
         self._rng = random.Random(seed)
         self._ids = itertools.count(1)
         self._pending = PendingTable()
@@ -214,6 +221,8 @@ class Cell:
         self._running = True
         try:
             tg.start_soon(self._timer.run, name=f"{self.name} deadlines")
+            if self.heartbeat:
+                tg.start_soon(self._heartbeat_loop, self.heartbeat, name=f"{self.name} heartbeat")
             for url in self._listen:
                 listener = await self.drivers.for_url(url).listen(url, limits=self.limits)
                 self._listeners.append(listener)
@@ -323,7 +332,7 @@ class Cell:
             with anyio.CancelScope(shield=True):
                 await link.aclose()
             return
-        peer = Peer(link, session)
+        peer = Peer(link, session, self._clock())
         old = self._children.get(peer.name)
         if old is not None:
             # Last one wins: a reconnecting cell's old link is usually half-dead. If it is not
@@ -358,7 +367,7 @@ class Cell:
                 await anyio.sleep(delay)
                 continue
             attempt = 0
-            peer = Peer(link, session)
+            peer = Peer(link, session, self._clock())
             self._parent = peer
             assert self._parent_changed is not None
             self._parent_changed.set()
@@ -382,12 +391,14 @@ class Cell:
             why the link ended.
         """
         error: TransportError = LinkClosed(f"link to {peer.name} closed")
+        clock = self._clock
         try:
             while True:
                 frame = await peer.link.receive()
+                peer.last_rx = clock()
                 await self._on_frame(peer, frame)
         except LinkClosed as exc:
-            error = exc
+            error = LinkBroken(peer.dead) if peer.dead else exc
         except LinkBroken as exc:
             error = exc
             self._log.warning("link broke", peer=peer.name, error=str(exc))
@@ -407,11 +418,48 @@ class Cell:
             del self._children[peer.name]
         for waiter in self._pending.via(peer):
             waiter.fail(type(error)(f"link to {peer.name} went down: {error}"))
+        inflight, peer.inflight = peer.inflight, {}
+        for fwd in inflight.values():
+            self._answer_error_to(
+                fwd.src,
+                fwd.id,
+                Status.LINK_BROKEN,
+                f"link from {self.name} to {peer.name} went down: {error}",
+            )
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        """Ping links that have been quiet for ``interval``; drop those quiet past
+        ``dead_after``. Liveness is the link's: handlers run in workers, so long local work
+        never stops a cell from answering pings."""
+        seq = 0
+        while True:
+            await anyio.sleep(interval)
+            now = self._clock()
+            peers = [*self._children.values(), *([self._parent] if self._parent else [])]
+            for peer in peers:
+                quiet = now - peer.last_rx
+                if quiet >= self.dead_after:
+                    peer.dead = f"no frame from {peer.name} for {quiet:.1f} s"
+                    self._log.warning("peer unresponsive, dropping link", peer=peer.name,
+                                      quiet=quiet)
+                    with anyio.CancelScope(shield=True):
+                        await peer.link.aclose()
+                elif quiet >= interval:
+                    seq += 1
+                    with contextlib.suppress(TransportError, ProtocolError):
+                        if not peer.link.try_send(Frame(Ping(seq=seq))):
+                            self._spawn(self._ping, peer, seq, interval)
+
+    async def _ping(self, peer: Peer, seq: int, within: float) -> None:
+        with anyio.move_on_after(within), contextlib.suppress(TransportError, ProtocolError):
+            await peer.link.send(Frame(Ping(seq=seq)))
 
     # ------------------------------------------------------------------ inbound
     async def _on_frame(self, peer: Peer, frame: Frame) -> None:
         h = frame.header
         if isinstance(h, _ROUTED):
+            if isinstance(h, _ANSWERS) and peer.inflight:
+                peer.inflight.pop((h.dst, h.corr), None)
             if h.dst == self.name:
                 self._deliver(frame)
             else:
@@ -477,6 +525,11 @@ class Cell:
             deadline = math.inf if h.budget is None else self._clock() + h.budget
             await self._send_via(hop, Frame(out, frame.parts), deadline)
             self._forwarded += 1
+            if isinstance(h, Request):
+                fwd = Forwarded(h.src, h.id, hop.inflight)
+                hop.inflight[(h.src, h.id)] = fwd
+                if deadline != math.inf:
+                    self._timer.add(deadline, fwd)
         except DeadlineExceeded:
             self._answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
         except Unreachable as exc:
@@ -507,15 +560,18 @@ class Cell:
                 reason=message,
             )
             return
+        self._answer_error_to(h.src, h.id, status, message)
+
+    def _answer_error_to(self, dst: str, corr: int, status: Status, message: str) -> None:
         self._errors_returned += 1
         err = Error(
             id=next(self._ids),
             src=self.name,
-            dst=h.src,
+            dst=dst,
             route=[self.name],
             budget=None,
             headers={},
-            corr=h.id,
+            corr=corr,
             status=int(status),
             message=message,
         )

@@ -13,16 +13,48 @@ from flare_async.transport import Link
 from flare_async.wire import Bye, Frame, Hello, Limits, Role, Session, check_hello, make_hello
 
 
+class Forwarded:
+    """A request this cell forwarded over a link and whose answer has not come back yet.
+
+    If the link drops first, the origin is told at once (``LinkBroken``) instead of waiting for
+    its deadline. Entries leave when the answer passes back or the deadline passes.
+    """
+
+    __slots__ = ("id", "inflight", "src")
+
+    def __init__(self, src: str, msg_id: int, inflight: dict[tuple[str, int], Forwarded]) -> None:
+        self.src = src
+        self.id = msg_id
+        self.inflight = inflight
+
+    @property
+    def live(self) -> bool:
+        return self.inflight.get((self.src, self.id)) is self
+
+    def expire(self) -> None:
+        if self.live:
+            del self.inflight[(self.src, self.id)]
+
+
 class Peer:
-    """A live, handshaken link to one neighbouring cell."""
+    """A live, handshaken link to one neighbouring cell.
 
-    __slots__ = ("link", "name", "role", "session")
+    Attributes:
+        last_rx: when a frame last arrived (the cell's clock); liveness is the link's.
+        inflight: requests forwarded through this link, awaiting their answers.
+        dead: why the heartbeat gave up on the link, if it did.
+    """
 
-    def __init__(self, link: Link, session: Session) -> None:
+    __slots__ = ("dead", "inflight", "last_rx", "link", "name", "role", "session")
+
+    def __init__(self, link: Link, session: Session, now: float) -> None:
         self.link = link
         self.session = session
         self.name = session.peer
         self.role = session.role
+        self.last_rx = now
+        self.inflight: dict[tuple[str, int], Forwarded] = {}
+        self.dead: str | None = None
 
     async def send(self, frame: Frame) -> None:
         await self.link.send(frame)

@@ -159,7 +159,7 @@ class TcpLink(Link):
                 try:
                     n = self._sock.sendmsg(views[:_IOV_MAX])
                 except BlockingIOError:
-                    await anyio.wait_writable(self._sock)
+                    await self._wait(anyio.wait_writable)
                     continue
                 written += n
                 while views and n >= views[0].nbytes:
@@ -190,6 +190,16 @@ class TcpLink(Link):
                 self._cut_short()
             raise
 
+    async def _wait(self, waiter: Any) -> None:
+        """Wait for the socket; closing it from another task ends the wait as a link error."""
+        try:
+            await waiter(self._sock)
+        except (anyio.ClosedResourceError, OSError, ValueError):
+            if self._closed:
+                raise LinkClosed("link was closed by this side") from None
+            self._mark_broken(self._broken or "socket closed while waiting")
+            raise LinkBroken(self._broken or "") from None
+
     def _cut_short(self) -> None:
         # End our direction with a FIN after the partial frame: the peer still reads every
         # complete frame before it, then sees the truncated one as LinkBroken. (A reset would
@@ -218,7 +228,7 @@ class TcpLink(Link):
         try:
             n = self._sock.recv_into(buf)
         except BlockingIOError:
-            await anyio.wait_readable(self._sock)
+            await self._wait(anyio.wait_readable)
             return
         except OSError as exc:
             if self._closed:
