@@ -72,6 +72,7 @@ async def test_unresponsive_peer_is_dropped_after_dead_after() -> None:
             else:
                 pings += isinstance(frame.header, Ping)
         assert isinstance(ended, errors.LinkClosed)
+        await anyio.wait_all_tasks_blocked()  # the server's reader finishes its clean-up
         assert cells["server"].children == []
         assert 3.0 <= anyio.current_time() - start <= 4.0
         assert pings >= 2
