@@ -376,6 +376,8 @@ class Cell:
                 started = True
                 task_status.started()
             ended = await self._serve(peer)
+            if not self._running:
+                return
             if isinstance(ended, _Displaced):
                 self._log.error(
                     "displaced by another cell with our name; not reconnecting",

@@ -35,6 +35,7 @@ from anyio.abc import SocketStream
 from anyio.lowlevel import checkpoint
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from flare_async._concurrency import Lock
 from flare_async.errors import (
     ConfigError,
     ConnectError,
@@ -91,10 +92,10 @@ class TcpLink(Link):
         self.peer_limits = limits
         self.local_address = local_address
         self.peer_address = peer_address
-        self._send_lock = anyio.Lock()
+        self._send_lock = Lock()
         self._closed = False
         self._broken: str | None = None
-        self._handshake_lock = anyio.Lock()
+        self._handshake_lock = Lock()
 
     @property
     def peer_limits(self) -> Limits:
