@@ -10,7 +10,8 @@ from trio.testing import MockClock
 
 import flare_async
 from flare_async import Backoff, Cell, Context, HandlerTable, MemoryNetwork, Payload, errors
-from flare_async.wire import Bye, Frame, Hello, Limits
+from flare_async.transport import Link
+from flare_async.wire import Bye, Frame, Hello, Limits, Session
 from tests._topo import serve_until, tree, url
 
 pytestmark = pytest.mark.anyio
@@ -243,3 +244,32 @@ def test_public_surface() -> None:
     }
     for name in flare_async.__all__:
         assert hasattr(flare_async, name), name
+
+
+async def test_peer_verifier_refuses_links_on_both_sides() -> None:
+    net = MemoryNetwork()
+    seen: list[tuple[str, str]] = []
+
+    def only_good(link: Link, session: Session) -> None:
+        seen.append((session.peer, session.role))
+        if "bad" in session.peer:
+            raise errors.IdentityError(f"{session.peer} has no certificate for that name")
+
+    async with Cell("server", listen=[url("server")], drivers=[net], verify_peer=only_good) as s:
+        async with Cell("server.bad", parent=url("server"), drivers=[net]) as bad:
+            assert bad.parent_name is None
+        async with Cell("server.good", parent=url("server"), drivers=[net]) as good:
+            assert good.parent_name == "server"
+        assert ("server.bad", "child") in seen
+        assert ("server.good", "child") in seen
+
+        def distrust_parent(link: Link, session: Session) -> None:
+            if session.role == "parent":
+                raise errors.IdentityError("the parent's certificate is not a server's")
+
+        async with Cell(
+            "server.picky", parent=url("server"), drivers=[net], verify_peer=distrust_parent
+        ) as picky:
+            assert picky.parent_name is None
+            await anyio.wait_all_tasks_blocked()
+            assert "server.picky" not in s.children

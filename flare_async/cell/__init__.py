@@ -2,7 +2,7 @@
 
 from flare_async.cell._cell import BroadcastResults, Cell, CellStatistics, Outcome
 from flare_async.cell._handlers import Context, HandlerTable, Kind
-from flare_async.cell._links import Backoff
+from flare_async.cell._links import Backoff, PeerVerifier
 from flare_async.cell._payload import Payload
 from flare_async.cell._system import CellInfo, system_handlers
 
@@ -17,5 +17,6 @@ __all__ = [
     "Kind",
     "Outcome",
     "Payload",
+    "PeerVerifier",
     "system_handlers",
 ]

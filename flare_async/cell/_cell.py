@@ -39,6 +39,7 @@ from flare_async.cell._links import (
     Forwarded,
     HelloFactory,
     Peer,
+    PeerVerifier,
     handshake_acceptor,
     handshake_connector,
 )
@@ -136,6 +137,10 @@ class Cell:
         queue_size: requests waiting for a handler before new ones are refused as overloaded.
         handshake_timeout: how long a new link may take to say hello.
         backoff: reconnect policy for the parent link.
+        heartbeat: ping a link quiet for this many seconds (``None``: never).
+        dead_after: drop a link quiet for this long (default: 3 heartbeats).
+        verify_peer: called for every handshaken link before it is used; raising
+            ``IdentityError`` refuses it (with mTLS: the certificate must match the claim).
         seed: seed of the jitter generator (for reproducible simulations).
 
     Use as an async context manager; the cell runs until the block exits::
@@ -160,6 +165,7 @@ class Cell:
         backoff: Backoff | None = None,
         heartbeat: float | None = 15.0,
         dead_after: float | None = None,
+        verify_peer: PeerVerifier | None = None,
         seed: int | None = None,
     ) -> None:
         self.name = validate_name(name)
@@ -167,6 +173,7 @@ class Cell:
         self.default_timeout = default_timeout
         self.handshake_timeout = handshake_timeout
         self.backoff = backoff or Backoff()
+        self.verify_peer = verify_peer
         if heartbeat is not None and heartbeat <= 0:
             raise ConfigError("heartbeat must be a positive number of seconds or None")
         self.heartbeat = heartbeat
@@ -325,7 +332,7 @@ class Cell:
     async def _accept_one(self, link: Link) -> None:
         try:
             with anyio.fail_after(self.handshake_timeout):
-                session = await handshake_acceptor(link, self.name, self._hello)
+                session = await handshake_acceptor(link, self.name, self._hello, self.verify_peer)
         except (ProtocolError, TransportError, TimeoutError) as exc:
             reason = "no hello in time" if isinstance(exc, TimeoutError) else str(exc)
             self._log.warning("link refused", peer=link.peer_address, reason=reason)
@@ -352,7 +359,9 @@ class Cell:
                 link = await driver.connect(url, limits=self.limits)
                 try:
                     with anyio.fail_after(self.handshake_timeout):
-                        session = await handshake_connector(link, self._hello("child"))
+                        session = await handshake_connector(
+                            link, self._hello("child"), self.verify_peer
+                        )
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await link.aclose()
@@ -442,8 +451,9 @@ class Cell:
                 quiet = now - peer.last_rx
                 if quiet >= self.dead_after:
                     peer.dead = f"no frame from {peer.name} for {quiet:.1f} s"
-                    self._log.warning("peer unresponsive, dropping link", peer=peer.name,
-                                      quiet=quiet)
+                    self._log.warning(
+                        "peer unresponsive, dropping link", peer=peer.name, quiet=quiet
+                    )
                     with anyio.CancelScope(shield=True):
                         await peer.link.aclose()
                 elif quiet >= interval:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -71,7 +72,9 @@ async def _receive_hello(link: Link) -> Hello | object:
     return header
 
 
-async def handshake_connector(link: Link, local: Hello) -> Session:
+async def handshake_connector(
+    link: Link, local: Hello, verify: PeerVerifier | None = None
+) -> Session:
     """Run the hello exchange as the side that connected.
 
     Raises:
@@ -82,11 +85,20 @@ async def handshake_connector(link: Link, local: Hello) -> Session:
     await link.send(Frame(local))
     expect: Role = "parent" if local.role == "child" else "peer"
     session = check_hello(local, await _receive_hello(link), expect=expect)
+    if verify is not None:
+        verify(link, session)
     link.peer_limits = session.peer_limits
     return session
 
 
-async def handshake_acceptor(link: Link, name: str, make: HelloFactory) -> Session:
+PeerVerifier = Callable[[Link, Session], None]
+"""Checks who is on the other end of a handshaken link (e.g. its certificate against its
+claimed name and role); raises :class:`~flare_async.errors.IdentityError` to refuse it."""
+
+
+async def handshake_acceptor(
+    link: Link, name: str, make: HelloFactory, verify: PeerVerifier | None = None
+) -> Session:
     """Run the hello exchange as the side that accepted; refuse with a ``Bye`` and a reason.
 
     Raises:
@@ -100,6 +112,8 @@ async def handshake_acceptor(link: Link, name: str, make: HelloFactory) -> Sessi
     local = make("parent" if role == "child" else "peer")
     try:
         session = check_hello(local, remote, expect=role)
+        if verify is not None:
+            verify(link, session)
     except ProtocolError as exc:
         with anyio.move_on_after(1, shield=True):
             with contextlib.suppress(LinkClosed, LinkBroken):
