@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from flare_async import Cell, system_handlers
+from flare_async import Cell, MemoryNetwork, system_handlers
 from flare_async.cli import main as cli_main
 from flare_async.wire import PROTOCOL_VERSION
+from tests._topo import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +60,22 @@ async def test_system_handlers_report_links_and_counters() -> None:
     assert info["parent"] is None
     assert info["children"] == []
     assert info["statistics"]["handled"] == 1  # the ping; info itself is still running
+
+
+@pytest.mark.anyio
+async def test_sys_reach_reports_paths_and_failures() -> None:
+    net = MemoryNetwork()
+    names = ["server", "server.eu", "server.eu.a"]
+    async with tree(net, names, {"*": [system_handlers()]}) as cells:
+        ok = json.loads(
+            (await cells["server"].request("server", "sys", "reach", b"server.eu.a")).tobytes()
+        )
+        assert ok["ok"] is True
+        assert ok["rtt"] >= 0
+        bad = json.loads(
+            (
+                await cells["server.eu.a"].request("server.eu.a", "sys", "reach", b"server.x")
+            ).tobytes()
+        )
+        assert bad["ok"] is False
+        assert bad["error"].startswith("Unreachable")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from flare_async.cell._handlers import Context, HandlerTable
 from flare_async.cell._payload import Payload
+from flare_async.errors import FlareError
 
 _json = msgspec.json.Encoder()
 
@@ -19,9 +22,23 @@ class CellInfo(msgspec.Struct, frozen=True):
     statistics: dict[str, object]
 
 
+class Reach(msgspec.Struct, frozen=True):
+    """What ``sys/reach`` answers (JSON): can this cell reach ``dst``, and how fast."""
+
+    dst: str
+    ok: bool
+    rtt: float | None = None
+    error: str | None = None
+
+
 def system_handlers() -> HandlerTable:
-    """``sys/ping`` (answers ``pong`` and echoes the payload) and ``sys/info`` (JSON
-    :class:`CellInfo`: the cell's links and counters)."""
+    """The operator's view of a cell.
+
+    * ``sys/ping``: answers ``pong`` followed by the payload.
+    * ``sys/info``: JSON :class:`CellInfo` (links and counters).
+    * ``sys/reach``: the payload names a destination; this cell pings it and answers JSON
+      :class:`Reach` (used by health checks and ``flare-async up`` to test paths end to end).
+    """
     table = HandlerTable("system")
 
     @table.request("sys", "ping")
@@ -33,5 +50,19 @@ def system_handlers() -> HandlerTable:
         cell = ctx.cell
         stats = msgspec.structs.asdict(cell.statistics())
         return _json.encode(CellInfo(cell.name, cell.parent_name, cell.children, stats))
+
+    @table.request("sys", "reach")
+    async def reach(ctx: Context, msg: Payload) -> bytes:
+        dst = msg.tobytes().decode(errors="replace")
+        clock = ctx.cell._clock
+        start = clock()
+        left = ctx.remaining()
+        try:
+            await ctx.cell.request(
+                dst, "sys", "ping", b"reach", timeout=None if math.isinf(left) else left
+            )
+        except FlareError as exc:
+            return _json.encode(Reach(dst, ok=False, error=f"{type(exc).__name__}: {exc}"))
+        return _json.encode(Reach(dst, ok=True, rtt=clock() - start))
 
     return table
