@@ -141,6 +141,8 @@ class Cell:
         dead_after: drop a link quiet for this long (default: 3 heartbeats).
         verify_peer: called for every handshaken link before it is used; raising
             ``IdentityError`` refuses it (with mTLS: the certificate must match the claim).
+        on_link: called with ``(peer name, role, up)`` whenever a link comes up or goes down
+            (role is what the peer is to this cell: ``parent``, ``child`` or ``peer``).
         seed: seed of the jitter generator (for reproducible simulations).
 
     Use as an async context manager; the cell runs until the block exits::
@@ -166,6 +168,7 @@ class Cell:
         heartbeat: float | None = 15.0,
         dead_after: float | None = None,
         verify_peer: PeerVerifier | None = None,
+        on_link: Callable[[str, str, bool], None] | None = None,
         seed: int | None = None,
     ) -> None:
         self.name = validate_name(name)
@@ -174,6 +177,7 @@ class Cell:
         self.handshake_timeout = handshake_timeout
         self.backoff = backoff or Backoff()
         self.verify_peer = verify_peer
+        self.on_link = on_link
         if heartbeat is not None and heartbeat <= 0:
             raise ConfigError("heartbeat must be a positive number of seconds or None")
         self.heartbeat = heartbeat
@@ -269,6 +273,7 @@ class Cell:
         await tg.__aexit__(None, None, None)
 
     async def _say_bye(self, peer: Peer, reason: str) -> None:
+        peer.orderly = True
         with anyio.move_on_after(1, shield=True):
             with contextlib.suppress(TransportError, ProtocolError):
                 await peer.send(Frame(Bye(reason=reason)))
@@ -348,6 +353,7 @@ class Cell:
             self._drop_peer(old, LinkClosed(f"{peer.name} reconnected on a new link"))
             await self._say_bye(old, f"{DISPLACED}: {peer.name} connected again on a new link")
         self._children[peer.name] = peer
+        self._notify(peer, True)
         await self._serve(peer)
 
     async def _parent_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
@@ -378,6 +384,7 @@ class Cell:
             attempt = 0
             peer = Peer(link, session, self._clock())
             self._parent = peer
+            self._notify(peer, True)
             assert self._parent_changed is not None
             self._parent_changed.set()
             self._parent_changed = anyio.Event()
@@ -409,7 +416,15 @@ class Cell:
                 peer.last_rx = clock()
                 await self._on_frame(peer, frame)
         except LinkClosed as exc:
-            error = LinkBroken(peer.dead) if peer.dead else exc
+            # A link is closed on purpose only with a goodbye (either way); a connection that
+            # just ends (a killed process, a crashed host) broke.
+            if peer.dead:
+                error = LinkBroken(peer.dead)
+            elif peer.orderly:
+                error = exc
+            else:
+                error = LinkBroken(f"{peer.name} went away without a goodbye: {exc}")
+                self._log.warning("link broke", peer=peer.name, error=str(error))
         except LinkBroken as exc:
             error = exc
             self._log.warning("link broke", peer=peer.name, error=str(exc))
@@ -422,11 +437,17 @@ class Cell:
                 await peer.link.aclose()
         return error
 
+    def _notify(self, peer: Peer, up: bool) -> None:
+        if self.on_link is not None:
+            self.on_link(peer.name, peer.role, up)
+
     def _drop_peer(self, peer: Peer, error: TransportError) -> None:
         if self._parent is peer:
             self._parent = None
+            self._notify(peer, False)
         elif self._children.get(peer.name) is peer:
             del self._children[peer.name]
+            self._notify(peer, False)
         for waiter in self._pending.via(peer):
             waiter.fail(type(error)(f"link to {peer.name} went down: {error}"))
         inflight, peer.inflight = peer.inflight, {}
@@ -480,6 +501,7 @@ class Cell:
             await peer.send(Frame(Pong(seq=h.seq)))
         elif isinstance(h, Bye):
             cls = _Displaced if h.reason.startswith(DISPLACED) else LinkClosed
+            peer.orderly = True
             raise cls(f"{peer.name} said goodbye: {h.reason}")
         elif isinstance(h, Pong):
             pass

@@ -46,7 +46,7 @@ class Peer:
         dead: why the heartbeat gave up on the link, if it did.
     """
 
-    __slots__ = ("dead", "inflight", "last_rx", "link", "name", "role", "session")
+    __slots__ = ("dead", "inflight", "last_rx", "link", "name", "orderly", "role", "session")
 
     def __init__(self, link: Link, session: Session, now: float) -> None:
         self.link = link
@@ -56,6 +56,8 @@ class Peer:
         self.last_rx = now
         self.inflight: dict[tuple[str, int], Forwarded] = {}
         self.dead: str | None = None
+        self.orderly = False
+        """A goodbye was said on the link (by either side): its end is a close, not a break."""
 
     async def send(self, frame: Frame) -> None:
         await self.link.send(frame)
