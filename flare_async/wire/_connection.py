@@ -282,7 +282,7 @@ class Connection:
                 take = min(avail, len(self._target) - self._filled)
                 if not take:
                     break
-                self._target[self._filled : self._filled + take] = view[
+                memoryview(self._target)[self._filled : self._filled + take] = view[
                     self._start : self._start + take
                 ]
                 self._filled += take
