@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from flare_async import __version__
+from flare_async.cli import _provision, _run, _up
 from flare_async.wire import PROTOCOL_VERSION
 
 
@@ -19,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flare-async {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("version", help="print the package and protocol versions")
+    _provision.add_parser(sub)
+    _run.add_parser(sub)
+    _up.add_parser(sub)
     return parser
 
 
@@ -28,4 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in (None, "version"):
         sys.stdout.write(f"flare-async {__version__} (wire protocol {PROTOCOL_VERSION})\n")
         return 0
+    if args.command == "provision":
+        return _provision.run(args)
+    if args.command == "run":
+        return _run.run(args)
+    if args.command == "up":
+        return _up.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first

@@ -7,6 +7,7 @@ from flare_async.transport._base import Driver, Link, Listener
 from flare_async.transport._memory import MemoryLink, MemoryNetwork
 from flare_async.transport._registry import DriverRegistry, url_scheme
 from flare_async.transport._tcp import TcpDriver, TcpLink
+from flare_async.transport._ws import WebSocketDriver
 
 __all__ = [
     "Driver",
@@ -17,5 +18,6 @@ __all__ = [
     "MemoryNetwork",
     "TcpDriver",
     "TcpLink",
+    "WebSocketDriver",
     "url_scheme",
 ]

@@ -82,10 +82,12 @@ class TcpLink(Link):
         local_address: str,
         peer_address: str,
         tls: TLSStream | None = None,
+        stream: SocketStream | None = None,
         server_tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock = sock
         self._tls = tls
+        self._stream = stream  # once set, the descriptor belongs to the stream's transport
         self._server_tls = server_tls  # set while an accepted TLS link still owes a handshake
         self._conn = Connection(limits, peer=peer_address)
         self.limits = limits
@@ -115,9 +117,12 @@ class TcpLink(Link):
             if context is None:  # another task did the handshake while we waited
                 return
             try:
-                stream = await SocketStream.from_socket(self._sock)
+                self._stream = await SocketStream.from_socket(self._sock)
                 self._tls = await TLSStream.wrap(
-                    stream, server_side=True, ssl_context=context, standard_compatible=False
+                    self._stream,
+                    server_side=True,
+                    ssl_context=context,
+                    standard_compatible=False,
                 )
             except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                 self._mark_broken(f"TLS handshake failed: {_reason(exc)}")
@@ -260,6 +265,14 @@ class TcpLink(Link):
         sock = self._sock
         if sock.fileno() < 0:
             return
+        if self._stream is not None:
+            # The descriptor belongs to the stream's transport: only end the connection here;
+            # the stream closes the descriptor in aclose().
+            with contextlib.suppress(OSError):
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR if reset else socket.SHUT_WR)
+            return
         try:
             if reset:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -286,6 +299,9 @@ class TcpLink(Link):
             ):
                 await self._tls.aclose()
         self._close_socket(reset=self._broken is not None)
+        if self._stream is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await self._stream.aclose()
         await checkpoint()
 
     def abort(self) -> None:
@@ -436,6 +452,8 @@ class TcpDriver(Driver):
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
+        stream: SocketStream | None = None
+        tls: TLSStream | None = None
         try:
             _configure(sock)
             err = sock.connect_ex(addr)
@@ -444,7 +462,6 @@ class TcpDriver(Driver):
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))  # noqa: TRY301 - one error path below
-            tls = None
             if scheme == "tls":
                 stream = await SocketStream.from_socket(sock)
                 tls = await TLSStream.wrap(
@@ -457,12 +474,15 @@ class TcpDriver(Driver):
                 # The peer may still refuse our certificate right after the handshake (TLS 1.3
                 # sends that verdict late); the first receive then reports it as a break.
         except BaseException:
-            sock.close()
+            if stream is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await stream.aclose()
+            else:
+                sock.close()
             raise
         local = _format_url(scheme, *sock.getsockname()[:2])
-        return TcpLink(
-            sock, limits, local_address=local, peer_address=_format_url(scheme, host, port), tls=tls
-        )
+        peer = _format_url(scheme, host, port)
+        return TcpLink(sock, limits, local_address=local, peer_address=peer, tls=tls, stream=stream)
 
 
 __all__ = ["TcpDriver", "TcpLink", "TcpListener", "split_hostport"]

@@ -1,0 +1,186 @@
+"""``flare-async run KIT``: start one cell from its startup kit and run it until told to stop.
+
+The kit says who the cell is (name, role), where it listens and which parent it dials; its
+certificate, key and CA make the mutual-TLS contexts. Every link is checked against the
+certificate presented on it (:func:`kit_verifier`). The process writes one JSON line per event to
+stdout (``ready``, ``link-up``, ``link-down``, ``stopped``) so supervisors and tests can follow it
+without parsing logs; logs go to stderr. SIGINT and SIGTERM stop it cleanly (goodbyes on every
+link, exit status 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from flare_async import _logging
+from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
+from flare_async.errors import ConfigError, IdentityError
+from flare_async.security import (
+    Kit,
+    Role,
+    check_claim,
+    client_context,
+    identity_from_certificate,
+    load_kit,
+    server_context,
+)
+from flare_async.transport import Driver, Link, TcpDriver, WebSocketDriver
+from flare_async.wire import Session
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line on stdout, flushed (the process's machine-readable event stream)."""
+    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
+def kit_verifier(kit: Kit) -> PeerVerifier:
+    """Check each link's peer certificate against the name and place it claims.
+
+    A child must hold a certificate for exactly the name it claims, below this cell, and be a
+    client or relay; a parent must be the server or a relay (a client certificate cannot act as
+    one); a direct peer must be a cell of the project.
+    """
+
+    def verify(link: Link, session: Session) -> None:
+        der = link.extra().get("peer_certificate")
+        if not der:
+            raise IdentityError(f"{session.peer!r} presented no certificate on {link.peer_address}")
+        identity = identity_from_certificate(der)
+        if session.role == "child":
+            check_claim(identity, session.peer, Role.CLIENT, below=kit.name)
+        elif session.role == "parent":
+            acting = identity.role if identity.role in (Role.SERVER, Role.RELAY) else Role.RELAY
+            check_claim(identity, session.peer, acting)
+            if kit.parent_name is not None and session.peer != kit.parent_name:
+                raise IdentityError(
+                    f"expected parent {kit.parent_name!r}, the certificate is {session.peer!r}"
+                )
+        else:
+            check_claim(identity, session.peer, Role.CLIENT)
+
+    return verify
+
+
+def kit_drivers(kit: Kit) -> list[Driver]:
+    """The network drivers of a kit's cell: tls:// and wss:// with the kit's TLS contexts
+    (plain tcp:// and ws:// stay available for closed test networks)."""
+    client_tls = client_context(kit)
+    server_tls = server_context(kit) if kit.listen else None
+    return [
+        TcpDriver(server_tls=server_tls, client_tls=client_tls),
+        WebSocketDriver(server_ssl=server_tls, client_ssl=client_tls),
+    ]
+
+
+def load_handlers(spec: str) -> HandlerTable:
+    """``module:name`` -> the :class:`HandlerTable` it names (or a function returning one).
+
+    Raises:
+        ConfigError: the module or name does not exist, or is not a handler table.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--handlers {spec!r}: expected MODULE:NAME")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--handlers {spec!r}: {exc}") from None
+    table = target() if callable(target) and not isinstance(target, HandlerTable) else target
+    if not isinstance(table, HandlerTable):
+        raise ConfigError(f"--handlers {spec!r} is a {type(table).__name__}, not a HandlerTable")
+    return table
+
+
+def cell_from_kit(
+    kit: Kit,
+    *,
+    handlers: Iterable[HandlerTable] = (),
+    heartbeat: float | None = 15.0,
+    handshake_timeout: float = 10.0,
+) -> Cell:
+    """The cell a kit describes, with the ``sys`` handlers and ``handlers`` mounted."""
+    if kit.role is Role.ADMIN:
+        raise IdentityError(f"{kit.name!r} is an admin kit: admins are not cells")
+    return Cell(
+        kit.name,
+        listen=list(kit.listen),
+        parent=kit.parent,
+        drivers=kit_drivers(kit),
+        handlers=[system_handlers(), *handlers],
+        verify_peer=kit_verifier(kit),
+        heartbeat=heartbeat,
+        handshake_timeout=handshake_timeout,
+        on_link=lambda peer, role, up: emit(
+            "link-up" if up else "link-down", cell=kit.name, peer=peer, role=role
+        ),
+    )
+
+
+async def serve(kit_path: Path, handlers: list[str], handshake_timeout: float) -> None:
+    """Run the kit's cell until SIGINT or SIGTERM."""
+    kit = load_kit(kit_path, now=datetime.now(UTC))
+    tables = [load_handlers(spec) for spec in handlers]
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        cell = cell_from_kit(kit, handlers=tables, handshake_timeout=handshake_timeout)
+        async with cell:
+            emit(
+                "ready",
+                cell=cell.name,
+                role=kit.role.value,
+                listen=cell.listen_urls,
+                parent=kit.parent,
+            )
+            async for signum in signals:
+                emit("stopping", cell=cell.name, signal=signal.Signals(signum).name)
+                break
+    emit("stopped", cell=kit.name)
+
+
+def add_parser(sub: Any) -> None:
+    """The ``run`` subcommand's arguments."""
+    p = sub.add_parser("run", help="start one cell from its startup kit")
+    p.add_argument("kit", help="the kit folder (or its kit.toml)")
+    p.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="mount a HandlerTable (or a function returning one); repeatable",
+    )
+    p.add_argument("--json-logs", action="store_true", help="JSON log lines on stderr")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a new link may take to say hello (default 10)",
+    )
+
+
+def run(args: Any) -> int:
+    """Entry of ``flare-async run``; returns the exit status."""
+    _logging.configure(json=args.json_logs, level=getattr(logging, args.log_level.upper()))
+    try:
+        anyio.run(
+            serve,
+            Path(args.kit),
+            args.handlers,
+            args.handshake_timeout,
+            backend_options={"use_uvloop": True},
+        )
+    except ConfigError as exc:
+        sys.stderr.write(f"flare-async run: {exc}\n")
+        return 2
+    return 0

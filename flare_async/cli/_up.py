@@ -1,0 +1,146 @@
+"""``flare-async up TOPOLOGY``: provision a throwaway project and start every cell as a process.
+
+For trying a deployment on one machine: the topology file is a project file (see
+``cells/topologies/``); it is provisioned into a work folder (a temporary one unless
+``--workdir`` is given), then each cell runs as ``python -m flare_async run KIT`` with its
+stdout and stderr in ``logs/NAME.log``. Parents start before children. Ctrl-C (or SIGTERM) stops
+them all: SIGTERM to each, then SIGKILL to any still running after ``--grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from flare_async.security import Kit, Role, provision
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+
+
+class _Linked:
+    """Follows the cells' event lines: which cells have a link to their parent."""
+
+    def __init__(self) -> None:
+        self.cells: set[str] = set()
+        self.lock = threading.Lock()
+
+    def follow(self, name: str, stdout: IO[bytes], log: IO[bytes]) -> None:
+        """Copy a cell's event lines into its log, noting when it reaches its parent."""
+        with stdout, log:
+            for line in stdout:
+                log.write(line)
+                log.flush()
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "link-up" and event.get("role") == "parent":
+                    with self.lock:
+                        self.cells.add(name)
+
+
+def start_cells(
+    kits: list[Kit], workdir: Path, linked: _Linked
+) -> list[tuple[Kit, subprocess.Popen[bytes]]]:
+    """Start one ``flare_async run`` process per cell kit, parents first."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    order = sorted((k for k in kits if k.role is not Role.ADMIN), key=lambda k: k.name.count("."))
+    procs = []
+    for kit in order:
+        log = (logs / f"{kit.name}.log").open("wb")
+        proc = subprocess.Popen(  # our own interpreter and module
+            [sys.executable, "-m", "flare_async", "run", str(workdir / "kits" / kit.name)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        threading.Thread(
+            target=linked.follow, args=(kit.name, proc.stdout, log), daemon=True
+        ).start()
+        procs.append((kit, proc))
+    return procs
+
+
+def stop_cells(procs: list[tuple[Kit, subprocess.Popen[bytes]]], grace: float) -> None:
+    """SIGTERM every process (children first), SIGKILL what is left after ``grace`` seconds."""
+    for _, proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for _, proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def add_parser(sub: Any) -> None:
+    """The ``up`` subcommand's arguments."""
+    p = sub.add_parser("up", help="provision a throwaway project and start every cell locally")
+    p.add_argument("topology", help="a project file, e.g. cells/topologies/two-tier.toml")
+    p.add_argument("--workdir", help="where kits and logs go (default: a new temporary folder)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long cells get to stop before they are killed (default 10)",
+    )
+
+
+def run(args: Any) -> int:
+    """Entry of ``flare-async up``; returns the exit status."""
+    return up(args.topology, workdir=args.workdir, grace=args.grace)
+
+
+def up(topology: str, *, workdir: str | None, grace: float) -> int:
+    """Provision ``topology``, start its cells, wait for Ctrl-C or a cell's exit, stop all."""
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="flare-async-up-"))
+    kits = provision(topology, work / "kits", now=datetime.now(UTC), force=workdir is not None)
+    linked = _Linked()
+    procs = start_cells(kits, work, linked)
+    children = {k.name for k, _ in procs if k.parent}
+    announced = False
+    print(f"started {len(procs)} cells from {topology}; logs in {work / 'logs'}")
+    for kit, proc in procs:
+        where = ", ".join(kit.listen) or f"-> {kit.parent}"
+        print(f"  {kit.name:32s} {kit.role.value:7s} pid {proc.pid:<7d} {where}")
+    print("Ctrl-C stops them all.")
+    sys.stdout.flush()
+    # Block the signals (after the children started: they must not inherit the mask) and wait
+    # for them synchronously: no handler races with the loop.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    status = 0
+    try:
+        while True:
+            dead = [(k, p) for k, p in procs if p.poll() is not None]
+            if dead:
+                for kit, proc in dead:
+                    print(f"{kit.name} exited with status {proc.returncode}; stopping the rest")
+                status = 1
+                break
+            with linked.lock:
+                all_linked = children <= linked.cells
+            if all_linked and not announced:
+                announced = True
+                print(f"all {len(procs)} cells linked")
+                sys.stdout.flush()
+            info = signal.sigtimedwait(_SIGNALS, 0.2)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                break
+    finally:
+        stop_cells(procs, grace)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    print("all cells stopped")
+    return status

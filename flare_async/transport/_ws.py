@@ -1,0 +1,732 @@
+"""The ``ws://`` and ``wss://`` driver: links over WebSocket, on aiohttp.
+
+For sites that can only make outbound HTTP(S) connections, possibly through a proxy: the link is
+an ordinary WebSocket (HTTP/1.1 upgrade), and ``wss://`` through an HTTP proxy is a ``CONNECT``
+tunnel. Everything comes in as arguments; no environment variable (``HTTPS_PROXY``...) is read.
+aiohttp runs on asyncio only, so this driver refuses to work under trio.
+
+Wire mapping: one binary WebSocket message carries exactly one frame, the same bytes a TCP link
+carries (prefix + msgpack header + payload). The receiver checks the prefix against its limits
+and that the announced lengths add up to the message size exactly; aiohttp's ``max_msg_size`` is
+set from the same limits, so a message larger than any acceptable frame is refused by aiohttp
+from the WebSocket frame header, before its body is buffered. Text messages, malformed frames and
+frames whose lengths disagree with their prefix raise :class:`~flare_async.errors.ProtocolError`
+and close the link (close codes 1003, 1002 and 1009 for oversize).
+
+Copies: aiohttp's ``send_bytes`` takes one bytes-like object and writes one unfragmented
+WebSocket message, so a frame with a payload is joined **once** (``b"".join((head, *parts))``)
+before it is handed over. A client must also mask what it sends (RFC 6455), which aiohttp does on
+its own copy of the message; a server writes the message unmasked and without a further copy.
+Received frames cost no copy of ours: the payload is a read-only view into the message aiohttp
+assembled.
+
+Backpressure and cancellation: aiohttp writes a message to the transport synchronously and then
+waits for the transport to drain. ``send`` runs that first, synchronous step itself and leaves
+any wait for the drain to a task of its own, which nothing cancels: a cancelled ``send`` has
+handed over its whole frame or none of it, and cannot cancel the future aiohttp shares between
+everything that writes on the connection (see ``send``). ``try_send`` keeps the default
+(``False``): aiohttp has no public non-blocking send.
+
+Closing: :meth:`WebSocketLink.aclose` marks the link closed, starts the WebSocket closing handshake
+(a normal close frame, 1000) and returns without waiting for the peer's answer, since the peer
+answers only once its owner reads. The handshake is finished in the background, bounded by
+``close_timeout``: on the accepting side by the aiohttp handler that serves the link, on the
+connecting side by a small task the driver keeps, which then closes the link's
+``aiohttp.ClientSession``. :meth:`WebSocketLink.wait_closed` waits for that end. A close frame
+from the peer with code 1000/1001 (or none) is an orderly close (``LinkClosed``); any other code,
+an EOF or reset without a close frame, or a missed heartbeat is ``LinkBroken``.
+
+Listening: an ``aiohttp.web.Application`` with one WebSocket route (the URL's path, or the
+driver's ``path`` when the URL has none), served by ``AppRunner`` + ``TCPSite``. Plain HTTP
+requests on that path get ``426 Upgrade Required``, other paths ``404``. Accepted WebSockets wait
+for :meth:`Listener.accept` in a bounded queue of ``max_queue`` links; beyond it the upgrade is
+refused with ``503`` (so ``connect`` raises ``ConnectError``). ``Listener.aclose`` stops the
+site (the listening socket closes; connections not yet accepted are closed with code 1013) but
+keeps links already accepted open, as the driver contract requires: aiohttp's
+``AppRunner.cleanup`` would close them, so it runs only when no accepted link is left; otherwise
+the server's remaining state goes away with the last link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Coroutine
+from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import anyio
+import sniffio
+from aiohttp import WSCloseCode, WSMsgType, web
+from anyio.lowlevel import checkpoint
+
+from flare_async._concurrency import Channel, ChannelClosed
+from flare_async.errors import (
+    ConfigError,
+    ConnectError,
+    FrameTooLarge,
+    LinkBroken,
+    LinkClosed,
+    ProtocolError,
+    TransportError,
+)
+from flare_async.transport._base import Driver, Link, Listener
+from flare_async.wire import (
+    PREFIX_SIZE,
+    Envelope,
+    Frame,
+    Limits,
+    decode_header,
+    encode_head,
+    parse_prefix,
+    payload_size,
+)
+
+__all__ = ["WebSocketDriver", "WebSocketLink"]
+
+_ORDERLY_CLOSE_CODES: Final = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
+"""Close codes that mean the peer closed on purpose (0: a close frame without a code)."""
+
+_WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+_DONE: Final = object()
+"""Marks a coroutine that ran to its end (it may also yield ``None``, a bare yield)."""
+
+
+def _require_asyncio() -> None:
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = None
+    if library != "asyncio":
+        raise ConfigError("ws:// needs the asyncio backend (aiohttp runs on asyncio only)")
+
+
+def _max_msg_size(limits: Limits) -> int:
+    # aiohttp refuses a message whose size is >= max_msg_size, so allow one byte more than the
+    # largest frame the limits accept.
+    return PREFIX_SIZE + limits.max_header + limits.max_frame + 1
+
+
+def _format_address(address: Any, scheme: str | None = None) -> str:
+    """``HOST:PORT`` of a socket address, as a ``SCHEME://HOST:PORT`` URL when given a scheme."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        text = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    else:
+        text = str(address) if address is not None else "unknown"
+    return f"{scheme}://{text}" if scheme else text
+
+
+def _peer_certificate(ws: _WebSocket) -> bytes | None:
+    ssl_object = ws.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    return der
+
+
+def _parse_message(view: memoryview, limits: Limits) -> tuple[Envelope, int]:
+    """Check one message as a frame; return its header and where its payload starts.
+
+    Raises:
+        ProtocolError: too short, bad prefix or header, or lengths that disagree with the size.
+        FrameTooLarge: the prefix announces more than ``limits`` allow.
+    """
+    size = view.nbytes
+    if size < PREFIX_SIZE:
+        raise ProtocolError(f"message of {size} B is shorter than a frame prefix")
+    _, header_len, payload_len = parse_prefix(view[:PREFIX_SIZE], limits)
+    start = PREFIX_SIZE + header_len
+    if start + payload_len != size:
+        raise ProtocolError(
+            f"message of {size} B does not match its prefix "
+            f"({header_len} B header, {payload_len} B payload)"
+        )
+    return decode_header(view[PREFIX_SIZE:start], limits), start
+
+
+class WebSocketLink(Link):
+    """One end of a WebSocket link. Made by :class:`WebSocketDriver`."""
+
+    def __init__(
+        self,
+        ws: _WebSocket,
+        local_address: str,
+        peer_address: str,
+        limits: Limits,
+        close_timeout: float,
+    ) -> None:
+        self._ws = ws
+        self._close_timeout = close_timeout
+        self._sock: Any = ws.get_extra_info("socket")
+        self._sockname: Any = ws.get_extra_info("sockname")
+        self._peername: Any = ws.get_extra_info("peername")
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.limits = limits
+        self.peer_limits = limits
+        self._extra: dict[str, Any] = {
+            "peer_certificate": _peer_certificate(ws),
+            "peer_address": peer_address,
+            "socket_peer": _format_address(self._peername),
+        }
+        self._send_lock = asyncio.Lock()
+        self._receive_lock = asyncio.Lock()  # aiohttp refuses concurrent receive() calls
+        self._failure: tuple[type[TransportError], str] | None = None
+        """Why the link no longer works; the first reason recorded wins."""
+        self._close_code: int | None = None
+        """Set once the closing handshake was started, with the code we close with."""
+        self._finished = asyncio.Event()
+        self._frames_in = 0
+        self._frames_out = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
+
+    # ------------------------------------------------------------------ state
+    def _fail(self, cls: type[TransportError], text: str) -> None:
+        if self._failure is None:
+            self._failure = (cls, text)
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            cls, text = self._failure
+            raise cls(text)
+
+    def _begin_close(self, code: int) -> None:
+        """Start the closing handshake once; it finishes in the background."""
+        if self._close_code is None:
+            self._close_code = code
+            self._start_finisher()
+
+    def _start_finisher(self) -> None:
+        raise NotImplementedError
+
+    async def _close_websocket(self) -> None:
+        """The closing handshake, bounded by ``close_timeout``; cut the connection if it overruns.
+
+        aiohttp bounds only the wait for the peer's close frame, not writing ours (a peer that
+        stopped reading never drains it), and closing a transport waits for its buffer to flush.
+        """
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._ws.close(code=self._close_code or WSCloseCode.GOING_AWAY)
+        except TimeoutError:
+            self._kill()
+
+    def _kill(self) -> None:
+        """Cut the TCP connection now, without a close frame; a reset once the socket closes.
+
+        Works on a duplicate of the socket's descriptor: the transports' socket wrappers do not
+        all allow ``shutdown`` (uvloop's does not), and aiohttp's client does not expose its
+        transport. The addresses are compared first, in case the descriptor was reused.
+        """
+        try:
+            fd = self._sock.fileno() if self._sock is not None else -1
+            if fd < 0:
+                return
+            dup = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return
+        with dup:
+            try:
+                if dup.getsockname() != self._sockname or dup.getpeername() != self._peername:
+                    return
+                dup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                dup.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+
+    # ------------------------------------------------------------------ sending
+    async def send(self, frame: Frame) -> None:
+        self._check_open()
+        parts = frame.parts
+        head = encode_head(frame.header, payload_size(parts), self.peer_limits)
+        # The one copy on the sending side: aiohttp sends one bytes-like object per message.
+        data = b"".join((head, *parts)) if parts else head
+        lock = self._send_lock
+        await lock.acquire()
+        try:
+            self._check_open()
+            # aiohttp writes the whole message to the transport synchronously, in the first step
+            # of send_bytes(); only waiting for the transport to drain (backpressure) suspends.
+            # We take that first step here, so a send never hands over part of a frame.
+            sending = self._ws.send_bytes(data)
+            waiting_on = self._step(sending)
+        except BaseException:
+            lock.release()
+            raise
+        self._frames_out += 1
+        self._bytes_out += len(data)
+        if waiting_on is _DONE:
+            lock.release()
+            return
+        # The drain is awaited by a task of ours, never cancelled: aiohttp (3.14 here; since
+        # aio-libs/aiohttp#12307) awaits its protocol's shared drain future unshielded, so
+        # cancelling a send there would cancel that future, and every later drain on the link
+        # would raise CancelledError in tasks nobody cancelled, until writing resumed.
+        # A cancelled send returns at once; its frame is on its way and the lock stays held
+        # until the drain is over, so later frames still queue behind it (backpressure).
+        drain = asyncio.get_running_loop().create_task(self._drain(sending, waiting_on))
+        drain.add_done_callback(lambda task: _release_after(task, lock))
+        await asyncio.shield(drain)
+
+    def _step(self, sending: Coroutine[Any, Any, None]) -> Any:
+        """Advance ``sending`` by one step: the future it now waits on, or ``_DONE``.
+
+        Does what an asyncio task does with a coroutine it runs, including clearing the
+        future's ``_asyncio_future_blocking`` flag (otherwise nothing else could await it).
+        """
+        try:
+            waiting_on = sending.send(None)
+        except StopIteration:
+            return _DONE
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not a cancellation of ours: the shared drain future was cancelled by a closing
+            # handshake that ran out of time.
+            self._lost("the connection was cut while closing")
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            self._lost(str(exc) or type(exc).__name__)
+        if waiting_on is not None:
+            waiting_on._asyncio_future_blocking = False
+        return waiting_on
+
+    async def _drain(self, sending: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        """Drive ``sending`` to its end as a task would, in a task nobody but shutdown cancels."""
+        try:
+            while waiting_on is not _DONE:
+                if waiting_on is None:
+                    await asyncio.sleep(0)  # a bare yield
+                else:
+                    # Waits without ever cancelling the future; how it ended (result, error,
+                    # cancellation by someone else) ``sending`` sees itself when resumed.
+                    await asyncio.wait((waiting_on,))
+                waiting_on = self._step(sending)
+        except asyncio.CancelledError:  # the event loop is shutting down
+            sending.close()
+            raise
+
+    def _lost(self, why: str) -> NoReturn:
+        self._fail(LinkBroken, f"connection to {self.peer_address} lost: {why}")
+        self._begin_close(WSCloseCode.ABNORMAL_CLOSURE)
+        self._check_open()
+        raise AssertionError("unreachable: the link has failed")
+
+    # ------------------------------------------------------------------ receiving
+    async def receive(self) -> Frame:
+        async with self._receive_lock:
+            while True:
+                self._check_open()
+                try:
+                    msg = await self._ws.receive()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise
+                    # Not a cancellation of ours: aiohttp's server injects CancelledError into
+                    # its readers when it shuts down.
+                    self._fail(LinkBroken, "the web server serving the link shut down")
+                    self._begin_close(WSCloseCode.GOING_AWAY)
+                    continue
+                kind = msg.type
+                if kind is WSMsgType.BINARY:
+                    return self._decode(msg.data)
+                if kind is WSMsgType.TEXT:
+                    raise self._protocol_error(
+                        ProtocolError("text message on a frame link"), WSCloseCode.UNSUPPORTED_DATA
+                    )
+                if kind is WSMsgType.CLOSE:
+                    code, reason = msg.data, msg.extra
+                    if code in _ORDERLY_CLOSE_CODES:
+                        self._fail(LinkClosed, f"{self.peer_address} closed the link")
+                    else:
+                        why = f": {reason}" if reason else ""
+                        self._fail(
+                            LinkBroken, f"{self.peer_address} closed the link with code {code}{why}"
+                        )
+                    self._begin_close(WSCloseCode.OK)  # answer the peer's close frame
+                elif kind is WSMsgType.ERROR:
+                    exc = msg.data
+                    if isinstance(exc, aiohttp.WebSocketError):
+                        # aiohttp has already closed the WebSocket with exc.code.
+                        cls = (
+                            FrameTooLarge
+                            if exc.code == WSCloseCode.MESSAGE_TOO_BIG
+                            else ProtocolError
+                        )
+                        raise self._protocol_error(cls(f"bad WebSocket message: {exc}"), exc.code)
+                    self._fail(LinkBroken, f"connection to {self.peer_address} failed: {exc}")
+                    self._begin_close(WSCloseCode.ABNORMAL_CLOSURE)
+                elif kind in (WSMsgType.CLOSED, WSMsgType.CLOSING):
+                    # CLOSING/CLOSED after our own close are covered by _failure already.
+                    cause = self._ws.exception()
+                    why = f": {cause}" if cause else ""
+                    self._fail(
+                        LinkBroken, f"connection to {self.peer_address} ended without a close{why}"
+                    )
+                    self._begin_close(WSCloseCode.ABNORMAL_CLOSURE)
+                # PING and PONG are answered by aiohttp (autoping); anything else: read on.
+
+    def _decode(self, data: bytes | bytearray) -> Frame:
+        view = memoryview(data)
+        try:
+            header, start = _parse_message(view, self.limits)
+        except FrameTooLarge as exc:
+            raise self._protocol_error(exc, WSCloseCode.MESSAGE_TOO_BIG) from None
+        except ProtocolError as exc:
+            raise self._protocol_error(exc, WSCloseCode.PROTOCOL_ERROR) from None
+        self._frames_in += 1
+        self._bytes_in += len(data)
+        return Frame(header, (view[start:].toreadonly(),))
+
+    def _protocol_error(self, exc: ProtocolError, code: int) -> ProtocolError:
+        self._fail(LinkClosed, "link was closed after a protocol error")
+        self._begin_close(code)
+        if exc.peer is None:
+            return type(exc)(str(exc), peer=self.peer_address)
+        return exc
+
+    # ------------------------------------------------------------------ closing
+    async def aclose(self) -> None:
+        """Close with a normal close frame; idempotent, never raises for a dead link.
+
+        Returns once the close is under way (see the module docs); frames sent before are
+        delivered first. :meth:`wait_closed` waits for the handshake and the connection to end.
+        """
+        self._fail(LinkClosed, "link was closed by this side")
+        self._begin_close(WSCloseCode.OK)
+        await checkpoint()
+
+    def abort(self) -> None:
+        """Break the link as a crash would: the connection is cut without a close frame.
+
+        Both ends then see ``LinkBroken``. Used by the conformance suite's ``break_link``.
+        """
+        self._fail(LinkBroken, "link was aborted")
+        self._kill()
+        self._begin_close(WSCloseCode.ABNORMAL_CLOSURE)
+
+    async def wait_closed(self) -> None:
+        """Wait until the closing handshake ended and the connection was released.
+
+        Only returns after the link was closed (:meth:`aclose`, :meth:`abort`, the peer's close
+        or a failure); bounded by the driver's ``close_timeout`` from then on.
+        """
+        await self._finished.wait()
+
+    # ------------------------------------------------------------------ facts
+    def extra(self) -> dict[str, Any]:
+        """``peer_certificate``: the peer's DER certificate (``wss`` only, else ``None``);
+        ``peer_address``: as the attribute; ``socket_peer``: the TCP peer as ``HOST:PORT``
+        (the proxy, when the link goes through one)."""
+        return dict(self._extra)
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "frames_sent": self._frames_out,
+            "frames_received": self._frames_in,
+            "bytes_sent": self._bytes_out,
+            "bytes_received": self._bytes_in,
+        }
+
+
+class _ServerLink(WebSocketLink):
+    """The accepting end: the aiohttp handler that accepted it serves it until it is closed."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        local_address: str,
+        peer_address: str,
+        limits: Limits,
+        close_timeout: float,
+    ) -> None:
+        super().__init__(ws, local_address, peer_address, limits, close_timeout)
+        self._close_requested = asyncio.Event()
+
+    def _start_finisher(self) -> None:
+        self._close_requested.set()
+
+    async def serve(self) -> None:
+        """Run in the aiohttp handler: keep it alive while the link is open, then close."""
+        try:
+            await self._close_requested.wait()
+        finally:
+            # Only a cancelled handler gets here with the link still open.
+            self._fail(LinkBroken, "the web server stopped serving the link")
+            try:
+                await self._close_websocket()
+            finally:
+                self._finished.set()
+
+
+class _ClientLink(WebSocketLink):
+    """The connecting end: owns an ``aiohttp.ClientSession``, closed with the link."""
+
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        session: aiohttp.ClientSession,
+        tasks: set[asyncio.Task[None]],
+        local_address: str,
+        peer_address: str,
+        limits: Limits,
+        close_timeout: float,
+    ) -> None:
+        super().__init__(ws, local_address, peer_address, limits, close_timeout)
+        self._session = session
+        self._tasks = tasks
+
+    def _start_finisher(self) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._finish(), name=f"close ws link to {self.peer_address}"
+        )
+        self._tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(_forget_task(self._tasks))
+
+    async def _finish(self) -> None:
+        try:
+            # Sends the close frame, then reads (and drops) until the peer's close frame, then
+            # closes the connection (RFC 6455 lets the server close TCP first).
+            await self._close_websocket()
+        finally:
+            try:
+                await self._session.close()
+            finally:
+                self._finished.set()
+
+
+def _release_after(task: asyncio.Task[None], lock: asyncio.Lock) -> None:
+    lock.release()
+    if not task.cancelled():
+        task.exception()  # retrieved: a caller that was cancelled meanwhile cannot see it
+
+
+def _forget_task(tasks: set[asyncio.Task[None]]) -> Any:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it; the link is closed anyway
+
+    return done
+
+
+class _WebSocketListener(Listener):
+    def __init__(
+        self, url: str, scheme: str, limits: Limits, driver: WebSocketDriver, runner: web.AppRunner
+    ) -> None:
+        self.url = url
+        self._scheme = scheme
+        self.limits = limits
+        self._driver = driver
+        self._runner = runner
+        self._site: web.TCPSite | None = None
+        self._backlog: Channel[_ServerLink] = Channel(driver.max_queue)
+        self._links: set[_ServerLink] = set()
+        """Links whose handler is running (queued or accepted)."""
+        self._closed = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler of the WebSocket route."""
+        driver = self._driver
+        ws = web.WebSocketResponse(
+            timeout=driver.close_timeout,
+            autoclose=False,
+            autoping=True,
+            heartbeat=driver.heartbeat,
+            compress=False,
+            max_msg_size=_max_msg_size(self.limits),
+        )
+        if not ws.can_prepare(request):
+            return web.Response(
+                status=426,
+                text="this endpoint speaks WebSocket only\n",
+                headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+            )
+        if self._closed or len(self._backlog) >= self._backlog.size:
+            return web.Response(status=503, text="listener closed or accept backlog full\n")
+        await ws.prepare(request)
+        transport = request.transport
+        peer = _format_address(
+            transport.get_extra_info("peername") if transport else None, self._scheme
+        )
+        link = _ServerLink(ws, self.url, peer, self.limits, driver.close_timeout)
+        try:
+            offered = self._backlog.put_nowait(link)
+        except ChannelClosed:
+            offered = False
+        if not offered:  # closed or filled while the upgrade was answered
+            link._fail(LinkBroken, "listener did not take the link")
+            link._begin_close(WSCloseCode.TRY_AGAIN_LATER)
+        self._links.add(link)
+        try:
+            await link.serve()
+        finally:
+            self._links.discard(link)
+        return ws
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        self._site = site
+        return site.port
+
+    async def accept(self) -> Link:
+        try:
+            return await self._backlog.get()
+        except ChannelClosed:
+            raise LinkClosed(f"listener {self.url} is closed") from None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await checkpoint()
+            return
+        self._closed = True
+        self._backlog.close()
+        for pending in self._backlog.clear():
+            pending._fail(LinkBroken, "listener closed before the link was accepted")
+            pending._begin_close(WSCloseCode.TRY_AGAIN_LATER)
+        with anyio.CancelScope(shield=True):
+            if self._site is not None:
+                await self._site.stop()
+            if not self._links:
+                await self._runner.cleanup()
+        await checkpoint()
+
+
+class WebSocketDriver(Driver):
+    """Serves ``ws://HOST:PORT/PATH`` and ``wss://HOST:PORT/PATH`` URLs with aiohttp.
+
+    Args:
+        server_ssl: TLS context for ``wss://`` listeners (set ``verify_mode`` and CA for mTLS).
+        client_ssl: TLS context for ``wss://`` connections (CA to trust, our certificate).
+        proxy: HTTP proxy URL for connections (``wss://`` goes through it with ``CONNECT``).
+        path: the WebSocket route when a URL names no path.
+        heartbeat: seconds between WebSocket pings; a missing pong breaks the link. ``None``:
+            no pings (the runtime's own heartbeat then detects dead peers).
+        max_queue: accepted WebSockets waiting for ``accept()``; beyond it upgrades get 503.
+        close_timeout: how long a closing handshake waits for the peer's close frame.
+        connect_timeout: bound on ``connect`` (TCP, proxy, TLS and upgrade); ``None``: none.
+    """
+
+    schemes = ("ws", "wss")
+
+    def __init__(
+        self,
+        *,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        proxy: str | None = None,
+        path: str = "/flare",
+        heartbeat: float | None = None,
+        max_queue: int = 64,
+        close_timeout: float = 10.0,
+        connect_timeout: float | None = 30.0,
+    ) -> None:
+        if max_queue < 1:
+            raise ConfigError("max_queue must be at least 1")
+        if not path.startswith("/"):
+            raise ConfigError(f"path {path!r} must start with '/'")
+        if heartbeat is not None and heartbeat <= 0:
+            raise ConfigError("heartbeat must be positive (or None)")
+        if close_timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
+            raise ConfigError("close_timeout and connect_timeout must be positive")
+        self.server_ssl = server_ssl
+        self.client_ssl = client_ssl
+        self.proxy = proxy
+        self.path = path
+        self.heartbeat = heartbeat
+        self.max_queue = max_queue
+        self.close_timeout = close_timeout
+        self.connect_timeout = connect_timeout
+        self._closing_tasks: set[asyncio.Task[None]] = set()
+
+    def _parse(self, url: str) -> tuple[str, str, int, str]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in self.schemes:
+            raise ConfigError(f"{url!r} is not a ws:// or wss:// URL")
+        host = parts.hostname
+        if not host:
+            raise ConfigError(f"{url!r} names no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{url!r} has an invalid port") from None
+        if port is None:
+            port = 443 if scheme == "wss" else 80
+        return scheme, host, port, parts.path or self.path
+
+    async def connect(self, url: str, *, limits: Limits) -> Link:
+        _require_asyncio()
+        scheme, _, _, path = self._parse(url)
+        ssl_arg: ssl.SSLContext | bool = True
+        if scheme == "wss":
+            if self.client_ssl is None:
+                raise ConfigError("wss:// needs a client_ssl context")
+            ssl_arg = self.client_ssl
+        parts = urlsplit(url)
+        target = urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                ws = await session.ws_connect(
+                    target,
+                    ssl=ssl_arg,
+                    proxy=self.proxy,
+                    max_msg_size=_max_msg_size(limits),
+                    autoclose=False,
+                    autoping=True,
+                    heartbeat=self.heartbeat,
+                    compress=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.close_timeout),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            await session.close()
+            raise ConnectError(
+                f"{url}: the server refused the WebSocket upgrade (HTTP {exc.status} {exc.message})"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:  # OSError: also TimeoutError, SSLError
+            await session.close()
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise ConnectError(f"cannot connect to {url}: {reason}") from None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await session.close()
+            raise
+        local = _format_address(ws.get_extra_info("sockname"), scheme)
+        return _ClientLink(ws, session, self._closing_tasks, local, url, limits, self.close_timeout)
+
+    async def listen(self, url: str, *, limits: Limits) -> Listener:
+        _require_asyncio()
+        scheme, host, port, path = self._parse(url)
+        if scheme == "wss" and self.server_ssl is None:
+            raise ConfigError("wss:// needs a server_ssl context")
+        app = web.Application()
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.close_timeout)
+        url_host = f"[{host}]" if ":" in host else host
+        listener = _WebSocketListener(url, scheme, limits, self, runner)
+        app.router.add_get(path, listener.handle)
+        await runner.setup()
+        try:
+            bound = await listener.start(host, port, self.server_ssl if scheme == "wss" else None)
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConnectError(f"cannot listen on {url}: {exc}") from None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+            raise
+        listener.url = f"{scheme}://{url_host}:{bound}{path}"
+        return listener
