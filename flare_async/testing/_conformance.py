@@ -189,7 +189,9 @@ async def check_cancel_mid_send(make_pair: LinkPairFactory, frame_size: int = 25
         async def send_marker() -> None:
             nonlocal marker_sent
             try:
-                await a.send(_frame(1_000_000, (b"marker",)))
+                # A marker as big as the flood's frames, so that it must wait for room too: a
+                # driver whose cancelled send left shared state broken fails here.
+                await a.send(_frame(1_000_000, (_pattern(1_000_000, frame_size),)))
             except LinkBroken:
                 marker_sent = False  # allowed: the driver gave up the link rather than corrupt it
 
@@ -203,7 +205,7 @@ async def check_cancel_mid_send(make_pair: LinkPairFactory, frame_size: int = 25
                     break
                 seq = _seq(frame)
                 if seq == 1_000_000:
-                    assert _body(frame) == b"marker"
+                    assert _body(frame) == _pattern(1_000_000, frame_size), "marker corrupted"
                     break
                 assert seq == expected, f"frame {seq} arrived where {expected} was due"
                 assert _body(frame) == _pattern(seq, frame_size), f"frame {seq} corrupted"
