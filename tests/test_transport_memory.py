@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 
 from flare_async.errors import ConfigError, ConnectError, LinkBroken, LinkClosed, UnsupportedScheme
-from flare_async.testing import CONFORMANCE_CHECKS, check_close_vs_broken
+from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import DriverRegistry, Link, MemoryLink, MemoryNetwork
 from flare_async.wire import Limits
 
 pytestmark = pytest.mark.anyio
-
-
-def pair_factory(net: MemoryNetwork):
-    @asynccontextmanager
-    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
-        listener = await net.listen("memory://srv", limits=Limits())
-        try:
-            client = await net.connect("memory://srv", limits=Limits())
-            server = await listener.accept()
-            try:
-                yield client, server
-            finally:
-                await client.aclose()
-                await server.aclose()
-        finally:
-            await listener.aclose()
-
-    return make_pair
 
 
 async def abort(link: Link) -> None:
@@ -40,11 +19,7 @@ async def abort(link: Link) -> None:
 
 @pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
 async def test_conformance(check) -> None:
-    make_pair = pair_factory(MemoryNetwork(queue_size=8))
-    if check is check_close_vs_broken:
-        await check(make_pair, abort)
-    else:
-        await check(make_pair)
+    await run_check(check, driver_pair(MemoryNetwork(queue_size=8), "memory://srv"), abort)
 
 
 async def test_connect_to_nothing_is_refused() -> None:

@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import anyio
 import pytest
 
 from flare_async.errors import ConfigError, ConnectError, LinkBroken, ProtocolError
-from flare_async.testing import CONFORMANCE_CHECKS, check_close_vs_broken
+from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import Link, TcpDriver, TcpLink
 from flare_async.wire import Connection, Event, Limits
 
 pytestmark = pytest.mark.anyio
-
-
-def tcp_pair(driver: TcpDriver, scheme: str = "tcp"):
-    @asynccontextmanager
-    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
-        listener = await driver.listen(f"{scheme}://127.0.0.1:0", limits=Limits())
-        try:
-            async with anyio.create_task_group() as tg:
-                accepted: list[Link] = []
-
-                async def accept() -> None:
-                    accepted.append(await listener.accept())
-
-                tg.start_soon(accept)
-                client = await driver.connect(listener.url, limits=Limits())
-            server = accepted[0]
-            try:
-                yield client, server
-            finally:
-                await client.aclose()
-                await server.aclose()
-        finally:
-            await listener.aclose()
-
-    return make_pair
 
 
 async def abort(link: Link) -> None:
@@ -49,11 +21,7 @@ async def abort(link: Link) -> None:
 
 @pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
 async def test_conformance(check) -> None:
-    make_pair = tcp_pair(TcpDriver())
-    if check is check_close_vs_broken:
-        await check(make_pair, abort)
-    else:
-        await check(make_pair)
+    await run_check(check, driver_pair(TcpDriver(), "tcp://127.0.0.1:0"), abort)
 
 
 async def test_listener_reports_its_real_port_and_refuses_when_closed() -> None:

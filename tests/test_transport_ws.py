@@ -34,9 +34,11 @@ from flare_async.errors import (
 )
 from flare_async.testing import (
     CONFORMANCE_CHECKS,
-    check_close_vs_broken,
+    LinkPairFactory,
     check_large_frames,
     check_ordering,
+    driver_pair,
+    run_check,
 )
 from flare_async.transport import DriverRegistry, Link, WebSocketDriver
 from flare_async.transport._ws import WebSocketLink
@@ -65,30 +67,9 @@ def pair_factory(
     limits: Limits | None = None,
     connector: WebSocketDriver | None = None,
     server_first: bool = False,
-):
+) -> LinkPairFactory:
     """Connected ``(a, b)`` pairs; ``a`` is the connecting end unless ``server_first``."""
-    limits = limits or Limits()
-
-    @asynccontextmanager
-    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
-        listener = await driver.listen(url, limits=limits)
-        try:
-            client = await (connector or driver).connect(listener.url, limits=limits)
-            server = await listener.accept()
-            assert isinstance(client, WebSocketLink)
-            assert isinstance(server, WebSocketLink)
-            try:
-                yield (server, client) if server_first else (client, server)
-            finally:
-                # Close both before waiting: each end's handshake needs the other's close frame.
-                await client.aclose()
-                await server.aclose()
-                await client.wait_closed()
-                await server.wait_closed()
-        finally:
-            await listener.aclose()
-
-    return make_pair
+    return driver_pair(driver, url, limits=limits, connector=connector, server_first=server_first)
 
 
 @asynccontextmanager
@@ -133,11 +114,7 @@ def _body(frame: Frame) -> bytes:
 @pytest.mark.parametrize("server_first", [False, True], ids=["client-first", "server-first"])
 @pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
 async def test_conformance(check, server_first: bool) -> None:
-    make_pair = pair_factory(WebSocketDriver(), server_first=server_first)
-    if check is check_close_vs_broken:
-        await check(make_pair, abort)
-    else:
-        await check(make_pair)
+    await run_check(check, pair_factory(WebSocketDriver(), server_first=server_first), abort)
 
 
 async def test_concurrent_senders_never_interleave() -> None:

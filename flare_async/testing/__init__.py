@@ -10,6 +10,8 @@ from flare_async.testing._conformance import (
     check_large_frames,
     check_link_conformance,
     check_ordering,
+    driver_pair,
+    run_check,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "check_large_frames",
     "check_link_conformance",
     "check_ordering",
+    "driver_pair",
+    "run_check",
 ]

@@ -17,13 +17,13 @@ The checks use no sleeps: blocking is detected with ``anyio.wait_all_tasks_block
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 
 from flare_async.errors import FrameTooLarge, LinkBroken, LinkClosed
-from flare_async.transport import Link
+from flare_async.transport import Driver, Link
 from flare_async.wire import Event, Frame, Limits
 
 LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
@@ -225,12 +225,69 @@ CONFORMANCE_CHECKS = (
 )
 
 
+async def run_check(
+    check: Callable[..., Awaitable[None]],
+    make_pair: LinkPairFactory,
+    break_link: BreakLink | None = None,
+) -> None:
+    """Run one check of :data:`CONFORMANCE_CHECKS` (giving ``break_link`` to the one that
+    needs it)."""
+    if check is check_close_vs_broken:
+        await check_close_vs_broken(make_pair, break_link)
+    else:
+        await check(make_pair)
+
+
 async def check_link_conformance(
     make_pair: LinkPairFactory, *, break_link: BreakLink | None = None
 ) -> None:
     """Run every check against ``make_pair``'s links."""
     for check in CONFORMANCE_CHECKS:
-        if check is check_close_vs_broken:
-            await check_close_vs_broken(make_pair, break_link)
-        else:
-            await check(make_pair)
+        await run_check(check, make_pair, break_link)
+
+
+def driver_pair(
+    driver: Driver,
+    listen_url: str,
+    *,
+    limits: Limits | None = None,
+    connector: Driver | None = None,
+    server_first: bool = False,
+) -> LinkPairFactory:
+    """A factory of connected link pairs made by a real driver: it listens on ``listen_url``,
+    connects to the URL the listener reports (so ``:0`` ports work) while accepting, and closes
+    both links and the listener afterwards.
+
+    Args:
+        connector: the driver that connects, when it is not ``driver`` (other TLS settings).
+        server_first: yield ``(accepted, connected)`` instead of ``(connected, accepted)``.
+    """
+    lim = limits or Limits()
+
+    @asynccontextmanager
+    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
+        listener = await driver.listen(listen_url, limits=lim)
+        try:
+            accepted: list[Link] = []
+
+            async def accept() -> None:
+                accepted.append(await listener.accept())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(accept)
+                client = await (connector or driver).connect(listener.url, limits=lim)
+            server = accepted[0]
+            try:
+                yield (server, client) if server_first else (client, server)
+            finally:
+                # Close both before waiting: a closing handshake may need the other's close.
+                await client.aclose()
+                await server.aclose()
+                for link in (client, server):
+                    wait_closed = getattr(link, "wait_closed", None)
+                    if wait_closed is not None:
+                        await wait_closed()
+        finally:
+            await listener.aclose()
+
+    return make_pair
