@@ -304,7 +304,9 @@ parent = "tls://127.0.0.1:{p_relay}"
     work = tmp_path / "work"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flare_async", "up", str(topology), "--workdir", str(work)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: Queue[str] = Queue()
 
@@ -331,6 +333,9 @@ parent = "tls://127.0.0.1:{p_relay}"
     logs = sorted(p.name for p in (work / "logs").iterdir())
     assert logs == sorted(f"{n}.log" for n in ["server", RELAY, *SITES[:2]])
     for name in [RELAY, *SITES[:2]]:
-        events = [json.loads(x) for x in (work / "logs" / f"{name}.log").read_text().splitlines()
-                  if x.startswith("{")]
+        events = [
+            json.loads(x)
+            for x in (work / "logs" / f"{name}.log").read_text().splitlines()
+            if x.startswith("{")
+        ]
         assert {"event": "stopped", "cell": name} in events

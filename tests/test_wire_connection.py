@@ -33,7 +33,9 @@ from flare_async.wire import (
     Pong,
     Reply,
     Request,
+    decode_header,
     encode_header,
+    make_hello,
     payload_size,
 )
 
@@ -603,3 +605,18 @@ def test_route_length_is_checked_on_receive() -> None:
     assert drain(rx)[0].header == ok
     with pytest.raises(ProtocolError, match="max_route"):
         rx.receive_data(frame_bytes(too_long))
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_budget_is_a_protocol_error(budget: float) -> None:
+    req = Request(
+        id=1, src="a", dst="a.b", route=["a"], budget=budget, headers={}, channel="c", topic="t"
+    )
+    with pytest.raises(ProtocolError, match="finite"):
+        decode_header(encode_header(req), Limits())
+
+
+def test_non_finite_hello_heartbeat_is_a_protocol_error() -> None:
+    hello = make_hello("a", "child", Limits(), heartbeat=float("inf"))
+    with pytest.raises(ProtocolError, match="finite"):
+        decode_header(encode_header(hello), Limits())

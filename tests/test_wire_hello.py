@@ -371,7 +371,11 @@ def test_bad_heartbeat_is_a_protocol_error(heartbeat: float) -> None:
 
 
 def test_bad_hello_decoded_from_the_wire_is_refused() -> None:
+    # A NaN heartbeat is refused as early as decoding; a negative one by check_hello.
     raw = msgspec.msgpack.encode([10, "server.eu", 1, 1, "child", [], 1024, 4096, math.nan])
+    with pytest.raises(ProtocolError, match="heartbeat"):
+        decode_header(raw, LIMITS)
+    raw = msgspec.msgpack.encode([10, "server.eu", 1, 1, "child", [], 1024, 4096, -1.0])
     remote = decode_header(raw, LIMITS)
     with pytest.raises(ProtocolError, match="heartbeat"):
         check_hello(make_hello("server", "parent", LIMITS), remote, expect="child")

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import math
 import random
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
@@ -74,6 +75,7 @@ class _Displaced(LinkClosed):
 _ROUTED: Final = (Request, Event, Reply, Error)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
+_MAX_ANSWER_TASKS: Final = 1024
 
 
 def _no_clock() -> float:
@@ -182,6 +184,8 @@ class Cell:
             raise ConfigError("heartbeat must be a positive number of seconds or None")
         self.heartbeat = heartbeat
         self.dead_after = dead_after or (3 * heartbeat if heartbeat else math.inf)
+        self._send_cap = self.dead_after if math.isfinite(self.dead_after) else 60.0
+        self._answer_tasks = 0
         self.drivers = DriverRegistry(drivers)
         self._listen = list(listen)
         self._parent_url = parent
@@ -192,7 +196,9 @@ class Cell:
         self._workers = Workers(self, max_concurrency, queue_size)
         self._hello = HelloFactory(self.name, self.limits, frozenset(), heartbeat or 0.0)
         self._rng = random.Random(seed)
-        self._ids = itertools.count(1)
+        # Ids start at random: a late answer from before a restart, or a guessed id, must not
+        # match a new request.
+        self._ids = itertools.count(secrets.randbits(48))
         self._pending = PendingTable()
         self._children: dict[str, Peer] = {}
         self._parent: Peer | None = None
@@ -266,9 +272,9 @@ class Cell:
         with anyio.CancelScope(shield=True):
             for listener in self._listeners:
                 await listener.aclose()
-            peers = [*self._children.values(), *([self._parent] if self._parent else [])]
-            for peer in peers:
-                await self._say_bye(peer, "cell shutting down")
+            async with anyio.create_task_group() as byes:  # at once: 1 s at most in all
+                for peer in self._peers():
+                    byes.start_soon(self._say_bye, peer, "cell shutting down")
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
 
@@ -278,6 +284,9 @@ class Cell:
             with contextlib.suppress(TransportError, ProtocolError):
                 await peer.send(Frame(Bye(reason=reason)))
             await peer.link.aclose()
+
+    def _peers(self) -> list[Peer]:
+        return [*self._children.values(), *([self._parent] if self._parent else [])]
 
     def _now(self) -> float:
         return self._clock()
@@ -320,10 +329,12 @@ class Cell:
             undeliverable=self._undeliverable,
         )
 
-    def _spawn(self, fn: Any, *args: Any, name: str | None = None) -> None:
-        if self._tg is None:
-            raise CellClosed(f"cell {self.name} is not running")
+    def _spawn(self, fn: Any, *args: Any, name: str | None = None) -> bool:
+        """Start a task in the cell's group; False (nothing started) once shutting down."""
+        if self._tg is None or not self._running:
+            return False
         self._tg.start_soon(fn, *args, name=name)
+        return True
 
     # ------------------------------------------------------------------ links
     async def _accept_loop(self, listener: Listener) -> None:
@@ -439,7 +450,10 @@ class Cell:
 
     def _notify(self, peer: Peer, up: bool) -> None:
         if self.on_link is not None:
-            self.on_link(peer.name, peer.role, up)
+            try:
+                self.on_link(peer.name, peer.role, up)
+            except Exception as exc:  # an observer's failure must not take the link down
+                self._log.error("on_link callback failed", peer=peer.name, exc_info=exc)
 
     def _drop_peer(self, peer: Peer, error: TransportError) -> None:
         if self._parent is peer:
@@ -467,8 +481,7 @@ class Cell:
         while True:
             await anyio.sleep(interval)
             now = self._clock()
-            peers = [*self._children.values(), *([self._parent] if self._parent else [])]
-            for peer in peers:
+            for peer in self._peers():
                 quiet = now - peer.last_rx
                 if quiet >= self.dead_after:
                     peer.dead = f"no frame from {peer.name} for {quiet:.1f} s"
@@ -491,6 +504,11 @@ class Cell:
     async def _on_frame(self, peer: Peer, frame: Frame) -> None:
         h = frame.header
         if isinstance(h, _ROUTED):
+            if not self._src_fits(peer, h.src):
+                raise ProtocolError(
+                    f"{peer.name} sent a message from {h.src!r}, which cannot come that way",
+                    peer=peer.name,
+                )
             if isinstance(h, _ANSWERS) and peer.inflight:
                 peer.inflight.pop((h.dst, h.corr), None)
             if h.dst == self.name:
@@ -508,6 +526,28 @@ class Cell:
         else:
             raise ProtocolError(f"unexpected {type(h).__name__} on an open link", peer=peer.name)
 
+    def _may_report(self, src: str, waiter: Waiter) -> bool:
+        """Only cells on the request's path may fail it: the destination, the relays between
+        (every one is an ancestor of this cell or of the destination), or the first hop."""
+        dst = waiter.dst
+        return (
+            src == dst
+            or dst.startswith(src + ".")
+            or self.name.startswith(src + ".")
+            or (isinstance(waiter.via, Peer) and waiter.via.name == src)
+        )
+
+    def _src_fits(self, peer: Peer, src: str) -> bool:
+        """Whether a message from ``src`` may arrive over ``peer``'s link.
+
+        From a child, only its own subtree speaks; from the parent or a peer, anyone but our own
+        subtree. With mTLS binding each link to a name, no cell can pose as another this way.
+        """
+        if peer.role == "child":
+            return src == peer.name or src.startswith(peer.name + ".")
+        me = self.name
+        return src != me and not src.startswith(me + ".")
+
     def _deliver(self, frame: Frame) -> None:
         h = frame.header
         if isinstance(h, Reply):
@@ -517,7 +557,7 @@ class Cell:
             return
         if isinstance(h, Error):
             waiter = self._pending.get(h.corr)
-            if waiter is not None:
+            if waiter is not None and self._may_report(h.src, waiter):
                 waiter.fail(error_for_status(h.status, h.message, h.src))
             else:
                 self._log.info(
@@ -557,13 +597,20 @@ class Cell:
             # The budget shrinks by nothing here: forwarding happens as the frame is read.
             out = msgspec.structs.replace(h, route=[*h.route, self.name])
             deadline = math.inf if h.budget is None else self._clock() + h.budget
-            await self._send_via(hop, Frame(out, frame.parts), deadline)
-            self._forwarded += 1
+            fwd = None
             if isinstance(h, Request):
+                # Recorded before sending: the answer may come back before the send returns.
                 fwd = Forwarded(h.src, h.id, hop.inflight)
                 hop.inflight[(h.src, h.id)] = fwd
-                if deadline != math.inf:
-                    self._timer.add(deadline, fwd)
+            try:
+                await self._send_via(hop, Frame(out, frame.parts), deadline)
+            except BaseException:
+                if fwd is not None:
+                    fwd.expire()
+                raise
+            self._forwarded += 1
+            if fwd is not None and deadline != math.inf:
+                self._timer.add(deadline, fwd)
         except DeadlineExceeded:
             self._answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
         except Unreachable as exc:
@@ -596,21 +643,46 @@ class Cell:
             return
         self._answer_error_to(h.src, h.id, status, message)
 
-    def _answer_error_to(self, dst: str, corr: int, status: Status, message: str) -> None:
+    def _answer_error_to(
+        self, dst: str, corr: int, status: Status, message: str, budget: float | None = None
+    ) -> None:
+        """Send an error report without waiting when the link has room; otherwise in a task,
+        of which at most ``_MAX_ANSWER_TASKS`` run at once (a peer that stops reading must not
+        make the cell pile up tasks: beyond that, reports are dropped and counted)."""
         self._errors_returned += 1
         err = Error(
             id=next(self._ids),
             src=self.name,
             dst=dst,
             route=[self.name],
-            budget=None,
+            budget=budget,
             headers={},
             corr=corr,
             status=int(status),
             message=message,
         )
-        if self._tg is not None:
-            self._tg.start_soon(self._send_answer, Frame(err))
+        frame = Frame(err)
+        try:
+            hop = self._next_peer(dst)
+            if hop is None:
+                self._deliver(frame)
+                return
+            if hop.link.try_send(frame):
+                return
+        except (Unreachable, TransportError, ProtocolError) as exc:
+            self._undeliverable += 1
+            self._log.info("error report could not be sent", dst=dst, error=str(exc))
+            return
+        if self._answer_tasks >= _MAX_ANSWER_TASKS or not self._spawn(self._answer_task, frame):
+            self._undeliverable += 1
+            return
+        self._answer_tasks += 1
+
+    async def _answer_task(self, frame: Frame) -> None:
+        try:
+            await self._send_answer(frame)
+        finally:
+            self._answer_tasks -= 1
 
     async def _send_answer(self, frame: Frame) -> None:
         """Route a reply or error back to its origin; failures are logged, never raised."""
@@ -641,21 +713,26 @@ class Cell:
         link = peer.link
         if link.try_send(frame):
             return
+        # Even a message without a deadline waits for room at most as long as a silent link is
+        # given to live: a link that takes nothing for that long is as good as dead.
+        deadline = min(deadline, self._clock() + self._send_cap)
         with anyio.CancelScope(deadline=deadline) as scope:
             await link.send(frame)
         if scope.cancelled_caught:
             raise DeadlineExceeded(f"link to {peer.name} stayed full until the deadline")
 
-    async def _send_out(self, frame: Frame, deadline: float) -> Peer | None:
-        """Send a frame this cell originates; returns the peer it left through (None: local)."""
+    async def _send_out(self, frame: Frame, deadline: float, waiter: Waiter | None = None) -> None:
+        """Send a frame this cell originates. A request's waiter learns the link it leaves on
+        before the send, so a link that drops meanwhile fails it at once."""
         h = frame.header
         assert isinstance(h, _CALLS)
         hop = self._next_peer(h.dst)
+        if waiter is not None:
+            waiter.via = hop
         if hop is None:
             self._deliver(frame)
         else:
             await self._send_via(hop, frame, deadline)
-        return hop
 
     def _timeout(self, timeout: float | object | None) -> float | None:
         value = self.default_timeout if timeout is _DEFAULT else timeout
@@ -724,7 +801,7 @@ class Cell:
             else:
                 deadline = self._clock() + budget
                 self._timer.add(deadline, waiter)
-            waiter.via = await self._send_out(Frame(header, body.parts), deadline)
+            await self._send_out(Frame(header, body.parts), deadline, waiter)
             await waiter.done.wait()
         finally:
             self._pending.pop(msg_id)

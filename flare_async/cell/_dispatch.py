@@ -71,8 +71,9 @@ class Workers:
         self.rejected = 0
 
     def submit(self, job: Job) -> bool:
-        """Queue a job without waiting; False when the queue is full (caller answers Overloaded)."""
-        if self.busy >= self.max_concurrency + self.queue_size:
+        """Queue a job without waiting; False when the queue is full (caller answers Overloaded)
+        or the cell is shutting down."""
+        if not self._cell.running or self.busy >= self.max_concurrency + self.queue_size:
             self.rejected += 1
             return False
         self._queue.put_nowait(job)
@@ -96,29 +97,38 @@ class Workers:
         The deadline timer cancels the scope when the running job's deadline passes; only then
         is a new scope made. Entering a scope per job would cost more than the job's routing.
         """
-        job: Job | None = None
+        name = self._cell.name
         while True:
+            running: Job | None = None
+            late: Job | None = None
             with anyio.CancelScope() as scope:
-                while True:
+                while late is None:
                     job = await self._next()
                     try:
                         if job.expired:
-                            await self._answer(job, *_deadline_status(self._cell.name))
+                            await self._answer(job, *_deadline_status(name))
                             continue
-                        job.scope = scope
+                        running, job.scope = job, scope
                         outcome = await self._call(job)
-                        job.scope = None
-                        await self._answer(job, *outcome)
+                        running, job.scope = None, None
+                        if scope.cancel_called:
+                            # The deadline passed just as the handler finished (or it ignored
+                            # the cancellation): this scope is spent, and the next job must
+                            # not run in it. Answer outside, then take a fresh scope.
+                            late = job
+                        else:
+                            await self._answer(job, *outcome)
                     finally:
                         job.finished = True
                         job.payload = _RELEASED  # the timer may hold the job until its deadline
                         self.busy -= 1
                         self.handled += 1
-            # Only our own scope's cancellation lands here (the timer expired ``job``);
-            # the task group's cancellation propagates.
-            if job is not None and scope.cancelled_caught:
-                with anyio.CancelScope(shield=True):
-                    await self._answer(job, *_deadline_status(self._cell.name))
+            # Only our own scope's cancellation is caught here (the timer expired the running
+            # job); the task group's cancellation propagates.
+            if scope.cancelled_caught and running is not None:
+                late = running
+            if late is not None:
+                await self._answer(late, *_deadline_status(name))
 
     async def _call(self, job: Job) -> tuple[Status | None, str, Any]:
         cell = self._cell

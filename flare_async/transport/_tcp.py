@@ -112,8 +112,7 @@ class TcpLink(Link):
         if self._server_tls is None:
             return
         async with self._handshake_lock:
-            context: ssl.SSLContext | None = getattr(self, "_server_tls", None)
-            self._server_tls = None
+            context = self._take_server_tls()
             if context is None:  # another task did the handshake while we waited
                 return
             try:
@@ -129,6 +128,15 @@ class TcpLink(Link):
                 raise ProtocolError(
                     f"TLS handshake failed: {_reason(exc)}", peer=self.peer_address
                 ) from None
+            except BaseException:
+                # Cancelled half way (e.g. the handshake timeout): never fall back to the raw
+                # socket, which would carry frames in clear text.
+                self._mark_broken("TLS handshake did not complete")
+                raise
+
+    def _take_server_tls(self) -> ssl.SSLContext | None:
+        context, self._server_tls = self._server_tls, None
+        return context
 
     # ------------------------------------------------------------------ state
     def _check_usable(self) -> None:
@@ -326,6 +334,12 @@ class TcpLink(Link):
         }
 
 
+_ACCEPT_SKIP = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET, errno.ETIMEDOUT}
+)
+"""accept() errors that concern only the connection being accepted (as trio's list)."""
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
@@ -370,6 +384,8 @@ class TcpListener(Listener):
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     await anyio.sleep(0.1)  # out of descriptors: back off, keep the listener
                     continue
+                if exc.errno in _ACCEPT_SKIP:
+                    continue  # that one connection failed before we got it; serve the rest
                 raise
             _configure(sock)
             peer = _format_url(self._scheme, addr[0], addr[1])
@@ -440,13 +456,15 @@ class TcpDriver(Driver):
         host, port, scheme = split_hostport(url, self.schemes)
         if scheme == "tls" and self.client_tls is None:
             raise ConfigError(f"{url}: tls:// needs a client TLS context (from a startup kit)")
-        with anyio.fail_after(self.connect_timeout):
-            try:
+        try:
+            with anyio.fail_after(self.connect_timeout):
                 return await self._connect(host, port, scheme, limits)
-            except TimeoutError:
-                raise
-            except (OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-                raise ConnectError(f"cannot connect to {url}: {_reason(exc)}") from None
+        except TimeoutError:
+            raise ConnectError(
+                f"cannot connect to {url}: no connection within {self.connect_timeout} s"
+            ) from None
+        except (OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            raise ConnectError(f"cannot connect to {url}: {_reason(exc)}") from None
 
     async def _connect(self, host: str, port: int, scheme: str, limits: Limits) -> Link:
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -15,13 +15,14 @@ vectored I/O and forwarded by relays without being decoded or copied.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Final
 
 import msgspec
 
 from flare_async.errors import FrameTooLarge, ProtocolError
-from flare_async.wire._envelope import Envelope, Routed
+from flare_async.wire._envelope import Envelope, Hello, Routed
 
 MAGIC: Final = b"\xfa\x5c"
 WIRE_VERSION: Final = 1
@@ -97,14 +98,23 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits) -> Envel
     """Decode and check one header.
 
     Raises:
-        ProtocolError: the bytes are not a valid header, or a route is longer than allowed.
+        ProtocolError: the bytes are not a valid header, a route is longer than allowed, or a
+            deadline budget is not a finite number (NaN or infinity would poison every timer
+            on the path).
     """
     try:
         env = _decoder.decode(data)
     except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"malformed frame header: {exc}") from None
-    if isinstance(env, Routed) and len(env.route) > limits.max_route:
-        raise ProtocolError(f"route of {len(env.route)} hops exceeds max_route {limits.max_route}")
+    if isinstance(env, Routed):
+        if len(env.route) > limits.max_route:
+            raise ProtocolError(
+                f"route of {len(env.route)} hops exceeds max_route {limits.max_route}"
+            )
+        if env.budget is not None and not math.isfinite(env.budget):
+            raise ProtocolError(f"deadline budget {env.budget!r} is not a finite number")
+    elif isinstance(env, Hello) and not math.isfinite(env.heartbeat):
+        raise ProtocolError(f"hello heartbeat {env.heartbeat!r} is not a finite number")
     return env
 
 
