@@ -620,3 +620,23 @@ def test_non_finite_hello_heartbeat_is_a_protocol_error() -> None:
     hello = make_hello("a", "child", Limits(), heartbeat=float("inf"))
     with pytest.raises(ProtocolError, match="finite"):
         decode_header(encode_header(hello), Limits())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_announced_payload_costs_memory_only_as_it_arrives() -> None:
+    """A peer that announces a huge payload and sends a few bytes commits little memory."""
+    limits = Limits(max_frame=1 << 30)
+    head = Connection(limits).send(Ping(seq=1), [b""])[0]
+    prefix = PREFIX.pack(MAGIC, WIRE_VERSION, 0, len(bytes(head)) - PREFIX_SIZE, 512 << 20)
+    conns = []
+    before = _rss()
+    for _ in range(8):  # 8 x 512 MiB announced = 4 GiB
+        conn = Connection(limits)
+        conn.receive_data(prefix + bytes(head)[PREFIX_SIZE:] + b"x" * 100)
+        conns.append(conn)
+    assert _rss() - before < 64 << 20

@@ -22,6 +22,7 @@ payload parts are passed through by reference, never concatenated.
 from __future__ import annotations
 
 import enum
+import mmap
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -93,6 +94,18 @@ class ConnectionStatistics(msgspec.Struct, frozen=True):
     buffered: int
 
 
+_LAZY_FROM = 1 << 20
+
+
+def _payload_buffer(size: int) -> bytearray | mmap.mmap:
+    """A buffer for an announced payload. Large ones are anonymous memory maps, whose pages
+    the kernel provides only as bytes arrive: a peer that announces 64 MiB and sends 100 bytes
+    costs a page, not 64 MiB (a ``bytearray`` is zero-filled, so fully committed, at once)."""
+    if size >= _LAZY_FROM:
+        return mmap.mmap(-1, size)
+    return bytearray(size)
+
+
 class _State(enum.Enum):
     PREFIX = 1
     HEADER = 2
@@ -132,7 +145,7 @@ class Connection:
         self._header_len = 0
         self._payload_len = 0
         self._header: Envelope | None = None
-        self._target: bytearray | None = None
+        self._target: bytearray | mmap.mmap | None = None
         self._filled = 0
         self._direct = False
         self._direct_threshold = direct_threshold
@@ -274,7 +287,7 @@ class Connection:
                 self._start = end
                 self._state = _State.PAYLOAD
                 self._filled = 0
-                self._target = bytearray(self._payload_len)
+                self._target = _payload_buffer(self._payload_len)
                 if not self._payload_len:
                     self._finish_frame()
             else:  # PAYLOAD
