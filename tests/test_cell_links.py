@@ -8,8 +8,8 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from flare_async import Context, HandlerTable, MemoryNetwork, Payload, errors
-from flare_async.cell._links import handshake_connector
+from flare_async import Backoff, Cell, Context, HandlerTable, MemoryNetwork, Payload, errors
+from flare_async.cell._links import HelloFactory, handshake_acceptor, handshake_connector
 from flare_async.wire import Limits, Ping, make_hello
 from tests._topo import tree
 
@@ -110,3 +110,36 @@ async def test_forwarded_entries_do_not_outlive_their_answers() -> None:
         assert all(not peer.inflight for peer in relay._children.values())
         assert relay._parent is not None
         assert not relay._parent.inflight
+
+
+async def test_a_parent_that_drops_every_link_at_once_is_redialled_with_backoff() -> None:
+    net = MemoryNetwork()
+    listener = await net.listen("memory://server", limits=Limits())
+    accepted: list[float] = []
+
+    async def flaky_parent() -> None:
+        hello = HelloFactory("server", Limits(), frozenset(), 0.0)
+        while True:
+            link = await listener.accept()
+            accepted.append(anyio.current_time())
+            await handshake_acceptor(link, "server", hello)
+            await link.aclose()  # hello, then gone without a goodbye
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(flaky_parent)
+        backoff = Backoff(initial=0.5, maximum=4.0)
+        async with Cell(
+            "server.e",
+            parent="memory://server",
+            drivers=[net],
+            backoff=backoff,
+            heartbeat=None,
+            seed=3,
+        ):
+            await anyio.sleep(60)
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+    # Capped exponential backoff: 0.25-0.5, 0.5-1, 1-2, 2-4, then 2-4 s apart; never a hot loop.
+    assert 15 <= len(accepted) <= 35
+    gaps = [b - a for a, b in zip(accepted, accepted[1:], strict=False)]
+    assert min(gaps) >= 0.25

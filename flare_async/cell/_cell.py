@@ -392,8 +392,8 @@ class Cell:
                     task_status.started()
                 await anyio.sleep(delay)
                 continue
-            attempt = 0
-            peer = Peer(link, session, self._clock())
+            up_since = self._clock()
+            peer = Peer(link, session, up_since)
             self._parent = peer
             self._notify(peer, True)
             assert self._parent_changed is not None
@@ -412,6 +412,14 @@ class Cell:
                     reason=str(ended),
                 )
                 return
+            if self._clock() - up_since >= self.backoff.maximum:
+                attempt = 0  # it was a good link: try again at once
+            else:
+                # A link that drops right after its hello must not make us redial in a tight
+                # loop: keep backing off until a link stays up.
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                await anyio.sleep(delay)
 
     async def _serve(self, peer: Peer) -> TransportError:
         """Read frames from one link until it ends; then forget the peer.
