@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import anyio
@@ -141,5 +142,5 @@ async def test_a_parent_that_drops_every_link_at_once_is_redialled_with_backoff(
     await listener.aclose()
     # Capped exponential backoff: 0.25-0.5, 0.5-1, 1-2, 2-4, then 2-4 s apart; never a hot loop.
     assert 15 <= len(accepted) <= 35
-    gaps = [b - a for a, b in zip(accepted, accepted[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(accepted)]
     assert min(gaps) >= 0.25
