@@ -10,6 +10,7 @@ from flare_async.testing._conformance import (
     check_large_frames,
     check_link_conformance,
     check_ordering,
+    check_try_send,
     driver_pair,
     run_check,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "check_large_frames",
     "check_link_conformance",
     "check_ordering",
+    "check_try_send",
     "driver_pair",
     "run_check",
 ]

@@ -215,6 +215,32 @@ async def check_cancel_mid_send(make_pair: LinkPairFactory, frame_size: int = 25
         assert expected in (sent, sent + 1), f"{expected} frames arrived, {sent} were sent"
 
 
+async def check_try_send(make_pair: LinkPairFactory, count: int = 200) -> None:
+    """``try_send`` never blocks and never reorders: frames sent by ``try_send`` (when it
+    returns True) and by ``send`` (otherwise) arrive in order and intact; on a closed link it
+    never claims to have sent (it raises ``LinkClosed`` or returns False, and ``send`` raises)."""
+    async with make_pair() as (a, b):
+
+        async def send_all() -> None:
+            for i in range(count):
+                frame = _frame(i, (_pattern(i, (i * 37) % 3000),))
+                if not a.try_send(frame):
+                    await a.send(frame)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_all)
+            for i in range(count):
+                frame = await b.receive()
+                assert _seq(frame) == i, f"frame {_seq(frame)} arrived where {i} was due"
+                assert _body(frame) == _pattern(i, (i * 37) % 3000), f"frame {i} corrupted"
+        await a.aclose()
+        try:
+            sent = a.try_send(_frame(count))
+        except LinkClosed:
+            sent = False
+        assert not sent, "try_send on a closed link claimed to have sent a frame"
+
+
 CONFORMANCE_CHECKS = (
     check_ordering,
     check_large_frames,
@@ -222,6 +248,7 @@ CONFORMANCE_CHECKS = (
     check_close_vs_broken,
     check_eof_wakes_receiver,
     check_cancel_mid_send,
+    check_try_send,
 )
 
 

@@ -60,7 +60,8 @@ class Link(abc.ABC):
         this default.
 
         Raises:
-            The same errors as :meth:`send`.
+            The same errors as :meth:`send` (a closed link may also just return ``False``:
+            the :meth:`send` that follows raises).
         """
         return False
 

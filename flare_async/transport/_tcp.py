@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import ssl
 import struct
+import termios
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,7 +46,7 @@ from flare_async.errors import (
     ProtocolError,
 )
 from flare_async.transport._base import Driver, Link, Listener
-from flare_async.wire import EOF, Buffer, Connection, Frame, Limits
+from flare_async.wire import EOF, Buffer, Connection, Frame, Limits, payload_size
 
 _IOV_MAX = 1024
 
@@ -150,6 +152,41 @@ class TcpLink(Link):
             self._broken = why
 
     # ------------------------------------------------------------------ sending
+    def try_send(self, frame: Frame) -> bool:
+        """Write a small frame at once when the socket's send queue is empty.
+
+        With nothing queued in the kernel and a frame of at most 4 KiB, one ``sendmsg`` takes
+        the whole frame; the runtime's hot path then needs no deadline scope and no lock wait.
+        Anything else (TLS, a busy lock, a non-empty queue, a bigger frame) returns ``False``
+        and goes through :meth:`send`.
+        """
+        if self._tls is not None or self._server_tls is not None or self._send_lock.locked():
+            return False
+        self._check_usable()
+        if _TIOCOUTQ is None or payload_size(frame.parts) > _TRY_SEND_MAX:
+            return False
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self._sock, _TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        if queued:
+            return False
+        segments = self._conn.send(frame.header, frame.parts)
+        total = sum(len(seg) for seg in segments)
+        if total > _TRY_SEND_MAX:
+            return False
+        try:
+            n = self._sock.sendmsg(segments)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._mark_broken(f"send failed: {_reason(exc)}")
+            raise LinkBroken(self._broken or "") from None
+        if n != total:  # not expected with an empty queue; never leave half a frame behind
+            self._cut_short()
+            raise LinkBroken("a small frame was only partly written")
+        return True
+
     async def send(self, frame: Frame) -> None:
         segments = self._conn.send(frame.header, frame.parts)  # FrameTooLarge before any I/O
         await self._ensure_tls()
@@ -333,6 +370,9 @@ class TcpLink(Link):
             "buffered": s.buffered,
         }
 
+
+_TRY_SEND_MAX = 4096
+_TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 _ACCEPT_SKIP = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET, errno.ETIMEDOUT}
