@@ -1,6 +1,6 @@
 """Request/reply rate and latency of the cell fabric, per transport, hop count and concurrency.
 
-A case is named ``<transport>-<hops>hop-c<callers>`` (e.g. ``memory-1hop-c64``): ``callers``
+A case is named ``<transport>-<hops>hop-c<callers>`` (e.g. ``tcp-1hop-c64``): ``callers``
 tasks on the root cell ``server`` each send requests one after another, with a 64-byte payload,
 to an echo handler on an edge cell ``hops`` links away (3 hops: through two relays,
 ``server -> server.r1 -> server.r1.r2 -> server.r1.r2.e``). Per case it reports:
@@ -14,18 +14,23 @@ its per-run values: the throughput of each run, and the p50 and p99 of each run'
 distribution (percentiles are not pooled across runs).
 
 ``baseline`` is the physical reference measured in the same run, with the same callers and
-request count, interleaved with the fabric's runs so both see the same machine noise. For
-``memory`` it is the same request/reply pipeline built from bare asyncio primitives in the same
-process: the caller puts the message on a link queue and awaits a future; a reader task moves it
-on (one more queue and reader per relay hop); at the edge a worker echoes it into the reply link
-queue; reader tasks carry it back, and the root's reader resolves the future. No headers, no
-routing, no deadlines: the ceiling for any in-process fabric on this interpreter.
+request count, interleaved with the fabric's runs so both see the same machine noise.
 
-Network transports (tcp, tls, ws) plug in as more :class:`Transport` entries: cells then listen
-on an ephemeral port (``tcp://127.0.0.1:0``) and children connect to the URL their parent
-reports in ``listen_urls``; their baseline is a raw-socket relay/echo pipeline.
+``memory``: every cell in this process on one ``MemoryNetwork``. Its baseline is the same
+request/reply pipeline built from bare asyncio primitives in the same process: the caller puts
+the message on a link queue and awaits a future; a reader task moves it on (one more queue and
+reader per relay hop); at the edge a worker echoes it into the reply link queue; reader tasks
+carry it back, and the root's reader resolves the future. No headers, no routing, no deadlines:
+the ceiling for any in-process fabric on this interpreter.
 
-Run: ``python benchmarks/fabric.py [--quick] [--repeat N] [--transports memory]``.
+``tcp``, ``tls``, ``ws``: two processes on loopback (see ``_netbench.py``). The root cell
+listens in this process; a child process runs the relays and the edge, which dial their parents
+as sites do (``tls``: mutual TLS with kits provisioned for a throwaway project, cells built by
+``cell_from_kit``). Their baseline is a raw-socket echo (plus, for 3 hops, two forwarding
+relays) in the child process, which this process calls over one connection with the same
+callers: length-prefixed 64-byte messages with a request id, on plain uvloop protocols.
+
+Run: ``python benchmarks/fabric.py [--quick] [--repeat N] [--transports memory,tcp,tls,ws]``.
 """
 
 from __future__ import annotations
@@ -36,15 +41,16 @@ import itertools
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _netbench import NETWORK_TRANSPORTS, chain_names, echo_table, network_topology
 from _report import (  # the script's own directory is on the path (above)
     csv_choice,
     csv_ints,
@@ -57,7 +63,7 @@ from _report import (  # the script's own directory is on the path (above)
     run_async,
 )
 
-from flare_async import Cell, Context, Driver, HandlerTable, MemoryNetwork, Payload
+from flare_async import Cell, MemoryNetwork, Payload
 
 BENCH = "fabric"
 PAYLOAD = b"x" * 64
@@ -65,18 +71,15 @@ TIMEOUT = 30.0
 """Every request carries a deadline, as the cell's default does (the deadline path is measured)."""
 HOPS = (1, 3)
 CONCURRENCY = (1, 64)
-FULL_REQUESTS = 50_000
-QUICK_REQUESTS = 5_000
+WARMUP_MIN = 1_000
+"""Each case starts with a warm-up of a tenth of a run's requests, at least this many."""
 
 Call = Callable[[], Awaitable[object]]
 
 
 # ---------------------------------------------------------------- transports
-class Baseline(Protocol):
-    """A physical reference pipeline, started for one hop count."""
-
-    def __call__(self, hops: int) -> Any:
-        """An async context manager yielding the :data:`Call` that makes one request/reply."""
+Start = Callable[[int], AbstractAsyncContextManager[tuple[Call, Call]]]
+"""Start a transport's fabric chain and its baseline for a hop count; yields both calls."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,9 @@ class Transport:
     """How to run the fabric, and its baseline, over one kind of link."""
 
     name: str
-    drivers: Callable[[], list[Driver]]
-    """Fresh drivers for one topology (all its cells share them)."""
-    listen_url: Callable[[str], str]
-    """The URL a cell of this name listens on; children use the URL it reports back."""
-    baseline: Baseline
+    start: Start
+    requests: tuple[int, int]
+    """Requests per measured run: full size, ``--quick``."""
 
 
 class _QueuePipeline:
@@ -152,36 +153,50 @@ async def queue_baseline(hops: int) -> AsyncIterator[Call]:
         tg.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def memory_start(hops: int) -> AsyncIterator[tuple[Call, Call]]:
+    """The whole chain in this process on one ``MemoryNetwork``; the queue pipeline beside it."""
+    async with fabric(hops) as fabric_call, queue_baseline(hops) as base_call:
+        yield fabric_call, base_call
+
+
+def network_start(name: str) -> Start:
+    """The root here, the rest of the chain in a child process; the raw-socket echo beside it."""
+
+    @asynccontextmanager
+    async def start(hops: int) -> AsyncIterator[tuple[Call, Call]]:
+        async with network_topology(name, hops, PAYLOAD) as (root, edge, base_call):
+            yield await checked_call(root, edge), base_call
+
+    return start
+
+
 TRANSPORTS: dict[str, Transport] = {
-    "memory": Transport(
-        name="memory",
-        drivers=lambda: [MemoryNetwork()],
-        listen_url=lambda name: f"memory://{name}",
-        baseline=queue_baseline,
-    ),
+    "memory": Transport(name="memory", start=memory_start, requests=(50_000, 5_000)),
+    **{
+        name: Transport(name=name, start=network_start(name), requests=(20_000, 1_500))
+        for name in NETWORK_TRANSPORTS
+    },
 }
 
 
 # ---------------------------------------------------------------- the fabric
-def chain_names(hops: int) -> list[str]:
-    """``server``, then ``hops - 1`` relays, then the edge: each the child of the one before."""
-    names = ["server"]
-    for i in range(1, hops):
-        names.append(f"{names[-1]}.r{i}")
-    names.append(f"{names[-1]}.e")
-    return names
+async def checked_call(server: Cell, edge: str) -> Call:
+    """The call the root makes to the edge's echo handler, after checking it once."""
+
+    async def call() -> Payload:
+        return await server.request(edge, "bench", "echo", PAYLOAD, timeout=TIMEOUT)
+
+    reply = await call()
+    if reply.tobytes() != PAYLOAD:
+        raise RuntimeError(f"echo returned {reply!r}")
+    return call
 
 
 @asynccontextmanager
-async def fabric(transport: Transport, hops: int) -> AsyncIterator[Call]:
-    """Start a chain of cells; yield the call the root makes to the edge's echo handler."""
-    table = HandlerTable("bench")
-
-    @table.request("bench", "echo")
-    async def echo(ctx: Context, msg: Payload) -> Payload:
-        return msg
-
-    drivers = transport.drivers()
+async def fabric(hops: int) -> AsyncIterator[Call]:
+    """Start a chain of cells on one ``MemoryNetwork``; yield the root's call to the edge."""
+    network = MemoryNetwork()
     names = chain_names(hops)
     async with AsyncExitStack() as stack:
         parent_url: str | None = None
@@ -190,10 +205,10 @@ async def fabric(transport: Transport, hops: int) -> AsyncIterator[Call]:
             is_edge = name == names[-1]
             cell = Cell(
                 name,
-                listen=[] if is_edge else [transport.listen_url(name)],
+                listen=[] if is_edge else [f"memory://{name}"],
                 parent=parent_url,
-                drivers=drivers,
-                handlers=[table] if is_edge else [],
+                drivers=[network],
+                handlers=[echo_table()] if is_edge else [],
             )
             await stack.enter_async_context(cell)
             if parent_url is not None:
@@ -202,15 +217,7 @@ async def fabric(transport: Transport, hops: int) -> AsyncIterator[Call]:
             if not is_edge:
                 parent_url = cell.listen_urls[0]
             cells.append(cell)
-        server, edge = cells[0], names[-1]
-
-        async def call() -> Payload:
-            return await server.request(edge, "bench", "echo", PAYLOAD, timeout=TIMEOUT)
-
-        reply = await call()
-        if reply.tobytes() != PAYLOAD:
-            raise RuntimeError(f"echo returned {reply!r}")
-        yield call
+        yield await checked_call(cells[0], names[-1])
 
 
 # ---------------------------------------------------------------- measurement
@@ -247,7 +254,7 @@ UNITS = {"throughput": "msg/s", "latency_p50": "s", "latency_p99": "s"}
 async def run_case(
     case: str, fabric_call: Call, base_call: Call, callers: int, requests: int, repeat: int
 ) -> None:
-    warmup = min(requests, max(2_000, requests // 10))
+    warmup = min(requests, max(WARMUP_MIN, requests // 10))
     await measure(base_call, callers, warmup)
     await measure(fabric_call, callers, warmup)
     base_runs, runs = [], []
@@ -267,20 +274,19 @@ async def main(
     transports: Sequence[str],
     hops_list: Sequence[int],
     concurrency: Sequence[int],
-    requests: int,
+    requests: int | None,
     repeat: int,
+    quick: bool,
 ) -> None:
     for name in transports:
         transport = TRANSPORTS[name]
+        count = requests or transport.requests[1 if quick else 0]
         for hops in hops_list:
-            async with (
-                fabric(transport, hops) as fabric_call,
-                transport.baseline(hops) as base_call,
-            ):
+            async with transport.start(hops) as (fabric_call, base_call):
                 for callers in concurrency:
                     case = f"{name}-{hops}hop-c{callers}"
-                    log(f"{case}: {requests:,} requests x {repeat} runs")
-                    await run_case(case, fabric_call, base_call, callers, requests, repeat)
+                    log(f"{case}: {count:,} requests x {repeat} runs")
+                    await run_case(case, fabric_call, base_call, callers, count, repeat)
 
 
 def cli() -> None:
@@ -305,12 +311,24 @@ def cli() -> None:
         "--requests",
         type=positive_int,
         default=None,
-        help=f"requests per measured run (default {FULL_REQUESTS:,}; --quick {QUICK_REQUESTS:,})",
+        help="requests per measured run, for every transport (default: memory 50,000, tcp/tls/ws "
+        "20,000; --quick: memory 5,000, tcp/tls/ws 1,500)",
     )
     args = p.parse_args()
-    requests = args.requests or (QUICK_REQUESTS if args.quick else FULL_REQUESTS)
     start = time.perf_counter()
-    run_async(main, args.transports, args.hops, args.concurrency, requests, args.repeat)
+    try:
+        run_async(
+            main,
+            args.transports,
+            args.hops,
+            args.concurrency,
+            args.requests,
+            args.repeat,
+            args.quick,
+        )
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)
     log(f"done in {time.perf_counter() - start:.1f} s")
 
 
