@@ -33,6 +33,7 @@ from flare_async.wire import (
     Pong,
     Reply,
     Request,
+    decode_frame,
     decode_header,
     encode_header,
     make_hello,
@@ -640,3 +641,18 @@ def test_announced_payload_costs_memory_only_as_it_arrives() -> None:
         conn.receive_data(prefix + bytes(head)[PREFIX_SIZE:] + b"x" * 100)
         conns.append(conn)
     assert _rss() - before < 64 << 20
+
+
+def test_decode_frame_checks_lengths_against_the_prefix() -> None:
+    ping = Ping(seq=3)
+    whole = b"".join(bytes(s) for s in Connection().send(ping, [b"abc"]))
+    header, start = decode_frame(whole, Limits())
+    assert header == ping
+    assert whole[start:] == b"abc"
+    head = whole[:start]
+    assert decode_frame(head, Limits(), payload_size=3) == (ping, start)
+    for bad in (whole[:-1], whole + b"x", whole[:10]):
+        with pytest.raises(ProtocolError):
+            decode_frame(bad, Limits())
+    with pytest.raises(ProtocolError):
+        decode_frame(head, Limits(), payload_size=4)

@@ -29,13 +29,11 @@ from flare_async.errors import (
 )
 from flare_async.transport._base import Driver, Link, Listener
 from flare_async.wire import (
-    PREFIX_SIZE,
     Buffer,
     Frame,
     Limits,
-    decode_header,
+    decode_frame,
     encode_head,
-    parse_prefix,
     payload_size,
 )
 
@@ -124,10 +122,10 @@ class MemoryLink(Link):
             if self._closed:
                 raise LinkClosed("link was closed by this side") from None
             raise LinkClosed("peer closed the link") from None
-        _, header_len, payload_len = parse_prefix(head, self.limits)
-        if PREFIX_SIZE + header_len != len(head) or payload_len != payload_size(parts):
-            raise ProtocolError("frame lengths do not match its prefix", peer=self.peer_address)
-        header = decode_header(memoryview(head)[PREFIX_SIZE:], self.limits)
+        try:
+            header, _ = decode_frame(head, self.limits, payload_size=payload_size(parts))
+        except ProtocolError as exc:
+            raise type(exc)(str(exc), peer=self.peer_address) from None
         self._frames_in += 1
         if len(parts) == 1:
             return Frame(header, (memoryview(parts[0]).toreadonly(),))

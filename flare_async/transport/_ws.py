@@ -77,12 +77,10 @@ from flare_async.errors import (
 from flare_async.transport._base import Driver, Link, Listener
 from flare_async.wire import (
     PREFIX_SIZE,
-    Envelope,
     Frame,
     Limits,
-    decode_header,
+    decode_frame,
     encode_head,
-    parse_prefix,
     payload_size,
 )
 
@@ -128,26 +126,6 @@ def _peer_certificate(ws: _WebSocket) -> bytes | None:
         return None
     der: bytes | None = ssl_object.getpeercert(binary_form=True)
     return der
-
-
-def _parse_message(view: memoryview, limits: Limits) -> tuple[Envelope, int]:
-    """Check one message as a frame; return its header and where its payload starts.
-
-    Raises:
-        ProtocolError: too short, bad prefix or header, or lengths that disagree with the size.
-        FrameTooLarge: the prefix announces more than ``limits`` allow.
-    """
-    size = view.nbytes
-    if size < PREFIX_SIZE:
-        raise ProtocolError(f"message of {size} B is shorter than a frame prefix")
-    _, header_len, payload_len = parse_prefix(view[:PREFIX_SIZE], limits)
-    start = PREFIX_SIZE + header_len
-    if start + payload_len != size:
-        raise ProtocolError(
-            f"message of {size} B does not match its prefix "
-            f"({header_len} B header, {payload_len} B payload)"
-        )
-    return decode_header(view[PREFIX_SIZE:start], limits), start
 
 
 class WebSocketLink(Link):
@@ -377,7 +355,7 @@ class WebSocketLink(Link):
     def _decode(self, data: bytes | bytearray) -> Frame:
         view = memoryview(data)
         try:
-            header, start = _parse_message(view, self.limits)
+            header, start = decode_frame(view, self.limits)
         except FrameTooLarge as exc:
             raise self._protocol_error(exc, WSCloseCode.MESSAGE_TOO_BIG) from None
         except ProtocolError as exc:

@@ -118,6 +118,34 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits) -> Envel
     return env
 
 
+def decode_frame(
+    data: bytes | bytearray | memoryview, limits: Limits, *, payload_size: int | None = None
+) -> tuple[Envelope, int]:
+    """Check and decode a whole frame held in one buffer (a WebSocket message), or its head
+    alone when the payload travels apart (``payload_size``, the memory transport).
+
+    Returns:
+        the header, and the offset in ``data`` where the payload starts.
+
+    Raises:
+        ProtocolError: too short, a bad prefix or header, or lengths that disagree.
+        FrameTooLarge: the prefix announces more than ``limits`` allow.
+    """
+    view = memoryview(data).cast("B")
+    size = view.nbytes
+    if size < PREFIX_SIZE:
+        raise ProtocolError(f"frame of {size} B is shorter than its prefix")
+    _, header_len, payload_len = parse_prefix(view[:PREFIX_SIZE], limits)
+    start = PREFIX_SIZE + header_len
+    have = size - start if payload_size is None else payload_size
+    if start > size or (payload_size is not None and start != size) or have != payload_len:
+        raise ProtocolError(
+            f"frame of {size} B does not match its prefix "
+            f"({header_len} B header, {payload_len} B payload)"
+        )
+    return decode_header(view[PREFIX_SIZE:start], limits), start
+
+
 def encode_header(env: Envelope) -> bytes:
     """Encode a header alone (used for measurements and signatures)."""
     return _encoder.encode(env)
