@@ -9,7 +9,7 @@ import pytest
 from flare_async.errors import ConfigError, ConnectError, LinkBroken, ProtocolError
 from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import Link, TcpDriver, TcpLink
-from flare_async.wire import Connection, Event, Limits
+from flare_async.wire import Connection, Event, Frame, Limits
 
 pytestmark = pytest.mark.anyio
 
@@ -76,3 +76,21 @@ async def test_bad_urls() -> None:
         await driver.listen("memory://x", limits=Limits())
     with pytest.raises(ConfigError, match="TLS context"):
         await driver.listen("tls://127.0.0.1:0", limits=Limits())
+
+
+async def test_frames_are_counted_once_whichever_send_path_takes_them() -> None:
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        header = Event(
+            id=1, src="a", dst="b", route=["a"], budget=None, headers={}, channel="c", topic="t"
+        )
+        fast = 0
+        for size in (10, 10, 8000, 10, 8000):  # big ones fall back from try_send to send
+            frame = Frame(header, (bytes(size),))
+            if a.try_send(frame):
+                fast += 1
+            else:
+                await a.send(frame)
+            await b.receive()
+        assert fast >= 1
+        assert a.statistics()["frames_sent"] == 5
+        assert b.statistics()["frames_received"] == 5

@@ -171,10 +171,10 @@ class TcpLink(Link):
             return False
         if queued:
             return False
-        segments = self._conn.send(frame.header, frame.parts)
-        total = sum(len(seg) for seg in segments)
+        segments = self._conn.send(frame.header, frame.parts, count=False)
+        total = payload_size(segments)
         if total > _TRY_SEND_MAX:
-            return False
+            return False  # send() encodes and counts it
         try:
             n = self._sock.sendmsg(segments)
         except BlockingIOError:
@@ -185,6 +185,7 @@ class TcpLink(Link):
         if n != total:  # not expected with an empty queue; never leave half a frame behind
             self._cut_short()
             raise LinkBroken("a small frame was only partly written")
+        self._conn.count_sent(segments)
         return True
 
     async def send(self, frame: Frame) -> None:

@@ -224,17 +224,28 @@ class Connection:
         return NEED_DATA
 
     # ------------------------------------------------------------------ sending
-    def send(self, header: Envelope, parts: Sequence[Buffer] = ()) -> list[Buffer]:
+    def send(
+        self, header: Envelope, parts: Sequence[Buffer] = (), *, count: bool = True
+    ) -> list[Buffer]:
         """Segments to write for one frame: the encoded prefix+header, then the payload parts.
+
+        Args:
+            count: add the frame to the statistics now; pass False when the caller may still
+                decide not to write it, and call :meth:`count_sent` once it has.
 
         Raises:
             FrameTooLarge: the frame exceeds the peer's limits; nothing should be written.
         """
-        size = payload_size(parts)
-        head = encode_head(header, size, self.peer_limits)
+        head = encode_head(header, payload_size(parts), self.peer_limits)
+        segments: list[Buffer] = [head, *parts]
+        if count:
+            self.count_sent(segments)
+        return segments
+
+    def count_sent(self, segments: Sequence[Buffer]) -> None:
+        """Record one frame written (see ``send(count=False)``)."""
         self._frames_out += 1
-        self._bytes_out += len(head) + size
-        return [head, *parts]
+        self._bytes_out += payload_size(segments)
 
     def statistics(self) -> ConnectionStatistics:
         buffered = self._end - self._start + (self._filled if self._target is not None else 0)
