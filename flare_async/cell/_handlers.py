@@ -29,8 +29,6 @@ import enum
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
-
 from flare_async.cell._payload import Payload
 from flare_async.errors import ConfigError
 from flare_async.wire import Buffer
@@ -85,7 +83,7 @@ class Context:
 
     def remaining(self) -> float:
         """Seconds left until the caller's deadline (``inf`` when it has none)."""
-        return self.deadline - anyio.current_time()
+        return self.deadline - self.cell._clock()
 
 
 RequestHandler = Callable[[Context, Payload], Awaitable[Payload | Buffer | None]]
