@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from flare_async._concurrency import Channel, WouldBlock
+from flare_async._concurrency import Channel
 from flare_async.cell._handlers import AnyHandler, Context
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.errors import BadRequest, Overloaded, Status, Unauthorized, status_for_error
@@ -85,12 +85,6 @@ class Workers:
             self._cell._spawn(self._work, name=f"{self._cell.name} worker {self.count}")
         return True
 
-    async def _next(self) -> Job:
-        try:
-            return self._queue.get_nowait()
-        except WouldBlock:
-            return await self._queue.get()
-
     async def _work(self) -> None:
         """Run jobs one after another inside one long-lived cancel scope.
 
@@ -103,7 +97,7 @@ class Workers:
             late: Job | None = None
             with anyio.CancelScope() as scope:
                 while late is None:
-                    job = await self._next()
+                    job = await self._queue.get()
                     try:
                         if job.expired:
                             await self._answer(job, *_deadline_status(name))

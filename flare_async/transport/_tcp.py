@@ -20,6 +20,7 @@ without blocking the canceller, so the link is marked broken instead: the peer t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -33,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import sniffio
 from anyio.abc import SocketStream
 from anyio.lowlevel import checkpoint
 from anyio.streams.tls import TLSAttribute, TLSStream
@@ -100,6 +102,12 @@ class TcpLink(Link):
         self._closed = False
         self._broken: str | None = None
         self._handshake_lock = Lock()
+        # asyncio, plain TCP: a reader callback registered once with the loop reads ahead
+        # into the connection (see _on_readable); None until the first receive().
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._rx_error: Exception | None = None
+        self._rx_wakeup: asyncio.Future[None] | None = None
 
     @property
     def peer_limits(self) -> Limits:
@@ -160,23 +168,27 @@ class TcpLink(Link):
         Anything else (TLS, a busy lock, a non-empty queue, a bigger frame) returns ``False``
         and goes through :meth:`send`.
         """
-        if self._tls is not None or self._server_tls is not None or self._send_lock.locked():
+        if (
+            self._tls is not None
+            or self._server_tls is not None
+            or _TIOCOUTQ is None
+            or self._send_lock.locked()
+        ):
             return False
         self._check_usable()
-        if _TIOCOUTQ is None or payload_size(frame.parts) > _TRY_SEND_MAX:
+        parts = frame.parts
+        body = payload_size(parts)
+        if body > _TRY_SEND_MAX:
             return False
+        head = self._conn.head(frame.header, body)
+        total = len(head) + body
+        if total > _TRY_SEND_MAX:
+            return False  # send() encodes it again; rare (a header of kilobytes)
         try:
             queued = struct.unpack("i", fcntl.ioctl(self._sock, _TIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            return False
-        if queued:
-            return False
-        segments = self._conn.send(frame.header, frame.parts, count=False)
-        total = payload_size(segments)
-        if total > _TRY_SEND_MAX:
-            return False  # send() encodes and counts it
-        try:
-            n = self._sock.sendmsg(segments)
+            if queued:
+                return False
+            n = self._sock.sendmsg([head, *parts])
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -185,7 +197,7 @@ class TcpLink(Link):
         if n != total:  # not expected with an empty queue; never leave half a frame behind
             self._cut_short()
             raise LinkBroken("a small frame was only partly written")
-        self._conn.count_sent(segments)
+        self._conn.count_frame(total)
         return True
 
     async def send(self, frame: Frame) -> None:
@@ -263,6 +275,8 @@ class TcpLink(Link):
     async def receive(self) -> Frame:
         await self._ensure_tls()
         conn = self._conn
+        if self._loop is not None or (self._tls is None and _on_asyncio()):
+            return await self._receive_ahead()
         while True:
             event = conn.next_event()
             if isinstance(event, Frame):
@@ -292,6 +306,79 @@ class TcpLink(Link):
         else:
             self._conn.receive_data(b"")  # clean EOF, or LinkBroken in the middle of a frame
 
+    # ------------------------------------------------------------ asyncio read-ahead
+    # On asyncio (and uvloop) waiting for readability once per read is the most expensive part
+    # of a small round trip: anyio registers a reader, creates a future and unregisters it every
+    # time. Instead a reader callback stays registered and reads into the connection as data
+    # arrives, as a BufferedProtocol would; receive() only waits when no frame is complete.
+    # Reading pauses while complete frames not yet received exceed _READ_AHEAD bytes, so a
+    # consumer that stops reading stops the socket (and the peer, through TCP flow control).
+    # Writes stay on the socket itself (vectored sendmsg), which a transport would not allow.
+
+    async def _receive_ahead(self) -> Frame:
+        conn = self._conn
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._resume_reading()
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Frame):
+                if (
+                    not self._reading
+                    and self._rx_error is None
+                    and conn.pending_bytes < _READ_AHEAD
+                ):
+                    self._resume_reading()
+                return event
+            if event is EOF:
+                raise LinkClosed("peer closed the connection")
+            if self._rx_error is not None:
+                raise self._rx_error
+            self._check_usable()
+            if not self._reading:
+                self._resume_reading()
+            wakeup = self._rx_wakeup = self._loop.create_future()
+            await wakeup
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            assert self._loop is not None
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        try:
+            n = self._sock.recv_into(conn.get_buffer())
+            if n:
+                conn.buffer_updated(n)
+            else:
+                self._pause_reading()
+                conn.receive_data(b"")  # clean EOF, or LinkBroken in the middle of a frame
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._pause_reading()
+            self._mark_broken(f"connection failed: {_reason(exc)}")
+            self._rx_error = LinkBroken(self._broken or "")
+        except (ProtocolError, LinkBroken) as exc:
+            self._pause_reading()
+            self._rx_error = exc
+        else:
+            if conn.pending_bytes >= _READ_AHEAD:
+                self._pause_reading()
+        self._wake_receiver()
+
+    def _wake_receiver(self) -> None:
+        wakeup, self._rx_wakeup = self._rx_wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
     async def _fill_tls(self) -> None:
         assert self._tls is not None
         try:
@@ -311,6 +398,8 @@ class TcpLink(Link):
         sock = self._sock
         if sock.fileno() < 0:
             return
+        self._pause_reading()
+        self._wake_receiver()  # it sees the link closed or broken
         if self._stream is not None:
             # The descriptor belongs to the stream's transport: only end the connection here;
             # the stream closes the descriptor in aclose().
@@ -373,6 +462,17 @@ class TcpLink(Link):
 
 
 _TRY_SEND_MAX = 4096
+_READ_AHEAD = 1 << 20
+"""Bytes of complete frames read ahead of receive() before reading pauses (asyncio)."""
+
+
+def _on_asyncio() -> bool:
+    try:
+        return sniffio.current_async_library() == "asyncio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 _ACCEPT_SKIP = frozenset(

@@ -149,7 +149,8 @@ class Connection:
         self._filled = 0
         self._direct = False
         self._direct_threshold = direct_threshold
-        self._events: deque[Frame | _Sentinel] = deque()
+        self._events: deque[Frame] = deque()
+        self._events_bytes = 0
         self._frames_in = 0
         self._frames_out = 0
         self._bytes_in = 0
@@ -218,10 +219,18 @@ class Connection:
     def next_event(self) -> Frame | _Sentinel:
         """The next complete :class:`Frame`, :data:`NEED_DATA`, or :data:`EOF`."""
         if self._events:
-            return self._events.popleft()
+            frame = self._events.popleft()
+            self._events_bytes -= len(frame.parts[0])
+            return frame
         if self._state is _State.CLOSED:
             return EOF
         return NEED_DATA
+
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes of complete frames not yet taken by :meth:`next_event` (a reader
+        that reads ahead pauses when this grows)."""
+        return self._events_bytes + 256 * len(self._events)
 
     # ------------------------------------------------------------------ sending
     def send(
@@ -242,10 +251,23 @@ class Connection:
             self.count_sent(segments)
         return segments
 
+    def head(self, header: Envelope, payload_len: int) -> bytes:
+        """The prefix and header of one frame, checked against the peer's limits (the first
+        segment :meth:`send` returns), for callers that hold the payload size already.
+
+        Raises:
+            FrameTooLarge: the frame exceeds the peer's limits.
+        """
+        return encode_head(header, payload_len, self.peer_limits)
+
     def count_sent(self, segments: Sequence[Buffer]) -> None:
         """Record one frame written (see ``send(count=False)``)."""
+        self.count_frame(payload_size(segments))
+
+    def count_frame(self, nbytes: int) -> None:
+        """Record one frame of ``nbytes`` (prefix and header included) written."""
         self._frames_out += 1
-        self._bytes_out += payload_size(segments)
+        self._bytes_out += nbytes
 
     def statistics(self) -> ConnectionStatistics:
         buffered = self._end - self._start + (self._filled if self._target is not None else 0)
@@ -280,21 +302,36 @@ class Connection:
 
     def _parse_frames(self) -> None:
         view = self._view
+        limits = self.limits
         while True:
-            avail = self._end - self._start
+            start = self._start
+            avail = self._end - start
             if self._state is _State.PREFIX:
                 if avail < PREFIX_SIZE:
                     break
-                _, self._header_len, self._payload_len = parse_prefix(
-                    view[self._start : self._start + PREFIX_SIZE], self.limits
-                )
-                self._start += PREFIX_SIZE
+                _, header_len, payload_len = parse_prefix(view[start : start + PREFIX_SIZE], limits)
+                start += PREFIX_SIZE
+                if avail >= PREFIX_SIZE + header_len + payload_len and payload_len < _LAZY_FROM:
+                    # The whole frame is here (the common case for small messages): decode it
+                    # in one step, its payload copied once into an immutable ``bytes``.
+                    end = start + header_len
+                    header = decode_header(view[start:end], limits)
+                    self._start = end + payload_len
+                    payload = _EMPTY
+                    if payload_len:
+                        payload = memoryview(bytes(view[end : end + payload_len]))
+                    self._events.append(Frame(header, (payload,)))
+                    self._events_bytes += payload_len
+                    self._frames_in += 1
+                    continue
+                self._start = start
+                self._header_len, self._payload_len = header_len, payload_len
                 self._state = _State.HEADER
             elif self._state is _State.HEADER:
                 if avail < self._header_len:
                     break
-                end = self._start + self._header_len
-                self._header = decode_header(view[self._start : end], self.limits)
+                end = start + self._header_len
+                self._header = decode_header(view[start:end], limits)
                 self._start = end
                 self._state = _State.PAYLOAD
                 self._filled = 0
@@ -307,10 +344,10 @@ class Connection:
                 if not take:
                     break
                 memoryview(self._target)[self._filled : self._filled + take] = view[
-                    self._start : self._start + take
+                    start : start + take
                 ]
                 self._filled += take
-                self._start += take
+                self._start = start + take
                 if self._filled == len(self._target):
                     self._finish_frame()
         if self._start == self._end:
@@ -321,6 +358,7 @@ class Connection:
         assert self._target is not None
         payload = memoryview(self._target).toreadonly() if self._target else _EMPTY
         self._events.append(Frame(self._header, (payload,)))
+        self._events_bytes += len(payload)
         self._frames_in += 1
         self._header = None
         self._target = None
