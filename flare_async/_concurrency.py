@@ -217,6 +217,13 @@ class Lock:
     def locked(self) -> bool:
         return self._locked
 
+    def acquire_nowait(self) -> bool:
+        """Take the lock if it is free; False if it is held."""
+        if self._locked:
+            return False
+        self._locked = True
+        return True
+
     async def acquire(self) -> None:
         if not self._locked:
             self._locked = True

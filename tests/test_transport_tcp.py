@@ -94,3 +94,64 @@ async def test_frames_are_counted_once_whichever_send_path_takes_them() -> None:
         assert fast >= 1
         assert a.statistics()["frames_sent"] == 5
         assert b.statistics()["frames_received"] == 5
+
+
+def _numbered(i: int) -> Frame:
+    header = Event(
+        id=i, src="a", dst="b", route=["a"], budget=None, headers={}, channel="c", topic="t"
+    )
+    return Frame(header, (bytes([i % 251]) * 3000,))
+
+
+class _ShortWriteSocket(socket.socket):
+    """The link's own socket, whose next ``sendmsg`` hands the kernel only 100 bytes, as a
+    kernel with a nearly full send buffer does (when that happens cannot be arranged)."""
+
+    short_next = True
+
+    def sendmsg(self, buffers, *args):  # type: ignore[no-untyped-def, override]
+        if self.short_next:
+            self.short_next = False
+            return self.send(b"".join(bytes(b) for b in buffers)[:100])
+        return super().sendmsg(buffers, *args)
+
+
+def _short_writes(link: Link) -> None:
+    assert isinstance(link, TcpLink)
+    link._sock = _ShortWriteSocket(fileno=link._sock.detach())
+
+
+async def test_try_send_finishes_a_partly_written_frame_before_any_other(
+    anyio_backend_name: str,
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("on trio try_send writes only into an empty send queue, never in part")
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        _short_writes(a)
+        assert a.try_send(_numbered(0))
+        assert isinstance(a, TcpLink)
+        assert a._tail is not None  # 100 bytes went out; the rest waits for the writer callback
+        assert not a.try_send(_numbered(1)), "a frame slipped in behind a partly written one"
+        await a.send(_numbered(1))  # waits for the lock the tail holds, then follows it
+        for i in (0, 1):
+            frame = await b.receive()
+            assert frame.header.id == i
+            assert bytes(frame.parts[0]) == bytes([i % 251]) * 3000
+        assert a._tail is None
+        assert not a._send_lock.locked()
+        assert a.statistics()["frames_sent"] == 2
+
+
+async def test_closing_with_a_partly_written_frame_breaks_the_link_for_the_peer(
+    anyio_backend_name: str,
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("on trio try_send writes only into an empty send queue, never in part")
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert a.try_send(_numbered(0))
+        _short_writes(a)
+        assert a.try_send(_numbered(1))
+        await a.aclose()  # before the writer callback could finish frame 1
+        assert (await b.receive()).header.id == 0
+        with pytest.raises(LinkBroken):  # the cut frame is never taken for a whole one
+            await b.receive()

@@ -103,8 +103,13 @@ class TcpLink(Link):
         self._broken: str | None = None
         self._handshake_lock = Lock()
         # asyncio, plain TCP: a reader callback registered once with the loop reads ahead
-        # into the connection (see _on_readable); None until the first receive().
+        # into the connection (see _on_readable), and try_send may leave the end of a frame to
+        # a writer callback (see _park_tail). None on trio and for TLS.
         self._loop: asyncio.AbstractEventLoop | None = None
+        if tls is None and server_tls is None and _on_asyncio():
+            self._loop = asyncio.get_running_loop()
+        self._started = False
+        self._tail: memoryview | None = None
         self._reading = False
         self._rx_error: Exception | None = None
         self._rx_wakeup: asyncio.Future[None] | None = None
@@ -161,19 +166,16 @@ class TcpLink(Link):
 
     # ------------------------------------------------------------------ sending
     def try_send(self, frame: Frame) -> bool:
-        """Write a small frame at once when the socket's send queue is empty.
+        """Write a small frame (at most 4 KiB) at once, without waiting.
 
-        With nothing queued in the kernel and a frame of at most 4 KiB, one ``sendmsg`` takes
-        the whole frame; the runtime's hot path then needs no deadline scope and no lock wait.
-        Anything else (TLS, a busy lock, a non-empty queue, a bigger frame) returns ``False``
-        and goes through :meth:`send`.
+        On asyncio, one ``sendmsg`` usually takes the whole frame; if the kernel takes only
+        part, the rest (a few KiB at most, copied) is written by a writer callback that holds
+        the send lock meanwhile, so no other frame can slip in between. On trio, which has no
+        such callbacks, the frame is only written when the kernel's send queue is empty
+        (``TIOCOUTQ``), where a partial write does not happen. Anything else (TLS, a busy lock,
+        a bigger frame) returns ``False`` and goes through :meth:`send`.
         """
-        if (
-            self._tls is not None
-            or self._server_tls is not None
-            or _TIOCOUTQ is None
-            or self._send_lock.locked()
-        ):
+        if self._tls is not None or self._server_tls is not None or self._send_lock.locked():
             return False
         self._check_usable()
         parts = frame.parts
@@ -184,21 +186,57 @@ class TcpLink(Link):
         total = len(head) + body
         if total > _TRY_SEND_MAX:
             return False  # send() encodes it again; rare (a header of kilobytes)
+        segments = [head, *parts]
         try:
-            queued = struct.unpack("i", fcntl.ioctl(self._sock, _TIOCOUTQ, b"\0\0\0\0"))[0]
-            if queued:
+            if self._loop is None and not self._send_queue_empty():
                 return False
-            n = self._sock.sendmsg([head, *parts])
+            n = self._sock.sendmsg(segments)
         except BlockingIOError:
             return False
         except OSError as exc:
             self._mark_broken(f"send failed: {_reason(exc)}")
             raise LinkBroken(self._broken or "") from None
-        if n != total:  # not expected with an empty queue; never leave half a frame behind
-            self._cut_short()
-            raise LinkBroken("a small frame was only partly written")
+        if n != total:
+            if self._loop is None:  # not expected with an empty queue; never leave half a frame
+                self._cut_short()
+                raise LinkBroken("a small frame was only partly written")
+            self._park_tail(segments, n)
         self._conn.count_frame(total)
         return True
+
+    def _send_queue_empty(self) -> bool:
+        if _TIOCOUTQ is None:
+            return False
+        return not struct.unpack("i", fcntl.ioctl(self._sock, _TIOCOUTQ, b"\0\0\0\0"))[0]
+
+    def _park_tail(self, segments: list[Buffer], written: int) -> None:
+        assert self._loop is not None
+        self._send_lock.acquire_nowait()  # free: try_send checked; released once flushed
+        self._tail = memoryview(b"".join(segments)[written:])
+        self._loop.add_writer(self._sock.fileno(), self._flush_tail)
+
+    def _flush_tail(self) -> None:
+        tail = self._tail
+        if tail is None:
+            return
+        try:
+            n = self._sock.send(tail)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._mark_broken(f"send failed: {_reason(exc)}")
+            n = len(tail)  # give up on it: the link is broken, senders will see that
+        if n < len(tail):
+            self._tail = tail[n:]
+            return
+        self._end_tail()
+
+    def _end_tail(self) -> None:
+        if self._tail is not None:
+            self._tail = None
+            assert self._loop is not None
+            self._loop.remove_writer(self._sock.fileno())
+            self._send_lock.release()
 
     async def send(self, frame: Frame) -> None:
         segments = self._conn.send(frame.header, frame.parts)  # FrameTooLarge before any I/O
@@ -275,7 +313,7 @@ class TcpLink(Link):
     async def receive(self) -> Frame:
         await self._ensure_tls()
         conn = self._conn
-        if self._loop is not None or (self._tls is None and _on_asyncio()):
+        if self._loop is not None:
             return await self._receive_ahead()
         while True:
             event = conn.next_event()
@@ -317,8 +355,9 @@ class TcpLink(Link):
 
     async def _receive_ahead(self) -> Frame:
         conn = self._conn
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        assert self._loop is not None
+        if not self._started:
+            self._started = True
             self._resume_reading()
         while True:
             event = conn.next_event()
@@ -341,7 +380,8 @@ class TcpLink(Link):
             await wakeup
 
     def _resume_reading(self) -> None:
-        if not self._reading and self._loop is not None and self._sock.fileno() >= 0:
+        if not self._reading and self._started and self._sock.fileno() >= 0:
+            assert self._loop is not None
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
             self._reading = True
 
@@ -400,6 +440,9 @@ class TcpLink(Link):
             return
         self._pause_reading()
         self._wake_receiver()  # it sees the link closed or broken
+        if self._tail is not None:  # a frame's end that can no longer be written
+            self._mark_broken("link closed with a frame partly written")
+            self._end_tail()
         if self._stream is not None:
             # The descriptor belongs to the stream's transport: only end the connection here;
             # the stream closes the descriptor in aclose().
@@ -462,6 +505,7 @@ class TcpLink(Link):
 
 
 _TRY_SEND_MAX = 4096
+"""Largest frame try_send writes (and, on asyncio, the most a partial write leaves over)."""
 _READ_AHEAD = 1 << 20
 """Bytes of complete frames read ahead of receive() before reading pauses (asyncio)."""
 
