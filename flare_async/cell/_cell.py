@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -429,6 +430,7 @@ class Cell:
         """
         error: TransportError = LinkClosed(f"link to {peer.name} closed")
         clock = self._clock
+        peer.link.deliver_to(functools.partial(self._on_frame_now, peer))
         try:
             while True:
                 frame = await peer.link.receive()
@@ -451,6 +453,7 @@ class Cell:
             error = LinkBroken(f"protocol error from {peer.name}: {exc}")
             self._log.warning("protocol error, closing link", peer=peer.name, error=str(exc))
         finally:
+            peer.link.deliver_to(None)
             self._drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
                 await peer.link.aclose()
@@ -509,6 +512,20 @@ class Cell:
             await peer.link.send(Frame(Ping(seq=seq)))
 
     # ------------------------------------------------------------------ inbound
+    def _on_frame_now(self, peer: Peer, frame: Frame) -> bool:
+        """Handle a frame for this cell straight from the link's read callback (see
+        ``Link.deliver_to``): replies, errors, requests and events addressed here never
+        wait. Anything else (forwarding, pings, goodbyes, a frame that breaks the rules)
+        is declined and goes through :meth:`_on_frame` in the serving task."""
+        h = frame.header
+        if not isinstance(h, _ROUTED) or h.dst != self.name or not self._src_fits(peer, h.src):
+            return False
+        peer.last_rx = self._clock()
+        if isinstance(h, _ANSWERS) and peer.inflight:
+            peer.inflight.pop((h.dst, h.corr), None)
+        self._deliver(frame)
+        return True
+
     async def _on_frame(self, peer: Peer, frame: Frame) -> None:
         h = frame.header
         if isinstance(h, _ROUTED):

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 
 from flare_async.errors import FrameTooLarge, LinkBroken, LinkClosed
 from flare_async.transport import Driver, Link
@@ -241,6 +242,71 @@ async def check_try_send(make_pair: LinkPairFactory, count: int = 200) -> None:
         assert not sent, "try_send on a closed link claimed to have sent a frame"
 
 
+async def check_deliver_to(make_pair: LinkPairFactory, count: int = 400) -> None:
+    """A link that hands frames to a callback (``Link.deliver_to``) keeps them in order and
+    hands each out once: a declined frame and those after it come from ``receive()`` until
+    nothing is queued, then the callback gets frames again. An exception from the callback
+    ends the link: ``receive()`` raises it. (Passes at once for links that never deliver so.)"""
+    async with make_pair() as (a, b):
+        log: list[tuple[str, int]] = []
+        all_seen = anyio.Event()
+
+        def note(how: str, frame: Frame) -> None:
+            log.append((how, _seq(frame)))
+            assert _body(frame) == _pattern(_seq(frame), _seq(frame) % 200), "payload corrupted"
+            if len(log) == count:
+                all_seen.set()
+
+        def on_frame(frame: Frame) -> bool:
+            if _seq(frame) % 7 == 3:
+                return False  # e.g. a frame that must wait to be forwarded
+            note("push", frame)
+            return True
+
+        if not b.deliver_to(on_frame):
+            return
+
+        async def send_all() -> None:
+            for i in range(count):
+                await a.send(_frame(i, (_pattern(i, i % 200),)))
+                await anyio.lowlevel.checkpoint()  # a few frames per read, not all in one
+
+        async def receive_all() -> None:
+            while True:
+                frame = await b.receive()
+                if _seq(frame) % 7 == 3:
+                    # Handling a declined frame takes a while (a forward waiting for room):
+                    # the link's read callback runs meanwhile and must push nothing before
+                    # this one is done.
+                    for _ in range(5):
+                        await anyio.lowlevel.checkpoint()
+                note("receive", frame)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_all)
+            tg.start_soon(receive_all)
+            await all_seen.wait()
+            tg.cancel_scope.cancel()
+        assert [seq for _, seq in log] == list(range(count)), "frames reordered or repeated"
+        assert all(how == "receive" for how, seq in log if seq % 7 == 3)
+        assert any(how == "push" for how, _ in log), "deliver_to returned True but never pushed"
+
+        class Boom(Exception):
+            pass
+
+        def explode(frame: Frame) -> bool:
+            raise Boom
+
+        b.deliver_to(explode)
+        await a.send(_frame(count))
+        try:
+            await b.receive()
+        except Boom:
+            pass
+        else:
+            raise AssertionError("an exception from the callback did not end receive()")
+
+
 CONFORMANCE_CHECKS = (
     check_ordering,
     check_large_frames,
@@ -249,6 +315,7 @@ CONFORMANCE_CHECKS = (
     check_eof_wakes_receiver,
     check_cancel_mid_send,
     check_try_send,
+    check_deliver_to,
 )
 
 

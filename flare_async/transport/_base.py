@@ -22,6 +22,7 @@ The contract every link keeps:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 from flare_async.wire import Frame, Limits
@@ -62,6 +63,23 @@ class Link(abc.ABC):
         Raises:
             The same errors as :meth:`send` (a closed link may also just return ``False``:
             the :meth:`send` that follows raises).
+        """
+        return False
+
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        """Hand frames to ``on_frame`` as they arrive, without waking the receiving task.
+
+        Optional. A driver that reads in an event-loop callback may call ``on_frame(frame)``
+        right there, for each complete frame in order. ``on_frame`` returns ``False`` for a
+        frame it cannot handle without waiting: that frame and every later one then go to
+        :meth:`receive` instead, in order, until :meth:`receive` finds nothing queued; only then
+        does the driver call ``on_frame`` again. Frames are never reordered and never handed
+        out twice. An exception from ``on_frame`` ends the link: :meth:`receive` raises it.
+        :meth:`receive` still reports the end of the link as usual, so the runtime keeps one
+        task waiting in it.
+
+        Returns:
+            whether the driver will deliver this way (the default: ``False``, never).
         """
         return False
 

@@ -29,7 +29,7 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -109,9 +109,12 @@ class TcpLink(Link):
         if tls is None and server_tls is None and _on_asyncio():
             self._loop = asyncio.get_running_loop()
         self._started = False
+        self._on_frame: Callable[[Frame], bool] | None = None
+        self._pushing = False  # frames go to _on_frame (else to receive())
+        self._held: Frame | None = None  # declined by _on_frame: receive() returns it first
         self._tail: memoryview | None = None
         self._reading = False
-        self._rx_error: Exception | None = None
+        self._rx_error: BaseException | None = None
         self._rx_wakeup: asyncio.Future[None] | None = None
 
     @property
@@ -353,6 +356,15 @@ class TcpLink(Link):
     # consumer that stops reading stops the socket (and the peer, through TCP flow control).
     # Writes stay on the socket itself (vectored sendmsg), which a transport would not allow.
 
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        if self._loop is None:
+            return False
+        self._on_frame = on_frame
+        if on_frame is None:
+            self._pushing = False
+        # Otherwise pushing starts once receive() has taken every frame already read.
+        return True
+
     async def _receive_ahead(self) -> Frame:
         conn = self._conn
         assert self._loop is not None
@@ -360,6 +372,10 @@ class TcpLink(Link):
             self._started = True
             self._resume_reading()
         while True:
+            held = self._held
+            if held is not None:
+                self._held = None
+                return held
             event = conn.next_event()
             if isinstance(event, Frame):
                 if (
@@ -374,6 +390,8 @@ class TcpLink(Link):
             if self._rx_error is not None:
                 raise self._rx_error
             self._check_usable()
+            if self._on_frame is not None:
+                self._pushing = True  # nothing queued: later frames go straight to on_frame
             if not self._reading:
                 self._resume_reading()
             wakeup = self._rx_wakeup = self._loop.create_future()
@@ -410,9 +428,36 @@ class TcpLink(Link):
             self._pause_reading()
             self._rx_error = exc
         else:
-            if conn.pending_bytes >= _READ_AHEAD:
+            if self._pushing:
+                if not self._push():
+                    return  # every frame handled: the receiving task sleeps on
+            elif conn.pending_bytes >= _READ_AHEAD:
                 self._pause_reading()
         self._wake_receiver()
+
+    def _push(self) -> bool:
+        """Hand complete frames to ``_on_frame``; True when receive() has work (a declined
+        frame, the end of the link)."""
+        conn = self._conn
+        on_frame = self._on_frame
+        assert on_frame is not None
+        while True:
+            event = conn.next_event()
+            if not isinstance(event, Frame):
+                return event is EOF
+            try:
+                taken = on_frame(event)
+            except Exception as exc:  # handed to receive(), which raises it
+                self._pause_reading()
+                self._pushing = False
+                self._rx_error = exc
+                return True
+            if not taken:
+                self._held = event
+                self._pushing = False
+                if conn.pending_bytes >= _READ_AHEAD:
+                    self._pause_reading()
+                return True
 
     def _wake_receiver(self) -> None:
         wakeup, self._rx_wakeup = self._rx_wakeup, None
