@@ -12,11 +12,13 @@ from flare_async.cell import (
     CellStatistics,
     Context,
     HandlerTable,
+    IncomingStream,
     Outcome,
     Payload,
     system_handlers,
 )
 from flare_async.routing import CellName
+from flare_async.streaming import Progress
 from flare_async.transport import Driver, Link, Listener, MemoryNetwork
 from flare_async.wire import Limits
 
@@ -33,6 +35,9 @@ __all__ = [
     "CellStatistics",
     "Backoff",
     "system_handlers",
+    # streams
+    "IncomingStream",
+    "Progress",
     "CellName",
     "Limits",
     # transports

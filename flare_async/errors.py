@@ -19,6 +19,11 @@ whole family at once or one branch precisely::
     │   └── Unreachable                     no route to the destination: unknown, loop, hop limit
     ├── DeadlineExceeded (also TimeoutError) the message's deadline passed, here or at any hop
     ├── CellClosed                          the cell is not running (not started, or shut down)
+    ├── StreamError                         a stream (chunked transfer) failed
+    │   ├── StreamCorrupted                 bytes arrived damaged: a chunk kept failing its CRC, or
+    │   │                                   the whole object did not match its SHA-256
+    │   ├── StreamStalled (also TimeoutError) no progress within the stream's idle limit
+    │   └── StreamAborted                   the other side gave the stream up (its reason inside)
     └── RemoteError                         the destination answered with an error status
         ├── NoHandler                       nothing is mounted there for that channel/topic
         ├── BadRequest                      the handler refused the input (message is the handler's)
@@ -57,6 +62,10 @@ __all__ = [
     "RemoteError",
     "RoutingError",
     "Status",
+    "StreamAborted",
+    "StreamCorrupted",
+    "StreamError",
+    "StreamStalled",
     "TransportError",
     "Unauthorized",
     "Unreachable",
@@ -158,6 +167,22 @@ class CellClosed(FlareError):
     """The cell is not running: it was not started or has shut down."""
 
 
+class StreamError(FlareError):
+    """A stream failed."""
+
+
+class StreamCorrupted(StreamError):
+    """Bytes arrived damaged and could not be repaired by sending them again."""
+
+
+class StreamStalled(StreamError, TimeoutError):
+    """A stream made no progress for longer than its idle limit."""
+
+
+class StreamAborted(StreamError):
+    """The other side of the stream gave it up."""
+
+
 class RemoteError(FlareError):
     """The destination answered with an error status."""
 
@@ -194,6 +219,9 @@ class Status(enum.IntEnum):
     UNAUTHORIZED = 6
     OVERLOADED = 7
     LINK_BROKEN = 8
+    STREAM_CORRUPTED = 9
+    STREAM_STALLED = 10
+    STREAM_ABORTED = 11
 
 
 _STATUS_TO_ERROR: dict[int, type[FlareError]] = {
@@ -205,6 +233,9 @@ _STATUS_TO_ERROR: dict[int, type[FlareError]] = {
     Status.UNAUTHORIZED: Unauthorized,
     Status.OVERLOADED: Overloaded,
     Status.LINK_BROKEN: LinkBroken,
+    Status.STREAM_CORRUPTED: StreamCorrupted,
+    Status.STREAM_STALLED: StreamStalled,
+    Status.STREAM_ABORTED: StreamAborted,
 }
 _ERROR_TO_STATUS: dict[type[FlareError], Status] = {
     cls: Status(code) for code, cls in _STATUS_TO_ERROR.items()

@@ -241,6 +241,8 @@ def test_public_surface() -> None:
         "errors",
         "__version__",
         "system_handlers",
+        "IncomingStream",
+        "Progress",
     }
     for name in flare_async.__all__:
         assert hasattr(flare_async, name), name

@@ -27,6 +27,10 @@ from flare_async.errors import (
     RemoteError,
     RoutingError,
     Status,
+    StreamAborted,
+    StreamCorrupted,
+    StreamError,
+    StreamStalled,
     TransportError,
     Unauthorized,
     Unreachable,
@@ -45,6 +49,9 @@ EXPECTED_MAPPING: dict[Status, type[FlareError]] = {
     Status.UNAUTHORIZED: Unauthorized,
     Status.OVERLOADED: Overloaded,
     Status.LINK_BROKEN: LinkBroken,
+    Status.STREAM_CORRUPTED: StreamCorrupted,
+    Status.STREAM_STALLED: StreamStalled,
+    Status.STREAM_ABORTED: StreamAborted,
 }
 
 # The tree as drawn in the module docstring: class -> its direct parent(s) in the tree.
@@ -65,6 +72,10 @@ EXPECTED_TREE: dict[type[Exception], tuple[type[BaseException], ...]] = {
     Unreachable: (RoutingError,),
     DeadlineExceeded: (FlareError, TimeoutError),
     CellClosed: (FlareError,),
+    StreamError: (FlareError,),
+    StreamCorrupted: (StreamError,),
+    StreamStalled: (StreamError, TimeoutError),
+    StreamAborted: (StreamError,),
     RemoteError: (FlareError,),
     NoHandler: (RemoteError,),
     BadRequest: (RemoteError,),
@@ -85,6 +96,9 @@ def test_status_values_are_frozen() -> None:
         "UNAUTHORIZED": 6,
         "OVERLOADED": 7,
         "LINK_BROKEN": 8,
+        "STREAM_CORRUPTED": 9,
+        "STREAM_STALLED": 10,
+        "STREAM_ABORTED": 11,
     }
 
 
@@ -114,7 +128,7 @@ def test_status_round_trips_through_the_error(status: Status) -> None:
     assert status_for_error(EXPECTED_MAPPING[status]("local")) is status
 
 
-@pytest.mark.parametrize("status", [0, 9, 99, 2**31, -1])
+@pytest.mark.parametrize("status", [0, 12, 99, 2**31, -1])
 def test_unknown_status_becomes_remote_error(status: int) -> None:
     exc = error_for_status(status, "from the future", "server")
     assert type(exc) is RemoteError

@@ -4,6 +4,7 @@ from flare_async.cell._cell import BroadcastResults, Cell, CellStatistics, Outco
 from flare_async.cell._handlers import Context, HandlerTable, Kind
 from flare_async.cell._links import Backoff, PeerVerifier
 from flare_async.cell._payload import Payload
+from flare_async.cell._stream_in import IncomingStream
 from flare_async.cell._system import CellInfo, system_handlers
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "CellStatistics",
     "Context",
     "HandlerTable",
+    "IncomingStream",
     "Kind",
     "Outcome",
     "Payload",

@@ -47,6 +47,8 @@ from flare_async.cell._links import (
 )
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._rpc import PendingTable, Waiter
+from flare_async.cell._stream_api import StreamingMixin
+from flare_async.cell._stream_in import StreamHub
 from flare_async.errors import (
     CellClosed,
     ConfigError,
@@ -62,7 +64,24 @@ from flare_async.errors import (
 )
 from flare_async.routing import LOCAL, PARENT, check_route, next_hop, validate_name
 from flare_async.transport import Driver, DriverRegistry, Link, Listener
-from flare_async.wire import Buffer, Bye, Error, Event, Frame, Limits, Ping, Pong, Reply, Request
+from flare_async.wire import (
+    ROUTED_KINDS,
+    STREAM_KINDS,
+    Buffer,
+    Bye,
+    Error,
+    Event,
+    Frame,
+    Limits,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    Routed,
+    StreamData,
+    StreamEnd,
+    StreamOpen,
+)
 
 _DEFAULT: Final = object()
 DISPLACED: Final = "displaced"
@@ -73,7 +92,8 @@ class _Displaced(LinkClosed):
     """Our parent replaced this link with a newer one claiming our name."""
 
 
-_ROUTED: Final = (Request, Event, Reply, Error)
+_ROUTED: Final = ROUTED_KINDS
+_TO_RECEIVER: Final = (StreamOpen, StreamData, StreamEnd)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
 _MAX_ANSWER_TASKS: Final = 1024
@@ -125,7 +145,7 @@ class BroadcastResults(dict[str, Outcome]):
         return {k: v for k, v in self.items() if isinstance(v, FlareError)}
 
 
-class Cell:
+class Cell(StreamingMixin):
     """A participant of the fabric.
 
     Args:
@@ -173,6 +193,8 @@ class Cell:
         verify_peer: PeerVerifier | None = None,
         on_link: Callable[[str, str, bool], None] | None = None,
         seed: int | None = None,
+        max_streams: int = 64,
+        stream_idle: float = 60.0,
     ) -> None:
         self.name = validate_name(name)
         self.limits = limits or Limits()
@@ -213,6 +235,7 @@ class Cell:
         self._forwarded = 0
         self._errors_returned = 0
         self._undeliverable = 0
+        self._streams = StreamHub(self, max_incoming=max_streams, idle=stream_idle)
         self.listen_urls: list[str] = []
         """URLs actually listened on, available once the cell has started."""
 
@@ -268,6 +291,7 @@ class Cell:
         self._running = False
         for waiter in self._pending.all():
             waiter.fail(CellClosed(f"cell {self.name} is shutting down"))
+        self._streams.close()
         tg, self._tg = self._tg, None
         assert tg is not None
         with anyio.CancelScope(shield=True):
@@ -575,6 +599,9 @@ class Cell:
 
     def _deliver(self, frame: Frame) -> None:
         h = frame.header
+        if isinstance(h, STREAM_KINDS):
+            self._streams.on_frame(frame)
+            return
         if isinstance(h, Reply):
             waiter = self._pending.get(h.corr)
             if waiter is not None and waiter.dst == h.src:
@@ -652,10 +679,12 @@ class Cell:
             return self._parent
         return self._children[hop]
 
-    def _answer_error(
-        self, h: Request | Event | Reply | Error, status: Status, message: str
-    ) -> None:
-        """Tell the origin its message failed here; errors about replies/errors are dropped."""
+    def _answer_error(self, h: Routed, status: Status, message: str) -> None:
+        """Tell the origin its message failed here; errors about replies/errors are dropped.
+        A stream's sender hears of it as a stream abort from this cell, and resumes later."""
+        if isinstance(h, _TO_RECEIVER):
+            self._streams.trouble(h, status, message)
+            return
         if not isinstance(h, _CALLS):
             self._undeliverable += 1
             self._log.info(
@@ -686,9 +715,16 @@ class Cell:
             status=int(status),
             message=message,
         )
-        frame = Frame(err)
+        self._post(Frame(err))
+
+    def _post(self, frame: Frame) -> None:
+        """Send a small frame that nobody waits for (error reports, stream acks): at once when
+        the link has room, otherwise in a task, of which at most ``_MAX_ANSWER_TASKS`` run at
+        once. Failures are counted and logged, never raised."""
+        h = frame.header
+        assert isinstance(h, _ROUTED)
         try:
-            hop = self._next_peer(dst)
+            hop = self._next_peer(h.dst)
             if hop is None:
                 self._deliver(frame)
                 return
@@ -696,7 +732,7 @@ class Cell:
                 return
         except (Unreachable, TransportError, ProtocolError) as exc:
             self._undeliverable += 1
-            self._log.info("error report could not be sent", dst=dst, error=str(exc))
+            self._log.info("report could not be sent", dst=h.dst, error=str(exc))
             return
         if self._answer_tasks >= _MAX_ANSWER_TASKS or not self._spawn(self._answer_task, frame):
             self._undeliverable += 1
@@ -709,10 +745,23 @@ class Cell:
         finally:
             self._answer_tasks -= 1
 
+    async def _send_to(self, dst: str, frame: Frame) -> None:
+        """Route a frame this cell originates to ``dst`` and send it, waiting for room (at most
+        as long as a silent link is given to live).
+
+        Raises:
+            Unreachable / TransportError / DeadlineExceeded: it could not be sent.
+        """
+        hop = self._next_peer(dst)
+        if hop is None:
+            self._deliver(frame)
+        else:
+            await self._send_via(hop, frame, math.inf)
+
     async def _send_answer(self, frame: Frame) -> None:
         """Route a reply or error back to its origin; failures are logged, never raised."""
         h = frame.header
-        assert isinstance(h, _ANSWERS)
+        assert isinstance(h, _ROUTED)
         try:
             hop = self._next_peer(h.dst)
             if hop is None:

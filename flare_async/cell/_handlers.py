@@ -40,10 +40,11 @@ WILDCARD = "*"
 
 
 class Kind(enum.Enum):
-    """What a handler answers. ``STREAM`` handlers arrive with streaming."""
+    """What a handler answers."""
 
     REQUEST = "request"
     EVENT = "event"
+    STREAM = "stream"
 
 
 class Context:
@@ -90,6 +91,7 @@ RequestHandler = Callable[[Context, Payload], Awaitable[Payload | Buffer | None]
 EventHandler = Callable[[Context, Payload], Awaitable[None]]
 AnyHandler = Callable[[Context, Payload], Awaitable[Any]]
 _F = TypeVar("_F", bound=AnyHandler)
+_S = TypeVar("_S", bound=Callable[..., Awaitable[Any]])
 
 
 class HandlerDef:
@@ -157,6 +159,19 @@ class HandlerTable:
 
         def deco(fn: _F) -> _F:
             self.add(Kind.EVENT, channel, topic, fn)
+            return fn
+
+        return deco
+
+    def stream(self, channel: str, topic: str = WILDCARD) -> Callable[[_S], _S]:
+        """Decorator: receive streams on ``channel``/``topic``.
+
+        The handler is called as ``await fn(ctx, stream)`` with an
+        :class:`~flare_async.cell.IncomingStream`; what it returns goes back to the sender.
+        """
+
+        def deco(fn: _S) -> _S:
+            self.add(Kind.STREAM, channel, topic, fn)
             return fn
 
         return deco

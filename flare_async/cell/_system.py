@@ -8,7 +8,9 @@ import msgspec
 
 from flare_async.cell._handlers import Context, HandlerTable
 from flare_async.cell._payload import Payload
-from flare_async.errors import FlareError
+from flare_async.cell._stream_api import FanoutOutcome, FanoutRequest
+from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, IncomingStream
+from flare_async.errors import BadRequest, FlareError
 
 _json = msgspec.json.Encoder()
 
@@ -38,6 +40,8 @@ def system_handlers() -> HandlerTable:
     * ``sys/info``: JSON :class:`CellInfo` (links and counters).
     * ``sys/reach``: the payload names a destination; this cell pings it and answers JSON
       :class:`Reach` (used by health checks and ``flare-async up`` to test paths end to end).
+    * ``sys/fanout`` (stream): feeds one incoming stream to several cells below this one
+      (``Cell.stream_many`` through relays); answers JSON ``{dst: FanoutOutcome}``.
     """
     table = HandlerTable("system")
 
@@ -64,5 +68,42 @@ def system_handlers() -> HandlerTable:
         except FlareError as exc:
             return _json.encode(Reach(dst, ok=False, error=f"{type(exc).__name__}: {exc}"))
         return _json.encode(Reach(dst, ok=True, rtt=clock() - start))
+
+    @table.stream(FANOUT_CHANNEL, FANOUT_TOPIC)
+    async def fanout(ctx: Context, stream: IncomingStream) -> bytes:
+        try:
+            request = msgspec.json.decode(stream.headers.get("fanout", ""), type=FanoutRequest)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"bad fan-out request: {exc}") from None
+        me = ctx.cell.name
+        strangers = [t for t in request.targets if not t.startswith(me + ".")]
+        if strangers or not request.targets:
+            raise BadRequest(f"{me} fans out only to cells below it, not {strangers}")
+        headers = {k: v for k, v in stream.headers.items() if k != "fanout"}
+        results = await ctx.cell.stream_many(
+            request.targets,
+            request.channel,
+            request.topic,
+            stream,
+            size=stream.size,
+            chunk=stream.chunk,
+            window=stream.window,
+            digest=stream.digest_requested,
+            idle=stream.idle,
+            codec=request.codec,
+            headers=headers,
+        )
+        outcomes = {
+            dst: FanoutOutcome(ok=True, reply=r.tobytes(), codec=r.codec)
+            if isinstance(r, Payload)
+            else FanoutOutcome(
+                ok=False,
+                error=str(r.args[0]) if r.args else "",
+                kind=type(r).__name__,
+                reported_by=r.reported_by,
+            )
+            for dst, r in results.items()
+        }
+        return _json.encode(outcomes)
 
     return table

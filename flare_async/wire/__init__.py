@@ -14,6 +14,7 @@ from flare_async.wire._connection import (
 )
 from flare_async.wire._envelope import (
     ROUTED_KINDS,
+    STREAM_KINDS,
     Bye,
     Envelope,
     Error,
@@ -24,6 +25,13 @@ from flare_async.wire._envelope import (
     Reply,
     Request,
     Routed,
+    StreamAbort,
+    StreamAck,
+    StreamData,
+    StreamDone,
+    StreamEnd,
+    StreamMessage,
+    StreamOpen,
 )
 from flare_async.wire._frame import (
     MAGIC,
@@ -55,6 +63,7 @@ __all__ = [
     "PREFIX_SIZE",
     "PROTOCOL_VERSION",
     "ROUTED_KINDS",
+    "STREAM_KINDS",
     "WIRE_VERSION",
     "Buffer",
     "Bye",
@@ -73,6 +82,13 @@ __all__ = [
     "Role",
     "Routed",
     "Session",
+    "StreamAbort",
+    "StreamAck",
+    "StreamData",
+    "StreamDone",
+    "StreamEnd",
+    "StreamMessage",
+    "StreamOpen",
     "check_hello",
     "decode_frame",
     "decode_header",

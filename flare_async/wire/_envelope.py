@@ -115,7 +115,120 @@ class Bye(msgspec.Struct, array_like=True, tag=13):
     reason: str
 
 
-Envelope = Request | Event | Reply | Error | Hello | Ping | Pong | Bye
+# ---------------------------------------------------------------------------- streaming
+# A stream moves one object of any size from its origin (the sender) to a destination cell
+# as chunks under credit-based flow control (docs/streaming.md). Every stream message is
+# routed like a request, so relays forward it chunk by chunk without knowing streams. The
+# stream is named by its origin and ``sid``.
+
+
+class StreamOpen(Routed, tag=20):
+    """Sender -> receiver: open (or, with ``resume``, re-open after a drop) stream ``sid``.
+
+    Attributes:
+        size: the object's size in bytes, or -1 when not known in advance.
+        sha256: hex digest of the whole object when known in advance ("" otherwise: it then
+            comes with :class:`StreamEnd`).
+        chunk: the chunk size the sender proposes (the receiver may lower it).
+        window: the flow-control window the sender proposes, in bytes (may be lowered).
+        resume: a re-open of a stream the receiver may still hold: it answers with its
+            committed offset, and the sender continues from there.
+        digest: the sender computes the whole-object SHA-256; the receiver checks against it.
+        idle: seconds without progress after which the sender gives up (the receiver waits
+            at least as long for a resume).
+    """
+
+    channel: str
+    topic: str
+    sid: int
+    size: int
+    codec: str
+    sha256: str
+    chunk: int
+    window: int
+    resume: bool = False
+    digest: bool = True
+    idle: float = 60.0
+
+
+class StreamData(Routed, tag=21):
+    """Sender -> receiver: the bytes at ``offset`` (the payload), with their CRC-32."""
+
+    sid: int
+    offset: int
+    crc: int
+
+
+class StreamAck(Routed, tag=22):
+    """Receiver -> sender: flow control and progress.
+
+    Attributes:
+        committed: every byte below this offset arrived intact and is held by the receiver.
+        limit: the sender may send bytes below this offset (credit).
+        chunk / window: what the receiver accepted (set in the first ack; 0 later).
+        resend: bytes were lost or corrupt: send again from ``committed``.
+    """
+
+    sid: int
+    committed: int
+    limit: int
+    chunk: int = 0
+    window: int = 0
+    resend: bool = False
+
+
+class StreamEnd(Routed, tag=23):
+    """Sender -> receiver: every byte was sent; the object is ``size`` bytes, ``sha256``."""
+
+    sid: int
+    size: int
+    sha256: str
+
+
+class StreamAbort(Routed, tag=24):
+    """The stream ends in failure (``status`` is an ``errors.Status``); ``sender`` names the
+    stream's sending cell (with ``sid``, the stream). Sent by either end, or by a relay that
+    could not pass a sender's message on (the sender then resumes once the path is back)."""
+
+    sid: int
+    status: int
+    message: str
+    sender: str
+
+
+class StreamDone(Routed, tag=25):
+    """Receiver -> sender: the receiving handler finished; its reply is the payload.
+
+    Attributes:
+        sha256: the digest of the bytes the receiver took ("" if the handler stopped early).
+        received: bytes the receiver took.
+    """
+
+    sid: int
+    sha256: str
+    received: int
+    codec: str = ""
+
+
+StreamMessage = StreamOpen | StreamData | StreamAck | StreamEnd | StreamAbort | StreamDone
+STREAM_KINDS = (StreamOpen, StreamData, StreamAck, StreamEnd, StreamAbort, StreamDone)
+
+Envelope = (
+    Request
+    | Event
+    | Reply
+    | Error
+    | Hello
+    | Ping
+    | Pong
+    | Bye
+    | StreamOpen
+    | StreamData
+    | StreamAck
+    | StreamEnd
+    | StreamAbort
+    | StreamDone
+)
 """Every header that can appear in a frame."""
 
-ROUTED_KINDS = (Request, Event, Reply, Error)
+ROUTED_KINDS = (Request, Event, Reply, Error, *STREAM_KINDS)

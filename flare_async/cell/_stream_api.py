@@ -1,0 +1,285 @@
+"""``Cell.stream`` and ``Cell.stream_many``: the public face of the sending side of streams
+(kept apart from ``_cell.py``, which holds the fabric itself; the engine is
+``_stream_out.py``, the receiving side ``_stream_in.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, cast
+
+import msgspec
+
+from flare_async.cell._payload import Payload
+from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC
+from flare_async.cell._stream_out import ProgressCallback, StreamOptions, send_streams
+from flare_async.errors import ConfigError, FlareError, InternalError
+from flare_async.routing import validate_name
+from flare_async.streaming import (
+    DEFAULT_CHUNK,
+    DEFAULT_WINDOW,
+    ChunkLog,
+    Digest,
+    StreamSource,
+    open_source,
+)
+
+if TYPE_CHECKING:
+    from flare_async.cell._cell import Cell
+
+
+class FanoutRequest(msgspec.Struct, frozen=True):
+    """What a fan-out stream's ``fanout`` header carries (JSON): the targets below the relay
+    and the channel/topic to deliver to."""
+
+    targets: list[str]
+    channel: str
+    topic: str
+    codec: str = ""
+
+
+class FanoutOutcome(msgspec.Struct, frozen=True):
+    """One target's outcome, as a relay reports it back."""
+
+    ok: bool
+    reply: bytes = b""
+    codec: str = ""
+    error: str = ""
+    kind: str = ""
+    reported_by: str | None = None
+
+
+class StreamingMixin:
+    """The stream-sending methods of :class:`~flare_async.Cell`."""
+
+    async def stream(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        source: StreamSource,
+        *,
+        size: int | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        window: int = DEFAULT_WINDOW,
+        digest: bool = True,
+        sha256: str = "",
+        idle: float = 60.0,
+        probe: float | None = None,
+        codec: str = "",
+        headers: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Payload:
+        """Send one object of any size to ``dst``'s stream handler; return its reply.
+
+        Args:
+            source: bytes-like, a sequence of buffers (a codec's output), a file path (read
+                a chunk at a time), or an async iterable of buffers.
+            size: the size, for an async iterable that knows it (used for progress only).
+            chunk / window: proposed chunk size and flow-control window, in bytes (the
+                receiver may lower them). Memory held for the stream on every hop stays
+                within the window.
+            digest: compute the whole object's SHA-256 on both ends (in a worker thread,
+                beside the transfer) and fail on a mismatch. Chunks always carry a CRC-32C.
+            sha256: the object's digest when the caller knows it (then it is not recomputed
+                here; the receiver still checks).
+            idle: seconds without progress after which the stream fails. Link drops in
+                between are survived: the sender resumes where the receiver stands.
+            probe: seconds between resume probes while the path is down (default
+                ``min(5, idle / 4)``).
+            progress: called with a :class:`~flare_async.streaming.Progress` as the receiver
+                commits bytes.
+
+        Raises:
+            Unreachable: no route to ``dst`` when the stream starts.
+            NoHandler / Overloaded / BadRequest / ...: the receiver refused or its handler
+                failed.
+            StreamCorrupted: the object arrived damaged and could not be repaired.
+            StreamStalled: no progress for ``idle`` seconds.
+            StreamAborted: the receiver gave the stream up.
+        """
+        senders = await self._stream_to(
+            [dst],
+            channel,
+            topic,
+            source,
+            size=size,
+            opts=StreamOptions(
+                channel,
+                topic,
+                chunk=chunk,
+                window=window,
+                digest=digest,
+                sha256=sha256,
+                idle=idle,
+                probe=probe,
+                codec=codec,
+                headers=headers or {},
+                progress=progress,
+            ),
+        )
+        outcome = senders[dst]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def stream_many(
+        self,
+        dsts: Iterable[str],
+        channel: str,
+        topic: str,
+        source: StreamSource,
+        *,
+        size: int | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        window: int = DEFAULT_WINDOW,
+        digest: bool = True,
+        sha256: str = "",
+        idle: float = 60.0,
+        probe: float | None = None,
+        codec: str = "",
+        headers: Mapping[str, str] | None = None,
+        via_relays: bool = True,
+    ) -> dict[str, Payload | FlareError]:
+        """Send one object to many cells; the source is read and digested once.
+
+        With ``via_relays``, destinations behind the same child relay get one stream to that
+        relay, which feeds it to them (recursively, tier by tier): the object crosses each
+        link once, not once per destination. The relays must mount ``system_handlers()``
+        (every role in ``cells/`` does), which holds the fan-out stream handler.
+
+        Returns:
+            each destination's reply, or the error it failed with (one failed destination
+            fails nothing else).
+        """
+        targets = list(dict.fromkeys(dsts))
+        for dst in targets:
+            validate_name(dst)
+        opts = StreamOptions(
+            channel,
+            topic,
+            chunk=chunk,
+            window=window,
+            digest=digest,
+            sha256=sha256,
+            idle=idle,
+            probe=probe,
+            codec=codec,
+            headers=headers or {},
+            progress=None,
+        )
+        if not via_relays:
+            return await self._stream_to(targets, channel, topic, source, size=size, opts=opts)
+        groups = self._fanout_groups(targets)
+        direct = [dst for hop, members in groups.items() for dst in members if hop is None]
+        relayed = {hop: members for hop, members in groups.items() if hop is not None}
+        stream_dsts = direct + list(relayed)
+        per_dst: dict[str, StreamOptions] = {}
+        for hop, members in relayed.items():
+            request = FanoutRequest(members, channel, topic, codec)
+            per_dst[hop] = StreamOptions(
+                FANOUT_CHANNEL,
+                FANOUT_TOPIC,
+                chunk=chunk,
+                window=window,
+                digest=digest,
+                sha256=sha256,
+                idle=idle,
+                probe=probe,
+                codec=codec,
+                headers={**(headers or {}), "fanout": msgspec.json.encode(request).decode()},
+                progress=None,
+            )
+        results = await self._stream_to(
+            stream_dsts, channel, topic, source, size=size, opts=opts, per_dst=per_dst
+        )
+        out: dict[str, Payload | FlareError] = {dst: results[dst] for dst in direct}
+        for hop, members in relayed.items():
+            answer = results[hop]
+            if isinstance(answer, FlareError):
+                out.update(dict.fromkeys(members, answer))
+                continue
+            try:
+                outcomes = msgspec.json.decode(answer.tobytes(), type=dict[str, FanoutOutcome])
+            except msgspec.DecodeError as exc:
+                err = InternalError(f"relay {hop} sent a bad fan-out answer: {exc}")
+                out.update(dict.fromkeys(members, err))
+                continue
+            for dst in members:
+                got = outcomes.get(dst)
+                if got is None:
+                    out[dst] = InternalError(f"relay {hop} did not report on {dst}")
+                elif got.ok:
+                    out[dst] = Payload(got.reply, codec=got.codec)
+                else:
+                    out[dst] = _rebuild_error(got)
+        return out
+
+    def _fanout_groups(self, targets: list[str]) -> dict[str | None, list[str]]:
+        """Destinations by the child relay they lie behind (``None``: sent to directly — a
+        child itself, a cell reached through the parent, or a lone one behind its relay)."""
+        groups: dict[str | None, list[str]] = {}
+        for dst in targets:
+            child = _child_below(_cell(self).name, dst)
+            key = child if child is not None and child != dst else None
+            groups.setdefault(key, []).append(dst)
+        for hop in [h for h, members in groups.items() if h is not None and len(members) < 2]:
+            groups.setdefault(None, []).extend(groups.pop(hop))
+        return groups
+
+    async def _stream_to(
+        self,
+        dsts: list[str],
+        channel: str,
+        topic: str,
+        source: StreamSource,
+        *,
+        size: int | None,
+        opts: StreamOptions,
+        per_dst: Mapping[str, StreamOptions] | None = None,
+    ) -> dict[str, Payload | FlareError]:
+        cell = _cell(self)
+        cell._check_running()
+        for dst in dsts:
+            validate_name(dst)
+        if opts.chunk <= 0 or opts.window < opts.chunk:
+            raise ConfigError("stream chunk must be positive and the window at least one chunk")
+        if not opts.idle > 0:
+            raise ConfigError("stream idle must be a positive number of seconds")
+        sha_from = getattr(source, "final_sha256", None)
+        src = open_source(source, size)
+        digest = Digest() if opts.digest and not opts.sha256 and sha_from is None else None
+        log = ChunkLog(src, opts.chunk, opts.window, digest)
+        senders = await send_streams(cell, dsts, log, digest, opts, per_dst or {}, sha_from)
+        out: dict[str, Payload | FlareError] = {}
+        for dst, sender in senders.items():
+            if sender.reply is not None:
+                out[dst] = sender.reply
+            elif isinstance(sender.error, FlareError):
+                out[dst] = sender.error
+            else:
+                out[dst] = InternalError(f"stream to {dst} failed: {sender.error!r}")
+        return out
+
+
+def _cell(mixin: StreamingMixin) -> Cell:
+    return cast("Cell", mixin)
+
+
+def _child_below(me: str, dst: str) -> str | None:
+    """The name of ``me``'s child on the way to ``dst``, if ``dst`` is below ``me``."""
+    if not dst.startswith(me + "."):
+        return None
+    rest = dst[len(me) + 1 :]
+    return f"{me}.{rest.split('.', 1)[0]}"
+
+
+def _rebuild_error(outcome: FanoutOutcome) -> FlareError:
+    from flare_async import errors  # noqa: PLC0415 - the error classes by name
+
+    cls = getattr(errors, outcome.kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, FlareError)):
+        cls = errors.RemoteError
+    return cls(outcome.error, reported_by=outcome.reported_by)
+
+
+__all__ = ["FANOUT_CHANNEL", "FANOUT_TOPIC", "FanoutOutcome", "FanoutRequest", "StreamingMixin"]

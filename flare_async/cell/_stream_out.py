@@ -1,0 +1,325 @@
+"""The sending end of streams: ``Cell.stream`` and ``Cell.stream_many``.
+
+One :class:`~flare_async.streaming.ChunkLog` reads the source once; one
+:class:`StreamSender` per destination sends from it under that destination's credit. So an
+object sent to N cells is read and digested once, and memory stays within the window: the log
+reads ahead only while it holds less than a window, and drops a chunk once every destination
+committed it.
+
+Failures of the path are not failures of the stream. When a send fails (the link broke, no
+route) or a relay reports it could not pass a chunk on, the sender waits and probes (a
+``StreamOpen`` with ``resume``) every ``probe`` seconds; the receiver answers with what it
+holds, and the sender resends from there. Only ``idle`` seconds without progress fail the
+stream (:class:`~flare_async.errors.StreamStalled`): a long transfer that moves never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+
+from flare_async._concurrency import Signal, SignalLike
+from flare_async.cell._payload import Payload
+from flare_async.errors import (
+    DeadlineExceeded,
+    FlareError,
+    ProtocolError,
+    Status,
+    StreamAborted,
+    StreamStalled,
+    TransportError,
+    Unreachable,
+    error_for_status,
+)
+from flare_async.streaming import ChunkLog, Digest, Progress, ProgressMeter, SenderFlow, checksum
+from flare_async.wire import (
+    Frame,
+    StreamAbort,
+    StreamAck,
+    StreamData,
+    StreamDone,
+    StreamEnd,
+    StreamOpen,
+)
+
+if TYPE_CHECKING:
+    from flare_async.cell._cell import Cell
+
+ProgressCallback = Callable[[Progress], None]
+
+_PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLINE_EXCEEDED})
+"""Statuses with which a relay reports it could not pass a chunk on: resume, do not fail."""
+
+
+class StreamOptions:
+    """How a stream is sent (see ``Cell.stream``)."""
+
+    __slots__ = (
+        "channel",
+        "chunk",
+        "codec",
+        "digest",
+        "headers",
+        "idle",
+        "probe",
+        "progress",
+        "sha256",
+        "topic",
+        "window",
+    )
+
+    def __init__(
+        self,
+        channel: str,
+        topic: str,
+        *,
+        chunk: int,
+        window: int,
+        digest: bool,
+        sha256: str,
+        idle: float,
+        probe: float | None,
+        codec: str,
+        headers: Mapping[str, str],
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.channel = channel
+        self.topic = topic
+        self.chunk = chunk
+        self.window = window
+        self.digest = digest
+        self.sha256 = sha256
+        self.idle = idle
+        self.probe = probe if probe is not None else min(5.0, idle / 4)
+        self.codec = codec
+        self.headers = dict(headers)
+        self.progress = progress
+
+
+class StreamSender:
+    """The sending end of one stream to one destination."""
+
+    def __init__(self, cell: Cell, dst: str, sid: int, log: ChunkLog, opts: StreamOptions):
+        self.cell = cell
+        self.dst = dst
+        self.sid = sid
+        self.log = log
+        self.opts = opts
+        self.flow = SenderFlow(opts.chunk, opts.window)
+        self.reply: Payload | None = None
+        self.error: BaseException | None = None
+        self.received = 0
+        self.remote_sha256 = ""
+        self._signal: SignalLike | None = None
+        self._wanted = False  # a wake-up arrived while not waiting
+        self.last_progress = cell._clock()
+        self.connected = False  # an ack came since the last path failure
+        self._end_sent_at = -1
+        self._meter = ProgressMeter(cell._clock, dst, sid, log.size)
+
+    # ------------------------------------------------------------------ fed by the hub
+    def wake(self) -> None:
+        signal, self._signal = self._signal, None
+        if signal is not None:
+            signal.set()
+        else:
+            self._wanted = True
+
+    def on_answer(self, h: StreamAck | StreamDone, frame: Frame) -> None:
+        if self.error is not None or self.reply is not None:
+            return
+        if isinstance(h, StreamDone):
+            self.reply = Payload.received(frame.parts, h.codec, h.headers)
+            self.received = h.received
+            self.remote_sha256 = h.sha256
+            self.wake()
+            return
+        before = self.flow.committed
+        self.flow.on_ack(h.committed, h.limit, chunk=h.chunk, window=h.window, resend=h.resend)
+        self.connected = True
+        complete = self.log.eof and self.flow.committed >= self.log.end
+        if self.flow.committed > before or complete:
+            self.last_progress = self.cell._clock()  # bytes moved, or the handler is alive
+            self.log.commit(self.dst, self.flow.committed)
+            if self.opts.progress is not None and self.flow.committed > before:
+                self.opts.progress(self._meter.update(self.flow.committed))
+        self.wake()
+
+    def on_abort(self, h: StreamAbort) -> None:
+        if h.src != self.dst and h.status in _PATH_TROUBLE:
+            self.connected = False  # a relay lost the path: probe until it is back
+            self.wake()
+            return
+        if h.status == Status.STREAM_ABORTED:
+            self.fail(StreamAborted(h.message, reported_by=h.src))
+        else:
+            self.fail(error_for_status(h.status, h.message, h.src))
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and self.reply is None:
+            self.error = error
+        self.wake()
+
+    # ------------------------------------------------------------------ the pump
+    def _routed(self) -> tuple[int, str, str, list[str], None, dict[str, str]]:
+        """``id, src, dst, route, budget, headers`` of a new message to the receiver."""
+        name = self.cell.name
+        return next(self.cell._ids), name, self.dst, [name], None, {}
+
+    def _open(self, resume: bool) -> Frame:
+        o = self.opts
+        size = self.log.size
+        return Frame(
+            StreamOpen(
+                *self._routed(),
+                channel=o.channel,
+                topic=o.topic,
+                sid=self.sid,
+                size=-1 if size is None else size,
+                codec=o.codec,
+                sha256=o.sha256,
+                chunk=o.chunk,
+                window=o.window,
+                resume=resume,
+                digest=o.digest or bool(o.sha256),
+                idle=o.idle,
+            )
+        )
+
+    async def _send(self, frame: Frame) -> bool:
+        """Send one frame; False when the path failed (then probe until it is back)."""
+        try:
+            await self.cell._send_to(self.dst, frame)
+        except (TransportError, Unreachable, DeadlineExceeded) as exc:
+            if not self.flow.started and isinstance(exc, Unreachable):
+                raise  # no route at all at the start: fail at once, as a request would
+            self.connected = False
+            self.cell._log.info("stream path failed, will resume", dst=self.dst, error=str(exc))
+            return False
+        return True
+
+    async def _wait(self) -> None:
+        """Wait for an answer, a change of the log, or the probe interval; probe or give up
+        when nothing moved."""
+        if self._wanted:
+            self._wanted = False
+            return
+        signal = self._signal = Signal()
+        with anyio.move_on_after(self.opts.probe) as scope:
+            await signal.wait()
+        if not scope.cancelled_caught:
+            return
+        self._signal = None
+        if self.cell._clock() - self.last_progress > self.opts.idle:
+            raise StreamStalled(
+                f"stream {self.sid} to {self.dst} made no progress for {self.opts.idle} s "
+                f"({self.flow.committed} B committed)"
+            )
+        await self._send(self._open(resume=True))
+
+    async def run(self, digest_result: Callable[[], Awaitable[str]]) -> None:
+        """Send the object; returns once the receiver answered (``reply``) or failed."""
+        log = self.log
+        flow = self.flow
+        log.join(self.dst)
+        try:
+            if not await self._send(self._open(resume=False)):
+                self.connected = False
+            while self.reply is None:
+                if self.error is not None:
+                    raise self.error
+                if not flow.started or not self.connected:
+                    await self._wait()
+                    continue
+                offset = flow.next_offset
+                if offset < log.end:
+                    data = log.chunk_at(offset)
+                    if data is None:  # cannot happen: the log keeps what is not committed
+                        raise ProtocolError(f"stream {self.sid}: no chunk at {offset} to resend")
+                    if len(data) > flow.credit:
+                        await self._wait()
+                        continue
+                    header = StreamData(
+                        *self._routed(), sid=self.sid, offset=offset, crc=checksum(data)
+                    )
+                    frame = Frame(header, (data,))
+                    if await self._send(frame):
+                        flow.sent(len(data))
+                    continue
+                if not log.eof:
+                    if log.has_room and not log.filling:
+                        await log.fill_one()
+                    else:
+                        await self._wait()
+                    continue
+                if self._end_sent_at != offset:
+                    sha = await digest_result()
+                    end = StreamEnd(*self._routed(), sid=self.sid, size=log.end, sha256=sha)
+                    if await self._send(Frame(end)):
+                        self._end_sent_at = offset
+                    continue
+                await self._wait()
+        finally:
+            log.leave(self.dst)
+            log.unwatch(self)
+
+
+async def send_streams(
+    cell: Cell,
+    dsts: list[str],
+    log: ChunkLog,
+    digest: Digest | None,
+    opts: StreamOptions,
+    per_dst: Mapping[str, StreamOptions],
+    sha_from: Callable[[], str] | None = None,
+) -> dict[str, StreamSender]:
+    """Send one object to every destination from one log; returns each sender (its ``reply``
+    or ``error``). ``per_dst`` overrides the options for some destinations (fan-out relays);
+    ``sha_from`` gives the digest at the end when the source knows it (a relayed stream)."""
+    hub = cell._streams
+    senders: dict[str, StreamSender] = {}
+    sha_known = opts.sha256
+    sha_value: list[str] = []
+    sha_lock = anyio.Lock()
+
+    async def digest_result() -> str:
+        if sha_known:
+            return sha_known
+        if sha_from is not None:
+            return sha_from()
+        if digest is None:
+            return ""
+        async with sha_lock:
+            if not sha_value:
+                sha_value.append(await digest.hexdigest())
+        return sha_value[0]
+
+    async def one(sender: StreamSender) -> None:
+        try:
+            await sender.run(digest_result)
+        except (FlareError, OSError) as exc:
+            sender.error = sender.error or exc
+        finally:
+            hub.outgoing.pop(sender.sid, None)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            if digest is not None:
+                tg.start_soon(digest.run)
+            async with anyio.create_task_group() as pumps:
+                for dst in dsts:
+                    sender = StreamSender(cell, dst, next(cell._ids), log, per_dst.get(dst, opts))
+                    senders[dst] = sender
+                    hub.outgoing[sender.sid] = sender
+                    log.watch(sender)
+                    pumps.start_soon(one, sender)
+            if digest is not None:
+                digest.close()
+    finally:
+        await log.aclose()
+    return senders
+
+
+__all__ = ["ProgressCallback", "StreamOptions", "StreamSender", "send_streams"]

@@ -1,0 +1,45 @@
+"""Streaming: objects of any size as chunks under credit-based flow control.
+
+``_flow`` holds the two ends as sans-IO state machines (pure, like ``wire``); ``_io`` the
+sources, the shared chunk log fan-out sends from, and the SHA-256 computed off the event
+loop; ``_progress`` the progress reports. The cell (``flare_async.cell``) drives them.
+"""
+
+from flare_async.streaming._flow import (
+    DEFAULT_CHUNK,
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    EndVerdict,
+    ReceiverFlow,
+    SenderFlow,
+    Verdict,
+    negotiate,
+)
+from flare_async.streaming._io import (
+    ChunkLog,
+    ChunkSource,
+    Digest,
+    StreamSource,
+    checksum,
+    open_source,
+)
+from flare_async.streaming._progress import Progress, ProgressMeter
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "DEFAULT_WINDOW",
+    "MAX_WINDOW",
+    "ChunkLog",
+    "ChunkSource",
+    "Digest",
+    "EndVerdict",
+    "Progress",
+    "ProgressMeter",
+    "ReceiverFlow",
+    "SenderFlow",
+    "StreamSource",
+    "Verdict",
+    "checksum",
+    "negotiate",
+    "open_source",
+]

@@ -1,0 +1,303 @@
+"""What a stream reads from and how its bytes are checked: sources, the shared chunk log that
+fan-out sends from, and the whole-object SHA-256 computed off the event loop.
+
+Sources (:func:`open_source`) turn bytes-like objects, sequences of buffers (a codec's output),
+file paths and async iterables into chunks of at most the negotiated size, read once. Chunks
+of a bytes-like source are views (never copied); a file is read a chunk at a time in a worker
+thread, so the event loop never blocks on the disk.
+
+The :class:`ChunkLog` holds what was read and not yet committed by every receiver: one stream
+or many (fan-out) send from the same log, so an object sent to N cells is read and digested
+once, and the log never holds more than the window (the fastest receiver waits for the
+slowest one there, not in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+import crc32c
+
+from flare_async._concurrency import Channel, ChannelClosed, Signal, SignalLike
+from flare_async.errors import ConfigError
+from flare_async.wire import Buffer
+
+StreamSource = Buffer | Sequence[Buffer] | str | os.PathLike[str] | AsyncIterable[Buffer]
+"""What ``Cell.stream`` accepts: bytes-like, a sequence of buffers, a file path, or an async
+iterable of buffers."""
+
+
+def checksum(data: Buffer) -> int:
+    """The per-chunk CRC-32C (hardware-accelerated: ~17 GB/s here, against 3.8 for zlib's
+    CRC-32, which would cost most of a core at the transfer rates we aim for)."""
+    return int(crc32c.crc32c(data))
+
+
+class ChunkSource(Protocol):
+    """Sequential reads of an object's bytes."""
+
+    size: int | None
+    """Total bytes, when known in advance."""
+
+    async def read(self, max_bytes: int) -> Buffer:
+        """Up to ``max_bytes`` next bytes; empty at the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _BufferSource:
+    def __init__(self, parts: Sequence[Buffer]) -> None:
+        self._parts = deque(memoryview(p).cast("B") for p in parts if len(p))
+        self.size: int | None = sum(p.nbytes for p in self._parts)
+
+    async def read(self, max_bytes: int) -> Buffer:
+        if not self._parts:
+            return b""
+        head = self._parts[0]
+        if head.nbytes <= max_bytes:
+            self._parts.popleft()
+            return head
+        self._parts[0] = head[max_bytes:]
+        return head[:max_bytes]
+
+    async def aclose(self) -> None:
+        self._parts.clear()
+
+
+class _FileSource:
+    def __init__(self, path: Path) -> None:
+        try:
+            self._file = path.open("rb", buffering=0)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        self.size: int | None = os.fstat(self._file.fileno()).st_size
+        self._path = path
+
+    async def read(self, max_bytes: int) -> Buffer:
+        return await anyio.to_thread.run_sync(self._read, max_bytes)
+
+    def _read(self, max_bytes: int) -> bytes:
+        out = bytearray(max_bytes)
+        view = memoryview(out)
+        got = 0
+        while got < max_bytes:
+            n = self._file.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return bytes(view[:got]) if got < max_bytes else bytes(out)
+
+    async def aclose(self) -> None:
+        self._file.close()
+
+
+class _IterSource:
+    def __init__(self, items: AsyncIterable[Buffer], size: int | None) -> None:
+        self._it: AsyncIterator[Buffer] = aiter(items)
+        self._rest: memoryview | None = None
+        self.size = size
+
+    async def read(self, max_bytes: int) -> Buffer:
+        while self._rest is None or not self._rest.nbytes:
+            try:
+                item = await anext(self._it)
+            except StopAsyncIteration:
+                return b""
+            self._rest = memoryview(item).cast("B")
+        rest = self._rest
+        if rest.nbytes <= max_bytes:
+            self._rest = None
+            return rest
+        self._rest = rest[max_bytes:]
+        return rest[:max_bytes]
+
+    async def aclose(self) -> None:
+        close = getattr(self._it, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def open_source(source: StreamSource, size: int | None = None) -> ChunkSource:
+    """A :class:`ChunkSource` for what a caller passes to ``Cell.stream``.
+
+    Raises:
+        ConfigError: a file that cannot be opened, or something that is not a source.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _BufferSource((source,))
+    if isinstance(source, str | os.PathLike):
+        return _FileSource(Path(source))
+    if isinstance(source, AsyncIterable):
+        return _IterSource(source, size)
+    if isinstance(source, list | tuple) and all(
+        isinstance(p, bytes | bytearray | memoryview) for p in source
+    ):
+        return _BufferSource(source)
+    kind = type(source).__name__
+    raise ConfigError(f"cannot stream a {kind}: pass bytes, buffers, a path or an async iterable")
+
+
+class Digest:
+    """SHA-256 of a byte sequence, computed in a worker thread beside the transfer.
+
+    ``hashlib`` releases the GIL while it hashes, so the digest runs on another core while the
+    event loop moves the next chunks. :meth:`update` waits only when ``depth`` chunks are
+    queued (the hash is slower than the wire: ~1.2 GB/s here), which bounds the memory it
+    holds. :meth:`run` must run in a task while the digest is fed.
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: Channel[Buffer] = Channel(depth)
+        self._done: SignalLike | None = None
+        self.nbytes = 0
+
+    async def update(self, data: Buffer) -> None:
+        if len(data):
+            self.nbytes += len(data)
+            # Closed because the stream failed: the caller learns that next.
+            with contextlib.suppress(ChannelClosed):
+                await self._queue.put(data)
+
+    async def run(self) -> None:
+        self._done = Signal()
+        try:
+            while True:
+                try:
+                    data = await self._queue.get()
+                except ChannelClosed:
+                    return
+                await anyio.to_thread.run_sync(self._hash.update, data)
+        finally:
+            self._done.set()
+
+    def close(self) -> None:
+        """Stop hashing (the stream failed): the task ends, queued bytes are dropped."""
+        self._queue.close()
+        self._queue.clear()
+
+    async def hexdigest(self) -> str:
+        """Wait for every queued byte to be hashed; the hex digest."""
+        self._queue.close()
+        if self._done is not None:
+            await self._done.wait()
+        return self._hash.hexdigest()
+
+
+class Watcher(Protocol):
+    def wake(self) -> None: ...
+
+
+class ChunkLog:
+    """Chunks read from a source and not yet committed by every receiver.
+
+    Receivers (one per destination) are registered by key; each reads the log by offset.
+    :meth:`fill` reads the next chunk from the source when the log holds less than
+    ``window`` bytes; :meth:`trim` drops what every receiver committed.
+
+    Attributes:
+        start: the offset of the first chunk held.
+        end: the offset after the last chunk read.
+        eof: the source is exhausted (:attr:`end` is the object's size).
+    """
+
+    def __init__(self, source: ChunkSource, chunk: int, window: int, digest: Digest | None):
+        self._source = source
+        self.chunk = chunk
+        self.window = window
+        self._digest = digest
+        self._chunks: deque[tuple[int, Buffer]] = deque()
+        self.start = 0
+        self.end = 0
+        self.eof = False
+        self._committed: dict[str, int] = {}
+        self._watchers: set[Watcher] = set()
+        self.filling = False
+        """A task is reading the next chunk from the source."""
+
+    @property
+    def size(self) -> int | None:
+        return self.end if self.eof else self._source.size
+
+    def join(self, key: str) -> None:
+        self._committed[key] = self.start
+
+    def leave(self, key: str) -> None:
+        """A receiver is done (or failed): it no longer holds chunks back."""
+        self._committed.pop(key, None)
+        self.trim()
+
+    def commit(self, key: str, offset: int) -> None:
+        if key in self._committed and offset > self._committed[key]:
+            self._committed[key] = offset
+            self.trim()
+
+    def trim(self) -> None:
+        low = min(self._committed.values(), default=self.end)
+        chunks = self._chunks
+        while chunks and chunks[0][0] + len(chunks[0][1]) <= low:
+            chunks.popleft()
+        self.start = chunks[0][0] if chunks else self.end
+        self._wake()
+
+    @property
+    def held(self) -> int:
+        return self.end - self.start
+
+    def chunk_at(self, offset: int) -> Buffer | None:
+        """The chunk starting at ``offset``, if held (resends start at chunk boundaries:
+        receivers commit whole chunks)."""
+        for start, data in self._chunks:
+            if start == offset:
+                return data
+            if start > offset:
+                break
+        return None
+
+    @property
+    def has_room(self) -> bool:
+        return self.held < self.window
+
+    async def fill_one(self) -> bool:
+        """Read one more chunk (one reader at a time: see :attr:`filling`). Returns False at
+        the end of the source."""
+        if self.eof:
+            return False
+        self.filling = True
+        try:
+            data = await self._source.read(self.chunk)
+            if not len(data):
+                self.eof = True
+                return False
+            if self._digest is not None:
+                await self._digest.update(data)
+            self._chunks.append((self.end, data))
+            self.end += len(data)
+            return True
+        finally:
+            self.filling = False
+            self._wake()
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher.wake()`` whenever the log changes (a chunk read, a trim, the end)."""
+        self._watchers.add(watcher)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def _wake(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.wake()
+
+    async def aclose(self) -> None:
+        self._chunks.clear()
+        await self._source.aclose()
