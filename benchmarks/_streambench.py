@@ -1,0 +1,212 @@
+"""The processes of ``stream.py``: run as ``python _streambench.py CONFIG_JSON``.
+
+Roles (``config["role"]``):
+
+- ``sender``: the root cell ``server`` (``tcp://127.0.0.1:0``). Prints ``{"port": P}``, waits
+  until every target answers ``sys/ping``, then sends the object ``repeat`` times (one
+  ``Cell.stream``, or one ``Cell.stream_many`` for fan-out) and prints one line per run:
+  ``{"seconds": ..., "sent": B}`` (``sent``: bytes this process put on its links during the
+  run). The object: ``mem``: a buffer of ``min(size, 256 MiB)`` random bytes, streamed as many
+  views of it as the size needs (nothing copied); ``file``: a file of random bytes written
+  before the first run (not timed).
+- ``relay``: a relay cell (``system_handlers()``, so it can fan out); prints ``{"port": P}``
+  once linked to its parent.
+- ``receiver``: an edge cell with the stream handler ``bench/put``: ``mem`` takes every chunk
+  and drops it (the bytes arrive in this process's memory and are checked, CRC-32C and, unless
+  disabled, SHA-256); ``file`` saves the object (``IncomingStream.save``) and deletes it after.
+  Prints ``{"ready": true}`` once linked.
+- ``raw_recv``: the baseline's receiving end: a blocking socket that ``recv_into``'s a
+  preallocated 1 MiB buffer until ``size`` bytes came, then answers one byte; ``repeat`` times.
+
+Every role except ``raw_recv`` prints ``{"peak_rss": B}`` when it ends (``ru_maxrss``): the
+sender after its last run, the others when their stdin closes.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from flare_async import Cell, Context, HandlerTable, IncomingStream, system_handlers
+from flare_async.transport import TcpDriver
+
+_BLOCK = 256 << 20
+
+
+def out(**record: Any) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def wait_stdin_eof() -> None:
+    await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+def link_bytes_sent(cell: Cell) -> int:
+    peers = [*cell._children.values(), *([cell._parent] if cell._parent else [])]
+    return sum(p.link.statistics().get("bytes_sent", 0) for p in peers)
+
+
+def make_object(size: int) -> list[memoryview]:
+    block = memoryview(np.random.default_rng(1).bytes(min(size, _BLOCK)))
+    parts, left = [], size
+    while left > 0:
+        parts.append(block[: min(left, block.nbytes)])
+        left -= parts[-1].nbytes
+    return parts
+
+
+def make_file(path: Path, size: int) -> None:
+    block = np.random.default_rng(2).bytes(min(size, 64 << 20))
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, len(block))
+            f.write(block[:n])
+            left -= n
+
+
+async def sender(cfg: dict[str, Any]) -> None:
+    size, mode, targets = cfg["size"], cfg["mode"], cfg["targets"]
+    async with Cell("server", listen=["tcp://127.0.0.1:0"], drivers=[TcpDriver()]) as cell:
+        out(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
+        with anyio.fail_after(120):
+            for dst in targets:
+                while True:
+                    try:
+                        await cell.request(dst, "sys", "ping", b"", timeout=2)
+                        break
+                    except Exception:  # not linked yet
+                        await anyio.sleep(0.05)
+        with tempfile.TemporaryDirectory(dir=cfg.get("tmp")) as tmp:
+            if mode == "file":
+                path = Path(tmp) / "object.bin"
+                make_file(path, size)
+                source: Any = path
+            else:
+                source = make_object(size)
+            chunk = cfg["chunk"]
+            window = max(16 << 20, 4 * chunk)
+            for _ in range(cfg["repeat"]):
+                before = link_bytes_sent(cell)
+                start = time.perf_counter()
+                if cfg["fanout"]:
+                    results = await cell.stream_many(
+                        targets,
+                        "bench",
+                        "put",
+                        source,
+                        digest=cfg["digest"],
+                        chunk=chunk,
+                        window=window,
+                    )
+                    failed = {d: r for d, r in results.items() if isinstance(r, Exception)}
+                    if failed:
+                        raise RuntimeError(f"fan-out failed: {failed}")
+                    replies = list(results.values())
+                else:
+                    replies = [
+                        await cell.stream(
+                            targets[0],
+                            "bench",
+                            "put",
+                            source,
+                            digest=cfg["digest"],
+                            chunk=chunk,
+                            window=window,
+                        )
+                    ]
+                seconds = time.perf_counter() - start
+                for reply in replies:
+                    if int(bytes(reply)) != size:  # type: ignore[call-overload]
+                        raise RuntimeError(f"receiver took {bytes(reply)!r} of {size} B")
+                out(seconds=seconds, sent=link_bytes_sent(cell) - before)
+    out(peak_rss=peak_rss())
+
+
+def receiver_table(mode: str, tmp: str) -> HandlerTable:
+    table = HandlerTable("bench")
+
+    @table.stream("bench", "put")
+    async def put(ctx: Context, stream: IncomingStream) -> bytes:
+        if mode == "file":
+            path = Path(tmp) / f"received-{stream.sid}.bin"
+            n = await stream.save(path)
+            path.unlink()
+            return str(n).encode()
+        n = 0
+        async for chunk in stream:
+            n += chunk.nbytes
+        return str(n).encode()
+
+    return table
+
+
+async def member(cfg: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory(dir=cfg.get("tmp")) as tmp:
+        relay = cfg["role"] == "relay"
+        handlers = [system_handlers()]
+        if not relay:
+            handlers.append(receiver_table(cfg["mode"], tmp))
+        cell = Cell(
+            cfg["name"],
+            parent=cfg["parent"],
+            listen=["tcp://127.0.0.1:0"] if relay else [],
+            drivers=[TcpDriver()],
+            handlers=handlers,
+        )
+        async with cell:
+            with anyio.fail_after(60):
+                await cell.wait_parent()
+            if relay:
+                out(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
+            else:
+                out(ready=True)
+            await wait_stdin_eof()
+    out(peak_rss=peak_rss())
+
+
+def raw_recv(cfg: dict[str, Any]) -> None:
+    size = cfg["size"]
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        out(port=srv.getsockname()[1])
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        for _ in range(cfg["repeat"]):
+            conn, _ = srv.accept()
+            with conn:
+                got = 0
+                while got < size:
+                    n = conn.recv_into(view, min(len(buf), size - got))
+                    if not n:
+                        raise RuntimeError("baseline sender went away")
+                    got += n
+                conn.sendall(b"k")
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[1])
+    role = cfg["role"]
+    if role == "raw_recv":
+        raw_recv(cfg)
+        return 0
+    fn = sender if role == "sender" else member
+    anyio.run(fn, cfg, backend="asyncio", backend_options={"use_uvloop": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

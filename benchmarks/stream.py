@@ -1,0 +1,216 @@
+"""Streaming throughput and memory: one object from one process to another over tcp on loopback.
+
+Cases are named ``tcp-<path>-<size>-<mode>[-nodigest]``:
+
+- ``path``: ``direct`` (sender ``server`` -> receiver ``server.e``, two processes) or
+  ``relay`` (``server`` -> relay ``server.r`` -> receiver ``server.r.e``, three processes);
+  ``fanout8-relay``: one object to 8 receivers behind one relay (``Cell.stream_many``: the
+  relay feeds one upstream stream to its children; ten processes).
+- ``mode``: ``mem`` (the sender streams views of a buffer in memory; the receiver takes each
+  chunk in memory and drops it) or ``file`` (file to file: the sender reads a file a chunk at a
+  time, the receiver writes ``<path>.part`` and renames it once verified).
+- ``-nodigest``: without the whole-object SHA-256 (``digest=False``); chunks still carry
+  their CRC-32C. With it, both ends hash the object in a worker thread beside the transfer.
+
+Per case: ``throughput`` (B/s, median of ``--repeat`` runs; from the start of ``stream`` to
+the receiver's answer), with ``baseline``: the honest ceiling measured in the same run, two
+processes with blocking sockets, ``sendall`` of 1 MiB buffers into ``recv_into`` of a
+preallocated 1 MiB buffer (this process sends; a child receives). ``peak_rss`` (B) of every
+process, one line per role (``case:sender``, ``case:relay``, ``case:receiver``; the fan-out
+case reports the largest receiver). The fan-out case also reports ``upstream_bytes``: bytes
+the sender put on its link per run, with the object's size as ``baseline`` (ratio 1.0 means
+the object crossed the sender's link once, not once per receiver).
+
+Run: ``python benchmarks/stream.py [--quick] [--repeat N] [--size BYTES] [--cases ...]``.
+Full size: 1 GiB objects (``--size 8GiB`` for the large run); ``--quick``: 64 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from _report import emit, log, median, parser
+
+CHILD = str(Path(__file__).with_name("_streambench.py"))
+FULL_SIZE = 1 << 30
+QUICK_SIZE = 64 << 20
+CASES = ("direct-mem", "direct-file", "relay-mem", "relay-file", "fanout8-relay-mem")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", text.strip().lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 1GiB, 64MiB, 1048576)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def size_name(size: int) -> str:
+    for unit, n in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size % n == 0:
+            return f"{size // n}{unit}"
+    return f"{size}B"
+
+
+class Child:
+    """One benchmark process; its JSON lines are read from its stdout."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.role = cfg["role"]
+        self.proc = subprocess.Popen(
+            [sys.executable, CHILD, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def line(self, timeout: float = 600) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        text = self.proc.stdout.readline()
+        if not text:
+            raise RuntimeError(f"{self.role} process ended (exit {self.proc.wait(timeout)})")
+        return dict(json.loads(text))
+
+    def stop(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def baseline(size: int, repeat: int) -> float:
+    """Blocking sockets between two processes: this one sends, a child receives."""
+    child = Child({"role": "raw_recv", "size": size, "repeat": repeat})
+    try:
+        port = child.line()["port"]
+        block = memoryview(bytes(1 << 20))
+        rates = []
+        for _ in range(repeat):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                start = time.perf_counter()
+                left = size
+                while left > 0:
+                    n = min(left, block.nbytes)
+                    s.sendall(block[:n])
+                    left -= n
+                if s.recv(1) != b"k":
+                    raise RuntimeError("baseline receiver did not answer")
+                rates.append(size / (time.perf_counter() - start))
+        return median(rates)
+    finally:
+        child.kill()
+
+
+def run_case(
+    case: str,
+    path: str,
+    mode: str,
+    size: int,
+    digest: bool,
+    repeat: int,
+    base: float,
+    tmp: str,
+    chunk: int,
+) -> None:
+    fanout = 8 if path.startswith("fanout") else 0
+    relay = "relay" in path
+    receivers = (
+        [f"server.r.e{i}" for i in range(fanout)]
+        if fanout
+        else (["server.r.e"] if relay else ["server.e"])
+    )
+    common = {
+        "mode": mode,
+        "size": size,
+        "repeat": repeat,
+        "digest": digest,
+        "tmp": tmp,
+        "chunk": chunk,
+    }
+    with ExitStack() as stack:
+        sender = Child({**common, "role": "sender", "targets": receivers, "fanout": bool(fanout)})
+        stack.callback(sender.kill)
+        parent = f"tcp://127.0.0.1:{sender.line()['port']}"
+        members: list[Child] = []
+        if relay:
+            r = Child({**common, "role": "relay", "name": "server.r", "parent": parent})
+            stack.callback(r.kill)
+            members.append(r)
+            parent = f"tcp://127.0.0.1:{r.line()['port']}"
+        for name in receivers:
+            c = Child({**common, "role": "receiver", "name": name, "parent": parent})
+            stack.callback(c.kill)
+            members.append(c)
+        for c in members:
+            if c.role == "receiver":
+                c.line()
+        runs = []
+        for i in range(repeat):
+            rec = sender.line()
+            runs.append(rec)
+            rate = size / rec["seconds"]
+            log(f"{case} run {i + 1}/{repeat}: {rate / 1e9:.2f} GB/s (baseline {base / 1e9:.2f})")
+        rss = {"sender": sender.line()["peak_rss"]}
+        for c in members:
+            c.stop()
+        for c in members:
+            value = c.line()["peak_rss"]
+            rss[c.role] = max(rss.get(c.role, 0), value)
+    emit("stream", case, "throughput", median([size / r["seconds"] for r in runs]), "B/s", base)
+    for role, value in rss.items():
+        emit("stream", f"{case}:{role}", "peak_rss", value, "B")
+    if fanout:
+        emit("stream", case, "upstream_bytes", median([r["sent"] for r in runs]), "B", size)
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n", 1)[0])
+    p.add_argument("--size", type=parse_size, default=None, help="object size (default 1GiB)")
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases among {','.join(CASES)} (default: all)",
+    )
+    p.add_argument(
+        "--chunk", type=parse_size, default=1 << 20, help="stream chunk size (default 1MiB)"
+    )
+    p.add_argument(
+        "--digest",
+        choices=("both", "on", "off"),
+        default="both",
+        help="run cases with the whole-object SHA-256 (on), without (off), or both",
+    )
+    args = p.parse_args()
+    size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE)
+    cases = [c for c in args.cases.split(",") if c]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}")
+    digests = {"both": (True, False), "on": (True,), "off": (False,)}[args.digest]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
+        for c in cases:
+            path, mode = c.rsplit("-", 1)
+            for digest in digests:
+                log(f"baseline: {size_name(size)} x {args.repeat}")
+                base = baseline(size, args.repeat)
+                case = f"tcp-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
+                log(f"{case}: {args.repeat} runs")
+                run_case(case, path, mode, size, digest, args.repeat, base, tmp, args.chunk)
+    log(f"done in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
