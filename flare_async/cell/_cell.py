@@ -131,6 +131,10 @@ class CellStatistics(msgspec.Struct, frozen=True):
     rejected_overloaded: int
     errors_returned: int
     undeliverable: int
+    streams: dict[str, int] = msgspec.field(default_factory=dict)
+    """Stream counters: ``receiving`` / ``sending`` now, ``received`` / ``sent`` in all,
+    ``damaged_chunks`` (failed their CRC), ``resends_asked``, ``resumes`` (a sender's probe
+    answered here), ``rewinds`` / ``probes`` (as a sender), ``failed``."""
 
 
 class BroadcastResults(dict[str, Outcome]):
@@ -352,6 +356,7 @@ class Cell(StreamingMixin):
             rejected_overloaded=w.rejected,
             errors_returned=self._errors_returned,
             undeliverable=self._undeliverable,
+            streams=self._streams.statistics(),
         )
 
     def _spawn(self, fn: Any, *args: Any, name: str | None = None) -> bool:

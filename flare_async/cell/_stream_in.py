@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,6 +125,7 @@ class IncomingStream:
         """The digest of the bytes taken, once the stream ended (verified against the
         sender's when both computed one)."""
         self.received = 0
+        self.damaged_seen = 0
         self.finished = False
         self._meter = ProgressMeter(hub.cell._clock, self.src, self.sid, self.size)
 
@@ -245,7 +246,10 @@ class IncomingStream:
             signal.set()
 
     def on_data(self, h: StreamData, payload: memoryview) -> Verdict:
-        verdict = self._flow.on_data(h.offset, payload.nbytes, checksum(payload) == h.crc)
+        intact = checksum(payload) == h.crc
+        if not intact:
+            self.damaged_seen += 1
+        verdict = self._flow.on_data(h.offset, payload.nbytes, intact)
         if verdict is Verdict.ACCEPT and payload.nbytes:
             self._chunks.append(payload)
             self._wake()
@@ -319,6 +323,14 @@ class StreamHub:
         self.incoming: dict[tuple[str, int], IncomingStream] = {}
         self.outgoing: dict[int, StreamSender] = {}
         self._finished: OrderedDict[tuple[str, int], Frame | None] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "receiving": len(self.incoming),
+            "sending": len(self.outgoing),
+            **self.counters,
+        }
 
     # ------------------------------------------------------------------ dispatch
     def on_frame(self, frame: Frame) -> None:
@@ -337,13 +349,15 @@ class StreamHub:
                 self._on_end(h)
             elif isinstance(h, StreamAbort):
                 self._on_abort(h)
-        except ProtocolError as exc:
-            self._protocol_error(h, exc)
+        except (ProtocolError, StreamCorrupted) as exc:
+            # A broken or damaged stream fails alone: never the link, never the cell.
+            self._stream_error(h, exc)
 
     def _on_open(self, h: StreamOpen) -> None:
         key = (h.src, h.sid)
         stream = self.incoming.get(key)
         if stream is not None:  # a resume (or a duplicate open): say where we stand
+            self.counters["resumes"] += 1
             self._post(stream.ack_frame(self.cell.name, self._id(), first=True, resend=True))
             return
         if key in self._finished:
@@ -371,6 +385,7 @@ class StreamHub:
         digest = h.digest and (h.channel, h.topic) != (FANOUT_CHANNEL, FANOUT_TOPIC)
         stream = IncomingStream(self, h, chunk, window, digest, idle)
         self.incoming[key] = stream
+        self.counters["received"] += 1
         if not self.cell._spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
             return
@@ -384,7 +399,11 @@ class StreamHub:
             return
         payload = frame.parts[0] if frame.parts else _RELEASED
         verdict = stream.on_data(h, memoryview(payload))
+        if stream.damaged_seen:
+            self.counters["damaged_chunks"] += stream.damaged_seen
+            stream.damaged_seen = 0
         if verdict is Verdict.RESEND:
+            self.counters["resends_asked"] += 1
             self._post(stream.ack_frame(self.cell.name, self._id(), first=False, resend=True))
 
     def _on_end(self, h: StreamEnd) -> None:
@@ -406,13 +425,18 @@ class StreamHub:
                 StreamAborted(f"{h.src} aborted the stream: {h.message}", reported_by=h.src)
             )
 
-    def _protocol_error(self, h: object, exc: ProtocolError) -> None:
-        """A peer broke the stream protocol: that stream fails, not the link."""
+    def _stream_error(self, h: object, exc: ProtocolError | StreamCorrupted) -> None:
+        """A peer broke the stream protocol, or its bytes kept arriving damaged: that stream
+        fails (both ends learn why), not the link."""
         if isinstance(h, StreamData | StreamEnd | StreamOpen):
             stream = self.incoming.pop((h.src, h.sid), None)
             if stream is not None:
                 stream.fail(exc)
-            self._abort_to(h.src, h.src, h.sid, Status.BAD_REQUEST, str(exc))
+            status = (
+                Status.STREAM_CORRUPTED if isinstance(exc, StreamCorrupted) else Status.BAD_REQUEST
+            )
+            self._finished_put((h.src, h.sid), None)
+            self._abort_to(h.src, h.src, h.sid, status, str(exc))
         elif isinstance(h, StreamAck | StreamDone):
             sender = self.outgoing.get(h.sid)
             if sender is not None:

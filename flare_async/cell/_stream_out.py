@@ -134,10 +134,13 @@ class StreamSender:
             self.reply = Payload.received(frame.parts, h.codec, h.headers)
             self.received = h.received
             self.remote_sha256 = h.sha256
+            if self.opts.progress is not None:
+                self.opts.progress(self._meter.update(max(self.flow.committed, h.received)))
             self.wake()
             return
         before = self.flow.committed
-        self.flow.on_ack(h.committed, h.limit, chunk=h.chunk, window=h.window, resend=h.resend)
+        if self.flow.on_ack(h.committed, h.limit, chunk=h.chunk, window=h.window, resend=h.resend):
+            self.cell._streams.counters["rewinds"] += 1
         self.connected = True
         complete = self.log.eof and self.flow.committed >= self.log.end
         if self.flow.committed > before or complete:
@@ -163,17 +166,19 @@ class StreamSender:
         self.wake()
 
     # ------------------------------------------------------------------ the pump
-    def _routed(self) -> tuple[int, str, str, list[str], None, dict[str, str]]:
+    def _routed(
+        self, headers: dict[str, str] | None = None
+    ) -> tuple[int, str, str, list[str], None, dict[str, str]]:
         """``id, src, dst, route, budget, headers`` of a new message to the receiver."""
         name = self.cell.name
-        return next(self.cell._ids), name, self.dst, [name], None, {}
+        return next(self.cell._ids), name, self.dst, [name], None, headers or {}
 
     def _open(self, resume: bool) -> Frame:
         o = self.opts
         size = self.log.size
         return Frame(
             StreamOpen(
-                *self._routed(),
+                *self._routed(dict(o.headers)),
                 channel=o.channel,
                 topic=o.topic,
                 sid=self.sid,
@@ -213,10 +218,12 @@ class StreamSender:
             return
         self._signal = None
         if self.cell._clock() - self.last_progress > self.opts.idle:
+            self.cell._streams.counters["failed"] += 1
             raise StreamStalled(
                 f"stream {self.sid} to {self.dst} made no progress for {self.opts.idle} s "
                 f"({self.flow.committed} B committed)"
             )
+        self.cell._streams.counters["probes"] += 1
         await self._send(self._open(resume=True))
 
     async def run(self, digest_result: Callable[[], Awaitable[str]]) -> None:
@@ -313,6 +320,7 @@ async def send_streams(
                     sender = StreamSender(cell, dst, next(cell._ids), log, per_dst.get(dst, opts))
                     senders[dst] = sender
                     hub.outgoing[sender.sid] = sender
+                    hub.counters["sent"] += 1
                     log.watch(sender)
                     pumps.start_soon(one, sender)
             if digest is not None:

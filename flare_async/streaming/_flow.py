@@ -52,6 +52,7 @@ class SenderFlow:
 
     Attributes:
         next_offset: the next byte to send.
+        high: the end of the furthest byte ever sent.
         committed: every byte below was received intact (the sender may drop it).
         limit: the sender may send bytes below this offset.
         started: the receiver answered the open (chunk and window are settled).
@@ -62,6 +63,7 @@ class SenderFlow:
         self.chunk = chunk
         self.window = window
         self.next_offset = 0
+        self.high = 0
         self.committed = 0
         self.limit = 0
         self.started = False
@@ -77,26 +79,29 @@ class SenderFlow:
     ) -> bool:
         """Take an ack. Returns True if the sender must go back to ``committed`` and resend.
 
+        Acks may be stale (overtaken by a resend or a resume): a committed offset or a limit
+        below what is already known is ignored, and a committed offset past where a rewind
+        put the sender moves it forward again (the bytes arrived after all).
+
         Raises:
-            ProtocolError: the ack claims bytes that were never sent, or a limit that went
-                back (a broken or hostile receiver).
+            ProtocolError: the ack commits bytes that were never sent (a broken or hostile
+                receiver).
         """
-        if committed < 0 or (committed > self.next_offset and not resend):
-            raise ProtocolError(f"stream ack commits {committed} B of {self.next_offset} sent")
-        if resend and committed > self.next_offset:
-            raise ProtocolError(f"stream asks to resend from {committed} B, past what was sent")
-        if limit < self.limit and not resend:
-            raise ProtocolError(f"stream credit went back from {self.limit} to {limit}")
+        if committed < 0 or committed > self.high:
+            raise ProtocolError(f"stream ack commits {committed} B of {self.high} sent")
         if chunk:
             self.chunk = chunk
         if window:
             self.window = window
         self.started = True
-        self.committed = max(self.committed, committed)
-        self.limit = limit
-        if resend and committed < self.next_offset:
+        self.limit = max(self.limit, limit)
+        if committed < self.committed:
+            return False  # stale
+        self.committed = committed
+        if committed > self.next_offset:
             self.next_offset = committed
-            self.committed = committed
+        elif resend and committed < self.next_offset:
+            self.next_offset = committed
             self.rewinds += 1
             return True
         return False
@@ -113,6 +118,7 @@ class SenderFlow:
     def sent(self, nbytes: int) -> None:
         """Record ``nbytes`` sent from :attr:`next_offset`."""
         self.next_offset += nbytes
+        self.high = max(self.high, self.next_offset)
 
 
 class Verdict(enum.Enum):

@@ -146,6 +146,9 @@ def open_source(source: StreamSource, size: int | None = None) -> ChunkSource:
     raise ConfigError(f"cannot stream a {kind}: pass bytes, buffers, a path or an async iterable")
 
 
+_HASH_INLINE_BELOW = 64 * 1024
+
+
 class Digest:
     """SHA-256 of a byte sequence, computed in a worker thread beside the transfer.
 
@@ -176,7 +179,10 @@ class Digest:
                     data = await self._queue.get()
                 except ChannelClosed:
                     return
-                await anyio.to_thread.run_sync(self._hash.update, data)
+                if len(data) < _HASH_INLINE_BELOW:
+                    self._hash.update(data)  # cheaper than the trip to a thread
+                else:
+                    await anyio.to_thread.run_sync(self._hash.update, data)
         finally:
             self._done.set()
 

@@ -1,4 +1,5 @@
-"""Public testing helpers: the driver conformance suite every transport must pass."""
+"""Public testing helpers: the driver conformance suite every transport must pass, and a
+fault-injecting driver wrapper."""
 
 from flare_async.testing._conformance import (
     CONFORMANCE_CHECKS,
@@ -14,9 +15,12 @@ from flare_async.testing._conformance import (
     driver_pair,
     run_check,
 )
+from flare_async.testing._faults import FaultyDriver, FramePredicate, flip_one_byte
 
 __all__ = [
     "CONFORMANCE_CHECKS",
+    "FaultyDriver",
+    "FramePredicate",
     "LinkPairFactory",
     "check_cancel_mid_send",
     "check_close_vs_broken",
@@ -27,5 +31,6 @@ __all__ = [
     "check_ordering",
     "check_try_send",
     "driver_pair",
+    "flip_one_byte",
     "run_check",
 ]

@@ -72,6 +72,8 @@ class MemoryLink(Link):
         self._closed = False
         self._frames_in = 0
         self._frames_out = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
 
     def _head(self, frame: Frame) -> bytes:
         if self._closed:
@@ -95,6 +97,7 @@ class MemoryLink(Link):
             raise self._send_failed() from None
         if sent:
             self._frames_out += 1
+            self._bytes_out += len(head) + payload_size(frame.parts)
         return sent
 
     async def send(self, frame: Frame) -> None:
@@ -108,6 +111,7 @@ class MemoryLink(Link):
             await checkpoint()
             raise
         self._frames_out += 1
+        self._bytes_out += len(head) + payload_size(frame.parts)
 
     async def receive(self) -> Frame:
         queue = self._rx.queue
@@ -127,6 +131,7 @@ class MemoryLink(Link):
         except ProtocolError as exc:
             raise type(exc)(str(exc), peer=self.peer_address) from None
         self._frames_in += 1
+        self._bytes_in += len(head) + payload_size(parts)
         if len(parts) == 1:
             return Frame(header, (memoryview(parts[0]).toreadonly(),))
         return Frame(header, tuple([memoryview(p).toreadonly() for p in parts]))
@@ -149,6 +154,8 @@ class MemoryLink(Link):
         return {
             "frames_sent": self._frames_out,
             "frames_received": self._frames_in,
+            "bytes_sent": self._bytes_out,
+            "bytes_received": self._bytes_in,
             "send_queue_used": len(self._tx.queue),
             "send_queue_size": self._tx.queue.size,
         }

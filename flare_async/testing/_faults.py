@@ -1,0 +1,116 @@
+"""A driver that damages chosen frames on their way out, for testing what the runtime does
+with bad bytes: ``FaultyDriver(MemoryNetwork(), corrupt=...)``.
+
+It wraps any driver. Every frame a wrapped link sends is offered to ``corrupt``; when it
+returns True, one byte in the middle of the frame's payload is flipped — in a copy, so the
+sender's own buffers (which ``memory://`` hands over by reference) stay intact. Everything
+else is passed through untouched (sends all take the waiting path, so ``corrupt`` sees each
+frame exactly once and may count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flare_async.transport import Driver, Link, Listener
+from flare_async.wire import Frame, Limits
+
+FramePredicate = Callable[[Frame], bool]
+
+
+def flip_one_byte(frame: Frame) -> Frame:
+    """A copy of ``frame`` with one payload byte inverted (the frame as is if it has none)."""
+    parts = list(frame.parts)
+    for i, part in enumerate(parts):
+        if len(part):
+            damaged = bytearray(part)
+            damaged[len(damaged) // 2] ^= 0xFF
+            parts[i] = bytes(damaged)
+            return Frame(frame.header, tuple(parts))
+    return frame
+
+
+class _FaultyLink(Link):
+    def __init__(self, inner: Link, corrupt: FramePredicate) -> None:
+        self._inner = inner
+        self._corrupt = corrupt
+        self.local_address = inner.local_address
+        self.peer_address = inner.peer_address
+        self.limits = inner.limits
+        self.damaged = 0
+
+    @property
+    def peer_limits(self) -> Limits:
+        return self._inner.peer_limits
+
+    @peer_limits.setter
+    def peer_limits(self, value: Limits) -> None:
+        self._inner.peer_limits = value
+
+    def _filter(self, frame: Frame) -> Frame:
+        if self._corrupt(frame):
+            self.damaged += 1
+            return flip_one_byte(frame)
+        return frame
+
+    async def send(self, frame: Frame) -> None:
+        await self._inner.send(self._filter(frame))
+
+    def try_send(self, frame: Frame) -> bool:
+        return False  # every frame goes through send(): ``corrupt`` sees each exactly once
+
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        return self._inner.deliver_to(on_frame)
+
+    async def receive(self) -> Frame:
+        return await self._inner.receive()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def abort(self) -> None:
+        abort = getattr(self._inner, "abort", None)
+        if abort is not None:
+            abort()
+
+    def extra(self) -> dict[str, Any]:
+        return self._inner.extra()
+
+    def statistics(self) -> dict[str, int]:
+        return {**self._inner.statistics(), "damaged": self.damaged}
+
+
+class _FaultyListener(Listener):
+    def __init__(self, inner: Listener, corrupt: FramePredicate) -> None:
+        self._inner = inner
+        self._corrupt = corrupt
+        self.url = inner.url
+
+    async def accept(self) -> Link:
+        return _FaultyLink(await self._inner.accept(), self._corrupt)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class FaultyDriver(Driver):
+    """Wraps ``inner``; frames for which ``corrupt(frame)`` is True get one byte flipped.
+
+    ``corrupt`` sees every frame every wrapped link sends (both ends: links it connects and
+    links it accepts), so it can pick by kind, offset or count.
+    """
+
+    def __init__(self, inner: Driver, *, corrupt: FramePredicate) -> None:
+        self.inner = inner
+        self.corrupt = corrupt
+        self.schemes = inner.schemes
+
+    async def connect(self, url: str, *, limits: Limits) -> Link:
+        return _FaultyLink(await self.inner.connect(url, limits=limits), self.corrupt)
+
+    async def listen(self, url: str, *, limits: Limits) -> Listener:
+        return _FaultyListener(await self.inner.listen(url, limits=limits), self.corrupt)
+
+
+__all__ = ["FaultyDriver", "FramePredicate", "flip_one_byte"]

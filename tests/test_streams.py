@@ -1,0 +1,442 @@
+"""Streams between cells: sizes, sources and sinks, integrity, flow control, relays, fan-out,
+resume after a dropped link, and the failures each has a name for."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from flare_async import (
+    Cell,
+    Context,
+    HandlerTable,
+    IncomingStream,
+    MemoryNetwork,
+    Payload,
+    system_handlers,
+)
+from flare_async.errors import (
+    BadRequest,
+    NoHandler,
+    Overloaded,
+    StreamCorrupted,
+    Unreachable,
+)
+from flare_async.streaming import Progress
+from flare_async.testing import FaultyDriver
+from flare_async.transport import Driver
+from flare_async.wire import Frame, StreamData
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    # Real clocks: file sources, sinks and digests of large chunks use worker threads, which
+    # a virtual clock that jumps when every task waits would overtake. The tests that are
+    # about time (stalls, probes) live in test_streams_time.py on the virtual clock.
+    return str(request.param)
+
+
+CHUNK = 4096
+WINDOW = 4 * CHUNK
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
+    return block[:size]
+
+
+class Sink:
+    """What the test receiver saw."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, bytes] = {}
+        self.calls = 0
+        self.got_first = anyio.Event()
+        self.release = anyio.Event()
+        self.release.set()
+        self.headers: dict[str, str] = {}
+
+
+def receiver_table(sink: Sink, *, hold_after_first: bool = False) -> HandlerTable:
+    table = HandlerTable("test streams")
+
+    @table.stream("t", "collect")
+    async def collect(ctx: Context, stream: IncomingStream) -> bytes:
+        sink.calls += 1
+        parts = []
+        async for chunk in stream:
+            parts.append(bytes(chunk))
+            sink.got_first.set()
+            if hold_after_first:
+                await sink.release.wait()
+        sink.data[stream.sid] = b"".join(parts)
+        sink.headers = stream.headers
+        return f"{stream.received} {stream.sha256}".encode()
+
+    @table.stream("t", "refuse")
+    async def refuse(ctx: Context, stream: IncomingStream) -> None:
+        raise BadRequest("not this one")
+
+    @table.stream("t", "early")
+    async def early(ctx: Context, stream: IncomingStream) -> bytes:
+        chunk = await stream.read_chunk()
+        return b"enough" if chunk is not None else b"empty"
+
+    @table.request("t", "ping")
+    async def ping(ctx: Context, msg: Payload) -> bytes:
+        return b"pong"
+
+    return table
+
+
+@asynccontextmanager
+async def chain(
+    names: list[str], handlers: HandlerTable, driver: Driver | None = None, **cell_opts: Any
+) -> AsyncIterator[list[Cell]]:
+    """Cells each the child of the one before, on one memory network (or ``driver``)."""
+    net = driver or MemoryNetwork()
+    async with AsyncExitStack() as stack:
+        cells: list[Cell] = []
+        parent: str | None = None
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            cell = Cell(
+                name,
+                listen=[] if last else [f"memory://{name}"],
+                parent=parent,
+                drivers=[net],
+                handlers=[handlers] if last else [],
+                **cell_opts,
+            )
+            await stack.enter_async_context(cell)
+            if parent is not None:
+                with anyio.fail_after(10):
+                    await cell.wait_parent()
+            parent = f"memory://{name}"
+            cells.append(cell)
+        yield cells
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 40 * CHUNK])
+async def test_round_trip_of_every_size(size: int) -> None:
+    sink = Sink()
+    data = pattern(size)
+    async with chain(["server", "server.e"], receiver_table(sink)) as (server, _):
+        seen: list[Progress] = []
+        reply = await server.stream(
+            "server.e",
+            "t",
+            "collect",
+            data,
+            chunk=CHUNK,
+            window=WINDOW,
+            progress=seen.append,
+            headers={"model": "v7"},
+        )
+    assert sink.headers == {"model": "v7"}
+    received, sha = reply.tobytes().decode().split()
+    assert int(received) == size
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert list(sink.data.values()) == [data]
+    dones = [p.done for p in seen]
+    assert dones == sorted(dones)
+    assert not size or dones[-1] == size
+    assert all(p.total == size for p in seen)
+
+
+async def test_sources_buffers_file_and_async_iterable(tmp_path: Path) -> None:
+    sink = Sink()
+    data = pattern(10 * CHUNK + 3, seed=1)
+    path = tmp_path / "object.bin"
+    path.write_bytes(data)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    sources: list[Any] = [
+        [data[:5000], memoryview(data)[5000:], b""],
+        path,
+        str(path),
+        pieces(),
+        bytearray(data),
+    ]
+    async with chain(["server", "server.e"], receiver_table(sink)) as (server, _):
+        for source in sources:
+            await server.stream("server.e", "t", "collect", source, chunk=CHUNK, window=WINDOW)
+    assert list(sink.data.values()) == [data] * len(sources)
+
+
+async def test_save_writes_the_file_atomically_and_only_when_verified(tmp_path: Path) -> None:
+    table = HandlerTable()
+    target = tmp_path / "model.bin"
+
+    @table.stream("t", "save")
+    async def save(ctx: Context, stream: IncomingStream) -> bytes:
+        return str(await stream.save(target)).encode()
+
+    data = pattern(7 * CHUNK + 11, seed=2)
+    async with chain(["server", "server.e"], table) as (server, _):
+        reply = await server.stream("server.e", "t", "save", data, chunk=CHUNK, window=WINDOW)
+        assert reply.tobytes() == str(len(data)).encode()
+        assert target.read_bytes() == data
+        assert not (tmp_path / "model.bin.part").exists()
+        # A wrong announced digest: the receiver refuses the object, no file appears.
+        target.unlink()
+        with pytest.raises(StreamCorrupted, match="SHA-256"):
+            await server.stream(
+                "server.e", "t", "save", data, chunk=CHUNK, window=WINDOW, sha256="00" * 32
+            )
+    assert not target.exists()
+    assert not (tmp_path / "model.bin.part").exists()
+
+
+async def test_offsets_past_4_gib_from_a_generated_source(anyio_backend_name: str) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("4 GiB through the memory transport once is enough")
+    block = pattern(4 << 20, seed=3)
+    size = (1 << 32) + (3 << 20) + 5  # past the 32-bit boundary, with a ragged end
+    table = HandlerTable()
+    seen = {"n": 0, "offsets_past_4gib": 0}
+
+    @table.stream("t", "count")
+    async def count(ctx: Context, stream: IncomingStream) -> bytes:
+        async for chunk in stream:
+            if seen["n"] >= 1 << 32:
+                seen["offsets_past_4gib"] += 1
+            seen["n"] += chunk.nbytes
+        return str(stream.received).encode()
+
+    async def generated() -> AsyncIterator[memoryview]:
+        left = size
+        view = memoryview(block)
+        while left:
+            n = min(left, len(block))
+            yield view[:n]
+            left -= n
+
+    async with chain(["server", "server.e"], table) as (server, _):
+        reply = await server.stream(
+            "server.e",
+            "t",
+            "count",
+            generated(),
+            size=size,
+            digest=False,
+            chunk=4 << 20,
+            window=32 << 20,
+        )
+    assert int(reply.tobytes()) == size
+    assert seen["offsets_past_4gib"] >= 1
+
+
+async def test_a_damaged_chunk_is_detected_and_sent_again() -> None:
+    damaged: list[int] = []
+
+    def third_data_frame(frame: Frame) -> bool:
+        h = frame.header
+        if isinstance(h, StreamData) and h.offset == 2 * CHUNK and not damaged:
+            damaged.append(h.offset)
+            return True
+        return False
+
+    sink = Sink()
+    data = pattern(6 * CHUNK, seed=4)
+    driver = FaultyDriver(MemoryNetwork(), corrupt=third_data_frame)
+    async with chain(["server", "server.e"], receiver_table(sink), driver) as (server, edge):
+        await server.stream("server.e", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+        assert edge.statistics().streams["damaged_chunks"] == 1
+        assert server.statistics().streams["rewinds"] >= 1
+    assert damaged == [2 * CHUNK]
+    assert list(sink.data.values()) == [data]
+
+
+async def test_a_chunk_damaged_every_time_fails_the_stream_by_name() -> None:
+    def always(frame: Frame) -> bool:
+        return isinstance(frame.header, StreamData) and frame.header.offset == CHUNK
+
+    driver = FaultyDriver(MemoryNetwork(), corrupt=always)
+    async with chain(["server", "server.e"], receiver_table(Sink()), driver) as (server, _):
+        with pytest.raises(StreamCorrupted, match="failed its check"):
+            await server.stream(
+                "server.e", "t", "collect", pattern(4 * CHUNK), chunk=CHUNK, window=WINDOW
+            )
+        # The link and the cells are fine: the next stream goes through.
+        driver.corrupt = lambda frame: False
+        await server.stream("server.e", "t", "collect", b"after", chunk=CHUNK, window=WINDOW)
+
+
+async def test_a_receiver_that_stops_reading_holds_the_sender_within_the_window() -> None:
+    sink = Sink()
+    sink.release = anyio.Event()
+    data = pattern(64 * CHUNK, seed=5)
+    async with (
+        chain(["server", "server.e"], receiver_table(sink, hold_after_first=True)) as (
+            server,
+            edge,
+        ),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(
+            lambda: server.stream("server.e", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+        )
+        await sink.got_first.wait()
+        await anyio.wait_all_tasks_blocked()
+        (sender,) = server._streams.outgoing.values()
+        (incoming,) = edge._streams.incoming.values()
+        # The consumer took one chunk: the sender may be at most a window beyond it.
+        assert sender.flow.next_offset <= CHUNK + WINDOW
+        assert incoming._flow.held <= WINDOW
+        assert sender.log.held <= WINDOW
+        sink.release.set()
+    assert list(sink.data.values()) == [data]
+
+
+async def test_three_hops_through_two_relays() -> None:
+    sink = Sink()
+    data = pattern(9 * CHUNK + 1, seed=6)
+    names = ["server", "server.r1", "server.r1.r2", "server.r1.r2.e"]
+    async with chain(names, receiver_table(sink)) as cells:
+        await cells[0].stream(names[-1], "t", "collect", data, chunk=CHUNK, window=WINDOW)
+        assert cells[1].statistics().forwarded > 0
+        assert cells[2].statistics().forwarded > 0
+    assert list(sink.data.values()) == [data]
+
+
+async def test_a_small_request_passes_a_stream_that_fills_the_link() -> None:
+    sink = Sink()
+    sink.release = anyio.Event()
+    data = pattern(256 * CHUNK, seed=7)
+    done = anyio.Event()
+    async with (
+        chain(["server", "server.e"], receiver_table(sink, hold_after_first=True)) as (
+            server,
+            _,
+        ),
+        anyio.create_task_group() as tg,
+    ):
+
+        async def send() -> None:
+            await server.stream("server.e", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+            done.set()
+
+        tg.start_soon(send)
+        await sink.got_first.wait()
+        reply = await server.request("server.e", "t", "ping", b"", timeout=5)
+        assert reply.tobytes() == b"pong"
+        assert not done.is_set()  # the request did not wait for the stream
+        sink.release.set()
+
+
+async def test_refusals_have_names() -> None:
+    async with chain(["server", "server.e"], receiver_table(Sink()), max_streams=1) as (
+        server,
+        edge,
+    ):
+        with pytest.raises(NoHandler):
+            await server.stream("server.e", "t", "nothing-here", b"x")
+        with pytest.raises(BadRequest, match="not this one"):
+            await server.stream("server.e", "t", "refuse", b"x")
+        with pytest.raises(Unreachable):
+            await server.stream("server.nobody", "t", "collect", b"x")
+        assert (
+            await server.stream(
+                "server.e", "t", "early", pattern(50 * CHUNK), chunk=CHUNK, window=WINDOW
+            )
+        ).tobytes() == b"enough"
+        # One stream at a time on this receiver: a second one is refused, not queued.
+        sink = Sink()
+        sink.release = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: server.stream(
+                    "server.e", "t", "collect", pattern(8 * CHUNK), chunk=CHUNK, window=WINDOW
+                )
+            )
+            while not edge._streams.incoming:
+                await anyio.lowlevel.checkpoint()
+            with pytest.raises(Overloaded):
+                await server.stream("server.e", "t", "collect", b"second")
+            tg.cancel_scope.cancel()
+
+
+async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
+    net = MemoryNetwork()
+    sinks = [Sink() for _ in range(4)]
+    data = pattern(20 * CHUNK, seed=8)
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            Cell("server", listen=["memory://server"], drivers=[net])
+        )
+        relay = await stack.enter_async_context(
+            Cell(
+                "server.r",
+                listen=["memory://r"],
+                parent="memory://server",
+                drivers=[net],
+                handlers=[system_handlers()],
+            )
+        )
+        await relay.wait_parent()
+        for i, sink in enumerate(sinks):
+            cell = await stack.enter_async_context(
+                Cell(
+                    f"server.r.e{i}",
+                    parent="memory://r",
+                    drivers=[net],
+                    handlers=[receiver_table(sink)],
+                )
+            )
+            await cell.wait_parent()
+        (link,) = [p.link for p in server._children.values()]
+        before = link.statistics()["bytes_sent"]
+        results = await server.stream_many(
+            [f"server.r.e{i}" for i in range(4)],
+            "t",
+            "collect",
+            data,
+            chunk=CHUNK,
+            window=WINDOW,
+        )
+        upstream = link.statistics()["bytes_sent"] - before
+        direct = await server.stream_many(
+            ["server.r.e0", "server.r.e1"],
+            "t",
+            "collect",
+            data,
+            chunk=CHUNK,
+            window=WINDOW,
+            via_relays=False,
+        )
+    assert all(isinstance(r, Payload) for r in results.values()), results
+    sha = hashlib.sha256(data).hexdigest()
+    for r in results.values():
+        assert isinstance(r, Payload)
+        assert r.tobytes().decode() == f"{len(data)} {sha}"
+    assert len(data) <= upstream < 1.2 * len(data)  # once, not four times
+    assert all(next(iter(s.data.values())) == data for s in sinks)
+    assert all(isinstance(r, Payload) for r in direct.values())
+
+
+async def test_fan_out_reports_each_failed_target_without_failing_the_others() -> None:
+    sink = Sink()
+    async with chain(["server", "server.e"], receiver_table(sink)) as (server, _):
+        results = await server.stream_many(
+            ["server.e", "server.gone"],
+            "t",
+            "collect",
+            pattern(3 * CHUNK),
+            chunk=CHUNK,
+            window=WINDOW,
+        )
+    assert isinstance(results["server.e"], Payload)
+    assert isinstance(results["server.gone"], Unreachable)
