@@ -70,7 +70,7 @@ def make_object(size: int) -> list[memoryview]:
 
 
 def make_file(path: Path, size: int) -> None:
-    block = np.random.default_rng(2).bytes(min(size, 64 << 20))
+    block = np.random.default_rng(2).bytes(min(size, 4 << 20))  # small: not in peak_rss
     with path.open("wb") as f:
         left = size
         while left > 0:

@@ -348,6 +348,8 @@ async def test_refusals_have_names() -> None:
             await server.stream("server.e", "t", "refuse", b"x")
         with pytest.raises(Unreachable):
             await server.stream("server.nobody", "t", "collect", b"x")
+        with pytest.raises(Unreachable):  # decided by server.e, on the way: fails at once
+            await server.stream("server.e.nobody", "t", "collect", b"x")
         assert (
             await server.stream(
                 "server.e", "t", "early", pattern(50 * CHUNK), chunk=CHUNK, window=WINDOW

@@ -151,7 +151,9 @@ class StreamSender:
         self.wake()
 
     def on_abort(self, h: StreamAbort) -> None:
-        if h.src != self.dst and h.status in _PATH_TROUBLE:
+        # Once the receiver has answered, a relay's report is trouble on the path, which a
+        # resume gets over; before that, as for a request, no route means no stream.
+        if h.src != self.dst and h.status in _PATH_TROUBLE and self.flow.started:
             self.connected = False  # a relay lost the path: probe until it is back
             self.wake()
             return
@@ -256,10 +258,7 @@ class StreamSender:
                         flow.sent(len(data))
                     continue
                 if not log.eof:
-                    if log.has_room and not log.filling:
-                        await log.fill_one()
-                    else:
-                        await self._wait()
+                    await self._wait()  # for the reader task to bring the next chunk
                     continue
                 if self._end_sent_at != offset:
                     sha = await digest_result()
@@ -311,10 +310,20 @@ async def send_streams(
         finally:
             hub.outgoing.pop(sender.sid, None)
 
+    async def read_ahead() -> None:
+        """Keep the log filled up to the window while the senders send from it, so reading
+        the source (a file: in a worker thread) overlaps with the sending."""
+        while not log.eof:
+            if log.has_room:
+                await log.fill_one()
+            else:
+                await log.wait_room()
+
     try:
         async with anyio.create_task_group() as tg:
             if digest is not None:
                 tg.start_soon(digest.run)
+            tg.start_soon(read_ahead)
             async with anyio.create_task_group() as pumps:
                 for dst in dsts:
                     sender = StreamSender(cell, dst, next(cell._ids), log, per_dst.get(dst, opts))
@@ -325,6 +334,7 @@ async def send_streams(
                     pumps.start_soon(one, sender)
             if digest is not None:
                 digest.close()
+            tg.cancel_scope.cancel()  # the reader, if every destination stopped early
     finally:
         await log.aclose()
     return senders

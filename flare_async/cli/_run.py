@@ -127,10 +127,16 @@ def cell_from_kit(
     )
 
 
-async def serve(kit_path: Path, handlers: list[str], handshake_timeout: float) -> None:
+async def serve(
+    kit_path: Path, handlers: list[str], handshake_timeout: float, inbox: Path | None = None
+) -> None:
     """Run the kit's cell until SIGINT or SIGTERM."""
+    from flare_async.cli._send import inbox_handlers  # noqa: PLC0415 - _send imports us
+
     kit = load_kit(kit_path, now=datetime.now(UTC))
     tables = [load_handlers(spec) for spec in handlers]
+    if inbox is not None:
+        tables.append(inbox_handlers(inbox))
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         cell = cell_from_kit(kit, handlers=tables, handshake_timeout=handshake_timeout)
         async with cell:
@@ -158,6 +164,12 @@ def add_parser(sub: Any) -> None:
         metavar="MODULE:NAME",
         help="mount a HandlerTable (or a function returning one); repeatable",
     )
+    p.add_argument(
+        "--inbox",
+        default=None,
+        metavar="DIR",
+        help="accept files streamed with `flare-async send` into DIR (files/put)",
+    )
     p.add_argument("--json-logs", action="store_true", help="JSON log lines on stderr")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
@@ -178,6 +190,7 @@ def run(args: Any) -> int:
             Path(args.kit),
             args.handlers,
             args.handshake_timeout,
+            Path(args.inbox) if args.inbox else None,
             backend_options={"use_uvloop": True},
         )
     except ConfigError as exc:

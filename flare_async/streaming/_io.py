@@ -20,11 +20,12 @@ import os
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import anyio.to_thread
 import crc32c
+import numpy as np
 
 from flare_async._concurrency import Channel, ChannelClosed, Signal, SignalLike
 from flare_async.errors import ConfigError
@@ -85,16 +86,16 @@ class _FileSource:
     async def read(self, max_bytes: int) -> Buffer:
         return await anyio.to_thread.run_sync(self._read, max_bytes)
 
-    def _read(self, max_bytes: int) -> bytes:
-        out = bytearray(max_bytes)
-        view = memoryview(out)
+    def _read(self, max_bytes: int) -> memoryview:
+        # One copy, page cache to a buffer nobody zero-filled; the chunk is that buffer.
+        out = memoryview(cast(Any, np.empty(max_bytes, dtype=np.uint8)))
         got = 0
         while got < max_bytes:
-            n = self._file.readinto(view[got:])
+            n = self._file.readinto(out[got:])
             if not n:
                 break
             got += n
-        return bytes(view[:got]) if got < max_bytes else bytes(out)
+        return out[:got].toreadonly()
 
     async def aclose(self) -> None:
         self._file.close()
@@ -227,6 +228,7 @@ class ChunkLog:
         self.eof = False
         self._committed: dict[str, int] = {}
         self._watchers: set[Watcher] = set()
+        self._room: SignalLike | None = None
         self.filling = False
         """A task is reading the next chunk from the source."""
 
@@ -293,6 +295,11 @@ class ChunkLog:
             self.filling = False
             self._wake()
 
+    async def wait_room(self) -> None:
+        """Wait until a trim makes room (every receiver committed the oldest chunk)."""
+        signal = self._room = Signal()
+        await signal.wait()
+
     def watch(self, watcher: Watcher) -> None:
         """Call ``watcher.wake()`` whenever the log changes (a chunk read, a trim, the end)."""
         self._watchers.add(watcher)
@@ -303,6 +310,11 @@ class ChunkLog:
     def _wake(self) -> None:
         for watcher in list(self._watchers):
             watcher.wake()
+        room, self._room = self._room, None
+        if room is not None and self.has_room:
+            room.set()
+        elif room is not None:
+            self._room = room
 
     async def aclose(self) -> None:
         self._chunks.clear()
