@@ -17,7 +17,9 @@ the receiver's answer), with ``baseline``: the honest ceiling measured in the sa
 processes with blocking sockets, ``sendall`` of 1 MiB buffers into ``recv_into`` of a
 preallocated 1 MiB buffer (this process sends; a child receives). ``peak_rss`` (B) of every
 process, one line per role (``case:sender``, ``case:relay``, ``case:receiver``; the fan-out
-case reports the largest receiver). The fan-out case also reports ``upstream_bytes``: bytes
+case reports the largest receiver). File cases also report ``write_throughput`` of this
+machine's disk (``case:disk``: 1 MiB writes into a file, measured in the same run), the other
+ceiling a file-to-file transfer meets. The fan-out case also reports ``upstream_bytes``: bytes
 the sender put on its link per run, with the object's size as ``baseline`` (ratio 1.0 means
 the object crossed the sender's link once, not once per receiver).
 
@@ -111,6 +113,21 @@ def baseline(size: int, repeat: int) -> float:
         return median(rates)
     finally:
         child.kill()
+
+
+def disk_write(tmp: str, size: int) -> float:
+    """Bytes per second this machine writes a file in 1 MiB blocks (the page cache, as the
+    receiver's ``save`` does): the other ceiling of file-to-file cases."""
+    block = memoryview(bytes(1 << 20))
+    path = Path(tmp) / "disk-probe.bin"
+    start = time.perf_counter()
+    with path.open("wb", buffering=0) as f:
+        left = size
+        while left > 0:
+            left -= f.write(block[: min(left, block.nbytes)])
+    rate = size / (time.perf_counter() - start)
+    path.unlink()
+    return rate
 
 
 def run_case(
@@ -209,6 +226,9 @@ def main() -> None:
                 case = f"tcp-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
                 log(f"{case}: {args.repeat} runs")
                 run_case(case, path, mode, size, digest, args.repeat, base, tmp, args.chunk)
+                if mode == "file":
+                    disk = median([disk_write(tmp, min(size, 2 << 30)) for _ in range(3)])
+                    emit("stream", f"{case}:disk", "write_throughput", disk, "B/s")
     log(f"done in {time.perf_counter() - started:.1f} s")
 
 

@@ -31,7 +31,7 @@ from flare_async.errors import (
 )
 from flare_async.streaming import Progress
 from flare_async.testing import FaultyDriver
-from flare_async.transport import Driver
+from flare_async.transport import Driver, TcpDriver
 from flare_async.wire import Frame, StreamData
 
 pytestmark = pytest.mark.anyio
@@ -100,18 +100,25 @@ def receiver_table(sink: Sink, *, hold_after_first: bool = False) -> HandlerTabl
 
 @asynccontextmanager
 async def chain(
-    names: list[str], handlers: HandlerTable, driver: Driver | None = None, **cell_opts: Any
+    names: list[str],
+    handlers: HandlerTable,
+    driver: Driver | None = None,
+    *,
+    tcp: bool = False,
+    **cell_opts: Any,
 ) -> AsyncIterator[list[Cell]]:
-    """Cells each the child of the one before, on one memory network (or ``driver``)."""
-    net = driver or MemoryNetwork()
+    """Cells each the child of the one before, the last one with ``handlers``: on one memory
+    network (or ``driver``), or over loopback TCP with ``tcp``."""
+    net = TcpDriver() if tcp else driver or MemoryNetwork()
     async with AsyncExitStack() as stack:
         cells: list[Cell] = []
         parent: str | None = None
         for i, name in enumerate(names):
             last = i == len(names) - 1
+            here = "tcp://127.0.0.1:0" if tcp else f"memory://{name}"
             cell = Cell(
                 name,
-                listen=[] if last else [f"memory://{name}"],
+                listen=[] if last else [here],
                 parent=parent,
                 drivers=[net],
                 handlers=[handlers] if last else [],
@@ -121,7 +128,7 @@ async def chain(
             if parent is not None:
                 with anyio.fail_after(10):
                     await cell.wait_parent()
-            parent = f"memory://{name}"
+            parent = cell.listen_urls[0] if cell.listen_urls else None
             cells.append(cell)
         yield cells
 

@@ -4,17 +4,15 @@ a request beside a stream that fills the link, three hops, and a connection kill
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from flare_async import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.transport import TcpDriver, TcpLink
-from tests.test_streams import pattern
+from flare_async import Context, HandlerTable, IncomingStream, Payload
+from flare_async.transport import TcpLink
+from tests.test_streams import chain, pattern
 
 pytestmark = pytest.mark.anyio
 
@@ -22,29 +20,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the runtime's production loop; trio runs the memory-transport tests
-
-
-@asynccontextmanager
-async def tcp_chain(names: list[str], table: HandlerTable) -> AsyncIterator[list[Cell]]:
-    async with AsyncExitStack() as stack:
-        cells: list[Cell] = []
-        parent: str | None = None
-        for i, name in enumerate(names):
-            last = i == len(names) - 1
-            cell = Cell(
-                name,
-                listen=[] if last else ["tcp://127.0.0.1:0"],
-                parent=parent,
-                drivers=[TcpDriver()],
-                handlers=[table] if last else [],
-            )
-            await stack.enter_async_context(cell)
-            if parent is not None:
-                with anyio.fail_after(10):
-                    await cell.wait_parent()
-            parent = cell.listen_urls[0] if not last else None
-            cells.append(cell)
-        yield cells
 
 
 def table_for(tmp: Path, state: dict[str, Any]) -> HandlerTable:
@@ -85,7 +60,7 @@ async def test_file_to_file(tmp_path: Path) -> None:
     src = tmp_path / "model.bin"
     data = pattern(5 * (1 << 20) + 123, seed=21)
     src.write_bytes(data)
-    async with tcp_chain(["server", "server.e"], table_for(tmp_path, state)) as (server, _):
+    async with chain(["server", "server.e"], table_for(tmp_path, state), tcp=True) as (server, _):
         reply = await server.stream("server.e", "t", "save", src)
     assert int(reply.tobytes()) == len(data)
     assert state["path"].read_bytes() == data
@@ -99,7 +74,7 @@ async def test_a_sparse_file_past_4_gib(tmp_path: Path) -> None:
         f.truncate(size)
         f.seek(size - 5)
         f.write(b"tail!")  # the last chunk carries real bytes past the 32-bit boundary
-    async with tcp_chain(["server", "server.e"], table_for(tmp_path, state)) as (server, _):
+    async with chain(["server", "server.e"], table_for(tmp_path, state), tcp=True) as (server, _):
         reply = await server.stream(
             "server.e", "t", "count", src, digest=False, chunk=4 << 20, window=32 << 20
         )
@@ -111,7 +86,7 @@ async def test_a_request_is_answered_while_a_stream_fills_the_same_link(tmp_path
     state: dict[str, Any] = {"hold": anyio.Event()}
     data = pattern(64 << 20, seed=22)
     async with (
-        tcp_chain(["server", "server.e"], table_for(tmp_path, state)) as (server, _),
+        chain(["server", "server.e"], table_for(tmp_path, state), tcp=True) as (server, _),
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(lambda: server.stream("server.e", "t", "count", data, digest=False))
@@ -127,7 +102,7 @@ async def test_three_hops_over_tcp(tmp_path: Path) -> None:
     state: dict[str, Any] = {}
     data = pattern(3 * (1 << 20) + 7, seed=23)
     names = ["server", "server.r1", "server.r1.r2", "server.r1.r2.e"]
-    async with tcp_chain(names, table_for(tmp_path, state)) as cells:
+    async with chain(names, table_for(tmp_path, state), tcp=True) as cells:
         reply = await cells[0].stream(names[-1], "t", "save", data, chunk=256 << 10)
     assert int(reply.tobytes()) == len(data)
     assert state["path"].read_bytes() == data
@@ -136,7 +111,10 @@ async def test_three_hops_over_tcp(tmp_path: Path) -> None:
 async def test_a_connection_killed_mid_stream_resumes(tmp_path: Path) -> None:
     state: dict[str, Any] = {"drop_at": 8 << 20}
     data = pattern(32 << 20, seed=24)
-    async with tcp_chain(["server", "server.e"], table_for(tmp_path, state)) as (server, edge):
+    async with chain(["server", "server.e"], table_for(tmp_path, state), tcp=True) as (
+        server,
+        edge,
+    ):
         with anyio.fail_after(30):
             reply = await server.stream(
                 "server.e", "t", "count", data, chunk=256 << 10, probe=0.2, idle=20

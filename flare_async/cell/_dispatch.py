@@ -17,15 +17,23 @@ import anyio
 from flare_async._concurrency import Channel
 from flare_async.cell._handlers import AnyHandler, Context
 from flare_async.cell._payload import Payload, as_payload
-from flare_async.errors import BadRequest, Overloaded, Status, Unauthorized, status_for_error
+from flare_async.errors import (
+    BadRequest,
+    Overloaded,
+    Status,
+    StreamError,
+    Unauthorized,
+    status_for_error,
+)
 from flare_async.wire import Error, Event, Frame, Reply, Request
 
 if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
 
 _RELEASED = Payload()
-_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded)
-"""Errors a handler raises on purpose: their status and message go back to the caller."""
+_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded, StreamError)
+"""Errors a handler raises on purpose (or a stream it read failed with): their status and
+message go back to the caller."""
 
 
 class Job:
@@ -130,15 +138,8 @@ class Workers:
         ctx = Context(cell, h.src, h.channel, h.topic, h.id, h.route, h.headers, job.deadline)
         try:
             return None, "", await job.fn(ctx, job.payload)
-        except _PASSED_THROUGH as exc:
-            return status_for_error(exc), str(exc), None
         except Exception as exc:
-            ref = uuid.uuid4().hex[:12]
-            cell._log.error(
-                "handler failed", ref=ref, channel=h.channel, topic=h.topic, src=h.src, exc_info=exc
-            )
-            text = f"internal error in {cell.name} handling {h.channel}/{h.topic} (ref {ref})"
-            return Status.INTERNAL, text, None
+            return (*handler_failure(cell, exc, h.channel, h.topic, h.src), None)
 
     async def _answer(self, job: Job, status: Status | None, message: str, result: Any) -> None:
         """Send the reply or error for a finished request; log a failed event."""
@@ -188,6 +189,19 @@ class Workers:
             message=message,
         )
         await cell._send_answer(Frame(err))
+
+
+def handler_failure(
+    cell: Cell, exc: Exception, channel: str, topic: str, src: str
+) -> tuple[Status, str]:
+    """The status and message a handler's exception sends back: its own for the errors a
+    handler raises on purpose (and stream errors), else ``INTERNAL`` with a reference whose
+    traceback is logged here and never leaves this cell."""
+    if isinstance(exc, _PASSED_THROUGH):
+        return status_for_error(exc), str(exc)
+    ref = uuid.uuid4().hex[:12]
+    cell._log.error("handler failed", ref=ref, channel=channel, topic=topic, src=src, exc_info=exc)
+    return Status.INTERNAL, f"internal error in {cell.name} handling {channel}/{topic} (ref {ref})"
 
 
 def _deadline_status(cell_name: str) -> tuple[Status, str, None]:

@@ -18,7 +18,6 @@ the cell's memory. Whatever the handler returns goes back to the sender as the s
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,21 +27,17 @@ import anyio
 import anyio.to_thread
 
 from flare_async._concurrency import Signal, SignalLike
+from flare_async.cell._dispatch import handler_failure
 from flare_async.cell._handlers import Context, Kind
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.errors import (
-    BadRequest,
     FlareError,
-    Overloaded,
     ProtocolError,
     Status,
     StreamAborted,
     StreamCorrupted,
-    StreamError,
     StreamStalled,
-    Unauthorized,
     error_for_status,
-    status_for_error,
 )
 from flare_async.streaming import (
     Digest,
@@ -74,7 +69,6 @@ if TYPE_CHECKING:
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
-_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded, StreamError)
 _FINISHED_KEPT = 256
 """Finished streams remembered per cell, to answer a sender whose final answer was lost."""
 
@@ -451,18 +445,9 @@ class StreamHub:
             try:
                 result = await fn(ctx, stream)
                 body = as_payload(result)
-            except _PASSED_THROUGH as exc:
-                self._finished_put(key, None)
-                self.abort(stream, status_for_error(exc), str(exc))
-                return
             except Exception as exc:
-                ref = uuid.uuid4().hex[:12]
-                cell._log.error(
-                    "stream handler failed", ref=ref, channel=h.channel, topic=h.topic, exc_info=exc
-                )
                 self._finished_put(key, None)
-                text = f"internal error in {cell.name} handling {h.channel}/{h.topic} (ref {ref})"
-                self.abort(stream, Status.INTERNAL, text)
+                self.abort(stream, *handler_failure(cell, exc, h.channel, h.topic, h.src))
                 return
             done = Frame(
                 StreamDone(
