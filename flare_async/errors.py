@@ -7,6 +7,8 @@ whole family at once or one branch precisely::
     ├── ConfigError (also ValueError)       bad arguments, settings or names, found locally
     │   ├── InvalidName                     a cell name that breaks the naming rules
     │   └── UnsupportedScheme               a URL whose scheme no driver of this cell serves
+    ├── CodecError                          an object could not be encoded or decoded
+    │   └── DecodeError                     bytes that do not decode: bad meta, truncated buffers
     ├── ProtocolError                       a peer broke the wire protocol; that link is closed
     │   ├── FrameTooLarge                   refused from the frame prefix, before the body is read
     │   ├── VersionMismatch                 the hello named a protocol version we cannot speak
@@ -47,8 +49,10 @@ __all__ = [
     "BadRequest",
     "CellClosed",
     "ConfigError",
+    "CodecError",
     "ConnectError",
     "DeadlineExceeded",
+    "DecodeError",
     "FlareError",
     "FrameTooLarge",
     "IdentityError",
@@ -107,6 +111,15 @@ class InvalidName(ConfigError):
 
 class UnsupportedScheme(ConfigError):
     """A URL whose scheme no driver registered on this cell serves."""
+
+
+class CodecError(FlareError):
+    """An object could not be encoded (unsupported type or dtype) or decoded."""
+
+
+class DecodeError(CodecError):
+    """Bytes that do not decode: malformed meta, truncated or oversized buffers, unknown
+    codec. Never a crash, never a wrongly shaped tensor."""
 
 
 class ProtocolError(FlareError):

@@ -49,6 +49,7 @@ from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._rpc import PendingTable, Waiter
 from flare_async.cell._stream_api import StreamingMixin
 from flare_async.cell._stream_in import StreamHub
+from flare_async.codecs import CodecRegistry
 from flare_async.errors import (
     CellClosed,
     ConfigError,
@@ -199,6 +200,7 @@ class Cell(StreamingMixin):
         seed: int | None = None,
         max_streams: int = 64,
         stream_idle: float = 60.0,
+        codecs: CodecRegistry | None = None,
     ) -> None:
         self.name = validate_name(name)
         self.limits = limits or Limits()
@@ -221,7 +223,11 @@ class Cell(StreamingMixin):
         self._tables = list(handlers)
         self._dispatch: Dispatch | None = None
         self._workers = Workers(self, max_concurrency, queue_size)
-        self._hello = HelloFactory(self.name, self.limits, frozenset(), heartbeat or 0.0)
+        self.codecs = codecs or CodecRegistry()
+        """The codecs this cell encodes and decodes; advertised in its hello."""
+        self._hello = HelloFactory(
+            self.name, self.limits, self.codecs.capabilities(), heartbeat or 0.0
+        )
         self._rng = random.Random(seed)
         # Ids start at random: a late answer from before a restart, or a guessed id, must not
         # match a new request.
@@ -333,6 +339,34 @@ class Cell(StreamingMixin):
     def children(self) -> list[str]:
         """Names of the cells connected below (and peers)."""
         return sorted(self._children)
+
+    def encode(self, obj: Any, codec: str | None = None, *, channel: str | None = None) -> Payload:
+        """A payload of ``obj`` encoded with one of this cell's codecs (buffers not copied
+        where the codec can avoid it): ``codec`` if given, else the one configured for
+        ``channel`` (``CodecRegistry(per_channel=...)``), else ``tensors``.
+
+        Raises:
+            DecodeError: no such codec here. CodecError: ``obj`` cannot be encoded by it.
+        """
+        name = codec or self.codecs.choose(channel)
+        return Payload(self.codecs.get(name).encode(obj), codec=name)
+
+    def decode(self, payload: Payload) -> Any:
+        """The object a payload carries, decoded with the codec it names.
+
+        Raises:
+            DecodeError: an unknown codec, or bytes that do not decode.
+        """
+        return self.codecs.get(payload.codec).decode(payload.parts)
+
+    def peer_codecs(self, name: str) -> frozenset[str]:
+        """The codecs a directly linked cell and this one both speak (from the hellos)."""
+        peer = self._parent if self._parent and self._parent.name == name else None
+        peer = peer or self._children.get(name)
+        if peer is None:
+            return frozenset()
+        caps = peer.session.capabilities
+        return frozenset(c.removeprefix("codec:") for c in caps if c.startswith("codec:"))
 
     async def wait_parent(self) -> None:
         """Wait until the link to the parent is up (returns at once if it is)."""

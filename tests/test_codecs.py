@@ -1,0 +1,235 @@
+"""Codecs: tensors round-trip bit-exactly without copies, quantization stays within its stated
+bounds, and bytes that do not hold together are a DecodeError, never a crash or a wrong shape."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from flare_async.codecs import (
+    FP4_BOUND,
+    INT8_BOUND,
+    LUT_RESOLUTION,
+    NF4_BOUND,
+    CodecRegistry,
+    QuantCodec,
+    decode,
+    encode,
+    to_torch,
+)
+from flare_async.errors import CodecError, DecodeError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = ["<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "i1", "<u8", "<u4", "<u2", "u1", "?"]
+
+
+def blob(parts: list) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    arrays=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda s: s != "__metadata__"),
+        hnp.arrays(
+            dtype=st.sampled_from(DTYPES).map(np.dtype),
+            shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
+        ),
+        max_size=5,
+    ),
+    big_endian=st.booleans(),
+    strided=st.booleans(),
+)
+def test_every_dtype_and_shape_round_trips_bit_exactly(
+    arrays: dict[str, np.ndarray], big_endian: bool, strided: bool
+) -> None:
+    given_arrays = {}
+    for name, array in arrays.items():
+        a = array
+        if big_endian and a.dtype.itemsize > 1:
+            a = a.astype(a.dtype.newbyteorder(">"))
+        if strided and a.ndim and a.shape[-1] > 1:
+            a = a[..., ::2]  # not contiguous
+        given_arrays[name] = a
+    out, meta = decode(blob(encode(given_arrays, {"round": "7"})))
+    assert meta == {"round": "7"}
+    assert list(out) == list(given_arrays)
+    for name, a in given_arrays.items():
+        b = out[name]
+        assert b.shape == a.shape
+        assert b.dtype == a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        assert b.tobytes() == a.astype(b.dtype).tobytes()  # bit for bit (NaNs included)
+        assert not b.flags.writeable
+
+
+def test_contiguous_tensors_are_not_copied_on_encode() -> None:
+    a = np.arange(1 << 16, dtype=np.float32)
+    header, view = encode({"a": a})
+    assert isinstance(view, memoryview)
+    assert np.shares_memory(np.frombuffer(view, np.uint8), a)
+    out, _ = decode([header, view])
+    assert np.array_equal(out["a"], a)
+
+
+def test_bf16_stays_bf16_bit_for_bit_from_torch_and_numpy() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.randn(33, 7).to(torch.bfloat16)
+    n = np.arange(10, dtype=np.float32).astype(BF16)
+    out, _ = decode(blob(encode({"t": t, "n": n})))
+    assert out["t"].dtype == BF16
+    assert np.array_equal(out["t"].view(np.uint16), t.view(torch.int16).numpy().view(np.uint16))
+    assert np.array_equal(out["n"].view(np.uint16), n.view(np.uint16))
+    back = to_torch(out)
+    assert back["t"].dtype == torch.bfloat16
+    assert torch.equal(back["t"], t)
+
+
+def test_the_layout_is_a_safetensors_file(tmp_path) -> None:
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    arrays = {
+        "w": np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32),
+        "i": np.arange(5, dtype=np.int64),
+    }
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(blob(encode(arrays)))
+    loaded = safetensors_numpy.load_file(str(path))
+    assert all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        out, _ = decode(m)  # mapped back, no copy
+        assert np.array_equal(out["w"], arrays["w"])
+        del out
+
+
+@pytest.mark.parametrize("value", [np.array(["a"]), np.array([1 + 2j]), "text", {"x": 1}])
+def test_what_cannot_travel_is_a_codec_error(value: object) -> None:
+    with pytest.raises(CodecError):
+        encode({"x": value})
+
+
+def _header(d: dict) -> bytes:
+    text = json.dumps(d).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01\x00",
+        struct.pack("<Q", 1 << 40) + b"{}",
+        struct.pack("<Q", 3) + b"{}x",
+        _header([]),  # type: ignore[arg-type]
+        _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}) + b"\0" * 4,
+        _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}) + b"\0" * 4,
+        _header({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}) + b"\0" * 4,
+        _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}) + b"\0" * 4,
+        _header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}) + b"\0" * 8,
+        _header(
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            }
+        )
+        + b"\0" * 4,
+        _header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}) + b"\0" * 6,
+        _header({"__metadata__": {"k": 1}}),
+        _header({"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}) + b"\0" * 4,
+    ],
+)
+def test_malformed_layouts_are_decode_errors(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        decode(data)
+
+
+BOUNDS = {"q8": INT8_BOUND, "nf4": NF4_BOUND + LUT_RESOLUTION, "fp4": FP4_BOUND + LUT_RESOLUTION}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scheme=st.sampled_from(["q8", "nf4", "fp4"]),
+    block=st.sampled_from([16, 64, 100, 256]),
+    n=st.integers(1024, 5000),
+    scale=st.sampled_from([1e-6, 1.0, 1e4]),
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+)
+def test_blockwise_quantization_error_stays_within_its_bound(
+    scheme: str, block: int, n: int, scale: float, seed: int, dtype: type
+) -> None:
+    x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(dtype)
+    x[::97] = 0.0
+    codec = QuantCodec(scheme, block=block)
+    out = codec.decode(blob(codec.encode({"x": x.reshape(-1, 1) if n % 2 else x})))["x"]
+    assert out.dtype == x.dtype
+    y = out.reshape(-1).astype(np.float64)
+    xf = x.astype(np.float64)
+    pad = -n % block
+    err = np.abs(np.pad(y - xf, (0, pad))).reshape(-1, block).max(axis=1)
+    absmax = np.abs(np.pad(xf, (0, pad))).reshape(-1, block).max(axis=1)
+    # the bound, plus one step of the original dtype at the block's absmax (the dequantized
+    # value is rounded back to that dtype: it matters for float16 subnormals)
+    ulp = np.spacing(absmax.astype(dtype)).astype(np.float64)
+    tolerance = absmax * (BOUNDS[scheme] + 2**-20) + ulp
+    assert (err <= tolerance).all()
+
+
+def test_casts_and_what_passes_through() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(4096).astype(np.float32)
+    small = rng.standard_normal(10).astype(np.float32)
+    ints = np.arange(5000, dtype=np.int32)
+    for scheme, rel in (("fp16", 2**-11), ("bf16", 2**-8)):
+        codec = QuantCodec(scheme)
+        out = codec.decode(blob(codec.encode({"x": x, "small": small, "ints": ints})))
+        assert out["x"].dtype == np.float32
+        assert np.all(np.abs(out["x"] - x) <= rel * np.abs(x) + 1e-30)
+        assert np.array_equal(out["small"], small)  # too small to gain: untouched
+        assert np.array_equal(out["ints"], ints)  # not float: untouched
+    bf = x.astype(BF16)
+    codec = QuantCodec("bf16")
+    out = codec.decode(blob(codec.encode({"bf": bf})))
+    assert np.array_equal(out["bf"].view(np.uint16), bf.view(np.uint16))  # bf16 in, bf16 out
+
+
+def test_quantized_layouts_that_do_not_hold_together_are_decode_errors() -> None:
+    codec = QuantCodec("q8")
+    x = np.random.default_rng(2).standard_normal(2048).astype(np.float32)
+    parts = codec.encode({"x": x})
+    out, meta = decode(blob(parts))
+    plan = json.loads(meta["flare.quant"])
+    plan["x"]["block"] = 64  # scales no longer match
+    bad = encode(dict(out), {"flare.quant": json.dumps(plan)})
+    with pytest.raises(DecodeError, match="scales"):
+        codec.decode(blob(bad))
+    plan["x"] = {"scheme": "q8", "dtype": "I32", "shape": [2048], "block": 256}
+    with pytest.raises(DecodeError, match="dtype"):
+        codec.decode(blob(encode(dict(out), {"flare.quant": json.dumps(plan)})))
+    with pytest.raises(DecodeError):
+        codec.decode(blob(encode(dict(out), {"flare.quant": "not json"})))
+    truncated = blob(parts)[:-100]
+    with pytest.raises(DecodeError):
+        codec.decode(truncated)
+
+
+def test_registry() -> None:
+    reg = CodecRegistry()
+    assert reg.names == ["bf16", "fp16", "fp4", "nf4", "q8", "tensors"]
+    assert "codec:q8" in reg.capabilities()
+    with pytest.raises(DecodeError, match="no codec"):
+        reg.get("zip")
