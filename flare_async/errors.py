@@ -251,7 +251,8 @@ _STATUS_TO_ERROR: dict[int, type[FlareError]] = {
     Status.STREAM_ABORTED: StreamAborted,
 }
 _ERROR_TO_STATUS: dict[type[FlareError], Status] = {
-    cls: Status(code) for code, cls in _STATUS_TO_ERROR.items()
+    **{cls: Status(code) for code, cls in _STATUS_TO_ERROR.items()},
+    DecodeError: Status.BAD_REQUEST,  # bytes a handler could not decode: the sender's fault
 }
 
 

@@ -19,6 +19,7 @@ from flare_async.cell._handlers import AnyHandler, Context
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.errors import (
     BadRequest,
+    DecodeError,
     Overloaded,
     Status,
     StreamError,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
 
 _RELEASED = Payload()
-_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded, StreamError)
+_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded, StreamError, DecodeError)
 """Errors a handler raises on purpose (or a stream it read failed with): their status and
 message go back to the caller."""
 
