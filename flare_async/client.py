@@ -1,0 +1,70 @@
+"""The Client API, FLARE-shaped: a training script ports with a few lines.
+
+::
+
+    import flare_async.client as flare
+
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()              # FLModel from the server (None: the job is over)
+        if model is None:
+            break
+        params = train(model.params)         # your code
+        flare.send(FLModel(params=params, meta={"num_samples": n}, metrics={"loss": loss}))
+
+The runtime (the simulator, or a site's cell) runs the script in a worker thread and binds these
+functions to that site; they are plain blocking calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flare_async.fl._client import current_runtime as _runtime
+from flare_async.fl._model import FLModel, ParamsType
+
+
+def init() -> None:
+    """Check that the script runs under a site (raises ``RuntimeError`` otherwise)."""
+    _runtime()
+
+
+def is_running() -> bool:
+    """False once the server ended the job."""
+    return _runtime().is_running()
+
+
+def receive(timeout: float | None = None) -> FLModel | None:
+    """The next model to work on; ``None`` when the job is over (or after ``timeout``)."""
+    return _runtime().receive(timeout)
+
+
+def send(model: FLModel) -> None:
+    """Send the result of the task last received (streamed to the server)."""
+    _runtime().send(model)
+
+
+def get_site_name() -> str:
+    return _runtime().site
+
+
+def get_config() -> dict[str, Any]:
+    return dict(_runtime().config)
+
+
+def log(key: str, value: float, step: int | None = None) -> None:
+    """Record a metric (kept by the runtime; reported with the result's metrics)."""
+    _runtime().log(key, value, step)
+
+
+__all__ = [
+    "FLModel",
+    "ParamsType",
+    "get_config",
+    "get_site_name",
+    "init",
+    "is_running",
+    "log",
+    "receive",
+    "send",
+]

@@ -1,0 +1,25 @@
+"""Federated learning on the fabric (layer L4): models, streaming aggregation, the server's
+round API, workflows, the client runtime behind the Client API, and the simulator."""
+
+from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
+from flare_async.fl._client import ClientRuntime
+from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
+from flare_async.fl._server import FLServer, RoundFailed, RoundResult
+from flare_async.fl._simulator import simulate
+from flare_async.fl._workflows import fedavg
+
+__all__ = [
+    "ClientRuntime",
+    "FLModel",
+    "FLServer",
+    "ParamsType",
+    "RoundFailed",
+    "RoundMismatch",
+    "RoundResult",
+    "WeightedSum",
+    "fedavg",
+    "fedavg_step",
+    "model_from_parts",
+    "model_parts",
+    "simulate",
+]

@@ -1,0 +1,113 @@
+"""Streaming aggregation: updates are folded into a running weighted sum as they arrive.
+
+The server holds one accumulator the size of the model (float64), never one copy per client. A
+relay folds its subtree the same way and sends up one partial sum (the weighted sum and the
+total weight), which the server merges as if it were the subtree's clients one by one, so
+hierarchical FedAvg equals flat FedAvg (to float64 rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flare_async.fl._model import FLModel, ParamsType
+
+WEIGHT_KEY = "flare.partial_weight"
+COUNT_KEY = "flare.partial_count"
+
+
+class RoundMismatch(ValueError):
+    """Updates that cannot be summed together (other tensors, shapes or params types)."""
+
+
+class WeightedSum:
+    """``sum_i w_i * params_i`` and ``sum_i w_i``, one update at a time."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, np.ndarray] | None = None
+        self._dtypes: dict[str, np.dtype[Any]] = {}
+        self.weight = 0.0
+        self.count = 0
+        self.params_type: ParamsType | None = None
+
+    def add(self, params: Mapping[str, Any], weight: float, params_type: ParamsType) -> None:
+        """Fold one update in.
+
+        Raises:
+            RoundMismatch: tensors or params type differ from the updates folded before.
+            ValueError: a negative or non-finite weight.
+        """
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite non-negative number, not {weight!r}")
+        self._fold(params, weight, params_type, scale=weight)
+        self.weight += weight
+        self.count += 1
+
+    def merge(self, partial: FLModel) -> None:
+        """Fold a relay's partial sum (see :meth:`partial`) in."""
+        weight = float(partial.meta[WEIGHT_KEY])
+        self._fold(partial.params, weight, partial.params_type, scale=1.0)
+        self.weight += weight
+        self.count += int(partial.meta.get(COUNT_KEY, 1))
+
+    def _fold(
+        self, params: Mapping[str, Any], weight: float, params_type: ParamsType, scale: float
+    ) -> None:
+        if self.params_type is None:
+            self.params_type = params_type
+        elif params_type is not self.params_type:
+            raise RoundMismatch(f"a {params_type.value} update among {self.params_type.value} ones")
+        if self._sum is None:
+            self._sum = {}
+            for name, value in params.items():
+                a = np.asarray(value)
+                self._dtypes[name] = a.dtype
+                self._sum[name] = a.astype(np.float64) * scale
+            return
+        if set(params) != set(self._sum):
+            raise RoundMismatch("an update with other tensors than the ones before")
+        for name, value in params.items():
+            acc = self._sum[name]
+            a = np.asarray(value)
+            if a.shape != acc.shape:
+                raise RoundMismatch(f"tensor {name!r}: shape {a.shape}, expected {acc.shape}")
+            if scale == 1.0:
+                acc += a
+            else:
+                acc += a.astype(np.float64) * scale
+
+    def partial(self) -> FLModel:
+        """The sum so far, to send up a tier (float64 sums, total weight in ``meta``)."""
+        assert self._sum is not None, "nothing folded"
+        return FLModel(
+            params=dict(self._sum),
+            params_type=self.params_type or ParamsType.FULL,
+            meta={WEIGHT_KEY: self.weight, COUNT_KEY: self.count},
+        )
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean, in each tensor's original dtype.
+
+        Raises:
+            ValueError: nothing folded, or a total weight of zero.
+        """
+        if self._sum is None or self.weight <= 0:
+            raise ValueError("no update with a positive weight to average")
+        return {n: (s / self.weight).astype(self._dtypes[n]) for n, s in self._sum.items()}
+
+
+def fedavg_step(global_params: Mapping[str, Any], agg: WeightedSum) -> dict[str, np.ndarray]:
+    """The next global model: the weighted mean of FULL updates, or the global model plus the
+    weighted mean of DIFF updates."""
+    mean = agg.mean()
+    if agg.params_type is ParamsType.DIFF:
+        return {
+            n: (np.asarray(global_params[n], dtype=np.float64) + mean[n]).astype(
+                np.asarray(global_params[n]).dtype
+            )
+            for n in mean
+        }
+    return mean

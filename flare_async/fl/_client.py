@@ -1,0 +1,167 @@
+"""The client side: a site's cell takes tasks for its training script and sends results back.
+
+The training script runs in a worker thread (in-process) and talks to this runtime through the
+Client API (:mod:`flare_async.client`): ``receive()`` blocks until a task arrives (or the job
+ends), ``send()`` streams the result to the server from the cell's event loop. The thread never
+touches the event loop's objects: a thread-safe queue brings tasks in, a blocking portal takes
+results out.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.from_thread
+
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
+from flare_async.errors import FlareError
+from flare_async.fl._model import FLModel, model_from_parts, model_parts
+from flare_async.fl._server import CHANNEL
+
+_STOP = object()
+_local = threading.local()
+
+
+def current_runtime() -> ClientRuntime:
+    """The site runtime the calling script thread runs under.
+
+    Raises:
+        RuntimeError: called outside a script run by :meth:`ClientRuntime.run_script`.
+    """
+    runtime: ClientRuntime | None = getattr(_local, "runtime", None)
+    if runtime is None:
+        raise RuntimeError("the Client API is used outside a running site")
+    return runtime
+
+
+class ClientRuntime:
+    """One site's side of a job.
+
+    Args:
+        cell: the site's cell (mount :meth:`handlers` on it before it starts).
+        server: the server cell's name.
+        config: what ``get_config()`` returns to the script.
+        codec: how results travel to the server.
+    """
+
+    def __init__(
+        self,
+        cell: Cell,
+        server: str,
+        *,
+        config: dict[str, Any] | None = None,
+        codec: str = "tensors",
+    ) -> None:
+        self.cell = cell
+        self.server = server
+        self.config = dict(config or {})
+        self.codec = codec
+        self._inbox: queue.Queue[tuple[str, FLModel] | object] = queue.Queue()
+        self._running = True
+        self._task: str | None = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self.logged: list[tuple[str, float, int | None]] = []
+        self.sent = 0
+
+    @property
+    def site(self) -> str:
+        return self.cell.name
+
+    def handlers(self) -> HandlerTable:
+        table = HandlerTable("fl client")
+
+        @table.stream(CHANNEL, "task")
+        async def task(ctx: Context, stream: IncomingStream) -> bytes:
+            payload = await stream.read_all()
+            model = model_from_parts(payload.parts)
+            self._inbox.put((stream.headers.get("task", ""), model))
+            return b"accepted"
+
+        @table.request(CHANNEL, "stop")
+        async def stop(ctx: Context, msg: Payload) -> bytes:
+            self.stop()
+            return b"stopping"
+
+        return table
+
+    def stop(self) -> None:
+        self._running = False
+        self._inbox.put(_STOP)
+
+    # ------------------------------------------------------------ called from the script thread
+    def is_running(self) -> bool:
+        return self._running
+
+    def receive(self, timeout: float | None = None) -> FLModel | None:
+        """The next task's model; ``None`` once the job is over (or after ``timeout``)."""
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is _STOP:
+            self._inbox.put(_STOP)  # later calls see it too
+            return None
+        assert isinstance(item, tuple)
+        task, model = item
+        self._task = task
+        assert isinstance(model, FLModel)
+        return model
+
+    def send(self, model: FLModel) -> None:
+        """Stream ``model`` to the server as the result of the last task received."""
+        if self._task is None:
+            raise RuntimeError("send() before receive(): no task to answer")
+        assert self._portal is not None, "the script must run under ClientRuntime.run_script"
+        task, self._task = self._task, None
+        self._portal.call(self._send, model, task)
+
+    async def _send(self, model: FLModel, task: str) -> None:
+        parts = model_parts(model, self.cell.codecs, self.codec)
+        await self.cell.stream(
+            self.server, CHANNEL, "result", parts, codec=self.codec, headers={"task": task}
+        )
+        self.sent += 1
+
+    async def report_failure(self, reason: str) -> None:
+        """Tell the server the task in hand will not be answered (the script failed), so the
+        round does not wait for it until its deadline."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await self.cell.request(
+                self.server, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
+            )
+        except FlareError as exc:
+            self.cell._log.info("could not report the failure", error=str(exc))
+
+    def log(self, key: str, value: float, step: int | None = None) -> None:
+        self.logged.append((key, float(value), step))
+
+    # ------------------------------------------------------------ running a script
+    async def run_script(self, script: Callable[[], object]) -> None:
+        """Run ``script`` (the training loop, Client API calls inside) in a worker thread."""
+        error: Exception | None = None
+        async with anyio.from_thread.BlockingPortal() as portal:
+            self._portal = portal
+
+            def body() -> None:
+                _local.runtime = self
+                try:
+                    script()
+                finally:
+                    _local.runtime = None
+
+            try:
+                await anyio.to_thread.run_sync(body, abandon_on_cancel=True)
+            except Exception as exc:  # raised below, as it is (not inside the portal's group)
+                error = exc
+        if error is not None:
+            raise error
+
+
+__all__ = ["ClientRuntime", "current_runtime"]

@@ -1,0 +1,230 @@
+"""The server side of federated learning: what a workflow uses to run rounds.
+
+A workflow is a plain async function over an :class:`FLServer`: sample clients, send them a task
+with the current model, and collect their results into a running weighted sum as they arrive,
+with a minimum number of responses and a deadline::
+
+    async def my_workflow(server: FLServer, rounds: int) -> FLModel:
+        model = FLModel(params=...)
+        for r in range(rounds):
+            result = await server.run_round(model, server.sample(0.5, minimum=2), deadline=60)
+            model = FLModel(params=fedavg_step(model.params, result.sum), current_round=r)
+        return model
+
+The task goes to every sampled client as one stream (encoded once; through relays, one upstream
+copy), each result comes back as a stream and is folded in at once: the server holds the model
+and one float64 accumulator, whatever the number of clients. A client that fails (unreachable,
+crashed, refused) is counted and excluded; one that answers after the round closed is counted as
+late and ignored; if fewer than ``min_responses`` answered by the deadline, the round fails with
+:class:`RoundFailed`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from flare_async import _logging
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
+from flare_async.errors import BadRequest, DecodeError, FlareError
+from flare_async.fl._aggregate import RoundMismatch, WeightedSum
+from flare_async.fl._model import FLModel, model_from_parts, model_parts
+
+CHANNEL = "fl"
+
+
+class RoundFailed(FlareError):
+    """Fewer clients than the minimum answered a round before its deadline."""
+
+
+@dataclass
+class RoundResult:
+    """What a round gathered.
+
+    Attributes:
+        sum: the weighted sum of the results (see ``fedavg_step``).
+        responded: clients whose result was folded in, in arrival order.
+        failed: clients that could not take the task or sent no usable result, with why.
+        metrics: each responding client's metrics.
+        late: results that arrived after the round closed (so far).
+    """
+
+    round: int
+    sum: WeightedSum = field(default_factory=WeightedSum)
+    responded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    late: int = 0
+
+    def mean_metrics(self) -> dict[str, float]:
+        """Each metric averaged over the clients that reported it."""
+        keys = {k for m in self.metrics.values() for k in m}
+        return {
+            k: sum(m[k] for m in self.metrics.values() if k in m)
+            / sum(1 for m in self.metrics.values() if k in m)
+            for k in sorted(keys)
+        }
+
+
+class _Collector:
+    def __init__(self, task: str, rnd: int, targets: Sequence[str]) -> None:
+        self.task = task
+        self.result = RoundResult(rnd)
+        self.pending = set(targets)
+        self.closed = False
+        self.changed = anyio.Event()
+
+    def settle(self, site: str) -> None:
+        self.pending.discard(site)
+        self.changed.set()
+
+
+class FLServer:
+    """Runs rounds for a workflow on a cell.
+
+    Args:
+        cell: the server's cell (mount :meth:`handlers` on it before it starts).
+        clients: the client cells of the job.
+        job: the job's id, carried with every task.
+        codec: how models travel to clients (``tensors``, or a quantized codec).
+        on_round: called with each finished round (progress output, metrics).
+    """
+
+    def __init__(
+        self,
+        cell: Cell,
+        clients: Sequence[str],
+        *,
+        job: str = "job",
+        codec: str = "tensors",
+        seed: int | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.cell = cell
+        self.clients = list(clients)
+        self.job = job
+        self.codec = codec
+        self.rng = random.Random(seed)
+        self.on_round = on_round
+        self._open: dict[str, _Collector] = {}
+        self._tasks = 0
+        self.late_total = 0
+        self._log = _logging.get_logger(cell=cell.name, job=job)
+
+    def handlers(self) -> HandlerTable:
+        table = HandlerTable("fl server")
+
+        @table.stream(CHANNEL, "result")
+        async def result(ctx: Context, stream: IncomingStream) -> bytes:
+            return self._take(ctx.src, stream.headers.get("task", ""), await stream.read_all())
+
+        @table.request(CHANNEL, "failed")
+        async def failed(ctx: Context, msg: Payload) -> bytes:
+            collector = self._open.get(ctx.headers.get("task", ""))
+            if collector is not None and ctx.src in collector.pending:
+                reason = msg.tobytes().decode(errors="replace")
+                collector.result.failed[ctx.src] = reason
+                self._log.warning("client failed its task", site=ctx.src, reason=reason)
+                collector.settle(ctx.src)
+            return b"noted"
+
+        return table
+
+    def sample(self, fraction: float = 1.0, minimum: int = 1) -> list[str]:
+        """A random share of the clients: ``ceil(fraction * n)``, at least ``minimum``."""
+        n = len(self.clients)
+        want = min(n, max(minimum, math.ceil(fraction * n)))
+        return sorted(self.rng.sample(self.clients, want))
+
+    async def run_round(
+        self,
+        model: FLModel,
+        targets: Sequence[str],
+        *,
+        min_responses: int | None = None,
+        deadline: float = 60.0,
+        task: str = "train",
+    ) -> RoundResult:
+        """Send ``model`` to ``targets`` and fold their results in as they arrive, until all
+        answered or ``deadline`` seconds passed.
+
+        Raises:
+            RoundFailed: fewer than ``min_responses`` (default: all targets) results.
+        """
+        need = len(targets) if min_responses is None else min_responses
+        self._tasks += 1
+        task_id = f"{self.job}:{model.current_round}:{self._tasks}"
+        collector = _Collector(task_id, model.current_round or 0, targets)
+        self._open[task_id] = collector
+        headers = {"job": self.job, "task": task_id, "kind": task}
+        try:
+            parts = model_parts(model, self.cell.codecs, self.codec)
+            with anyio.move_on_after(deadline):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._deliver, collector, list(targets), parts, headers)
+                    while collector.pending:
+                        collector.changed = anyio.Event()
+                        await collector.changed.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            collector.closed = True
+            self._open.pop(task_id, None)
+        result = collector.result
+        for site in collector.pending:
+            result.failed.setdefault(site, "no result before the deadline")
+        if len(result.responded) < need:
+            raise RoundFailed(
+                f"round {result.round}: {len(result.responded)} of {len(targets)} clients "
+                f"answered, {need} needed ({result.failed})"
+            )
+        self._log.info(
+            "round done",
+            round=result.round,
+            responded=len(result.responded),
+            failed=len(result.failed),
+        )
+        if self.on_round is not None:
+            self.on_round(result)
+        return result
+
+    async def _deliver(
+        self, collector: _Collector, targets: list[str], parts: list[Any], headers: dict[str, str]
+    ) -> None:
+        outcomes = await self.cell.stream_many(
+            targets, CHANNEL, "task", list(parts), codec=self.codec, headers=headers
+        )
+        for site, outcome in outcomes.items():
+            if isinstance(outcome, FlareError):
+                collector.result.failed[site] = f"{type(outcome).__name__}: {outcome}"
+                collector.settle(site)
+
+    def _take(self, site: str, task_id: str, payload: Any) -> bytes:
+        collector = self._open.get(task_id)
+        if collector is None or collector.closed:
+            self.late_total += 1
+            self._log.info("late or unknown result ignored", site=site, task=task_id)
+            return b"late"
+        if site not in collector.pending:
+            return b"duplicate"
+        result = collector.result
+        try:
+            update = model_from_parts(payload.parts)
+            weight = float(update.meta.get("num_samples", 1.0))
+            result.sum.add(update.params, weight, update.params_type)
+        except (DecodeError, RoundMismatch, ValueError) as exc:
+            result.failed[site] = f"unusable result: {exc}"
+            collector.settle(site)
+            raise BadRequest(f"unusable result: {exc}") from None
+        result.responded.append(site)
+        result.metrics[site] = update.metrics
+        collector.settle(site)
+        return b"taken"
+
+    async def stop_clients(self) -> None:
+        """Tell every client the job is over (their ``is_running()`` turns False)."""
+        await self.cell.broadcast(self.clients, CHANNEL, "stop", b"", timeout=10)

@@ -1,0 +1,216 @@
+"""Federated learning: FedAvg's arithmetic against numpy, partial sums, the Client API in
+simulated sites, and rounds with crashed, hung and unreachable clients."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+import flare_async.client as flare
+from flare_async.codecs import CodecRegistry
+from flare_async.fl import (
+    FLModel,
+    FLServer,
+    ParamsType,
+    RoundFailed,
+    RoundMismatch,
+    WeightedSum,
+    fedavg,
+    model_from_parts,
+    model_parts,
+    simulate,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # scripts run in worker threads: real clocks
+
+
+def blob(parts: list[Any]) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def test_a_model_travels_with_its_metrics_meta_and_rounds() -> None:
+    m = FLModel(
+        params={"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3)},
+        params_type=ParamsType.DIFF,
+        metrics={"loss": 0.25},
+        meta={"num_samples": 12, "note": "x"},
+        current_round=4,
+        total_rounds=9,
+    )
+    back = model_from_parts(blob(model_parts(m, CodecRegistry())))
+    assert back.params_type is ParamsType.DIFF
+    assert back.metrics == {"loss": 0.25}
+    assert back.meta == {"num_samples": 12, "note": "x"}
+    assert (back.current_round, back.total_rounds) == (4, 9)
+    assert np.array_equal(back.params["w"], m.params["w"])
+    q = model_from_parts(blob(model_parts(m, CodecRegistry(), "q8")))
+    assert q.params["w"].dtype == np.float32
+    assert np.abs(q.params["w"] - m.params["w"]).max() <= 5 / 254 + 1e-6
+
+
+def test_weighted_sum_and_partial_sums_equal_the_flat_mean() -> None:
+    rng = np.random.default_rng(0)
+    updates = [
+        ({"w": rng.standard_normal((4, 5)), "b": rng.standard_normal(5)}, float(n))
+        for n in (3, 1, 7, 2, 5, 4)
+    ]
+    flat = WeightedSum()
+    for params, n in updates:
+        flat.add(params, n, ParamsType.FULL)
+    reference = {k: sum(p[k] * n for p, n in updates) / sum(n for _, n in updates) for k in "wb"}
+    # two relays with three clients each, then the server merges their partial sums
+    top = WeightedSum()
+    for group in (updates[:3], updates[3:]):
+        relay = WeightedSum()
+        for params, n in group:
+            relay.add(params, n, ParamsType.FULL)
+        top.merge(relay.partial())
+    for k in "wb":
+        assert np.allclose(flat.mean()[k], reference[k], rtol=0, atol=1e-12)
+        assert np.allclose(top.mean()[k], flat.mean()[k], rtol=0, atol=1e-12)
+    assert top.count == 6
+    with pytest.raises(RoundMismatch):
+        flat.add({"w": np.zeros((4, 5))}, 1.0, ParamsType.FULL)
+    with pytest.raises(RoundMismatch):
+        flat.add(updates[0][0], 1.0, ParamsType.DIFF)
+    with pytest.raises(ValueError):
+        flat.add(updates[0][0], float("nan"), ParamsType.FULL)
+
+
+def updating_script(kind: ParamsType) -> Any:
+    """Site i adds (i + 1) to every parameter and reports i + 1 samples."""
+
+    def script() -> None:
+        flare.init()
+        i = flare.get_config()["site_index"]
+        while flare.is_running():
+            model = flare.receive()
+            if model is None:
+                break
+            delta = {k: np.full_like(v, i + 1) for k, v in model.params.items()}
+            params = (
+                delta
+                if kind is ParamsType.DIFF
+                else {k: v + delta[k] for k, v in model.params.items()}
+            )
+            flare.send(
+                FLModel(
+                    params=params,
+                    params_type=kind,
+                    meta={"num_samples": i + 1},
+                    metrics={"site": float(i)},
+                )
+            )
+
+    return script
+
+
+@pytest.mark.parametrize("kind", [ParamsType.FULL, ParamsType.DIFF])
+async def test_fedavg_matches_a_numpy_reference(kind: ParamsType) -> None:
+    clients, rounds = 4, 3
+    init = {"w": np.linspace(0, 1, 12).reshape(3, 4), "b": np.zeros(4)}
+    result = await simulate(
+        lambda s: fedavg(s, init, rounds=rounds), updating_script(kind), clients=clients
+    )
+    # reference: each round the global model moves by sum(n_i * (i+1)) / sum(n_i), n_i = i+1
+    step = sum((i + 1) ** 2 for i in range(clients)) / sum(i + 1 for i in range(clients))
+    for k, v in init.items():
+        assert np.allclose(result.params[k], v + rounds * step, rtol=0, atol=1e-9)
+    assert len(result.meta["history"]) == rounds
+    assert result.meta["history"][0]["metrics"] == {"site": 1.5}
+
+
+HANG = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _release_hung_scripts() -> Any:
+    yield
+    HANG.set()  # the simulator abandoned the hung script's thread; let it end
+
+
+def crash_on_first(kind: str) -> Any:
+    ok = updating_script(ParamsType.FULL)
+    HANG.clear()
+    hang = HANG
+
+    def script() -> None:
+        if flare.get_site_name() != "server.site-3":
+            ok()
+            return
+        model = flare.receive()
+        assert model is not None
+        if kind == "crash":
+            raise RuntimeError("the training script blew up")
+        hang.wait(30)  # hangs past the deadline
+
+    return script
+
+
+@pytest.mark.parametrize("kind", ["crash", "hang"])
+async def test_a_round_completes_without_a_failed_client_when_the_minimum_is_met(kind: str) -> None:
+    rounds: list[Any] = []
+    init = {"w": np.zeros(3)}
+    result = await simulate(
+        lambda s: fedavg(s, init, rounds=1, min_responses=3, deadline=2.0),
+        crash_on_first(kind),
+        clients=4,
+        on_round=rounds.append,
+    )
+    (r,) = rounds
+    assert sorted(r.responded) == ["server.site-1", "server.site-2", "server.site-4"]
+    assert "server.site-3" in r.failed
+    if kind == "crash":  # reported at once, not found out at the deadline
+        assert "the training script blew up" in r.failed["server.site-3"]
+    # the mean of sites 1, 2 and 4 (weights 1, 2, 4; each adds its own weight)
+    assert np.allclose(result.params["w"], (1 + 4 + 16) / 7)
+
+
+async def test_a_round_fails_by_name_when_too_few_clients_answer() -> None:
+    with pytest.raises(RoundFailed, match="3 of 4 clients answered, 4 needed"):
+        await simulate(
+            lambda s: fedavg(s, {"w": np.zeros(3)}, rounds=1, deadline=2.0),
+            crash_on_first("crash"),
+            clients=4,
+        )
+
+
+async def test_unreachable_clients_are_failed_not_waited_for() -> None:
+    async def workflow(server: FLServer) -> Any:
+        server.clients.append("server.site-99")  # never joined
+        return await fedavg(server, {"w": np.zeros(2)}, rounds=1, min_responses=2, deadline=30)
+
+    rounds: list[Any] = []
+    await simulate(workflow, updating_script(ParamsType.FULL), clients=2, on_round=rounds.append)
+    assert "server.site-99" in rounds[0].failed
+    assert "Unreachable" in rounds[0].failed["server.site-99"]
+
+
+@pytest.mark.parametrize("codec", ["q8", "nf4"])
+async def test_quantized_transfer_both_ways(codec: str) -> None:
+    init = {"w": np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)}
+    exact = await simulate(
+        lambda s: fedavg(s, init, rounds=2), updating_script(ParamsType.FULL), clients=3
+    )
+    lossy = await simulate(
+        lambda s: fedavg(s, init, rounds=2),
+        updating_script(ParamsType.FULL),
+        clients=3,
+        codec=codec,
+    )
+    scale = np.abs(exact.params["w"]).max()
+    bound = {"q8": 1 / 254, "nf4": 0.16}[codec]
+    assert np.abs(lossy.params["w"] - exact.params["w"]).max() <= 4 * bound * scale
+
+
+def test_the_client_api_outside_a_site_says_so() -> None:
+    with pytest.raises(RuntimeError, match="outside a running site"):
+        flare.init()
