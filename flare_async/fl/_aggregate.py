@@ -74,10 +74,7 @@ class WeightedSum:
             a = np.asarray(value)
             if a.shape != acc.shape:
                 raise RoundMismatch(f"tensor {name!r}: shape {a.shape}, expected {acc.shape}")
-            if scale == 1.0:
-                acc += a
-            else:
-                acc += a.astype(np.float64) * scale
+            _fold_into(acc.reshape(-1), a.reshape(-1), scale)
 
     def partial(self) -> FLModel:
         """The sum so far, to send up a tier (float64 sums, total weight in ``meta``)."""
@@ -97,6 +94,20 @@ class WeightedSum:
         if self._sum is None or self.weight <= 0:
             raise ValueError("no update with a positive weight to average")
         return {n: (s / self.weight).astype(self._dtypes[n]) for n, s in self._sum.items()}
+
+
+_SLICE = 1 << 18
+
+
+def _fold_into(acc: np.ndarray, a: np.ndarray, scale: float) -> None:
+    """``acc += a * scale`` in float64, a slice at a time (temporaries stay in cache: a
+    100 MB model folds in a fraction of the time of whole-array expressions)."""
+    tmp = np.empty(min(acc.size, _SLICE), dtype=np.float64)
+    for start in range(0, acc.size, _SLICE):
+        end = min(start + _SLICE, acc.size)
+        t = tmp[: end - start]
+        np.multiply(a[start:end], scale, out=t, dtype=np.float64)
+        acc[start:end] += t
 
 
 def fedavg_step(global_params: Mapping[str, Any], agg: WeightedSum) -> dict[str, np.ndarray]:

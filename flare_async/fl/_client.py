@@ -55,8 +55,10 @@ class ClientRuntime:
         *,
         config: dict[str, Any] | None = None,
         codec: str = "tensors",
+        digest: bool = True,
     ) -> None:
         self.cell = cell
+        self.digest = digest
         self.server = server
         self.config = dict(config or {})
         self.codec = codec
@@ -122,7 +124,13 @@ class ClientRuntime:
     async def _send(self, model: FLModel, task: str) -> None:
         parts = model_parts(model, self.cell.codecs, self.codec)
         await self.cell.stream(
-            self.server, CHANNEL, "result", parts, codec=self.codec, headers={"task": task}
+            self.server,
+            CHANNEL,
+            "result",
+            parts,
+            codec=self.codec,
+            headers={"task": task},
+            digest=self.digest,
         )
         self.sent += 1
 

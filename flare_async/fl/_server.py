@@ -92,6 +92,8 @@ class FLServer:
         clients: the client cells of the job.
         job: the job's id, carried with every task.
         codec: how models travel to clients (``tensors``, or a quantized codec).
+        digest: whole-model SHA-256 on every transfer (chunks always carry a CRC-32C); the
+            simulator turns it off, its bytes never leave the process.
         on_round: called with each finished round (progress output, metrics).
     """
 
@@ -104,8 +106,10 @@ class FLServer:
         codec: str = "tensors",
         seed: int | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
+        digest: bool = True,
     ) -> None:
         self.cell = cell
+        self.digest = digest
         self.clients = list(clients)
         self.job = job
         self.codec = codec
@@ -196,7 +200,13 @@ class FLServer:
         self, collector: _Collector, targets: list[str], parts: list[Any], headers: dict[str, str]
     ) -> None:
         outcomes = await self.cell.stream_many(
-            targets, CHANNEL, "task", list(parts), codec=self.codec, headers=headers
+            targets,
+            CHANNEL,
+            "task",
+            list(parts),
+            codec=self.codec,
+            headers=headers,
+            digest=self.digest,
         )
         for site, outcome in outcomes.items():
             if isinstance(outcome, FlareError):

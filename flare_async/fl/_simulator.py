@@ -47,14 +47,21 @@ async def simulate(
     names = [f"server.site-{i + 1}" for i in range(clients)]
     async with AsyncExitStack() as stack:
         server_cell = Cell("server", listen=["memory://server"], drivers=[net])
-        server = FLServer(server_cell, names, job=job, codec=codec, seed=seed, on_round=on_round)
+        # Bytes never leave this process: chunk CRCs stay, the whole-model SHA-256 goes.
+        server = FLServer(
+            server_cell, names, job=job, codec=codec, seed=seed, on_round=on_round, digest=False
+        )
         server_cell.mount(server.handlers())
         await stack.enter_async_context(server_cell)
         runtimes: list[ClientRuntime] = []
         for i, name in enumerate(names):
             cell = Cell(name, parent="memory://server", drivers=[net])
             runtime = ClientRuntime(
-                cell, "server", config={**(config or {}), "site_index": i}, codec=codec
+                cell,
+                "server",
+                config={**(config or {}), "site_index": i},
+                codec=codec,
+                digest=False,
             )
             cell.mount(runtime.handlers())
             await stack.enter_async_context(cell)

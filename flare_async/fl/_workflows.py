@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel, copy_params
@@ -19,6 +21,7 @@ async def fedavg(
     min_clients: int = 1,
     min_responses: int | None = None,
     deadline: float = 60.0,
+    evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None = None,
     validation_key: str | None = None,
 ) -> FLModel:
     """Federated averaging.
@@ -29,14 +32,19 @@ async def fedavg(
     ``min_responses`` results (default: all sampled) by ``deadline`` seconds fails the job
     with ``RoundFailed``.
 
+    ``evaluate(round, params)``, if given, scores each new global model on the server side
+    (a validation set the server holds); its metrics go into the history, and with
+    ``validation_key`` the best round by that metric is kept.
+
     Returns:
-        the final model; ``meta["history"]`` holds each round's averaged metrics and who
-        answered; with ``validation_key``, ``meta["best"]`` the best round by that metric and
-        ``params`` stay the last round's.
+        the final model; ``meta["history"]`` holds each round's averaged client metrics, the
+        validation metrics and who answered; ``meta["best"]`` the best round by
+        ``validation_key`` (its params in ``meta["best_params"]``); ``params`` are the last.
     """
     params = copy_params(initial)
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
+    best_params: dict[str, np.ndarray] = {}
     for rnd in range(rounds):
         targets = server.sample(fraction, min_clients)
         model = FLModel(params=params, current_round=rnd, total_rounds=rounds)
@@ -48,21 +56,25 @@ async def fedavg(
         )
         params = fedavg_step(params, result.sum)
         metrics = result.mean_metrics()
+        validation = dict(evaluate(rnd, params)) if evaluate is not None else {}
         history.append(
             {
                 "round": rnd,
                 "metrics": metrics,
+                "validation": validation,
                 "responded": result.responded,
                 "failed": sorted(result.failed),
             }
         )
-        if validation_key is not None and validation_key in metrics:
-            score = metrics[validation_key]
+        if validation_key is not None and validation_key in validation:
+            score = validation[validation_key]
             if best is None or score > best[0]:
                 best = (score, rnd)
+                best_params = copy_params(params)
     meta: dict[str, Any] = {"history": history}
     if best is not None:
         meta["best"] = {"round": best[1], validation_key or "": best[0]}
+        meta["best_params"] = best_params
     return FLModel(
         params=params,
         meta=meta,
