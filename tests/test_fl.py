@@ -137,6 +137,33 @@ def _release_hung_scripts() -> Any:
     HANG.set()  # the simulator abandoned the hung script's thread; let it end
 
 
+@pytest.mark.parametrize("kind", [ParamsType.FULL, ParamsType.DIFF])
+async def test_hierarchical_fedavg_through_two_relays_equals_flat(kind: ParamsType) -> None:
+    init = {"w": np.random.default_rng(4).standard_normal((5, 7)), "b": np.zeros(7)}
+    flat_rounds: list[Any] = []
+    tree_rounds: list[Any] = []
+    flat = await simulate(
+        lambda s: fedavg(s, init, rounds=3),
+        updating_script(kind),
+        clients=6,
+        on_round=flat_rounds.append,
+    )
+    tree = await simulate(
+        lambda s: fedavg(s, init, rounds=3),
+        updating_script(kind),
+        clients=6,
+        relays=2,
+        on_round=tree_rounds.append,
+    )
+    for k in init:
+        assert np.allclose(tree.params[k], flat.params[k], rtol=0, atol=1e-12)
+    assert len(tree_rounds[0].responded) == 6
+    assert [r.partials for r in tree_rounds] == [2, 2, 2]  # one partial sum per relay
+    assert [r.partials for r in flat_rounds] == [0, 0, 0]
+    assert sorted(tree_rounds[0].metrics) == sorted(tree_rounds[0].responded)
+    assert tree.meta["history"][0]["metrics"] == flat.meta["history"][0]["metrics"]
+
+
 def crash_on_first(kind: str) -> Any:
     ok = updating_script(ParamsType.FULL)
     HANG.clear()

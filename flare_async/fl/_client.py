@@ -62,9 +62,10 @@ class ClientRuntime:
         self.server = server
         self.config = dict(config or {})
         self.codec = codec
-        self._inbox: queue.Queue[tuple[str, FLModel] | object] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, tuple[FLModel, str]] | object] = queue.Queue()
         self._running = True
         self._task: str | None = None
+        self._reply_to = server
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self.logged: list[tuple[str, float, int | None]] = []
         self.sent = 0
@@ -80,7 +81,10 @@ class ClientRuntime:
         async def task(ctx: Context, stream: IncomingStream) -> bytes:
             payload = await stream.read_all()
             model = model_from_parts(payload.parts)
-            self._inbox.put((stream.headers.get("task", ""), model))
+            reply_to = self.server
+            if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
+                reply_to = self.cell.parent_name  # the relay folds its children's results
+            self._inbox.put((stream.headers.get("task", ""), (model, reply_to)))
             return b"accepted"
 
         @table.request(CHANNEL, "stop")
@@ -108,8 +112,9 @@ class ClientRuntime:
             self._inbox.put(_STOP)  # later calls see it too
             return None
         assert isinstance(item, tuple)
-        task, model = item
+        task, (model, reply_to) = item
         self._task = task
+        self._reply_to = reply_to
         assert isinstance(model, FLModel)
         return model
 
@@ -119,12 +124,12 @@ class ClientRuntime:
             raise RuntimeError("send() before receive(): no task to answer")
         assert self._portal is not None, "the script must run under ClientRuntime.run_script"
         task, self._task = self._task, None
-        self._portal.call(self._send, model, task)
+        self._portal.call(self._send, model, task, self._reply_to)
 
-    async def _send(self, model: FLModel, task: str) -> None:
+    async def _send(self, model: FLModel, task: str, dst: str) -> None:
         parts = model_parts(model, self.cell.codecs, self.codec)
         await self.cell.stream(
-            self.server,
+            dst,
             CHANNEL,
             "result",
             parts,

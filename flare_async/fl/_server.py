@@ -21,6 +21,7 @@ late and ignored; if fewer than ``min_responses`` answered by the deadline, the 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ import anyio
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, DecodeError, FlareError
-from flare_async.fl._aggregate import RoundMismatch, WeightedSum
+from flare_async.fl._aggregate import WEIGHT_KEY, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 
 CHANNEL = "fl"
@@ -52,6 +53,7 @@ class RoundResult:
         failed: clients that could not take the task or sent no usable result, with why.
         metrics: each responding client's metrics.
         late: results that arrived after the round closed (so far).
+        partials: partial sums merged (from relays aggregating their sites).
     """
 
     round: int
@@ -60,6 +62,7 @@ class RoundResult:
     failed: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     late: int = 0
+    partials: int = 0
 
     def mean_metrics(self) -> dict[str, float]:
         """Each metric averaged over the clients that reported it."""
@@ -83,6 +86,51 @@ class _Collector:
         self.pending.discard(site)
         self.changed.set()
 
+    def offer(self, site: str, payload: Any) -> bytes:
+        """Fold one site's result in (a site's own, or a relay's partial sum for its sites).
+
+        Raises:
+            BadRequest: a result that cannot be folded (the site counts as failed).
+        """
+        if self.closed:
+            return b"late"
+        result = self.result
+        try:
+            update = model_from_parts(payload.parts)
+            if WEIGHT_KEY in update.meta:
+                return self._offer_partial(site, update)
+            if site not in self.pending:
+                return b"duplicate"
+            weight = float(update.meta.get("num_samples", 1.0))
+            result.sum.add(update.params, weight, update.params_type)
+        except (DecodeError, RoundMismatch, ValueError, KeyError, TypeError) as exc:
+            if site in self.pending:
+                result.failed[site] = f"unusable result: {exc}"
+                self.settle(site)
+            raise BadRequest(f"unusable result: {exc}") from None
+        result.responded.append(site)
+        result.metrics[site] = update.metrics
+        self.settle(site)
+        return b"taken"
+
+    def _offer_partial(self, relay: str, partial: FLModel) -> bytes:
+        covered = [str(s) for s in partial.meta.get("responded", [])]
+        if not covered or not set(covered) <= self.pending:
+            raise ValueError(f"a partial sum from {relay} for sites not awaited: {covered}")
+        result = self.result
+        result.sum.merge(partial)
+        result.partials += 1
+        for site in covered:
+            result.responded.append(site)
+            self.settle(site)
+        for site, metrics in dict(partial.meta.get("metrics", {})).items():
+            result.metrics[str(site)] = {str(k): float(v) for k, v in dict(metrics).items()}
+        for site, why in dict(partial.meta.get("failed", {})).items():
+            if site in self.pending:
+                result.failed[str(site)] = f"{why} (reported by {relay})"
+                self.settle(str(site))
+        return b"taken"
+
 
 class FLServer:
     """Runs rounds for a workflow on a cell.
@@ -94,6 +142,8 @@ class FLServer:
         codec: how models travel to clients (``tensors``, or a quantized codec).
         digest: whole-model SHA-256 on every transfer (chunks always carry a CRC-32C); the
             simulator turns it off, its bytes never leave the process.
+        hierarchical: clients below a relay send their results to it; the relay (running a
+            :class:`RelayAggregator`) folds them and sends the server one partial sum.
         on_round: called with each finished round (progress output, metrics).
     """
 
@@ -107,9 +157,11 @@ class FLServer:
         seed: int | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
         digest: bool = True,
+        hierarchical: bool = False,
     ) -> None:
         self.cell = cell
         self.digest = digest
+        self.hierarchical = hierarchical
         self.clients = list(clients)
         self.job = job
         self.codec = codec
@@ -168,6 +220,9 @@ class FLServer:
         headers = {"job": self.job, "task": task_id, "kind": task}
         try:
             parts = model_parts(model, self.cell.codecs, self.codec)
+            if self.hierarchical:
+                headers["aggregate"] = "parent"
+                await self._arm_relays(collector, list(targets), task_id, deadline)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._deliver, collector, list(targets), parts, headers)
@@ -196,6 +251,25 @@ class FLServer:
             self.on_round(result)
         return result
 
+    async def _arm_relays(
+        self, collector: _Collector, targets: list[str], task_id: str, deadline: float
+    ) -> None:
+        """Tell each relay which of its children answer this task, and by when (a little
+        before the round's deadline, so its partial sum arrives in time)."""
+        groups: dict[str, list[str]] = {}
+        for site in targets:
+            parent = site.rsplit(".", 1)[0]
+            if parent != self.cell.name:
+                groups.setdefault(parent, []).append(site)
+        for relay, sites in groups.items():
+            body = json.dumps({"task": task_id, "sites": sites, "deadline": 0.9 * deadline})
+            try:
+                await self.cell.request(relay, CHANNEL, "expect", body.encode(), timeout=10)
+            except FlareError as exc:
+                for site in sites:
+                    collector.result.failed[site] = f"relay {relay}: {exc}"
+                    collector.settle(site)
+
     async def _deliver(
         self, collector: _Collector, targets: list[str], parts: list[Any], headers: dict[str, str]
     ) -> None:
@@ -219,21 +293,7 @@ class FLServer:
             self.late_total += 1
             self._log.info("late or unknown result ignored", site=site, task=task_id)
             return b"late"
-        if site not in collector.pending:
-            return b"duplicate"
-        result = collector.result
-        try:
-            update = model_from_parts(payload.parts)
-            weight = float(update.meta.get("num_samples", 1.0))
-            result.sum.add(update.params, weight, update.params_type)
-        except (DecodeError, RoundMismatch, ValueError) as exc:
-            result.failed[site] = f"unusable result: {exc}"
-            collector.settle(site)
-            raise BadRequest(f"unusable result: {exc}") from None
-        result.responded.append(site)
-        result.metrics[site] = update.metrics
-        collector.settle(site)
-        return b"taken"
+        return collector.offer(site, payload)
 
     async def stop_clients(self) -> None:
         """Tell every client the job is over (their ``is_running()`` turns False)."""

@@ -13,8 +13,9 @@ from typing import Any
 
 import anyio
 
-from flare_async.cell import Cell
+from flare_async.cell import Cell, system_handlers
 from flare_async.fl._client import ClientRuntime
+from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.transport import MemoryNetwork
 
@@ -31,8 +32,11 @@ async def simulate(
     job: str = "sim",
     seed: int | None = 0,
     on_round: Callable[[RoundResult], None] | None = None,
+    relays: int = 0,
 ) -> Any:
-    """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...).
+    """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
+    ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
+    relay folding its sites' results into one partial sum for the server).
 
     Args:
         script: the training script (a function using :mod:`flare_async.client`), or one per
@@ -44,18 +48,38 @@ async def simulate(
         what the workflow returns.
     """
     net = MemoryNetwork()
-    names = [f"server.site-{i + 1}" for i in range(clients)]
+    relay_names = [f"server.relay-{j + 1}" for j in range(relays)]
+    parents = [relay_names[i % relays] if relays else "server" for i in range(clients)]
+    names = [f"{parents[i]}.site-{i + 1}" for i in range(clients)]
     async with AsyncExitStack() as stack:
         server_cell = Cell("server", listen=["memory://server"], drivers=[net])
         # Bytes never leave this process: chunk CRCs stay, the whole-model SHA-256 goes.
         server = FLServer(
-            server_cell, names, job=job, codec=codec, seed=seed, on_round=on_round, digest=False
+            server_cell,
+            names,
+            job=job,
+            codec=codec,
+            seed=seed,
+            on_round=on_round,
+            digest=False,
+            hierarchical=relays > 0,
         )
         server_cell.mount(server.handlers())
         await stack.enter_async_context(server_cell)
+        for relay in relay_names:
+            relay_cell = Cell(
+                relay,
+                listen=[f"memory://{relay}"],
+                parent="memory://server",
+                drivers=[net],
+                handlers=[system_handlers()],
+            )
+            relay_cell.mount(RelayAggregator(relay_cell, "server", digest=False).handlers())
+            await stack.enter_async_context(relay_cell)
+            await relay_cell.wait_parent()
         runtimes: list[ClientRuntime] = []
         for i, name in enumerate(names):
-            cell = Cell(name, parent="memory://server", drivers=[net])
+            cell = Cell(name, parent=f"memory://{parents[i]}", drivers=[net])
             runtime = ClientRuntime(
                 cell,
                 "server",

@@ -1,0 +1,101 @@
+"""Hierarchical aggregation: a relay folds its children's results and sends up one partial sum.
+
+The server (``FLServer(hierarchical=True)``) tells each relay which of its children answer a
+task and by when (``fl/expect``); the children send their results to their parent instead of
+the server; the relay folds them into a float64 weighted sum as they arrive and, once all
+answered or its deadline passed, streams one partial sum (sum, total weight, who answered, who
+failed and why, each site's metrics) to the server, which merges it. The server's traffic and
+memory for a round grow with the number of relays, not of sites, and the result equals flat
+FedAvg (partial sums travel in float64, losslessly).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
+from flare_async.errors import BadRequest, FlareError
+from flare_async.fl._aggregate import WeightedSum
+from flare_async.fl._model import model_parts
+from flare_async.fl._server import CHANNEL, _Collector
+
+
+class RelayAggregator:
+    """Mount :meth:`handlers` on a relay cell to aggregate its children's results."""
+
+    def __init__(self, cell: Cell, server: str = "server", *, digest: bool = True) -> None:
+        self.cell = cell
+        self.server = server
+        self.digest = digest
+        self._open: dict[str, _Collector] = {}
+
+    def handlers(self) -> HandlerTable:
+        table = HandlerTable("fl relay")
+
+        @table.request(CHANNEL, "expect")
+        async def expect(ctx: Context, msg: Payload) -> bytes:
+            try:
+                plan = json.loads(msg.tobytes())
+                task, sites, deadline = (
+                    str(plan["task"]),
+                    list(plan["sites"]),
+                    float(plan["deadline"]),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BadRequest(f"bad expect: {exc}") from None
+            me = self.cell.name
+            if not sites or any(not str(s).startswith(me + ".") for s in sites):
+                raise BadRequest(f"{me} aggregates only for cells below it")
+            collector = _Collector(task, 0, [str(s) for s in sites])
+            self._open[task] = collector
+            self.cell._spawn(self._collect, collector, deadline, name=f"fl relay {task}")
+            return b"armed"
+
+        @table.stream(CHANNEL, "result")
+        async def result(ctx: Context, stream: IncomingStream) -> bytes:
+            collector = self._open.get(stream.headers.get("task", ""))
+            payload = await stream.read_all()
+            if collector is None:
+                return b"late"
+            return collector.offer(ctx.src, payload)
+
+        return table
+
+    async def _collect(self, collector: _Collector, deadline: float) -> None:
+        with anyio.move_on_after(deadline):
+            while collector.pending:
+                collector.changed = anyio.Event()
+                await collector.changed.wait()
+        collector.closed = True
+        self._open.pop(collector.task, None)
+        result = collector.result
+        for site in collector.pending:
+            result.failed.setdefault(site, "no result before the relay's deadline")
+        if not result.responded:
+            return  # nothing to send; the server sees these sites fail at its deadline
+        partial = _partial(result.sum, result.responded, result.failed, result.metrics)
+        try:
+            await self.cell.stream(
+                self.server,
+                CHANNEL,
+                "result",
+                model_parts(partial, self.cell.codecs, "tensors"),  # float64, lossless
+                headers={"task": collector.task},
+                digest=self.digest,
+            )
+        except FlareError as exc:
+            self.cell._log.warning("partial sum not delivered", task=collector.task, error=str(exc))
+
+
+def _partial(
+    total: WeightedSum,
+    responded: list[str],
+    failed: dict[str, str],
+    metrics: dict[str, dict[str, float]],
+) -> Any:
+    partial = total.partial()
+    partial.meta.update({"responded": responded, "failed": failed, "metrics": metrics})
+    return partial
