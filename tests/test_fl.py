@@ -3,7 +3,9 @@ simulated sites, and rounds with crashed, hung and unreachable clients."""
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,9 @@ from flare_async.fl import (
     model_parts,
     simulate,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from workflow_cyclic import main as cyclic_example_main
 
 pytestmark = pytest.mark.anyio
 
@@ -241,3 +246,8 @@ async def test_quantized_transfer_both_ways(codec: str) -> None:
 def test_the_client_api_outside_a_site_says_so() -> None:
     with pytest.raises(RuntimeError, match="outside a running site"):
         flare.init()
+
+
+async def test_the_second_workflow_example_runs_on_the_public_api() -> None:
+    out = await cyclic_example_main()
+    assert out.params["visits"].tolist() == [2.0, 2.0, 2.0]
