@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import flare_async.client as flare
-from flare_async.codecs import CodecRegistry
+from flare_async.codecs import CodecRegistry, decode
 from flare_async.fl import (
     FLModel,
     FLServer,
@@ -251,3 +251,61 @@ def test_the_client_api_outside_a_site_says_so() -> None:
 async def test_the_second_workflow_example_runs_on_the_public_api() -> None:
     out = await cyclic_example_main()
     assert out.params["visits"].tolist() == [2.0, 2.0, 2.0]
+
+
+class ServerDied(Exception):
+    pass
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return list(folder.glob("*.part"))
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+async def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    init = {"w": np.zeros((2, 2))}
+    script = updating_script(ParamsType.FULL)
+
+    def score(rnd: int, params: dict[str, np.ndarray]) -> dict[str, float]:
+        return {"score": -abs(float(params["w"][0, 0]) - 4.0)}  # best near w == 4
+
+    def dies_in_round_3(rnd: int, params: dict[str, np.ndarray]) -> dict[str, float]:
+        if rnd == 3:
+            raise ServerDied  # after rounds 0, 1 and 2 were checkpointed
+        return score(rnd, params)
+
+    whole = await simulate(
+        lambda s: fedavg(s, init, rounds=5, evaluate=score, validation_key="score"),
+        script,
+        clients=2,
+    )
+    with pytest.raises(ServerDied):
+        await simulate(
+            lambda s: fedavg(
+                s,
+                init,
+                rounds=5,
+                evaluate=dies_in_round_3,
+                validation_key="score",
+                checkpoints=tmp_path,
+            ),
+            script,
+            clients=2,
+        )
+    assert (tmp_path / "last.safetensors").exists()
+    assert not leftovers(tmp_path)
+    resumed = await simulate(
+        lambda s: fedavg(
+            s, init, rounds=5, evaluate=score, validation_key="score", checkpoints=tmp_path
+        ),
+        script,
+        clients=2,
+    )
+    assert np.array_equal(resumed.params["w"], whole.params["w"])
+    assert [h["round"] for h in resumed.meta["history"]] == [0, 1, 2, 3, 4]
+    assert resumed.meta["best"] == whole.meta["best"]
+    best, _ = decode(read(tmp_path / "best.safetensors"))  # a safetensors file
+    assert np.array_equal(best["w"], whole.meta["best_params"]["w"])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 
+from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel, copy_params
 from flare_async.fl._server import FLServer, RoundResult
@@ -23,6 +27,7 @@ async def fedavg(
     deadline: float = 60.0,
     evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None = None,
     validation_key: str | None = None,
+    checkpoints: str | os.PathLike[str] | None = None,
 ) -> FLModel:
     """Federated averaging.
 
@@ -36,6 +41,11 @@ async def fedavg(
     (a validation set the server holds); its metrics go into the history, and with
     ``validation_key`` the best round by that metric is kept.
 
+    With ``checkpoints`` (a folder), the global model is saved after every round
+    (``last.safetensors``) and whenever the validation metric improves (``best.safetensors``),
+    atomically; started again on the same folder (the server restarted), the job continues
+    after the last finished round.
+
     Returns:
         the final model; ``meta["history"]`` holds each round's averaged client metrics, the
         validation metrics and who answered; ``meta["best"]`` the best round by
@@ -45,7 +55,18 @@ async def fedavg(
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     best_params: dict[str, np.ndarray] = {}
-    for rnd in range(rounds):
+    folder = Path(checkpoints) if checkpoints is not None else None
+    first = 0
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        last = await anyio.to_thread.run_sync(checkpoint.load, folder, "last")
+        if last is not None:
+            params, history, first = last.params, last.history, last.round + 1
+            if last.best is not None:
+                best = (float(last.best["score"]), int(last.best["round"]))
+                saved_best = await anyio.to_thread.run_sync(checkpoint.load, folder, "best")
+                best_params = saved_best.params if saved_best is not None else {}
+    for rnd in range(first, rounds):
         targets = server.sample(fraction, min_clients)
         model = FLModel(params=params, current_round=rnd, total_rounds=rounds)
         result: RoundResult = await server.run_round(
@@ -66,11 +87,19 @@ async def fedavg(
                 "failed": sorted(result.failed),
             }
         )
+        improved = False
         if validation_key is not None and validation_key in validation:
             score = validation[validation_key]
             if best is None or score > best[0]:
                 best = (score, rnd)
                 best_params = copy_params(params)
+                improved = True
+        if folder is not None:
+            mark = {"round": best[1], "score": best[0]} if best is not None else None
+            state = checkpoint.Checkpoint(rnd, params, history, mark)
+            if improved:
+                await checkpoint.save(folder, "best", state)
+            await checkpoint.save(folder, "last", state)
     meta: dict[str, Any] = {"history": history}
     if best is not None:
         meta["best"] = {"round": best[1], validation_key or "": best[0]}
