@@ -3,6 +3,7 @@ simulated sites, and rounds with crashed, hung and unreachable clients."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -309,3 +310,44 @@ async def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Pat
     assert resumed.meta["best"] == whole.meta["best"]
     best, _ = decode(read(tmp_path / "best.safetensors"))  # a safetensors file
     assert np.array_equal(best["w"], whole.meta["best_params"]["w"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+async def test_the_same_job_in_process_and_as_subprocesses(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    script: Any = (
+        updating_script(ParamsType.FULL)
+        if kind == "threads"
+        else "tests._fl_scripts:add_site_weight"
+    )
+    rounds: list[Any] = []
+    init = {"w": np.zeros(4)}
+    out = await simulate(
+        lambda s: fedavg(s, init, rounds=2), script, clients=3, on_round=rounds.append
+    )
+    step = (1 + 4 + 9) / 6
+    assert np.allclose(out.params["w"], 2 * step)
+    if kind == "processes":
+        pids = {m["pid"] for m in rounds[0].metrics.values()}
+        assert len(pids) == 3
+        assert os.getpid() not in pids
+
+
+async def test_a_training_process_that_dies_is_a_failed_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    rounds: list[Any] = []
+    await simulate(
+        lambda s: fedavg(s, {"w": np.zeros(2)}, rounds=1, min_responses=3, deadline=30),
+        "tests._fl_scripts:dies_at_site_3",
+        clients=4,
+        on_round=rounds.append,
+    )
+    assert "server.site-3" in rounds[0].failed
+    assert "training process ended" in rounds[0].failed["server.site-3"]

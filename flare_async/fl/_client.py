@@ -9,10 +9,15 @@ results out.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import queue
+import socket
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.from_thread
@@ -21,18 +26,48 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import FlareError
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._server import CHANNEL
+from flare_async.transport import TcpLink
+from flare_async.wire import Event, Frame, Limits
 
 _STOP = object()
 _local = threading.local()
 
 
-def current_runtime() -> ClientRuntime:
-    """The site runtime the calling script thread runs under.
+class SiteRuntime(Protocol):
+    """What the Client API calls: a :class:`ClientRuntime` in-process, or the worker
+    process's pipe runtime."""
+
+    config: dict[str, Any]
+
+    @property
+    def site(self) -> str: ...
+
+    def is_running(self) -> bool: ...
+
+    def receive(self, timeout: float | None = None) -> FLModel | None: ...
+
+    def send(self, model: FLModel) -> None: ...
+
+    def log(self, key: str, value: float, step: int | None = None) -> None: ...
+
+
+_process_runtime: SiteRuntime | None = None
+
+
+def bind_process_runtime(runtime: SiteRuntime) -> None:
+    """In a worker process (``flare_async.fl.worker``): every thread talks to ``runtime``."""
+    global _process_runtime  # noqa: PLW0603 - one runtime per worker process
+    _process_runtime = runtime
+
+
+def current_runtime() -> SiteRuntime:
+    """The site runtime the calling script runs under (a :class:`ClientRuntime` in-process,
+    the worker's pipe runtime in a subprocess).
 
     Raises:
-        RuntimeError: called outside a script run by :meth:`ClientRuntime.run_script`.
+        RuntimeError: called outside a running site.
     """
-    runtime: ClientRuntime | None = getattr(_local, "runtime", None)
+    runtime: SiteRuntime | None = getattr(_local, "runtime", None) or _process_runtime
     if runtime is None:
         raise RuntimeError("the Client API is used outside a running site")
     return runtime
@@ -176,5 +211,90 @@ class ClientRuntime:
         if error is not None:
             raise error
 
+    async def run_subprocess(self, spec: str, *, stop_timeout: float = 10.0) -> None:
+        """Run the training script ``MODULE:FUNCTION`` in its own Python process
+        (``flare_async.fl.worker``), passing tasks and results over a socket pair.
 
-__all__ = ["ClientRuntime", "current_runtime"]
+        A script process that exits or breaks its pipe while holding a task is reported to the
+        server as a failure of that task, at once.
+        """
+        parent, child = socket.socketpair()
+        env = {
+            **os.environ,
+            "FLARE_ASYNC_FD": str(child.fileno()),
+            "FLARE_ASYNC_SITE": self.site,
+            "FLARE_ASYNC_CONFIG": json.dumps(self.config),
+            "FLARE_ASYNC_CODEC": self.codec,
+        }
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "flare_async.fl.worker", spec],
+            env=env,
+            pass_fds=(child.fileno(),),
+            stdin=None,
+            stdout=None,
+            stderr=None,
+        )
+        child.close()
+        parent.setblocking(False)
+        link = TcpLink(parent, PIPE_LIMITS, local_address="pipe:site", peer_address="pipe:worker")
+        link.peer_limits = PIPE_LIMITS
+        try:
+            await self._serve_worker(link)
+        finally:
+            with anyio.move_on_after(stop_timeout, shield=True):
+                await link.aclose()
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+
+    async def _serve_worker(self, link: TcpLink) -> None:
+        while True:
+            item = await anyio.to_thread.run_sync(self._inbox.get, abandon_on_cancel=True)
+            if item is _STOP:
+                self._inbox.put(_STOP)
+                with contextlib.suppress(FlareError):
+                    await link.send(Frame(_event("stop")))
+                return
+            assert isinstance(item, tuple)
+            task, (model, reply_to) = item
+            self._task = task
+            await link.send(
+                Frame(_event("task"), tuple(model_parts(model, self.cell.codecs, "tensors")))
+            )
+            try:
+                frame = await link.receive()
+            except FlareError as exc:
+                await self.report_failure(f"training process ended: {exc}")
+                return
+            self._task = None
+            await self.cell.stream(
+                reply_to,
+                CHANNEL,
+                "result",
+                list(frame.parts),
+                codec=self.codec,
+                headers={"task": task},
+                digest=self.digest,
+            )
+            self.sent += 1
+
+
+def _event(topic: str) -> Event:
+    return Event(
+        id=0,
+        src="site",
+        dst="worker",
+        route=["site"],
+        budget=None,
+        headers={},
+        channel=CHANNEL,
+        topic=topic,
+    )
+
+
+PIPE_LIMITS = Limits(max_frame=(1 << 63) - 1)
+
+
+__all__ = ["ClientRuntime", "bind_process_runtime", "current_runtime"]

@@ -24,7 +24,7 @@ Workflow = Callable[[FLServer], Awaitable[Any]]
 
 async def simulate(
     workflow: Workflow,
-    script: Callable[[], object] | dict[str, Callable[[], object]],
+    script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
     *,
     clients: int = 2,
     config: dict[str, Any] | None = None,
@@ -39,8 +39,9 @@ async def simulate(
     relay folding its sites' results into one partial sum for the server).
 
     Args:
-        script: the training script (a function using :mod:`flare_async.client`), or one per
-            site name.
+        script: the training script: a function using :mod:`flare_async.client`, run in a
+            worker thread, or ``"MODULE:FUNCTION"``, run in its own Python process per site
+            (``flare_async.fl.worker``); or one of those per site name.
         config: what each script's ``get_config()`` returns (plus ``site_index``).
         codec: how models travel both ways (``tensors``, ``q8``, ``nf4`` ...).
 
@@ -111,10 +112,13 @@ async def simulate(
         return outcome
 
 
-async def _run_guarded(runtime: ClientRuntime, script: Callable[[], object]) -> None:
+async def _run_guarded(runtime: ClientRuntime, script: Callable[[], object] | str) -> None:
     """A script that raises is a crashed site: logged, and the round goes on without it."""
     try:
-        await runtime.run_script(script)
+        if isinstance(script, str):
+            await runtime.run_subprocess(script)
+        else:
+            await runtime.run_script(script)
     except Exception as exc:  # a crashed training script must not take the simulation down
         runtime.cell._log.error("training script failed", site=runtime.site, exc_info=exc)
         await runtime.report_failure(f"training script failed: {type(exc).__name__}: {exc}")
