@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import flare_async.client as flare
-from flare_async.fl import FLModel, fedavg, simulate
+from flare_async.fl import FedAvgRecipe, FLModel
 
 SITES = 4
 torch.set_num_threads(1)
@@ -101,11 +101,10 @@ def training_script(data: list[tuple[np.ndarray, np.ndarray]], epochs: int = 2) 
     return script
 
 
-async def run(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> float:
-    """Train; returns the final global model's test accuracy."""
+def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> FedAvgRecipe:
+    """The demo as a job: ``flare-async simulate examples.fedavg_digits:recipe --clients 4``."""
     x_train, x_test, y_train, y_test = load()
     data = split_non_iid(x_train, y_train, SITES)
-    initial = {k: v.numpy() for k, v in make_model().state_dict().items()}
     start = time.perf_counter()
 
     def evaluate(rnd: int, params: dict[str, np.ndarray]) -> dict[str, float]:
@@ -119,14 +118,21 @@ async def run(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> 
             )
         return {"accuracy": acc}
 
-    final = await simulate(
-        lambda server: fedavg(
-            server, initial, rounds=rounds, evaluate=evaluate, validation_key="accuracy"
-        ),
-        training_script(data),
-        clients=SITES,
+    return FedAvgRecipe(
+        initial=lambda: {k: v.numpy() for k, v in make_model().state_dict().items()},
+        script=training_script(data),
+        rounds=rounds,
         codec=codec,
+        evaluate=evaluate,
+        validation_key="accuracy",
     )
+
+
+async def run(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> float:
+    """Train; returns the final global model's test accuracy."""
+    _, x_test, _, y_test = load()
+    start = time.perf_counter()
+    final = await recipe(rounds, codec, quiet).simulate(clients=SITES)
     acc = accuracy(final.params, x_test, y_test)
     if not quiet:
         best = final.meta["best"]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 import flare_async.client as flare
-from flare_async.fl import FLModel
+from flare_async.fl import FedAvgRecipe, FLModel
 
 
 def add_site_weight() -> None:
@@ -35,3 +35,10 @@ def dies_at_site_3() -> None:
         flare.receive()
         os._exit(3)
     add_site_weight()
+
+
+def small_recipe() -> FedAvgRecipe:
+    """A job for ``flare-async simulate``: 3 rounds, scripts in their own processes."""
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)}, script="tests._fl_scripts:add_site_weight", rounds=3
+    )

@@ -3,7 +3,9 @@ simulated sites, and rounds with crashed, hung and unreachable clients."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -351,3 +353,40 @@ async def test_a_training_process_that_dies_is_a_failed_client(
     )
     assert "server.site-3" in rounds[0].failed
     assert "training process ended" in rounds[0].failed["server.site-3"]
+
+
+def test_flare_async_simulate_prints_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flare_async",
+            "simulate",
+            "tests._fl_scripts:small_recipe",
+            "--clients",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["round"] for e in events if e["event"] == "round"] == [1, 2, 3]
+    assert all(e["responded"] == 3 for e in events if e["event"] == "round")
+    assert events[-1]["event"] == "done"
+    bad = subprocess.run(
+        [sys.executable, "-m", "flare_async", "simulate", "tests._fl_scripts:nothing"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 1
+    assert "cannot load the recipe" in bad.stderr
