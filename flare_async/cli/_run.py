@@ -10,7 +10,6 @@ link, exit status 0).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import sys
@@ -23,6 +22,7 @@ import anyio
 import orjson
 
 from flare_async import _logging
+from flare_async._spec import load_object
 from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
 from flare_async.errors import ConfigError, IdentityError
 from flare_async.security import (
@@ -89,13 +89,7 @@ def load_handlers(spec: str) -> HandlerTable:
     Raises:
         ConfigError: the module or name does not exist, or is not a handler table.
     """
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"--handlers {spec!r}: expected MODULE:NAME")
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--handlers {spec!r}: {exc}") from None
+    target = load_object(spec, "--handlers")
     table = target() if callable(target) and not isinstance(target, HandlerTable) else target
     if not isinstance(table, HandlerTable):
         raise ConfigError(f"--handlers {spec!r} is a {type(table).__name__}, not a HandlerTable")

@@ -4,7 +4,6 @@ round's progress and metrics as it finishes (JSON lines). A recipe whose script 
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -13,16 +12,13 @@ from typing import Any
 import anyio
 
 from flare_async import _logging
+from flare_async._spec import load_object
 from flare_async.errors import ConfigError, FlareError
 from flare_async.fl import FedAvgRecipe, RoundResult
 
 
 def load_recipe(spec: str) -> FedAvgRecipe:
-    module, _, name = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module), name or "recipe")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load the recipe {spec!r}: {exc}") from None
+    obj = load_object(spec, "recipe", "recipe")
     recipe = obj() if callable(obj) and not isinstance(obj, FedAvgRecipe) else obj
     if not isinstance(recipe, FedAvgRecipe):
         raise ConfigError(f"{spec} is a {type(recipe).__name__}, not a recipe")

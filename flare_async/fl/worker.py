@@ -9,13 +9,13 @@ process, with the job's codec). The script's stdout and stderr stay its own.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
 import sys
 from collections.abc import Callable
 
+from flare_async._spec import load_object
 from flare_async.codecs import CodecRegistry
 from flare_async.fl._client import bind_process_runtime
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
@@ -86,8 +86,7 @@ class PipeRuntime:
 
 
 def load_script(spec: str) -> Callable[[], object]:
-    module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name or "main")
+    fn = load_object(spec, "training script", "main")
     if not callable(fn):
         raise TypeError(f"{spec} is not a function")
     return fn  # type: ignore[no-any-return]
