@@ -233,3 +233,15 @@ def test_registry() -> None:
     assert "codec:q8" in reg.capabilities()
     with pytest.raises(DecodeError, match="no codec"):
         reg.get("zip")
+
+
+@pytest.mark.parametrize("scheme", ["q8", "nf4", "fp4"])
+def test_non_finite_tensors_travel_unquantized(scheme: str) -> None:
+    x = np.random.default_rng(5).standard_normal(4096).astype(np.float32)
+    x[1000] = np.nan
+    y = x.copy()
+    y[7] = np.inf
+    codec = QuantCodec(scheme)
+    out = codec.decode(blob(codec.encode({"x": x, "y": y})))
+    assert np.array_equal(out["x"], x, equal_nan=True)
+    assert np.array_equal(out["y"], y, equal_nan=True)

@@ -75,6 +75,16 @@ _LUTS = {"nf4": _nearest_lut(NF4_CODES), "fp4": _nearest_lut(FP4_CODES)}
 CODEBOOKS = {"nf4": NF4_CODES, "fp4": FP4_CODES}
 
 
+class NonFinite(ValueError):
+    """The input holds NaN or infinity: it has no absmax to scale by."""
+
+
+def _check_finite(am: np.ndarray | np.floating) -> None:
+    # NaN or inf in a block shows in its absmax: one check per block, not per value.
+    if not np.isfinite(am).all():
+        raise NonFinite("NaN or infinity in the tensor")
+
+
 def _blocks(n: int, block: int) -> int:
     return -(-n // block)
 
@@ -93,6 +103,7 @@ def absmax_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         if full:
             xb = xs[:full].reshape(-1, block)
             am = _absmax_rows(xb)
+            _check_finite(am)
             absmax[b0 : b0 + am.size] = am
             scale = np.divide(127.0, am, out=np.zeros_like(am), where=am > 0)
             q = xb * scale[:, None]
@@ -101,6 +112,7 @@ def absmax_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         if full < xs.size:  # the ragged last block
             tail = xs[full:]
             am_t = np.float32(np.max(np.abs(tail)))
+            _check_finite(am_t)
             absmax[b0 + full // block] = am_t
             s = np.float32(127.0) / am_t if am_t > 0 else np.float32(0.0)
             codes[start + full : start + xs.size] = np.rint(tail * s)
@@ -151,6 +163,7 @@ def absmax_4bit(x: np.ndarray, block: int, scheme: str) -> tuple[np.ndarray, np.
             padded[: xs.size] = xs
         xb = padded.reshape(nb, block)
         am = _absmax_rows(xb)
+        _check_finite(am)
         absmax[b0 : b0 + nb] = am
         scale = np.divide(np.float32(_LUT_HALF), am, out=np.zeros_like(am), where=am > 0)
         # y * 32767, truncated toward zero as it is stored into integers (one pass): off by

@@ -6,7 +6,8 @@ or uint8 holding two 4-bit codes per byte) and ``w::absmax`` (float32, one per b
 header's metadata says how to undo it (``flare.quant``: per name, scheme, block, original dtype
 and shape). Decoding gives back every tensor in its original dtype and shape.
 
-Only floating-point tensors of at least ``min_elements`` values are quantized (or cast);
+Only floating-point tensors of at least ``min_elements`` values are quantized (or cast), and
+only if they hold no NaN or infinity (those travel unquantized rather than be corrupted);
 integers, booleans and small tensors (biases, norms, where the scales would eat the gain)
 pass through unchanged. Error bounds are in :mod:`flare_async.codecs._kernels`.
 """
@@ -74,10 +75,14 @@ class QuantCodec:
                 out[name] = a if a.dtype == _BF16 else _to_bf16(a)
             else:
                 flat = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-                if self.scheme == "q8":
-                    codes, absmax = k.absmax_int8(flat, self.block)
-                else:
-                    codes, absmax = k.absmax_4bit(flat, self.block, self.scheme)
+                try:
+                    if self.scheme == "q8":
+                        codes, absmax = k.absmax_int8(flat, self.block)
+                    else:
+                        codes, absmax = k.absmax_4bit(flat, self.block, self.scheme)
+                except k.NonFinite:
+                    out[name] = a  # NaN or inf: sent as it is, never silently turned to 0
+                    continue
                 entry["block"] = self.block
                 out[name] = codes
                 out[name + SCALE_SUFFIX] = absmax
