@@ -26,13 +26,14 @@ from flare_async.errors import (
     BadRequest,
     NoHandler,
     Overloaded,
+    StreamAborted,
     StreamCorrupted,
     Unreachable,
 )
 from flare_async.streaming import Progress
 from flare_async.testing import FaultyDriver
 from flare_async.transport import Driver, TcpDriver
-from flare_async.wire import Frame, StreamData
+from flare_async.wire import Frame, StreamAbort, StreamData, StreamEnd
 
 pytestmark = pytest.mark.anyio
 
@@ -449,3 +450,127 @@ async def test_fan_out_reports_each_failed_target_without_failing_the_others() -
         )
     assert isinstance(results["server.e"], Payload)
     assert isinstance(results["server.gone"], Unreachable)
+
+
+async def test_a_handler_that_starts_reading_late_still_verifies_the_digest() -> None:
+    table = HandlerTable()
+
+    @table.stream("t", "late")
+    async def late(ctx: Context, stream: IncomingStream) -> bytes:
+        await anyio.sleep(0.05)  # every chunk is already held when it starts reading
+        return (await stream.read_all()).tobytes()[:4]
+
+    data = pattern(3 * CHUNK, seed=12)
+    async with chain(["server", "server.e"], table) as (server, _):
+        reply = await server.stream("server.e", "t", "late", data, chunk=CHUNK, window=WINDOW)
+    assert reply.tobytes() == data[:4]
+
+
+async def test_a_failing_progress_callback_fails_neither_the_stream_nor_the_cell() -> None:
+    def broken(p: Progress) -> None:
+        raise RuntimeError("bar broke")
+
+    sink = Sink()
+    data = pattern(6 * CHUNK, seed=13)
+    async with chain(["server", "server.e"], receiver_table(sink)) as (server, _):
+        await server.stream(
+            "server.e", "t", "collect", data, chunk=CHUNK, window=WINDOW, progress=broken
+        )
+        assert (await server.request("server.e", "t", "ping", b"")).tobytes() == b"pong"
+    assert list(sink.data.values()) == [data]
+
+
+@pytest.mark.parametrize("size", [0, 5 * CHUNK])
+async def test_a_lost_end_is_sent_again(size: int) -> None:
+    lost: list[int] = []
+
+    def first_end(frame: Frame) -> bool:
+        if isinstance(frame.header, StreamEnd) and not lost:
+            lost.append(1)
+            return True
+        return False
+
+    sink = Sink()
+    driver = FaultyDriver(MemoryNetwork(), drop=first_end)
+    async with chain(["server", "server.e"], receiver_table(sink), driver) as (server, _):
+        with anyio.fail_after(30):
+            await server.stream(
+                "server.e", "t", "collect", pattern(size), chunk=CHUNK, window=WINDOW, probe=0.2
+            )
+    assert lost == [1]
+    assert list(sink.data.values()) == [pattern(size)]
+
+
+async def test_a_sender_that_gives_up_tells_the_receiver_at_once() -> None:
+    seen: list[BaseException] = []
+    ended = anyio.Event()
+    table = HandlerTable()
+
+    @table.stream("t", "slow")
+    async def slow(ctx: Context, stream: IncomingStream) -> None:
+        try:
+            await stream.read_chunk()
+            await anyio.sleep(0.2)
+            async for _ in stream:
+                pass
+        except StreamAborted as exc:
+            seen.append(exc)
+        finally:
+            ended.set()
+
+    async with chain(["server", "server.e"], table) as (server, edge):
+        with anyio.move_on_after(0.05):
+            await server.stream(
+                "server.e", "t", "slow", pattern(64 * CHUNK), chunk=CHUNK, window=WINDOW
+            )
+        with anyio.fail_after(5):  # not the 60 s idle limit
+            await ended.wait()
+        assert seen
+        assert not edge._streams.incoming
+
+
+async def test_a_cell_off_the_path_cannot_abort_a_stream() -> None:
+    sink = Sink()
+    sink.release = anyio.Event()
+    data = pattern(16 * CHUNK, seed=14)
+    net = MemoryNetwork()
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            Cell("server", listen=["memory://server"], drivers=[net])
+        )
+        edge = await stack.enter_async_context(
+            Cell(
+                "server.a",
+                parent="memory://server",
+                drivers=[net],
+                handlers=[receiver_table(sink, hold_after_first=True)],
+            )
+        )
+        rogue = await stack.enter_async_context(
+            Cell("server.b", parent="memory://server", drivers=[net])
+        )
+        await edge.wait_parent()
+        await rogue.wait_parent()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: server.stream("server.a", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+            )
+            await sink.got_first.wait()
+            (sid,) = server._streams.outgoing
+            spoof = StreamAbort(
+                id=1,
+                src="server.b",
+                dst="server",
+                route=["server.b"],
+                budget=None,
+                headers={},
+                sid=sid,
+                status=11,
+                message="spoofed",
+                sender="server",
+            )
+            await rogue._send_to("server", Frame(spoof))
+            await anyio.wait_all_tasks_blocked()
+            assert server._streams.outgoing[sid].error is None
+            sink.release.set()
+    assert list(sink.data.values()) == [data]

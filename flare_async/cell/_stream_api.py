@@ -222,7 +222,13 @@ class StreamingMixin:
             child = _child_below(_cell(self).name, dst)
             key = child if child is not None and child != dst else None
             groups.setdefault(key, []).append(dst)
-        for hop in [h for h, members in groups.items() if h is not None and len(members) < 2]:
+        for hop in [
+            h
+            for h, members in groups.items()
+            if h is not None and (len(members) < 2 or h in targets)
+        ]:
+            # A lone destination behind a relay, or a relay that is a destination itself:
+            # sent to directly (one stream per destination, one sender per name).
             groups.setdefault(None, []).extend(groups.pop(hop))
         return groups
 
@@ -243,6 +249,10 @@ class StreamingMixin:
             validate_name(dst)
         if opts.chunk <= 0 or opts.window < opts.chunk:
             raise ConfigError("stream chunk must be positive and the window at least one chunk")
+        if opts.chunk > cell.limits.max_frame:
+            raise ConfigError(
+                f"stream chunk of {opts.chunk} B exceeds max_frame ({cell.limits.max_frame} B)"
+            )
         if not opts.idle > 0:
             raise ConfigError("stream idle must be a positive number of seconds")
         sha_from = getattr(source, "final_sha256", None)

@@ -18,7 +18,7 @@ the cell's memory. Whatever the handler returns goes back to the sender as the s
 from __future__ import annotations
 
 import os
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
+_MAX_IDLE = 3600.0
 _FINISHED_KEPT = 256
 """Finished streams remembered per cell, to answer a sender whose final answer was lost."""
 
@@ -107,8 +108,10 @@ class IncomingStream:
         self.window = window
         self.idle = idle
         self._flow = ReceiverFlow(window)
-        self._chunks: list[memoryview] = []
-        self._next = 0  # index of the next chunk to hand out in _chunks
+        self._chunks: deque[memoryview] = deque()
+        self._max_chunks = window // 1024 + 64
+        """Chunks held at most: a peer sending tiny chunks must not turn a byte window into
+        a flood of Python objects (each costs hundreds of bytes)."""
         self._wakeup: SignalLike | None = None
         self._error: BaseException | None = None
         self._expected_sha = open_.sha256
@@ -145,13 +148,8 @@ class IncomingStream:
             self._digest_started = True
             self._hub.cell._spawn(self._digest.run, name=f"stream {self.src}/{self.sid} digest")
         while True:
-            if self._next < len(self._chunks):
-                chunk = self._chunks[self._next]
-                self._chunks[self._next] = _RELEASED
-                self._next += 1
-                if self._next == len(self._chunks):
-                    self._chunks.clear()
-                    self._next = 0
+            if self._chunks:
+                chunk = self._chunks.popleft()
                 if self._digest is not None:
                     await self._digest.update(chunk)
                 self.received += chunk.nbytes
@@ -245,6 +243,11 @@ class IncomingStream:
             self.damaged_seen += 1
         verdict = self._flow.on_data(h.offset, payload.nbytes, intact)
         if verdict is Verdict.ACCEPT and payload.nbytes:
+            if len(self._chunks) >= self._max_chunks:
+                raise ProtocolError(
+                    f"more than {self._max_chunks} chunks held for stream {self.sid}: "
+                    "chunks too small for the window"
+                )
             self._chunks.append(payload)
             self._wake()
         return verdict
@@ -261,7 +264,6 @@ class IncomingStream:
         if self._error is None and not self.finished:
             self._error = error
         self._chunks.clear()
-        self._next = 0
         if self._digest is not None:
             self._digest.close()
         self._wake()
@@ -373,7 +375,9 @@ class StreamHub:
             self._abort_to(h.src, h.src, h.sid, Status.OVERLOADED, msg)
             return
         chunk, window = negotiate(h.chunk, h.window, self.cell.limits.max_frame)
-        idle = max(self.idle, h.idle if h.idle > 0 and h.idle < 1e9 else 0.0)
+        # The sender's idle limit, if longer than ours, but never more than an hour: a peer
+        # must not hold a receiving slot for ever by going silent.
+        idle = max(self.idle, min(h.idle, _MAX_IDLE) if h.idle > 0 else 0.0)
         # A fan-out relay passes the sender's digest on and lets the final receivers check it:
         # hashing here too would cost the relay a core for nothing.
         digest = h.digest and (h.channel, h.topic) != (FANOUT_CHANNEL, FANOUT_TOPIC)
@@ -446,7 +450,6 @@ class StreamHub:
                 result = await fn(ctx, stream)
                 body = as_payload(result)
             except Exception as exc:
-                self._finished_put(key, None)
                 self.abort(stream, *handler_failure(cell, exc, h.channel, h.topic, h.src))
                 return
             done = Frame(
@@ -488,12 +491,14 @@ class StreamHub:
         self._post(stream.ack_frame(self.cell.name, self._id(), first=False, resend=False))
 
     def abort(self, stream: IncomingStream, status: Status, message: str) -> None:
-        """Give up an incoming stream and tell its sender."""
-        self.incoming.pop((stream.src, stream.sid), None)
+        """Give up an incoming stream and tell its sender (again, if it probes later: the
+        abort is kept with the finished streams)."""
+        key = (stream.src, stream.sid)
+        self.incoming.pop(key, None)
         stream.fail(error_for_status(status, message, self.cell.name))
-        self._abort_to(stream.src, stream.src, stream.sid, status, message)
+        self._finished_put(key, self._abort_to(stream.src, stream.src, stream.sid, status, message))
 
-    def _abort_to(self, dst: str, sender: str, sid: int, status: Status, message: str) -> None:
+    def _abort_to(self, dst: str, sender: str, sid: int, status: Status, message: str) -> Frame:
         name = self.cell.name
         abort = StreamAbort(
             id=self._id(),
@@ -507,7 +512,9 @@ class StreamHub:
             message=message,
             sender=sender,
         )
-        self._post(Frame(abort))
+        frame = Frame(abort)
+        self._post(frame)
+        return frame
 
     def trouble(self, h: StreamOpen | StreamData | StreamEnd, status: Status, message: str) -> None:
         """A relay could not pass a sender's stream message on: tell the sender (who resumes

@@ -15,6 +15,7 @@ stream (:class:`~flare_async.errors.StreamStalled`): a long transfer that moves 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,6 @@ from flare_async._concurrency import Signal, SignalLike
 from flare_async.cell._payload import Payload
 from flare_async.errors import (
     DeadlineExceeded,
-    FlareError,
     ProtocolError,
     Status,
     StreamAborted,
@@ -134,8 +134,7 @@ class StreamSender:
             self.reply = Payload.received(frame.parts, h.codec, h.headers)
             self.received = h.received
             self.remote_sha256 = h.sha256
-            if self.opts.progress is not None:
-                self.opts.progress(self._meter.update(max(self.flow.committed, h.received)))
+            self._report(max(self.flow.committed, h.received))
             self.wake()
             return
         before = self.flow.committed
@@ -146,11 +145,24 @@ class StreamSender:
         if self.flow.committed > before or complete:
             self.last_progress = self.cell._clock()  # bytes moved, or the handler is alive
             self.log.commit(self.dst, self.flow.committed)
-            if self.opts.progress is not None and self.flow.committed > before:
-                self.opts.progress(self._meter.update(self.flow.committed))
+            if self.flow.committed > before:
+                self._report(self.flow.committed)
         self.wake()
 
+    def _report(self, done: int) -> None:
+        """Call the progress callback; its exceptions are the caller's, not the cell's."""
+        if self.opts.progress is None:
+            return
+        try:
+            self.opts.progress(self._meter.update(done))
+        except Exception as exc:
+            self.cell._log.warning("progress callback failed", dst=self.dst, error=repr(exc))
+
     def on_abort(self, h: StreamAbort) -> None:
+        src, me, dst = h.src, self.cell.name, self.dst
+        on_path = dst.startswith(src + ".") or me.startswith(src + ".")
+        if src != dst and not on_path:
+            return  # no cell off the path may end our stream
         # Once the receiver has answered, a relay's report is trouble on the path, which a
         # resume gets over; before that, as for a request, no route means no stream.
         if h.src != self.dst and h.status in _PATH_TROUBLE and self.flow.started:
@@ -226,7 +238,8 @@ class StreamSender:
                 f"({self.flow.committed} B committed)"
             )
         self.cell._streams.counters["probes"] += 1
-        await self._send(self._open(resume=True))
+        self._end_sent_at = -1  # the End may have been lost: send it again after the probe
+        await self._send(self._open(resume=self.flow.started))
 
     async def run(self, digest_result: Callable[[], Awaitable[str]]) -> None:
         """Send the object; returns once the receiver answered (``reply``) or failed."""
@@ -270,6 +283,26 @@ class StreamSender:
         finally:
             log.leave(self.dst)
             log.unwatch(self)
+            if self.reply is None:
+                self._abort_receiver()
+
+    def _abort_receiver(self) -> None:
+        """The sender gave up (failed, cancelled, stopping): tell the receiver at once, so its
+        handler and buffers do not wait for an idle timeout. Never waits, never raises."""
+        error = self.error
+        if isinstance(error, StreamAborted | Unreachable) and error.reported_by == self.dst:
+            return  # the receiver ended it
+        name = self.cell.name
+        why = f"the sender gave up: {error!r}" if error is not None else "the sender gave up"
+        abort = StreamAbort(
+            *self._routed(),
+            sid=self.sid,
+            status=int(Status.STREAM_ABORTED),
+            message=why[:500],
+            sender=name,
+        )
+        with contextlib.suppress(Exception):
+            self.cell._post(Frame(abort))
 
 
 async def send_streams(
@@ -305,19 +338,24 @@ async def send_streams(
     async def one(sender: StreamSender) -> None:
         try:
             await sender.run(digest_result)
-        except (FlareError, OSError) as exc:
+        except Exception as exc:  # kept as this destination's outcome, never a group
             sender.error = sender.error or exc
         finally:
             hub.outgoing.pop(sender.sid, None)
 
     async def read_ahead() -> None:
         """Keep the log filled up to the window while the senders send from it, so reading
-        the source (a file: in a worker thread) overlaps with the sending."""
-        while not log.eof:
-            if log.has_room:
-                await log.fill_one()
-            else:
-                await log.wait_room()
+        the source (a file: in a worker thread) overlaps with the sending. A source that
+        fails fails every destination with its error."""
+        try:
+            while not log.eof:
+                if log.has_room:
+                    await log.fill_one()
+                else:
+                    await log.wait_room()
+        except Exception as exc:
+            for sender in senders.values():
+                sender.fail(exc)
 
     try:
         async with anyio.create_task_group() as tg:

@@ -197,6 +197,10 @@ class Digest:
         self._queue.close()
         if self._done is not None:
             await self._done.wait()
+        else:
+            # run() never got to start (everything was fed without a pause): hash here.
+            for data in self._queue.clear():
+                await anyio.to_thread.run_sync(self._hash.update, data)
         return self._hash.hexdigest()
 
 

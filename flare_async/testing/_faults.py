@@ -32,9 +32,11 @@ def flip_one_byte(frame: Frame) -> Frame:
 
 
 class _FaultyLink(Link):
-    def __init__(self, inner: Link, corrupt: FramePredicate) -> None:
+    def __init__(self, inner: Link, corrupt: FramePredicate, drop: FramePredicate) -> None:
         self._inner = inner
         self._corrupt = corrupt
+        self._drop = drop
+        self.dropped = 0
         self.local_address = inner.local_address
         self.peer_address = inner.peer_address
         self.limits = inner.limits
@@ -55,6 +57,9 @@ class _FaultyLink(Link):
         return frame
 
     async def send(self, frame: Frame) -> None:
+        if self._drop(frame):
+            self.dropped += 1  # lost on the way, as a link going down would lose it
+            return
         await self._inner.send(self._filter(frame))
 
     def try_send(self, frame: Frame) -> bool:
@@ -78,39 +83,56 @@ class _FaultyLink(Link):
         return self._inner.extra()
 
     def statistics(self) -> dict[str, int]:
-        return {**self._inner.statistics(), "damaged": self.damaged}
+        return {**self._inner.statistics(), "damaged": self.damaged, "dropped": self.dropped}
 
 
 class _FaultyListener(Listener):
-    def __init__(self, inner: Listener, corrupt: FramePredicate) -> None:
+    def __init__(self, inner: Listener, corrupt: FramePredicate, drop: FramePredicate) -> None:
         self._inner = inner
         self._corrupt = corrupt
+        self._drop = drop
         self.url = inner.url
 
     async def accept(self) -> Link:
-        return _FaultyLink(await self._inner.accept(), self._corrupt)
+        return _FaultyLink(await self._inner.accept(), self._corrupt, self._drop)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 class FaultyDriver(Driver):
-    """Wraps ``inner``; frames for which ``corrupt(frame)`` is True get one byte flipped.
+    """Wraps ``inner``; frames for which ``corrupt(frame)`` is True get one byte flipped, and
+    frames for which ``drop(frame)`` is True are lost (never sent).
 
     ``corrupt`` sees every frame every wrapped link sends (both ends: links it connects and
     links it accepts), so it can pick by kind, offset or count.
     """
 
-    def __init__(self, inner: Driver, *, corrupt: FramePredicate) -> None:
+    def __init__(
+        self,
+        inner: Driver,
+        *,
+        corrupt: FramePredicate = lambda frame: False,
+        drop: FramePredicate = lambda frame: False,
+    ) -> None:
         self.inner = inner
         self.corrupt = corrupt
+        self.drop = drop
         self.schemes = inner.schemes
 
+    def _corrupt_now(self, frame: Frame) -> bool:
+        return self.corrupt(frame)
+
+    def _drop_now(self, frame: Frame) -> bool:
+        return self.drop(frame)
+
     async def connect(self, url: str, *, limits: Limits) -> Link:
-        return _FaultyLink(await self.inner.connect(url, limits=limits), self.corrupt)
+        link = await self.inner.connect(url, limits=limits)
+        return _FaultyLink(link, self._corrupt_now, self._drop_now)
 
     async def listen(self, url: str, *, limits: Limits) -> Listener:
-        return _FaultyListener(await self.inner.listen(url, limits=limits), self.corrupt)
+        listener = await self.inner.listen(url, limits=limits)
+        return _FaultyListener(listener, self._corrupt_now, self._drop_now)
 
 
 __all__ = ["FaultyDriver", "FramePredicate", "flip_one_byte"]
