@@ -245,3 +245,27 @@ def test_non_finite_tensors_travel_unquantized(scheme: str) -> None:
     out = codec.decode(blob(codec.encode({"x": x, "y": y})))
     assert np.array_equal(out["x"], x, equal_nan=True)
     assert np.array_equal(out["y"], y, equal_nan=True)
+
+
+def test_edge_values_never_crash_or_turn_to_inf() -> None:
+    tiny = np.full(1024, 1e-38, dtype=np.float32) * np.where(np.arange(1024) % 2, 1, -1)
+    for scheme in ("q8", "nf4", "fp4"):
+        codec = QuantCodec(scheme)
+        out = codec.decode(blob(codec.encode({"t": tiny})))["t"]
+        assert np.abs(out - tiny).max() <= 1e-30  # stored as zeros, by the stated rule
+    big = np.full(2048, 1e5, dtype=np.float32)
+    codec = QuantCodec("fp16")
+    assert np.array_equal(codec.decode(blob(codec.encode({"b": big})))["b"], big)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode(),
+        json.dumps({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}).encode(),
+    ],
+)
+def test_hostile_headers_are_decode_errors(header: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(struct.pack("<Q", len(header)) + header + b"\0" * 4)

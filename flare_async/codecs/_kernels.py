@@ -7,6 +7,7 @@ Error bounds (``x`` a value, ``m`` the absmax of its block, ``x'`` after a round
 
 * int8: ``|x - x'| <= m / 254`` (half a step of ``m / 127``), plus float32 rounding
   (``2**-22 * m``).
+* Every scheme: a block whose absmax is under 1e-30 is stored as zeros (error under 1e-30).
 * NF4: ``|x - x'| <= 0.1520 * m`` (half the widest gap of the NF4 code book, between -1 and
   -0.696), plus ``m / 32767`` (the lookup table's resolution).
 * FP4 (e2m1, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 scaled so that 6 is the absmax):
@@ -105,7 +106,7 @@ def absmax_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
             am = _absmax_rows(xb)
             _check_finite(am)
             absmax[b0 : b0 + am.size] = am
-            scale = np.divide(127.0, am, out=np.zeros_like(am), where=am > 0)
+            scale = _scale(127.0, am)
             q = xb * scale[:, None]
             np.rint(q, out=q)
             codes[start : start + full] = q.reshape(-1)
@@ -114,7 +115,7 @@ def absmax_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
             am_t = np.float32(np.max(np.abs(tail)))
             _check_finite(am_t)
             absmax[b0 + full // block] = am_t
-            s = np.float32(127.0) / am_t if am_t > 0 else np.float32(0.0)
+            s = np.float32(127.0) / am_t if am_t > TINY else np.float32(0.0)
             codes[start + full : start + xs.size] = np.rint(tail * s)
     return codes, absmax
 
@@ -133,6 +134,16 @@ def dequant_int8(codes: np.ndarray, absmax: np.ndarray, block: int) -> np.ndarra
         )
     if full < n:
         out[full:] = codes[full:] * scale[-1]
+    return out
+
+
+TINY: Final = 1e-30
+"""Blocks whose absmax is below this are stored as zeros (absolute error under 1e-30): their
+scale would overflow float32."""
+
+
+def _scale(num: float, am: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.divide(np.float32(num), am, out=np.zeros_like(am), where=am > TINY)
     return out
 
 
@@ -165,7 +176,7 @@ def absmax_4bit(x: np.ndarray, block: int, scheme: str) -> tuple[np.ndarray, np.
         am = _absmax_rows(xb)
         _check_finite(am)
         absmax[b0 : b0 + nb] = am
-        scale = np.divide(np.float32(_LUT_HALF), am, out=np.zeros_like(am), where=am > 0)
+        scale = _scale(_LUT_HALF, am)
         # y * 32767, truncated toward zero as it is stored into integers (one pass): off by
         # less than one table step (2**-15).
         k = np.empty(xb.size, dtype=np.intp)

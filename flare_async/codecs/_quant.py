@@ -15,6 +15,7 @@ pass through unchanged. Error bounds are in :mod:`flare_async.codecs._kernels`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -31,6 +32,7 @@ QUANT_KEY: Final = "flare.quant"
 SCALE_SUFFIX: Final = "::absmax"
 _FLOAT_NAMES = frozenset({"F64", "F32", "F16", "BF16"})
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def _is_float(a: np.ndarray) -> bool:
@@ -70,6 +72,9 @@ class QuantCodec:
                 "shape": list(a.shape),
             }
             if self.scheme == "fp16":
+                if a.size and not np.abs(a).max() <= _FP16_MAX:
+                    out[name] = a  # out of fp16's range (or NaN): sent as it is, never inf
+                    continue
                 out[name] = a.astype(np.float16)
             elif self.scheme == "bf16":
                 out[name] = a if a.dtype == _BF16 else _to_bf16(a)
@@ -107,7 +112,7 @@ def dequantize(tensors: dict[str, np.ndarray], meta: Mapping[str, str]) -> dict[
     """
     try:
         plan = json.loads(meta.get(QUANT_KEY, "{}"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise DecodeError(f"bad {QUANT_KEY} metadata: {exc}") from None
     if not isinstance(plan, dict):
         raise DecodeError(f"bad {QUANT_KEY} metadata")
@@ -132,7 +137,9 @@ def _restore(
         raise DecodeError(f"tensor {name!r}: bad original dtype {entry.get('dtype')!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise DecodeError(f"tensor {name!r}: bad shape {shape!r}")
-    n = int(np.prod(shape, dtype=np.int64))
+    if len(shape) > 64 or any(d > 1 << 48 for d in shape):
+        raise DecodeError(f"tensor {name!r}: shape {shape!r} out of range")
+    n = math.prod(shape)
     if scheme in ("fp16", "bf16"):
         want = np.float16 if scheme == "fp16" else _BF16
         if codes.dtype != want or codes.size != n:

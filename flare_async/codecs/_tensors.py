@@ -134,7 +134,7 @@ def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
         raise DecodeError(f"tensor header of {hlen} B does not fit in {data.nbytes} B")
     try:
         header = json.loads(bytes(data[8 : 8 + hlen]))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError(f"tensor header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise DecodeError("tensor header is not a JSON object")
@@ -148,7 +148,11 @@ def _check_entry(name: str, entry: Any) -> tuple[np.dtype[Any], tuple[int, ...],
     if dtype is None:
         raise DecodeError(f"tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(type(d) is int and 0 <= d < 1 << 48 for d in shape)
+    ):
         raise DecodeError(f"tensor {name!r}: bad shape {shape!r}")
     offsets = entry.get("data_offsets")
     if (

@@ -49,6 +49,8 @@ class WeightedSum:
     def merge(self, partial: FLModel) -> None:
         """Fold a relay's partial sum (see :meth:`partial`) in."""
         weight = float(partial.meta[WEIGHT_KEY])
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"partial weight must be finite and non-negative, not {weight!r}")
         self._fold(partial.params, weight, partial.params_type, scale=1.0)
         self.weight += weight
         self.count += int(partial.meta.get(COUNT_KEY, 1))
@@ -69,12 +71,14 @@ class WeightedSum:
             return
         if set(params) != set(self._sum):
             raise RoundMismatch("an update with other tensors than the ones before")
-        for name, value in params.items():
-            acc = self._sum[name]
-            a = np.asarray(value)
-            if a.shape != acc.shape:
-                raise RoundMismatch(f"tensor {name!r}: shape {a.shape}, expected {acc.shape}")
-            _fold_into(acc.reshape(-1), a.reshape(-1), scale)
+        arrays = {name: np.asarray(value) for name, value in params.items()}
+        for name, a in arrays.items():  # all checked before any is folded
+            if a.shape != self._sum[name].shape:
+                raise RoundMismatch(
+                    f"tensor {name!r}: shape {a.shape}, expected {self._sum[name].shape}"
+                )
+        for name, a in arrays.items():
+            _fold_into(self._sum[name].reshape(-1), a.reshape(-1), scale)
 
     def partial(self) -> FLModel:
         """The sum so far, to send up a tier (float64 sums, total weight in ``meta``)."""
@@ -84,6 +88,15 @@ class WeightedSum:
             params_type=self.params_type or ParamsType.FULL,
             meta={WEIGHT_KEY: self.weight, COUNT_KEY: self.count},
         )
+
+    def mean64(self) -> dict[str, np.ndarray]:
+        """The weighted mean in float64."""
+        if self._sum is None or self.weight <= 0:
+            raise ValueError("no update with a positive weight to average")
+        return {n: s / self.weight for n, s in self._sum.items()}
+
+    def dtype(self, name: str) -> np.dtype[Any]:
+        return self._dtypes[name]
 
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean, in each tensor's original dtype.
@@ -113,12 +126,15 @@ def _fold_into(acc: np.ndarray, a: np.ndarray, scale: float) -> None:
 def fedavg_step(global_params: Mapping[str, Any], agg: WeightedSum) -> dict[str, np.ndarray]:
     """The next global model: the weighted mean of FULL updates, or the global model plus the
     weighted mean of DIFF updates."""
-    mean = agg.mean()
-    if agg.params_type is ParamsType.DIFF:
-        return {
-            n: (np.asarray(global_params[n], dtype=np.float64) + mean[n]).astype(
-                np.asarray(global_params[n]).dtype
-            )
-            for n in mean
-        }
-    return mean
+    mean = agg.mean64()
+    out: dict[str, np.ndarray] = {}
+    for n, m in mean.items():
+        g = np.asarray(global_params[n]) if n in global_params else None
+        dtype = g.dtype if g is not None else agg.dtype(n)
+        value = (
+            m + g.astype(np.float64) if agg.params_type is ParamsType.DIFF and g is not None else m
+        )
+        if dtype.kind in "iub":
+            value = np.rint(value)  # integer tensors: rounded, not truncated
+        out[n] = value.astype(dtype)  # the global model's dtype, however the sum travelled
+    return out

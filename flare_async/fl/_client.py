@@ -182,7 +182,7 @@ class ClientRuntime:
             return
         try:
             await self.cell.request(
-                self.server, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
+                self._reply_to, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
             )
         except FlareError as exc:
             self.cell._log.info("could not report the failure", error=str(exc))
@@ -205,7 +205,11 @@ class ClientRuntime:
                     _local.runtime = None
 
             try:
-                await anyio.to_thread.run_sync(body, abandon_on_cancel=True)
+                # Its own thread token: a job's scripts hold theirs for the whole job, and
+                # must not starve anyio's shared pool (40 by default) of file and hash work.
+                await anyio.to_thread.run_sync(
+                    body, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
+                )
             except Exception as exc:  # raised below, as it is (not inside the portal's group)
                 error = exc
         if error is not None:
@@ -218,6 +222,7 @@ class ClientRuntime:
         A script process that exits or breaks its pipe while holding a task is reported to the
         server as a failure of that task, at once.
         """
+        self._waiter = anyio.CapacityLimiter(1)
         parent, child = socket.socketpair()
         env = {
             **os.environ,
@@ -251,7 +256,9 @@ class ClientRuntime:
 
     async def _serve_worker(self, link: TcpLink) -> None:
         while True:
-            item = await anyio.to_thread.run_sync(self._inbox.get, abandon_on_cancel=True)
+            item = await anyio.to_thread.run_sync(
+                self._inbox.get, abandon_on_cancel=True, limiter=self._waiter
+            )
             if item is _STOP:
                 self._inbox.put(_STOP)
                 with contextlib.suppress(FlareError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from flare_async.codecs import CodecRegistry, decode
+from flare_async.codecs import CodecRegistry, as_numpy, decode
 from flare_async.codecs._quant import QUANT_KEY, dequantize
 from flare_async.codecs._tensors import Buffer, encode
 from flare_async.errors import DecodeError
@@ -109,13 +109,13 @@ def model_from_parts(parts: Sequence[Buffer] | Buffer) -> FLModel:
             current_round=info["current_round"],
             total_rounds=info["total_rounds"],
         )
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise DecodeError(f"not a model payload: {exc!r}") from None
 
 
 def copy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Writable numpy copies (decoded payloads are read-only views)."""
-    return {k: np.array(v, copy=True) for k, v in params.items()}
+    return {k: np.array(as_numpy(v), copy=True) for k, v in params.items()}
 
 
 __all__ = ["FLModel", "ParamsType", "copy_params", "encode", "model_from_parts", "model_parts"]

@@ -54,6 +54,14 @@ class RelayAggregator:
             self.cell._spawn(self._collect, collector, deadline, name=f"fl relay {task}")
             return b"armed"
 
+        @table.request(CHANNEL, "failed")
+        async def failed(ctx: Context, msg: Payload) -> bytes:
+            collector = self._open.get(ctx.headers.get("task", ""))
+            if collector is not None and ctx.src in collector.pending:
+                collector.result.failed[ctx.src] = msg.tobytes().decode(errors="replace")
+                collector.settle(ctx.src)
+            return b"noted"
+
         @table.stream(CHANNEL, "result")
         async def result(ctx: Context, stream: IncomingStream) -> bytes:
             collector = self._open.get(stream.headers.get("task", ""))

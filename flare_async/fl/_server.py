@@ -79,6 +79,9 @@ class _Collector:
         self.task = task
         self.result = RoundResult(rnd)
         self.pending = set(targets)
+        self.relays: dict[str, set[str]] = {}
+        """Relays armed for this task, and the sites each aggregates: only they may send
+        partial sums, and only for those sites."""
         self.closed = False
         self.changed = anyio.Event()
 
@@ -114,9 +117,17 @@ class _Collector:
         return b"taken"
 
     def _offer_partial(self, relay: str, partial: FLModel) -> bytes:
+        group = self.relays.get(relay)
+        if group is None:
+            raise ValueError(f"{relay} sent a partial sum but aggregates nothing for this task")
         covered = [str(s) for s in partial.meta.get("responded", [])]
-        if not covered or not set(covered) <= self.pending:
-            raise ValueError(f"a partial sum from {relay} for sites not awaited: {covered}")
+        if not covered or len(set(covered)) != len(covered):
+            raise ValueError(f"a partial sum from {relay} names its sites badly: {covered}")
+        if not set(covered) <= group & self.pending:
+            raise ValueError(f"a partial sum from {relay} for sites not awaited from it: {covered}")
+        weight = float(partial.meta.get(WEIGHT_KEY, float("nan")))
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"a partial sum from {relay} with weight {weight!r}")
         result = self.result
         result.sum.merge(partial)
         result.partials += 1
@@ -124,9 +135,10 @@ class _Collector:
             result.responded.append(site)
             self.settle(site)
         for site, metrics in dict(partial.meta.get("metrics", {})).items():
-            result.metrics[str(site)] = {str(k): float(v) for k, v in dict(metrics).items()}
+            if site in covered:
+                result.metrics[str(site)] = {str(k): float(v) for k, v in dict(metrics).items()}
         for site, why in dict(partial.meta.get("failed", {})).items():
-            if site in self.pending:
+            if site in self.pending and site in group:
                 result.failed[str(site)] = f"{why} (reported by {relay})"
                 self.settle(str(site))
         return b"taken"
@@ -262,6 +274,7 @@ class FLServer:
             if parent != self.cell.name:
                 groups.setdefault(parent, []).append(site)
         for relay, sites in groups.items():
+            collector.relays[relay] = set(sites)
             body = json.dumps({"task": task_id, "sites": sites, "deadline": 0.9 * deadline})
             try:
                 await self.cell.request(relay, CHANNEL, "expect", body.encode(), timeout=10)
@@ -283,7 +296,7 @@ class FLServer:
             digest=self.digest,
         )
         for site, outcome in outcomes.items():
-            if isinstance(outcome, FlareError):
+            if isinstance(outcome, FlareError) and site in collector.pending:
                 collector.result.failed[site] = f"{type(outcome).__name__}: {outcome}"
                 collector.settle(site)
 

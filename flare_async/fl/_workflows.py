@@ -62,22 +62,26 @@ async def fedavg(
         last = await anyio.to_thread.run_sync(checkpoint.load, folder, "last")
         if last is not None:
             params, history, first = last.params, last.history, last.round + 1
-            if last.best is not None:
-                best = (float(last.best["score"]), int(last.best["round"]))
-                saved_best = await anyio.to_thread.run_sync(checkpoint.load, folder, "best")
-                best_params = saved_best.params if saved_best is not None else {}
+            saved_best = await anyio.to_thread.run_sync(checkpoint.load, folder, "best")
+            if saved_best is not None and saved_best.best is not None:
+                # The best file's own mark: consistent with its params even if the job died
+                # between writing it and writing last.
+                best = (float(saved_best.best["score"]), int(saved_best.best["round"]))
+                best_params = saved_best.params
     for rnd in range(first, rounds):
         targets = server.sample(fraction, min_clients)
         model = FLModel(params=params, current_round=rnd, total_rounds=rounds)
         result: RoundResult = await server.run_round(
             model,
             targets,
-            min_responses=min(min_responses, len(targets)) if min_responses else None,
+            min_responses=None if min_responses is None else min(min_responses, len(targets)),
             deadline=deadline,
         )
         params = fedavg_step(params, result.sum)
         metrics = result.mean_metrics()
-        validation = dict(evaluate(rnd, params)) if evaluate is not None else {}
+        validation = (
+            {str(k): float(v) for k, v in evaluate(rnd, params).items()} if evaluate else {}
+        )
         history.append(
             {
                 "round": rnd,

@@ -37,6 +37,7 @@ class PipeRuntime:
         self.conn.peer_limits = LIMITS
         self.codecs = CodecRegistry()
         self._running = True
+        self._has_task = False
         self.logged: list[tuple[str, float, int | None]] = []
 
     def is_running(self) -> bool:
@@ -62,9 +63,13 @@ class PipeRuntime:
         if frame is None or not isinstance(frame.header, Event) or frame.header.topic != "task":
             self._running = False
             return None
+        self._has_task = True
         return model_from_parts(frame.parts)
 
     def send(self, model: FLModel) -> None:
+        if not self._has_task:
+            raise RuntimeError("send() without a task received: one result per task")
+        self._has_task = False
         parts = model_parts(model, self.codecs, self.codec)
         header = Event(
             id=0,
