@@ -97,27 +97,24 @@ class StreamingMixin:
             StreamStalled: no progress for ``idle`` seconds.
             StreamAborted: the receiver gave the stream up.
         """
-        senders = await self._stream_to(
+        results = await self.stream_many(
             [dst],
             channel,
             topic,
             source,
             size=size,
-            opts=StreamOptions(
-                channel,
-                topic,
-                chunk=chunk,
-                window=window,
-                digest=digest,
-                sha256=sha256,
-                idle=idle,
-                probe=probe,
-                codec=codec,
-                headers=headers or {},
-                progress=progress,
-            ),
+            chunk=chunk,
+            window=window,
+            digest=digest,
+            sha256=sha256,
+            idle=idle,
+            probe=probe,
+            codec=codec,
+            headers=headers,
+            progress=progress,
+            via_relays=False,
         )
-        outcome = senders[dst]
+        outcome = results[dst]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -138,6 +135,7 @@ class StreamingMixin:
         probe: float | None = None,
         codec: str = "",
         headers: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
         via_relays: bool = True,
     ) -> dict[str, Payload | FlareError]:
         """Send one object to many cells; the source is read and digested once.
@@ -146,6 +144,9 @@ class StreamingMixin:
         relay, which feeds it to them (recursively, tier by tier): the object crosses each
         link once, not once per destination. The relays must mount ``system_handlers()``
         (every role in ``cells/`` does), which holds the fan-out stream handler.
+
+        ``progress`` is called per destination streamed to directly (``Progress.peer`` says
+        which). The other options are :meth:`stream`'s.
 
         Returns:
             each destination's reply, or the error it failed with (one failed destination
@@ -165,7 +166,7 @@ class StreamingMixin:
             probe=probe,
             codec=codec,
             headers=headers or {},
-            progress=None,
+            progress=progress,
         )
         if not via_relays:
             return await self._stream_to(targets, channel, topic, source, size=size, opts=opts)
@@ -176,18 +177,8 @@ class StreamingMixin:
         per_dst: dict[str, StreamOptions] = {}
         for hop, members in relayed.items():
             request = FanoutRequest(members, channel, topic, codec)
-            per_dst[hop] = StreamOptions(
-                FANOUT_CHANNEL,
-                FANOUT_TOPIC,
-                chunk=chunk,
-                window=window,
-                digest=digest,
-                sha256=sha256,
-                idle=idle,
-                probe=probe,
-                codec=codec,
-                headers={**(headers or {}), "fanout": msgspec.json.encode(request).decode()},
-                progress=None,
+            per_dst[hop] = opts.to_fanout(
+                FANOUT_CHANNEL, FANOUT_TOPIC, "fanout", msgspec.json.encode(request).decode()
             )
         results = await self._stream_to(
             stream_dsts, channel, topic, source, size=size, opts=opts, per_dst=per_dst

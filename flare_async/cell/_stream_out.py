@@ -97,6 +97,23 @@ class StreamOptions:
         self.headers = dict(headers)
         self.progress = progress
 
+    def to_fanout(self, channel: str, topic: str, key: str, value: str) -> StreamOptions:
+        """The same options addressed to a relay's fan-out handler, with one more header
+        (and no progress callback: the relay's answer is not one destination's)."""
+        return StreamOptions(
+            channel,
+            topic,
+            chunk=self.chunk,
+            window=self.window,
+            digest=self.digest,
+            sha256=self.sha256,
+            idle=self.idle,
+            probe=self.probe,
+            codec=self.codec,
+            headers={**self.headers, key: value},
+            progress=None,
+        )
+
 
 class StreamSender:
     """The sending end of one stream to one destination."""
