@@ -14,6 +14,7 @@ the demo evaluates the new global model on a held-out test set and prints its ac
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from typing import Any
 
@@ -64,47 +65,52 @@ def accuracy(params: dict[str, Any], x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def training_script(data: list[tuple[np.ndarray, np.ndarray]], epochs: int = 2) -> Any:
-    """What a site runs: an ordinary PyTorch loop with four Client API calls."""
+@functools.cache
+def site_data(site: int, sites: int = SITES) -> tuple[np.ndarray, np.ndarray]:
+    """Site ``site``'s share of the training set (the same split wherever it is computed)."""
+    x_train, _, y_train, _ = load()
+    return split_non_iid(x_train, y_train, sites)[site]
 
-    def script() -> None:
-        flare.init()
-        site = flare.get_config()["site_index"]
-        x, y = data[site]
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        shuffle = torch.Generator().manual_seed(site)  # per site: runs are reproducible
-        model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        while flare.is_running():
-            received = flare.receive()
-            if received is None:
-                break
-            model.load_state_dict(
-                {k: torch.from_numpy(np.array(v)) for k, v in received.params.items()}
-            )
-            for _ in range(epochs):
-                perm = torch.randperm(len(xt), generator=shuffle)
-                for i in range(0, len(xt), 32):
-                    b = perm[i : i + 32]
-                    opt.zero_grad()
-                    loss = torch.nn.functional.cross_entropy(model(xt[b]), yt[b])
-                    loss.backward()
-                    opt.step()
-            flare.send(
-                FLModel(
-                    params={k: v.detach().numpy() for k, v in model.state_dict().items()},
-                    meta={"num_samples": len(xt)},
-                    metrics={"loss": float(loss.detach())},
-                )
-            )
 
-    return script
+def train(epochs: int = 2) -> None:
+    """What a site runs: an ordinary PyTorch loop with four Client API calls. Its data is the
+    site's share of digits (``site_index`` of ``sites`` in the job's config)."""
+    flare.init()
+    config = flare.get_config()
+    site = int(config["site_index"])
+    x, y = site_data(site, int(config.get("sites", SITES)))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    shuffle = torch.Generator().manual_seed(site)  # per site: runs are reproducible
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    while flare.is_running():
+        received = flare.receive()
+        if received is None:
+            break
+        model.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in received.params.items()}
+        )
+        for _ in range(epochs):
+            perm = torch.randperm(len(xt), generator=shuffle)
+            for i in range(0, len(xt), 32):
+                b = perm[i : i + 32]
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(xt[b]), yt[b])
+                loss.backward()
+                opt.step()
+        flare.send(
+            FLModel(
+                params={k: v.detach().numpy() for k, v in model.state_dict().items()},
+                meta={"num_samples": len(xt)},
+                metrics={"loss": float(loss.detach())},
+            )
+        )
 
 
 def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> FedAvgRecipe:
-    """The demo as a job: ``flare-async simulate examples.fedavg_digits:recipe --clients 4``."""
-    x_train, x_test, y_train, y_test = load()
-    data = split_non_iid(x_train, y_train, SITES)
+    """The demo as a job: ``flare-async simulate examples.fedavg_digits:recipe --clients 4``,
+    or ``flare-async job submit examples.fedavg_digits:recipe`` on a deployment."""
+    _, x_test, _, y_test = load()
     start = time.perf_counter()
 
     def evaluate(rnd: int, params: dict[str, np.ndarray]) -> dict[str, float]:
@@ -120,7 +126,7 @@ def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> Fed
 
     return FedAvgRecipe(
         initial=lambda: {k: v.numpy() for k, v in make_model().state_dict().items()},
-        script=training_script(data),
+        script=train,
         rounds=rounds,
         codec=codec,
         evaluate=evaluate,

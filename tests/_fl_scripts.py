@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,7 @@ def add_site_weight() -> None:
         if model is None:
             break
         params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        print(f"site {i} trained round {model.current_round}", flush=True)
         flare.send(
             FLModel(
                 params=params,
@@ -41,4 +44,40 @@ def small_recipe() -> FedAvgRecipe:
     """A job for ``flare-async simulate``: 3 rounds, scripts in their own processes."""
     return FedAvgRecipe(
         initial={"w": np.zeros(3)}, script="tests._fl_scripts:add_site_weight", rounds=3
+    )
+
+
+def gated() -> None:
+    """``add_site_weight``, but from round 1 on a site answers only once the file named by
+    ``FLARE_TEST_GATE`` exists (the test opens the gate when it is ready)."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    gate = Path(os.environ["FLARE_TEST_GATE"])
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        while (model.current_round or 0) >= 1 and not gate.exists():
+            time.sleep(0.02)
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": i + 1}))
+
+
+def gated_recipe() -> FedAvgRecipe:
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)}, script="tests._fl_scripts:gated", rounds=3, deadline=120
+    )
+
+
+def hangs() -> None:
+    """Takes its task and never answers (a job to abort)."""
+    flare.init()
+    flare.receive()
+    while True:
+        time.sleep(1)
+
+
+def hanging_recipe() -> FedAvgRecipe:
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)}, script="tests._fl_scripts:hangs", rounds=1, deadline=600
     )

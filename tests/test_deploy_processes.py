@@ -9,7 +9,6 @@ test follows instead of sleeping.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from queue import Empty, Queue
+from queue import Queue
 from typing import Any
 
 import anyio
@@ -29,6 +28,7 @@ from flare_async.cli._run import cell_from_kit
 from flare_async.security import add_site, load_kit, provision
 from flare_async.transport import TcpDriver
 from flare_async.wire import Frame, Limits, make_hello
+from tests._procs import Proc, free_ports
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,77 +39,6 @@ SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2", f"{RELAY}.site-3"]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiohttp (wss) runs on asyncio only
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class Proc:
-    """One cell process; its stdout events are read by a thread into a queue."""
-
-    def __init__(self, name: str, kit: Path, log: Path, extra: list[str]) -> None:
-        self.name = name
-        self.kit = kit
-        self.log = log
-        self.extra = extra
-        self.events: Queue[dict[str, Any]] = Queue()
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with self.log.open("ab") as err:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "flare_async",
-                    "run",
-                    str(self.kit),
-                    "--handshake-timeout",
-                    "1",
-                    *self.extra,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
-        return proc
-
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        with proc.stdout:
-            for line in proc.stdout:
-                self.events.put(json.loads(line))
-
-    def restart(self) -> None:
-        self.proc = self._start()
-
-    def wait_for(self, event: str, timeout: float = 30, **match: str) -> dict[str, Any]:
-        """The next event of that kind (and fields); earlier other events are dropped."""
-        while True:
-            try:
-                ev = self.events.get(timeout=timeout)
-            except Empty:
-                raise AssertionError(
-                    f"{self.name}: no {event} {match} within {timeout} s; "
-                    f"log:\n{self.log.read_text()[-3000:]}"
-                ) from None
-            if ev["event"] == event and all(ev.get(k) == v for k, v in match.items()):
-                return ev
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from flare_async import __version__
-from flare_async.cli import _provision, _run, _send, _simulate, _up
+from flare_async.cli import _job, _provision, _run, _send, _simulate, _up
 from flare_async.wire import PROTOCOL_VERSION
 
 
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     _up.add_parser(sub)
     _send.add_parser(sub)
     _simulate.add_parser(sub)
+    _job.add_parser(sub)
     return parser
 
 
@@ -44,4 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _send.run(args)
     if args.command == "simulate":
         return _simulate.run(args)
+    if args.command == "job":
+        return _job.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,13 @@ from flare_async import _logging
 from flare_async._spec import load_object
 from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
 from flare_async.errors import ConfigError, IdentityError
+from flare_async.fl import RelayAggregator
+from flare_async.fl._jobs import JobManager
+from flare_async.fl._site import SiteJobs
 from flare_async.security import (
     Kit,
     Role,
+    admin_cell_name,
     check_claim,
     client_context,
     identity_from_certificate,
@@ -44,12 +48,14 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def kit_verifier(kit: Kit) -> PeerVerifier:
+def kit_verifier(kit: Kit, admins: dict[str, str] | None = None) -> PeerVerifier:
     """Check each link's peer certificate against the name and place it claims.
 
     A child must hold a certificate for exactly the name it claims, below this cell, and be a
     client or relay; a parent must be the server or a relay (a client certificate cannot act as
-    one); a direct peer must be a cell of the project.
+    one); a direct peer must be a cell of the project. With ``admins`` (the server), an admin
+    certificate may connect as a child under its session name (:func:`admin_cell_name`); the
+    session name is recorded in ``admins`` with the admin's name.
     """
 
     def verify(link: Link, session: Session) -> None:
@@ -57,7 +63,14 @@ def kit_verifier(kit: Kit) -> PeerVerifier:
         if not der:
             raise IdentityError(f"{session.peer!r} presented no certificate on {link.peer_address}")
         identity = identity_from_certificate(der)
-        if session.role == "child":
+        if session.role == "child" and identity.role is Role.ADMIN and admins is not None:
+            expected = admin_cell_name(kit.name, identity.name)
+            if session.peer != expected:
+                raise IdentityError(
+                    f"admin {identity.name!r} must connect as {expected!r}, not {session.peer!r}"
+                )
+            admins[session.peer] = identity.name
+        elif session.role == "child":
             check_claim(identity, session.peer, Role.CLIENT, below=kit.name)
         elif session.role == "parent":
             acting = identity.role if identity.role in (Role.SERVER, Role.RELAY) else Role.RELAY
@@ -102,38 +115,68 @@ def cell_from_kit(
     handlers: Iterable[HandlerTable] = (),
     heartbeat: float | None = 15.0,
     handshake_timeout: float = 10.0,
+    admins: dict[str, str] | None = None,
+    on_link: Callable[[str, str, bool], None] | None = None,
 ) -> Cell:
-    """The cell a kit describes, with the ``sys`` handlers and ``handlers`` mounted."""
+    """The cell a kit describes, with the ``sys`` handlers and ``handlers`` mounted.
+
+    Args:
+        admins: (the server) admit admin sessions and keep who is behind each (see
+            :func:`kit_verifier`); an entry leaves when its link goes down.
+        on_link: also called on every link change, after the event line is written.
+    """
     if kit.role is Role.ADMIN:
         raise IdentityError(f"{kit.name!r} is an admin kit: admins are not cells")
+
+    def link_changed(peer: str, role: str, up: bool) -> None:
+        emit("link-up" if up else "link-down", cell=kit.name, peer=peer, role=role)
+        if not up and admins is not None:
+            admins.pop(peer, None)
+        if on_link is not None:
+            on_link(peer, role, up)
+
     return Cell(
         kit.name,
         listen=list(kit.listen),
         parent=kit.parent,
         drivers=kit_drivers(kit),
         handlers=[system_handlers(), *handlers],
-        verify_peer=kit_verifier(kit),
+        verify_peer=kit_verifier(kit, admins),
         heartbeat=heartbeat,
         handshake_timeout=handshake_timeout,
-        on_link=lambda peer, role, up: emit(
-            "link-up" if up else "link-down", cell=kit.name, peer=peer, role=role
-        ),
+        on_link=link_changed,
     )
 
 
 async def serve(
-    kit_path: Path, handlers: list[str], handshake_timeout: float, inbox: Path | None = None
+    kit_path: Path,
+    handlers: list[str],
+    handshake_timeout: float,
+    inbox: Path | None = None,
+    jobs: Path | None = None,
 ) -> None:
-    """Run the kit's cell until SIGINT or SIGTERM."""
+    """Run the kit's cell until SIGINT or SIGTERM (with ``jobs``, its part in FL jobs)."""
     from flare_async.cli._send import inbox_handlers  # noqa: PLC0415 - _send imports us
 
     kit = load_kit(kit_path, now=datetime.now(UTC))
     tables = [load_handlers(spec) for spec in handlers]
     if inbox is not None:
         tables.append(inbox_handlers(inbox))
+    admins: dict[str, str] | None = {} if kit.role is Role.SERVER else None
+    role = JobRole(kit, jobs, admins) if jobs is not None else None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        cell = cell_from_kit(kit, handlers=tables, handshake_timeout=handshake_timeout)
-        async with cell:
+        cell = cell_from_kit(
+            kit,
+            handlers=tables,
+            handshake_timeout=handshake_timeout,
+            admins=admins,
+            on_link=role.link_changed if role is not None else None,
+        )
+        if role is not None:
+            role.mount(cell)
+        async with cell, anyio.create_task_group() as tg:
+            if role is not None:
+                tg.start_soon(role.run)
             emit(
                 "ready",
                 cell=cell.name,
@@ -144,7 +187,43 @@ async def serve(
             async for signum in signals:
                 emit("stopping", cell=cell.name, signal=signal.Signals(signum).name)
                 break
+            tg.cancel_scope.cancel()
     emit("stopped", cell=kit.name)
+
+
+class JobRole:
+    """A deployed cell's part in FL jobs (``--jobs DIR``): the server runs the job service
+    (jobs kept in DIR), a relay aggregates its subtree, a site runs the jobs' training
+    processes (their logs in DIR)."""
+
+    def __init__(self, kit: Kit, folder: Path, admins: dict[str, str] | None) -> None:
+        self.kit = kit
+        self.folder = folder
+        self.admins = admins
+        self.server = kit.name.split(".", 1)[0]
+        self.manager: JobManager | None = None
+        self.site: SiteJobs | None = None
+
+    def mount(self, cell: Cell) -> None:
+        if self.kit.role is Role.SERVER:
+            admins = self.admins if self.admins is not None else {}
+            self.manager = JobManager(cell, self.folder, admin_of=admins.get, on_event=emit)
+            cell.mount(self.manager.handlers())
+        elif self.kit.role is Role.RELAY:
+            cell.mount(RelayAggregator(cell, self.server).handlers())
+        else:
+            self.site = SiteJobs(cell, self.folder, server=self.server, on_event=emit)
+            cell.mount(self.site.handlers())
+
+    def link_changed(self, peer: str, role: str, up: bool) -> None:
+        if up and role == "parent" and self.site is not None:
+            self.site.parent_up()
+
+    async def run(self) -> None:
+        if self.manager is not None:
+            await self.manager.run()
+        elif self.site is not None:
+            await self.site.run()
 
 
 def add_parser(sub: Any) -> None:
@@ -163,6 +242,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         metavar="DIR",
         help="accept files streamed with `flare-async send` into DIR (files/put)",
+    )
+    p.add_argument(
+        "--jobs",
+        default=None,
+        metavar="DIR",
+        help="take part in FL jobs: the server keeps its jobs in DIR, a site its job logs",
     )
     p.add_argument("--json-logs", action="store_true", help="JSON log lines on stderr")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -185,6 +270,7 @@ def run(args: Any) -> int:
             args.handlers,
             args.handshake_timeout,
             Path(args.inbox) if args.inbox else None,
+            Path(args.jobs) if args.jobs else None,
             backend_options={"use_uvloop": True},
         )
     except ConfigError as exc:

@@ -1,6 +1,7 @@
 """``flare-async simulate MODULE:RECIPE --clients N``: run a job in the simulator, printing each
-round's progress and metrics as it finishes (JSON lines). A recipe whose script is
-``"MODULE:FUNCTION"`` runs each site's script in its own process."""
+round's progress and metrics as it finishes (JSON lines; other lines are the training scripts'
+own output). A recipe whose script is ``"MODULE:FUNCTION"`` runs each site's script in its own
+process."""
 
 from __future__ import annotations
 
@@ -12,17 +13,8 @@ from typing import Any
 import anyio
 
 from flare_async import _logging
-from flare_async._spec import load_object
-from flare_async.errors import ConfigError, FlareError
-from flare_async.fl import FedAvgRecipe, RoundResult
-
-
-def load_recipe(spec: str) -> FedAvgRecipe:
-    obj = load_object(spec, "recipe", "recipe")
-    recipe = obj() if callable(obj) and not isinstance(obj, FedAvgRecipe) else obj
-    if not isinstance(recipe, FedAvgRecipe):
-        raise ConfigError(f"{spec} is a {type(recipe).__name__}, not a recipe")
-    return recipe
+from flare_async.errors import FlareError
+from flare_async.fl import RoundResult, load_recipe
 
 
 def add_parser(sub: Any) -> None:

@@ -2,7 +2,8 @@
 
 For trying a deployment on one machine: the topology file is a project file (see
 ``cells/topologies/``); it is provisioned into a work folder (a temporary one unless
-``--workdir`` is given), then each cell runs as ``python -m flare_async run KIT`` with its
+``--workdir`` is given), then each cell runs as ``python -m flare_async run KIT --jobs
+jobs/NAME`` (ready for ``flare-async job submit`` with an admin kit from ``kits/``) with its
 stdout and stderr in ``logs/NAME.log``. Parents start before children. Ctrl-C (or SIGTERM) stops
 them all: SIGTERM to each, then SIGKILL to any still running after ``--grace`` seconds.
 """
@@ -58,7 +59,15 @@ def start_cells(
     for kit in order:
         log = (logs / f"{kit.name}.log").open("wb")
         proc = subprocess.Popen(  # our own interpreter and module
-            [sys.executable, "-m", "flare_async", "run", str(workdir / "kits" / kit.name)],
+            [
+                sys.executable,
+                "-m",
+                "flare_async",
+                "run",
+                str(workdir / "kits" / kit.name),
+                "--jobs",
+                str(workdir / "jobs" / kit.name),
+            ],
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ round API, workflows, the client runtime behind the Client API, and the simulato
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
-from flare_async.fl._recipe import FedAvgRecipe
+from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
@@ -23,7 +23,9 @@ __all__ = [
     "WeightedSum",
     "fedavg",
     "fedavg_step",
+    "load_recipe",
     "model_from_parts",
     "model_parts",
+    "script_spec",
     "simulate",
 ]

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -114,13 +115,7 @@ class ClientRuntime:
 
         @table.stream(CHANNEL, "task")
         async def task(ctx: Context, stream: IncomingStream) -> bytes:
-            payload = await stream.read_all()
-            model = model_from_parts(payload.parts)
-            reply_to = self.server
-            if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
-                reply_to = self.cell.parent_name  # the relay folds its children's results
-            self._inbox.put((stream.headers.get("task", ""), (model, reply_to)))
-            return b"accepted"
+            return await self.take_task(stream)
 
         @table.request(CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
@@ -128,6 +123,16 @@ class ClientRuntime:
             return b"stopping"
 
         return table
+
+    async def take_task(self, stream: IncomingStream) -> bytes:
+        """A task stream from the server: queued for the script's next ``receive()``."""
+        payload = await stream.read_all()
+        model = model_from_parts(payload.parts)
+        reply_to = self.server
+        if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
+            reply_to = self.cell.parent_name  # the relay folds its children's results
+        self._inbox.put((stream.headers.get("task", ""), (model, reply_to)))
+        return b"accepted"
 
     def stop(self) -> None:
         self._running = False
@@ -215,12 +220,26 @@ class ClientRuntime:
         if error is not None:
             raise error
 
-    async def run_subprocess(self, spec: str, *, stop_timeout: float = 10.0) -> None:
+    async def run_subprocess(
+        self,
+        spec: str,
+        *,
+        stop_timeout: float = 10.0,
+        log: str | os.PathLike[str] | None = None,
+        on_start: Callable[[int], None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Run the training script ``MODULE:FUNCTION`` in its own Python process
         (``flare_async.fl.worker``), passing tasks and results over a socket pair.
 
         A script process that exits or breaks its pipe while holding a task is reported to the
-        server as a failure of that task, at once.
+        server as a failure of that task, at once. Cancelled (the job aborted), the process gets
+        SIGTERM at once and SIGKILL after ``stop_timeout`` seconds; otherwise it gets
+        ``stop_timeout`` seconds to end by itself after the job's stop.
+
+        Args:
+            log: a file for the process's stdout and stderr (default: this process's).
+            on_start: called with the process id once it runs.
         """
         self._waiter = anyio.CapacityLimiter(1)
         parent, child = socket.socketpair()
@@ -231,27 +250,41 @@ class ClientRuntime:
             "FLARE_ASYNC_CONFIG": json.dumps(self.config),
             "FLARE_ASYNC_CODEC": self.codec,
         }
-        proc = await anyio.open_process(
-            [sys.executable, "-m", "flare_async.fl.worker", spec],
-            env=env,
-            pass_fds=(child.fileno(),),
-            stdin=None,
-            stdout=None,
-            stderr=None,
-        )
+        out = None if log is None else os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "flare_async.fl.worker", spec],
+                env=env,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                cwd=cwd,
+            )
+        finally:
+            if out is not None:
+                os.close(out)
         child.close()
+        if on_start is not None:
+            on_start(proc.pid)
         parent.setblocking(False)
         link = TcpLink(parent, PIPE_LIMITS, local_address="pipe:site", peer_address="pipe:worker")
         link.peer_limits = PIPE_LIMITS
+        aborted = False
         try:
             await self._serve_worker(link)
+        except anyio.get_cancelled_exc_class():
+            aborted = True
+            raise
         finally:
-            with anyio.move_on_after(stop_timeout, shield=True):
-                await link.aclose()
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if aborted and proc.returncode is None:
+                    proc.terminate()
+                with anyio.move_on_after(stop_timeout):
+                    await link.aclose()
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
                     await proc.wait()
 
     async def _serve_worker(self, link: TcpLink) -> None:

@@ -1,5 +1,6 @@
 """Recipes: a job as data (workflow settings + client script + config), runnable in the
-simulator (``recipe.simulate(...)``, ``flare-async simulate MODULE:RECIPE``)."""
+simulator (``recipe.simulate(...)``, ``flare-async simulate MODULE:RECIPE``) or submitted to a
+deployment (``flare-async job submit MODULE:RECIPE``), unchanged."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from flare_async._spec import load_object
+from flare_async.errors import ConfigError
 from flare_async.fl._model import FLModel
-from flare_async.fl._server import RoundResult
+from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._workflows import fedavg
 
@@ -44,6 +47,39 @@ class FedAvgRecipe:
     validation_key: str | None = None
     checkpoints: str | None = None
 
+    async def run(
+        self,
+        server: FLServer,
+        *,
+        checkpoints: str | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+    ) -> FLModel:
+        """Run the job's workflow on ``server`` (its checkpoints in ``checkpoints``, default
+        the recipe's own; ``on_checkpoint(round)`` after each is written)."""
+        initial = self.initial() if callable(self.initial) else self.initial
+        return await fedavg(
+            server,
+            initial,
+            rounds=self.rounds,
+            fraction=self.fraction,
+            min_clients=self.min_clients,
+            min_responses=self.min_responses,
+            deadline=self.deadline,
+            evaluate=self.evaluate,
+            validation_key=self.validation_key,
+            checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
+            on_checkpoint=on_checkpoint,
+        )
+
+    def script_spec(self) -> str:
+        """The script as ``MODULE:FUNCTION``, for a site that runs it in its own process.
+
+        Raises:
+            ConfigError: the script is a function that cannot be imported by name (a closure,
+                a lambda, or one defined in ``__main__``).
+        """
+        return script_spec(self.script)
+
     async def simulate(
         self,
         clients: int = 2,
@@ -52,20 +88,8 @@ class FedAvgRecipe:
         on_round: Callable[[RoundResult], None] | None = None,
     ) -> FLModel:
         """Run the job in the simulator (one process; scripts in threads or processes)."""
-        initial = self.initial() if callable(self.initial) else self.initial
         result: FLModel = await simulate(
-            lambda server: fedavg(
-                server,
-                initial,
-                rounds=self.rounds,
-                fraction=self.fraction,
-                min_clients=self.min_clients,
-                min_responses=self.min_responses,
-                deadline=self.deadline,
-                evaluate=self.evaluate,
-                validation_key=self.validation_key,
-                checkpoints=self.checkpoints,
-            ),
+            self.run,
             self.script,
             clients=clients,
             relays=relays,
@@ -74,3 +98,36 @@ class FedAvgRecipe:
             on_round=on_round,
         )
         return result
+
+
+def script_spec(script: Callable[[], object] | str) -> str:
+    """``MODULE:FUNCTION`` naming ``script`` (see :meth:`FedAvgRecipe.script_spec`)."""
+    if isinstance(script, str):
+        return script
+    module, name = getattr(script, "__module__", None), getattr(script, "__qualname__", "")
+    spec = f"{module}:{name}"
+    if not module or module == "__main__" or "<" in name or "." in name:
+        raise ConfigError(
+            f"the training script {spec} cannot run in its own process: it must be a "
+            "module-level function of an importable module (or a 'MODULE:FUNCTION' string)"
+        )
+    try:
+        found = load_object(spec, "training script")
+    except ConfigError as exc:
+        raise ConfigError(f"the training script {spec} cannot be imported by name: {exc}") from None
+    if found is not script:
+        raise ConfigError(f"{spec} names another object than the recipe's training script")
+    return spec
+
+
+def load_recipe(spec: str) -> FedAvgRecipe:
+    """The recipe ``MODULE:NAME`` names (or that the function it names returns).
+
+    Raises:
+        ConfigError: it does not load, or is not a recipe.
+    """
+    obj = load_object(spec, "recipe", "recipe")
+    recipe = obj() if callable(obj) and not isinstance(obj, FedAvgRecipe) else obj
+    if not isinstance(recipe, FedAvgRecipe):
+        raise ConfigError(f"{spec} is a {type(recipe).__name__}, not a recipe")
+    return recipe

@@ -189,19 +189,27 @@ class FLServer:
 
         @table.stream(CHANNEL, "result")
         async def result(ctx: Context, stream: IncomingStream) -> bytes:
-            return self._take(ctx.src, stream.headers.get("task", ""), await stream.read_all())
+            return await self.take_result(ctx.src, stream)
 
         @table.request(CHANNEL, "failed")
         async def failed(ctx: Context, msg: Payload) -> bytes:
-            collector = self._open.get(ctx.headers.get("task", ""))
-            if collector is not None and ctx.src in collector.pending:
-                reason = msg.tobytes().decode(errors="replace")
-                collector.result.failed[ctx.src] = reason
-                self._log.warning("client failed its task", site=ctx.src, reason=reason)
-                collector.settle(ctx.src)
-            return b"noted"
+            return self.take_failure(ctx.src, ctx.headers.get("task", ""), msg)
 
         return table
+
+    async def take_result(self, site: str, stream: IncomingStream) -> bytes:
+        """A client's (or a relay's) result stream for one of this server's tasks."""
+        return self._take(site, stream.headers.get("task", ""), await stream.read_all())
+
+    def take_failure(self, site: str, task: str, msg: Payload) -> bytes:
+        """A client's report that it will not answer ``task``."""
+        collector = self._open.get(task)
+        if collector is not None and site in collector.pending:
+            reason = msg.tobytes().decode(errors="replace")
+            collector.result.failed[site] = reason
+            self._log.warning("client failed its task", site=site, reason=reason)
+            collector.settle(site)
+        return b"noted"
 
     def sample(self, fraction: float = 1.0, minimum: int = 1) -> list[str]:
         """A random share of the clients: ``ceil(fraction * n)``, at least ``minimum``."""
@@ -310,4 +318,6 @@ class FLServer:
 
     async def stop_clients(self) -> None:
         """Tell every client the job is over (their ``is_running()`` turns False)."""
-        await self.cell.broadcast(self.clients, CHANNEL, "stop", b"", timeout=10)
+        await self.cell.broadcast(
+            self.clients, CHANNEL, "stop", b"", timeout=10, headers={"job": self.job}
+        )

@@ -42,7 +42,8 @@ async def simulate(
         script: the training script: a function using :mod:`flare_async.client`, run in a
             worker thread, or ``"MODULE:FUNCTION"``, run in its own Python process per site
             (``flare_async.fl.worker``); or one of those per site name.
-        config: what each script's ``get_config()`` returns (plus ``site_index``).
+        config: what each script's ``get_config()`` returns (plus ``site_index`` and
+            ``sites``, the number of sites).
         codec: how models travel both ways (``tensors``, ``q8``, ``nf4`` ...).
 
     Returns:
@@ -84,7 +85,7 @@ async def simulate(
             runtime = ClientRuntime(
                 cell,
                 "server",
-                config={**(config or {}), "site_index": i},
+                config={**(config or {}), "site_index": i, "sites": clients},
                 codec=codec,
                 digest=False,
             )

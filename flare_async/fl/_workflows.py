@@ -28,6 +28,7 @@ async def fedavg(
     evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None = None,
     validation_key: str | None = None,
     checkpoints: str | os.PathLike[str] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> FLModel:
     """Federated averaging.
 
@@ -43,8 +44,8 @@ async def fedavg(
 
     With ``checkpoints`` (a folder), the global model is saved after every round
     (``last.safetensors``) and whenever the validation metric improves (``best.safetensors``),
-    atomically; started again on the same folder (the server restarted), the job continues
-    after the last finished round.
+    atomically (then ``on_checkpoint(round)`` is called); started again on the same folder (the
+    server restarted), the job continues after the last finished round.
 
     Returns:
         the final model; ``meta["history"]`` holds each round's averaged client metrics, the
@@ -104,6 +105,8 @@ async def fedavg(
             if improved:
                 await checkpoint.save(folder, "best", state)
             await checkpoint.save(folder, "last", state)
+            if on_checkpoint is not None:
+                on_checkpoint(rnd)
     meta: dict[str, Any] = {"history": history}
     if best is not None:
         meta["best"] = {"round": best[1], validation_key or "": best[0]}

@@ -11,9 +11,11 @@ argument). The only package that imports ``cryptography``.
 """
 
 from flare_async.security._identity import (
+    ADMIN_CELL_PREFIX,
     ALLOWED_ACTS,
     Identity,
     Role,
+    admin_cell_name,
     check_claim,
     identity_from_certificate,
     validate_participant_name,
@@ -47,7 +49,9 @@ from flare_async.security._tls import client_context, peer_identity, server_cont
 
 __all__ = [
     # identities
+    "ADMIN_CELL_PREFIX",
     "Identity",
+    "admin_cell_name",
     "Role",
     "ALLOWED_ACTS",
     "identity_from_certificate",

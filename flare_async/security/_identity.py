@@ -19,6 +19,7 @@ project's CA, i.e. the peer certificate of a completed mutual-TLS handshake made
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from typing import Final
 
@@ -97,7 +98,25 @@ def validate_participant_name(name: str, role: Role | str) -> str:
                 f"admin name {name!r:.80} must match [A-Za-z0-9][A-Za-z0-9_.@+-]{{0,127}}"
             )
         return name
-    return validate_name(name)
+    validate_name(name)
+    if any(part.startswith(ADMIN_CELL_PREFIX) for part in name.split(".")):
+        raise InvalidName(f"cell name {name!r:.80}: parts starting {ADMIN_CELL_PREFIX!r} are kept")
+    return name
+
+
+ADMIN_CELL_PREFIX: Final = "_admin-"
+"""Cell names of admin sessions start so; no provisioned cell may use it."""
+
+
+def admin_cell_name(server: str, admin: str) -> str:
+    """The cell name an admin's session takes below ``server``: ``server._admin-<name>-<hash>``.
+
+    Admin names may hold characters cell names may not (``admin@example.org``); the readable
+    part keeps the allowed ones and a hash of the full name keeps two admins apart.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_-]", "_", admin)[:40]
+    digest = hashlib.sha256(admin.encode()).hexdigest()[:8]
+    return f"{server}.{ADMIN_CELL_PREFIX}{slug}-{digest}"
 
 
 def identity_from_certificate(cert: x509.Certificate | bytes) -> Identity:

@@ -1,0 +1,206 @@
+"""``flare-async job ...``: an admin's commands to the server's job service.
+
+Every command opens a short session to the server with the admin's startup kit (``--kit``, or
+``FLARE_ASYNC_KIT``): mutual TLS with the admin's certificate, under the session name the server
+expects for that admin (``server._admin-...``); the server refuses job commands from anyone
+else. Commands::
+
+    flare-async job submit MODULE:RECIPE [--rounds N] [--codec C] [--sites A,B] [--wait]
+    flare-async job list
+    flare-async job status JOB
+    flare-async job wait JOB [--timeout S]
+    flare-async job abort JOB
+    flare-async job logs JOB [--site SITE]
+    flare-async job download JOB [-o DIR]
+
+``submit``, ``status``, ``wait`` and ``abort`` print the job's record as JSON; ``wait`` (and
+``submit --wait``) exit 0 when the job finished, 1 when it failed or was aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import anyio
+
+from flare_async import _logging
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
+from flare_async.cli._run import kit_drivers, kit_verifier
+from flare_async.errors import BadRequest, ConfigError, FlareError
+from flare_async.fl._jobs import CHANNEL
+from flare_async.security import Role, admin_cell_name, load_kit
+
+
+@asynccontextmanager
+async def admin_session(
+    kit_path: str | os.PathLike[str],
+    *,
+    downloads: Path | None = None,
+    connect_timeout: float = 20.0,
+) -> AsyncIterator[tuple[Cell, str]]:
+    """A cell speaking for the admin of ``kit_path`` to its server: ``(cell, server name)``.
+
+    Raises:
+        ConfigError: not an admin kit.
+        FlareError: the server cannot be reached within ``connect_timeout``.
+    """
+    kit = load_kit(Path(kit_path), now=datetime.now(UTC))
+    if kit.role is not Role.ADMIN or kit.parent is None:
+        raise ConfigError(f"{kit_path} is not an admin kit with a server to reach")
+    server = kit.parent_name or "server"
+    tables = [_download_handlers(downloads)] if downloads is not None else []
+    cell = Cell(
+        admin_cell_name(server, kit.name),
+        parent=kit.parent,
+        drivers=kit_drivers(kit),
+        handlers=tables,
+        verify_peer=kit_verifier(kit),
+        heartbeat=None,
+    )
+    async with cell:
+        with anyio.move_on_after(connect_timeout) as waited:
+            await cell.wait_parent()
+        if waited.cancelled_caught:
+            raise FlareError(f"cannot reach the server at {kit.parent} ({connect_timeout:g} s)")
+        yield cell, server
+
+
+def _download_handlers(folder: Path) -> HandlerTable:
+    table = HandlerTable("job download")
+
+    @table.stream(CHANNEL, "file")
+    async def file(ctx: Context, stream: IncomingStream) -> bytes:
+        name = PurePosixPath(stream.headers.get("name", ""))
+        job = stream.headers.get("job", "")
+        if not job or "/" in job or name.is_absolute() or ".." in name.parts or not name.parts:
+            raise BadRequest(f"refusing file {str(name)!r:.80} of job {job!r:.40}")
+        target = folder / job / Path(*name.parts)
+        await anyio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        await stream.save(target)
+        return b"saved"
+
+    return table
+
+
+async def _call(cell: Cell, server: str, topic: str, body: dict[str, Any]) -> Any:
+    reply = await cell.request(server, CHANNEL, topic, json.dumps(body).encode(), timeout=120)
+    data = reply.tobytes()
+    return json.loads(data) if topic != "logs" else data
+
+
+async def _wait(cell: Cell, server: str, job: str, timeout: float | None) -> dict[str, Any]:
+    seen = -1
+    with anyio.fail_after(timeout):
+        while True:
+            rec: dict[str, Any] = await _call(cell, server, "status", {"id": job})
+            if rec["rounds_done"] != seen:
+                seen = rec["rounds_done"]
+                _print_line(
+                    {"job": job, "state": rec["state"], "rounds": seen, "metrics": rec["metrics"]},
+                    err=True,
+                )
+            if rec["state"] in ("finished", "failed", "aborted"):
+                return rec
+            await anyio.sleep(1.0)
+
+
+def _print_line(doc: Any, *, err: bool = False) -> None:
+    out = sys.stderr if err else sys.stdout
+    out.write(json.dumps(doc) + "\n")
+    out.flush()
+
+
+async def main_async(args: Any) -> int:
+    downloads = Path(args.out) if args.action == "download" else None
+    async with admin_session(args.kit, downloads=downloads) as (cell, server):
+        if args.action == "submit":
+            overrides = {
+                k: getattr(args, k)
+                for k in ("rounds", "codec", "min_clients", "deadline")
+                if getattr(args, k) is not None
+            }
+            sites = [s for s in (args.sites or "").split(",") if s]
+            body = {"recipe": args.recipe, "overrides": overrides, "sites": sites}
+            rec = await _call(cell, server, "submit", body)
+            _print_line(rec)
+            if not args.wait:
+                return 0
+            rec = await _wait(cell, server, rec["id"], args.timeout)
+            _print_line(rec)
+            return 0 if rec["state"] == "finished" else 1
+        if args.action == "list":
+            for rec in await _call(cell, server, "list", {}):
+                sys.stdout.write(
+                    f"{rec['id']:20s} {rec['state']:10s} {rec['rounds_done']:>4d} rounds  "
+                    f"{rec['recipe']}  by {rec['submitter']}\n"
+                )
+            return 0
+        if args.action == "status":
+            _print_line(await _call(cell, server, "status", {"id": args.job}))
+            return 0
+        if args.action == "wait":
+            rec = await _wait(cell, server, args.job, args.timeout)
+            _print_line(rec)
+            return 0 if rec["state"] == "finished" else 1
+        if args.action == "abort":
+            _print_line(await _call(cell, server, "abort", {"id": args.job}))
+            return 0
+        if args.action == "logs":
+            body = {"id": args.job, **({"site": args.site} if args.site else {})}
+            sys.stdout.buffer.write(await _call(cell, server, "logs", body))
+            return 0
+        names = await _call(cell, server, "download", {"id": args.job})
+        for name in names:
+            sys.stdout.write(f"{Path(args.out) / args.job / name}\n")
+        return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("job", help="submit and manage jobs on a deployment (admin)")
+    p.add_argument(
+        "--kit",
+        default=os.environ.get("FLARE_ASYNC_KIT"),
+        help="the admin's startup kit (default: $FLARE_ASYNC_KIT)",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = actions.add_parser("submit", help="submit MODULE:RECIPE as a job")
+    s.add_argument("recipe", help="MODULE:NAME of a recipe, importable on server and sites")
+    s.add_argument("--rounds", type=int)
+    s.add_argument("--codec")
+    s.add_argument("--min-clients", dest="min_clients", type=int)
+    s.add_argument("--deadline", type=float, help="seconds per round")
+    s.add_argument("--sites", help="comma-separated site names (default: every registered one)")
+    s.add_argument("--wait", action="store_true", help="wait for the job to end")
+    s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after")
+    actions.add_parser("list", help="every job on the server")
+    for name, text in (("status", "a job's record"), ("abort", "abort a job")):
+        actions.add_parser(name, help=text).add_argument("job")
+    w = actions.add_parser("wait", help="wait until a job ends")
+    w.add_argument("job")
+    w.add_argument("--timeout", type=float, default=None)
+    lg = actions.add_parser("logs", help="a job's event log, or a site's training log")
+    lg.add_argument("job")
+    lg.add_argument("--site", help="the site whose training process log to show")
+    d = actions.add_parser("download", help="a job's files: record, events, checkpoints")
+    d.add_argument("job")
+    d.add_argument("-o", "--out", default=".", help="where to put JOB/ (default .)")
+
+
+def run(args: Any) -> int:
+    _logging.configure(json=False, level=30)
+    if not args.kit:
+        sys.stderr.write("flare-async job: give the admin kit with --kit or FLARE_ASYNC_KIT\n")
+        return 2
+    try:
+        status: int = anyio.run(main_async, args, backend_options={"use_uvloop": True})
+    except (FlareError, TimeoutError) as exc:
+        sys.stderr.write(f"flare-async job {args.action}: {type(exc).__name__}: {exc}\n")
+        return 1
+    return status

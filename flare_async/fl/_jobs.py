@@ -1,0 +1,532 @@
+"""Jobs on a deployment: the server's job service, its persisted store, and the lifecycle.
+
+A job is a recipe (``MODULE:RECIPE``, importable on the server and on the sites) with a few
+overrides (rounds, codec, sites...). An admin submits it to the server (``flare-async job
+submit``); the server keeps every job in a folder of its own and runs it when it can::
+
+    SUBMITTED -> RUNNING -> FINISHED | FAILED | ABORTED
+
+Each state change is written to ``<store>/<job>/job.json`` (atomically) before anything acts on
+it, with a line in ``<store>/<job>/events.jsonl`` (state changes, every round's outcome). The
+global model is checkpointed after every round in ``<store>/<job>/checkpoints``. A server that
+dies mid-job finds the job ``RUNNING`` when it starts again and runs it again: the workflow
+resumes after the last checkpointed round, and the sites start a fresh training process for the
+new attempt. Aborting a job cancels its workflow and tells every site to stop the job's training
+process (SIGTERM, then SIGKILL), freeing everything it held.
+
+Sites announce themselves (``job/register``) whenever their link to the tree comes up; a server
+that starts again asks the sites it knew (``job/ping``) instead of waiting for them. A job runs
+on the sites named at submission, or on every registered site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from flare_async import _logging
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
+from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
+from flare_async.fl._recipe import FedAvgRecipe, load_recipe
+from flare_async.fl._server import CHANNEL as FL_CHANNEL
+from flare_async.fl._server import FLServer, RoundResult
+
+CHANNEL = "job"
+OVERRIDES = ("rounds", "codec", "min_clients", "min_responses", "deadline", "fraction")
+"""Recipe attributes a submission may override."""
+
+
+class JobState(enum.StrEnum):
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.FINISHED, JobState.FAILED, JobState.ABORTED)
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """A job as the server keeps it (``job.json``)."""
+
+    id: str
+    recipe: str
+    submitter: str
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sites: list[str] = dataclasses.field(default_factory=list)
+    state: JobState = JobState.SUBMITTED
+    attempt: int = 0
+    submitted: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    rounds_done: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> JobRecord:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        rec = cls(**{k: v for k, v in doc.items() if k in fields})
+        rec.state = JobState(rec.state)
+        return rec
+
+
+class JobStore:
+    """The server's job folders: ``<root>/<job>/job.json``, ``events.jsonl``, ``checkpoints/``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, job: str) -> Path:
+        if not job or "/" in job or job.startswith("."):
+            raise BadRequest(f"bad job id {job!r:.80}")
+        return self.root / job
+
+    def save(self, rec: JobRecord) -> None:
+        """Write ``job.json`` atomically (a crash leaves the previous state)."""
+        folder = self.folder(rec.id)
+        folder.mkdir(exist_ok=True)
+        part = folder / "job.json.part"
+        part.write_text(json.dumps(rec.to_json(), indent=1))
+        os.replace(part, folder / "job.json")
+
+    def event(self, job: str, event: str, **fields: Any) -> None:
+        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
+        with (self.folder(job) / "events.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+    def load_all(self) -> list[JobRecord]:
+        out = []
+        for path in sorted(self.root.glob("*/job.json")):
+            try:
+                out.append(JobRecord.from_json(json.loads(path.read_text())))
+            except (ValueError, TypeError) as exc:
+                _logging.get_logger().error("unreadable job record", path=str(path), error=str(exc))
+        return sorted(out, key=lambda r: r.submitted)
+
+    def known_sites(self) -> list[str]:
+        """Every site that ever registered with this server (``sites.json``)."""
+        path = self.root / "sites.json"
+        return list(json.loads(path.read_text())) if path.exists() else []
+
+    def add_known_site(self, site: str) -> None:
+        sites = sorted({*self.known_sites(), site})
+        part = self.root / "sites.json.part"
+        part.write_text(json.dumps(sites))
+        os.replace(part, self.root / "sites.json")
+
+    def files(self, job: str) -> list[str]:
+        """The job's files, relative to its folder (what ``download`` sends)."""
+        folder = self.folder(job)
+        return sorted(
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and not p.name.endswith(".part")
+        )
+
+
+def _json(body: Payload) -> dict[str, Any]:
+    try:
+        doc = json.loads(body.tobytes() or b"{}")
+    except ValueError as exc:
+        raise BadRequest(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("expected a JSON object")
+    return doc
+
+
+def apply_overrides(recipe: FedAvgRecipe, overrides: dict[str, Any]) -> FedAvgRecipe:
+    """``recipe`` with the submission's overrides (only :data:`OVERRIDES`)."""
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise BadRequest(f"cannot override {sorted(unknown)}; allowed: {list(OVERRIDES)}")
+    return dataclasses.replace(recipe, **overrides)
+
+
+class JobManager:
+    """The server's job service. Mount :meth:`handlers` on the server cell and run :meth:`run`
+    beside it.
+
+    Args:
+        cell: the server cell.
+        store: the folder holding the jobs.
+        admin_of: the admin behind a cell name, or ``None`` if that cell is no admin (the
+            deployment fills it from the certificates of admin links).
+        max_running: jobs run at once (the rest wait, ``submitted``).
+        site_wait: how long a job waits for enough of its sites to be registered.
+        on_event: called with ``(event, fields)`` on every state change (``job-state``) and
+            finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
+            ``flare-async run`` event stream.
+    """
+
+    def __init__(
+        self,
+        cell: Cell,
+        store: str | os.PathLike[str],
+        *,
+        admin_of: Callable[[str], str | None],
+        max_running: int = 1,
+        site_wait: float = 60.0,
+        digest: bool = True,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
+        self.cell = cell
+        self.on_event = on_event or (lambda event, **fields: None)
+        self.store = JobStore(store)
+        self.admin_of = admin_of
+        self.max_running = max_running
+        self.site_wait = site_wait
+        self.digest = digest
+        self.jobs: dict[str, JobRecord] = {r.id: r for r in self.store.load_all()}
+        self.sites: set[str] = set()
+        self._servers: dict[str, FLServer] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._done: dict[str, anyio.Event] = {}
+        self._wake = anyio.Event()
+        self._sites_changed = anyio.Event()
+        self._log = _logging.get_logger(cell=cell.name)
+
+    # ------------------------------------------------------------------ the service
+    def handlers(self) -> HandlerTable:
+        table = HandlerTable("jobs")
+
+        @table.request(CHANNEL, "register")
+        async def register(ctx: Context, msg: Payload) -> bytes:
+            if self.admin_of(ctx.src) is not None:
+                raise BadRequest("an admin session is not a site")
+            await self._registered(ctx.src)
+            return b"registered"
+
+        @table.request(CHANNEL, "submit")
+        async def submit(ctx: Context, msg: Payload) -> bytes:
+            admin = self._admin(ctx)
+            doc = _json(msg)
+            rec = await self.submit(
+                str(doc.get("recipe", "")),
+                admin,
+                overrides=dict(doc.get("overrides") or {}),
+                sites=[str(s) for s in doc.get("sites") or []],
+            )
+            return json.dumps(rec.to_json()).encode()
+
+        @table.request(CHANNEL, "list")
+        async def list_(ctx: Context, msg: Payload) -> bytes:
+            self._admin(ctx)
+            return json.dumps([r.to_json() for r in self.jobs.values()]).encode()
+
+        @table.request(CHANNEL, "status")
+        async def status(ctx: Context, msg: Payload) -> bytes:
+            self._admin(ctx)
+            return json.dumps(self._job(_json(msg)).to_json()).encode()
+
+        @table.request(CHANNEL, "abort")
+        async def abort(ctx: Context, msg: Payload) -> bytes:
+            admin = self._admin(ctx)
+            rec = await self.abort(self._job(_json(msg)).id, by=admin)
+            return json.dumps(rec.to_json()).encode()
+
+        @table.request(CHANNEL, "logs")
+        async def logs(ctx: Context, msg: Payload) -> bytes:
+            self._admin(ctx)
+            doc = _json(msg)
+            rec = self._job(doc)
+            site = doc.get("site")
+            if site:
+                if site not in rec.sites:
+                    raise BadRequest(f"{site} is not a site of job {rec.id}")
+                reply = await self.cell.request(
+                    str(site), CHANNEL, "logs", json.dumps({"id": rec.id}).encode(), timeout=30
+                )
+                return reply.tobytes()
+            path = self.store.folder(rec.id) / "events.jsonl"
+            return await anyio.to_thread.run_sync(path.read_bytes) if path.exists() else b""
+
+        @table.request(CHANNEL, "download")
+        async def download(ctx: Context, msg: Payload) -> bytes:
+            self._admin(ctx)
+            rec = self._job(_json(msg))
+            names = self.store.files(rec.id)
+            folder = self.store.folder(rec.id)
+            for name in names:
+                await self.cell.stream(
+                    ctx.src,
+                    CHANNEL,
+                    "file",
+                    folder / name,
+                    headers={"job": rec.id, "name": name},
+                    digest=self.digest,
+                )
+            return json.dumps(names).encode()
+
+        # FL traffic of the running jobs, each to its own FLServer.
+        @table.stream(FL_CHANNEL, "result")
+        async def result(ctx: Context, stream: IncomingStream) -> bytes:
+            server = self._servers.get(stream.headers.get("task", "").split(":", 1)[0])
+            if server is None:
+                return b"late"
+            return await server.take_result(ctx.src, stream)
+
+        @table.request(FL_CHANNEL, "failed")
+        async def failed(ctx: Context, msg: Payload) -> bytes:
+            task = ctx.headers.get("task", "")
+            server = self._servers.get(task.split(":", 1)[0])
+            return server.take_failure(ctx.src, task, msg) if server else b"late"
+
+        return table
+
+    async def _registered(self, site: str) -> None:
+        self._log.info("site registered", site=site)
+        known = site in self.store.known_sites()
+        self.sites.add(site)
+        if not known:
+            await anyio.to_thread.run_sync(self.store.add_known_site, site)
+        self._sites_changed.set()
+        self.on_event("site-registered", site=site)
+
+    async def _probe(self, site: str) -> None:
+        """Ask a site known from an earlier run whether it is there (after a restart of this
+        server, sites below a relay whose link stayed up have no reason to register again)."""
+        delay = 0.2
+        with anyio.move_on_after(self.site_wait):
+            while site not in self.sites:
+                try:
+                    await self.cell.request(site, CHANNEL, "ping", b"", timeout=10)
+                except FlareError:
+                    await anyio.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+                    continue
+                if site not in self.sites:
+                    await self._registered(site)
+
+    def _admin(self, ctx: Context) -> str:
+        admin = self.admin_of(ctx.src)
+        if admin is None:
+            raise Unauthorized(f"{ctx.src} is not an admin")
+        return admin
+
+    def _job(self, doc: dict[str, Any]) -> JobRecord:
+        rec = self.jobs.get(str(doc.get("id", "")))
+        if rec is None:
+            raise BadRequest(f"no job {doc.get('id')!r:.80}")
+        return rec
+
+    def _set(self, rec: JobRecord, state: JobState, **fields: Any) -> None:
+        """Change a job's state: persisted first, then logged."""
+        rec.state = state
+        for k, v in fields.items():
+            setattr(rec, k, v)
+        self.store.save(rec)
+        self.store.event(rec.id, "state", state=state.value, **fields)
+        self._log.info("job state", job=rec.id, state=state.value)
+        self.on_event("job-state", job=rec.id, state=state.value, attempt=rec.attempt)
+
+    async def submit(
+        self,
+        recipe: str,
+        submitter: str,
+        *,
+        overrides: dict[str, Any] | None = None,
+        sites: list[str] | None = None,
+    ) -> JobRecord:
+        """Check and queue a job.
+
+        Raises:
+            BadRequest: the recipe does not load here, or an override is not allowed.
+        """
+        try:
+            apply_overrides(load_recipe(recipe), dict(overrides or {}))
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise BadRequest(f"job refused: {exc}") from None
+        rec = JobRecord(
+            id=f"{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}",
+            recipe=recipe,
+            submitter=submitter,
+            overrides=dict(overrides or {}),
+            sites=list(sites or []),
+            submitted=time.time(),
+        )
+        self.jobs[rec.id] = rec
+        self._set(rec, JobState.SUBMITTED, submitter=submitter)
+        self._wake.set()
+        return rec
+
+    async def abort(self, job: str, *, by: str) -> JobRecord:
+        """Abort a job: queued, it never starts; running, its workflow is cancelled and its
+        sites stop their training processes."""
+        rec = self.jobs[job]
+        if rec.state.done:
+            return rec
+        scope = self._scopes.get(job)
+        if scope is None:
+            self._set(rec, JobState.ABORTED, ended=time.time(), error=f"aborted by {by}")
+            return rec
+        rec.error = f"aborted by {by}"
+        scope.cancel()
+        await self._done[job].wait()  # set once the sites were told to stop
+        return rec
+
+    # ------------------------------------------------------------------ running jobs
+    async def run(self) -> None:
+        """Run jobs as they come, forever (cancel to stop). Jobs found ``running`` (the server
+        died during them) run again from their last checkpoint."""
+        async with anyio.create_task_group() as tg:
+            for site in self.store.known_sites():
+                tg.start_soon(self._probe, site)
+            while True:
+                running = len(self._scopes)
+                for rec in sorted(self.jobs.values(), key=lambda r: (r.state, r.submitted)):
+                    if running >= self.max_running:
+                        break
+                    if rec.state in (JobState.RUNNING, JobState.SUBMITTED) and (
+                        rec.id not in self._scopes
+                    ):
+                        self._scopes[rec.id] = anyio.CancelScope()
+                        self._done[rec.id] = anyio.Event()
+                        tg.start_soon(self._run_job, rec)
+                        running += 1
+                await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def _run_job(self, rec: JobRecord) -> None:
+        scope = self._scopes[rec.id]
+        try:
+            with scope:
+                await self._attempt(rec)
+        except Exception as exc:  # any failure of a job fails that job, never the server
+            self._log.error("job failed", job=rec.id, exc_info=exc)
+            rec.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(rec, aborted=scope.cancel_called)
+            self._scopes.pop(rec.id, None)
+            self._servers.pop(rec.id, None)
+            self._wake.set()
+            self._done[rec.id].set()
+
+    async def _attempt(self, rec: JobRecord) -> None:
+        recipe = apply_overrides(load_recipe(rec.recipe), rec.overrides)
+        sites = await self._wait_for_sites(rec, recipe)
+        resumed = rec.state is JobState.RUNNING
+        self._set(
+            rec,
+            JobState.RUNNING,
+            sites=sites,
+            attempt=rec.attempt + 1,
+            started=rec.started or time.time(),
+        )
+        if resumed:
+            self.store.event(rec.id, "resumed", attempt=rec.attempt)
+        started = await self._start_sites(rec, recipe)
+        server = FLServer(
+            self.cell,
+            started,
+            job=rec.id,
+            codec=recipe.codec,
+            digest=self.digest,
+            hierarchical=any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
+            on_round=lambda result: self._round(rec, result),
+        )
+        self._servers[rec.id] = server
+        final = await recipe.run(
+            server,
+            checkpoints=str(self.store.folder(rec.id) / "checkpoints"),
+            on_checkpoint=lambda rnd: self.on_event("job-checkpoint", job=rec.id, round=rnd),
+        )
+        rec.metrics = {str(k): float(v) for k, v in final.metrics.items()}
+        await server.stop_clients()
+        self._set(rec, JobState.FINISHED, ended=time.time())
+
+    def _round(self, rec: JobRecord, result: RoundResult) -> None:
+        rec.rounds_done = result.round + 1
+        rec.metrics = result.mean_metrics()
+        self.store.save(rec)
+        self.store.event(
+            rec.id,
+            "round",
+            round=result.round,
+            responded=result.responded,
+            failed=result.failed,
+            metrics=rec.metrics,
+            late=result.late,
+        )
+        self.on_event("job-round", job=rec.id, round=result.round, responded=result.responded)
+
+    async def _wait_for_sites(self, rec: JobRecord, recipe: FedAvgRecipe) -> list[str]:
+        """The job's sites once enough of them are registered (all named ones, or at least
+        ``min_clients`` of any), waiting up to ``site_wait`` seconds."""
+        with anyio.move_on_after(self.site_wait):
+            while True:
+                wanted = rec.sites or sorted(self.sites)
+                ready = [s for s in wanted if s in self.sites]
+                if len(ready) >= max(1, recipe.min_clients) and (
+                    not rec.sites or len(ready) == len(rec.sites)
+                ):
+                    return rec.sites or ready
+                self._sites_changed = anyio.Event()
+                await self._sites_changed.wait()
+        ready = [s for s in (rec.sites or sorted(self.sites)) if s in self.sites]
+        if len(ready) < max(1, recipe.min_clients):
+            raise FlareError(
+                f"{len(ready)} sites registered within {self.site_wait:g} s, "
+                f"{max(1, recipe.min_clients)} needed"
+            )
+        return rec.sites or ready
+
+    async def _start_sites(self, rec: JobRecord, recipe: FedAvgRecipe) -> list[str]:
+        """Tell each site to start the job's training process; the ones that fail to are left
+        out (and logged)."""
+        script = recipe.script_spec()
+        started: list[str] = []
+
+        async def one(i: int, site: str) -> None:
+            body = {
+                "id": rec.id,
+                "attempt": rec.attempt,
+                "recipe": rec.recipe,
+                "script": script,
+                "codec": recipe.codec,
+                "digest": self.digest,
+                "config": {**recipe.config, "site_index": i, "sites": len(rec.sites)},
+            }
+            try:
+                await self.cell.request(site, CHANNEL, "start", json.dumps(body).encode())
+                started.append(site)
+            except FlareError as exc:
+                self.store.event(rec.id, "site-not-started", site=site, error=str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for i, site in enumerate(rec.sites):
+                tg.start_soon(one, i, site)
+        return sorted(started)
+
+    async def _finish(self, rec: JobRecord, *, aborted: bool) -> None:
+        if aborted:
+            self._set(rec, JobState.ABORTED, ended=time.time(), error=rec.error or "aborted")
+        elif rec.state is not JobState.FINISHED:
+            self._set(rec, JobState.FAILED, ended=time.time(), error=rec.error or "failed")
+        if rec.sites and rec.state is not JobState.FINISHED:
+            body = json.dumps({"id": rec.id}).encode()
+            with anyio.move_on_after(30):
+                results = await self.cell.broadcast(rec.sites, CHANNEL, "abort", body, timeout=20)
+                for site, error in results.errors.items():
+                    self.store.event(rec.id, "site-not-stopped", site=site, error=str(error))
+
+
+__all__ = ["CHANNEL", "JobManager", "JobRecord", "JobState", "JobStore"]

@@ -1,0 +1,189 @@
+"""Jobs: the server's job service and the sites' job runners, cells in this process over
+``memory://``, each site's training process a real subprocess.
+
+The deployment version (every cell its own process, mTLS, the admin CLI) is in
+``test_jobs_deploy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+from flare_async import Cell, errors
+from flare_async.codecs import decode
+from flare_async.fl._jobs import CHANNEL, JobManager, JobStore
+from flare_async.fl._site import SiteJobs
+from flare_async.security import admin_cell_name
+from flare_async.transport import MemoryNetwork
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = admin_cell_name("server", "alice@example.org")
+SITES = ["server.site-1", "server.site-2"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # real subprocesses and real time
+
+
+@dataclass
+class Events:
+    """What the job service and the site runners report, as it happens."""
+
+    seen: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self.seen.append((event, fields))
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait(self, event: str, count: int = 1, **match: Any) -> list[dict[str, Any]]:
+        with anyio.fail_after(60):
+            while True:
+                found = [
+                    f
+                    for e, f in self.seen
+                    if e == event and all(f.get(k) == v for k, v in match.items())
+                ]
+                if len(found) >= count:
+                    return found
+                await self.changed.wait()
+
+
+@dataclass
+class Deployment:
+    server: JobManager
+    sites: dict[str, SiteJobs]
+    admin: Cell
+    events: Events
+
+    async def call(self, topic: str, body: dict[str, Any], *, by: Cell | None = None) -> Any:
+        cell = by or self.admin
+        reply = await cell.request("server", CHANNEL, topic, json.dumps(body).encode())
+        return json.loads(reply.tobytes())
+
+
+@asynccontextmanager
+async def deployment(
+    store: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Deployment]:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    net = MemoryNetwork()
+    events = Events()
+    async with AsyncExitStack() as stack:
+        server_cell = Cell("server", listen=["memory://server"], drivers=[net])
+        manager = JobManager(
+            server_cell,
+            store,
+            admin_of=lambda src: "alice@example.org" if src == ADMIN else None,
+            on_event=events,
+            digest=False,
+        )
+        server_cell.mount(manager.handlers())
+        await stack.enter_async_context(server_cell)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        tg.start_soon(manager.run)
+        sites = {}
+        for name in SITES:
+            cell = Cell(name, parent="memory://server", drivers=[net])
+            runner = SiteJobs(cell, workdir / name, on_event=events, grace=5)
+            cell.mount(runner.handlers())
+            await stack.enter_async_context(cell)
+            tg.start_soon(runner.run)
+            sites[name] = runner
+        admin = Cell(ADMIN, parent="memory://server", drivers=[net])
+        await stack.enter_async_context(admin)
+        await admin.wait_parent()
+        await events.wait("site-registered", count=len(SITES))
+        yield Deployment(manager, sites, admin, events)
+
+
+async def test_a_job_runs_to_the_end_and_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        assert rec["state"] == "submitted"
+        assert rec["submitter"] == "alice@example.org"
+        await d.events.wait("job-state", job=rec["id"], state="finished")
+        done = await d.call("status", {"id": rec["id"]})
+        assert done["state"] == "finished"
+        assert done["rounds_done"] == 3
+        assert done["sites"] == SITES
+        listed = await d.call("list", {})
+        assert [r["id"] for r in listed] == [rec["id"]]
+        # Each site's training process ran and ended with the job.
+        ended = await d.events.wait("job-ended", count=2, job=rec["id"])
+        assert {e["outcome"] for e in ended} == {"finished"}
+        assert all(not s.jobs for s in d.sites.values())
+    folder = tmp_path / "jobs" / rec["id"]
+    tensors, _ = decode((folder / "checkpoints" / "last.safetensors").read_bytes())
+    # Sites add 1 (weight 1) and 2 (weight 2): 5/3 a round, 3 rounds.
+    assert np.allclose(tensors["w"], 5.0)
+    lines = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines if x["event"] == "round"] == [0, 1, 2]
+    states = [x["state"] for x in lines if x["event"] == "state"]
+    assert states == ["submitted", "running", "finished"]
+    # The record survives the server: a new store reads the same jobs.
+    assert JobStore(tmp_path / "jobs").load_all()[0].state == "finished"
+
+
+async def test_only_admins_manage_jobs_and_bad_jobs_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        site_cell = d.sites[SITES[0]].cell
+        with pytest.raises(errors.Unauthorized):
+            await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"}, by=site_cell)
+        with pytest.raises(errors.Unauthorized):
+            await d.call("list", {}, by=site_cell)
+        with pytest.raises(errors.BadRequest, match="cannot load the recipe"):
+            await d.call("submit", {"recipe": "tests._fl_scripts:nothing"})
+        with pytest.raises(errors.BadRequest, match="cannot override"):
+            await d.call(
+                "submit",
+                {"recipe": "tests._fl_scripts:small_recipe", "overrides": {"script": "os:_exit"}},
+            )
+        with pytest.raises(errors.BadRequest, match="no job"):
+            await d.call("status", {"id": "nope"})
+        # A site takes job commands from the server only.
+        with pytest.raises(errors.Unauthorized):
+            await d.admin.request(SITES[0], CHANNEL, "abort", b'{"id": "x"}')
+        assert await d.call("list", {}) == []
+
+
+async def test_abort_stops_every_sites_training_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:hanging_recipe"})
+        started = await d.events.wait("job-process", count=2, job=rec["id"])
+        pids = [e["pid"] for e in started]
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+        aborted = await d.call("abort", {"id": rec["id"]})
+        assert aborted["state"] == "aborted"
+        assert "alice@example.org" in aborted["error"]
+        ended = await d.events.wait("job-ended", count=2, job=rec["id"])
+        assert {e["outcome"] for e in ended} == {"stopped"}
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # gone, and reaped
+        assert all(not s.jobs for s in d.sites.values())
+        # The service goes on: the next job runs.
+        nxt = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        await d.events.wait("job-state", job=nxt["id"], state="finished")
+    assert JobStore(tmp_path / "jobs").load_all()[0].state == "aborted"

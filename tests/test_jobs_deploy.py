@@ -1,0 +1,168 @@
+"""Jobs on a real deployment: server, relay and two sites each their own OS process
+(``flare-async run KIT --jobs DIR``) over mutual TLS with provisioned certificates, driven by the
+admin CLI (``flare-async job ...``) with the admin's kit, as an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flare_async.codecs import decode
+from flare_async.security import provision
+from tests._procs import ROOT, Proc, free_ports
+
+RELAY = "server.relay-1"
+SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
+
+
+class Deployment:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        p_server, p_relay = free_ports(2)
+        project = root / "project.toml"
+        project.write_text(f"""
+project = "jobs"
+org = "example.org"
+[server]
+listen = ["tls://127.0.0.1:{p_server}"]
+[[relays]]
+name = "{RELAY}"
+parent = "tls://127.0.0.1:{p_server}"
+listen = ["tls://127.0.0.1:{p_relay}"]
+[[clients]]
+name = "{SITES[0]}"
+org = "hospital-a"
+parent = "tls://127.0.0.1:{p_relay}"
+[[clients]]
+name = "{SITES[1]}"
+org = "hospital-b"
+parent = "tls://127.0.0.1:{p_relay}"
+[[admins]]
+name = "alice@example.org"
+parent = "tls://127.0.0.1:{p_server}"
+""")
+        self.kits = root / "kits"
+        provision(project, self.kits, now=datetime.now(UTC))
+        self.procs: dict[str, Proc] = {}
+        for name in ["server", RELAY, *SITES]:
+            self.procs[name] = Proc(
+                name,
+                self.kits / name,
+                root / f"{name}.log",
+                ["--jobs", str(root / "jobs" / name)],
+            )
+        self.procs["server"].wait_all("site-registered", "site", SITES)
+
+    def job(self, *args: str, kit: str = "alice@example.org") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "flare_async", "job", "--kit", str(self.kits / kit), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=180,
+            check=False,
+            cwd=ROOT,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs.values()):
+            proc.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("FLARE_TEST_GATE", str(tmp_path / "gate"))
+    d = Deployment(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_an_admin_submits_follows_downloads_and_aborts_jobs(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    done = d.job("submit", "tests._fl_scripts:small_recipe", "--wait", "--timeout", "120")
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    job = final["id"]
+    assert final["state"] == "finished"
+    assert final["rounds_done"] == 3
+    assert final["sites"] == SITES
+    assert final["submitter"] == "alice@example.org"
+
+    listed = d.job("list")
+    assert job in listed.stdout
+    assert "finished" in listed.stdout
+
+    events = d.job("logs", job)
+    rounds = [json.loads(x) for x in events.stdout.splitlines() if '"round"' in x]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(sorted(r["responded"]) == SITES for r in rounds)
+    site_log = d.job("logs", job, "--site", SITES[1])
+    assert site_log.returncode == 0, site_log.stderr
+    assert "site 1 trained round 2" in site_log.stdout  # the training process's own output
+
+    out = tmp_path / "downloaded"
+    got = d.job("download", job, "-o", str(out))
+    assert got.returncode == 0, got.stderr
+    tensors, _ = decode((out / job / "checkpoints" / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 5.0)  # (1*1 + 2*2) / 3 a round, 3 rounds, via the relay
+    assert json.loads((out / job / "job.json").read_text())["state"] == "finished"
+
+    # Abort: every site's training process is stopped, and the deployment goes on.
+    hung = json.loads(d.job("submit", "tests._fl_scripts:hanging_recipe").stdout)["id"]
+    pids = [d.procs[s].wait_for("job-process", job=hung)["pid"] for s in SITES]
+    aborted = d.job("abort", hung)
+    assert aborted.returncode == 0, aborted.stderr
+    assert json.loads(aborted.stdout)["state"] == "aborted"
+    for site in SITES:
+        assert d.procs[site].wait_for("job-ended", job=hung)["outcome"] == "stopped"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert json.loads(d.job("status", hung).stdout)["state"] == "aborted"
+
+
+def test_only_an_admin_kit_reaches_the_job_service(deployment: Deployment) -> None:
+    refused = deployment.job("list", kit=SITES[0])
+    assert refused.returncode == 1
+    assert "not an admin kit" in refused.stderr
+    missing = deployment.job("status", "no-such-job")
+    assert missing.returncode == 1
+    assert "no job" in missing.stderr
+
+
+def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    server = d.procs["server"]
+    job = json.loads(d.job("submit", "tests._fl_scripts:gated_recipe").stdout)["id"]
+    server.wait_for("job-checkpoint", job=job, round=0)  # round 1 is gated: it cannot end
+    server.proc.kill()  # SIGKILL: no goodbye, no cleanup
+    server.proc.wait()
+    server.restart()
+    server.wait_all("site-registered", "site", SITES)  # the sites are back
+    server.wait_for("job-state", job=job, state="running", attempt=2)
+    for site in SITES:
+        assert d.procs[site].wait_for("job-process", job=job, attempt=2)["pid"]
+    (tmp_path / "gate").touch()
+    server.wait_for("job-state", job=job, state="finished", timeout=120)
+
+    folder = tmp_path / "jobs" / "server" / job
+    lines = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines if x["event"] == "round"] == [0, 1, 2]  # 0 not redone
+    assert [x["attempt"] for x in lines if x["event"] == "resumed"] == [2]
+    tensors, _ = decode((folder / "checkpoints" / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 5.0)
