@@ -81,3 +81,30 @@ def hanging_recipe() -> FedAvgRecipe:
     return FedAvgRecipe(
         initial={"w": np.zeros(3)}, script="tests._fl_scripts:hangs", rounds=1, deadline=600
     )
+
+
+def big_update() -> None:
+    """Sites send 12 MB results (folded through spill files); site 3's process dies once half
+    of its upload has reached the server (a peer that disappears mid-stream)."""
+    from flare_async.fl._client import current_runtime  # noqa: PLC0415 - test-only hook
+
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    if flare.get_site_name().endswith("site-3"):
+        cell = current_runtime().cell  # type: ignore[attr-defined]
+        stream = cell.stream
+
+        async def dying_stream(*args: object, **kwargs: object) -> object:
+            def progress(p: object) -> None:
+                if p.done >= 6 << 20:  # type: ignore[attr-defined]
+                    os._exit(1)
+
+            return await stream(*args, progress=progress, **kwargs)
+
+        cell.stream = dying_stream
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": i + 1}))

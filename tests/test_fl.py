@@ -319,7 +319,7 @@ async def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Pat
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("kind", ["threads", "processes"])
+@pytest.mark.parametrize("kind", ["threads", "processes", "sites-as-processes"])
 async def test_the_same_job_in_process_and_as_subprocesses(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,11 +332,15 @@ async def test_the_same_job_in_process_and_as_subprocesses(
     rounds: list[Any] = []
     init = {"w": np.zeros(4)}
     out = await simulate(
-        lambda s: fedavg(s, init, rounds=2), script, clients=3, on_round=rounds.append
+        lambda s: fedavg(s, init, rounds=2),
+        script,
+        clients=3,
+        on_round=rounds.append,
+        processes=kind == "sites-as-processes",
     )
     step = (1 + 4 + 9) / 6
     assert np.allclose(out.params["w"], 2 * step)
-    if kind == "processes":
+    if kind != "threads":
         pids = {m["pid"] for m in rounds[0].metrics.values()}
         assert len(pids) == 3
         assert os.getpid() not in pids

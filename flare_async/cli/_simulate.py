@@ -27,7 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--processes",
         action="store_true",
-        help="run each site's script in its own process (needs a MODULE:FUNCTION script)",
+        help="run each site as its own process connected over tcp (the script must be "
+        "importable by name)",
     )
 
 
@@ -55,7 +56,9 @@ def run(args: Any) -> int:
             sys.stdout.flush()
 
         final = anyio.run(
-            lambda: recipe.simulate(args.clients, relays=args.relays, on_round=progress),
+            lambda: recipe.simulate(
+                args.clients, relays=args.relays, on_round=progress, processes=args.processes
+            ),
             backend_options={"use_uvloop": True},
         )
     except (FlareError, ValueError) as exc:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.from_thread
 
+from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import FlareError
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
@@ -31,6 +32,9 @@ from flare_async.transport import TcpLink
 from flare_async.wire import Event, Frame, Limits
 
 _STOP = object()
+RESULT_WINDOW = 4 << 20
+"""Flow-control window of a result stream: what the server holds at most per client sending
+at once (16 MiB, the default, times many clients would be the server's largest cost)."""
 _local = threading.local()
 
 
@@ -95,6 +99,7 @@ class ClientRuntime:
     ) -> None:
         self.cell = cell
         self.digest = digest
+        return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
         self.config = dict(config or {})
         self.codec = codec
@@ -176,6 +181,7 @@ class ClientRuntime:
             codec=self.codec,
             headers={"task": task},
             digest=self.digest,
+            window=RESULT_WINDOW,
         )
         self.sent += 1
 
@@ -317,6 +323,7 @@ class ClientRuntime:
                 codec=self.codec,
                 headers={"task": task},
                 digest=self.digest,
+                window=RESULT_WINDOW,
             )
             self.sent += 1
 

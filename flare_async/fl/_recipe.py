@@ -86,13 +86,16 @@ class FedAvgRecipe:
         *,
         relays: int = 0,
         on_round: Callable[[RoundResult], None] | None = None,
+        processes: bool = False,
     ) -> FLModel:
-        """Run the job in the simulator (one process; scripts in threads or processes)."""
+        """Run the job in the simulator (one process, scripts in threads or their own
+        processes; or, with ``processes``, each site its own process over tcp)."""
         result: FLModel = await simulate(
             self.run,
             self.script,
             clients=clients,
             relays=relays,
+            processes=processes,
             config=self.config,
             codec=self.codec,
             on_round=on_round,

@@ -12,22 +12,35 @@ FedAvg (partial sums travel in float64, losslessly).
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import anyio
 
+from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, FlareError
 from flare_async.fl._aggregate import WeightedSum
 from flare_async.fl._model import model_parts
-from flare_async.fl._server import CHANNEL, _Collector
+from flare_async.fl._server import CHANNEL, _Collector, receive_result
 
 
 class RelayAggregator:
-    """Mount :meth:`handlers` on a relay cell to aggregate its children's results."""
+    """Mount :meth:`handlers` on a relay cell to aggregate its children's results (large ones
+    wait in ``spill``, complete, before they are folded; see ``FLServer``)."""
 
-    def __init__(self, cell: Cell, server: str = "server", *, digest: bool = True) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        server: str = "server",
+        *,
+        digest: bool = True,
+        spill: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.cell = cell
+        self.spill = Path(spill) if spill is not None else None
+        return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
         self.digest = digest
         self._open: dict[str, _Collector] = {}
@@ -65,10 +78,9 @@ class RelayAggregator:
         @table.stream(CHANNEL, "result")
         async def result(ctx: Context, stream: IncomingStream) -> bytes:
             collector = self._open.get(stream.headers.get("task", ""))
-            payload = await stream.read_all()
             if collector is None:
                 return b"late"
-            return collector.offer(ctx.src, payload)
+            return await receive_result(collector, ctx.src, stream, self.spill)
 
         return table
 
@@ -77,7 +89,7 @@ class RelayAggregator:
             while collector.pending:
                 collector.changed = anyio.Event()
                 await collector.changed.wait()
-        collector.closed = True
+        await collector.close()
         self._open.pop(collector.task, None)
         result = collector.result
         for site in collector.pending:

@@ -23,17 +23,26 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import random
+import secrets
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import numpy as np
 
 from flare_async import _logging
+from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, DecodeError, FlareError
-from flare_async.fl._aggregate import WEIGHT_KEY, RoundMismatch, WeightedSum
+from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 
 CHANNEL = "fl"
@@ -84,39 +93,66 @@ class _Collector:
         partial sums, and only for those sites."""
         self.closed = False
         self.changed = anyio.Event()
+        self.folding = anyio.Lock()
+        """Held while an update is folded (in a worker thread): one fold at a time, and the
+        round reads its sum only once the fold in progress is done."""
 
     def settle(self, site: str) -> None:
         self.pending.discard(site)
         self.changed.set()
 
-    def offer(self, site: str, payload: Any) -> bytes:
+    async def close(self) -> None:
+        """No more results; wait for a fold in progress to finish (it counts)."""
+        self.closed = True
+        async with self.folding:
+            pass
+
+    async def offer(
+        self, site: str, parts: Any, *, in_thread: bool = False, on_folded: Folded | None = None
+    ) -> bytes:
         """Fold one site's result in (a site's own, or a relay's partial sum for its sites).
+
+        Args:
+            parts: the result's bytes (buffers, or one buffer such as a mapped file).
+            in_thread: fold in a worker thread (a large result: the event loop stays free).
 
         Raises:
             BadRequest: a result that cannot be folded (the site counts as failed).
         """
-        if self.closed:
-            return b"late"
-        result = self.result
-        try:
-            update = model_from_parts(payload.parts)
+        async with self.folding:
+            if self.closed:
+                return b"late"
+            result = self.result
+            try:
+                update = model_from_parts(parts)
+                if WEIGHT_KEY in update.meta:
+                    covered = self._check_partial(site, update)
+                    fold = partial(result.sum.merge, update, on_folded)
+                else:
+                    if site not in self.pending:
+                        return b"duplicate"
+                    weight = float(update.meta.get("num_samples", 1.0))
+                    fold = partial(
+                        result.sum.add, update.params, weight, update.params_type, on_folded
+                    )
+                if in_thread:
+                    await anyio.to_thread.run_sync(fold)
+                else:
+                    fold()
+            except (DecodeError, RoundMismatch, ValueError, KeyError, TypeError) as exc:
+                if site in self.pending:
+                    result.failed[site] = f"unusable result: {exc}"
+                    self.settle(site)
+                raise BadRequest(f"unusable result: {exc}") from None
             if WEIGHT_KEY in update.meta:
-                return self._offer_partial(site, update)
-            if site not in self.pending:
-                return b"duplicate"
-            weight = float(update.meta.get("num_samples", 1.0))
-            result.sum.add(update.params, weight, update.params_type)
-        except (DecodeError, RoundMismatch, ValueError, KeyError, TypeError) as exc:
-            if site in self.pending:
-                result.failed[site] = f"unusable result: {exc}"
-                self.settle(site)
-            raise BadRequest(f"unusable result: {exc}") from None
-        result.responded.append(site)
-        result.metrics[site] = update.metrics
-        self.settle(site)
-        return b"taken"
+                self._commit_partial(site, update, covered)
+                return b"taken"
+            result.responded.append(site)
+            result.metrics[site] = update.metrics
+            self.settle(site)
+            return b"taken"
 
-    def _offer_partial(self, relay: str, partial: FLModel) -> bytes:
+    def _check_partial(self, relay: str, partial: FLModel) -> list[str]:
         group = self.relays.get(relay)
         if group is None:
             raise ValueError(f"{relay} sent a partial sum but aggregates nothing for this task")
@@ -128,8 +164,11 @@ class _Collector:
         weight = float(partial.meta.get(WEIGHT_KEY, float("nan")))
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"a partial sum from {relay} with weight {weight!r}")
+        return covered
+
+    def _commit_partial(self, relay: str, partial: FLModel, covered: list[str]) -> None:
         result = self.result
-        result.sum.merge(partial)
+        group = self.relays[relay]
         result.partials += 1
         for site in covered:
             result.responded.append(site)
@@ -141,7 +180,51 @@ class _Collector:
             if site in self.pending and site in group:
                 result.failed[str(site)] = f"{why} (reported by {relay})"
                 self.settle(str(site))
-        return b"taken"
+
+
+SPILL_AT = 8 << 20
+"""Results at least this large (or of unknown size) go to a file first and are folded from it
+(mapped, a tensor at a time) once complete and verified: the receiver's memory stays one
+tensor's, whatever the number of clients sending at once."""
+
+
+async def receive_result(
+    collector: _Collector, site: str, stream: IncomingStream, spill: Path | None
+) -> bytes:
+    """Take one result stream into ``collector``: small ones in memory, large ones through a
+    spill file in ``spill`` (default: the system's temporary folder)."""
+    if stream.size is not None and stream.size < SPILL_AT:
+        payload = await stream.read_all()
+        return await collector.offer(site, payload.parts)
+    folder = spill if spill is not None else Path(tempfile.gettempdir())
+    path = folder / f"flare-result-{secrets.token_hex(8)}"
+    await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+    try:
+        await stream.save(path)
+        with path.open("rb") as f:  # opening a local file is quick
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # The arrays are views of the mapping; it unmaps when the last of them is gone.
+        return await collector.offer(
+            site, memoryview(mapped), in_thread=True, on_folded=_dropper(mapped)
+        )
+    finally:
+        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
+
+def _dropper(mapped: mmap.mmap) -> Folded:
+    """After a tensor is folded, drop its pages from this process (they stay in the page
+    cache until the file is removed)."""
+    base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data if len(mapped) else 0
+    page = mmap.PAGESIZE
+
+    def drop(name: str, array: np.ndarray) -> None:
+        start = array.ctypes.data - base
+        if array.nbytes == 0 or not 0 <= start <= len(mapped) - array.nbytes:
+            return  # not a view of the file (a dequantized copy)
+        aligned = start - start % page
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + array.nbytes - aligned)
+
+    return drop
 
 
 class FLServer:
@@ -157,6 +240,8 @@ class FLServer:
         hierarchical: clients below a relay send their results to it; the relay (running a
             :class:`RelayAggregator`) folds them and sends the server one partial sum.
         on_round: called with each finished round (progress output, metrics).
+        spill: where large results wait, complete, before they are folded (default: the
+            system's temporary folder).
     """
 
     def __init__(
@@ -170,8 +255,11 @@ class FLServer:
         on_round: Callable[[RoundResult], None] | None = None,
         digest: bool = True,
         hierarchical: bool = False,
+        spill: str | os.PathLike[str] | None = None,
     ) -> None:
         self.cell = cell
+        self.spill = Path(spill) if spill is not None else None
+        return_large_blocks()  # a new model every round: freed memory goes back
         self.digest = digest
         self.hierarchical = hierarchical
         self.clients = list(clients)
@@ -199,7 +287,13 @@ class FLServer:
 
     async def take_result(self, site: str, stream: IncomingStream) -> bytes:
         """A client's (or a relay's) result stream for one of this server's tasks."""
-        return self._take(site, stream.headers.get("task", ""), await stream.read_all())
+        task_id = stream.headers.get("task", "")
+        collector = self._open.get(task_id)
+        if collector is None or collector.closed:
+            self.late_total += 1
+            self._log.info("late or unknown result ignored", site=site, task=task_id)
+            return b"late"
+        return await receive_result(collector, site, stream, self.spill)
 
     def take_failure(self, site: str, task: str, msg: Payload) -> bytes:
         """A client's report that it will not answer ``task``."""
@@ -251,7 +345,8 @@ class FLServer:
                         await collector.changed.wait()
                     tg.cancel_scope.cancel()
         finally:
-            collector.closed = True
+            with anyio.CancelScope(shield=True):
+                await collector.close()
             self._open.pop(task_id, None)
         result = collector.result
         for site in collector.pending:
@@ -307,14 +402,6 @@ class FLServer:
             if isinstance(outcome, FlareError) and site in collector.pending:
                 collector.result.failed[site] = f"{type(outcome).__name__}: {outcome}"
                 collector.settle(site)
-
-    def _take(self, site: str, task_id: str, payload: Any) -> bytes:
-        collector = self._open.get(task_id)
-        if collector is None or collector.closed:
-            self.late_total += 1
-            self._log.info("late or unknown result ignored", site=site, task=task_id)
-            return b"late"
-        return collector.offer(site, payload)
 
     async def stop_clients(self) -> None:
         """Tell every client the job is over (their ``is_running()`` turns False)."""

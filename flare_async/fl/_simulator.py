@@ -1,5 +1,6 @@
 """The simulator: a server and N client cells in one process over ``memory://``, each client's
-training script in a worker thread, running a workflow to the end.
+training script in a worker thread, running a workflow to the end; or, with ``processes``, each
+site its own Python process connected over ``tcp://`` on loopback.
 
 The same workflow, script and cells run in a deployment; only the transport and the place the
 script runs differ.
@@ -7,17 +8,22 @@ script runs differ.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from flare_async.cell import Cell, system_handlers
+from flare_async.errors import FlareError
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._server import FLServer, RoundResult
-from flare_async.transport import MemoryNetwork
+from flare_async.transport import Driver, MemoryNetwork, TcpDriver
 
 Workflow = Callable[[FLServer], Awaitable[Any]]
 
@@ -33,6 +39,8 @@ async def simulate(
     seed: int | None = 0,
     on_round: Callable[[RoundResult], None] | None = None,
     relays: int = 0,
+    processes: bool = False,
+    join_timeout: float = 120.0,
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
@@ -45,17 +53,27 @@ async def simulate(
         config: what each script's ``get_config()`` returns (plus ``site_index`` and
             ``sites``, the number of sites).
         codec: how models travel both ways (``tensors``, ``q8``, ``nf4`` ...).
+        processes: every site is its own Python process (``flare_async.fl.worker --site``):
+            its cell connects to the server (or its relay) over ``tcp://127.0.0.1``, its
+            script runs in a thread there. The script must then be ``"MODULE:FUNCTION"`` or a
+            module-level function.
+        join_timeout: (``processes``) how long the site processes get to connect.
 
     Returns:
         what the workflow returns.
     """
     net = MemoryNetwork()
+    drivers: list[Driver] = [TcpDriver()] if processes else [net]
+    scheme = "tcp://127.0.0.1:0" if processes else "memory://{}"
     relay_names = [f"server.relay-{j + 1}" for j in range(relays)]
     parents = [relay_names[i % relays] if relays else "server" for i in range(clients)]
     names = [f"{parents[i]}.site-{i + 1}" for i in range(clients)]
+    joined = _Joined()
     async with AsyncExitStack() as stack:
-        server_cell = Cell("server", listen=["memory://server"], drivers=[net])
-        # Bytes never leave this process: chunk CRCs stay, the whole-model SHA-256 goes.
+        server_cell = Cell(
+            "server", listen=[scheme.format("server")], drivers=drivers, on_link=joined.saw
+        )
+        # Bytes never leave this machine: chunk CRCs stay, the whole-model SHA-256 goes.
         server = FLServer(
             server_cell,
             names,
@@ -68,27 +86,35 @@ async def simulate(
         )
         server_cell.mount(server.handlers())
         await stack.enter_async_context(server_cell)
+        urls = {"server": server_cell.listen_urls[0]}
         for relay in relay_names:
             relay_cell = Cell(
                 relay,
-                listen=[f"memory://{relay}"],
-                parent="memory://server",
-                drivers=[net],
+                listen=[scheme.format(relay)],
+                parent=urls["server"],
+                drivers=drivers,
                 handlers=[system_handlers()],
+                on_link=joined.saw,
             )
             relay_cell.mount(RelayAggregator(relay_cell, "server", digest=False).handlers())
             await stack.enter_async_context(relay_cell)
             await relay_cell.wait_parent()
+            urls[relay] = relay_cell.listen_urls[0]
+        configs = [{**(config or {}), "site_index": i, "sites": clients} for i in range(clients)]
+        if processes:
+            return await _with_site_processes(
+                server,
+                workflow,
+                script,
+                [(name, urls[parents[i]], configs[i]) for i, name in enumerate(names)],
+                joined,
+                codec=codec,
+                join_timeout=join_timeout,
+            )
         runtimes: list[ClientRuntime] = []
         for i, name in enumerate(names):
-            cell = Cell(name, parent=f"memory://{parents[i]}", drivers=[net])
-            runtime = ClientRuntime(
-                cell,
-                "server",
-                config={**(config or {}), "site_index": i, "sites": clients},
-                codec=codec,
-                digest=False,
-            )
+            cell = Cell(name, parent=urls[parents[i]], drivers=[net])
+            runtime = ClientRuntime(cell, "server", config=configs[i], codec=codec, digest=False)
             cell.mount(runtime.handlers())
             await stack.enter_async_context(cell)
             await cell.wait_parent()
@@ -111,6 +137,114 @@ async def simulate(
         if error is not None:
             raise error
         return outcome
+
+
+class _Joined:
+    """Which cells have linked to the server or a relay (site processes joining)."""
+
+    def __init__(self) -> None:
+        self.cells: set[str] = set()
+        self.exited: dict[str, int] = {}
+        self.changed = anyio.Event()
+
+    def saw(self, peer: str, role: str, up: bool) -> None:
+        if role == "child":
+            (self.cells.add if up else self.cells.discard)(peer)
+            self._poke()
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def _watch(self, name: str, proc: anyio.abc.Process) -> None:
+        self.exited[name] = await proc.wait()
+        self._poke()
+
+    async def wait(self, sites: dict[str, anyio.abc.Process], timeout: float) -> None:
+        """Until every site process connected; fails at once if one exits first."""
+        async with anyio.create_task_group() as tg:
+            for name, proc in sites.items():
+                tg.start_soon(self._watch, name, proc)
+            with anyio.move_on_after(timeout):
+                while not set(sites) <= self.cells and not self.exited:
+                    await self.changed.wait()
+            tg.cancel_scope.cancel()
+        if self.exited:
+            raise FlareError(f"site processes exited before connecting: {self.exited}")
+        missing = sorted(set(sites) - self.cells)
+        if missing:
+            raise FlareError(f"site processes did not connect within {timeout:g} s: {missing}")
+
+
+async def _with_site_processes(
+    server: FLServer,
+    workflow: Workflow,
+    script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+    sites: list[tuple[str, str, dict[str, Any]]],
+    joined: _Joined,
+    *,
+    codec: str,
+    join_timeout: float,
+) -> Any:
+    """Start one process per site, run the workflow once all joined, stop them."""
+    from flare_async.fl._recipe import script_spec  # noqa: PLC0415 - the recipe imports us
+
+    async with _site_processes(sites, script, script_spec, codec) as procs:
+        await joined.wait(
+            {name: proc for (name, _, _), proc in zip(sites, procs, strict=True)}, join_timeout
+        )
+        try:
+            return await workflow(server)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.stop_clients()
+                with anyio.move_on_after(10):
+                    for proc in procs:
+                        await proc.wait()
+
+
+@asynccontextmanager
+async def _site_processes(
+    sites: list[tuple[str, str, dict[str, Any]]],
+    script: Any,
+    spec_of: Callable[[Any], str],
+    codec: str,
+) -> AsyncIterator[list[anyio.abc.Process]]:
+    procs: list[anyio.abc.Process] = []
+    try:
+        for name, parent, config in sites:
+            fn = script[name] if isinstance(script, dict) else script
+            env = {
+                **os.environ,
+                "FLARE_ASYNC_CONFIG": json.dumps(config),
+                "FLARE_ASYNC_CODEC": codec,
+                "FLARE_ASYNC_DIGEST": "0",
+            }
+            procs.append(
+                await anyio.open_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "flare_async.fl.worker",
+                        "--site",
+                        name,
+                        "--parent",
+                        parent,
+                        spec_of(fn),
+                    ],
+                    env=env,
+                    stdin=None,
+                    stdout=None,
+                    stderr=None,
+                )
+            )
+        yield procs
+    finally:
+        with anyio.CancelScope(shield=True):
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
 
 
 async def _run_guarded(runtime: ClientRuntime, script: Callable[[], object] | str) -> None:

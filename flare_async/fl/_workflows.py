@@ -10,9 +10,10 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._aggregate import fedavg_step
-from flare_async.fl._model import FLModel, copy_params
+from flare_async.fl._model import FLModel
 from flare_async.fl._server import FLServer, RoundResult
 
 
@@ -52,7 +53,9 @@ async def fedavg(
         validation metrics and who answered; ``meta["best"]`` the best round by
         ``validation_key`` (its params in ``meta["best_params"]``); ``params`` are the last.
     """
-    params = copy_params(initial)
+    # Never changed in place (each round makes new arrays): no copy of a large model.
+    params = {k: np.asarray(as_numpy(v)) for k, v in initial.items()}
+    del initial
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     best_params: dict[str, np.ndarray] = {}
@@ -71,14 +74,13 @@ async def fedavg(
                 best_params = saved_best.params
     for rnd in range(first, rounds):
         targets = server.sample(fraction, min_clients)
-        model = FLModel(params=params, current_round=rnd, total_rounds=rounds)
         result: RoundResult = await server.run_round(
-            model,
+            FLModel(params=params, current_round=rnd, total_rounds=rounds),
             targets,
             min_responses=None if min_responses is None else min(min_responses, len(targets)),
             deadline=deadline,
         )
-        params = fedavg_step(params, result.sum)
+        params = fedavg_step(params, result.sum, consume=True)
         metrics = result.mean_metrics()
         validation = (
             {str(k): float(v) for k, v in evaluate(rnd, params).items()} if evaluate else {}
@@ -97,7 +99,7 @@ async def fedavg(
             score = validation[validation_key]
             if best is None or score > best[0]:
                 best = (score, rnd)
-                best_params = copy_params(params)
+                best_params = params
                 improved = True
         if folder is not None:
             mark = {"round": best[1], "score": best[0]} if best is not None else None

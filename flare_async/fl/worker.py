@@ -1,5 +1,13 @@
 """A training script in its own process: ``python -m flare_async.fl.worker MODULE:FUNCTION``.
 
+Two modes:
+
+- **Worker of a site** (no options): the site's cell started this process and talks to it over
+  a socket pair, described below.
+- **A whole site** (``--site NAME --parent URL``): this process is the site: its own cell,
+  connected to its parent over the network (``tcp://`` in the simulator's ``processes`` mode),
+  running the script in a worker thread beside it. The process ends when the job does.
+
 The site's cell starts this (``ClientRuntime.run_subprocess``) with one end of a socket pair
 (its descriptor in ``FLARE_ASYNC_FD``). Tasks and results cross it as frames of the fabric's
 own wire format, so the script's ``flare_async.client`` calls work exactly as in-process:
@@ -97,7 +105,37 @@ def load_script(spec: str) -> Callable[[], object]:
     return fn  # type: ignore[no-any-return]
 
 
+async def serve_site(name: str, parent: str, spec: str) -> None:
+    """Be the site ``name`` below ``parent`` until the job ends (the script returns)."""
+    from flare_async.cell import Cell  # noqa: PLC0415 - the pipe worker needs no cell
+    from flare_async.fl._client import ClientRuntime  # noqa: PLC0415
+    from flare_async.transport import TcpDriver  # noqa: PLC0415
+
+    script = load_script(spec)
+    cell = Cell(name, parent=parent, drivers=[TcpDriver()])
+    runtime = ClientRuntime(
+        cell,
+        os.environ.get("FLARE_ASYNC_SERVER", "server"),
+        config=json.loads(os.environ.get("FLARE_ASYNC_CONFIG", "{}")),
+        codec=os.environ.get("FLARE_ASYNC_CODEC", "tensors"),
+        digest=os.environ.get("FLARE_ASYNC_DIGEST", "1") == "1",
+    )
+    cell.mount(runtime.handlers())
+    async with cell:
+        await cell.wait_parent()
+        try:
+            await runtime.run_script(script)
+        except Exception as exc:  # reported as a failed task, then the process ends
+            await runtime.report_failure(f"training script failed: {type(exc).__name__}: {exc}")
+            raise
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 6 and argv[1] == "--site" and argv[3] == "--parent":
+        import anyio  # noqa: PLC0415
+
+        anyio.run(serve_site, argv[2], argv[4], argv[5], backend_options={"use_uvloop": True})
+        return 0
     sock = socket.socket(fileno=int(os.environ["FLARE_ASYNC_FD"]))
     runtime = PipeRuntime(
         sock,
