@@ -35,6 +35,9 @@ class _Linked:
 
     def follow(self, name: str, stdout: IO[bytes], log: IO[bytes]) -> None:
         """Copy a cell's event lines into its log, noting when it reaches its parent."""
+        # Signals are the main thread's to take (sigtimedwait): a thread that left them
+        # unblocked would turn a second Ctrl-C into a KeyboardInterrupt mid-shutdown.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         with stdout, log:
             for line in stdout:
                 log.write(line)
@@ -150,6 +153,8 @@ def up(topology: str, *, workdir: str | None, grace: float) -> int:
                 break
     finally:
         stop_cells(procs, grace)
+        while signal.sigtimedwait(_SIGNALS, 0) is not None:
+            pass  # a second Ctrl-C during the stop: already being done
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     print("all cells stopped")
     return status

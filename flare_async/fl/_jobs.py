@@ -449,7 +449,9 @@ class JobManager:
             checkpoints=str(self.store.folder(rec.id) / "checkpoints"),
             on_checkpoint=lambda rnd: self.on_event("job-checkpoint", job=rec.id, round=rnd),
         )
-        rec.metrics = {str(k): float(v) for k, v in final.metrics.items()}
+        history = final.meta.get("history") or [{}]
+        validation = {f"validation_{k}": v for k, v in history[-1].get("validation", {}).items()}
+        rec.metrics = {str(k): float(v) for k, v in {**final.metrics, **validation}.items()}
         await server.stop_clients()
         self._set(rec, JobState.FINISHED, ended=time.time())
 
