@@ -14,11 +14,24 @@
 
 The runtime (the simulator, or a site's cell) runs the script in a worker thread and binds these
 functions to that site; they are plain blocking calls.
+
+An async script (``async def main(): ...``) is run on an event loop of its own in that thread,
+and uses the awaitable forms ``await flare.receive_async()`` and ``await flare.send_async(m)``,
+which wait in a worker thread and leave the script's loop free for its own tasks (data
+loading, metrics upload...)::
+
+    async def main() -> None:
+        flare.init()
+        while (model := await flare.receive_async()) is not None:
+            flare_model = await train(model)
+            await flare.send_async(flare_model)
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import anyio.to_thread
 
 from flare_async.fl._client import current_runtime as _runtime
 from flare_async.fl._model import FLModel, ParamsType
@@ -44,6 +57,18 @@ def send(model: FLModel) -> None:
     _runtime().send(model)
 
 
+async def receive_async(timeout: float | None = None) -> FLModel | None:
+    """:func:`receive`, awaitable (the wait happens in a worker thread)."""
+    runtime = _runtime()  # bound to the calling thread: look it up here, not in the worker
+    return await anyio.to_thread.run_sync(runtime.receive, timeout, abandon_on_cancel=True)
+
+
+async def send_async(model: FLModel) -> None:
+    """:func:`send`, awaitable."""
+    runtime = _runtime()
+    await anyio.to_thread.run_sync(runtime.send, model)
+
+
 def get_site_name() -> str:
     return _runtime().site
 
@@ -66,5 +91,7 @@ __all__ = [
     "is_running",
     "log",
     "receive",
+    "receive_async",
     "send",
+    "send_async",
 ]

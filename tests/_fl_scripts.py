@@ -108,3 +108,15 @@ def big_update() -> None:
             break
         params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
         flare.send(FLModel(params=params, meta={"num_samples": i + 1}))
+
+
+async def add_site_weight_async() -> None:
+    """``add_site_weight`` as an async script, with the awaitable Client API."""
+    import anyio  # noqa: PLC0415
+
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while (model := await flare.receive_async()) is not None:
+        await anyio.lowlevel.checkpoint()  # the script's own loop runs
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        await flare.send_async(FLModel(params=params, meta={"num_samples": i + 1}))

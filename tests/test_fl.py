@@ -461,3 +461,17 @@ async def test_a_site_cannot_forge_a_relays_partial_sum() -> None:
     )
     assert np.array_equal(out.params["w"], np.ones(2))  # only site-2's honest update
     assert "server.site-1" in rounds[0].failed
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_an_async_training_script_uses_the_awaitable_client_api(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    from tests._fl_scripts import add_site_weight_async  # noqa: PLC0415
+
+    script: Any = (
+        add_site_weight_async if kind == "thread" else "tests._fl_scripts:add_site_weight_async"
+    )
+    out = await simulate(lambda s: fedavg(s, {"w": np.zeros(2)}, rounds=2), script, clients=3)
+    assert np.allclose(out.params["w"], 2 * (1 + 4 + 9) / 6)

@@ -10,6 +10,7 @@ results out.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import queue
@@ -211,7 +212,7 @@ class ClientRuntime:
             def body() -> None:
                 _local.runtime = self
                 try:
-                    script()
+                    run_any(script)
                 finally:
                     _local.runtime = None
 
@@ -326,6 +327,15 @@ class ClientRuntime:
                 window=RESULT_WINDOW,
             )
             self.sent += 1
+
+
+def run_any(script: Callable[[], object]) -> None:
+    """Call a training script: a plain function, or an ``async def`` one on an event loop of
+    its own (in the calling thread)."""
+    if inspect.iscoroutinefunction(script):
+        anyio.run(script)
+    else:
+        script()
 
 
 def _event(topic: str) -> Event:

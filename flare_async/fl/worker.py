@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from flare_async._spec import load_object
 from flare_async.codecs import CodecRegistry
-from flare_async.fl._client import bind_process_runtime
+from flare_async.fl._client import bind_process_runtime, run_any
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.wire import NEED_DATA, Connection, Event, Frame, Limits
 
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         os.environ.get("FLARE_ASYNC_CODEC", "tensors"),
     )
     bind_process_runtime(runtime)
-    load_script(argv[1])()
+    run_any(load_script(argv[1]))
     sock.close()
     return 0
 
