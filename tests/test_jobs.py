@@ -187,3 +187,17 @@ async def test_abort_stops_every_sites_training_process(
         nxt = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
         await d.events.wait("job-state", job=nxt["id"], state="finished")
     assert JobStore(tmp_path / "jobs").load_all()[0].state == "aborted"
+
+
+async def test_a_site_takes_tasks_only_from_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:hanging_recipe"})
+        await d.events.wait("job-process", count=2, job=rec["id"])
+        # Another cell (here the admin session) forges a task for the running job.
+        with pytest.raises(errors.Unauthorized, match="tasks come from server"):
+            await d.admin.stream(
+                SITES[0], "fl", "task", b"forged", headers={"job": rec["id"], "task": "x"}
+            )
+        await d.call("abort", {"id": rec["id"]})

@@ -574,3 +574,16 @@ async def test_a_cell_off_the_path_cannot_abort_a_stream() -> None:
             assert server._streams.outgoing[sid].error is None
             sink.release.set()
     assert list(sink.data.values()) == [data]
+
+
+async def test_a_fan_out_target_that_fails_first_does_not_drop_the_others_chunks() -> None:
+    # The unreachable target comes first: its sender fails and leaves before the other's runs.
+    sink = Sink()
+    data = pattern(6 * CHUNK, seed=21)
+    async with chain(["server", "server.e"], receiver_table(sink)) as (server, _):
+        results = await server.stream_many(
+            ["server.gone", "server.e"], "t", "collect", data, chunk=CHUNK, window=WINDOW
+        )
+    assert isinstance(results["server.gone"], Unreachable)
+    assert isinstance(results["server.e"], Payload)
+    assert list(sink.data.values()) == [data]

@@ -123,6 +123,10 @@ class StreamSender:
         self.dst = dst
         self.sid = sid
         self.log = log
+        # Joined here, not when run() starts: every destination holds chunks back from the
+        # start, or one that fails first (and leaves) lets the log drop chunks another has not
+        # sent yet.
+        log.join(dst)
         self.opts = opts
         self.flow = SenderFlow(opts.chunk, opts.window)
         self.reply: Payload | None = None
@@ -262,7 +266,6 @@ class StreamSender:
         """Send the object; returns once the receiver answered (``reply``) or failed."""
         log = self.log
         flow = self.flow
-        log.join(self.dst)
         try:
             if not await self._send(self._open(resume=False)):
                 self.connected = False

@@ -26,7 +26,7 @@ import anyio.from_thread
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import FlareError
+from flare_async.errors import FlareError, Unauthorized
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._server import CHANNEL
 from flare_async.transport import TcpLink
@@ -131,7 +131,14 @@ class ClientRuntime:
         return table
 
     async def take_task(self, stream: IncomingStream) -> bytes:
-        """A task stream from the server: queued for the script's next ``receive()``."""
+        """A task stream from the server: queued for the script's next ``receive()``.
+
+        Raises:
+            Unauthorized: the stream comes from neither the server nor a relay above this site
+                (which fans the server's stream out).
+        """
+        if stream.src != self.server and not self.cell.name.startswith(stream.src + "."):
+            raise Unauthorized(f"tasks come from {self.server} or a relay above, not {stream.src}")
         payload = await stream.read_all()
         model = model_from_parts(payload.parts)
         reply_to = self.server
