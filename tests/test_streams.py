@@ -587,3 +587,20 @@ async def test_a_fan_out_target_that_fails_first_does_not_drop_the_others_chunks
     assert isinstance(results["server.gone"], Unreachable)
     assert isinstance(results["server.e"], Payload)
     assert list(sink.data.values()) == [data]
+
+
+async def test_read_joined_gives_the_object_as_one_buffer() -> None:
+    table = HandlerTable()
+    seen: list[tuple[int, bytes]] = []
+
+    @table.stream("t", "joined")
+    async def joined(ctx: Context, stream: IncomingStream) -> bytes:
+        buf = await stream.read_joined()
+        seen.append((len(buf), bytes(buf)))
+        return b"ok"
+
+    data = pattern(5 * CHUNK + 7, seed=22)
+    async with chain(["server", "server.e"], table) as (server, _):
+        await server.stream("server.e", "t", "joined", data, chunk=CHUNK, window=WINDOW)
+        await server.stream("server.e", "t", "joined", b"", chunk=CHUNK, window=WINDOW)
+    assert seen == [(len(data), data), (0, b"")]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 
 from flare_async._concurrency import Signal, SignalLike
 from flare_async.cell._dispatch import handler_failure
@@ -184,6 +185,31 @@ class IncomingStream:
         else:
             self.sha256 = self._expected_sha
         self.finished = True
+
+    async def read_joined(self) -> memoryview:
+        """The whole object as one buffer, each chunk copied in as it arrives (and then
+        released): for decoders that want contiguous bytes, this holds one object plus the
+        window, where :meth:`read_all` and a join afterwards hold the object twice.
+
+        Raises:
+            StreamCorrupted: more or fewer bytes than the size the sender announced.
+            StreamCorrupted / StreamStalled / StreamAborted: as :meth:`read_chunk`.
+        """
+        if self.size is None:
+            return memoryview(b"".join((await self.read_all()).parts))
+        out = np.empty(self.size, dtype=np.uint8)  # pages are touched as the chunks land
+        filled = 0
+        async for chunk in self:
+            end = filled + chunk.nbytes
+            if end > self.size:
+                raise StreamCorrupted(f"stream {self.sid} from {self.src}: past its size")
+            out[filled:end] = np.frombuffer(chunk, dtype=np.uint8)
+            filled = end
+        if filled != self.size:
+            raise StreamCorrupted(
+                f"stream {self.sid} from {self.src}: {filled} B of the {self.size} announced"
+            )
+        return out.data
 
     async def read_all(self) -> Payload:
         """Every remaining chunk, as one payload of many parts (nothing is joined)."""

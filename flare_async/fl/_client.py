@@ -139,8 +139,7 @@ class ClientRuntime:
         """
         if stream.src != self.server and not self.cell.name.startswith(stream.src + "."):
             raise Unauthorized(f"tasks come from {self.server} or a relay above, not {stream.src}")
-        payload = await stream.read_all()
-        model = model_from_parts(payload.parts)
+        model = model_from_parts(await stream.read_joined())
         reply_to = self.server
         if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
             reply_to = self.cell.parent_name  # the relay folds its children's results
