@@ -17,6 +17,7 @@ process, with the job's codec). The script's stdout and stderr stay its own.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -112,6 +113,9 @@ async def serve_site(name: str, parent: str, spec: str) -> None:
     from flare_async.transport import TcpDriver  # noqa: PLC0415
 
     script = load_script(spec)
+    # Everything imported so far lives as long as the process: keep the collector from
+    # walking it again and again while tasks allocate (about 5% of a site's CPU otherwise).
+    gc.freeze()
     cell = Cell(name, parent=parent, drivers=[TcpDriver()])
     runtime = ClientRuntime(
         cell,
