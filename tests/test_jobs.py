@@ -23,7 +23,7 @@ from flare_async import Cell, errors
 from flare_async.codecs import decode
 from flare_async.fl._jobs import CHANNEL, JobManager, JobStore
 from flare_async.fl._site import SiteJobs
-from flare_async.security import admin_cell_name
+from flare_async.security import AuditLog, admin_cell_name, verify_audit
 from flare_async.transport import MemoryNetwork
 
 pytestmark = pytest.mark.anyio
@@ -90,6 +90,7 @@ async def deployment(
             admin_of=lambda src: "alice@example.org" if src == ADMIN else None,
             on_event=events,
             digest=False,
+            audit=AuditLog(store / "audit.jsonl"),
         )
         server_cell.mount(manager.handlers())
         await stack.enter_async_context(server_cell)
@@ -99,7 +100,13 @@ async def deployment(
         sites = {}
         for name in SITES:
             cell = Cell(name, parent="memory://server", drivers=[net])
-            runner = SiteJobs(cell, workdir / name, on_event=events, grace=5)
+            runner = SiteJobs(
+                cell,
+                workdir / name,
+                on_event=events,
+                grace=5,
+                audit=AuditLog(workdir / name / "audit.jsonl"),
+            )
             cell.mount(runner.handlers())
             await stack.enter_async_context(cell)
             tg.start_soon(runner.run)
@@ -163,6 +170,18 @@ async def test_only_admins_manage_jobs_and_bad_jobs_are_refused(
         with pytest.raises(errors.Unauthorized):
             await d.admin.request(SITES[0], CHANNEL, "abort", b'{"id": "x"}')
         assert await d.call("list", {}) == []
+    entries = audit_entries(tmp_path / "jobs" / "audit.jsonl")
+    refused = [e for e in entries if e["event"] == "refused"]
+    assert [(e["src"], e["command"]) for e in refused] == [(SITES[0], "submit"), (SITES[0], "list")]
+    assert next(e["why"] for e in entries if e["event"] == "job-refused").startswith("cannot load")
+    site_entries = audit_entries(tmp_path / "sites" / SITES[0] / "audit.jsonl")
+    assert [(e["event"], e["src"]) for e in site_entries] == [("refused", ADMIN)]
+
+
+def audit_entries(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text().splitlines()
+    assert verify_audit(text).ok
+    return [json.loads(line) for line in text]
 
 
 async def test_abort_stops_every_sites_training_process(
@@ -187,6 +206,13 @@ async def test_abort_stops_every_sites_training_process(
         nxt = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
         await d.events.wait("job-state", job=nxt["id"], state="finished")
     assert JobStore(tmp_path / "jobs").load_all()[0].state == "aborted"
+    entries = audit_entries(tmp_path / "jobs" / "audit.jsonl")
+    assert {"event": "job-abort", "job": rec["id"], "by": "alice@example.org"}.items() <= next(
+        e for e in entries if e["event"] == "job-abort"
+    ).items()
+    site_events = [e["event"] for e in audit_entries(tmp_path / "sites" / SITES[1] / "audit.jsonl")]
+    assert site_events.count("job-start") == 2  # the aborted job and the next one
+    assert "job-abort" in site_events
 
 
 async def test_a_site_takes_tasks_only_from_the_server(

@@ -133,6 +133,23 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
             os.kill(pid, 0)
     assert json.loads(d.job("status", hung).stdout)["state"] == "aborted"
 
+    # Every participant kept an audit log that verifies; the server's says who did what.
+    server_log = tmp_path / "jobs" / "server" / "audit.jsonl"
+    ok = subprocess.run(
+        [sys.executable, "-m", "flare_async", "audit", "verify", str(server_log)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout
+    entries = [json.loads(line) for line in server_log.read_text().splitlines()]
+    submitted = [e for e in entries if e["event"] == "job-submitted"]
+    assert [(e["job"], e["by"]) for e in submitted] == [
+        (job, "alice@example.org"),
+        (hung, "alice@example.org"),
+    ]
+    assert any(e["event"] == "job-abort" and e["job"] == hung for e in entries)
+
 
 def test_only_an_admin_kit_reaches_the_job_service(deployment: Deployment) -> None:
     refused = deployment.job("list", kit=SITES[0])

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from flare_async import __version__
-from flare_async.cli import _job, _provision, _run, _send, _simulate, _up
+from flare_async.cli import _audit, _job, _provision, _run, _send, _simulate, _up
 from flare_async.wire import PROTOCOL_VERSION
 
 
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     _send.add_parser(sub)
     _simulate.add_parser(sub)
     _job.add_parser(sub)
+    _audit.add_parser(sub)
     return parser
 
 
@@ -47,4 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate.run(args)
     if args.command == "job":
         return _job.run(args)
+    if args.command == "audit":
+        return _audit.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first

@@ -29,6 +29,7 @@ from flare_async.fl import RelayAggregator
 from flare_async.fl._jobs import JobManager
 from flare_async.fl._site import SiteJobs
 from flare_async.security import (
+    AuditLog,
     Kit,
     Role,
     admin_cell_name,
@@ -194,7 +195,7 @@ async def serve(
 class JobRole:
     """A deployed cell's part in FL jobs (``--jobs DIR``): the server runs the job service
     (jobs kept in DIR), a relay aggregates its subtree, a site runs the jobs' training
-    processes (their logs in DIR)."""
+    processes (their logs in DIR). Each keeps its audit log in ``DIR/audit.jsonl``."""
 
     def __init__(self, kit: Kit, folder: Path, admins: dict[str, str] | None) -> None:
         self.kit = kit
@@ -205,14 +206,18 @@ class JobRole:
         self.site: SiteJobs | None = None
 
     def mount(self, cell: Cell) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        audit = AuditLog(self.folder / "audit.jsonl")
         if self.kit.role is Role.SERVER:
             admins = self.admins if self.admins is not None else {}
-            self.manager = JobManager(cell, self.folder, admin_of=admins.get, on_event=emit)
+            self.manager = JobManager(
+                cell, self.folder, admin_of=admins.get, on_event=emit, audit=audit
+            )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:
             cell.mount(RelayAggregator(cell, self.server).handlers())
         else:
-            self.site = SiteJobs(cell, self.folder, server=self.server, on_event=emit)
+            self.site = SiteJobs(cell, self.folder, server=self.server, on_event=emit, audit=audit)
             cell.mount(self.site.handlers())
 
     def link_changed(self, peer: str, role: str, up: bool) -> None:

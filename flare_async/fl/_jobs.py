@@ -40,6 +40,7 @@ from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._server import CHANNEL as FL_CHANNEL
 from flare_async.fl._server import FLServer, RoundResult
+from flare_async.security import AuditLog
 
 CHANNEL = "job"
 OVERRIDES = ("rounds", "codec", "min_clients", "min_responses", "deadline", "fraction")
@@ -171,6 +172,8 @@ class JobManager:
             deployment fills it from the certificates of admin links).
         max_running: jobs run at once (the rest wait, ``submitted``).
         site_wait: how long a job waits for enough of its sites to be registered.
+        audit: where every admin command, refusal, state change and rejected result is
+            recorded (hash-chained; ``flare-async audit verify``).
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -186,8 +189,10 @@ class JobManager:
         site_wait: float = 60.0,
         digest: bool = True,
         on_event: Callable[..., None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.cell = cell
+        self.audit = audit
         self.on_event = on_event or (lambda event, **fields: None)
         self.store = JobStore(store)
         self.admin_of = admin_of
@@ -228,12 +233,12 @@ class JobManager:
 
         @table.request(CHANNEL, "list")
         async def list_(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx)
+            self._admin(ctx, record=False)
             return json.dumps([r.to_json() for r in self.jobs.values()]).encode()
 
         @table.request(CHANNEL, "status")
         async def status(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx)
+            self._admin(ctx, record=False)
             return json.dumps(self._job(_json(msg)).to_json()).encode()
 
         @table.request(CHANNEL, "abort")
@@ -293,10 +298,9 @@ class JobManager:
 
     async def _registered(self, site: str) -> None:
         self._log.info("site registered", site=site)
-        known = site in self.store.known_sites()
         self.sites.add(site)
-        if not known:
-            await anyio.to_thread.run_sync(self.store.add_known_site, site)
+        if site not in self.store.known_sites():
+            self.store.add_known_site(site)  # a small file, here: two at once must not race
         self._sites_changed.set()
         self.on_event("site-registered", site=site)
 
@@ -315,10 +319,19 @@ class JobManager:
                 if site not in self.sites:
                     await self._registered(site)
 
-    def _admin(self, ctx: Context) -> str:
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(event, now=time.time(), **fields)
+
+    def _admin(self, ctx: Context, *, record: bool = True) -> str:
+        """The admin behind the request (recorded in the audit log unless it only reads a
+        job's state: ``job wait`` polls it every second)."""
         admin = self.admin_of(ctx.src)
         if admin is None:
+            self._audit("refused", src=ctx.src, command=ctx.topic, why="not an admin")
             raise Unauthorized(f"{ctx.src} is not an admin")
+        if record:
+            self._audit("admin-command", admin=admin, command=ctx.topic)
         return admin
 
     def _job(self, doc: dict[str, Any]) -> JobRecord:
@@ -334,6 +347,9 @@ class JobManager:
             setattr(rec, k, v)
         self.store.save(rec)
         self.store.event(rec.id, "state", state=state.value, **fields)
+        self._audit(
+            "job-state", **{"job": rec.id, "attempt": rec.attempt, **fields}, state=state.value
+        )
         self._log.info("job state", job=rec.id, state=state.value)
         self.on_event("job-state", job=rec.id, state=state.value, attempt=rec.attempt)
 
@@ -353,6 +369,7 @@ class JobManager:
         try:
             apply_overrides(load_recipe(recipe), dict(overrides or {}))
         except (ConfigError, TypeError, ValueError) as exc:
+            self._audit("job-refused", recipe=recipe, by=submitter, why=str(exc))
             raise BadRequest(f"job refused: {exc}") from None
         rec = JobRecord(
             id=f"{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}",
@@ -363,6 +380,9 @@ class JobManager:
             submitted=time.time(),
         )
         self.jobs[rec.id] = rec
+        self._audit(
+            "job-submitted", job=rec.id, recipe=recipe, by=submitter, overrides=rec.overrides
+        )
         self._set(rec, JobState.SUBMITTED, submitter=submitter)
         self._wake.set()
         return rec
@@ -378,6 +398,7 @@ class JobManager:
             self._set(rec, JobState.ABORTED, ended=time.time(), error=f"aborted by {by}")
             return rec
         rec.error = f"aborted by {by}"
+        self._audit("job-abort", job=job, by=by)
         scope.cancel()
         await self._done[job].wait()  # set once the sites were told to stop
         return rec
@@ -442,6 +463,9 @@ class JobManager:
             digest=self.digest,
             hierarchical=any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
+            on_reject=lambda site, task, why: self._audit(
+                "result-rejected", job=rec.id, site=site, task=task, why=why
+            ),
         )
         self._servers[rec.id] = server
         final = await recipe.run(

@@ -242,6 +242,8 @@ class FLServer:
         on_round: called with each finished round (progress output, metrics).
         spill: where large results wait, complete, before they are folded (default: the
             system's temporary folder).
+        on_reject: called with ``(site, task, reason)`` for every result refused as unusable
+            (the job service writes it to the audit log).
     """
 
     def __init__(
@@ -256,7 +258,9 @@ class FLServer:
         digest: bool = True,
         hierarchical: bool = False,
         spill: str | os.PathLike[str] | None = None,
+        on_reject: Callable[[str, str, str], None] | None = None,
     ) -> None:
+        self.on_reject = on_reject
         self.cell = cell
         self.spill = Path(spill) if spill is not None else None
         return_large_blocks()  # a new model every round: freed memory goes back
@@ -293,7 +297,12 @@ class FLServer:
             self.late_total += 1
             self._log.info("late or unknown result ignored", site=site, task=task_id)
             return b"late"
-        return await receive_result(collector, site, stream, self.spill)
+        try:
+            return await receive_result(collector, site, stream, self.spill)
+        except BadRequest as exc:
+            if self.on_reject is not None:
+                self.on_reject(site, task_id, str(exc))
+            raise
 
     def take_failure(self, site: str, task: str, msg: Payload) -> bytes:
         """A client's report that it will not answer ``task``."""

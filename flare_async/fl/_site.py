@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
 from flare_async.fl._server import CHANNEL as FL_CHANNEL
+from flare_async.security import AuditLog
 
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
@@ -54,6 +56,7 @@ class SiteJobs:
         grace: seconds a training process gets to stop before it is killed.
         on_event: called with ``(event, fields)`` for job process starts and ends (the
             ``flare-async run`` event stream).
+        audit: where job starts, aborts and refused commands are recorded.
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class SiteJobs:
         server: str = "server",
         grace: float = 10.0,
         on_event: Callable[..., None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.cell = cell
+        self.audit = audit
         self.workdir = Path(workdir)
         self.server = server
         self.grace = grace
@@ -94,13 +99,16 @@ class SiteJobs:
                 raise BadRequest(f"bad job start: {exc}") from None
             if "/" in job or job.startswith("."):
                 raise BadRequest(f"bad job id {job!r:.80}")
+            self._audit("job-start", job=job, attempt=attempt, script=script, by=ctx.src)
             await self.start(job, attempt, script, config, codec=codec, digest=digest)
             return b"started"
 
         @table.request(CHANNEL, "abort")
         async def abort(ctx: Context, msg: Payload) -> bytes:
             self._from_server(ctx)
-            await self.stop(_job_id(msg))
+            job = _job_id(msg)
+            self._audit("job-abort", job=job, by=ctx.src)
+            await self.stop(job)
             return b"aborted"
 
         @table.request(CHANNEL, "ping")
@@ -130,8 +138,13 @@ class SiteJobs:
 
         return table
 
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(event, now=time.time(), **fields)
+
     def _from_server(self, ctx: Context) -> None:
         if ctx.src != self.server:
+            self._audit("refused", src=ctx.src, command=ctx.topic, why="not the server")
             raise Unauthorized(f"only {self.server} manages jobs here, not {ctx.src}")
 
     async def run(self) -> None:

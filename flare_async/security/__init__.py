@@ -10,6 +10,7 @@ argument). The only package that imports ``cryptography``.
   handshake; :func:`check_claim` decides whether it may use the name and role it claims.
 """
 
+from flare_async.security._audit import GENESIS, AuditLog, AuditReport, verify_audit
 from flare_async.security._identity import (
     ADMIN_CELL_PREFIX,
     ALLOWED_ACTS,
@@ -48,6 +49,11 @@ from flare_async.security._pki import (
 from flare_async.security._tls import client_context, peer_identity, server_context
 
 __all__ = [
+    # audit
+    "GENESIS",
+    "AuditLog",
+    "AuditReport",
+    "verify_audit",
     # identities
     "ADMIN_CELL_PREFIX",
     "Identity",
