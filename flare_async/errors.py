@@ -30,6 +30,8 @@ whole family at once or one branch precisely::
         ├── NoHandler                       nothing is mounted there for that channel/topic
         ├── BadRequest                      the handler refused the input (message is the handler's)
         ├── Unauthorized                    the destination's policy refused the sender
+        ├── IntegrityError                  an end-to-end signature, origin or signed field does
+        │                                   not verify: changed on the way, replayed or forged
         ├── Overloaded                      the destination's bounded queues were full; retry later
         └── InternalError                   the handler failed; its text stays at the remote side
 
@@ -56,6 +58,7 @@ __all__ = [
     "FlareError",
     "FrameTooLarge",
     "IdentityError",
+    "IntegrityError",
     "InternalError",
     "InvalidName",
     "LinkBroken",
@@ -212,6 +215,11 @@ class Unauthorized(RemoteError):
     """The destination's policy refused the sender."""
 
 
+class IntegrityError(RemoteError):
+    """A message or stream whose end-to-end signature, origin or signed fields do not verify:
+    changed on the way (a relay that tampered, reordered or replayed it) or forged."""
+
+
 class Overloaded(RemoteError):
     """The destination's bounded queues were full; the message was not processed."""
 
@@ -235,6 +243,7 @@ class Status(enum.IntEnum):
     STREAM_CORRUPTED = 9
     STREAM_STALLED = 10
     STREAM_ABORTED = 11
+    INTEGRITY = 12
 
 
 _STATUS_TO_ERROR: dict[int, type[FlareError]] = {
@@ -249,6 +258,7 @@ _STATUS_TO_ERROR: dict[int, type[FlareError]] = {
     Status.STREAM_CORRUPTED: StreamCorrupted,
     Status.STREAM_STALLED: StreamStalled,
     Status.STREAM_ABORTED: StreamAborted,
+    Status.INTEGRITY: IntegrityError,
 }
 _ERROR_TO_STATUS: dict[type[FlareError], Status] = {
     **{cls: Status(code) for code, cls in _STATUS_TO_ERROR.items()},

@@ -19,6 +19,7 @@ from flare_async.errors import (
     FlareError,
     FrameTooLarge,
     IdentityError,
+    IntegrityError,
     InternalError,
     InvalidName,
     LinkBroken,
@@ -54,6 +55,7 @@ EXPECTED_MAPPING: dict[Status, type[FlareError]] = {
     Status.STREAM_CORRUPTED: StreamCorrupted,
     Status.STREAM_STALLED: StreamStalled,
     Status.STREAM_ABORTED: StreamAborted,
+    Status.INTEGRITY: IntegrityError,
 }
 
 # The tree as drawn in the module docstring: class -> its direct parent(s) in the tree.
@@ -84,6 +86,7 @@ EXPECTED_TREE: dict[type[Exception], tuple[type[BaseException], ...]] = {
     NoHandler: (RemoteError,),
     BadRequest: (RemoteError,),
     Unauthorized: (RemoteError,),
+    IntegrityError: (RemoteError,),
     Overloaded: (RemoteError,),
     InternalError: (RemoteError,),
 }
@@ -103,6 +106,7 @@ def test_status_values_are_frozen() -> None:
         "STREAM_CORRUPTED": 9,
         "STREAM_STALLED": 10,
         "STREAM_ABORTED": 11,
+        "INTEGRITY": 12,
     }
 
 
@@ -132,7 +136,7 @@ def test_status_round_trips_through_the_error(status: Status) -> None:
     assert status_for_error(EXPECTED_MAPPING[status]("local")) is status
 
 
-@pytest.mark.parametrize("status", [0, 12, 99, 2**31, -1])
+@pytest.mark.parametrize("status", [0, 13, 99, 2**31, -1])
 def test_unknown_status_becomes_remote_error(status: int) -> None:
     exc = error_for_status(status, "from the future", "server")
     assert type(exc) is RemoteError

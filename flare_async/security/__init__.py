@@ -46,9 +46,13 @@ from flare_async.security._pki import (
     write_certificate,
     write_private_key,
 )
+from flare_async.security._signing import SignatureVerifier, Signer
 from flare_async.security._tls import client_context, peer_identity, server_context
 
 __all__ = [
+    # signatures
+    "SignatureVerifier",
+    "Signer",
     # audit
     "GENESIS",
     "AuditLog",

@@ -1,0 +1,147 @@
+"""End-to-end signatures: the origin signs what it sends, the final receiver checks it, and the
+relays between them cannot change a signed field or the payload without being found out.
+
+A signed message carries three extension headers:
+
+- ``sig.fields``: canonical JSON (sorted keys, no spaces) of what is signed: at least the
+  origin ``src``, the destination ``dst``, the payload's ``sha256``, and whatever the protocol
+  binds to it (the FL layer binds the job, the task and the round);
+- ``sig.value``: the ECDSA P-256 / SHA-256 signature of those bytes, base64;
+- ``sig.cert``: the origin's certificate (DER, base64), issued by the project's CA.
+
+The receiver checks that the certificate is the CA's and valid now, that it names the cell the
+message comes from, that the signature holds, and that each signed field has the value the
+message shows (:meth:`SignatureVerifier.verify`). The payload digest itself is checked by the
+stream layer (the stream is opened with the signed SHA-256 and fails if the bytes differ).
+
+Layer L1: no clock (``now`` is an argument), no I/O besides reading the kit.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from flare_async.errors import ConfigError, IntegrityError
+from flare_async.security._identity import Identity, identity_from_certificate
+from flare_async.security._kits import Kit
+
+FIELDS, VALUE, CERT = "sig.fields", "sig.value", "sig.cert"
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":")).encode()
+
+
+class Signer:
+    """Signs for the participant of a kit (its own key and certificate)."""
+
+    def __init__(self, kit: Kit) -> None:
+        try:
+            key = serialization.load_pem_private_key(Path(kit.key).read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate(Path(kit.cert).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot load the signing key of kit {kit.name!r}: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"kit {kit.name!r}: the key is not an elliptic-curve key")
+        self.name = kit.name
+        self._key = key
+        self._cert = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+    def sign(self, fields: Mapping[str, Any]) -> dict[str, str]:
+        """The headers that carry ``fields`` signed (``src`` must be this participant)."""
+        if fields.get("src") != self.name:
+            raise ValueError(f"{self.name} cannot sign for {fields.get('src')!r}")
+        data = canonical(fields)
+        signature = self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return {
+            FIELDS: data.decode(),
+            VALUE: base64.b64encode(signature).decode(),
+            CERT: self._cert,
+        }
+
+
+class SignatureVerifier:
+    """Checks signed headers against the project's CA."""
+
+    def __init__(self, ca_pem: bytes) -> None:
+        try:
+            self._ca = x509.load_pem_x509_certificate(ca_pem)
+        except ValueError as exc:
+            raise ConfigError(f"cannot load the CA certificate: {exc}") from None
+
+    @classmethod
+    def from_kit(cls, kit: Kit) -> SignatureVerifier:
+        try:
+            return cls(Path(kit.ca).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the CA of kit {kit.name!r}: {exc}") from None
+
+    def verify(
+        self, headers: Mapping[str, str], *, src: str, expect: Mapping[str, Any], now: datetime
+    ) -> dict[str, Any]:
+        """Check a signed message from ``src``; returns the signed fields.
+
+        Args:
+            expect: fields whose signed value must be exactly this (the message's own header
+                values: a relay that rewrote one is caught here).
+
+        Raises:
+            IntegrityError: unsigned, a certificate not from the CA (or expired, or naming
+                another cell), a bad signature, or a signed field that differs.
+        """
+        try:
+            data = headers[FIELDS].encode()
+            signature = base64.b64decode(headers[VALUE], validate=True)
+            der = base64.b64decode(headers[CERT], validate=True)
+        except (KeyError, ValueError) as exc:
+            raise IntegrityError(f"a message from {src} is not signed ({exc!r})") from None
+        identity, cert = self._check_certificate(der, src, now)
+        public = cert.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise IntegrityError(f"{src}'s certificate does not hold an elliptic-curve key")
+        try:
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise IntegrityError(f"the signature of {src} does not match what it signed") from None
+        fields: dict[str, Any] = json.loads(data)
+        if fields.get("src") != identity.name:
+            raise IntegrityError(f"{identity.name} signed for {fields.get('src')!r}")
+        for key, value in expect.items():
+            if fields.get(key) != value:
+                raise IntegrityError(
+                    f"{src} signed {key}={fields.get(key)!r:.80} but the message says "
+                    f"{value!r:.80}: changed on the way"
+                )
+        return fields
+
+    def _check_certificate(
+        self, der: bytes, src: str, now: datetime
+    ) -> tuple[Identity, x509.Certificate]:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            cert.verify_directly_issued_by(self._ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise IntegrityError(
+                f"{src}'s certificate is not from this project's CA: {exc}"
+            ) from None
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise IntegrityError(f"{src}'s certificate is not valid at {now.isoformat()}")
+        identity = identity_from_certificate(cert)
+        if identity.name != src:
+            raise IntegrityError(
+                f"a message from {src} is signed with {identity.name}'s certificate"
+            )
+        return identity, cert
+
+
+__all__ = ["CERT", "FIELDS", "VALUE", "SignatureVerifier", "Signer", "canonical"]
