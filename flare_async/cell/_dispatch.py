@@ -20,6 +20,7 @@ from flare_async.cell._payload import Payload, as_payload
 from flare_async.errors import (
     BadRequest,
     DecodeError,
+    IntegrityError,
     Overloaded,
     Status,
     StreamError,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
 
 _RELEASED = Payload()
-_PASSED_THROUGH = (BadRequest, Unauthorized, Overloaded, StreamError, DecodeError)
+_PASSED_THROUGH = (BadRequest, Unauthorized, IntegrityError, Overloaded, StreamError, DecodeError)
 """Errors a handler raises on purpose (or a stream it read failed with): their status and
 message go back to the caller."""
 

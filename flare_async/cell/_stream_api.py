@@ -51,6 +51,13 @@ class FanoutOutcome(msgspec.Struct, frozen=True):
 class StreamingMixin:
     """The stream-sending methods of :class:`~flare_async.Cell`."""
 
+    def require_digest(self, channel: str, topic: str) -> None:
+        """Compute the SHA-256 of every stream received on ``channel``/``topic``, even when
+        the sender (or a relay on the way) does not ask for it: for handlers that check a
+        signed digest (``IncomingStream.sha256`` is then always set once the stream ended)."""
+        cell = cast("Cell", self)
+        cell._streams.digest_always.add((channel, topic))
+
     async def stream(
         self,
         dst: str,

@@ -343,6 +343,9 @@ class StreamHub:
         self.max_incoming = max_incoming
         self.idle = idle
         self.incoming: dict[tuple[str, int], IncomingStream] = {}
+        self.digest_always: set[tuple[str, str]] = set()
+        """(channel, topic) of streams whose SHA-256 this cell computes whatever the sender
+        says (a receiver that checks a signed digest must not trust a relay to ask for it)."""
         self.outgoing: dict[int, StreamSender] = {}
         self._finished: OrderedDict[tuple[str, int], Frame | None] = OrderedDict()
         self.counters: Counter[str] = Counter()
@@ -406,7 +409,10 @@ class StreamHub:
         idle = max(self.idle, min(h.idle, _MAX_IDLE) if h.idle > 0 else 0.0)
         # A fan-out relay passes the sender's digest on and lets the final receivers check it:
         # hashing here too would cost the relay a core for nothing.
-        digest = h.digest and (h.channel, h.topic) != (FANOUT_CHANNEL, FANOUT_TOPIC)
+        digest = (h.digest or (h.channel, h.topic) in self.digest_always) and (
+            h.channel,
+            h.topic,
+        ) != (FANOUT_CHANNEL, FANOUT_TOPIC)
         stream = IncomingStream(self, h, chunk, window, digest, idle)
         self.incoming[key] = stream
         self.counters["received"] += 1

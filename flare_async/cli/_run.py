@@ -32,6 +32,8 @@ from flare_async.security import (
     AuditLog,
     Kit,
     Role,
+    SignatureVerifier,
+    Signer,
     admin_cell_name,
     check_claim,
     client_context,
@@ -195,7 +197,9 @@ async def serve(
 class JobRole:
     """A deployed cell's part in FL jobs (``--jobs DIR``): the server runs the job service
     (jobs kept in DIR), a relay aggregates its subtree, a site runs the jobs' training
-    processes (their logs in DIR). Each keeps its audit log in ``DIR/audit.jsonl``."""
+    processes (their logs in DIR). Each keeps its audit log in ``DIR/audit.jsonl``. Results
+    are signed end to end with the sites' (and relays') keys and checked against the project
+    CA by whoever folds them."""
 
     def __init__(self, kit: Kit, folder: Path, admins: dict[str, str] | None) -> None:
         self.kit = kit
@@ -211,13 +215,31 @@ class JobRole:
         if self.kit.role is Role.SERVER:
             admins = self.admins if self.admins is not None else {}
             self.manager = JobManager(
-                cell, self.folder, admin_of=admins.get, on_event=emit, audit=audit
+                cell,
+                self.folder,
+                admin_of=admins.get,
+                on_event=emit,
+                audit=audit,
+                verifier=SignatureVerifier.from_kit(self.kit),
             )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:
-            cell.mount(RelayAggregator(cell, self.server).handlers())
+            relay = RelayAggregator(
+                cell,
+                self.server,
+                verifier=SignatureVerifier.from_kit(self.kit),
+                signer=Signer(self.kit),
+            )
+            cell.mount(relay.handlers())
         else:
-            self.site = SiteJobs(cell, self.folder, server=self.server, on_event=emit, audit=audit)
+            self.site = SiteJobs(
+                cell,
+                self.folder,
+                server=self.server,
+                on_event=emit,
+                audit=audit,
+                signer=Signer(self.kit),
+            )
             cell.mount(self.site.handlers())
 
     def link_changed(self, peer: str, role: str, up: bool) -> None:

@@ -28,14 +28,13 @@ from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import FlareError, Unauthorized
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
-from flare_async.fl._server import CHANNEL
+from flare_async.fl._signed import CHANNEL, stream_signed
+from flare_async.security import Signer
 from flare_async.transport import TcpLink
 from flare_async.wire import Event, Frame, Limits
 
 _STOP = object()
-RESULT_WINDOW = 4 << 20
-"""Flow-control window of a result stream: what the server holds at most per client sending
-at once (16 MiB, the default, times many clients would be the server's largest cost)."""
+
 _local = threading.local()
 
 
@@ -87,6 +86,7 @@ class ClientRuntime:
         server: the server cell's name.
         config: what ``get_config()`` returns to the script.
         codec: how results travel to the server.
+        signer: signs every result end to end (a deployment: the site's kit).
     """
 
     def __init__(
@@ -97,8 +97,10 @@ class ClientRuntime:
         config: dict[str, Any] | None = None,
         codec: str = "tensors",
         digest: bool = True,
+        signer: Signer | None = None,
     ) -> None:
         self.cell = cell
+        self.signer = signer
         self.digest = digest
         return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
@@ -171,24 +173,29 @@ class ClientRuntime:
         return model
 
     def send(self, model: FLModel) -> None:
-        """Stream ``model`` to the server as the result of the last task received."""
+        """Stream ``model`` to the server as the result of the last task received.
+
+        A result the server did not take (the link failed for good, the server refused it) is
+        logged, not raised: the round counts this site as failed, and the script goes on to
+        the next task.
+        """
         if self._task is None:
             raise RuntimeError("send() before receive(): no task to answer")
         assert self._portal is not None, "the script must run under ClientRuntime.run_script"
         task, self._task = self._task, None
-        self._portal.call(self._send, model, task, self._reply_to)
+        try:
+            self._portal.call(self._send, model, task, self._reply_to)
+        except FlareError as exc:
+            self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
     async def _send(self, model: FLModel, task: str, dst: str) -> None:
-        parts = model_parts(model, self.cell.codecs, self.codec)
-        await self.cell.stream(
-            dst,
-            CHANNEL,
-            "result",
-            parts,
-            codec=self.codec,
-            headers={"task": task},
-            digest=self.digest,
-            window=RESULT_WINDOW,
+        await self._stream_result(model_parts(model, self.cell.codecs, self.codec), task, dst)
+
+    async def _stream_result(self, parts: list[Any], task: str, dst: str) -> None:
+        """Stream a result's bytes to ``dst``; with a signer, signed end to end (the digest of
+        the bytes, the task and both ends), so no relay can change or replay it unseen."""
+        await stream_signed(
+            self.cell, self.signer, dst, "result", parts, task, codec=self.codec, digest=self.digest
         )
         self.sent += 1
 
@@ -322,17 +329,7 @@ class ClientRuntime:
                 await self.report_failure(f"training process ended: {exc}")
                 return
             self._task = None
-            await self.cell.stream(
-                reply_to,
-                CHANNEL,
-                "result",
-                list(frame.parts),
-                codec=self.codec,
-                headers={"task": task},
-                digest=self.digest,
-                window=RESULT_WINDOW,
-            )
-            self.sent += 1
+            await self._stream_result(list(frame.parts), task, reply_to)
 
 
 def run_any(script: Callable[[], object]) -> None:

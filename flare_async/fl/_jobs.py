@@ -38,9 +38,9 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
-from flare_async.fl._server import CHANNEL as FL_CHANNEL
 from flare_async.fl._server import FLServer, RoundResult
-from flare_async.security import AuditLog
+from flare_async.fl._signed import CHANNEL as FL_CHANNEL
+from flare_async.security import AuditLog, SignatureVerifier
 
 CHANNEL = "job"
 OVERRIDES = ("rounds", "codec", "min_clients", "min_responses", "deadline", "fraction")
@@ -174,6 +174,7 @@ class JobManager:
         site_wait: how long a job waits for enough of its sites to be registered.
         audit: where every admin command, refusal, state change and rejected result is
             recorded (hash-chained; ``flare-async audit verify``).
+        verifier: every result must carry a valid end-to-end signature (the project CA).
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -190,9 +191,11 @@ class JobManager:
         digest: bool = True,
         on_event: Callable[..., None] | None = None,
         audit: AuditLog | None = None,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
         self.cell = cell
         self.audit = audit
+        self.verifier = verifier
         self.on_event = on_event or (lambda event, **fields: None)
         self.store = JobStore(store)
         self.admin_of = admin_of
@@ -463,6 +466,7 @@ class JobManager:
             digest=self.digest,
             hierarchical=any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
+            verifier=self.verifier,
             on_reject=lambda site, task, why: self._audit(
                 "result-rejected", job=rec.id, site=site, task=task, why=why
             ),

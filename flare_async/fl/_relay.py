@@ -23,12 +23,16 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, FlareError
 from flare_async.fl._aggregate import WeightedSum
 from flare_async.fl._model import model_parts
-from flare_async.fl._server import CHANNEL, _Collector, receive_result
+from flare_async.fl._server import _Collector, receive_result
+from flare_async.fl._signed import CHANNEL, stream_signed
+from flare_async.security import SignatureVerifier, Signer
 
 
 class RelayAggregator:
     """Mount :meth:`handlers` on a relay cell to aggregate its children's results (large ones
-    wait in ``spill``, complete, before they are folded; see ``FLServer``)."""
+    wait in ``spill``, complete, before they are folded; see ``FLServer``). With ``verifier``
+    the children's signatures are checked; with ``signer`` the partial sum is signed by the
+    relay (the server checks it: it cannot check the sites' own signatures inside a sum)."""
 
     def __init__(
         self,
@@ -37,7 +41,13 @@ class RelayAggregator:
         *,
         digest: bool = True,
         spill: str | os.PathLike[str] | None = None,
+        verifier: SignatureVerifier | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        self.verifier = verifier
+        self.signer = signer
+        if verifier is not None:
+            cell.require_digest(CHANNEL, "result")  # the signed digest is checked against it
         self.cell = cell
         self.spill = Path(spill) if spill is not None else None
         return_large_blocks()  # a new model every round: freed memory goes back
@@ -80,7 +90,9 @@ class RelayAggregator:
             collector = self._open.get(stream.headers.get("task", ""))
             if collector is None:
                 return b"late"
-            return await receive_result(collector, ctx.src, stream, self.spill)
+            return await receive_result(
+                collector, ctx.src, stream, self.spill, self.verifier, self.cell.name
+            )
 
         return table
 
@@ -98,12 +110,14 @@ class RelayAggregator:
             return  # nothing to send; the server sees these sites fail at its deadline
         partial = _partial(result.sum, result.responded, result.failed, result.metrics)
         try:
-            await self.cell.stream(
+            await stream_signed(
+                self.cell,
+                self.signer,
                 self.server,
-                CHANNEL,
                 "result",
-                model_parts(partial, self.cell.codecs, "tensors"),  # float64, lossless
-                headers={"task": collector.task},
+                model_parts(partial, self.cell.codecs, "tensors"),  # lossless
+                collector.task,
+                codec="",
                 digest=self.digest,
             )
         except FlareError as exc:

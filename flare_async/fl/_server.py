@@ -41,11 +41,11 @@ import numpy as np
 from flare_async import _logging
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, DecodeError, FlareError
+from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityError, StreamError
 from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
-
-CHANNEL = "fl"
+from flare_async.fl._signed import CHANNEL, check_signed
+from flare_async.security import SignatureVerifier
 
 
 class RoundFailed(FlareError):
@@ -96,6 +96,12 @@ class _Collector:
         self.folding = anyio.Lock()
         """Held while an update is folded (in a worker thread): one fold at a time, and the
         round reads its sum only once the fold in progress is done."""
+
+    def reject(self, site: str, reason: str) -> None:
+        """A result that will not count (the site, if still awaited, failed)."""
+        if site in self.pending and not self.closed:
+            self.result.failed[site] = reason
+            self.settle(site)
 
     def settle(self, site: str) -> None:
         self.pending.discard(site)
@@ -189,18 +195,40 @@ tensor's, whatever the number of clients sending at once."""
 
 
 async def receive_result(
-    collector: _Collector, site: str, stream: IncomingStream, spill: Path | None
+    collector: _Collector,
+    site: str,
+    stream: IncomingStream,
+    spill: Path | None,
+    verifier: SignatureVerifier | None = None,
+    receiver: str = "",
 ) -> bytes:
     """Take one result stream into ``collector``: small ones in memory, large ones through a
-    spill file in ``spill`` (default: the system's temporary folder)."""
+    spill file in ``spill`` (default: the system's temporary folder). With ``verifier``, the
+    result counts only if its end-to-end signature holds (checked once all bytes arrived).
+
+    Raises:
+        IntegrityError: a signature that does not hold; the site counts as failed.
+    """
+
+    def check() -> None:
+        if verifier is None:
+            return
+        try:
+            check_signed(verifier, stream, receiver)
+        except IntegrityError as exc:
+            collector.reject(site, f"IntegrityError: {exc}")
+            raise
+
     if stream.size is not None and stream.size < SPILL_AT:
         payload = await stream.read_all()
+        check()
         return await collector.offer(site, payload.parts)
     folder = spill if spill is not None else Path(tempfile.gettempdir())
     path = folder / f"flare-result-{secrets.token_hex(8)}"
     await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
     try:
         await stream.save(path)
+        check()
         with path.open("rb") as f:  # opening a local file is quick
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # The arrays are views of the mapping; it unmaps when the last of them is gone.
@@ -242,8 +270,9 @@ class FLServer:
         on_round: called with each finished round (progress output, metrics).
         spill: where large results wait, complete, before they are folded (default: the
             system's temporary folder).
-        on_reject: called with ``(site, task, reason)`` for every result refused as unusable
-            (the job service writes it to the audit log).
+        on_reject: called with ``(site, task, reason)`` for every result refused (unusable,
+            damaged, or failing its signature): the job service writes it to the audit log.
+        verifier: check every result's end-to-end signature (a deployment: the project CA).
     """
 
     def __init__(
@@ -259,8 +288,12 @@ class FLServer:
         hierarchical: bool = False,
         spill: str | os.PathLike[str] | None = None,
         on_reject: Callable[[str, str, str], None] | None = None,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
         self.on_reject = on_reject
+        self.verifier = verifier
+        if verifier is not None:
+            cell.require_digest(CHANNEL, "result")  # the signed digest is checked against it
         self.cell = cell
         self.spill = Path(spill) if spill is not None else None
         return_large_blocks()  # a new model every round: freed memory goes back
@@ -298,10 +331,12 @@ class FLServer:
             self._log.info("late or unknown result ignored", site=site, task=task_id)
             return b"late"
         try:
-            return await receive_result(collector, site, stream, self.spill)
-        except BadRequest as exc:
+            return await receive_result(
+                collector, site, stream, self.spill, self.verifier, self.cell.name
+            )
+        except (BadRequest, IntegrityError, StreamError) as exc:
             if self.on_reject is not None:
-                self.on_reject(site, task_id, str(exc))
+                self.on_reject(site, task_id, f"{type(exc).__name__}: {exc}")
             raise
 
     def take_failure(self, site: str, task: str, msg: Payload) -> bytes:

@@ -29,8 +29,8 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
-from flare_async.fl._server import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog
+from flare_async.fl._signed import CHANNEL as FL_CHANNEL
+from flare_async.security import AuditLog, Signer
 
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
@@ -57,6 +57,7 @@ class SiteJobs:
         on_event: called with ``(event, fields)`` for job process starts and ends (the
             ``flare-async run`` event stream).
         audit: where job starts, aborts and refused commands are recorded.
+        signer: signs every result of every job end to end (the site's kit).
     """
 
     def __init__(
@@ -68,9 +69,11 @@ class SiteJobs:
         grace: float = 10.0,
         on_event: Callable[..., None] | None = None,
         audit: AuditLog | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.cell = cell
         self.audit = audit
+        self.signer = signer
         self.workdir = Path(workdir)
         self.server = server
         self.grace = grace
@@ -193,7 +196,9 @@ class SiteJobs:
             await self.stop(job)
         if self._tg is None:
             raise FlareError("the site's job runner is not running")
-        runtime = ClientRuntime(self.cell, self.server, config=config, codec=codec, digest=digest)
+        runtime = ClientRuntime(
+            self.cell, self.server, config=config, codec=codec, digest=digest, signer=self.signer
+        )
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running
         folder = self.workdir / job

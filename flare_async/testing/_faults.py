@@ -31,9 +31,19 @@ def flip_one_byte(frame: Frame) -> Frame:
     return frame
 
 
+FrameRewrite = Callable[[Frame], Frame]
+
+
 class _FaultyLink(Link):
-    def __init__(self, inner: Link, corrupt: FramePredicate, drop: FramePredicate) -> None:
+    def __init__(
+        self,
+        inner: Link,
+        corrupt: FramePredicate,
+        drop: FramePredicate,
+        rewrite: FrameRewrite | None = None,
+    ) -> None:
         self._inner = inner
+        self._rewrite = rewrite
         self._corrupt = corrupt
         self._drop = drop
         self.dropped = 0
@@ -51,6 +61,8 @@ class _FaultyLink(Link):
         self._inner.peer_limits = value
 
     def _filter(self, frame: Frame) -> Frame:
+        if self._rewrite is not None:
+            frame = self._rewrite(frame)
         if self._corrupt(frame):
             self.damaged += 1
             return flip_one_byte(frame)
@@ -87,14 +99,21 @@ class _FaultyLink(Link):
 
 
 class _FaultyListener(Listener):
-    def __init__(self, inner: Listener, corrupt: FramePredicate, drop: FramePredicate) -> None:
+    def __init__(
+        self,
+        inner: Listener,
+        corrupt: FramePredicate,
+        drop: FramePredicate,
+        rewrite: FrameRewrite | None = None,
+    ) -> None:
+        self._rewrite = rewrite
         self._inner = inner
         self._corrupt = corrupt
         self._drop = drop
         self.url = inner.url
 
     async def accept(self) -> Link:
-        return _FaultyLink(await self._inner.accept(), self._corrupt, self._drop)
+        return _FaultyLink(await self._inner.accept(), self._corrupt, self._drop, self._rewrite)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -105,7 +124,9 @@ class FaultyDriver(Driver):
     frames for which ``drop(frame)`` is True are lost (never sent).
 
     ``corrupt`` sees every frame every wrapped link sends (both ends: links it connects and
-    links it accepts), so it can pick by kind, offset or count.
+    links it accepts), so it can pick by kind, offset or count. ``rewrite``, if given, sees
+    each first and returns the frame to send instead: a relay that tampers on purpose (fixing
+    up the CRCs of what it changed, which ``corrupt`` does not).
     """
 
     def __init__(
@@ -114,8 +135,10 @@ class FaultyDriver(Driver):
         *,
         corrupt: FramePredicate = lambda frame: False,
         drop: FramePredicate = lambda frame: False,
+        rewrite: FrameRewrite | None = None,
     ) -> None:
         self.inner = inner
+        self.rewrite = rewrite
         self.corrupt = corrupt
         self.drop = drop
         self.schemes = inner.schemes
@@ -128,11 +151,11 @@ class FaultyDriver(Driver):
 
     async def connect(self, url: str, *, limits: Limits) -> Link:
         link = await self.inner.connect(url, limits=limits)
-        return _FaultyLink(link, self._corrupt_now, self._drop_now)
+        return _FaultyLink(link, self._corrupt_now, self._drop_now, self.rewrite)
 
     async def listen(self, url: str, *, limits: Limits) -> Listener:
         listener = await self.inner.listen(url, limits=limits)
-        return _FaultyListener(listener, self._corrupt_now, self._drop_now)
+        return _FaultyListener(listener, self._corrupt_now, self._drop_now, self.rewrite)
 
 
-__all__ = ["FaultyDriver", "FramePredicate", "flip_one_byte"]
+__all__ = ["FaultyDriver", "FramePredicate", "FrameRewrite", "flip_one_byte"]

@@ -1,0 +1,185 @@
+"""End-to-end signatures with real certificates: what a relay can no longer do unseen.
+
+The kits are provisioned for the test (a real CA, real ECDSA keys). The FL test runs the server,
+a relay and two sites as cells over ``memory://``; the relay's link to the server goes through a
+driver that tampers the way a hostile relay would: it changes bytes of a site's result and
+fixes the chunk CRCs (and strips the announced digest), or it puts an earlier round's signature
+on a new result (a replay). The server must reject exactly that site's result, by name, keep it
+out of the sum, and the round must complete with the other site.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+
+import flare_async.client as flare
+from flare_async import Cell
+from flare_async.cell import system_handlers
+from flare_async.errors import IntegrityError
+from flare_async.fl import ClientRuntime, FLModel, FLServer, fedavg
+from flare_async.security import SignatureVerifier, Signer, load_kit, provision
+from flare_async.streaming._io import checksum
+from flare_async.testing import FaultyDriver
+from flare_async.transport import MemoryNetwork
+from flare_async.wire import Frame, StreamData, StreamEnd, StreamOpen
+
+RELAY = "server.relay-1"
+SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # training scripts in threads, real time
+
+
+def kits(root: Path, project: str = "sig") -> Path:
+    spec = root / f"{project}.toml"
+    spec.write_text(f"""
+project = "{project}"
+org = "example.org"
+[server]
+listen = ["tls://127.0.0.1:19000"]
+[[relays]]
+name = "{RELAY}"
+parent = "tls://127.0.0.1:19000"
+listen = ["tls://127.0.0.1:19001"]
+[[clients]]
+name = "{SITES[0]}"
+parent = "tls://127.0.0.1:19001"
+[[clients]]
+name = "{SITES[1]}"
+parent = "tls://127.0.0.1:19001"
+""")
+    provision(spec, root / project, now=NOW)
+    return root / project
+
+
+def test_a_signature_binds_origin_fields_and_certificate(tmp_path: Path) -> None:
+    folder = kits(tmp_path)
+    site = load_kit(folder / SITES[0])
+    verifier = SignatureVerifier.from_kit(load_kit(folder / "server"))
+    fields = {"src": SITES[0], "dst": "server", "task": "j:1:1", "sha256": "ab" * 32}
+    headers = Signer(site).sign(fields)
+    assert verifier.verify(headers, src=SITES[0], expect=fields, now=NOW) == fields
+    with pytest.raises(IntegrityError, match="changed on the way"):
+        verifier.verify(headers, src=SITES[0], expect={**fields, "task": "j:2:1"}, now=NOW)
+    with pytest.raises(IntegrityError, match="signed with"):
+        verifier.verify(headers, src=SITES[1], expect=fields, now=NOW)  # site-1's, as site-2
+    with pytest.raises(IntegrityError, match="not valid"):
+        verifier.verify(headers, src=SITES[0], expect=fields, now=NOW + timedelta(days=400))
+    forged = {**headers, "sig.fields": headers["sig.fields"].replace("j:1:1", "j:2:1")}
+    with pytest.raises(IntegrityError, match="does not match"):
+        verifier.verify(forged, src=SITES[0], expect={}, now=NOW)
+    with pytest.raises(IntegrityError, match="not signed"):
+        verifier.verify({}, src=SITES[0], expect={}, now=NOW)
+    other = load_kit(kits(tmp_path, "other") / SITES[0])  # same name, another project's CA
+    with pytest.raises(IntegrityError, match="CA"):
+        verifier.verify(Signer(other).sign(fields), src=SITES[0], expect=fields, now=NOW)
+    with pytest.raises(ValueError, match="cannot sign for"):
+        Signer(site).sign({**fields, "src": SITES[1]})
+
+
+def add_weight() -> None:
+    i = int(flare.get_config()["site_index"])
+    while (model := flare.receive()) is not None:
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": i + 1}))
+
+
+class HostileRelay:
+    """Rewrites what the relay forwards to the server (see the module text)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sids: set[int] = set()
+        self.first_signature: dict[str, str] | None = None
+        self.tampered = 0
+
+    def __call__(self, frame: Frame) -> Frame:
+        h = frame.header
+        if isinstance(h, StreamOpen) and h.topic == "result" and h.src == SITES[0]:
+            headers = dict(h.headers)
+            if self.mode == "bytes" and not self.sids:  # round 0's result only
+                self.sids.add(h.sid)
+                return Frame(msgspec.structs.replace(h, sha256="", digest=False), frame.parts)
+            if self.mode == "bytes":
+                return frame
+            signature = {k: v for k, v in headers.items() if k.startswith("sig.")}
+            if self.first_signature is None:
+                self.first_signature = signature  # round 0: let it through, keep it
+                return frame
+            self.tampered += 1
+            headers.update(self.first_signature)  # round 1: round 0's signature on it
+            return Frame(msgspec.structs.replace(h, headers=headers), frame.parts)
+        if isinstance(h, StreamEnd) and h.sid in self.sids:
+            return Frame(msgspec.structs.replace(h, sha256=""), frame.parts)  # no digest to check
+        if isinstance(h, StreamData) and h.sid in self.sids and h.offset == 0 and frame.parts:
+            data = bytearray(frame.parts[0])
+            data[-1] ^= 0xFF  # the last byte of the first chunk: a tensor value
+            self.tampered += 1
+            return Frame(msgspec.structs.replace(h, crc=checksum(data)), (bytes(data),))
+        return frame
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["bytes", "replay"])
+async def test_a_tampering_relay_is_caught_and_the_round_goes_on(tmp_path: Path, mode: str) -> None:
+    folder = kits(tmp_path)
+    net = MemoryNetwork()
+    hostile = HostileRelay(mode)
+    rejected: list[tuple[str, str, str]] = []
+    rounds: list[Any] = []
+    server_cell = Cell("server", listen=["memory://server"], drivers=[net])
+    server = FLServer(
+        server_cell,
+        SITES,
+        job="j",
+        verifier=SignatureVerifier.from_kit(load_kit(folder / "server")),
+        on_reject=lambda *r: rejected.append(r),
+        on_round=rounds.append,
+    )
+    server_cell.mount(server.handlers())
+    relay = Cell(
+        RELAY,
+        listen=[f"memory://{RELAY}"],
+        parent="memory://server",
+        drivers=[FaultyDriver(net, rewrite=hostile)],
+        handlers=[system_handlers()],
+    )
+    runtimes = []
+    for i, name in enumerate(SITES):
+        cell = Cell(name, parent=f"memory://{RELAY}", drivers=[net])
+        runtime = ClientRuntime(
+            cell, "server", config={"site_index": i}, signer=Signer(load_kit(folder / name))
+        )
+        cell.mount(runtime.handlers())
+        runtimes.append(runtime)
+    async with server_cell, relay, runtimes[0].cell, runtimes[1].cell:
+        for r in runtimes:
+            await r.cell.wait_parent()
+        async with anyio.create_task_group() as tg:
+            for r in runtimes:
+                tg.start_soon(r.run_script, add_weight)
+            out = await fedavg(
+                server, {"w": np.zeros(64, np.float32)}, rounds=2, min_responses=1, deadline=10
+            )
+            for r in runtimes:
+                r.stop()
+    assert hostile.tampered >= 1
+    bad = 0 if mode == "bytes" else 1  # the round the relay tampered with
+    assert rounds[bad].responded == [SITES[1]]
+    assert "IntegrityError" in rounds[bad].failed[SITES[0]]
+    assert [(site, why.split(":")[0]) for site, _, why in rejected] == [
+        (SITES[0], "IntegrityError")
+    ]
+    # Only untampered results are in the model: site-2 adds 2 in the tampered round.
+    expected = {"bytes": 2 + (1 + 4) / 3, "replay": (1 + 4) / 3 + 2}[mode]
+    assert np.allclose(out.params["w"], expected)
