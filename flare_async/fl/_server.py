@@ -372,7 +372,9 @@ class FLServer:
         """
         need = len(targets) if min_responses is None else min_responses
         self._tasks += 1
-        task_id = f"{self.job}:{model.current_round}:{self._tasks}"
+        # A fresh random part: after a restart the same round must not reuse a task id (a
+        # result signed for the old one could be replayed into the new one).
+        task_id = f"{self.job}:{model.current_round}:{self._tasks}:{secrets.token_hex(4)}"
         collector = _Collector(task_id, model.current_round or 0, targets)
         self._open[task_id] = collector
         headers = {"job": self.job, "task": task_id, "kind": task}
