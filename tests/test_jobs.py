@@ -22,6 +22,7 @@ import pytest
 from flare_async import Cell, errors
 from flare_async.codecs import decode
 from flare_async.fl._jobs import CHANNEL, JobManager, JobStore
+from flare_async.fl._privacy import SitePolicy, policy_from_dict
 from flare_async.fl._site import SiteJobs
 from flare_async.security import AuditLog, admin_cell_name, verify_audit
 from flare_async.transport import MemoryNetwork
@@ -77,7 +78,10 @@ class Deployment:
 
 @asynccontextmanager
 async def deployment(
-    store: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policies: dict[str, SitePolicy] | None = None,
 ) -> AsyncIterator[Deployment]:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     net = MemoryNetwork()
@@ -106,6 +110,7 @@ async def deployment(
                 on_event=events,
                 grace=5,
                 audit=AuditLog(workdir / name / "audit.jsonl"),
+                policy=(policies or {}).get(name),
             )
             cell.mount(runner.handlers())
             await stack.enter_async_context(cell)
@@ -227,3 +232,53 @@ async def test_a_site_takes_tasks_only_from_the_server(
                 SITES[0], "fl", "task", b"forged", headers={"job": rec["id"], "task": "x"}
             )
         await d.call("abort", {"id": rec["id"]})
+
+
+async def test_a_sites_mandatory_dp_filter_applies_to_a_job_that_asks_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dp = policy_from_dict({"privacy": {"dp": {"clip": 0.5, "noise_multiplier": 0.8}}})
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch, {SITES[0]: dp}) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        await d.events.wait("job-state", job=rec["id"], state="finished")
+    tensors, _ = decode(
+        (tmp_path / "jobs" / rec["id"] / "checkpoints" / "last.safetensors").read_bytes()
+    )
+    # Unfiltered, every value would be exactly 5.0 (see the first test); site-1's updates are
+    # clipped to norm 0.5 and noised, so the model moved less and not uniformly.
+    assert not np.allclose(tensors["w"], 5.0)
+    entries = audit_entries(tmp_path / "sites" / SITES[0] / "audit.jsonl")
+    privacy = [e for e in entries if e["event"] == "privacy"]
+    assert len(privacy) == 3  # one per round
+    assert privacy[0]["dp_epsilon"] == privacy[1]["dp_epsilon"] > 0
+    assert privacy[0]["dp_epsilon_total"] < privacy[2]["dp_epsilon_total"]
+    assert not [
+        e
+        for e in audit_entries(tmp_path / "sites" / SITES[1] / "audit.jsonl")
+        if e["event"] == "privacy"
+    ]  # site-2 has no filter
+
+
+async def test_a_site_refuses_jobs_its_policy_does_not_allow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only_bob = policy_from_dict({"jobs": {"submitters": ["bob@example.org"]}})
+    async with deployment(
+        tmp_path / "jobs", tmp_path / "sites", monkeypatch, {SITES[1]: only_bob}
+    ) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        await d.events.wait("job-state", job=rec["id"], state="finished")
+        done = await d.call("status", {"id": rec["id"]})
+    assert done["rounds_done"] == 3
+    tensors, _ = decode(
+        (tmp_path / "jobs" / rec["id"] / "checkpoints" / "last.safetensors").read_bytes()
+    )
+    assert np.allclose(tensors["w"], 3.0)  # site-1 alone (adds 1 a round)
+    refused = [
+        e
+        for e in audit_entries(tmp_path / "sites" / SITES[1] / "audit.jsonl")
+        if e["event"] == "job-refused"
+    ]
+    assert refused[0]["submitter"] == "alice@example.org"
+    events = (tmp_path / "jobs" / rec["id"] / "events.jsonl").read_text()
+    assert "site-not-started" in events

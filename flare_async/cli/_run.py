@@ -27,6 +27,7 @@ from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
 from flare_async.errors import ConfigError, IdentityError
 from flare_async.fl import RelayAggregator
 from flare_async.fl._jobs import JobManager
+from flare_async.fl._privacy import load_policy
 from flare_async.fl._site import SiteJobs
 from flare_async.security import (
     AuditLog,
@@ -239,6 +240,7 @@ class JobRole:
                 on_event=emit,
                 audit=audit,
                 signer=Signer(self.kit),
+                policy=load_policy(Path(self.kit.cert).parent / "policy.toml"),
             )
             cell.mount(self.site.handlers())
 

@@ -28,6 +28,7 @@ from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import FlareError, Unauthorized
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
+from flare_async.fl._privacy import PrivacyFilter, SitePolicy
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import Signer
 from flare_async.transport import TcpLink
@@ -87,6 +88,8 @@ class ClientRuntime:
         config: what ``get_config()`` returns to the script.
         codec: how results travel to the server.
         signer: signs every result end to end (a deployment: the site's kit).
+        policy: the site's privacy filters and result codec, forced on every result whatever
+            the job asks (``on_privacy`` gets each filtered result's DP metrics).
     """
 
     def __init__(
@@ -98,9 +101,15 @@ class ClientRuntime:
         codec: str = "tensors",
         digest: bool = True,
         signer: Signer | None = None,
+        policy: SitePolicy | None = None,
+        on_privacy: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.cell = cell
         self.signer = signer
+        self.policy = policy or SitePolicy()
+        self._filter = PrivacyFilter(self.policy) if self.policy.filters else None
+        self._received: dict[str, dict[str, Any]] = {}
+        self.on_privacy = on_privacy
         self.digest = digest
         return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
@@ -145,7 +154,10 @@ class ClientRuntime:
         reply_to = self.server
         if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
             reply_to = self.cell.parent_name  # the relay folds its children's results
-        self._inbox.put((stream.headers.get("task", ""), (model, reply_to)))
+        task = stream.headers.get("task", "")
+        if self._filter is not None:
+            self._received[task] = dict(model.params)  # the filters need what was sent
+        self._inbox.put((task, (model, reply_to)))
         return b"accepted"
 
     def stop(self) -> None:
@@ -189,13 +201,32 @@ class ClientRuntime:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
     async def _send(self, model: FLModel, task: str, dst: str) -> None:
-        await self._stream_result(model_parts(model, self.cell.codecs, self.codec), task, dst)
+        model = self._filtered(model, task)
+        codec = self.policy.codec or self.codec
+        await self._stream_result(model_parts(model, self.cell.codecs, codec), task, dst)
+
+    def _filtered(self, model: FLModel, task: str) -> FLModel:
+        """The result as the site's policy lets it go (the job has no say)."""
+        received = self._received.pop(task, None)
+        if self._filter is None or received is None:
+            return model
+        out = self._filter.apply(model, received)
+        if self.on_privacy is not None:
+            self.on_privacy({k: v for k, v in out.metrics.items() if k.startswith("dp_")})
+        return out
 
     async def _stream_result(self, parts: list[Any], task: str, dst: str) -> None:
         """Stream a result's bytes to ``dst``; with a signer, signed end to end (the digest of
         the bytes, the task and both ends), so no relay can change or replay it unseen."""
         await stream_signed(
-            self.cell, self.signer, dst, "result", parts, task, codec=self.codec, digest=self.digest
+            self.cell,
+            self.signer,
+            dst,
+            "result",
+            parts,
+            task,
+            codec=self.policy.codec or self.codec,
+            digest=self.digest,
         )
         self.sent += 1
 
@@ -205,6 +236,7 @@ class ClientRuntime:
         task, self._task = self._task, None
         if task is None:
             return
+        self._received.pop(task, None)
         try:
             await self.cell.request(
                 self._reply_to, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
@@ -329,7 +361,11 @@ class ClientRuntime:
                 await self.report_failure(f"training process ended: {exc}")
                 return
             self._task = None
-            await self._stream_result(list(frame.parts), task, reply_to)
+            parts: list[Any] = list(frame.parts)
+            if self._filter is not None or self.policy.codec:
+                result = self._filtered(model_from_parts(parts), task)
+                parts = model_parts(result, self.cell.codecs, self.policy.codec or self.codec)
+            await self._stream_result(parts, task, reply_to)
 
 
 def run_any(script: Callable[[], object]) -> None:

@@ -529,6 +529,7 @@ class JobManager:
             body = {
                 "id": rec.id,
                 "attempt": rec.attempt,
+                "submitter": rec.submitter,
                 "recipe": rec.recipe,
                 "script": script,
                 "codec": recipe.codec,

@@ -29,6 +29,7 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
+from flare_async.fl._privacy import SitePolicy
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import AuditLog, Signer
 
@@ -58,6 +59,8 @@ class SiteJobs:
             ``flare-async run`` event stream).
         audit: where job starts, aborts and refused commands are recorded.
         signer: signs every result of every job end to end (the site's kit).
+        policy: the site's own rules (``policy.toml`` in its kit): whose jobs and which
+            scripts run here, and the privacy filters forced on every result.
     """
 
     def __init__(
@@ -70,10 +73,12 @@ class SiteJobs:
         on_event: Callable[..., None] | None = None,
         audit: AuditLog | None = None,
         signer: Signer | None = None,
+        policy: SitePolicy | None = None,
     ) -> None:
         self.cell = cell
         self.audit = audit
         self.signer = signer
+        self.policy = policy or SitePolicy()
         self.workdir = Path(workdir)
         self.server = server
         self.grace = grace
@@ -102,7 +107,24 @@ class SiteJobs:
                 raise BadRequest(f"bad job start: {exc}") from None
             if "/" in job or job.startswith("."):
                 raise BadRequest(f"bad job id {job!r:.80}")
-            self._audit("job-start", job=job, attempt=attempt, script=script, by=ctx.src)
+            submitter = str(spec.get("submitter", ""))
+            why = None
+            if not self.policy.may_submit(submitter):
+                why = f"{submitter!r} may not run jobs on this site"
+            elif not self.policy.may_run(script):
+                why = f"the script {script!r} is not allowed on this site"
+            if why is not None:
+                self._audit("job-refused", job=job, submitter=submitter, script=script, why=why)
+                raise Unauthorized(f"{self.cell.name}: {why}")
+            self._audit(
+                "job-start",
+                job=job,
+                attempt=attempt,
+                script=script,
+                submitter=submitter,
+                by=ctx.src,
+                filters=self.policy.filters,
+            )
             await self.start(job, attempt, script, config, codec=codec, digest=digest)
             return b"started"
 
@@ -197,7 +219,14 @@ class SiteJobs:
         if self._tg is None:
             raise FlareError("the site's job runner is not running")
         runtime = ClientRuntime(
-            self.cell, self.server, config=config, codec=codec, digest=digest, signer=self.signer
+            self.cell,
+            self.server,
+            config=config,
+            codec=codec,
+            digest=digest,
+            signer=self.signer,
+            policy=self.policy,
+            on_privacy=lambda dp: self._audit("privacy", job=job, **dp),
         )
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running
