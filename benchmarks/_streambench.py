@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import anyio
 import numpy as np
 
 from flare_async import Cell, Context, HandlerTable, IncomingStream, system_handlers
+from flare_async.security import SignatureVerifier, Signer, load_kit
 from flare_async.transport import TcpDriver
 
 _BLOCK = 256 << 20
@@ -100,6 +102,13 @@ async def sender(cfg: dict[str, Any]) -> None:
                 source = make_object(size)
             chunk = cfg["chunk"]
             window = max(16 << 20, 4 * chunk)
+            seal = None
+            if cfg.get("kits"):  # sign the digest at the end (see stream.py --sign)
+                signer = Signer(load_kit(Path(cfg["kits"]) / "server"))
+
+                def seal(dst: str, sha: str) -> dict[str, str]:
+                    return signer.sign({"src": "server", "dst": dst, "sha256": sha})
+
             for _ in range(cfg["repeat"]):
                 before = link_bytes_sent(cell)
                 start = time.perf_counter()
@@ -127,6 +136,7 @@ async def sender(cfg: dict[str, Any]) -> None:
                             digest=cfg["digest"],
                             chunk=chunk,
                             window=window,
+                            seal=seal,
                         )
                     ]
                 seconds = time.perf_counter() - start
@@ -137,7 +147,7 @@ async def sender(cfg: dict[str, Any]) -> None:
     out(peak_rss=peak_rss())
 
 
-def receiver_table(mode: str, tmp: str) -> HandlerTable:
+def receiver_table(mode: str, tmp: str, verifier: SignatureVerifier | None) -> HandlerTable:
     table = HandlerTable("bench")
 
     @table.stream("bench", "put")
@@ -146,10 +156,17 @@ def receiver_table(mode: str, tmp: str) -> HandlerTable:
             path = Path(tmp) / f"received-{stream.sid}.bin"
             n = await stream.save(path)
             path.unlink()
-            return str(n).encode()
-        n = 0
-        async for chunk in stream:
-            n += chunk.nbytes
+        else:
+            n = 0
+            async for chunk in stream:
+                n += chunk.nbytes
+        if verifier is not None:  # the end-to-end signature over the digest we computed
+            verifier.verify(
+                stream.trailer,
+                src=stream.src,
+                expect={"dst": ctx.cell.name, "sha256": stream.sha256},
+                now=datetime.now(UTC),
+            )
         return str(n).encode()
 
     return table
@@ -160,7 +177,12 @@ async def member(cfg: dict[str, Any]) -> None:
         relay = cfg["role"] == "relay"
         handlers = [system_handlers()]
         if not relay:
-            handlers.append(receiver_table(cfg["mode"], tmp))
+            verifier = (
+                SignatureVerifier.from_kit(load_kit(Path(cfg["kits"]) / cfg["name"]))
+                if cfg.get("kits")
+                else None
+            )
+            handlers.append(receiver_table(cfg["mode"], tmp, verifier))
         cell = Cell(
             cfg["name"],
             parent=cfg["parent"],

@@ -1,6 +1,6 @@
 """Streaming throughput and memory: one object from one process to another over tcp on loopback.
 
-Cases are named ``tcp-<path>-<size>-<mode>[-nodigest]``:
+Cases are named ``tcp-<path>-<size>-<mode>[-nodigest|-signed]``:
 
 - ``path``: ``direct`` (sender ``server`` -> receiver ``server.e``, two processes) or
   ``relay`` (``server`` -> relay ``server.r`` -> receiver ``server.r.e``, three processes);
@@ -11,6 +11,10 @@ Cases are named ``tcp-<path>-<size>-<mode>[-nodigest]``:
   time, the receiver writes ``<path>.part`` and renames it once verified).
 - ``-nodigest``: without the whole-object SHA-256 (``digest=False``); chunks still carry
   their CRC-32C. With it, both ends hash the object in a worker thread beside the transfer.
+- ``-signed`` (with ``--sign``): the digest signed end to end as the FL layer signs results
+  (``seal``: the sender signs the SHA-256 it computed while streaming, ECDSA P-256 with a
+  provisioned kit, in the stream's end message; the receiver checks it against the CA and its
+  own digest). Compare with the same case with the digest and no signature.
 
 Per case: ``throughput`` (B/s, median of ``--repeat`` runs; from the start of ``stream`` to
 the receiver's answer), with ``baseline``: the honest ceiling measured in the same run, two
@@ -130,6 +134,26 @@ def disk_write(tmp: str, size: int) -> float:
     return rate
 
 
+def make_kits(tmp: str, relay: bool) -> str:
+    """Startup kits (a real CA and keys) for the signed cases: the sender is ``server``."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from flare_async.security import provision  # noqa: PLC0415
+
+    receiver = "server.r.e" if relay else "server.e"
+    parent = "tls://127.0.0.1:19101" if relay else "tls://127.0.0.1:19100"
+    spec = Path(tmp) / "sign.toml"
+    spec.write_text(
+        'project = "bench"\n[server]\nlisten = ["tls://127.0.0.1:19100"]\n'
+        '[[relays]]\nname = "server.r"\nparent = "tls://127.0.0.1:19100"\n'
+        'listen = ["tls://127.0.0.1:19101"]\n'
+        f'[[clients]]\nname = "{receiver}"\nparent = "{parent}"\n'
+    )
+    out = Path(tmp) / f"kits-{'relay' if relay else 'direct'}"
+    provision(spec, out, now=datetime.now(UTC), force=True)
+    return str(out)
+
+
 def run_case(
     case: str,
     path: str,
@@ -140,6 +164,7 @@ def run_case(
     base: float,
     tmp: str,
     chunk: int,
+    kits: str = "",
 ) -> None:
     fanout = 8 if path.startswith("fanout") else 0
     relay = "relay" in path
@@ -155,6 +180,7 @@ def run_case(
         "digest": digest,
         "tmp": tmp,
         "chunk": chunk,
+        "kits": kits,
     }
     with ExitStack() as stack:
         sender = Child({**common, "role": "sender", "targets": receivers, "fanout": bool(fanout)})
@@ -209,6 +235,11 @@ def main() -> None:
         default="both",
         help="run cases with the whole-object SHA-256 (on), without (off), or both",
     )
+    p.add_argument(
+        "--sign",
+        action="store_true",
+        help="also run each direct case with the digest signed end to end (-signed)",
+    )
     args = p.parse_args()
     size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE)
     cases = [c for c in args.cases.split(",") if c]
@@ -226,6 +257,20 @@ def main() -> None:
                 case = f"tcp-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
                 log(f"{case}: {args.repeat} runs")
                 run_case(case, path, mode, size, digest, args.repeat, base, tmp, args.chunk)
+                if args.sign and digest and not path.startswith("fanout"):
+                    kits = make_kits(tmp, "relay" in path)
+                    run_case(
+                        f"{case}-signed",
+                        path,
+                        mode,
+                        size,
+                        True,
+                        args.repeat,
+                        base,
+                        tmp,
+                        args.chunk,
+                        kits,
+                    )
                 if mode == "file":
                     disk = median([disk_write(tmp, min(size, 2 << 30)) for _ in range(3)])
                     emit("stream", f"{case}:disk", "write_throughput", disk, "B/s")

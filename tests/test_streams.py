@@ -604,3 +604,30 @@ async def test_read_joined_gives_the_object_as_one_buffer() -> None:
         await server.stream("server.e", "t", "joined", data, chunk=CHUNK, window=WINDOW)
         await server.stream("server.e", "t", "joined", b"", chunk=CHUNK, window=WINDOW)
     assert seen == [(len(data), data), (0, b"")]
+
+
+async def test_a_seal_travels_in_the_end_message_over_the_digest() -> None:
+    table = HandlerTable()
+    seen: list[tuple[dict[str, str], str]] = []
+
+    @table.stream("t", "sealed")
+    async def sealed(ctx: Context, stream: IncomingStream) -> bytes:
+        await stream.read_all()
+        seen.append((stream.trailer, stream.sha256))
+        return b"ok"
+
+    data = pattern(3 * CHUNK + 5, seed=23)
+    async with chain(["server", "server.r", "server.r.e"], table) as (server, *_):
+        await server.stream(
+            "server.r.e",
+            "t",
+            "sealed",
+            data,
+            chunk=CHUNK,
+            window=WINDOW,
+            digest=False,  # a seal needs the digest: it is computed anyway
+            seal=lambda dst, sha: {"sig": f"{dst}:{sha}"},
+        )
+    ((trailer, sha),) = seen
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert trailer == {"sig": f"server.r.e:{sha}"}  # through a relay, untouched

@@ -11,7 +11,7 @@ import msgspec
 
 from flare_async.cell._payload import Payload
 from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC
-from flare_async.cell._stream_out import ProgressCallback, StreamOptions, send_streams
+from flare_async.cell._stream_out import ProgressCallback, Seal, StreamOptions, send_streams
 from flare_async.errors import ConfigError, FlareError, InternalError
 from flare_async.routing import validate_name
 from flare_async.streaming import (
@@ -75,6 +75,7 @@ class StreamingMixin:
         codec: str = "",
         headers: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
+        seal: Seal | None = None,
     ) -> Payload:
         """Send one object of any size to ``dst``'s stream handler; return its reply.
 
@@ -95,6 +96,10 @@ class StreamingMixin:
                 ``min(5, idle / 4)``).
             progress: called with a :class:`~flare_async.streaming.Progress` as the receiver
                 commits bytes.
+            seal: called with ``(dst, sha256)`` once the whole object was read and digested;
+                the headers it returns travel in the stream's end message (the receiver reads
+                them as ``IncomingStream.trailer``): a signature over the digest without a
+                second pass over the bytes. Implies ``digest``.
 
         Raises:
             Unreachable: no route to ``dst`` when the stream starts.
@@ -119,6 +124,7 @@ class StreamingMixin:
             codec=codec,
             headers=headers,
             progress=progress,
+            seal=seal,
             via_relays=False,
         )
         outcome = results[dst]
@@ -143,6 +149,7 @@ class StreamingMixin:
         codec: str = "",
         headers: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
+        seal: Seal | None = None,
         via_relays: bool = True,
     ) -> dict[str, Payload | FlareError]:
         """Send one object to many cells; the source is read and digested once.
@@ -167,13 +174,14 @@ class StreamingMixin:
             topic,
             chunk=chunk,
             window=window,
-            digest=digest,
+            digest=digest or seal is not None,
             sha256=sha256,
             idle=idle,
             probe=probe,
             codec=codec,
             headers=headers or {},
             progress=progress,
+            seal=seal,
         )
         if not via_relays:
             return await self._stream_to(targets, channel, topic, source, size=size, opts=opts)

@@ -123,6 +123,9 @@ class IncomingStream:
         """The digest of the bytes taken, once the stream ended (verified against the
         sender's when both computed one)."""
         self.received = 0
+        self.trailer: dict[str, str] = {}
+        """Headers the sender put in the stream's end message (``seal``: a signature over
+        the digest); complete once the stream ended."""
         self.damaged_seen = 0
         self.finished = False
         self._meter = ProgressMeter(hub.cell._clock, self.src, self.sid, self.size)
@@ -281,6 +284,8 @@ class IncomingStream:
     def on_end(self, h: StreamEnd) -> EndVerdict:
         if h.sha256:
             self._expected_sha = h.sha256
+        if h.headers:
+            self.trailer = dict(h.headers)
         verdict = self._flow.on_end(h.size)
         if verdict is EndVerdict.COMPLETE:
             self._wake()

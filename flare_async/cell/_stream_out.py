@@ -53,6 +53,10 @@ _PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLI
 """Statuses with which a relay reports it could not pass a chunk on: resume, do not fail."""
 
 
+Seal = Callable[[str, str], Mapping[str, str]]
+"""``(dst, sha256) -> headers`` for a stream's end message (a signature over the digest)."""
+
+
 class StreamOptions:
     """How a stream is sent (see ``Cell.stream``)."""
 
@@ -65,6 +69,7 @@ class StreamOptions:
         "idle",
         "probe",
         "progress",
+        "seal",
         "sha256",
         "topic",
         "window",
@@ -84,7 +89,9 @@ class StreamOptions:
         codec: str,
         headers: Mapping[str, str],
         progress: ProgressCallback | None,
+        seal: Seal | None = None,
     ) -> None:
+        self.seal = seal
         self.channel = channel
         self.topic = topic
         self.chunk = chunk
@@ -295,7 +302,8 @@ class StreamSender:
                     continue
                 if self._end_sent_at != offset:
                     sha = await digest_result()
-                    end = StreamEnd(*self._routed(), sid=self.sid, size=log.end, sha256=sha)
+                    trailer = dict(self.opts.seal(self.dst, sha)) if self.opts.seal else None
+                    end = StreamEnd(*self._routed(trailer), sid=self.sid, size=log.end, sha256=sha)
                     if await self._send(Frame(end)):
                         self._end_sent_at = offset
                     continue
@@ -398,4 +406,4 @@ async def send_streams(
     return senders
 
 
-__all__ = ["ProgressCallback", "StreamOptions", "StreamSender", "send_streams"]
+__all__ = ["ProgressCallback", "Seal", "StreamOptions", "StreamSender", "send_streams"]

@@ -3,11 +3,8 @@ it) checks the signature before the bytes count. See :mod:`flare_async.security.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
 from typing import Any
-
-import anyio.to_thread
 
 from flare_async.cell import Cell, IncomingStream
 from flare_async.errors import IntegrityError
@@ -32,31 +29,30 @@ async def stream_signed(
 ) -> None:
     """Stream a result (or a relay's partial sum) for ``task`` to ``dst`` on the FL channel.
 
-    With ``signer``, the SHA-256 of the bytes is computed first (in a worker thread), signed
-    with the task and both ends, and announced with the stream: the receiver's stream layer
-    checks the bytes against it and the receiver checks the signature
-    (:func:`check_signed`)."""
-    headers = {"task": task}
-    sha = ""
-    if signer is not None:
-        sha = await anyio.to_thread.run_sync(_sha256, parts)
-        fields = {"src": cell.name, "dst": dst, "task": task, "sha256": sha, "topic": topic}
-        headers.update(signer.sign(fields))
+    With ``signer``, the stream's end message carries a signature over the SHA-256 of the
+    bytes (computed while they stream: no second pass), the task and both ends; the receiver
+    computes the digest itself and checks the signature (:func:`check_signed`)."""
+
+    def seal(to: str, sha: str) -> dict[str, str]:
+        assert signer is not None
+        fields = {"src": cell.name, "dst": to, "task": task, "sha256": sha, "topic": topic}
+        return signer.sign(fields)
+
     await cell.stream(
         dst,
         CHANNEL,
         topic,
         parts,
         codec=codec,
-        headers=headers,
-        digest=digest or signer is not None,
-        sha256=sha,
+        headers={"task": task},
+        digest=digest,
         window=RESULT_WINDOW,
+        seal=seal if signer is not None else None,
     )
 
 
 def check_signed(verifier: SignatureVerifier, stream: IncomingStream, receiver: str) -> None:
-    """Check a received result's signature (after its bytes all arrived).
+    """Check a received result's signature (in its end message, once all bytes arrived).
 
     Raises:
         IntegrityError: unsigned, signed by another cell, for another task or receiver, or
@@ -65,7 +61,7 @@ def check_signed(verifier: SignatureVerifier, stream: IncomingStream, receiver: 
     if not stream.sha256:
         raise IntegrityError(f"a result from {stream.src} came without a digest to check")
     verifier.verify(
-        stream.headers,
+        stream.trailer,
         src=stream.src,
         expect={
             "dst": receiver,
@@ -75,13 +71,6 @@ def check_signed(verifier: SignatureVerifier, stream: IncomingStream, receiver: 
         },
         now=datetime.now(UTC),
     )
-
-
-def _sha256(parts: list[Any]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
 
 
 __all__ = ["CHANNEL", "RESULT_WINDOW", "check_signed", "stream_signed"]
