@@ -12,19 +12,31 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
+from flare_async import Cell
+from flare_async.cell import system_handlers
+from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.codecs import decode
-from flare_async.security import provision
+from flare_async.security import load_kit, provision
+from flare_async.testing import FaultyDriver
 from tests._procs import ROOT, Proc, free_ports
 
 RELAY = "server.relay-1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the relay's wss driver (aiohttp) runs on asyncio only
+
+
 SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
 
 
 class Deployment:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, skip: tuple[str, ...] = ()) -> None:
         self.root = root
         p_server, p_relay = free_ports(2)
         project = root / "project.toml"
@@ -53,13 +65,16 @@ parent = "tls://127.0.0.1:{p_server}"
         provision(project, self.kits, now=datetime.now(UTC))
         self.procs: dict[str, Proc] = {}
         for name in ["server", RELAY, *SITES]:
+            if name in skip:
+                continue
             self.procs[name] = Proc(
                 name,
                 self.kits / name,
                 root / f"{name}.log",
                 ["--jobs", str(root / "jobs" / name)],
             )
-        self.procs["server"].wait_all("site-registered", "site", SITES)
+        if not skip:
+            self.procs["server"].wait_all("site-registered", "site", SITES)
 
     def job(self, *args: str, kit: str = "alice@example.org") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -183,3 +198,57 @@ def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(
     assert [x["attempt"] for x in lines if x["event"] == "resumed"] == [2]
     tensors, _ = decode((folder / "checkpoints" / "last.safetensors").read_bytes())
     assert np.allclose(tensors["w"], 5.0)
+
+
+@pytest.mark.anyio
+async def test_a_tampering_relay_is_caught_in_a_deployment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server and sites are processes; the relay between them runs here, from its own kit,
+    and changes site-1's first result on the way (bytes, with the CRCs fixed up). With relay
+    aggregation off the server checks every site's signature itself."""
+    from tests.test_signatures import HostileRelay  # noqa: PLC0415
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    d = Deployment(tmp_path, skip=(RELAY,))
+    try:
+        kit = load_kit(d.kits / RELAY)
+        hostile = HostileRelay("bytes")
+        relay = Cell(
+            kit.name,
+            listen=list(kit.listen),
+            parent=kit.parent,
+            drivers=[FaultyDriver(drv, rewrite=hostile) for drv in kit_drivers(kit)],
+            handlers=[system_handlers()],
+            verify_peer=kit_verifier(kit),
+        )
+        async with relay:
+            await anyio.to_thread.run_sync(
+                d.procs["server"].wait_all, "site-registered", "site", SITES
+            )
+            done = await anyio.to_thread.run_sync(
+                lambda: d.job(
+                    "submit",
+                    "tests._fl_scripts:small_recipe",
+                    "--no-relay-aggregation",
+                    "--min-responses",
+                    "1",
+                    "--wait",
+                )
+            )
+    finally:
+        d.stop()
+    assert done.returncode == 0, done.stderr
+    assert hostile.tampered == 1
+    job = json.loads(done.stdout.splitlines()[-1])["id"]
+    lines = (tmp_path / "jobs" / "server" / job / "events.jsonl").read_text().splitlines()
+    rounds = [json.loads(x) for x in lines if '"round"' in x]
+    assert rounds[0]["responded"] == [SITES[1]]
+    assert "IntegrityError" in rounds[0]["failed"][SITES[0]]
+    assert sorted(rounds[1]["responded"]) == SITES  # untouched later rounds count
+    audit = [
+        json.loads(x)
+        for x in (tmp_path / "jobs" / "server" / "audit.jsonl").read_text().splitlines()
+    ]
+    rejected = [e for e in audit if e["event"] == "result-rejected"]
+    assert [(e["site"], e["why"].split(":")[0]) for e in rejected] == [(SITES[0], "IntegrityError")]

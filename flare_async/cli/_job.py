@@ -123,7 +123,14 @@ async def main_async(args: Any) -> int:
         if args.action == "submit":
             overrides = {
                 k: getattr(args, k)
-                for k in ("rounds", "codec", "min_clients", "deadline")
+                for k in (
+                    "rounds",
+                    "codec",
+                    "min_clients",
+                    "min_responses",
+                    "deadline",
+                    "relay_aggregation",
+                )
                 if getattr(args, k) is not None
             }
             sites = [s for s in (args.sites or "").split(",") if s]
@@ -175,7 +182,16 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--rounds", type=int)
     s.add_argument("--codec")
     s.add_argument("--min-clients", dest="min_clients", type=int)
+    s.add_argument("--min-responses", dest="min_responses", type=int)
     s.add_argument("--deadline", type=float, help="seconds per round")
+    s.add_argument(
+        "--no-relay-aggregation",
+        dest="relay_aggregation",
+        action="store_const",
+        const=False,
+        default=None,
+        help="relays only forward; the server checks every site's signature",
+    )
     s.add_argument("--sites", help="comma-separated site names (default: every registered one)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")
     s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after")

@@ -365,7 +365,10 @@ class ClientRuntime:
             if self._filter is not None or self.policy.codec:
                 result = self._filtered(model_from_parts(parts), task)
                 parts = model_parts(result, self.cell.codecs, self.policy.codec or self.codec)
-            await self._stream_result(parts, task, reply_to)
+            try:
+                await self._stream_result(parts, task, reply_to)
+            except FlareError as exc:  # this round's result is lost; the script goes on
+                self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
 
 def run_any(script: Callable[[], object]) -> None:

@@ -43,7 +43,15 @@ from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import AuditLog, SignatureVerifier
 
 CHANNEL = "job"
-OVERRIDES = ("rounds", "codec", "min_clients", "min_responses", "deadline", "fraction")
+OVERRIDES = (
+    "rounds",
+    "codec",
+    "min_clients",
+    "min_responses",
+    "deadline",
+    "fraction",
+    "relay_aggregation",
+)
 """Recipe attributes a submission may override."""
 
 
@@ -464,7 +472,8 @@ class JobManager:
             job=rec.id,
             codec=recipe.codec,
             digest=self.digest,
-            hierarchical=any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
+            hierarchical=recipe.relay_aggregation
+            and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
             verifier=self.verifier,
             on_reject=lambda site, task, why: self._audit(

@@ -32,6 +32,9 @@ class FedAvgRecipe:
             ``fp4``).
         evaluate / validation_key: server-side validation and best-round selection.
         checkpoints: a folder for ``last`` / ``best`` checkpoints (and resuming).
+        relay_aggregation: on a deployment, relays fold their sites' results (one partial
+            sum each goes up). Off, relays only forward, and the server checks every site's
+            own signature: for relays not trusted to aggregate (see docs/threat-model.md).
     """
 
     initial: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
@@ -46,6 +49,7 @@ class FedAvgRecipe:
     evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None = None
     validation_key: str | None = None
     checkpoints: str | None = None
+    relay_aggregation: bool = True
 
     async def run(
         self,
