@@ -6,6 +6,7 @@ from flare_async.fl._client import ClientRuntime
 from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
 from flare_async.fl._relay import RelayAggregator
+from flare_async.fl._secure import secure_round
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._workflows import fedavg
@@ -27,5 +28,6 @@ __all__ = [
     "model_from_parts",
     "model_parts",
     "script_spec",
+    "secure_round",
     "simulate",
 ]

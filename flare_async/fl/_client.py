@@ -26,9 +26,11 @@ import anyio.from_thread
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import FlareError, Unauthorized
+from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._privacy import PrivacyFilter, SitePolicy
+from flare_async.fl._secagg import SecAggError
+from flare_async.fl._secure import SecureSite
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import Signer
 from flare_async.transport import TcpLink
@@ -110,6 +112,8 @@ class ClientRuntime:
         self._filter = PrivacyFilter(self.policy) if self.policy.filters else None
         self._received: dict[str, dict[str, Any]] = {}
         self.on_privacy = on_privacy
+        self.secure = SecureSite()
+        self._secure_tasks: dict[str, str] = {}  # task -> secure aggregation session
         self.digest = digest
         return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
@@ -139,7 +143,22 @@ class ClientRuntime:
             self.stop()
             return b"stopping"
 
+        @table.request(CHANNEL, "secagg")
+        async def secagg(ctx: Context, msg: Payload) -> bytes:
+            return await self.secagg_step(ctx.src, msg)
+
         return table
+
+    async def secagg_step(self, src: str, msg: Payload) -> bytes:
+        """One step of a secure round (see :mod:`flare_async.fl._secure`), from the server."""
+        if src != self.server:
+            raise Unauthorized(f"secure aggregation steps come from {self.server}, not {src}")
+        try:
+            body = json.loads(msg.tobytes())
+            answer = await anyio.to_thread.run_sync(self.secure.handle, body)
+        except (SecAggError, ValueError, KeyError, TypeError) as exc:
+            raise BadRequest(f"secure aggregation: {type(exc).__name__}: {exc}") from None
+        return json.dumps(answer).encode()
 
     async def take_task(self, stream: IncomingStream) -> bytes:
         """A task stream from the server: queued for the script's next ``receive()``.
@@ -155,6 +174,8 @@ class ClientRuntime:
         if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
             reply_to = self.cell.parent_name  # the relay folds its children's results
         task = stream.headers.get("task", "")
+        if "secagg" in stream.headers:
+            self._secure_tasks[task] = stream.headers["secagg"]
         if self._filter is not None:
             self._received[task] = dict(model.params)  # the filters need what was sent
         self._inbox.put((task, (model, reply_to)))
@@ -201,9 +222,23 @@ class ClientRuntime:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
     async def _send(self, model: FLModel, task: str, dst: str) -> None:
+        codec = self._result_codec(task)  # before _outgoing forgets the task's session
+        model = await self._outgoing(model, task)
+        await self._stream_result(model_parts(model, self.cell.codecs, codec), task, dst, codec)
+
+    async def _outgoing(self, model: FLModel, task: str) -> FLModel:
+        """The result as it leaves: the site's filters, then masked in a secure round."""
         model = self._filtered(model, task)
-        codec = self.policy.codec or self.codec
-        await self._stream_result(model_parts(model, self.cell.codecs, codec), task, dst)
+        sid = self._secure_tasks.pop(task, None)
+        if sid is not None:
+            model = await anyio.to_thread.run_sync(self.secure.mask, sid, model)
+        return model
+
+    def _result_codec(self, task: str) -> str:
+        """Secure rounds send a uint32 vector as it is (masks are not quantizable)."""
+        if task in self._secure_tasks:
+            return "tensors"
+        return self.policy.codec or self.codec
 
     def _filtered(self, model: FLModel, task: str) -> FLModel:
         """The result as the site's policy lets it go (the job has no say)."""
@@ -215,7 +250,7 @@ class ClientRuntime:
             self.on_privacy({k: v for k, v in out.metrics.items() if k.startswith("dp_")})
         return out
 
-    async def _stream_result(self, parts: list[Any], task: str, dst: str) -> None:
+    async def _stream_result(self, parts: list[Any], task: str, dst: str, codec: str) -> None:
         """Stream a result's bytes to ``dst``; with a signer, signed end to end (the digest of
         the bytes, the task and both ends), so no relay can change or replay it unseen."""
         await stream_signed(
@@ -225,7 +260,7 @@ class ClientRuntime:
             "result",
             parts,
             task,
-            codec=self.policy.codec or self.codec,
+            codec=codec,
             digest=self.digest,
         )
         self.sent += 1
@@ -362,11 +397,12 @@ class ClientRuntime:
                 return
             self._task = None
             parts: list[Any] = list(frame.parts)
-            if self._filter is not None or self.policy.codec:
-                result = self._filtered(model_from_parts(parts), task)
-                parts = model_parts(result, self.cell.codecs, self.policy.codec or self.codec)
+            codec = self._result_codec(task)
+            if self._filter is not None or self.policy.codec or task in self._secure_tasks:
+                result = await self._outgoing(model_from_parts(parts), task)
+                parts = model_parts(result, self.cell.codecs, codec)
             try:
-                await self._stream_result(parts, task, reply_to)
+                await self._stream_result(parts, task, reply_to, codec)
             except FlareError as exc:  # this round's result is lost; the script goes on
                 self.cell._log.warning("result not delivered", task=task, error=str(exc))
 

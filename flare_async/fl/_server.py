@@ -28,7 +28,7 @@ import os
 import random
 import secrets
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -84,7 +84,15 @@ class RoundResult:
 
 
 class _Collector:
-    def __init__(self, task: str, rnd: int, targets: Sequence[str]) -> None:
+    def __init__(
+        self,
+        task: str,
+        rnd: int,
+        targets: Sequence[str],
+        fold_with: Callable[[str, FLModel], None] | None = None,
+    ) -> None:
+        self.fold_with = fold_with
+        """Folds each site's result instead of the weighted sum (secure aggregation)."""
         self.task = task
         self.result = RoundResult(rnd)
         self.pending = set(targets)
@@ -138,8 +146,12 @@ class _Collector:
                     if site not in self.pending:
                         return b"duplicate"
                     weight = float(update.meta.get("num_samples", 1.0))
-                    fold = partial(
-                        result.sum.add, update.params, weight, update.params_type, on_folded
+                    fold = (
+                        partial(self.fold_with, site, update)
+                        if self.fold_with is not None
+                        else partial(
+                            result.sum.add, update.params, weight, update.params_type, on_folded
+                        )
                     )
                 if in_thread:
                     await anyio.to_thread.run_sync(fold)
@@ -363,9 +375,14 @@ class FLServer:
         min_responses: int | None = None,
         deadline: float = 60.0,
         task: str = "train",
+        fold_with: Callable[[str, FLModel], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> RoundResult:
         """Send ``model`` to ``targets`` and fold their results in as they arrive, until all
         answered or ``deadline`` seconds passed.
+
+        ``fold_with`` replaces the weighted sum for this round (each result goes to it; see
+        ``secure_round``), ``headers`` go with every task.
 
         Raises:
             RoundFailed: fewer than ``min_responses`` (default: all targets) results.
@@ -375,17 +392,17 @@ class FLServer:
         # A fresh random part: after a restart the same round must not reuse a task id (a
         # result signed for the old one could be replayed into the new one).
         task_id = f"{self.job}:{model.current_round}:{self._tasks}:{secrets.token_hex(4)}"
-        collector = _Collector(task_id, model.current_round or 0, targets)
+        collector = _Collector(task_id, model.current_round or 0, targets, fold_with)
         self._open[task_id] = collector
-        headers = {"job": self.job, "task": task_id, "kind": task}
+        task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
             parts = model_parts(model, self.cell.codecs, self.codec)
-            if self.hierarchical:
-                headers["aggregate"] = "parent"
+            if self.hierarchical and fold_with is None:
+                task_headers["aggregate"] = "parent"
                 await self._arm_relays(collector, list(targets), task_id, deadline)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._deliver, collector, list(targets), parts, headers)
+                    tg.start_soon(self._deliver, collector, list(targets), parts, task_headers)
                     while collector.pending:
                         collector.changed = anyio.Event()
                         await collector.changed.wait()

@@ -154,6 +154,13 @@ class SiteJobs:
                 raise BadRequest(f"no job {stream.headers.get('job', '')!r:.80} runs here")
             return await running.runtime.take_task(stream)
 
+        @table.request(FL_CHANNEL, "secagg")
+        async def secagg(ctx: Context, msg: Payload) -> bytes:
+            running = self.jobs.get(ctx.headers.get("job", ""))
+            if running is None:
+                raise BadRequest(f"no job {ctx.headers.get('job', '')!r:.80} runs here")
+            return await running.runtime.secagg_step(ctx.src, msg)
+
         @table.request(FL_CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
             running = self.jobs.get(ctx.headers.get("job", ""))
