@@ -21,7 +21,7 @@ import pytest
 
 from flare_async import Cell, errors
 from flare_async.codecs import decode
-from flare_async.fl._jobs import CHANNEL, JobManager, JobStore
+from flare_async.fl._jobs import CHANNEL, AdminRights, JobManager, JobStore
 from flare_async.fl._privacy import SitePolicy, policy_from_dict
 from flare_async.fl._site import SiteJobs
 from flare_async.security import AuditLog, admin_cell_name, verify_audit
@@ -30,6 +30,7 @@ from flare_async.transport import MemoryNetwork
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = admin_cell_name("server", "alice@example.org")
+BOB = admin_cell_name("server", "bob@example.org")
 SITES = ["server.site-1", "server.site-2"]
 
 
@@ -68,6 +69,7 @@ class Deployment:
     server: JobManager
     sites: dict[str, SiteJobs]
     admin: Cell
+    bob: Cell
     events: Events
 
     async def call(self, topic: str, body: dict[str, Any], *, by: Cell | None = None) -> Any:
@@ -82,6 +84,7 @@ async def deployment(
     workdir: Path,
     monkeypatch: pytest.MonkeyPatch,
     policies: dict[str, SitePolicy] | None = None,
+    rights: AdminRights | None = None,
 ) -> AsyncIterator[Deployment]:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     net = MemoryNetwork()
@@ -91,7 +94,8 @@ async def deployment(
         manager = JobManager(
             server_cell,
             store,
-            admin_of=lambda src: "alice@example.org" if src == ADMIN else None,
+            admin_of={ADMIN: "alice@example.org", BOB: "bob@example.org"}.get,
+            rights=rights,
             on_event=events,
             digest=False,
             audit=AuditLog(store / "audit.jsonl"),
@@ -119,8 +123,11 @@ async def deployment(
         admin = Cell(ADMIN, parent="memory://server", drivers=[net])
         await stack.enter_async_context(admin)
         await admin.wait_parent()
+        bob = Cell(BOB, parent="memory://server", drivers=[net])
+        await stack.enter_async_context(bob)
+        await bob.wait_parent()
         await events.wait("site-registered", count=len(SITES))
-        yield Deployment(manager, sites, admin, events)
+        yield Deployment(manager, sites, admin, bob, events)
 
 
 async def test_a_job_runs_to_the_end_and_is_kept(
@@ -282,3 +289,25 @@ async def test_a_site_refuses_jobs_its_policy_does_not_allow(
     assert refused[0]["submitter"] == "alice@example.org"
     events = (tmp_path / "jobs" / rec["id"] / "events.jsonl").read_text()
     assert "site-not-started" in events
+
+
+async def test_an_admin_without_the_right_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "admins.toml"
+    toml.write_text('[rights]\n"alice@example.org" = ["submit", "abort", "view"]\n"*" = ["view"]\n')
+    rights = AdminRights.load(toml)
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch, rights=rights) as d:
+        with pytest.raises(errors.Unauthorized, match="may not submit"):
+            await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"}, by=d.bob)
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:hanging_recipe"})
+        assert [r["id"] for r in await d.call("list", {}, by=d.bob)] == [rec["id"]]  # view
+        with pytest.raises(errors.Unauthorized, match="may not abort"):
+            await d.call("abort", {"id": rec["id"]}, by=d.bob)
+        with pytest.raises(errors.Unauthorized, match="may not abort"):
+            await d.call("abort", {"id": "no-such-job"}, by=d.bob)  # says nothing more
+        assert (await d.call("abort", {"id": rec["id"]}))["state"] == "aborted"  # her own
+    refused = [
+        e for e in audit_entries(tmp_path / "jobs" / "audit.jsonl") if e["event"] == "refused"
+    ]
+    assert [e["admin"] for e in refused] == ["bob@example.org"] * 3

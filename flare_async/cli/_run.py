@@ -26,7 +26,7 @@ from flare_async._spec import load_object
 from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
 from flare_async.errors import ConfigError, IdentityError
 from flare_async.fl import RelayAggregator
-from flare_async.fl._jobs import JobManager
+from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._privacy import load_policy
 from flare_async.fl._site import SiteJobs
 from flare_async.security import (
@@ -222,6 +222,7 @@ class JobRole:
                 on_event=emit,
                 audit=audit,
                 verifier=SignatureVerifier.from_kit(self.kit),
+                rights=AdminRights.load(Path(self.kit.cert).parent / "admins.toml"),
             )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:

@@ -27,7 +27,8 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,47 @@ OVERRIDES = (
     "relay_aggregation",
 )
 """Recipe attributes a submission may override."""
+
+
+RIGHTS = frozenset({"submit", "abort", "abort-any", "view"})
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminRights:
+    """Who may do what with jobs on this server (``admins.toml`` in the server's kit)::
+
+        [rights]
+        "alice@example.org" = ["submit", "abort-any", "view"]
+        "bob@example.org" = ["submit", "abort", "view"]   # abort: his own jobs only
+        "*" = ["view"]                                      # every other admin
+
+    Without the file every admin may do everything.
+    """
+
+    rights: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=lambda: {"*": RIGHTS})
+
+    def of(self, admin: str) -> frozenset[str]:
+        return self.rights.get(admin, self.rights.get("*", frozenset()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AdminRights:
+        """Read ``admins.toml`` (a missing file: everyone may do everything).
+
+        Raises:
+            ConfigError: not TOML, or an unknown right.
+        """
+        p = Path(path)
+        if not p.exists():
+            return cls()
+        try:
+            doc = tomllib.loads(p.read_text())
+            table = {str(k): frozenset(str(r) for r in v) for k, v in doc["rights"].items()}
+        except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{p}: {type(exc).__name__}: {exc}") from None
+        unknown = set().union(*table.values()) - RIGHTS if table else set()
+        if unknown:
+            raise ConfigError(f"{p}: unknown rights {sorted(unknown)}; known: {sorted(RIGHTS)}")
+        return cls(table)
 
 
 class JobState(enum.StrEnum):
@@ -183,6 +225,7 @@ class JobManager:
         audit: where every admin command, refusal, state change and rejected result is
             recorded (hash-chained; ``flare-async audit verify``).
         verifier: every result must carry a valid end-to-end signature (the project CA).
+        rights: which admin may submit, abort and view jobs (default: every admin all).
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -200,10 +243,12 @@ class JobManager:
         on_event: Callable[..., None] | None = None,
         audit: AuditLog | None = None,
         verifier: SignatureVerifier | None = None,
+        rights: AdminRights | None = None,
     ) -> None:
         self.cell = cell
         self.audit = audit
         self.verifier = verifier
+        self.rights = rights or AdminRights()
         self.on_event = on_event or (lambda event, **fields: None)
         self.store = JobStore(store)
         self.admin_of = admin_of
@@ -232,7 +277,7 @@ class JobManager:
 
         @table.request(CHANNEL, "submit")
         async def submit(ctx: Context, msg: Payload) -> bytes:
-            admin = self._admin(ctx)
+            admin = self._admin(ctx, "submit")
             doc = _json(msg)
             rec = await self.submit(
                 str(doc.get("recipe", "")),
@@ -244,23 +289,25 @@ class JobManager:
 
         @table.request(CHANNEL, "list")
         async def list_(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, record=False)
+            self._admin(ctx, "view", record=False)
             return json.dumps([r.to_json() for r in self.jobs.values()]).encode()
 
         @table.request(CHANNEL, "status")
         async def status(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, record=False)
+            self._admin(ctx, "view", record=False)
             return json.dumps(self._job(_json(msg)).to_json()).encode()
 
         @table.request(CHANNEL, "abort")
         async def abort(ctx: Context, msg: Payload) -> bytes:
-            admin = self._admin(ctx)
-            rec = await self.abort(self._job(_json(msg)).id, by=admin)
+            doc = _json(msg)
+            found = self.jobs.get(str(doc.get("id", "")))
+            admin = self._admin(ctx, "abort", job=found)  # before saying whether it exists
+            rec = await self.abort(self._job(doc).id, by=admin)
             return json.dumps(rec.to_json()).encode()
 
         @table.request(CHANNEL, "logs")
         async def logs(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx)
+            self._admin(ctx, "view")
             doc = _json(msg)
             rec = self._job(doc)
             site = doc.get("site")
@@ -276,7 +323,7 @@ class JobManager:
 
         @table.request(CHANNEL, "download")
         async def download(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx)
+            self._admin(ctx, "view")
             rec = self._job(_json(msg))
             names = self.store.files(rec.id)
             folder = self.store.folder(rec.id)
@@ -334,13 +381,24 @@ class JobManager:
         if self.audit is not None:
             self.audit.append(event, now=time.time(), **fields)
 
-    def _admin(self, ctx: Context, *, record: bool = True) -> str:
-        """The admin behind the request (recorded in the audit log unless it only reads a
-        job's state: ``job wait`` polls it every second)."""
+    def _admin(
+        self, ctx: Context, need: str, *, job: JobRecord | None = None, record: bool = True
+    ) -> str:
+        """The admin behind the request, if it holds the right ``need`` (``abort`` of a job
+        it did not submit needs ``abort-any``). Recorded in the audit log unless it only reads
+        a job's state (``job wait`` polls it every second); refusals always are."""
         admin = self.admin_of(ctx.src)
         if admin is None:
             self._audit("refused", src=ctx.src, command=ctx.topic, why="not an admin")
             raise Unauthorized(f"{ctx.src} is not an admin")
+        rights = self.rights.of(admin)
+        allowed = need in rights or (need == "abort" and "abort-any" in rights)
+        if need == "abort" and "abort-any" not in rights and job is not None:
+            allowed = allowed and job.submitter == admin
+        if not allowed:
+            why = f"{admin} may not {need}" + (f" job {job.id}" if job is not None else "")
+            self._audit("refused", admin=admin, command=ctx.topic, why=why)
+            raise Unauthorized(why)
         if record:
             self._audit("admin-command", admin=admin, command=ctx.topic)
         return admin
