@@ -135,6 +135,14 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
     assert np.allclose(tensors["w"], 5.0)  # (1*1 + 2*2) / 3 a round, 3 rounds, via the relay
     assert json.loads((out / job / "job.json").read_text())["state"] == "finished"
 
+    # The same job under secure aggregation: the server learns only the sum, same model.
+    secure = d.job("submit", "tests._fl_scripts:small_recipe", "--secure", "--wait")
+    assert secure.returncode == 0, secure.stderr
+    sjob = json.loads(secure.stdout.splitlines()[-1])["id"]
+    folder = tmp_path / "jobs" / "server" / sjob / "checkpoints"
+    tensors, _ = decode((folder / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 5.0, atol=1e-3)
+
     # Abort: every site's training process is stopped, and the deployment goes on.
     hung = json.loads(d.job("submit", "tests._fl_scripts:hanging_recipe").stdout)["id"]
     pids = [d.procs[s].wait_for("job-process", job=hung)["pid"] for s in SITES]
@@ -161,6 +169,7 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
     submitted = [e for e in entries if e["event"] == "job-submitted"]
     assert [(e["job"], e["by"]) for e in submitted] == [
         (job, "alice@example.org"),
+        (sjob, "alice@example.org"),
         (hung, "alice@example.org"),
     ]
     assert any(e["event"] == "job-abort" and e["job"] == hung for e in entries)

@@ -130,6 +130,7 @@ async def main_async(args: Any) -> int:
                     "min_responses",
                     "deadline",
                     "relay_aggregation",
+                    "secure",
                 )
                 if getattr(args, k) is not None
             }
@@ -191,6 +192,13 @@ def add_parser(sub: Any) -> None:
         const=False,
         default=None,
         help="relays only forward; the server checks every site's signature",
+    )
+    s.add_argument(
+        "--secure",
+        action="store_const",
+        const=True,
+        default=None,
+        help="secure aggregation: the server learns only the sum of the sites' results",
     )
     s.add_argument("--sites", help="comma-separated site names (default: every registered one)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")

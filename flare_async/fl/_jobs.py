@@ -52,6 +52,7 @@ OVERRIDES = (
     "deadline",
     "fraction",
     "relay_aggregation",
+    "secure",
 )
 """Recipe attributes a submission may override."""
 
@@ -531,6 +532,7 @@ class JobManager:
             codec=recipe.codec,
             digest=self.digest,
             hierarchical=recipe.relay_aggregation
+            and not recipe.secure
             and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
             verifier=self.verifier,

@@ -35,6 +35,7 @@ class FedAvgRecipe:
         relay_aggregation: on a deployment, relays fold their sites' results (one partial
             sum each goes up). Off, relays only forward, and the server checks every site's
             own signature: for relays not trusted to aggregate (see docs/threat-model.md).
+        secure: secure aggregation in every round (the server learns only the sum).
     """
 
     initial: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
@@ -50,6 +51,7 @@ class FedAvgRecipe:
     validation_key: str | None = None
     checkpoints: str | None = None
     relay_aggregation: bool = True
+    secure: bool = False
 
     async def run(
         self,
@@ -73,6 +75,7 @@ class FedAvgRecipe:
             validation_key=self.validation_key,
             checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
             on_checkpoint=on_checkpoint,
+            secure=self.secure,
         )
 
     def script_spec(self) -> str:

@@ -14,6 +14,7 @@ from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel
+from flare_async.fl._secure import secure_round
 from flare_async.fl._server import FLServer, RoundResult
 
 
@@ -30,6 +31,7 @@ async def fedavg(
     validation_key: str | None = None,
     checkpoints: str | os.PathLike[str] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    secure: bool = False,
 ) -> FLModel:
     """Federated averaging.
 
@@ -47,6 +49,9 @@ async def fedavg(
     (``last.safetensors``) and whenever the validation metric improves (``best.safetensors``),
     atomically (then ``on_checkpoint(round)`` is called); started again on the same folder (the
     server restarted), the job continues after the last finished round.
+
+    With ``secure``, every round runs under secure aggregation (``secure_round``: the server
+    learns only the weighted sum; a majority of the sampled sites must stay).
 
     Returns:
         the final model; ``meta["history"]`` holds each round's averaged client metrics, the
@@ -74,12 +79,14 @@ async def fedavg(
                 best_params = saved_best.params
     for rnd in range(first, rounds):
         targets = server.sample(fraction, min_clients)
-        result: RoundResult = await server.run_round(
-            FLModel(params=params, current_round=rnd, total_rounds=rounds),
-            targets,
-            min_responses=None if min_responses is None else min(min_responses, len(targets)),
-            deadline=deadline,
+        task = FLModel(params=params, current_round=rnd, total_rounds=rounds)
+        need = None if min_responses is None else min(min_responses, len(targets))
+        result: RoundResult = (
+            await secure_round(server, task, targets, min_responses=need, deadline=deadline)
+            if secure
+            else await server.run_round(task, targets, min_responses=need, deadline=deadline)
         )
+        del task
         params = fedavg_step(params, result.sum, consume=True)
         metrics = result.mean_metrics()
         validation = (
