@@ -383,7 +383,7 @@ def test_flare_async_simulate_prints_each_round(monkeypatch: pytest.MonkeyPatch)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     events = [json.loads(line) for line in lines if line.startswith("{")]
-    assert "site 2 trained round 2" in lines  # the scripts' own output passes through
+    assert "site 2 trained round 2" in done.stdout  # the scripts' own output passes through
     assert [e["round"] for e in events if e["event"] == "round"] == [1, 2, 3]
     assert all(e["responded"] == 3 for e in events if e["event"] == "round")
     assert events[-1]["event"] == "done"

@@ -96,3 +96,30 @@ async def test_a_minority_dropping_mid_round_still_completes(
     second = sum((i + 1) ** 2 for i in rest) / sum(i + 1 for i in rest)
     assert "server.site-2" in results[1].failed
     assert np.allclose(out["w"], first + second, atol=1e-3)
+
+
+async def test_relays_add_masked_vectors_of_their_sites(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[np.ndarray] = []
+    add_sum = SecAggServer.add_sum
+
+    def spy(self: SecAggServer, ids: Any, y: np.ndarray) -> None:
+        seen.append(np.array(y))
+        add_sum(self, ids, y)
+
+    monkeypatch.setattr(SecAggServer, "add_sum", spy)
+    results: list[Any] = []
+
+    async def workflow(server: FLServer) -> dict[str, np.ndarray]:
+        params = {"w": np.zeros(50)}
+        result = await _secure.secure_round(
+            server, FLModel(params=params, current_round=0), server.clients, deadline=20
+        )
+        results.append(result)
+        return fedavg_step(params, result.sum)
+
+    out = await simulate(workflow, add_weight, clients=6, relays=2)
+    step = sum((i + 1) ** 2 for i in range(6)) / sum(i + 1 for i in range(6))
+    assert np.allclose(out["w"], step, atol=1e-3)
+    assert len(seen) == 2  # one masked sum per relay, not six vectors
+    assert results[0].partials == 2
+    assert len(results[0].responded) == 6

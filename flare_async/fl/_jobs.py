@@ -532,7 +532,6 @@ class JobManager:
             codec=recipe.codec,
             digest=self.digest,
             hierarchical=recipe.relay_aggregation
-            and not recipe.secure
             and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
             verifier=self.verifier,

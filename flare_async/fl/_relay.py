@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, FlareError
-from flare_async.fl._aggregate import WeightedSum
-from flare_async.fl._model import model_parts
+from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
+from flare_async.fl._model import FLModel, ParamsType, model_parts
+from flare_async.fl._secure import VECTOR
 from flare_async.fl._server import _Collector, receive_result
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import SignatureVerifier, Signer
@@ -54,6 +56,7 @@ class RelayAggregator:
         self.server = server
         self.digest = digest
         self._open: dict[str, _Collector] = {}
+        self._masked: dict[str, MaskedSum | None] = {}
 
     def handlers(self) -> HandlerTable:
         table = HandlerTable("fl relay")
@@ -72,7 +75,10 @@ class RelayAggregator:
             me = self.cell.name
             if not sites or any(not str(s).startswith(me + ".") for s in sites):
                 raise BadRequest(f"{me} aggregates only for cells below it")
-            collector = _Collector(task, 0, [str(s) for s in sites])
+            secure = str(plan.get("secure", ""))
+            masked = MaskedSum(secure) if secure else None
+            collector = _Collector(task, 0, [str(s) for s in sites], masked.add if masked else None)
+            self._masked[task] = masked
             self._open[task] = collector
             self.cell._spawn(self._collect, collector, deadline, name=f"fl relay {task}")
             return b"armed"
@@ -108,7 +114,12 @@ class RelayAggregator:
             result.failed.setdefault(site, "no result before the relay's deadline")
         if not result.responded:
             return  # nothing to send; the server sees these sites fail at its deadline
-        partial = _partial(result.sum, result.responded, result.failed, result.metrics)
+        masked = self._masked.pop(collector.task, None)
+        partial = (
+            masked.partial(result.responded, result.failed, result.metrics)
+            if masked is not None
+            else _partial(result.sum, result.responded, result.failed, result.metrics)
+        )
         try:
             await stream_signed(
                 self.cell,
@@ -122,6 +133,45 @@ class RelayAggregator:
             )
         except FlareError as exc:
             self.cell._log.warning("partial sum not delivered", task=collector.task, error=str(exc))
+
+
+class MaskedSum:
+    """A secure round's relay side: the sum (mod 2^32) of its sites' masked vectors."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.total: np.ndarray | None = None
+        self.params_type = ParamsType.FULL
+
+    def add(self, site: str, update: FLModel) -> None:
+        y = update.params.get(VECTOR)
+        if update.meta.get("secagg") != self.session or y is None:
+            raise ValueError("a plain result in a secure round")
+        y = np.asarray(y, np.uint32).reshape(-1)
+        if self.total is None:
+            self.total = y.copy()
+        elif y.size != self.total.size:
+            raise ValueError(f"a masked vector of {y.size} values, not {self.total.size}")
+        else:
+            self.total += y
+        self.params_type = update.params_type
+
+    def partial(
+        self, responded: list[str], failed: dict[str, str], metrics: dict[str, dict[str, float]]
+    ) -> FLModel:
+        assert self.total is not None
+        return FLModel(
+            params={VECTOR: self.total},
+            params_type=self.params_type,
+            meta={
+                "secagg": self.session,
+                WEIGHT_KEY: 0.0,  # the weights are inside the masked sum
+                COUNT_KEY: len(responded),
+                "responded": responded,
+                "failed": failed,
+                "metrics": metrics,
+            },
+        )
 
 
 def _partial(

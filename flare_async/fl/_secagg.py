@@ -238,6 +238,21 @@ class SecAggServer:
         self._sum += y
         self.inputs[u] = np.empty(0, np.uint32)  # who sent; the vector itself is not kept
 
+    def add_sum(self, ids: Sequence[int], y: np.ndarray) -> None:
+        """A relay's sum of the masked vectors of ``ids`` (mod 2^32), folded as theirs."""
+        ids = list(ids)
+        if not ids or len(set(ids)) != len(ids):
+            raise SecAggError(f"a partial sum names its clients badly: {ids}")
+        for u in ids:
+            if u not in self.shares or u in self.inputs:
+                raise SecAggError(f"a partial sum with {u}, which did not share keys or sent")
+        y = np.asarray(y, np.uint32).reshape(-1)
+        if y.size != self.n:
+            raise SecAggError(f"a partial sum of {y.size} values, not {self.n}")
+        self._sum += y
+        for u in ids:
+            self.inputs[u] = np.empty(0, np.uint32)
+
     def survivors(self) -> list[int]:
         """Step 2 -> 3: ``U3``, to broadcast."""
         if len(self.inputs) < self.threshold:

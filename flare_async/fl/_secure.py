@@ -8,9 +8,10 @@ site's weight (``num_samples``), flattened in name order, then the weight itself
 in fixed point (``scale``) and masks it. The server folds masked vectors as they arrive (one
 running uint32 sum), unmasks the total once enough sites answered, and hands the workflow an
 ordinary :class:`RoundResult` whose ``sum`` is the weighted sum: ``fedavg_step`` works as
-usual. A site's privacy filters (its policy) run before masking. Relays forward (the round
-does not use relay aggregation). Sites that drop after the keys are out, and the round still
-completes while at least ``threshold`` remain.
+usual. A site's privacy filters (its policy) run before masking. With relay aggregation
+(``FLServer(hierarchical=True)``) each relay adds up its sites' masked vectors (mod 2^32) and
+sends one sum up: the masks still cancel, and the relay learns nothing either. Sites that drop
+after the keys are out, and the round still completes while at least ``threshold`` remain.
 
 Fixed point: values are ``round(w * x * scale)`` in signed 32-bit; the sum over all sites must
 stay within +-2^31 / scale (with the default 2^16: +-32,768). Pick ``scale`` for the model's
@@ -192,7 +193,14 @@ async def secure_round(
     def fold(site: str, update: FLModel) -> None:
         if update.meta.get("secagg") != sid or VECTOR not in update.params:
             raise ValueError("a plain result in a secure round")
-        agg.add_input(ids[site], np.asarray(update.params[VECTOR]))
+        y = np.asarray(update.params[VECTOR])
+        try:
+            if WEIGHT_KEY in update.meta:  # a relay's sum of its sites' masked vectors
+                agg.add_sum([ids[str(s)] for s in update.meta.get("responded", [])], y)
+            else:
+                agg.add_input(ids[site], y)
+        except (SecAggError, KeyError) as exc:
+            raise ValueError(f"secure aggregation: {exc}") from None
         params_type.append(update.params_type)
 
     result = await server.run_round(

@@ -141,7 +141,11 @@ class _Collector:
                 update = model_from_parts(parts)
                 if WEIGHT_KEY in update.meta:
                     covered = self._check_partial(site, update)
-                    fold = partial(result.sum.merge, update, on_folded)
+                    fold = (
+                        partial(self.fold_with, site, update)
+                        if self.fold_with is not None
+                        else partial(result.sum.merge, update, on_folded)
+                    )
                 else:
                     if site not in self.pending:
                         return b"duplicate"
@@ -397,9 +401,10 @@ class FLServer:
         task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
             parts = model_parts(model, self.cell.codecs, self.codec)
-            if self.hierarchical and fold_with is None:
+            if self.hierarchical:
                 task_headers["aggregate"] = "parent"
-                await self._arm_relays(collector, list(targets), task_id, deadline)
+                secure = task_headers.get("secagg", "")
+                await self._arm_relays(collector, list(targets), task_id, deadline, secure)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._deliver, collector, list(targets), parts, task_headers)
@@ -430,10 +435,16 @@ class FLServer:
         return result
 
     async def _arm_relays(
-        self, collector: _Collector, targets: list[str], task_id: str, deadline: float
+        self,
+        collector: _Collector,
+        targets: list[str],
+        task_id: str,
+        deadline: float,
+        secure: str = "",
     ) -> None:
         """Tell each relay which of its children answer this task, and by when (a little
-        before the round's deadline, so its partial sum arrives in time)."""
+        before the round's deadline, so its partial sum arrives in time); in a secure round
+        (``secure``: the session), it adds up masked vectors instead."""
         groups: dict[str, list[str]] = {}
         for site in targets:
             parent = site.rsplit(".", 1)[0]
@@ -441,7 +452,8 @@ class FLServer:
                 groups.setdefault(parent, []).append(site)
         for relay, sites in groups.items():
             collector.relays[relay] = set(sites)
-            body = json.dumps({"task": task_id, "sites": sites, "deadline": 0.9 * deadline})
+            plan = {"task": task_id, "sites": sites, "deadline": 0.9 * deadline, "secure": secure}
+            body = json.dumps(plan)
             try:
                 await self.cell.request(relay, CHANNEL, "expect", body.encode(), timeout=10)
             except FlareError as exc:
