@@ -18,8 +18,10 @@ import pytest
 
 from flare_async import Cell
 from flare_async.cell import system_handlers
+from flare_async.cli._job import admin_session
 from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.codecs import decode
+from flare_async.errors import IntegrityError
 from flare_async.security import load_kit, provision
 from flare_async.testing import FaultyDriver
 from tests._procs import ROOT, Proc, free_ports
@@ -175,13 +177,28 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
     assert any(e["event"] == "job-abort" and e["job"] == hung for e in entries)
 
 
-def test_only_an_admin_kit_reaches_the_job_service(deployment: Deployment) -> None:
+def test_only_an_admin_kit_reaches_the_job_service(deployment: Deployment, tmp_path: Path) -> None:
     refused = deployment.job("list", kit=SITES[0])
     assert refused.returncode == 1
     assert "not an admin kit" in refused.stderr
     missing = deployment.job("status", "no-such-job")
     assert missing.returncode == 1
     assert "no job" in missing.stderr
+    assert deployment.job("logs", "no-such-job").returncode == 1  # recorded, with signature
+
+    # The admin's own session, but a command without its signature: refused and audited.
+    async def unsigned() -> None:
+        async with admin_session(deployment.kits / "alice@example.org") as session:
+            await session.cell.request(session.server, "job", "list", b"{}")
+
+    with pytest.raises(IntegrityError, match="not signed"):
+        anyio.run(unsigned)
+    audit = (tmp_path / "jobs" / "server" / "audit.jsonl").read_text().splitlines()
+    refusals = [json.loads(x) for x in audit if '"refused"' in x]
+    assert refusals[-1]["admin"] == "alice@example.org"
+    signed = [json.loads(x) for x in audit if '"admin-command"' in x]
+    assert signed
+    assert all(e["signature"] for e in signed)  # every command kept with its signature
 
 
 def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(

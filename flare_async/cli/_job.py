@@ -19,11 +19,13 @@ else. Commands::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,7 +37,33 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.fl._jobs import CHANNEL
-from flare_async.security import Role, admin_cell_name, load_kit
+from flare_async.security import Role, Signer, admin_cell_name, load_kit
+
+
+@dataclass
+class AdminSession:
+    """A cell speaking for an admin to the server; every command is signed with the admin's
+    key (the server checks it and keeps the signature in its audit log)."""
+
+    cell: Cell
+    server: str
+    signer: Signer
+
+    async def call(self, topic: str, body: dict[str, Any]) -> Any:
+        data = json.dumps(body).encode()
+        headers = self.signer.sign(
+            {
+                "src": self.signer.name,
+                "dst": self.server,
+                "command": topic,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+        reply = await self.cell.request(
+            self.server, CHANNEL, topic, data, timeout=120, headers=headers
+        )
+        raw = reply.tobytes()
+        return json.loads(raw) if topic != "logs" else raw
 
 
 @asynccontextmanager
@@ -44,8 +72,8 @@ async def admin_session(
     *,
     downloads: Path | None = None,
     connect_timeout: float = 20.0,
-) -> AsyncIterator[tuple[Cell, str]]:
-    """A cell speaking for the admin of ``kit_path`` to its server: ``(cell, server name)``.
+) -> AsyncIterator[AdminSession]:
+    """A session speaking for the admin of ``kit_path`` to its server.
 
     Raises:
         ConfigError: not an admin kit.
@@ -69,7 +97,7 @@ async def admin_session(
             await cell.wait_parent()
         if waited.cancelled_caught:
             raise FlareError(f"cannot reach the server at {kit.parent} ({connect_timeout:g} s)")
-        yield cell, server
+        yield AdminSession(cell, server, Signer(kit))
 
 
 def _download_handlers(folder: Path) -> HandlerTable:
@@ -89,17 +117,11 @@ def _download_handlers(folder: Path) -> HandlerTable:
     return table
 
 
-async def _call(cell: Cell, server: str, topic: str, body: dict[str, Any]) -> Any:
-    reply = await cell.request(server, CHANNEL, topic, json.dumps(body).encode(), timeout=120)
-    data = reply.tobytes()
-    return json.loads(data) if topic != "logs" else data
-
-
-async def _wait(cell: Cell, server: str, job: str, timeout: float | None) -> dict[str, Any]:
+async def _wait(session: AdminSession, job: str, timeout: float | None) -> dict[str, Any]:
     seen = -1
     with anyio.fail_after(timeout):
         while True:
-            rec: dict[str, Any] = await _call(cell, server, "status", {"id": job})
+            rec: dict[str, Any] = await session.call("status", {"id": job})
             if rec["rounds_done"] != seen:
                 seen = rec["rounds_done"]
                 _print_line(
@@ -119,7 +141,7 @@ def _print_line(doc: Any, *, err: bool = False) -> None:
 
 async def main_async(args: Any) -> int:
     downloads = Path(args.out) if args.action == "download" else None
-    async with admin_session(args.kit, downloads=downloads) as (cell, server):
+    async with admin_session(args.kit, downloads=downloads) as session:
         if args.action == "submit":
             overrides = {
                 k: getattr(args, k)
@@ -136,35 +158,35 @@ async def main_async(args: Any) -> int:
             }
             sites = [s for s in (args.sites or "").split(",") if s]
             body = {"recipe": args.recipe, "overrides": overrides, "sites": sites}
-            rec = await _call(cell, server, "submit", body)
+            rec = await session.call("submit", body)
             _print_line(rec)
             if not args.wait:
                 return 0
-            rec = await _wait(cell, server, rec["id"], args.timeout)
+            rec = await _wait(session, rec["id"], args.timeout)
             _print_line(rec)
             return 0 if rec["state"] == "finished" else 1
         if args.action == "list":
-            for rec in await _call(cell, server, "list", {}):
+            for rec in await session.call("list", {}):
                 sys.stdout.write(
                     f"{rec['id']:20s} {rec['state']:10s} {rec['rounds_done']:>4d} rounds  "
                     f"{rec['recipe']}  by {rec['submitter']}\n"
                 )
             return 0
         if args.action == "status":
-            _print_line(await _call(cell, server, "status", {"id": args.job}))
+            _print_line(await session.call("status", {"id": args.job}))
             return 0
         if args.action == "wait":
-            rec = await _wait(cell, server, args.job, args.timeout)
+            rec = await _wait(session, args.job, args.timeout)
             _print_line(rec)
             return 0 if rec["state"] == "finished" else 1
         if args.action == "abort":
-            _print_line(await _call(cell, server, "abort", {"id": args.job}))
+            _print_line(await session.call("abort", {"id": args.job}))
             return 0
         if args.action == "logs":
             body = {"id": args.job, **({"site": args.site} if args.site else {})}
-            sys.stdout.buffer.write(await _call(cell, server, "logs", body))
+            sys.stdout.buffer.write(await session.call("logs", body))
             return 0
-        names = await _call(cell, server, "download", {"id": args.job})
+        names = await session.call("download", {"id": args.job})
         for name in names:
             sys.stdout.write(f"{Path(args.out) / args.job / name}\n")
         return 0

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import secrets
 import time
 import tomllib
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ import anyio.to_thread
 
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
+from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
@@ -278,7 +280,7 @@ class JobManager:
 
         @table.request(CHANNEL, "submit")
         async def submit(ctx: Context, msg: Payload) -> bytes:
-            admin = self._admin(ctx, "submit")
+            admin = self._admin(ctx, "submit", msg)
             doc = _json(msg)
             rec = await self.submit(
                 str(doc.get("recipe", "")),
@@ -290,25 +292,25 @@ class JobManager:
 
         @table.request(CHANNEL, "list")
         async def list_(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, "view", record=False)
+            self._admin(ctx, "view", msg, record=False)
             return json.dumps([r.to_json() for r in self.jobs.values()]).encode()
 
         @table.request(CHANNEL, "status")
         async def status(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, "view", record=False)
+            self._admin(ctx, "view", msg, record=False)
             return json.dumps(self._job(_json(msg)).to_json()).encode()
 
         @table.request(CHANNEL, "abort")
         async def abort(ctx: Context, msg: Payload) -> bytes:
             doc = _json(msg)
             found = self.jobs.get(str(doc.get("id", "")))
-            admin = self._admin(ctx, "abort", job=found)  # before saying whether it exists
+            admin = self._admin(ctx, "abort", msg, job=found)  # before saying whether it exists
             rec = await self.abort(self._job(doc).id, by=admin)
             return json.dumps(rec.to_json()).encode()
 
         @table.request(CHANNEL, "logs")
         async def logs(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, "view")
+            self._admin(ctx, "view", msg)
             doc = _json(msg)
             rec = self._job(doc)
             site = doc.get("site")
@@ -324,7 +326,7 @@ class JobManager:
 
         @table.request(CHANNEL, "download")
         async def download(ctx: Context, msg: Payload) -> bytes:
-            self._admin(ctx, "view")
+            self._admin(ctx, "view", msg)
             rec = self._job(_json(msg))
             names = self.store.files(rec.id)
             folder = self.store.folder(rec.id)
@@ -383,7 +385,13 @@ class JobManager:
             self.audit.append(event, now=time.time(), **fields)
 
     def _admin(
-        self, ctx: Context, need: str, *, job: JobRecord | None = None, record: bool = True
+        self,
+        ctx: Context,
+        need: str,
+        msg: Payload,
+        *,
+        job: JobRecord | None = None,
+        record: bool = True,
     ) -> str:
         """The admin behind the request, if it holds the right ``need`` (``abort`` of a job
         it did not submit needs ``abort-any``). Recorded in the audit log unless it only reads
@@ -400,9 +408,31 @@ class JobManager:
             why = f"{admin} may not {need}" + (f" job {job.id}" if job is not None else "")
             self._audit("refused", admin=admin, command=ctx.topic, why=why)
             raise Unauthorized(why)
+        signature = self._check_signed_command(ctx, admin, msg)
         if record:
-            self._audit("admin-command", admin=admin, command=ctx.topic)
+            self._audit("admin-command", admin=admin, command=ctx.topic, signature=signature)
         return admin
+
+    def _check_signed_command(self, ctx: Context, admin: str, msg: Payload) -> str:
+        """With a verifier (a deployment), every admin command is signed with the admin's key
+        over the command and the SHA-256 of its body; the signature is kept in the audit log.
+
+        Raises:
+            IntegrityError: unsigned, or signed by someone else or for something else.
+        """
+        if self.verifier is None:
+            return ""
+        expect = {
+            "dst": self.cell.name,
+            "command": ctx.topic,
+            "sha256": hashlib.sha256(msg.tobytes()).hexdigest(),
+        }
+        try:
+            self.verifier.verify(ctx.headers, src=admin, expect=expect, now=datetime.now(UTC))
+        except IntegrityError as exc:
+            self._audit("refused", admin=admin, command=ctx.topic, why=str(exc))
+            raise
+        return ctx.headers.get("sig.value", "")
 
     def _job(self, doc: dict[str, Any]) -> JobRecord:
         rec = self.jobs.get(str(doc.get("id", "")))
