@@ -21,6 +21,7 @@ import pytest
 
 from flare_async import Cell, errors
 from flare_async.codecs import decode
+from flare_async.errors import ConfigError
 from flare_async.fl._jobs import CHANNEL, AdminRights, JobManager, JobStore
 from flare_async.fl._privacy import SitePolicy, policy_from_dict
 from flare_async.fl._site import SiteJobs
@@ -311,3 +312,24 @@ async def test_an_admin_without_the_right_is_refused(
         e for e in audit_entries(tmp_path / "jobs" / "audit.jsonl") if e["event"] == "refused"
     ]
     assert [e["admin"] for e in refused] == ["bob@example.org"] * 3
+
+
+def test_admin_rights_by_name_then_organisation_then_everyone(tmp_path: Path) -> None:
+    toml = tmp_path / "admins.toml"
+    toml.write_text(
+        '[rights]\n"alice@example.org" = ["view"]\n"org:hospital-a" = ["submit", "view"]\n'
+        '"*" = []\n'
+    )
+    rights = AdminRights.load(toml)
+    assert rights.of("alice@example.org", "hospital-a") == {"view"}  # her own entry first
+    assert rights.of("carol@example.org", "hospital-a") == {"submit", "view"}
+    assert rights.of("mallory@example.org", "elsewhere") == frozenset()
+    assert AdminRights.load(tmp_path / "none.toml").of("anyone") == {
+        "submit",
+        "abort",
+        "abort-any",
+        "view",
+    }
+    toml.write_text('[rights]\n"x" = ["rule-the-world"]\n')
+    with pytest.raises(ConfigError, match="unknown rights"):
+        AdminRights.load(toml)

@@ -74,6 +74,7 @@ def kit_verifier(kit: Kit, admins: dict[str, str] | None = None) -> PeerVerifier
                     f"admin {identity.name!r} must connect as {expected!r}, not {session.peer!r}"
                 )
             admins[session.peer] = identity.name
+            admins[f"org:{identity.name}"] = identity.org  # the organisation, for rights
         elif session.role == "child":
             check_claim(identity, session.peer, Role.CLIENT, below=kit.name)
         elif session.role == "parent":
@@ -135,7 +136,9 @@ def cell_from_kit(
     def link_changed(peer: str, role: str, up: bool) -> None:
         emit("link-up" if up else "link-down", cell=kit.name, peer=peer, role=role)
         if not up and admins is not None:
-            admins.pop(peer, None)
+            name = admins.pop(peer, None)
+            if name is not None and name not in admins.values():
+                admins.pop(f"org:{name}", None)
         if on_link is not None:
             on_link(peer, role, up)
 
@@ -223,6 +226,7 @@ class JobRole:
                 audit=audit,
                 verifier=SignatureVerifier.from_kit(self.kit),
                 rights=AdminRights.load(Path(self.kit.cert).parent / "admins.toml"),
+                org_of=lambda admin: admins.get(f"org:{admin}", ""),
             )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:

@@ -69,6 +69,7 @@ class AdminRights:
         [rights]
         "alice@example.org" = ["submit", "abort-any", "view"]
         "bob@example.org" = ["submit", "abort", "view"]   # abort: his own jobs only
+        "org:hospital-a" = ["submit", "abort", "view"]    # admins of that organisation
         "*" = ["view"]                                      # every other admin
 
     Without the file every admin may do everything.
@@ -76,8 +77,12 @@ class AdminRights:
 
     rights: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=lambda: {"*": RIGHTS})
 
-    def of(self, admin: str) -> frozenset[str]:
-        return self.rights.get(admin, self.rights.get("*", frozenset()))
+    def of(self, admin: str, org: str = "") -> frozenset[str]:
+        """The admin's own entry, else its organisation's (``"org:NAME"``), else ``"*"``."""
+        for key in (admin, f"org:{org}" if org else None, "*"):
+            if key is not None and key in self.rights:
+                return self.rights[key]
+        return frozenset()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AdminRights:
@@ -229,6 +234,7 @@ class JobManager:
             recorded (hash-chained; ``flare-async audit verify``).
         verifier: every result must carry a valid end-to-end signature (the project CA).
         rights: which admin may submit, abort and view jobs (default: every admin all).
+        org_of: an admin's organisation (from its certificate), for ``org:`` rights.
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -247,7 +253,9 @@ class JobManager:
         audit: AuditLog | None = None,
         verifier: SignatureVerifier | None = None,
         rights: AdminRights | None = None,
+        org_of: Callable[[str], str] | None = None,
     ) -> None:
+        self.org_of = org_of or (lambda admin: "")
         self.cell = cell
         self.audit = audit
         self.verifier = verifier
@@ -400,7 +408,7 @@ class JobManager:
         if admin is None:
             self._audit("refused", src=ctx.src, command=ctx.topic, why="not an admin")
             raise Unauthorized(f"{ctx.src} is not an admin")
-        rights = self.rights.of(admin)
+        rights = self.rights.of(admin, self.org_of(admin))
         allowed = need in rights or (need == "abort" and "abort-any" in rights)
         if need == "abort" and "abort-any" not in rights and job is not None:
             allowed = allowed and job.submitter == admin
