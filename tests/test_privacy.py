@@ -106,3 +106,16 @@ def test_diff_updates_are_filtered_as_they_are() -> None:
     diff = FLModel(params={"w": np.full(100, 1.0)}, params_type=ParamsType.DIFF)
     out = PrivacyFilter(policy).apply(diff, {"w": np.full(100, 50.0)})
     assert np.linalg.norm(out.params["w"]) == pytest.approx(0.1, rel=1e-3)
+
+
+def test_accept_rules_the_first_matching_pattern_decides() -> None:
+    policy = policy_from_dict(
+        {"accept": {"job/*": ["server"], "fl/task": ["server", "server.relay-*"], "files/*": []}}
+    )
+    assert policy.accepts("server", "job", "start")
+    assert not policy.accepts("server.relay-1", "job", "start")
+    assert policy.accepts("server.relay-2", "fl", "task")
+    assert not policy.accepts("server", "files", "put")  # nobody
+    assert policy.accepts("anyone", "sys", "ping")  # no rule: accepted
+    with pytest.raises(ConfigError):
+        policy_from_dict({"accept": {"job/*": "server"}})

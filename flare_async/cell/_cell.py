@@ -171,6 +171,9 @@ class Cell(StreamingMixin):
             ``IdentityError`` refuses it (with mTLS: the certificate must match the claim).
         on_link: called with ``(peer name, role, up)`` whenever a link comes up or goes down
             (role is what the peer is to this cell: ``parent``, ``child`` or ``peer``).
+        accept: ``(origin, channel, topic) -> bool``: whether a request, event or stream from
+            that origin may reach this cell's handlers (a site's policy); refused ones get
+            ``Unauthorized``. ``None``: everything with a handler is accepted.
         seed: seed of the jitter generator (for reproducible simulations).
 
     Use as an async context manager; the cell runs until the block exits::
@@ -197,6 +200,7 @@ class Cell(StreamingMixin):
         dead_after: float | None = None,
         verify_peer: PeerVerifier | None = None,
         on_link: Callable[[str, str, bool], None] | None = None,
+        accept: Callable[[str, str, str], bool] | None = None,
         seed: int | None = None,
         max_streams: int = 64,
         stream_idle: float = 60.0,
@@ -209,6 +213,7 @@ class Cell(StreamingMixin):
         self.backoff = backoff or Backoff()
         self.verify_peer = verify_peer
         self.on_link = on_link
+        self.accept = accept
         if heartbeat is not None and heartbeat <= 0:
             raise ConfigError("heartbeat must be a positive number of seconds or None")
         self.heartbeat = heartbeat
@@ -669,6 +674,13 @@ class Cell(StreamingMixin):
         if fn is None:
             self._answer_error(
                 h, Status.NO_HANDLER, f"no {kind.value} handler for {h.channel}/{h.topic}"
+            )
+            return
+        if self.accept is not None and not self.accept(h.src, h.channel, h.topic):
+            self._answer_error(
+                h,
+                Status.UNAUTHORIZED,
+                f"{self.name} does not accept {h.channel}/{h.topic} from {h.src}",
             )
             return
         payload = Payload.received(frame.parts, h.codec, h.headers)

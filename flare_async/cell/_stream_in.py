@@ -404,6 +404,11 @@ class StreamHub:
             msg = f"no stream handler for {h.channel}/{h.topic}"
             self._abort_to(h.src, h.src, h.sid, Status.NO_HANDLER, msg)
             return
+        accept = self.cell.accept
+        if accept is not None and not accept(h.src, h.channel, h.topic):
+            msg = f"{self.cell.name} does not accept {h.channel}/{h.topic} from {h.src}"
+            self._abort_to(h.src, h.src, h.sid, Status.UNAUTHORIZED, msg)
+            return
         if len(self.incoming) >= self.max_incoming:
             msg = f"{self.cell.name} receives {self.max_incoming} streams already"
             self._abort_to(h.src, h.src, h.sid, Status.OVERLOADED, msg)

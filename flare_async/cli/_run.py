@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +123,7 @@ def cell_from_kit(
     handshake_timeout: float = 10.0,
     admins: dict[str, str] | None = None,
     on_link: Callable[[str, str, bool], None] | None = None,
+    accept: Callable[[str, str, str], bool] | None = None,
 ) -> Cell:
     """The cell a kit describes, with the ``sys`` handlers and ``handlers`` mounted.
 
@@ -129,6 +131,7 @@ def cell_from_kit(
         admins: (the server) admit admin sessions and keep who is behind each (see
             :func:`kit_verifier`); an entry leaves when its link goes down.
         on_link: also called on every link change, after the event line is written.
+        accept: which origins may send which channels/topics here (a site's policy).
     """
     if kit.role is Role.ADMIN:
         raise IdentityError(f"{kit.name!r} is an admin kit: admins are not cells")
@@ -152,6 +155,7 @@ def cell_from_kit(
         heartbeat=heartbeat,
         handshake_timeout=handshake_timeout,
         on_link=link_changed,
+        accept=accept,
     )
 
 
@@ -178,6 +182,7 @@ async def serve(
             handshake_timeout=handshake_timeout,
             admins=admins,
             on_link=role.link_changed if role is not None else None,
+            accept=role.accept if role is not None and role.policy is not None else None,
         )
         if role is not None:
             role.mount(cell)
@@ -212,10 +217,28 @@ class JobRole:
         self.server = kit.name.split(".", 1)[0]
         self.manager: JobManager | None = None
         self.site: SiteJobs | None = None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.folder / "audit.jsonl")
+        self.policy = (
+            load_policy(Path(kit.cert).parent / "policy.toml") if kit.role is Role.CLIENT else None
+        )
+
+    def accept(self, src: str, channel: str, topic: str) -> bool:
+        """The site's ``[accept]`` rules; a refusal is audited."""
+        assert self.policy is not None
+        if self.policy.accepts(src, channel, topic):
+            return True
+        self.audit.append(
+            "refused",
+            now=time.time(),
+            src=src,
+            command=f"{channel}/{topic}",
+            why="not accepted by the site's policy",
+        )
+        return False
 
     def mount(self, cell: Cell) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        audit = AuditLog(self.folder / "audit.jsonl")
+        audit = self.audit
         if self.kit.role is Role.SERVER:
             admins = self.admins if self.admins is not None else {}
             self.manager = JobManager(
@@ -245,7 +268,7 @@ class JobRole:
                 on_event=emit,
                 audit=audit,
                 signer=Signer(self.kit),
-                policy=load_policy(Path(self.kit.cert).parent / "policy.toml"),
+                policy=self.policy,
             )
             cell.mount(self.site.handlers())
 

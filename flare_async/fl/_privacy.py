@@ -8,6 +8,10 @@ restriction)::
     submitters = ["alice@example.org"]      # admins whose jobs may run here ("*": any)
     scripts = ["examples.*", "ours.train:*"] # training scripts allowed (fnmatch on MODULE:FN)
 
+    [accept]                                # who may send what here: "channel/topic" pattern
+    "job/*" = ["server"]                    # -> origins (fnmatch); the first matching
+    "files/*" = []                          # pattern decides; no pattern: accepted
+
     [privacy]
     exclude = ["^head\\\\.", "bias$"]        # tensors (regex on the name) never shared: the
                                             # received value goes back instead
@@ -68,6 +72,7 @@ class SitePolicy:
 
     submitters: tuple[str, ...] = ("*",)
     scripts: tuple[str, ...] = ("*",)
+    accept_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     exclude: tuple[str, ...] = ()
     codec: str | None = None
     dp: DPConfig | None = None
@@ -83,6 +88,14 @@ class SitePolicy:
 
     def may_run(self, script: str) -> bool:
         return any(fnmatch.fnmatchcase(script, p) for p in self.scripts)
+
+    def accepts(self, src: str, channel: str, topic: str) -> bool:
+        """Whether ``src`` may send ``channel/topic`` here (the first matching rule)."""
+        address = f"{channel}/{topic}"
+        for pattern, origins in self.accept_rules:
+            if fnmatch.fnmatchcase(address, pattern):
+                return any(fnmatch.fnmatchcase(src, o) for o in origins)
+        return True
 
     def excluded(self, name: str) -> bool:
         return any(p.search(name) for p in self._patterns)
@@ -106,7 +119,7 @@ def load_policy(path: str | Path) -> SitePolicy:
 
 def policy_from_dict(doc: Mapping[str, Any], where: str = "policy") -> SitePolicy:
     """Build and check a :class:`SitePolicy` from parsed TOML."""
-    unknown = set(doc) - {"jobs", "privacy"}
+    unknown = set(doc) - {"jobs", "privacy", "accept"}
     jobs, privacy = dict(doc.get("jobs", {})), dict(doc.get("privacy", {}))
     unknown |= {f"jobs.{k}" for k in set(jobs) - {"submitters", "scripts"}}
     unknown |= {f"privacy.{k}" for k in set(privacy) - {"exclude", "codec", "dp", "percentile"}}
@@ -134,7 +147,11 @@ def policy_from_dict(doc: Mapping[str, Any], where: str = "policy") -> SitePolic
         raise ConfigError(f"{where}: dp needs clip > 0, noise_multiplier > 0, 0 < delta < 1")
     if pc_config is not None and not (0 <= pc_config.percentile < 100 and pc_config.gamma > 0):
         raise ConfigError(f"{where}: percentile needs 0 <= percentile < 100 and gamma > 0")
+    accept = doc.get("accept", {})
+    if not isinstance(accept, dict) or not all(isinstance(v, list) for v in accept.values()):
+        raise ConfigError(f"{where}: [accept] maps 'channel/topic' patterns to lists of origins")
     return SitePolicy(
+        accept_rules=tuple((str(k), tuple(str(o) for o in v)) for k, v in accept.items()),
         submitters=tuple(str(x) for x in jobs.get("submitters", ["*"])),
         scripts=tuple(str(x) for x in jobs.get("scripts", ["*"])),
         exclude=tuple(p.pattern for p in patterns),
