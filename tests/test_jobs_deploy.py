@@ -38,7 +38,9 @@ SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
 
 
 class Deployment:
-    def __init__(self, root: Path, *, skip: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, *, skip: tuple[str, ...] = (), files: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         p_server, p_relay = free_ports(2)
         project = root / "project.toml"
@@ -62,9 +64,15 @@ parent = "tls://127.0.0.1:{p_relay}"
 [[admins]]
 name = "alice@example.org"
 parent = "tls://127.0.0.1:{p_server}"
+[[admins]]
+name = "bob@example.org"
+org = "hospital-b"
+parent = "tls://127.0.0.1:{p_server}"
 """)
         self.kits = root / "kits"
         provision(project, self.kits, now=datetime.now(UTC))
+        for name, text in (files or {}).items():  # policies dropped into kits
+            (self.kits / name).write_text(text)
         self.procs: dict[str, Proc] = {}
         for name in ["server", RELAY, *SITES]:
             if name in skip:
@@ -227,19 +235,21 @@ def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["bytes", "replay"])
 async def test_a_tampering_relay_is_caught_in_a_deployment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """Server and sites are processes; the relay between them runs here, from its own kit,
-    and changes site-1's first result on the way (bytes, with the CRCs fixed up). With relay
-    aggregation off the server checks every site's signature itself."""
+    and changes site-1's first result on the way (bytes, with the CRCs fixed up), or replays
+    round 0's signature on later results. With relay aggregation off the server checks every
+    site's signature itself."""
     from tests.test_signatures import HostileRelay  # noqa: PLC0415
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     d = Deployment(tmp_path, skip=(RELAY,))
     try:
         kit = load_kit(d.kits / RELAY)
-        hostile = HostileRelay("bytes")
+        hostile = HostileRelay(mode)
         relay = Cell(
             kit.name,
             listen=list(kit.listen),
@@ -265,16 +275,61 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
     finally:
         d.stop()
     assert done.returncode == 0, done.stderr
-    assert hostile.tampered == 1
+    bad = [0] if mode == "bytes" else [1, 2]  # the rounds whose site-1 result was tampered
+    assert hostile.tampered == len(bad)
     job = json.loads(done.stdout.splitlines()[-1])["id"]
     lines = (tmp_path / "jobs" / "server" / job / "events.jsonl").read_text().splitlines()
     rounds = [json.loads(x) for x in lines if '"round"' in x]
-    assert rounds[0]["responded"] == [SITES[1]]
-    assert "IntegrityError" in rounds[0]["failed"][SITES[0]]
-    assert sorted(rounds[1]["responded"]) == SITES  # untouched later rounds count
+    for r in range(3):
+        if r in bad:
+            assert rounds[r]["responded"] == [SITES[1]]
+            assert "IntegrityError" in rounds[r]["failed"][SITES[0]]
+        else:
+            assert sorted(rounds[r]["responded"]) == SITES  # untouched rounds count
     audit = [
         json.loads(x)
         for x in (tmp_path / "jobs" / "server" / "audit.jsonl").read_text().splitlines()
     ]
     rejected = [e for e in audit if e["event"] == "result-rejected"]
-    assert [(e["site"], e["why"].split(":")[0]) for e in rejected] == [(SITES[0], "IntegrityError")]
+    assert [(e["site"], e["why"].split(":")[0]) for e in rejected] == [
+        (SITES[0], "IntegrityError")
+    ] * len(bad)
+
+
+def test_admin_rights_and_a_sites_mandatory_dp_filter_in_a_deployment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    d = Deployment(
+        tmp_path,
+        files={
+            "server/admins.toml": '[rights]\n"alice@example.org" = ["submit", "abort", "view"]\n'
+            '"*" = ["view"]\n',
+            f"{SITES[0]}/policy.toml": "[privacy.dp]\nclip = 0.5\nnoise_multiplier = 0.8\n",
+        },
+    )
+    try:
+        refused = d.job("submit", "tests._fl_scripts:small_recipe", kit="bob@example.org")
+        assert refused.returncode == 1
+        assert "may not submit" in refused.stderr
+        assert d.job("list", kit="bob@example.org").returncode == 0  # bob may view
+        done = d.job("submit", "tests._fl_scripts:small_recipe", "--wait")
+        assert done.returncode == 0, done.stderr
+        job = json.loads(done.stdout.splitlines()[-1])["id"]
+    finally:
+        d.stop()
+    folder = tmp_path / "jobs" / "server" / job / "checkpoints"
+    tensors, _ = decode((folder / "last.safetensors").read_bytes())
+    assert not np.allclose(tensors["w"], 5.0)  # site-1's updates clipped and noised
+    site_log = tmp_path / "jobs" / SITES[0] / "audit.jsonl"
+    entries = [json.loads(x) for x in site_log.read_text().splitlines()]
+    assert len([e for e in entries if e["event"] == "privacy"]) == 3
+    ok = subprocess.run(
+        [sys.executable, "-m", "flare_async", "audit", "verify", str(site_log)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout
+    server_log = (tmp_path / "jobs" / "server" / "audit.jsonl").read_text()
+    assert '"why": "bob@example.org may not submit"' in server_log
