@@ -153,6 +153,14 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
     tensors, _ = decode((folder / "last.safetensors").read_bytes())
     assert np.allclose(tensors["w"], 5.0, atol=1e-3)
 
+    # Sealed for the server's key: the relay forwards results it cannot read; same model.
+    sealed = d.job("submit", "tests._fl_scripts:small_recipe", "--encrypt", "--wait")
+    assert sealed.returncode == 0, sealed.stderr
+    ejob = json.loads(sealed.stdout.splitlines()[-1])["id"]
+    folder = tmp_path / "jobs" / "server" / ejob / "checkpoints"
+    tensors, _ = decode((folder / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 5.0)
+
     # Abort: every site's training process is stopped, and the deployment goes on.
     hung = json.loads(d.job("submit", "tests._fl_scripts:hanging_recipe").stdout)["id"]
     pids = [d.procs[s].wait_for("job-process", job=hung)["pid"] for s in SITES]
@@ -180,6 +188,7 @@ def test_an_admin_submits_follows_downloads_and_aborts_jobs(
     assert [(e["job"], e["by"]) for e in submitted] == [
         (job, "alice@example.org"),
         (sjob, "alice@example.org"),
+        (ejob, "alice@example.org"),
         (hung, "alice@example.org"),
     ]
     assert any(e["event"] == "job-abort" and e["job"] == hung for e in entries)
@@ -235,7 +244,7 @@ def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("mode", ["bytes", "replay"])
+@pytest.mark.parametrize("mode", ["bytes", "replay", "snoop"])
 async def test_a_tampering_relay_is_caught_in_a_deployment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
@@ -262,6 +271,7 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
             await anyio.to_thread.run_sync(
                 d.procs["server"].wait_all, "site-registered", "site", SITES
             )
+            extra = ["--encrypt"] if mode == "snoop" else []
             done = await anyio.to_thread.run_sync(
                 lambda: d.job(
                     "submit",
@@ -270,11 +280,22 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
                     "--min-responses",
                     "1",
                     "--wait",
+                    *extra,
                 )
             )
     finally:
         d.stop()
     assert done.returncode == 0, done.stderr
+    if mode == "snoop":  # sealed for the server: the relay carried bytes it cannot read
+        assert len(hostile.seen) > 0
+        # site-1's round-0 result in clear: the zero model plus 1 (float64, as the tensors
+        # codec lays it out); an unsealed result would carry these 24 bytes as they are
+        assert np.ones(3).tobytes() not in hostile.seen
+        job = json.loads(done.stdout.splitlines()[-1])["id"]
+        folder = tmp_path / "jobs" / "server" / job / "checkpoints"
+        tensors, _ = decode((folder / "last.safetensors").read_bytes())
+        assert np.allclose(tensors["w"], 5.0)
+        return
     bad = [0] if mode == "bytes" else [1, 2]  # the rounds whose site-1 result was tampered
     assert hostile.tampered == len(bad)
     job = json.loads(done.stdout.splitlines()[-1])["id"]

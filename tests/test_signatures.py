@@ -18,6 +18,8 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import flare_async.client as flare
 from flare_async import Cell
@@ -102,9 +104,14 @@ class HostileRelay:
         self.results: list[int] = []  # site-1's result streams, in order
         self.first_signature: dict[str, str] | None = None
         self.tampered = 0
+        self.seen = b""
 
     def __call__(self, frame: Frame) -> Frame:
         h = frame.header
+        if self.mode == "snoop":  # reads everything site-1 sends up, changes nothing
+            if isinstance(h, StreamData) and h.src == SITES[0]:
+                self.seen += b"".join(bytes(p) for p in frame.parts)
+            return frame
         if isinstance(h, StreamOpen) and h.topic == "result" and h.src == SITES[0]:
             self.results.append(h.sid)
             if self.mode == "bytes" and len(self.results) == 1:
@@ -186,3 +193,28 @@ async def test_a_tampering_relay_is_caught_and_the_round_goes_on(tmp_path: Path,
     # Only untampered results are in the model: site-2 adds 2 in the tampered round.
     expected = {"bytes": 2 + (1 + 4) / 3, "replay": (1 + 4) / 3 + 2}[mode]
     assert np.allclose(out.params["w"], expected)
+
+
+def test_a_payload_sealed_for_the_server_opens_only_there(tmp_path: Path) -> None:
+    from flare_async.security import Decryptor, encrypt_for  # noqa: PLC0415
+
+    folder = kits(tmp_path)
+    server_cert = load_kit(folder / "server").cert
+    der = x509.load_pem_x509_certificate(Path(server_cert).read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    secret = np.arange(100_000, dtype=np.float64).tobytes()
+    sealed = encrypt_for(der, [secret[:12345], secret[12345:]], block=65536)
+    assert secret[1000:1064] not in b"".join(sealed)  # what a relay sees
+    opened = b"".join(Decryptor(load_kit(folder / "server")).decrypt(sealed))
+    assert opened == secret
+    with pytest.raises(IntegrityError, match="does not open"):
+        list(Decryptor(load_kit(folder / SITES[0])).decrypt(sealed))  # another key
+    damaged = list(sealed)
+    damaged[3] = damaged[3][:-1] + bytes([damaged[3][-1] ^ 1])
+    with pytest.raises(IntegrityError, match="block 2"):
+        list(Decryptor(load_kit(folder / "server")).decrypt(damaged))
+    path, out = tmp_path / "sealed.bin", tmp_path / "opened.bin"
+    path.write_bytes(b"".join(sealed))
+    Decryptor(load_kit(folder / "server")).decrypt_file(path, out)
+    assert out.read_bytes() == secret

@@ -153,6 +153,7 @@ async def main_async(args: Any) -> int:
                     "deadline",
                     "relay_aggregation",
                     "secure",
+                    "encrypt",
                 )
                 if getattr(args, k) is not None
             }
@@ -221,6 +222,13 @@ def add_parser(sub: Any) -> None:
         const=True,
         default=None,
         help="secure aggregation: the server learns only the sum of the sites' results",
+    )
+    s.add_argument(
+        "--encrypt",
+        action="store_const",
+        const=True,
+        default=None,
+        help="seal results for the server's key: relays forward what they cannot read",
     )
     s.add_argument("--sites", help="comma-separated site names (default: every registered one)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,7 @@ from flare_async.fl._privacy import load_policy
 from flare_async.fl._site import SiteJobs
 from flare_async.security import (
     AuditLog,
+    Decryptor,
     Kit,
     Role,
     SignatureVerifier,
@@ -203,6 +205,11 @@ async def serve(
     emit("stopped", cell=kit.name)
 
 
+def _der(cert_path: str) -> bytes:
+    """A PEM certificate file as DER (what the sites seal results for)."""
+    return ssl.PEM_cert_to_DER_cert(Path(cert_path).read_text())
+
+
 class JobRole:
     """A deployed cell's part in FL jobs (``--jobs DIR``): the server runs the job service
     (jobs kept in DIR), a relay aggregates its subtree, a site runs the jobs' training
@@ -250,6 +257,8 @@ class JobRole:
                 verifier=SignatureVerifier.from_kit(self.kit),
                 rights=AdminRights.load(Path(self.kit.cert).parent / "admins.toml"),
                 org_of=lambda admin: admins.get(f"org:{admin}", ""),
+                certificate=_der(self.kit.cert),
+                decryptor=Decryptor(self.kit),
             )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:
@@ -269,6 +278,7 @@ class JobRole:
                 audit=audit,
                 signer=Signer(self.kit),
                 policy=self.policy,
+                verifier=SignatureVerifier.from_kit(self.kit),
             )
             cell.mount(self.site.handlers())
 

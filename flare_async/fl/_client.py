@@ -31,8 +31,8 @@ from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._privacy import PrivacyFilter, SitePolicy
 from flare_async.fl._secagg import SecAggError
 from flare_async.fl._secure import SecureSite
-from flare_async.fl._signed import CHANNEL, stream_signed
-from flare_async.security import Signer
+from flare_async.fl._signed import CHANNEL, E2E, stream_signed
+from flare_async.security import Signer, encrypt_for
 from flare_async.transport import TcpLink
 from flare_async.wire import Event, Frame, Limits
 
@@ -92,6 +92,8 @@ class ClientRuntime:
         signer: signs every result end to end (a deployment: the site's kit).
         policy: the site's privacy filters and result codec, forced on every result whatever
             the job asks (``on_privacy`` gets each filtered result's DP metrics).
+        encrypt_to: the server's certificate (DER): results are sealed for its key, so the
+            relays on the way cannot read them.
     """
 
     def __init__(
@@ -105,7 +107,9 @@ class ClientRuntime:
         signer: Signer | None = None,
         policy: SitePolicy | None = None,
         on_privacy: Callable[[dict[str, float]], None] | None = None,
+        encrypt_to: bytes | None = None,
     ) -> None:
+        self.encrypt_to = encrypt_to
         self.cell = cell
         self.signer = signer
         self.policy = policy or SitePolicy()
@@ -252,7 +256,12 @@ class ClientRuntime:
 
     async def _stream_result(self, parts: list[Any], task: str, dst: str, codec: str) -> None:
         """Stream a result's bytes to ``dst``; with a signer, signed end to end (the digest of
-        the bytes, the task and both ends), so no relay can change or replay it unseen."""
+        the bytes, the task and both ends), so no relay can change or replay it unseen; with
+        ``encrypt_to``, sealed for the server's key first."""
+        headers: dict[str, str] = {}
+        if self.encrypt_to is not None:
+            parts = await anyio.to_thread.run_sync(encrypt_for, self.encrypt_to, parts)
+            headers["enc"] = E2E
         await stream_signed(
             self.cell,
             self.signer,
@@ -262,6 +271,7 @@ class ClientRuntime:
             task,
             codec=codec,
             digest=self.digest,
+            headers=headers,
         )
         self.sent += 1
 

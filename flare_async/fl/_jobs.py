@@ -21,6 +21,7 @@ on the sites named at submission, or on every registered site.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import hashlib
@@ -43,7 +44,7 @@ from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityErr
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog, SignatureVerifier
+from flare_async.security import AuditLog, Decryptor, SignatureVerifier
 
 CHANNEL = "job"
 OVERRIDES = (
@@ -55,6 +56,7 @@ OVERRIDES = (
     "fraction",
     "relay_aggregation",
     "secure",
+    "encrypt",
 )
 """Recipe attributes a submission may override."""
 
@@ -235,6 +237,8 @@ class JobManager:
         verifier: every result must carry a valid end-to-end signature (the project CA).
         rights: which admin may submit, abort and view jobs (default: every admin all).
         org_of: an admin's organisation (from its certificate), for ``org:`` rights.
+        certificate / decryptor: this server's certificate (DER, sent to the sites of jobs
+            that seal their results) and the key to open them.
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -254,7 +258,11 @@ class JobManager:
         verifier: SignatureVerifier | None = None,
         rights: AdminRights | None = None,
         org_of: Callable[[str], str] | None = None,
+        certificate: bytes | None = None,
+        decryptor: Decryptor | None = None,
     ) -> None:
+        self.certificate = certificate
+        self.decryptor = decryptor
         self.org_of = org_of or (lambda admin: "")
         self.cell = cell
         self.audit = audit
@@ -569,7 +577,9 @@ class JobManager:
             job=rec.id,
             codec=recipe.codec,
             digest=self.digest,
+            decryptor=self.decryptor,
             hierarchical=recipe.relay_aggregation
+            and not recipe.encrypt
             and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
             on_round=lambda result: self._round(rec, result),
             verifier=self.verifier,
@@ -642,6 +652,10 @@ class JobManager:
                 "digest": self.digest,
                 "config": {**recipe.config, "site_index": i, "sites": len(rec.sites)},
             }
+            if recipe.encrypt:
+                if self.certificate is None:
+                    raise FlareError("the job seals results but this server has no certificate")
+                body["encrypt_to"] = base64.b64encode(self.certificate).decode()
             try:
                 await self.cell.request(site, CHANNEL, "start", json.dumps(body).encode())
                 started.append(site)

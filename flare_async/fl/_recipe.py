@@ -36,6 +36,8 @@ class FedAvgRecipe:
             sum each goes up). Off, relays only forward, and the server checks every site's
             own signature: for relays not trusted to aggregate (see docs/threat-model.md).
         secure: secure aggregation in every round (the server learns only the sum).
+        encrypt: on a deployment, results are sealed for the server's key: relays forward
+            what they cannot read (relay aggregation is then off).
     """
 
     initial: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
@@ -52,6 +54,7 @@ class FedAvgRecipe:
     checkpoints: str | None = None
     relay_aggregation: bool = True
     secure: bool = False
+    encrypt: bool = False
 
     async def run(
         self,

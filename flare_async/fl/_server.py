@@ -44,8 +44,8 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityError, StreamError
 from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
-from flare_async.fl._signed import CHANNEL, check_signed
-from flare_async.security import SignatureVerifier
+from flare_async.fl._signed import CHANNEL, E2E, check_signed
+from flare_async.security import Decryptor, SignatureVerifier
 
 
 class RoundFailed(FlareError):
@@ -217,14 +217,23 @@ async def receive_result(
     spill: Path | None,
     verifier: SignatureVerifier | None = None,
     receiver: str = "",
+    decryptor: Decryptor | None = None,
 ) -> bytes:
     """Take one result stream into ``collector``: small ones in memory, large ones through a
     spill file in ``spill`` (default: the system's temporary folder). With ``verifier``, the
     result counts only if its end-to-end signature holds (checked once all bytes arrived).
 
+    A result sealed for this cell's key (``enc`` header) is opened with ``decryptor`` once it
+    arrived whole and its signature held.
+
     Raises:
-        IntegrityError: a signature that does not hold; the site counts as failed.
+        IntegrityError: a signature that does not hold, or a sealed result that does not open
+            (or no key to open it); the site counts as failed.
     """
+    sealed = stream.headers.get("enc", "")
+    if sealed and (sealed != E2E or decryptor is None):
+        collector.reject(site, f"IntegrityError: a sealed result ({sealed}) this cell cannot open")
+        raise IntegrityError(f"{receiver} cannot open a result sealed as {sealed!r}")
 
     def check() -> None:
         if verifier is None:
@@ -238,13 +247,26 @@ async def receive_result(
     if stream.size is not None and stream.size < SPILL_AT:
         payload = await stream.read_all()
         check()
-        return await collector.offer(site, payload.parts)
+        parts = payload.parts
+        if sealed and decryptor is not None:
+            parts = (b"".join(await anyio.to_thread.run_sync(_opened, decryptor, parts)),)
+        return await collector.offer(site, parts)
     folder = spill if spill is not None else Path(tempfile.gettempdir())
     path = folder / f"flare-result-{secrets.token_hex(8)}"
     await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
     try:
         await stream.save(path)
         check()
+        if sealed and decryptor is not None:
+            opened = path.with_name(path.name + ".open")
+            try:
+                await anyio.to_thread.run_sync(decryptor.decrypt_file, path, opened)
+            except IntegrityError as exc:
+                collector.reject(site, f"IntegrityError: {exc}")
+                raise
+            finally:
+                await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            opened.rename(path)
         with path.open("rb") as f:  # opening a local file is quick
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # The arrays are views of the mapping; it unmaps when the last of them is gone.
@@ -253,6 +275,10 @@ async def receive_result(
         )
     finally:
         await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
+
+def _opened(decryptor: Decryptor, parts: Any) -> list[bytes]:
+    return list(decryptor.decrypt(parts))
 
 
 def _dropper(mapped: mmap.mmap) -> Folded:
@@ -289,6 +315,7 @@ class FLServer:
         on_reject: called with ``(site, task, reason)`` for every result refused (unusable,
             damaged, or failing its signature): the job service writes it to the audit log.
         verifier: check every result's end-to-end signature (a deployment: the project CA).
+        decryptor: opens results sealed for this server's key (``FedAvgRecipe(encrypt=)``).
     """
 
     def __init__(
@@ -305,7 +332,9 @@ class FLServer:
         spill: str | os.PathLike[str] | None = None,
         on_reject: Callable[[str, str, str], None] | None = None,
         verifier: SignatureVerifier | None = None,
+        decryptor: Decryptor | None = None,
     ) -> None:
+        self.decryptor = decryptor
         self.on_reject = on_reject
         self.verifier = verifier
         if verifier is not None:
@@ -348,7 +377,7 @@ class FLServer:
             return b"late"
         try:
             return await receive_result(
-                collector, site, stream, self.spill, self.verifier, self.cell.name
+                collector, site, stream, self.spill, self.verifier, self.cell.name, self.decryptor
             )
         except (BadRequest, IntegrityError, StreamError) as exc:
             if self.on_reject is not None:

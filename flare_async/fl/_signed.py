@@ -11,6 +11,8 @@ from flare_async.errors import IntegrityError
 from flare_async.security import SignatureVerifier, Signer
 
 CHANNEL = "fl"
+E2E = "e2e1"
+"""The ``enc`` header of a result sealed for the server's key (``security.encrypt_for``)."""
 RESULT_WINDOW = 4 << 20
 """Flow-control window of a result stream: what the server holds at most per client sending
 at once (16 MiB, the default, times many clients would be the server's largest cost)."""
@@ -26,6 +28,7 @@ async def stream_signed(
     *,
     codec: str,
     digest: bool,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Stream a result (or a relay's partial sum) for ``task`` to ``dst`` on the FL channel.
 
@@ -44,7 +47,7 @@ async def stream_signed(
         topic,
         parts,
         codec=codec,
-        headers={"task": task},
+        headers={**(headers or {}), "task": task},
         digest=digest,
         window=RESULT_WINDOW,
         seal=seal if signer is not None else None,
@@ -73,4 +76,4 @@ def check_signed(verifier: SignatureVerifier, stream: IncomingStream, receiver: 
     )
 
 
-__all__ = ["CHANNEL", "RESULT_WINDOW", "check_signed", "stream_signed"]
+__all__ = ["CHANNEL", "E2E", "RESULT_WINDOW", "check_signed", "stream_signed"]

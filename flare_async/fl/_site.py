@@ -14,10 +14,12 @@ Only the server may start, abort or read the logs of a job here.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
 from flare_async.fl._privacy import SitePolicy
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog, Signer
+from flare_async.security import AuditLog, SignatureVerifier, Signer
 
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
@@ -61,6 +63,7 @@ class SiteJobs:
         signer: signs every result of every job end to end (the site's kit).
         policy: the site's own rules (``policy.toml`` in its kit): whose jobs and which
             scripts run here, and the privacy filters forced on every result.
+        verifier: checks the server certificate a job seals its results for (the CA).
     """
 
     def __init__(
@@ -74,7 +77,9 @@ class SiteJobs:
         audit: AuditLog | None = None,
         signer: Signer | None = None,
         policy: SitePolicy | None = None,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
+        self.verifier = verifier
         self.cell = cell
         self.audit = audit
         self.signer = signer
@@ -108,6 +113,7 @@ class SiteJobs:
             if "/" in job or job.startswith("."):
                 raise BadRequest(f"bad job id {job!r:.80}")
             submitter = str(spec.get("submitter", ""))
+            encrypt_to = self._server_certificate(spec.get("encrypt_to"))
             why = None
             if not self.policy.may_submit(submitter):
                 why = f"{submitter!r} may not run jobs on this site"
@@ -125,7 +131,9 @@ class SiteJobs:
                 by=ctx.src,
                 filters=self.policy.filters,
             )
-            await self.start(job, attempt, script, config, codec=codec, digest=digest)
+            await self.start(
+                job, attempt, script, config, codec=codec, digest=digest, encrypt_to=encrypt_to
+            )
             return b"started"
 
         @table.request(CHANNEL, "abort")
@@ -174,6 +182,19 @@ class SiteJobs:
         if self.audit is not None:
             self.audit.append(event, now=time.time(), **fields)
 
+    def _server_certificate(self, value: object) -> bytes | None:
+        """The server certificate a job seals results for, checked against the CA."""
+        if value is None:
+            return None
+        if self.verifier is None:
+            raise BadRequest("this site cannot check a certificate to seal results for")
+        try:
+            der = base64.b64decode(str(value), validate=True)
+        except ValueError as exc:
+            raise BadRequest(f"bad certificate: {exc}") from None
+        self.verifier.check_certificate(der, self.server, datetime.now(UTC))
+        return der
+
     def _from_server(self, ctx: Context) -> None:
         if ctx.src != self.server:
             self._audit("refused", src=ctx.src, command=ctx.topic, why="not the server")
@@ -215,6 +236,7 @@ class SiteJobs:
         *,
         codec: str = "tensors",
         digest: bool = True,
+        encrypt_to: bytes | None = None,
     ) -> None:
         """Start the job's training process (idempotent for the same attempt; a new attempt
         replaces the old process)."""
@@ -234,6 +256,7 @@ class SiteJobs:
             signer=self.signer,
             policy=self.policy,
             on_privacy=lambda dp: self._audit("privacy", job=job, **dp),
+            encrypt_to=encrypt_to,
         )
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running

@@ -11,6 +11,7 @@ argument). The only package that imports ``cryptography``.
 """
 
 from flare_async.security._audit import GENESIS, AuditLog, AuditReport, verify_audit
+from flare_async.security._e2e import Decryptor, encrypt_for
 from flare_async.security._identity import (
     ADMIN_CELL_PREFIX,
     ALLOWED_ACTS,
@@ -50,8 +51,10 @@ from flare_async.security._signing import SignatureVerifier, Signer
 from flare_async.security._tls import client_context, peer_identity, server_context
 
 __all__ = [
-    # signatures
+    # signatures and end-to-end encryption
+    "Decryptor",
     "SignatureVerifier",
+    "encrypt_for",
     "Signer",
     # audit
     "GENESIS",

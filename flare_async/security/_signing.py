@@ -124,6 +124,14 @@ class SignatureVerifier:
                 )
         return fields
 
+    def check_certificate(self, der: bytes, name: str, now: datetime) -> Identity:
+        """The identity in ``der`` if it is this CA's, valid ``now`` and names ``name``.
+
+        Raises:
+            IntegrityError: otherwise.
+        """
+        return self._check_certificate(der, name, now)[0]
+
     def _check_certificate(
         self, der: bytes, src: str, now: datetime
     ) -> tuple[Identity, x509.Certificate]:
