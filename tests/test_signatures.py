@@ -97,7 +97,7 @@ def add_weight() -> None:
 
 
 class HostileRelay:
-    """Rewrites what the relay forwards to the server (see the module text)."""
+    """Rewrites what the relay forwards (see the module text)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -105,9 +105,30 @@ class HostileRelay:
         self.first_signature: dict[str, str] | None = None
         self.tampered = 0
         self.seen = b""
+        self.task_sid: int | None = None
+
+    def _task(self, frame: Frame) -> Frame:
+        h = frame.header
+        if isinstance(h, StreamOpen) and h.topic == "task" and h.dst == SITES[0]:
+            if self.task_sid is None:
+                self.task_sid = h.sid
+                return Frame(msgspec.structs.replace(h, sha256="", digest=False), frame.parts)
+            return frame
+        if getattr(h, "sid", None) != self.task_sid or getattr(h, "dst", None) != SITES[0]:
+            return frame
+        if isinstance(h, StreamEnd):
+            return Frame(msgspec.structs.replace(h, sha256=""), frame.parts)
+        if isinstance(h, StreamData) and h.offset == 0 and frame.parts:
+            data = bytearray(frame.parts[0])
+            data[-1] ^= 0xFF
+            self.tampered += 1
+            return Frame(msgspec.structs.replace(h, crc=checksum(data)), (bytes(data),))
+        return frame
 
     def __call__(self, frame: Frame) -> Frame:
         h = frame.header
+        if self.mode == "task":  # changes the model it passes down to site-1, once
+            return self._task(frame)
         if self.mode == "snoop":  # reads everything site-1 sends up, changes nothing
             if isinstance(h, StreamData) and h.src == SITES[0]:
                 self.seen += b"".join(bytes(p) for p in frame.parts)

@@ -259,6 +259,7 @@ class JobRole:
                 org_of=lambda admin: admins.get(f"org:{admin}", ""),
                 certificate=_der(self.kit.cert),
                 decryptor=Decryptor(self.kit),
+                signer=Signer(self.kit),
             )
             cell.mount(self.manager.handlers())
         elif self.kit.role is Role.RELAY:

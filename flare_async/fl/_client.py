@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
@@ -32,7 +33,7 @@ from flare_async.fl._privacy import PrivacyFilter, SitePolicy
 from flare_async.fl._secagg import SecAggError
 from flare_async.fl._secure import SecureSite
 from flare_async.fl._signed import CHANNEL, E2E, stream_signed
-from flare_async.security import Signer, encrypt_for
+from flare_async.security import SignatureVerifier, Signer, encrypt_for
 from flare_async.transport import TcpLink
 from flare_async.wire import Event, Frame, Limits
 
@@ -94,6 +95,8 @@ class ClientRuntime:
             the job asks (``on_privacy`` gets each filtered result's DP metrics).
         encrypt_to: the server's certificate (DER): results are sealed for its key, so the
             relays on the way cannot read them.
+        task_verifier: every task must carry the server's signature over the model's digest
+            (the project CA): a relay cannot change the model on its way down.
     """
 
     def __init__(
@@ -108,8 +111,12 @@ class ClientRuntime:
         policy: SitePolicy | None = None,
         on_privacy: Callable[[dict[str, float]], None] | None = None,
         encrypt_to: bytes | None = None,
+        task_verifier: SignatureVerifier | None = None,
     ) -> None:
         self.encrypt_to = encrypt_to
+        self.task_verifier = task_verifier
+        if task_verifier is not None:
+            cell.require_digest(CHANNEL, "task")  # checked against the server's signature
         self.cell = cell
         self.signer = signer
         self.policy = policy or SitePolicy()
@@ -173,7 +180,17 @@ class ClientRuntime:
         """
         if stream.src != self.server and not self.cell.name.startswith(stream.src + "."):
             raise Unauthorized(f"tasks come from {self.server} or a relay above, not {stream.src}")
-        model = model_from_parts(await stream.read_joined())
+        data = await stream.read_joined()
+        if self.task_verifier is not None:
+            expect = {
+                "task": stream.headers.get("task", ""),
+                "sha256": stream.sha256,
+                "topic": "task",
+            }
+            self.task_verifier.verify(
+                stream.headers, src=self.server, expect=expect, now=datetime.now(UTC)
+            )
+        model = model_from_parts(data)
         reply_to = self.server
         if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
             reply_to = self.cell.parent_name  # the relay folds its children's results

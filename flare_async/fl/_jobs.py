@@ -44,7 +44,7 @@ from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityErr
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog, Decryptor, SignatureVerifier
+from flare_async.security import AuditLog, Decryptor, SignatureVerifier, Signer
 
 CHANNEL = "job"
 OVERRIDES = (
@@ -239,6 +239,7 @@ class JobManager:
         org_of: an admin's organisation (from its certificate), for ``org:`` rights.
         certificate / decryptor: this server's certificate (DER, sent to the sites of jobs
             that seal their results) and the key to open them.
+        signer: signs every task, so sites can check the model was not changed on the way.
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -260,7 +261,9 @@ class JobManager:
         org_of: Callable[[str], str] | None = None,
         certificate: bytes | None = None,
         decryptor: Decryptor | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        self.signer = signer
         self.certificate = certificate
         self.decryptor = decryptor
         self.org_of = org_of or (lambda admin: "")
@@ -578,6 +581,7 @@ class JobManager:
             codec=recipe.codec,
             digest=self.digest,
             decryptor=self.decryptor,
+            signer=self.signer,
             hierarchical=recipe.relay_aggregation
             and not recipe.encrypt
             and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),

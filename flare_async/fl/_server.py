@@ -21,6 +21,7 @@ late and ignored; if fewer than ``min_responses`` answered by the deadline, the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -45,7 +46,7 @@ from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityErr
 from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._signed import CHANNEL, E2E, check_signed
-from flare_async.security import Decryptor, SignatureVerifier
+from flare_async.security import Decryptor, SignatureVerifier, Signer
 
 
 class RoundFailed(FlareError):
@@ -277,6 +278,13 @@ async def receive_result(
         await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
 
 
+def _sha256(parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
 def _opened(decryptor: Decryptor, parts: Any) -> list[bytes]:
     return list(decryptor.decrypt(parts))
 
@@ -316,6 +324,8 @@ class FLServer:
             damaged, or failing its signature): the job service writes it to the audit log.
         verifier: check every result's end-to-end signature (a deployment: the project CA).
         decryptor: opens results sealed for this server's key (``FedAvgRecipe(encrypt=)``).
+        signer: signs every task (the digest of the model, the task id) so sites can check
+            that no relay changed the model on its way down.
     """
 
     def __init__(
@@ -333,7 +343,9 @@ class FLServer:
         on_reject: Callable[[str, str, str], None] | None = None,
         verifier: SignatureVerifier | None = None,
         decryptor: Decryptor | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        self.signer = signer
         self.decryptor = decryptor
         self.on_reject = on_reject
         self.verifier = verifier
@@ -430,13 +442,18 @@ class FLServer:
         task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
             parts = model_parts(model, self.cell.codecs, self.codec)
+            sha = ""
+            if self.signer is not None:  # one digest, one signature, for every destination
+                sha = await anyio.to_thread.run_sync(_sha256, parts)
+                fields = {"src": self.cell.name, "task": task_id, "sha256": sha, "topic": "task"}
+                task_headers.update(self.signer.sign(fields))
             if self.hierarchical:
                 task_headers["aggregate"] = "parent"
                 secure = task_headers.get("secagg", "")
                 await self._arm_relays(collector, list(targets), task_id, deadline, secure)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._deliver, collector, list(targets), parts, task_headers)
+                    tg.start_soon(self._deliver, collector, list(targets), parts, task_headers, sha)
                     while collector.pending:
                         collector.changed = anyio.Event()
                         await collector.changed.wait()
@@ -491,7 +508,12 @@ class FLServer:
                     collector.settle(site)
 
     async def _deliver(
-        self, collector: _Collector, targets: list[str], parts: list[Any], headers: dict[str, str]
+        self,
+        collector: _Collector,
+        targets: list[str],
+        parts: list[Any],
+        headers: dict[str, str],
+        sha: str = "",
     ) -> None:
         outcomes = await self.cell.stream_many(
             targets,
@@ -500,7 +522,8 @@ class FLServer:
             list(parts),
             codec=self.codec,
             headers=headers,
-            digest=self.digest,
+            digest=self.digest or bool(sha),
+            sha256=sha,
         )
         for site, outcome in outcomes.items():
             if isinstance(outcome, FlareError) and site in collector.pending:

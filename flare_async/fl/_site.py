@@ -257,6 +257,7 @@ class SiteJobs:
             policy=self.policy,
             on_privacy=lambda dp: self._audit("privacy", job=job, **dp),
             encrypt_to=encrypt_to,
+            task_verifier=self.verifier,
         )
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running
