@@ -366,19 +366,25 @@ class ClientRuntime:
         }
         out = None if log is None else os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            proc = await anyio.open_process(
-                [sys.executable, "-m", "flare_async.fl.worker", spec],
-                env=env,
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                cwd=cwd,
-            )
+            # Shielded: a job aborted right now must not leave a started process (or the
+            # socket pair) behind; the abort takes effect at the next wait, below.
+            with anyio.CancelScope(shield=True):
+                proc = await anyio.open_process(
+                    [sys.executable, "-m", "flare_async.fl.worker", spec],
+                    env=env,
+                    pass_fds=(child.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    cwd=cwd,
+                )
+        except BaseException:
+            parent.close()
+            raise
         finally:
+            child.close()
             if out is not None:
                 os.close(out)
-        child.close()
         if on_start is not None:
             on_start(proc.pid)
         parent.setblocking(False)
