@@ -34,6 +34,7 @@ from flare_async.fl._site import SiteJobs
 from flare_async.security import (
     AuditLog,
     Decryptor,
+    Identity,
     Kit,
     Role,
     SignatureVerifier,
@@ -55,14 +56,14 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def kit_verifier(kit: Kit, admins: dict[str, str] | None = None) -> PeerVerifier:
+def kit_verifier(kit: Kit, admins: dict[str, Identity] | None = None) -> PeerVerifier:
     """Check each link's peer certificate against the name and place it claims.
 
     A child must hold a certificate for exactly the name it claims, below this cell, and be a
     client or relay; a parent must be the server or a relay (a client certificate cannot act as
     one); a direct peer must be a cell of the project. With ``admins`` (the server), an admin
     certificate may connect as a child under its session name (:func:`admin_cell_name`); the
-    session name is recorded in ``admins`` with the admin's name.
+    session name is recorded in ``admins`` with the admin's identity (name and organisation).
     """
 
     def verify(link: Link, session: Session) -> None:
@@ -76,8 +77,7 @@ def kit_verifier(kit: Kit, admins: dict[str, str] | None = None) -> PeerVerifier
                 raise IdentityError(
                     f"admin {identity.name!r} must connect as {expected!r}, not {session.peer!r}"
                 )
-            admins[session.peer] = identity.name
-            admins[f"org:{identity.name}"] = identity.org  # the organisation, for rights
+            admins[session.peer] = identity
         elif session.role == "child":
             check_claim(identity, session.peer, Role.CLIENT, below=kit.name)
         elif session.role == "parent":
@@ -123,7 +123,7 @@ def cell_from_kit(
     handlers: Iterable[HandlerTable] = (),
     heartbeat: float | None = 15.0,
     handshake_timeout: float = 10.0,
-    admins: dict[str, str] | None = None,
+    admins: dict[str, Identity] | None = None,
     on_link: Callable[[str, str, bool], None] | None = None,
     accept: Callable[[str, str, str], bool] | None = None,
 ) -> Cell:
@@ -141,9 +141,7 @@ def cell_from_kit(
     def link_changed(peer: str, role: str, up: bool) -> None:
         emit("link-up" if up else "link-down", cell=kit.name, peer=peer, role=role)
         if not up and admins is not None:
-            name = admins.pop(peer, None)
-            if name is not None and name not in admins.values():
-                admins.pop(f"org:{name}", None)
+            admins.pop(peer, None)
         if on_link is not None:
             on_link(peer, role, up)
 
@@ -175,7 +173,7 @@ async def serve(
     tables = [load_handlers(spec) for spec in handlers]
     if inbox is not None:
         tables.append(inbox_handlers(inbox))
-    admins: dict[str, str] | None = {} if kit.role is Role.SERVER else None
+    admins: dict[str, Identity] | None = {} if kit.role is Role.SERVER else None
     role = JobRole(kit, jobs, admins) if jobs is not None else None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         cell = cell_from_kit(
@@ -217,7 +215,7 @@ class JobRole:
     are signed end to end with the sites' (and relays') keys and checked against the project
     CA by whoever folds them."""
 
-    def __init__(self, kit: Kit, folder: Path, admins: dict[str, str] | None) -> None:
+    def __init__(self, kit: Kit, folder: Path, admins: dict[str, Identity] | None) -> None:
         self.kit = kit
         self.folder = folder
         self.admins = admins
@@ -248,15 +246,23 @@ class JobRole:
         audit = self.audit
         if self.kit.role is Role.SERVER:
             admins = self.admins if self.admins is not None else {}
+
+            def admin_of(src: str) -> str | None:
+                identity = admins.get(src)
+                return identity.name if identity is not None else None
+
+            def org_of(admin: str) -> str:
+                return next((i.org for i in admins.values() if i.name == admin), "")
+
             self.manager = JobManager(
                 cell,
                 self.folder,
-                admin_of=admins.get,
+                admin_of=admin_of,
                 on_event=emit,
                 audit=audit,
                 verifier=SignatureVerifier.from_kit(self.kit),
                 rights=AdminRights.load(Path(self.kit.cert).parent / "admins.toml"),
-                org_of=lambda admin: admins.get(f"org:{admin}", ""),
+                org_of=org_of,
                 certificate=_der(self.kit.cert),
                 decryptor=Decryptor(self.kit),
                 signer=Signer(self.kit),

@@ -294,7 +294,7 @@ class JobManager:
         async def register(ctx: Context, msg: Payload) -> bytes:
             if self.admin_of(ctx.src) is not None:
                 raise BadRequest("an admin session is not a site")
-            await self._registered(ctx.src)
+            self._registered(ctx.src)
             return b"registered"
 
         @table.request(CHANNEL, "submit")
@@ -376,7 +376,7 @@ class JobManager:
 
         return table
 
-    async def _registered(self, site: str) -> None:
+    def _registered(self, site: str) -> None:
         self._log.info("site registered", site=site)
         self.sites.add(site)
         if site not in self.store.known_sites():
@@ -397,7 +397,7 @@ class JobManager:
                     delay = min(2 * delay, 5.0)
                     continue
                 if site not in self.sites:
-                    await self._registered(site)
+                    self._registered(site)
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
