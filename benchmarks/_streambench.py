@@ -3,8 +3,9 @@
 Roles (``config["role"]``):
 
 - ``sender``: the root cell ``server`` (``tcp://127.0.0.1:0``). Prints ``{"port": P}``, waits
-  until every target answers ``sys/ping``, then sends the object ``repeat`` times (one
-  ``Cell.stream``, or one ``Cell.stream_many`` for fan-out) and prints one line per run:
+  until every target answers ``sys/ping`` and prints ``{"linked": true}``, then, for each line
+  ``go`` read on its stdin (``repeat`` times), sends the object once (one ``Cell.stream``, or one
+  ``Cell.stream_many`` for fan-out) and prints one line per run:
   ``{"seconds": ..., "sent": B}`` (``sent``: bytes this process put on its links during the
   run). The object: ``mem``: a buffer of ``min(size, 256 MiB)`` random bytes, streamed as many
   views of it as the size needs (nothing copied); ``file``: a file of random bytes written
@@ -16,7 +17,8 @@ Roles (``config["role"]``):
   disabled, SHA-256); ``file`` saves the object (``IncomingStream.save``) and deletes it after.
   Prints ``{"ready": true}`` once linked.
 - ``raw_recv``: the baseline's receiving end: a blocking socket that ``recv_into``'s a
-  preallocated 1 MiB buffer until ``size`` bytes came, then answers one byte; ``repeat`` times.
+  preallocated 1 MiB buffer until ``size`` bytes came, then answers one byte; once per
+  connection, until it is killed.
 
 Every role except ``raw_recv`` prints ``{"peak_rss": B}`` when it ends (``ru_maxrss``): the
 sender after its last run, the others when their stdin closes.
@@ -93,6 +95,7 @@ async def sender(cfg: dict[str, Any]) -> None:
                         break
                     except Exception:  # not linked yet
                         await anyio.sleep(0.05)
+        out(linked=True)
         with tempfile.TemporaryDirectory(dir=cfg.get("tmp")) as tmp:
             if mode == "file":
                 path = Path(tmp) / "object.bin"
@@ -110,6 +113,9 @@ async def sender(cfg: dict[str, Any]) -> None:
                     return signer.sign({"src": "server", "dst": dst, "sha256": sha})
 
             for _ in range(cfg["repeat"]):
+                # One run per "go": stream.py measures the baseline between runs.
+                if (await anyio.to_thread.run_sync(sys.stdin.readline)).strip() != "go":
+                    break
                 before = link_bytes_sent(cell)
                 start = time.perf_counter()
                 if cfg["fanout"]:
@@ -207,7 +213,7 @@ def raw_recv(cfg: dict[str, Any]) -> None:
         out(port=srv.getsockname()[1])
         buf = bytearray(1 << 20)
         view = memoryview(buf)
-        for _ in range(cfg["repeat"]):
+        while True:
             conn, _ = srv.accept()
             with conn:
                 got = 0

@@ -19,7 +19,8 @@ Cases are named ``tcp-<path>-<size>-<mode>[-nodigest|-signed]``:
 Per case: ``throughput`` (B/s, median of ``--repeat`` runs; from the start of ``stream`` to
 the receiver's answer), with ``baseline``: the honest ceiling measured in the same run, two
 processes with blocking sockets, ``sendall`` of 1 MiB buffers into ``recv_into`` of a
-preallocated 1 MiB buffer (this process sends; a child receives). ``peak_rss`` (B) of every
+preallocated 1 MiB buffer (this process sends; a child receives), one baseline transfer just
+before each run of the case, median of those. ``peak_rss`` (B) of every
 process, one line per role (``case:sender``, ``case:relay``, ``case:receiver``; the fan-out
 case reports the largest receiver). File cases also report ``write_throughput`` of this
 machine's disk (``case:disk``: 1 MiB writes into a file, measured in the same run), the other
@@ -96,27 +97,34 @@ class Child:
         self.proc.wait()
 
 
-def baseline(size: int, repeat: int) -> float:
-    """Blocking sockets between two processes: this one sends, a child receives."""
-    child = Child({"role": "raw_recv", "size": size, "repeat": repeat})
-    try:
-        port = child.line()["port"]
-        block = memoryview(bytes(1 << 20))
-        rates = []
-        for _ in range(repeat):
-            with socket.create_connection(("127.0.0.1", port)) as s:
-                start = time.perf_counter()
-                left = size
-                while left > 0:
-                    n = min(left, block.nbytes)
-                    s.sendall(block[:n])
-                    left -= n
-                if s.recv(1) != b"k":
-                    raise RuntimeError("baseline receiver did not answer")
-                rates.append(size / (time.perf_counter() - start))
-        return median(rates)
-    finally:
-        child.kill()
+class Baseline:
+    """Blocking sockets between two processes: this one sends, a child receives.
+
+    One child serves every measurement; ``once`` measures one transfer, so that a case can
+    alternate baseline and case runs (the machine's speed drifts over a minute; a baseline
+    measured in a block before the case compared badly with it).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.child = Child({"role": "raw_recv", "size": size})
+        self.port = self.child.line()["port"]
+        self.block = memoryview(bytes(1 << 20))
+
+    def once(self) -> float:
+        with socket.create_connection(("127.0.0.1", self.port)) as s:
+            start = time.perf_counter()
+            left = self.size
+            while left > 0:
+                n = min(left, self.block.nbytes)
+                s.sendall(self.block[:n])
+                left -= n
+            if s.recv(1) != b"k":
+                raise RuntimeError("baseline receiver did not answer")
+            return self.size / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.child.kill()
 
 
 def disk_write(tmp: str, size: int) -> float:
@@ -161,7 +169,7 @@ def run_case(
     size: int,
     digest: bool,
     repeat: int,
-    base: float,
+    base: Baseline,
     tmp: str,
     chunk: int,
     kits: str = "",
@@ -199,19 +207,35 @@ def run_case(
         for c in members:
             if c.role == "receiver":
                 c.line()
-        runs = []
+        sender.line()  # linked to every target
+        runs, bases = [], []
         for i in range(repeat):
+            bases.append(base.once())
+            assert sender.proc.stdin is not None
+            sender.proc.stdin.write("go\n")
+            sender.proc.stdin.flush()
             rec = sender.line()
             runs.append(rec)
             rate = size / rec["seconds"]
-            log(f"{case} run {i + 1}/{repeat}: {rate / 1e9:.2f} GB/s (baseline {base / 1e9:.2f})")
+            log(
+                f"{case} run {i + 1}/{repeat}: {rate / 1e9:.2f} GB/s"
+                f" (baseline just before: {bases[-1] / 1e9:.2f})"
+            )
+        sender.stop()
         rss = {"sender": sender.line()["peak_rss"]}
         for c in members:
             c.stop()
         for c in members:
             value = c.line()["peak_rss"]
             rss[c.role] = max(rss.get(c.role, 0), value)
-    emit("stream", case, "throughput", median([size / r["seconds"] for r in runs]), "B/s", base)
+    emit(
+        "stream",
+        case,
+        "throughput",
+        median([size / r["seconds"] for r in runs]),
+        "B/s",
+        median(bases),
+    )
     for role, value in rss.items():
         emit("stream", f"{case}:{role}", "peak_rss", value, "B")
     if fanout:
@@ -248,12 +272,12 @@ def main() -> None:
             p.error(f"unknown case {c!r}")
     digests = {"both": (True, False), "on": (True,), "off": (False,)}[args.digest]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp, ExitStack() as stack:
+        base = Baseline(size)
+        stack.callback(base.close)
         for c in cases:
             path, mode = c.rsplit("-", 1)
             for digest in digests:
-                log(f"baseline: {size_name(size)} x {args.repeat}")
-                base = baseline(size, args.repeat)
                 case = f"tcp-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
                 log(f"{case}: {args.repeat} runs")
                 run_case(case, path, mode, size, digest, args.repeat, base, tmp, args.chunk)

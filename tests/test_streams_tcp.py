@@ -104,8 +104,29 @@ async def test_three_hops_over_tcp(tmp_path: Path) -> None:
     names = ["server", "server.r1", "server.r1.r2", "server.r1.r2.e"]
     async with chain(names, table_for(tmp_path, state), tcp=True) as cells:
         reply = await cells[0].stream(names[-1], "t", "save", data, chunk=256 << 10)
+        # Both relays passed the chunks on unread (os.splice), from their parent's link.
+        for relay in cells[1:3]:
+            assert relay._parent is not None
+            assert relay._parent.link.statistics()["frames_passed"] >= 10
     assert int(reply.tobytes()) == len(data)
     assert state["path"].read_bytes() == data
+
+
+async def test_a_relay_link_killed_mid_stream_resumes(tmp_path: Path) -> None:
+    """The relay's link to the receiver drops while chunks pass through it unread."""
+    state: dict[str, Any] = {"drop_at": 6 << 20}
+    data = pattern(24 << 20, seed=25)
+    names = ["server", "server.r", "server.r.e"]
+    async with chain(names, table_for(tmp_path, state), tcp=True) as (server, relay, edge):
+        with anyio.fail_after(30):
+            reply = await server.stream(
+                "server.r.e", "t", "count", data, chunk=512 << 10, probe=0.2, idle=20
+            )
+        assert int(reply.tobytes()) == len(data)
+        assert state["dropped"]
+        assert edge.statistics().streams["resumes"] >= 1
+        assert relay._parent is not None
+        assert relay._parent.link.statistics()["frames_passed"] >= 1
 
 
 async def test_a_connection_killed_mid_stream_resumes(tmp_path: Path) -> None:

@@ -70,10 +70,12 @@ from flare_async.wire import (
     STREAM_KINDS,
     Buffer,
     Bye,
+    Envelope,
     Error,
     Event,
     Frame,
     Limits,
+    Passing,
     Ping,
     Pong,
     Reply,
@@ -499,6 +501,7 @@ class Cell(StreamingMixin):
         error: TransportError = LinkClosed(f"link to {peer.name} closed")
         clock = self._clock
         peer.link.deliver_to(functools.partial(self._on_frame_now, peer))
+        peer.link.pass_through(functools.partial(self._may_pass, peer))
         try:
             while True:
                 frame = await peer.link.receive()
@@ -522,6 +525,7 @@ class Cell(StreamingMixin):
             self._log.warning("protocol error, closing link", peer=peer.name, error=str(exc))
         finally:
             peer.link.deliver_to(None)
+            peer.link.pass_through(None)
             self._drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
                 await peer.link.aclose()
@@ -607,7 +611,7 @@ class Cell(StreamingMixin):
             if h.dst == self.name:
                 self._deliver(frame)
             else:
-                await self._forward(frame)
+                await self._forward(frame, peer.link)
         elif isinstance(h, Ping):
             await peer.send(Frame(Pong(seq=h.seq)))
         elif isinstance(h, Bye):
@@ -687,7 +691,19 @@ class Cell(StreamingMixin):
         if not self._workers.submit(Job(h, payload, fn, deadline)):
             self._answer_error(h, Status.OVERLOADED, f"{self.name} handler queue is full")
 
-    async def _forward(self, frame: Frame) -> None:
+    def _may_pass(self, peer: Peer, h: Envelope, size: int) -> bool:
+        """Whether a large frame arriving from ``peer`` may pass through unread: it is on its
+        way to another cell whose link splices (``Link.pass_through``). Called by the parser;
+        never raises."""
+        if not isinstance(h, _ROUTED) or h.dst == self.name:
+            return False
+        try:
+            hop = self._next_peer(h.dst)
+        except Exception:
+            return False
+        return hop is not None and hop is not peer and hop.link.splices
+
+    async def _forward(self, frame: Frame, src: Link) -> None:
         h = frame.header
         assert isinstance(h, _ROUTED)
         try:
@@ -700,13 +716,16 @@ class Cell(StreamingMixin):
             # The budget shrinks by nothing here: forwarding happens as the frame is read.
             out = msgspec.structs.replace(h, route=[*h.route, self.name])
             deadline = math.inf if h.budget is None else self._clock() + h.budget
+            passing = frame if isinstance(frame, Passing) else None
+            if passing is not None and not hop.link.splices:  # the route changed meanwhile
+                frame, passing = await src.take_passing(passing), None
             fwd = None
             if isinstance(h, Request):
                 # Recorded before sending: the answer may come back before the send returns.
                 fwd = Forwarded(h.src, h.id, hop.inflight)
                 hop.inflight[(h.src, h.id)] = fwd
             try:
-                await self._send_via(hop, Frame(out, frame.parts), deadline)
+                await self._send_via(hop, Frame(out, frame.parts), deadline, passing, src)
             except BaseException:
                 if fwd is not None:
                     fwd.expire()
@@ -829,20 +848,32 @@ class Cell(StreamingMixin):
         if not self._running:
             raise CellClosed(f"cell {self.name} is not running")
 
-    async def _send_via(self, peer: Peer, frame: Frame, deadline: float) -> None:
+    async def _send_via(
+        self,
+        peer: Peer,
+        frame: Frame,
+        deadline: float,
+        passing: Passing | None = None,
+        src: Link | None = None,
+    ) -> None:
         """Send on one link without waiting if it has room, else wait until ``deadline``.
+        With ``passing``, the rest of the payload comes from ``src`` unread (``send_passing``).
 
         Raises:
             DeadlineExceeded: the link stayed full until the deadline.
         """
         link = peer.link
-        if link.try_send(frame):
+        if passing is None and link.try_send(frame):
             return
         # Even a message without a deadline waits for room at most as long as a silent link is
         # given to live: a link that takes nothing for that long is as good as dead.
         deadline = min(deadline, self._clock() + self._send_cap)
         with anyio.CancelScope(deadline=deadline) as scope:
-            await link.send(frame)
+            if passing is None:
+                await link.send(frame)
+            else:
+                assert src is not None
+                await link.send_passing(frame, passing, src)
         if scope.cancelled_caught:
             raise DeadlineExceeded(f"link to {peer.name} stayed full until the deadline")
 

@@ -25,7 +25,7 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
-from flare_async.wire import Frame, Limits
+from flare_async.wire import Envelope, Frame, Limits, Passing
 
 
 class Link(abc.ABC):
@@ -82,6 +82,41 @@ class Link(abc.ABC):
             whether the driver will deliver this way (the default: ``False``, never).
         """
         return False
+
+    @property
+    def splices(self) -> bool:
+        """Whether frames can pass through this link without being read (see
+        :meth:`pass_through`, :meth:`send_passing`)."""
+        return False
+
+    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
+        """Offer large incoming frames to ``decide(header, payload_len)`` as their headers
+        arrive; a frame it accepts is received as a :class:`~flare_async.wire.Passing` frame
+        whose payload is still in the link. Its receiver then either forwards it with another
+        link's :meth:`send_passing`, reads it with :meth:`take_passing`, or neither (the next
+        :meth:`receive` drops the payload). Optional: returns whether the driver supports it.
+        """
+        return False
+
+    async def take_passing(self, passing: Passing) -> Frame:
+        """The passing frame just received, with its whole payload read into memory.
+
+        Raises:
+            LinkBroken: the link broke before the payload was complete.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
+
+    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
+        """Send ``frame`` (a header and the passing frame's first bytes) followed by the rest
+        of ``passing``'s payload, moved from ``src`` (which received it) without reading it.
+        Only between links whose ``splices`` is true.
+
+        Raises:
+            LinkBroken: ``src`` broke before the payload was complete (nothing was sent on this
+                link), or this link broke.
+            The errors of :meth:`send`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
 
     @abc.abstractmethod
     async def receive(self) -> Frame:

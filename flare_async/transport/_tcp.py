@@ -47,8 +47,9 @@ from flare_async.errors import (
     LinkClosed,
     ProtocolError,
 )
+from flare_async.transport import _splice
 from flare_async.transport._base import Driver, Link, Listener
-from flare_async.wire import EOF, Buffer, Connection, Frame, Limits, payload_size
+from flare_async.wire import EOF, Buffer, Connection, Envelope, Frame, Limits, Passing, payload_size
 
 _IOV_MAX = 1024
 
@@ -117,6 +118,9 @@ class TcpLink(Link):
         self._lowat = 1
         self._rx_error: BaseException | None = None
         self._rx_wakeup: asyncio.Future[None] | None = None
+        self._passing: Passing | None = None  # handed out by receive(), payload not yet moved
+        self._pipe: _splice.Pipe | None = None  # kept between frames passing through
+        self._passed = 0
 
     @property
     def peer_limits(self) -> Limits:
@@ -373,11 +377,18 @@ class TcpLink(Link):
             self._started = True
             self._resume_reading()
         while True:
+            if self._passing is not None:
+                await self._discard_passing()
             held = self._held
             if held is not None:
                 self._held = None
+                if isinstance(held, Passing):
+                    self._passing = held
                 return held
             event = conn.next_event()
+            if isinstance(event, Passing):
+                self._passing = event
+                return event
             if isinstance(event, Frame):
                 if (
                     not self._reading
@@ -399,6 +410,8 @@ class TcpLink(Link):
             await wakeup
 
     def _resume_reading(self) -> None:
+        if self._conn.passing:
+            return  # the payload in the socket is moved by whoever forwards the frame
         if not self._reading and self._started and self._sock.fileno() >= 0:
             assert self._loop is not None
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
@@ -430,6 +443,8 @@ class TcpLink(Link):
             self._pause_reading()
             self._rx_error = exc
         else:
+            if conn.passing:
+                self._pause_reading()
             if self._pushing:
                 if not self._push():
                     return  # every frame handled: the receiving task sleeps on
@@ -463,6 +478,10 @@ class TcpLink(Link):
             event = conn.next_event()
             if not isinstance(event, Frame):
                 return event is EOF
+            if isinstance(event, Passing):  # moving its payload takes waiting: receive() it
+                self._held = event
+                self._pushing = False
+                return True
             try:
                 taken = on_frame(event)
             except Exception as exc:  # handed to receive(), which raises it
@@ -481,6 +500,98 @@ class TcpLink(Link):
         wakeup, self._rx_wakeup = self._rx_wakeup, None
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
+
+    # ------------------------------------------------------- passing through (os.splice)
+    @property
+    def splices(self) -> bool:
+        """Whether frames can pass through this link without being read (plain TCP on
+        asyncio, on Linux): see :meth:`send_passing`."""
+        return self._loop is not None and _splice.SPLICE
+
+    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
+        if not self.splices:
+            return False
+        self._conn.pass_through = decide
+        return True
+
+    async def take_passing(self, passing: Passing) -> Frame:
+        if passing is not self._passing:
+            raise RuntimeError("not this link's passing frame")
+        first = memoryview(passing.parts[0])
+        payload = await self._move_passing(
+            lambda: _splice.take(
+                self._sock, first, passing.owed, self._await_payload, self._conn.passed
+            )
+        )
+        return Frame(passing.header, (payload,))
+
+    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
+        if not (isinstance(src, TcpLink) and src._passing is passing and self.splices):
+            raise RuntimeError("send_passing needs the passing frame of a splicing link")
+        size = passing.payload_len
+        head = self._conn.head(frame.header, size)  # FrameTooLarge before any I/O
+        pipe, src._pipe = src._pipe or _splice.Pipe(), None  # taken while in use
+        try:
+            rest = await src._move_passing(
+                lambda: _splice.gather(
+                    src._sock, pipe, passing.owed, src._await_payload, src._conn.passed
+                )
+            )
+            async with self._send_lock:
+                self._check_usable()
+                await self._write_passing([head, *frame.parts], pipe, rest)
+            self._conn.count_frame(len(head) + size)
+            src._passed += 1
+        finally:
+            if pipe.held or src._closed or src._pipe is not None:
+                pipe.close()  # what a failed forward left in it goes with it
+            else:
+                src._pipe = pipe
+
+    async def _write_passing(
+        self, segments: list[Buffer], pipe: _splice.Pipe, rest: memoryview | None
+    ) -> None:
+        wrote = False
+        try:
+            await self._send_raw(segments)
+            wrote = True
+            await _splice.flush(pipe, self._sock, lambda: self._wait(anyio.wait_writable))
+            if rest is not None:
+                await self._send_raw([rest])
+        except OSError as exc:
+            self._mark_broken(f"send failed: {_reason(exc)}")
+            raise LinkBroken(self._broken or "") from None
+        except BaseException:
+            if wrote and self._broken is None:
+                self._cut_short()  # part of the frame is on the wire
+            raise
+
+    async def _move_passing(self, move: Callable[[], Any]) -> Any:
+        """Run ``move`` (which takes the passing payload out of the socket); then the link
+        reads frames again. A socket failure breaks this link."""
+        self._check_usable()
+        try:
+            result = await move()
+        except (EOFError, OSError) as exc:
+            self._mark_broken(f"connection failed: {_reason(exc)}")
+            self._rx_error = LinkBroken(self._broken or "")
+            raise LinkBroken(f"link from {self.peer_address} broke: {self._broken}") from None
+        self._passing = None
+        self._set_lowat(0)
+        return result
+
+    async def _await_payload(self) -> None:
+        self._set_lowat(self._conn.owed)
+        await self._wait(anyio.wait_readable)
+
+    async def _discard_passing(self) -> None:
+        """The passing frame was not forwarded: read its payload and drop it."""
+        if self._rx_error is not None:
+            raise self._rx_error
+        owed = self._conn.owed
+        await self._move_passing(
+            lambda: _splice.discard(self._sock, owed, self._await_payload, self._conn.passed)
+        )
 
     async def _fill_tls(self) -> None:
         assert self._tls is not None
@@ -540,6 +651,9 @@ class TcpLink(Link):
             ):
                 await self._tls.aclose()
         self._close_socket(reset=self._broken is not None)
+        if self._pipe is not None:  # one in use is closed by its user
+            self._pipe.close()
+            self._pipe = None
         if self._stream is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await self._stream.aclose()
@@ -564,6 +678,7 @@ class TcpLink(Link):
             "bytes_sent": s.bytes_sent,
             "bytes_received": s.bytes_received,
             "buffered": s.buffered,
+            "frames_passed": self._passed,
         }
 
 

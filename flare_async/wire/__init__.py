@@ -6,10 +6,12 @@ Pure and synchronous (layer L1): bytes in, events out. No sockets, no clock, no 
 from flare_async.wire._connection import (
     EOF,
     NEED_DATA,
+    PASS_FROM,
     Buffer,
     Connection,
     ConnectionStatistics,
     Frame,
+    Passing,
     payload_size,
 )
 from flare_async.wire._envelope import (
@@ -59,6 +61,7 @@ __all__ = [
     "MAGIC",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
+    "PASS_FROM",
     "PREFIX",
     "PREFIX_SIZE",
     "PROTOCOL_VERSION",
@@ -75,6 +78,7 @@ __all__ = [
     "Frame",
     "Hello",
     "Limits",
+    "Passing",
     "Ping",
     "Pong",
     "Reply",

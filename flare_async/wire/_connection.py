@@ -17,13 +17,19 @@ bytes are never copied through an intermediate ``bytes`` object.
 
 Sending: ``conn.send(header, parts)`` returns the segments to write with vectored I/O; the
 payload parts are passed through by reference, never concatenated.
+
+Passing through: a relay that forwards a large frame need not read its payload at all. With
+``conn.pass_through`` set, a decoded header whose payload is still mostly unread is offered to it;
+if it accepts, the connection emits a :class:`Passing` frame (the header and the payload bytes
+already buffered) and stops parsing until the transport has moved the rest of the payload
+itself (``os.splice`` from socket to socket) and reported it with :meth:`Connection.passed`.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 import msgspec
@@ -55,6 +61,25 @@ class Frame:
 
     def __repr__(self) -> str:
         return f"Frame({self.header!r}, {self.payload_len} B)"
+
+
+class Passing(Frame):
+    """A large frame on its way through: the header, the first payload bytes (``parts[0]``,
+    those already read) and ``owed``, the bytes of payload still in the link, which the
+    transport moves on without reading them (see ``Connection.pass_through``)."""
+
+    __slots__ = ("owed",)
+
+    def __init__(self, header: Envelope, first: memoryview, owed: int) -> None:
+        super().__init__(header, (first,))
+        self.owed = owed
+
+    @property
+    def payload_len(self) -> int:
+        return len(self.parts[0]) + self.owed
+
+    def __repr__(self) -> str:
+        return f"Passing({self.header!r}, {self.payload_len} B, {self.owed} B unread)"
 
 
 def payload_size(parts: Sequence[Buffer]) -> int:
@@ -95,6 +120,8 @@ class ConnectionStatistics(msgspec.Struct, frozen=True):
 
 
 _LAZY_FROM = 1 << 20
+PASS_FROM: Final = 128 * 1024
+"""Frames with at least this much payload still unread may pass through (``pass_through``)."""
 _UNINITIALIZED_FROM = 64 * 1024
 _HEADER_READ = 4096
 """After a large frame, read this much for the next header, so that the next large payload
@@ -122,6 +149,7 @@ class _State(enum.Enum):
     PAYLOAD = 3
     CLOSED = 4
     ERROR = 5
+    PASSING = 6
 
 
 class Connection:
@@ -147,6 +175,9 @@ class Connection:
         self.peer_limits = self.limits
         """Limits the peer announced; applied to what we send (set after the hello)."""
         self.peer = peer
+        self.pass_through: Callable[[Envelope, int], bool] | None = None
+        """Offered ``(header, payload_len)`` of each frame with at least :data:`PASS_FROM`
+        bytes of payload unread; returning True makes it a :class:`Passing` frame."""
         self._staging = bytearray(max(staging_size, PREFIX_SIZE + self.limits.max_header))
         self._view = memoryview(self._staging)
         self._start = 0
@@ -175,6 +206,8 @@ class Connection:
             ProtocolError: the connection already failed or saw EOF.
         """
         self._check_open()
+        if self._state is _State.PASSING:
+            raise RuntimeError("a payload is passing through: move it, then call passed()")
         if (
             self._state is _State.PAYLOAD
             and self._start == self._end
@@ -240,9 +273,28 @@ class Connection:
         return NEED_DATA
 
     @property
+    def passing(self) -> bool:
+        """A :class:`Passing` frame's payload is still in the link (see :meth:`passed`)."""
+        return self._state is _State.PASSING
+
+    def passed(self, nbytes: int) -> None:
+        """Record ``nbytes`` of the passing payload moved on by the transport; once all of it
+        has, the connection parses frames again."""
+        if self._state is not _State.PASSING or not 0 < nbytes <= self._payload_len:
+            raise RuntimeError(f"passed({nbytes}) with {self.owed} B of payload passing")
+        self._payload_len -= nbytes
+        self._bytes_in += nbytes
+        if not self._payload_len:
+            self._state = _State.PREFIX
+            self._frames_in += 1
+            self._after_large = True
+
+    @property
     def owed(self) -> int:
         """Bytes the peer must still send to finish the frame in progress (0 between frames):
         a reader may wait for that many before waking up (``SO_RCVLOWAT``)."""
+        if self._state is _State.PASSING:
+            return self._payload_len
         if self._state is _State.PAYLOAD and self._target is not None:
             return len(self._target) - self._filled - (self._end - self._start)
         return 0
@@ -353,8 +405,11 @@ class Connection:
                 if avail < self._header_len:
                     break
                 end = start + self._header_len
-                self._header = decode_header(view[start:end], limits)
+                header = decode_header(view[start:end], limits)
                 self._start = end
+                if self._pass(header, self._end - end):
+                    break
+                self._header = header
                 self._state = _State.PAYLOAD
                 self._filled = 0
                 self._target = _payload_buffer(self._payload_len)
@@ -372,6 +427,22 @@ class Connection:
                     self._finish_frame()
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _pass(self, header: Envelope, avail: int) -> bool:
+        """Offer a frame whose payload is mostly unread to ``pass_through``; if taken, emit it
+        as :class:`Passing` with the payload bytes already here (all that is buffered)."""
+        size = self._payload_len
+        if self.pass_through is None or size - avail < PASS_FROM:
+            return False
+        if not self.pass_through(header, size):
+            return False
+        first = memoryview(bytes(self._view[self._start : self._end]))
+        self._start = self._end
+        self._payload_len = size - len(first)
+        self._state = _State.PASSING
+        self._events.append(Passing(header, first, self._payload_len))
+        self._events_bytes += len(first)
+        return True
 
     def _finish_frame(self) -> None:
         assert self._header is not None

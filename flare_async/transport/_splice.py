@@ -1,0 +1,170 @@
+"""Relaying a large payload from one TCP socket to another without reading it (``os.splice``).
+
+A relay that forwards a stream chunk through user space pays two copies per byte (``recv_into``
+then ``sendmsg``) on top of the ends' own; on loopback or a busy relay host those copies are the
+relay's whole cost. ``splice`` moves the payload's pages from the inbound socket into a pipe and
+from the pipe into the outbound socket by reference.
+
+The payload is gathered first and written second (store and forward, as a frame read into
+memory is): the outbound link gets a frame only once all of it has arrived, so a sender that
+dies mid-frame never leaves half a frame on the next link. The pipe holds what it can (1 MiB
+where the system allows a pipe that big); what does not fit (a pipe counts page references, not
+bytes) is read into memory as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import termios
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import numpy as np
+
+SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
+"""Whether this platform can splice (Linux)."""
+
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+_PIPE_SIZE = 1 << 20
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+class Pipe:
+    """A non-blocking pipe between two sockets, and how many bytes it holds. One per frame
+    passing through: closing it throws away whatever a failed forward left in it."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # bigger than the system allows: keep the default
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self.size = int(fcntl.fcntl(self.w, _F_GETPIPE_SZ))
+        self.held = 0
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.r = self.w = -1
+
+
+def _unread(sock: socket.socket) -> int:
+    out = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(out, "little", signed=True)
+
+
+async def gather(
+    sock: socket.socket,
+    pipe: Pipe,
+    owed: int,
+    wait_readable: Callable[[], Awaitable[None]],
+    on_moved: Callable[[int], None],
+) -> memoryview | None:
+    """Move ``owed`` payload bytes from ``sock`` into ``pipe``; the bytes the pipe has no room
+    for are read into memory and returned (None when the pipe took everything).
+
+    ``on_moved(n)`` is told of every ``n`` bytes taken from the socket, as they are.
+
+    Raises:
+        EOFError: the peer closed the connection before the payload was complete.
+        OSError: the socket failed.
+    """
+    while owed:
+        try:
+            n = os.splice(sock.fileno(), pipe.w, owed, flags=_FLAGS)
+        except BlockingIOError:
+            if _unread(sock) > 0:  # data is there, so the pipe is full
+                return await _read_rest(sock, owed, wait_readable, on_moved)
+            await wait_readable()
+            continue
+        if not n:
+            raise EOFError("peer closed the connection in the middle of a frame")
+        pipe.held += n
+        owed -= n
+        on_moved(n)
+    return None
+
+
+async def take(
+    sock: socket.socket,
+    first: memoryview,
+    owed: int,
+    wait_readable: Callable[[], Awaitable[None]],
+    on_moved: Callable[[int], None],
+) -> memoryview:
+    """The whole payload in memory: ``first`` and then ``owed`` more bytes from ``sock``."""
+    buf = memoryview(cast(Any, np.empty(len(first) + owed, dtype=np.uint8))).cast("B")
+    buf[: len(first)] = first
+    await read_into(sock, buf[len(first) :], wait_readable, on_moved)
+    return buf.toreadonly()
+
+
+async def _read_rest(
+    sock: socket.socket,
+    owed: int,
+    wait_readable: Callable[[], Awaitable[None]],
+    on_moved: Callable[[int], None],
+) -> memoryview:
+    rest = memoryview(cast(Any, np.empty(owed, dtype=np.uint8))).cast("B")
+    await read_into(sock, rest, wait_readable, on_moved)
+    return rest
+
+
+async def read_into(
+    sock: socket.socket,
+    view: memoryview,
+    wait_readable: Callable[[], Awaitable[None]],
+    on_moved: Callable[[int], None],
+) -> None:
+    """Fill ``view`` from ``sock``.
+
+    Raises:
+        EOFError: the peer closed the connection first.
+    """
+    got, size = 0, len(view)
+    while got < size:
+        try:
+            n = sock.recv_into(view[got:])
+        except BlockingIOError:
+            await wait_readable()
+            continue
+        if not n:
+            raise EOFError("peer closed the connection in the middle of a frame")
+        got += n
+        on_moved(n)
+
+
+async def flush(
+    pipe: Pipe, sock: socket.socket, wait_writable: Callable[[], Awaitable[Any]]
+) -> None:
+    """Write everything the pipe holds to ``sock``."""
+    while pipe.held:
+        try:
+            n = os.splice(pipe.r, sock.fileno(), pipe.held, flags=_FLAGS)
+        except BlockingIOError:
+            await wait_writable()
+            continue
+        pipe.held -= n
+
+
+async def discard(
+    sock: socket.socket,
+    owed: int,
+    wait_readable: Callable[[], Awaitable[None]],
+    on_moved: Callable[[int], None],
+) -> None:
+    """Read and drop ``owed`` bytes (a passing payload nobody forwarded)."""
+    scratch = memoryview(bytearray(min(owed, 256 * 1024)))
+    while owed:
+        try:
+            n = sock.recv_into(scratch, min(owed, len(scratch)))
+        except BlockingIOError:
+            await wait_readable()
+            continue
+        if not n:
+            raise EOFError("peer closed the connection in the middle of a frame")
+        owed -= n
+        on_moved(n)
