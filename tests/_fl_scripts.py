@@ -47,6 +47,18 @@ def small_recipe() -> FedAvgRecipe:
     )
 
 
+def secure_dropout_recipe() -> FedAvgRecipe:
+    """Two secure rounds of ``dies_at_site_3`` on a 16-value model (a majority of 3 unmasks)."""
+    return FedAvgRecipe(
+        initial={"w": np.zeros(16)},
+        script="tests._fl_scripts:dies_at_site_3",
+        rounds=2,
+        secure=True,
+        min_responses=2,
+        deadline=30,
+    )
+
+
 def gated() -> None:
     """``add_site_weight``, but from round 1 on a site answers only once the file named by
     ``FLARE_TEST_GATE`` exists (the test opens the gate when it is ready)."""

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -39,11 +40,23 @@ SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
 
 class Deployment:
     def __init__(
-        self, root: Path, *, skip: tuple[str, ...] = (), files: dict[str, str] | None = None
+        self,
+        root: Path,
+        *,
+        skip: tuple[str, ...] = (),
+        files: dict[str, str] | None = None,
+        sites: list[str] = SITES,
     ) -> None:
         self.root = root
+        self.sites = sites
         p_server, p_relay = free_ports(2)
         project = root / "project.toml"
+        orgs = ["hospital-a", "hospital-b", "hospital-c"]
+        clients = "".join(
+            f'[[clients]]\nname = "{site}"\norg = "{orgs[i % 3]}"\n'
+            f'parent = "tls://127.0.0.1:{p_relay}"\n'
+            for i, site in enumerate(sites)
+        )
         project.write_text(f"""
 project = "jobs"
 org = "example.org"
@@ -53,14 +66,7 @@ listen = ["tls://127.0.0.1:{p_server}"]
 name = "{RELAY}"
 parent = "tls://127.0.0.1:{p_server}"
 listen = ["tls://127.0.0.1:{p_relay}"]
-[[clients]]
-name = "{SITES[0]}"
-org = "hospital-a"
-parent = "tls://127.0.0.1:{p_relay}"
-[[clients]]
-name = "{SITES[1]}"
-org = "hospital-b"
-parent = "tls://127.0.0.1:{p_relay}"
+{clients}
 [[admins]]
 name = "alice@example.org"
 parent = "tls://127.0.0.1:{p_server}"
@@ -74,7 +80,7 @@ parent = "tls://127.0.0.1:{p_server}"
         for name, text in (files or {}).items():  # policies dropped into kits
             (self.kits / name).write_text(text)
         self.procs: dict[str, Proc] = {}
-        for name in ["server", RELAY, *SITES]:
+        for name in ["server", RELAY, *sites]:
             if name in skip:
                 continue
             self.procs[name] = Proc(
@@ -84,7 +90,7 @@ parent = "tls://127.0.0.1:{p_server}"
                 ["--jobs", str(root / "jobs" / name)],
             )
         if not skip:
-            self.procs["server"].wait_all("site-registered", "site", SITES)
+            self.procs["server"].wait_all("site-registered", "site", sites)
 
     def job(self, *args: str, kit: str = "alice@example.org") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -243,8 +249,67 @@ def test_a_server_killed_mid_job_resumes_from_its_last_checkpoint(
     assert np.allclose(tensors["w"], 5.0)
 
 
+def relay_cell(d: Deployment, rewrite: Any) -> Cell:
+    """The deployment's relay, run in this process from its kit, with ``rewrite`` applied to
+    every frame it forwards (``tests.test_signatures.HostileRelay``)."""
+    kit = load_kit(d.kits / RELAY)
+    return Cell(
+        kit.name,
+        listen=list(kit.listen),
+        parent=kit.parent,
+        drivers=[FaultyDriver(drv, rewrite=rewrite) for drv in kit_drivers(kit)],
+        handlers=[system_handlers()],
+        verify_peer=kit_verifier(kit),
+    )
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("mode", ["bytes", "replay", "snoop", "task"])
+async def test_secure_aggregation_with_a_site_dropping_mid_round_in_a_deployment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sites behind a relay that records what site-1 sends (what the server gets: relay
+    aggregation is off). site-3's training process exits mid round 0, after the keys went out;
+    the round still completes on the other two, the next round runs without site-3, and the
+    model is the plain weighted average. What site-1 sent is masked: its plain fixed-point
+    vector never crossed the relay."""
+    from tests.test_signatures import HostileRelay  # noqa: PLC0415
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    sites = [*SITES, f"{RELAY}.site-3"]
+    d = Deployment(tmp_path, skip=(RELAY,), sites=sites)
+    try:
+        snoop = HostileRelay("snoop")
+        async with relay_cell(d, snoop):
+            await anyio.to_thread.run_sync(
+                d.procs["server"].wait_all, "site-registered", "site", sites
+            )
+            done = await anyio.to_thread.run_sync(
+                lambda: d.job(
+                    "submit",
+                    "tests._fl_scripts:secure_dropout_recipe",
+                    "--no-relay-aggregation",
+                    "--wait",
+                )
+            )
+    finally:
+        d.stop()
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "finished"
+    lines = (tmp_path / "jobs" / "server" / final["id"] / "events.jsonl").read_text()
+    rounds = [json.loads(x) for x in lines.splitlines() if '"round"' in x]
+    assert [sorted(r["responded"]) for r in rounds] == [SITES, SITES]
+    assert sites[2] in rounds[0]["failed"]  # dropped mid-round, after the keys went out
+    folder = tmp_path / "jobs" / "server" / final["id"] / "checkpoints"
+    tensors, _ = decode((folder / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 2 * 5 / 3, atol=1e-3)  # (1*1 + 2*2) / 3 a round
+    assert len(snoop.seen) > 0
+    plain = np.full(17, 1 << 16, np.uint32)  # site-1's round 0 vector (w + 1, weight 1) unmasked
+    assert plain[:16].tobytes() not in snoop.seen
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["bytes", "replay", "snoop", "task", "start"])
 async def test_a_tampering_relay_is_caught_in_a_deployment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
@@ -257,19 +322,10 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     d = Deployment(tmp_path, skip=(RELAY,))
     try:
-        kit = load_kit(d.kits / RELAY)
         hostile = HostileRelay(mode)
-        relay = Cell(
-            kit.name,
-            listen=list(kit.listen),
-            parent=kit.parent,
-            drivers=[FaultyDriver(drv, rewrite=hostile) for drv in kit_drivers(kit)],
-            handlers=[system_handlers()],
-            verify_peer=kit_verifier(kit),
-        )
-        async with relay:
+        async with relay_cell(d, hostile):
             await anyio.to_thread.run_sync(
-                d.procs["server"].wait_all, "site-registered", "site", SITES
+                d.procs["server"].wait_all, "site-registered", "site", d.sites
             )
             extra = {"snoop": ["--encrypt"], "task": []}.get(mode, [])
             done = await anyio.to_thread.run_sync(
@@ -286,6 +342,20 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
     finally:
         d.stop()
     assert done.returncode == 0, done.stderr
+    if mode == "start":  # the job start to site-1 was changed: site-1 refused to run it
+        assert hostile.tampered == 1
+        job = json.loads(done.stdout.splitlines()[-1])["id"]
+        lines = (tmp_path / "jobs" / "server" / job / "events.jsonl").read_text().splitlines()
+        events = [json.loads(x) for x in lines]
+        (skipped,) = [e for e in events if e["event"] == "site-not-started"]
+        assert skipped["site"] == SITES[0]
+        assert "changed on the way" in skipped["error"]
+        assert all(e["responded"] == [SITES[1]] for e in events if e["event"] == "round")
+        site_audit = tmp_path / "jobs" / SITES[0] / "audit.jsonl"
+        refused = [json.loads(x) for x in site_audit.read_text().splitlines() if "refused" in x]
+        assert refused[-1]["command"] == "start"
+        assert "changed on the way" in refused[-1]["why"]
+        return
     if mode == "snoop":  # sealed for the server: the relay carried bytes it cannot read
         assert len(hostile.seen) > 0
         # site-1's round-0 result in clear: the zero model plus 1 (float64, as the tensors

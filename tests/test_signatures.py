@@ -10,6 +10,7 @@ out of the sum, and the round must complete with the other site.
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,21 @@ from flare_async import Cell
 from flare_async.cell import system_handlers
 from flare_async.errors import IntegrityError
 from flare_async.fl import ClientRuntime, FLModel, FLServer, fedavg
-from flare_async.security import SignatureVerifier, Signer, load_kit, provision
+from flare_async.fl._secagg import SecAggClient
+from flare_async.fl._secure import SecureSite
+from flare_async.security import (
+    COMMAND_MAX_AGE,
+    SignatureVerifier,
+    Signer,
+    check_command,
+    load_kit,
+    provision,
+    sign_command,
+)
 from flare_async.streaming._io import checksum
 from flare_async.testing import FaultyDriver
 from flare_async.transport import MemoryNetwork
-from flare_async.wire import Frame, StreamData, StreamEnd, StreamOpen
+from flare_async.wire import Frame, Request, StreamData, StreamEnd, StreamOpen
 
 RELAY = "server.relay-1"
 SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
@@ -89,6 +100,29 @@ def test_a_signature_binds_origin_fields_and_certificate(tmp_path: Path) -> None
         Signer(site).sign({**fields, "src": SITES[1]})
 
 
+def test_a_signed_command_binds_its_name_destination_body_and_time(tmp_path: Path) -> None:
+    folder = kits(tmp_path)
+    server = Signer(load_kit(folder / "server"))
+    verifier = SignatureVerifier.from_kit(load_kit(folder / SITES[0]))
+    headers = sign_command(server, SITES[0], "start", b'{"id": "j1"}', NOW)
+    ok = {"src": "server", "dst": SITES[0], "command": "start", "body": b'{"id": "j1"}'}
+    assert check_command(verifier, headers, **ok, now=NOW + timedelta(seconds=10))
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"command": "abort"}, "changed on the way"),  # a start made into an abort
+        ({"dst": SITES[1]}, "changed on the way"),  # sent on to another site
+        ({"body": b'{"id": "j2"}'}, "changed on the way"),  # another job
+        ({"src": SITES[1]}, "signed with"),
+    ]
+    for change, why in bad:
+        with pytest.raises(IntegrityError, match=why):
+            check_command(verifier, headers, **{**ok, **change}, now=NOW)
+    late = NOW + timedelta(seconds=COMMAND_MAX_AGE + 1)
+    with pytest.raises(IntegrityError, match="replay"):
+        check_command(verifier, headers, **ok, now=late)
+    with pytest.raises(IntegrityError, match="not signed"):
+        check_command(verifier, {}, **ok, now=NOW)
+
+
 def add_weight() -> None:
     i = int(flare.get_config()["site_index"])
     while (model := flare.receive()) is not None:
@@ -129,6 +163,12 @@ class HostileRelay:
         h = frame.header
         if self.mode == "task":  # changes the model it passes down to site-1, once
             return self._task(frame)
+        if self.mode == "start":  # changes the script of the job the server starts on site-1
+            if isinstance(h, Request) and h.topic == "start" and h.dst == SITES[0]:
+                body = b"".join(bytes(p) for p in frame.parts)
+                self.tampered += 1
+                return Frame(h, (body.replace(b"add_site_weight", b"dies_at_site_3"),))
+            return frame
         if self.mode == "snoop":  # reads everything site-1 sends up, changes nothing
             if isinstance(h, StreamData) and h.src == SITES[0]:
                 self.seen += b"".join(bytes(p) for p in frame.parts)
@@ -239,3 +279,36 @@ def test_a_payload_sealed_for_the_server_opens_only_there(tmp_path: Path) -> Non
     path.write_bytes(b"".join(sealed))
     Decryptor(load_kit(folder / "server")).decrypt_file(path, out)
     assert out.read_bytes() == secret
+
+
+def test_advertised_secagg_keys_are_signed_and_a_swapped_key_is_caught(tmp_path: Path) -> None:
+    """The server relays every site's secure-aggregation keys to the others; a server or relay
+    that swaps a site's keys for its own (to unmask that site) is caught by the other sites."""
+    folder = kits(tmp_path)
+    verifier = SignatureVerifier.from_kit(load_kit(folder / "server"))
+    sites = {name: SecureSite(Signer(load_kit(folder / name)), verifier) for name in SITES}
+    adv = {
+        name: sites[name].handle(
+            {"session": "s1", "step": "keys", "id": i + 1, "layout": [["w", [4]]], "scale": 2.0}
+        )
+        for i, name in enumerate(SITES)
+    }
+    public = {
+        str(i + 1): [adv[n]["cipher"], adv[n]["mask"], n, adv[n]["sig"]]
+        for i, n in enumerate(SITES)
+    }
+
+    def share(keys: dict[str, list[Any]]) -> dict[str, Any]:
+        return sites[SITES[0]].handle(
+            {"session": "s1", "step": "share", "keys": keys, "threshold": 2}
+        )
+
+    evil = SecAggClient(2, 5).advertise()
+    evil_keys = [base64.b64encode(evil.cipher).decode(), base64.b64encode(evil.mask).decode()]
+    with pytest.raises(IntegrityError, match="changed on the way"):
+        share({**public, "2": [*evil_keys, SITES[1], adv[SITES[1]]["sig"]]})
+    with pytest.raises(IntegrityError, match="without a signature"):
+        share({**public, "2": public["2"][:2]})
+    with pytest.raises(IntegrityError, match="signed with"):  # site-2's keys posing as site-1's
+        share({**public, "2": [*public["2"][:2], SITES[0], adv[SITES[1]]["sig"]]})
+    assert set(share(public)) == {"2"}  # the honest keys: a share for the other site

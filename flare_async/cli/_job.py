@@ -19,7 +19,6 @@ else. Commands::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.fl._jobs import CHANNEL
-from flare_async.security import Role, Signer, admin_cell_name, load_kit
+from flare_async.security import Role, Signer, admin_cell_name, load_kit, sign_command
 
 
 @dataclass
@@ -51,14 +50,7 @@ class AdminSession:
 
     async def call(self, topic: str, body: dict[str, Any]) -> Any:
         data = json.dumps(body).encode()
-        headers = self.signer.sign(
-            {
-                "src": self.signer.name,
-                "dst": self.server,
-                "command": topic,
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
+        headers = sign_command(self.signer, self.server, topic, data, datetime.now(UTC))
         reply = await self.cell.request(
             self.server, CHANNEL, topic, data, timeout=120, headers=headers
         )

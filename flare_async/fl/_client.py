@@ -123,7 +123,7 @@ class ClientRuntime:
         self._filter = PrivacyFilter(self.policy) if self.policy.filters else None
         self._received: dict[str, dict[str, Any]] = {}
         self.on_privacy = on_privacy
-        self.secure = SecureSite()
+        self.secure = SecureSite(signer, task_verifier)
         self._secure_tasks: dict[str, str] = {}  # task -> secure aggregation session
         self.digest = digest
         return_large_blocks()  # a new model every round: freed memory goes back

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import secrets
@@ -44,7 +43,14 @@ from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityErr
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog, Decryptor, SignatureVerifier, Signer
+from flare_async.security import (
+    AuditLog,
+    Decryptor,
+    SignatureVerifier,
+    Signer,
+    check_command,
+    sign_command,
+)
 
 CHANNEL = "job"
 OVERRIDES = (
@@ -336,10 +342,8 @@ class JobManager:
             if site:
                 if site not in rec.sites:
                     raise BadRequest(f"{site} is not a site of job {rec.id}")
-                reply = await self.cell.request(
-                    str(site), CHANNEL, "logs", json.dumps({"id": rec.id}).encode(), timeout=30
-                )
-                return reply.tobytes()
+                body = json.dumps({"id": rec.id}).encode()
+                return (await self._to_site(str(site), "logs", body, timeout=30)).tobytes()
             path = self.store.folder(rec.id) / "events.jsonl"
             return await anyio.to_thread.run_sync(path.read_bytes) if path.exists() else b""
 
@@ -391,7 +395,7 @@ class JobManager:
         with anyio.move_on_after(self.site_wait):
             while site not in self.sites:
                 try:
-                    await self.cell.request(site, CHANNEL, "ping", b"", timeout=10)
+                    await self._to_site(site, "ping", b"", timeout=10)
                 except FlareError:
                     await anyio.sleep(delay)
                     delay = min(2 * delay, 5.0)
@@ -441,17 +445,19 @@ class JobManager:
         """
         if self.verifier is None:
             return ""
-        expect = {
-            "dst": self.cell.name,
-            "command": ctx.topic,
-            "sha256": hashlib.sha256(msg.tobytes()).hexdigest(),
-        }
         try:
-            self.verifier.verify(ctx.headers, src=admin, expect=expect, now=datetime.now(UTC))
+            return check_command(
+                self.verifier,
+                ctx.headers,
+                src=admin,
+                dst=self.cell.name,
+                command=ctx.topic,
+                body=msg.tobytes(),
+                now=datetime.now(UTC),
+            )
         except IntegrityError as exc:
             self._audit("refused", admin=admin, command=ctx.topic, why=str(exc))
             raise
-        return ctx.headers.get("sig.value", "")
 
     def _job(self, doc: dict[str, Any]) -> JobRecord:
         rec = self.jobs.get(str(doc.get("id", "")))
@@ -661,7 +667,7 @@ class JobManager:
                     raise FlareError("the job seals results but this server has no certificate")
                 body["encrypt_to"] = base64.b64encode(self.certificate).decode()
             try:
-                await self.cell.request(site, CHANNEL, "start", json.dumps(body).encode())
+                await self._to_site(site, "start", json.dumps(body).encode(), timeout=60)
                 started.append(site)
             except FlareError as exc:
                 self.store.event(rec.id, "site-not-started", site=site, error=str(exc))
@@ -678,10 +684,26 @@ class JobManager:
             self._set(rec, JobState.FAILED, ended=time.time(), error=rec.error or "failed")
         if rec.sites and rec.state is not JobState.FINISHED:
             body = json.dumps({"id": rec.id}).encode()
+
+            async def stop(site: str) -> None:
+                try:
+                    await self._to_site(site, "abort", body, timeout=20)
+                except FlareError as exc:
+                    self.store.event(rec.id, "site-not-stopped", site=site, error=str(exc))
+
             with anyio.move_on_after(30):
-                results = await self.cell.broadcast(rec.sites, CHANNEL, "abort", body, timeout=20)
-                for site, error in results.errors.items():
-                    self.store.event(rec.id, "site-not-stopped", site=site, error=str(error))
+                async with anyio.create_task_group() as tg:
+                    for site in rec.sites:
+                        tg.start_soon(stop, site)
+
+    async def _to_site(self, site: str, topic: str, body: bytes, *, timeout: float) -> Payload:
+        """A command to a site, signed with the server's key when it has one: a site with a
+        kit refuses unsigned ones (``SiteJobs``), so no relay on the way can forge, change or
+        replay a job start, abort or log request."""
+        headers = None
+        if self.signer is not None:
+            headers = sign_command(self.signer, site, topic, body, datetime.now(UTC))
+        return await self.cell.request(site, CHANNEL, topic, body, timeout=timeout, headers=headers)
 
 
 __all__ = ["CHANNEL", "JobManager", "JobRecord", "JobState", "JobStore"]

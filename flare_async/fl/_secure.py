@@ -24,17 +24,19 @@ import base64
 import json
 import secrets
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import numpy as np
 
-from flare_async.errors import BadRequest, FlareError
+from flare_async.errors import BadRequest, FlareError, IntegrityError
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._secagg import Keys, SecAggClient, SecAggError, SecAggServer, decode, encode
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL
+from flare_async.security import SignatureVerifier, Signer
 
 VECTOR = "secagg.y"
 
@@ -65,10 +67,32 @@ def flatten(model: FLModel, shapes: list[tuple[str, tuple[int, ...]]], scale: fl
     return encode(np.concatenate(parts), scale)
 
 
-class SecureSite:
-    """A site's side of secure rounds (kept by its :class:`ClientRuntime`)."""
+def key_fields(site: str, sid: str, cid: int, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """What a site signs of its advertised keys: a server or relay that swapped a site's keys
+    for its own (to read that site's masks) is caught by every other site."""
+    return {
+        "src": site,
+        "session": sid,
+        "id": cid,
+        "cipher": str(keys["cipher"]),
+        "mask": str(keys["mask"]),
+    }
 
-    def __init__(self) -> None:
+
+class SecureSite:
+    """A site's side of secure rounds (kept by its :class:`ClientRuntime`).
+
+    Args:
+        signer: signs the keys this site advertises (its kit).
+        verifier: checks the keys the other sites advertised (the project CA); with it,
+            unsigned or changed keys fail the step with ``IntegrityError``.
+    """
+
+    def __init__(
+        self, signer: Signer | None = None, verifier: SignatureVerifier | None = None
+    ) -> None:
+        self.signer = signer
+        self.verifier = verifier
         self.sessions: dict[str, tuple[SecAggClient, float, list[tuple[str, tuple[int, ...]]]]] = {}
         self.ciphertexts: dict[str, dict[int, bytes]] = {}
 
@@ -81,9 +105,15 @@ class SecureSite:
             client = SecAggClient(int(body["id"]), size)
             self.sessions[sid] = (client, float(body["scale"]), shapes)
             mine = client.advertise()
-            return {"cipher": _b64(mine.cipher), "mask": _b64(mine.mask)}
+            answer: dict[str, Any] = {"cipher": _b64(mine.cipher), "mask": _b64(mine.mask)}
+            if self.signer is not None:
+                fields = key_fields(self.signer.name, sid, client.cid, answer)
+                answer["sig"] = self.signer.sign(fields)
+            return answer
         client = self.sessions[sid][0]
         if step == "share":
+            if self.verifier is not None:
+                self._check_keys(sid, client.cid, body["keys"])
             keys = {int(cid): Keys(_unb64(k[0]), _unb64(k[1])) for cid, k in body["keys"].items()}
             sent = client.share_keys(keys, int(body["threshold"]))
             return {str(v): _b64(c) for v, c in sent.items()}
@@ -91,10 +121,32 @@ class SecureSite:
             self.ciphertexts[sid] = {int(u): _unb64(c) for u, c in body["from"].items()}
             return {}
         if step == "unmask":
-            answer = client.unmask([int(c) for c in body["survivors"]])
+            revealed = client.unmask([int(c) for c in body["survivors"]])
             self.sessions.pop(sid, None)
-            return {str(v): [kind, str(value)] for v, (kind, value) in answer.items()}
+            return {str(v): [kind, str(value)] for v, (kind, value) in revealed.items()}
         raise BadRequest(f"unknown secure aggregation step {step!r}")
+
+    def _check_keys(self, sid: str, me: int, keys: Mapping[str, Sequence[Any]]) -> None:
+        """Every other site's keys, as the server relays them, must carry that site's
+        signature over this session, its id and the keys themselves.
+
+        Raises:
+            IntegrityError: a key unsigned, signed by another, or changed; one site twice.
+        """
+        assert self.verifier is not None
+        now = datetime.now(UTC)
+        names: set[str] = set()
+        for cid, entry in keys.items():
+            if int(cid) == me:
+                continue
+            if len(entry) < 4:
+                raise IntegrityError(f"the keys of participant {cid} come without a signature")
+            site = str(entry[2])
+            if site in names:
+                raise IntegrityError(f"{site} appears twice among the advertised keys")
+            names.add(site)
+            expect = key_fields(site, sid, int(cid), {"cipher": entry[0], "mask": entry[1]})
+            self.verifier.verify(entry[3], src=site, expect=expect, now=now)
 
     def mask(self, sid: str, model: FLModel) -> FLModel:
         """The result as it leaves the site in a secure round: one masked vector."""
@@ -171,9 +223,12 @@ async def secure_round(
             "keys",
             {s: {"id": ids[s], "layout": layout_json, "scale": scale} for s in targets},
         )
+        keys = _signed_keys(server, sid, ids, keys)
         advertised = {ids[s]: Keys(_unb64(k["cipher"]), _unb64(k["mask"])) for s, k in keys.items()}
         agg.collect_keys(advertised)
-        public = {str(c): [_b64(k.cipher), _b64(k.mask)] for c, k in advertised.items()}
+        public = {
+            str(ids[s]): [k["cipher"], k["mask"], s, k.get("sig", {})] for s, k in keys.items()
+        }
         shared = await ask(list(keys), "share", {s: {"keys": public, "threshold": t} for s in keys})
         routed = agg.route_shares(
             {ids[s]: {int(v): _unb64(c) for v, c in cts.items()} for s, cts in shared.items()}
@@ -244,4 +299,27 @@ async def secure_round(
     return result
 
 
-__all__ = ["SecureSite", "flatten", "layout", "secure_round"]
+def _signed_keys(
+    server: FLServer, sid: str, ids: Mapping[str, int], keys: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The sites whose advertised keys verify (all, without a verifier); the others are
+    rejected (``on_reject``) and left out of the round, as sites that dropped."""
+    if server.verifier is None:
+        return dict(keys)
+    now = datetime.now(UTC)
+    good = {}
+    for site, k in keys.items():
+        try:
+            expect = key_fields(site, sid, ids[site], k)
+            server.verifier.verify(k.get("sig", {}), src=site, expect=expect, now=now)
+        except (IntegrityError, KeyError, TypeError) as exc:
+            why = f"secure aggregation keys: {type(exc).__name__}: {exc}"
+            server._log.warning("keys rejected", site=site, why=why)
+            if server.on_reject is not None:
+                server.on_reject(site, sid, why)
+            continue
+        good[site] = k
+    return good
+
+
+__all__ = ["SecureSite", "flatten", "key_fields", "layout", "secure_round"]

@@ -28,12 +28,12 @@ import anyio.to_thread
 
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, FlareError, Unauthorized
+from flare_async.errors import BadRequest, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
 from flare_async.fl._privacy import SitePolicy
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
-from flare_async.security import AuditLog, SignatureVerifier, Signer
+from flare_async.security import AuditLog, SignatureVerifier, Signer, check_command
 
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
@@ -102,7 +102,7 @@ class SiteJobs:
 
         @table.request(CHANNEL, "start")
         async def start(ctx: Context, msg: Payload) -> bytes:
-            self._from_server(ctx)
+            self._from_server(ctx, msg)
             try:
                 spec = json.loads(msg.tobytes())
                 job, attempt = str(spec["id"]), int(spec["attempt"])
@@ -138,7 +138,7 @@ class SiteJobs:
 
         @table.request(CHANNEL, "abort")
         async def abort(ctx: Context, msg: Payload) -> bytes:
-            self._from_server(ctx)
+            self._from_server(ctx, msg)
             job = _job_id(msg)
             self._audit("job-abort", job=job, by=ctx.src)
             await self.stop(job)
@@ -146,12 +146,12 @@ class SiteJobs:
 
         @table.request(CHANNEL, "ping")
         async def ping(ctx: Context, msg: Payload) -> bytes:
-            self._from_server(ctx)
+            self._from_server(ctx, msg)
             return b"here"
 
         @table.request(CHANNEL, "logs")
         async def logs(ctx: Context, msg: Payload) -> bytes:
-            self._from_server(ctx)
+            self._from_server(ctx, msg)
             path = self.workdir / _job_id(msg) / "worker.log"
             return await anyio.to_thread.run_sync(_tail, path, LOG_TAIL)
 
@@ -195,10 +195,32 @@ class SiteJobs:
         self.verifier.check_certificate(der, self.server, datetime.now(UTC))
         return der
 
-    def _from_server(self, ctx: Context) -> None:
+    def _from_server(self, ctx: Context, msg: Payload) -> None:
+        """Only the server manages jobs here; with a kit, only with its signature.
+
+        Raises:
+            Unauthorized: from another cell.
+            IntegrityError: not signed by the server for this site, command and body, or
+                issued too long ago (replayed).
+        """
         if ctx.src != self.server:
             self._audit("refused", src=ctx.src, command=ctx.topic, why="not the server")
             raise Unauthorized(f"only {self.server} manages jobs here, not {ctx.src}")
+        if self.verifier is None:
+            return
+        try:
+            check_command(
+                self.verifier,
+                ctx.headers,
+                src=self.server,
+                dst=ctx.cell.name,
+                command=ctx.topic,
+                body=msg.tobytes(),
+                now=datetime.now(UTC),
+            )
+        except IntegrityError as exc:
+            self._audit("refused", src=ctx.src, command=ctx.topic, why=str(exc))
+            raise
 
     async def run(self) -> None:
         """Register with the server whenever the link towards it comes up; run the jobs'

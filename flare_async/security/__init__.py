@@ -47,10 +47,19 @@ from flare_async.security._pki import (
     write_certificate,
     write_private_key,
 )
-from flare_async.security._signing import SignatureVerifier, Signer
+from flare_async.security._signing import (
+    COMMAND_MAX_AGE,
+    SignatureVerifier,
+    Signer,
+    check_command,
+    sign_command,
+)
 from flare_async.security._tls import client_context, peer_identity, server_context
 
 __all__ = [
+    "COMMAND_MAX_AGE",
+    "check_command",
+    "sign_command",
     # signatures and end-to-end encryption
     "Decryptor",
     "SignatureVerifier",
