@@ -212,13 +212,15 @@ def test_only_an_admin_kit_reaches_the_job_service(deployment: Deployment, tmp_p
     # The admin's own session, but a command without its signature: refused and audited.
     async def unsigned() -> None:
         async with admin_session(deployment.kits / "alice@example.org") as session:
+            session.cell.signing = None  # this session's cell signs nothing
             await session.cell.request(session.server, "job", "list", b"{}")
 
     with pytest.raises(IntegrityError, match="not signed"):
         anyio.run(unsigned)
     audit = (tmp_path / "jobs" / "server" / "audit.jsonl").read_text().splitlines()
     refusals = [json.loads(x) for x in audit if '"refused"' in x]
-    assert refusals[-1]["admin"] == "alice@example.org"
+    assert refusals[-1]["by"] == "alice@example.org"
+    assert refusals[-1]["command"] == "job/list"
     signed = [json.loads(x) for x in audit if '"admin-command"' in x]
     assert signed
     assert all(e["signature"] for e in signed)  # every command kept with its signature
@@ -353,7 +355,7 @@ async def test_a_tampering_relay_is_caught_in_a_deployment(
         assert all(e["responded"] == [SITES[1]] for e in events if e["event"] == "round")
         site_audit = tmp_path / "jobs" / SITES[0] / "audit.jsonl"
         refused = [json.loads(x) for x in site_audit.read_text().splitlines() if "refused" in x]
-        assert refused[-1]["command"] == "start"
+        assert refused[-1]["command"] == "job/start"
         assert "changed on the way" in refused[-1]["why"]
         return
     if mode == "snoop":  # sealed for the server: the relay carried bytes it cannot read

@@ -23,20 +23,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import flare_async.client as flare
-from flare_async import Cell
+from flare_async import Cell, HandlerTable
 from flare_async.cell import system_handlers
-from flare_async.errors import IntegrityError
+from flare_async.errors import IntegrityError, Unreachable
 from flare_async.fl import ClientRuntime, FLModel, FLServer, fedavg
 from flare_async.fl._secagg import SecAggClient
 from flare_async.fl._secure import SecureSite
 from flare_async.security import (
-    COMMAND_MAX_AGE,
+    MESSAGE_MAX_AGE,
+    MessageSigning,
     SignatureVerifier,
     Signer,
     check_command,
     load_kit,
     provision,
-    sign_command,
 )
 from flare_async.streaming._io import checksum
 from flare_async.testing import FaultyDriver
@@ -100,27 +100,108 @@ def test_a_signature_binds_origin_fields_and_certificate(tmp_path: Path) -> None
         Signer(site).sign({**fields, "src": SITES[1]})
 
 
-def test_a_signed_command_binds_its_name_destination_body_and_time(tmp_path: Path) -> None:
+def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
+    tmp_path: Path,
+) -> None:
     folder = kits(tmp_path)
-    server = Signer(load_kit(folder / "server"))
-    verifier = SignatureVerifier.from_kit(load_kit(folder / SITES[0]))
-    headers = sign_command(server, SITES[0], "start", b'{"id": "j1"}', NOW)
-    ok = {"src": "server", "dst": SITES[0], "command": "start", "body": b'{"id": "j1"}'}
-    assert check_command(verifier, headers, **ok, now=NOW + timedelta(seconds=10))
-    bad: list[tuple[dict[str, Any], str]] = [
-        ({"command": "abort"}, "changed on the way"),  # a start made into an abort
-        ({"dst": SITES[1]}, "changed on the way"),  # sent on to another site
-        ({"body": b'{"id": "j2"}'}, "changed on the way"),  # another job
-        ({"src": SITES[1]}, "signed with"),
+    ca = SignatureVerifier.from_kit(load_kit(folder / "server"))
+    t0 = NOW.timestamp()
+    server = MessageSigning(Signer(load_kit(folder / "server")), ca, clock=lambda: t0)
+    site = MessageSigning(Signer(load_kit(folder / SITES[0])), ca, clock=lambda: t0 + 10)
+    body = [b'{"id": "j1"}']
+    headers = server.sign("request", "server", SITES[0], "job/start", None, body)
+    site.verify(headers, "request", "server", SITES[0], "job/start", None, body)
+    assert (
+        check_command(
+            ca,
+            headers,
+            src="server",
+            cell="server",
+            dst=SITES[0],
+            command="job/start",
+            body=body[0],
+            now=NOW,
+        )
+        == headers["sig.value"]
+    )
+    ok = ("request", "server", SITES[0], "job/start", None, body)
+    bad: list[tuple[tuple[Any, ...], str]] = [
+        (("request", "server", SITES[0], "job/abort", None, body), "changed on the way"),
+        (("request", "server", SITES[1], "job/start", None, body), "changed on the way"),
+        (("request", "server", SITES[0], "job/start", None, [b"{}"]), "changed on the way"),
+        (("event", "server", SITES[0], "job/start", None, body), "changed on the way"),
+        (("request", SITES[1], SITES[0], "job/start", None, body), "signed with"),
     ]
-    for change, why in bad:
+    for fields, why in bad:
         with pytest.raises(IntegrityError, match=why):
-            check_command(verifier, headers, **{**ok, **change}, now=NOW)
-    late = NOW + timedelta(seconds=COMMAND_MAX_AGE + 1)
-    with pytest.raises(IntegrityError, match="replay"):
-        check_command(verifier, headers, **ok, now=late)
+            site.verify(headers, *fields)
     with pytest.raises(IntegrityError, match="not signed"):
-        check_command(verifier, {}, **ok, now=NOW)
+        site.verify({}, *ok)
+    late = MessageSigning(site.signer, ca, clock=lambda: t0 + MESSAGE_MAX_AGE + 1)
+    with pytest.raises(IntegrityError, match="replay"):
+        late.verify(headers, *ok)
+    # An answer is bound to the request it answers.
+    reply = site.sign("reply", SITES[0], "server", "reply", 7, [b"ok"])
+    server.verify(reply, "reply", SITES[0], "server", "reply", 7, [b"ok"])
+    with pytest.raises(IntegrityError, match="changed on the way"):
+        server.verify(reply, "reply", SITES[0], "server", "reply", 8, [b"ok"])
+
+
+@pytest.mark.anyio
+async def test_cells_that_sign_refuse_a_changed_forged_or_unsigned_message(
+    tmp_path: Path,
+) -> None:
+    """server -> relay -> site over the memory transport, every cell signing with its kit; the
+    relay rewrites one request body on the way; a cell without a kit cannot get a request in."""
+    folder = kits(tmp_path)
+    ca = SignatureVerifier.from_kit(load_kit(folder / "server"))
+
+    def signing(name: str) -> MessageSigning:
+        return MessageSigning(Signer(load_kit(folder / name)), ca)
+
+    def rewrite(frame: Frame) -> Frame:
+        h = frame.header
+        if isinstance(h, Request) and h.topic == "echo" and bytes(frame.parts[0]) == b"evil":
+            return Frame(h, (b"EVIL",))
+        return frame
+
+    table = HandlerTable()
+
+    @table.request("t", "echo")
+    async def echo(ctx: Any, msg: Any) -> bytes:
+        return msg.tobytes()
+
+    net = MemoryNetwork()
+    server = Cell("server", listen=["memory://server"], drivers=[net], signing=signing("server"))
+    relay = Cell(
+        RELAY,
+        listen=[f"memory://{RELAY}"],
+        parent="memory://server",
+        drivers=[FaultyDriver(net, rewrite=rewrite)],
+        handlers=[system_handlers()],
+        signing=signing(RELAY),
+    )
+    site = Cell(
+        SITES[0],
+        parent=f"memory://{RELAY}",
+        drivers=[net],
+        handlers=[table],
+        signing=signing(SITES[0]),
+    )
+    stranger = Cell(SITES[1], parent=f"memory://{RELAY}", drivers=[net])  # no kit, no signing
+    async with server, relay, site, stranger:
+        await site.wait_parent()
+        await stranger.wait_parent()
+        assert (await server.request(SITES[0], "t", "echo", b"fine")).tobytes() == b"fine"
+        with pytest.raises(IntegrityError, match="changed on the way"):
+            await server.request(SITES[0], "t", "echo", b"evil")
+        with pytest.raises(IntegrityError, match="not signed"):
+            await stranger.request(SITES[0], "t", "echo", b"hi")
+        # the relay's own messages are signed too: its answers for the path verify
+        with pytest.raises(Unreachable):
+            await server.request(f"{RELAY}.nobody", "t", "echo", b"x")
+        assert site.statistics().bad_signatures == 2
+        assert server.statistics().bad_signatures == 0
 
 
 def add_weight() -> None:

@@ -47,6 +47,9 @@ from flare_async.cell._links import (
 )
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._rpc import PendingTable, Waiter
+from flare_async.cell._signing import MessageSigner
+from flare_async.cell._signing import check as check_signature
+from flare_async.cell._signing import seal as seal_message
 from flare_async.cell._stream_api import StreamingMixin
 from flare_async.cell._stream_in import StreamHub
 from flare_async.codecs import CodecRegistry
@@ -55,6 +58,7 @@ from flare_async.errors import (
     ConfigError,
     DeadlineExceeded,
     FlareError,
+    IntegrityError,
     LinkBroken,
     LinkClosed,
     ProtocolError,
@@ -134,6 +138,8 @@ class CellStatistics(msgspec.Struct, frozen=True):
     rejected_overloaded: int
     errors_returned: int
     undeliverable: int
+    bad_signatures: int = 0
+    """Messages refused because their signature failed (``Cell(signing=)``)."""
     streams: dict[str, int] = msgspec.field(default_factory=dict)
     """Stream counters: ``receiving`` / ``sending`` now, ``received`` / ``sent`` in all,
     ``damaged_chunks`` (failed their CRC), ``resends_asked``, ``resumes`` (a sender's probe
@@ -177,6 +183,10 @@ class Cell(StreamingMixin):
             that origin may reach this cell's handlers (a site's policy); refused ones get
             ``Unauthorized``. ``None``: everything with a handler is accepted.
         seed: seed of the jitter generator (for reproducible simulations).
+        signing: signs every request, event, reply and error this cell originates, and checks
+            the signature of every one addressed to it (``security.MessageSigning`` with the
+            cell's kit); one that fails is refused with ``IntegrityError`` (answered to a
+            request, logged otherwise). ``None``: nothing signed or checked.
 
     Use as an async context manager; the cell runs until the block exits::
 
@@ -207,8 +217,11 @@ class Cell(StreamingMixin):
         max_streams: int = 64,
         stream_idle: float = 60.0,
         codecs: CodecRegistry | None = None,
+        signing: MessageSigner | None = None,
     ) -> None:
         self.name = validate_name(name)
+        self.signing = signing
+        self._bad_signatures = 0
         self.limits = limits or Limits()
         self.default_timeout = default_timeout
         self.handshake_timeout = handshake_timeout
@@ -397,6 +410,7 @@ class Cell(StreamingMixin):
             rejected_overloaded=w.rejected,
             errors_returned=self._errors_returned,
             undeliverable=self._undeliverable,
+            bad_signatures=self._bad_signatures,
             streams=self._streams.statistics(),
         )
 
@@ -650,6 +664,11 @@ class Cell(StreamingMixin):
         if isinstance(h, STREAM_KINDS):
             self._streams.on_frame(frame)
             return
+        if self.signing is not None and isinstance(h, _ROUTED) and h.src != self.name:
+            bad = check_signature(self.signing, frame)
+            if bad is not None:
+                self._refuse_unsigned(frame, bad)
+                return
         if isinstance(h, Reply):
             waiter = self._pending.get(h.corr)
             if waiter is not None and waiter.dst == h.src:
@@ -702,6 +721,27 @@ class Cell(StreamingMixin):
         except Exception:
             return False
         return hop is not None and hop is not peer and hop.link.splices
+
+    def _refuse_unsigned(self, frame: Frame, why: IntegrityError) -> None:
+        """A message whose signature failed: a request is answered with the error, an answer
+        fails the request it claims to answer (a relay could as well have dropped it)."""
+        h = frame.header
+        assert isinstance(h, _ROUTED)
+        self._bad_signatures += 1
+        self._log.warning(
+            "message refused: bad signature", kind=type(h).__name__, src=h.src, reason=str(why)
+        )
+        if isinstance(h, Request):
+            self._answer_error(h, Status.INTEGRITY, str(why))
+        elif isinstance(h, _ANSWERS):
+            waiter = self._pending.get(h.corr)
+            if waiter is not None and waiter.dst == h.src:
+                waiter.fail(why)
+
+    def _seal(self, frame: Frame) -> Frame:
+        if self.signing is not None:
+            seal_message(self.signing, frame)
+        return frame
 
     async def _forward(self, frame: Frame, src: Link) -> None:
         h = frame.header
@@ -785,7 +825,7 @@ class Cell(StreamingMixin):
             status=int(status),
             message=message,
         )
-        self._post(Frame(err))
+        self._post(self._seal(Frame(err)))
 
     def _post(self, frame: Frame) -> None:
         """Send a small frame that nobody waits for (error reports, stream acks): at once when
@@ -957,7 +997,7 @@ class Cell(StreamingMixin):
             else:
                 deadline = self._clock() + budget
                 self._timer.add(deadline, waiter)
-            await self._send_out(Frame(header, body.parts), deadline, waiter)
+            await self._send_out(self._seal(Frame(header, body.parts)), deadline, waiter)
             await waiter.done.wait()
         finally:
             self._pending.pop(msg_id)
@@ -1007,7 +1047,7 @@ class Cell(StreamingMixin):
             codec=body.codec,
         )
         deadline = math.inf if budget is None else self._clock() + budget
-        await self._send_out(Frame(header, body.parts), deadline)
+        await self._send_out(self._seal(Frame(header, body.parts)), deadline)
 
     async def broadcast(
         self,

@@ -177,7 +177,7 @@ class Workers:
                     corr=h.id,
                     codec=body.codec,
                 )
-                await cell._send_answer(Frame(reply, body.parts))
+                await cell._send_answer(cell._seal(Frame(reply, body.parts)))
                 return
         err = Error(
             id=next(cell._ids),
@@ -190,7 +190,7 @@ class Workers:
             status=int(status),
             message=message,
         )
-        await cell._send_answer(Frame(err))
+        await cell._send_answer(cell._seal(Frame(err)))
 
 
 def handler_failure(

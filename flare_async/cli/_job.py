@@ -36,13 +36,20 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.fl._jobs import CHANNEL
-from flare_async.security import Role, Signer, admin_cell_name, load_kit, sign_command
+from flare_async.security import (
+    MessageSigning,
+    Role,
+    SignatureVerifier,
+    Signer,
+    admin_cell_name,
+    load_kit,
+)
 
 
 @dataclass
 class AdminSession:
-    """A cell speaking for an admin to the server; every command is signed with the admin's
-    key (the server checks it and keeps the signature in its audit log)."""
+    """A cell speaking for an admin to the server; its cell signs every command with the
+    admin's key (the server checks it and keeps the signature in its audit log)."""
 
     cell: Cell
     server: str
@@ -50,10 +57,7 @@ class AdminSession:
 
     async def call(self, topic: str, body: dict[str, Any]) -> Any:
         data = json.dumps(body).encode()
-        headers = sign_command(self.signer, self.server, topic, data, datetime.now(UTC))
-        reply = await self.cell.request(
-            self.server, CHANNEL, topic, data, timeout=120, headers=headers
-        )
+        reply = await self.cell.request(self.server, CHANNEL, topic, data, timeout=120)
         raw = reply.tobytes()
         return json.loads(raw) if topic != "logs" else raw
 
@@ -83,6 +87,7 @@ async def admin_session(
         handlers=tables,
         verify_peer=kit_verifier(kit),
         heartbeat=None,
+        signing=MessageSigning(Signer(kit), SignatureVerifier.from_kit(kit)),
     )
     async with cell:
         with anyio.move_on_after(connect_timeout) as waited:

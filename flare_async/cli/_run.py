@@ -36,6 +36,7 @@ from flare_async.security import (
     Decryptor,
     Identity,
     Kit,
+    MessageSigning,
     Role,
     SignatureVerifier,
     Signer,
@@ -126,6 +127,7 @@ def cell_from_kit(
     admins: dict[str, Identity] | None = None,
     on_link: Callable[[str, str, bool], None] | None = None,
     accept: Callable[[str, str, str], bool] | None = None,
+    on_refused: Callable[[str, str, str, str], None] | None = None,
 ) -> Cell:
     """The cell a kit describes, with the ``sys`` handlers and ``handlers`` mounted.
 
@@ -134,6 +136,9 @@ def cell_from_kit(
             :func:`kit_verifier`); an entry leaves when its link goes down.
         on_link: also called on every link change, after the event line is written.
         accept: which origins may send which channels/topics here (a site's policy).
+        on_refused: called for every message refused for its signature (``(identity, cell,
+            topic, reason)``): every message a kit's cell sends is signed, and every one it
+            receives is checked (``security.MessageSigning``).
     """
     if kit.role is Role.ADMIN:
         raise IdentityError(f"{kit.name!r} is an admin kit: admins are not cells")
@@ -144,6 +149,11 @@ def cell_from_kit(
             admins.pop(peer, None)
         if on_link is not None:
             on_link(peer, role, up)
+
+    def identity_of(cell: str) -> str:
+        """Admin sessions sign with their admin's certificate; every other cell with its own."""
+        admin = admins.get(cell) if admins is not None else None
+        return admin.name if admin is not None else cell
 
     return Cell(
         kit.name,
@@ -156,6 +166,12 @@ def cell_from_kit(
         handshake_timeout=handshake_timeout,
         on_link=link_changed,
         accept=accept,
+        signing=MessageSigning(
+            Signer(kit),
+            SignatureVerifier.from_kit(kit),
+            identity_of=identity_of,
+            on_refused=on_refused,
+        ),
     )
 
 
@@ -183,6 +199,7 @@ async def serve(
             admins=admins,
             on_link=role.link_changed if role is not None else None,
             accept=role.accept if role is not None and role.policy is not None else None,
+            on_refused=role.refused if role is not None else None,
         )
         if role is not None:
             role.mount(cell)
@@ -241,6 +258,12 @@ class JobRole:
             why="not accepted by the site's policy",
         )
         return False
+
+    def refused(self, identity: str, cell: str, topic: str, reason: str) -> None:
+        """A message whose signature failed, refused by the cell: audited."""
+        self.audit.append(
+            "refused", now=time.time(), src=cell, by=identity, command=topic, why=reason
+        )
 
     def mount(self, cell: Cell) -> None:
         audit = self.audit

@@ -49,7 +49,6 @@ from flare_async.security import (
     SignatureVerifier,
     Signer,
     check_command,
-    sign_command,
 )
 
 CHANNEL = "job"
@@ -450,8 +449,9 @@ class JobManager:
                 self.verifier,
                 ctx.headers,
                 src=admin,
+                cell=ctx.src,
                 dst=self.cell.name,
-                command=ctx.topic,
+                command=f"{ctx.channel}/{ctx.topic}",
                 body=msg.tobytes(),
                 now=datetime.now(UTC),
             )
@@ -697,13 +697,10 @@ class JobManager:
                         tg.start_soon(stop, site)
 
     async def _to_site(self, site: str, topic: str, body: bytes, *, timeout: float) -> Payload:
-        """A command to a site, signed with the server's key when it has one: a site with a
-        kit refuses unsigned ones (``SiteJobs``), so no relay on the way can forge, change or
-        replay a job start, abort or log request."""
-        headers = None
-        if self.signer is not None:
-            headers = sign_command(self.signer, site, topic, body, datetime.now(UTC))
-        return await self.cell.request(site, CHANNEL, topic, body, timeout=timeout, headers=headers)
+        """A command to a site. On a deployment the cell signs it (``Cell(signing=)``) and a
+        site with a kit refuses it unsigned (``SiteJobs``), so no relay on the way can forge,
+        change or replay a job start, abort or log request."""
+        return await self.cell.request(site, CHANNEL, topic, body, timeout=timeout)
 
 
 __all__ = ["CHANNEL", "JobManager", "JobRecord", "JobState", "JobStore"]

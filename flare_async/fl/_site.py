@@ -213,8 +213,9 @@ class SiteJobs:
                 self.verifier,
                 ctx.headers,
                 src=self.server,
+                cell=ctx.src,
                 dst=ctx.cell.name,
-                command=ctx.topic,
+                command=f"{ctx.channel}/{ctx.topic}",
                 body=msg.tobytes(),
                 now=datetime.now(UTC),
             )

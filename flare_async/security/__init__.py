@@ -36,6 +36,8 @@ from flare_async.security._kits import (
     load_project,
     provision,
 )
+from flare_async.security._messages import MAX_AGE as MESSAGE_MAX_AGE
+from flare_async.security._messages import MessageSigning, check_command
 from flare_async.security._pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_CERT_DAYS,
@@ -47,19 +49,13 @@ from flare_async.security._pki import (
     write_certificate,
     write_private_key,
 )
-from flare_async.security._signing import (
-    COMMAND_MAX_AGE,
-    SignatureVerifier,
-    Signer,
-    check_command,
-    sign_command,
-)
+from flare_async.security._signing import SignatureVerifier, Signer
 from flare_async.security._tls import client_context, peer_identity, server_context
 
 __all__ = [
-    "COMMAND_MAX_AGE",
+    "MESSAGE_MAX_AGE",
+    "MessageSigning",
     "check_command",
-    "sign_command",
     # signatures and end-to-end encryption
     "Decryptor",
     "SignatureVerifier",

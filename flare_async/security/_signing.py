@@ -14,10 +14,8 @@ message comes from, that the signature holds, and that each signed field has the
 message shows (:meth:`SignatureVerifier.verify`). The payload digest itself is checked by the
 stream layer (the stream is opened with the signed SHA-256 and fails if the bytes differ).
 
-Commands (a request whose body says what to do: an admin's ``job/submit``, the server's
-``job/start`` or ``job/abort`` to a site) are signed with :func:`sign_command`: the fields also
-bind the command's name and the time it was issued, so a relay can neither forge one, turn one
-into another, nor replay one later than :data:`COMMAND_MAX_AGE` (:func:`check_command`).
+Requests, events, replies and errors are signed by the cells that send them
+(:mod:`flare_async.security._messages`); results and tasks, which are streams, by the FL layer.
 
 Layer L1: no clock (``now`` is an argument), no I/O besides reading the kit.
 """
@@ -25,7 +23,6 @@ Layer L1: no clock (``now`` is an argument), no I/O besides reading the kit.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -42,8 +39,10 @@ from flare_async.security._identity import Identity, identity_from_certificate
 from flare_async.security._kits import Kit
 
 FIELDS, VALUE, CERT = "sig.fields", "sig.value", "sig.cert"
-COMMAND_MAX_AGE = 300.0
-"""Seconds a signed command stays acceptable after it was issued (either way, for clock skew)."""
+
+
+_CACHED_CERTIFICATES = 4096
+"""Certificates whose CA signature was checked, kept (every message carries its sender's)."""
 
 
 def canonical(fields: Mapping[str, Any]) -> bytes:
@@ -86,6 +85,7 @@ class SignatureVerifier:
             self._ca = x509.load_pem_x509_certificate(ca_pem)
         except ValueError as exc:
             raise ConfigError(f"cannot load the CA certificate: {exc}") from None
+        self._issued: dict[bytes, x509.Certificate] = {}
 
     @classmethod
     def from_kit(cls, kit: Kit) -> SignatureVerifier:
@@ -143,13 +143,18 @@ class SignatureVerifier:
     def _check_certificate(
         self, der: bytes, src: str, now: datetime
     ) -> tuple[Identity, x509.Certificate]:
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            cert.verify_directly_issued_by(self._ca)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise IntegrityError(
-                f"{src}'s certificate is not from this project's CA: {exc}"
-            ) from None
+        cert = self._issued.get(der)
+        if cert is None:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+                cert.verify_directly_issued_by(self._ca)
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                raise IntegrityError(
+                    f"{src}'s certificate is not from this project's CA: {exc}"
+                ) from None
+            if len(self._issued) >= _CACHED_CERTIFICATES:
+                self._issued.pop(next(iter(self._issued)))
+            self._issued[der] = cert  # the CA's check holds; validity is checked every time
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise IntegrityError(f"{src}'s certificate is not valid at {now.isoformat()}")
         identity = identity_from_certificate(cert)
@@ -161,47 +166,3 @@ class SignatureVerifier:
 
 
 __all__ = ["CERT", "FIELDS", "VALUE", "SignatureVerifier", "Signer", "canonical"]
-
-
-def sign_command(
-    signer: Signer, dst: str, command: str, body: bytes, now: datetime
-) -> dict[str, str]:
-    """The headers of ``command`` with ``body`` from ``signer``'s cell to ``dst``, signed."""
-    return signer.sign(
-        {
-            "src": signer.name,
-            "dst": dst,
-            "command": command,
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "at": round(now.timestamp(), 3),
-        }
-    )
-
-
-def check_command(
-    verifier: SignatureVerifier,
-    headers: Mapping[str, str],
-    *,
-    src: str,
-    dst: str,
-    command: str,
-    body: bytes,
-    now: datetime,
-    max_age: float = COMMAND_MAX_AGE,
-) -> str:
-    """Check a command signed with :func:`sign_command`; returns its signature (for the audit
-    log).
-
-    Raises:
-        IntegrityError: unsigned, signed by another, for another command, destination or body,
-            or issued more than ``max_age`` seconds from ``now`` (a replay).
-    """
-    expect = {"dst": dst, "command": command, "sha256": hashlib.sha256(body).hexdigest()}
-    fields = verifier.verify(headers, src=src, expect=expect, now=now)
-    at = fields.get("at")
-    if not isinstance(at, int | float) or abs(now.timestamp() - at) > max_age:
-        raise IntegrityError(
-            f"{command} from {src} was issued at {at!r:.40}, not within {max_age:g} s of now: "
-            "a replay, or a clock far off"
-        )
-    return headers.get(VALUE, "")
