@@ -11,7 +11,9 @@ Topology (one case's ``hops``; names from :func:`chain_names`):
 
 Transports: ``tcp`` (``TcpDriver()``, ``tcp://127.0.0.1:0``), ``tls`` (mutual TLS: a throwaway
 project is provisioned in a temporary folder and the cells are built with ``cell_from_kit``, so
-the certificate checks run as in a deployment) and ``ws`` (``WebSocketDriver()``,
+the certificate checks run as in a deployment, but without message signatures), ``tls-signed``
+(the same, and every request and reply signed by the cell that sends it and checked by the one
+it is for, as deployed cells do: ``security.MessageSigning``) and ``ws`` (``WebSocketDriver()``,
 ``ws://127.0.0.1:0/flare``). Both processes run on asyncio + uvloop. The cells keep the default
 heartbeat (15 s; a ping a link every 15 s costs nothing measurable).
 
@@ -60,7 +62,7 @@ from flare_async.cli._run import cell_from_kit
 from flare_async.security import load_kit, provision
 from flare_async.transport import TcpDriver, WebSocketDriver
 
-NETWORK_TRANSPORTS = ("tcp", "tls", "ws")
+NETWORK_TRANSPORTS = ("tcp", "tls", "tls-signed", "ws")
 HOST = "127.0.0.1"
 READY_TIMEOUT = 60.0
 """Seconds the child may take to start, connect its cells and report ready."""
@@ -293,10 +295,12 @@ def make_cell(
 ) -> Cell:
     """One cell of the chain: from its kit for ``tls``, with a bare driver otherwise."""
     handlers = [echo_table()] if edge else []
-    if transport == "tls":
+    if transport in ("tls", "tls-signed"):
         assert kits is not None
         cell = cell_from_kit(load_kit(kits / name, now=datetime.now(UTC)), handlers=handlers)
         cell.on_link = None  # cell_from_kit reports links as JSON on stdout: not here
+        if transport == "tls":
+            cell.signing = None  # the transport alone; tls-signed keeps it, as deployed
         return cell
     listen: list[str] = []
     drivers: list[Driver]
@@ -429,7 +433,7 @@ async def network_topology(
     names = chain_names(hops)
     async with AsyncExitStack() as stack:
         kits: Path | None = None
-        if transport == "tls":
+        if transport.startswith("tls"):
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fabric-bench-"))
             kits = await anyio.to_thread.run_sync(provision_chain, hops, Path(tmp))
         root = make_cell(transport, names[0], parent=None, relay=True, kits=kits, edge=False)

@@ -23,14 +23,16 @@ reader per relay hop); at the edge a worker echoes it into the reply link queue;
 carry it back, and the root's reader resolves the future. No headers, no routing, no deadlines:
 the ceiling for any in-process fabric on this interpreter.
 
-``tcp``, ``tls``, ``ws``: two processes on loopback (see ``_netbench.py``). The root cell
-listens in this process; a child process runs the relays and the edge, which dial their parents
-as sites do (``tls``: mutual TLS with kits provisioned for a throwaway project, cells built by
-``cell_from_kit``). Their baseline is a raw-socket echo (plus, for 3 hops, two forwarding
-relays) in the child process, which this process calls over one connection with the same
-callers: length-prefixed 64-byte messages with a request id, on plain uvloop protocols.
+``tcp``, ``tls``, ``tls-signed``, ``ws``: two processes on loopback (see ``_netbench.py``). The
+root cell listens in this process; a child process runs the relays and the edge, which dial their
+parents as sites do (``tls``: mutual TLS with kits provisioned for a throwaway project, cells
+built by ``cell_from_kit``, message signing off; ``tls-signed``: the same with every message
+signed and checked, as deployed). Their baseline is a raw-socket echo (plus, for 3 hops, two
+forwarding relays) in the child process, which this process calls over one connection with the
+same callers: length-prefixed 64-byte messages with a request id, on plain uvloop protocols.
 
-Run: ``python benchmarks/fabric.py [--quick] [--repeat N] [--transports memory,tcp,tls,ws]``.
+Run: ``python benchmarks/fabric.py [--quick] [--repeat N]
+[--transports memory,tcp,tls,tls-signed,ws]``.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class SignatureVerifier:
             self._ca = x509.load_pem_x509_certificate(ca_pem)
         except ValueError as exc:
             raise ConfigError(f"cannot load the CA certificate: {exc}") from None
-        self._issued: dict[bytes, x509.Certificate] = {}
+        self._issued: dict[bytes, tuple[x509.Certificate, Identity]] = {}
 
     @classmethod
     def from_kit(cls, kit: Kit) -> SignatureVerifier:
@@ -143,8 +143,8 @@ class SignatureVerifier:
     def _check_certificate(
         self, der: bytes, src: str, now: datetime
     ) -> tuple[Identity, x509.Certificate]:
-        cert = self._issued.get(der)
-        if cert is None:
+        known = self._issued.get(der)
+        if known is None:
             try:
                 cert = x509.load_der_x509_certificate(der)
                 cert.verify_directly_issued_by(self._ca)
@@ -154,10 +154,11 @@ class SignatureVerifier:
                 ) from None
             if len(self._issued) >= _CACHED_CERTIFICATES:
                 self._issued.pop(next(iter(self._issued)))
-            self._issued[der] = cert  # the CA's check holds; validity is checked every time
+            # The CA's check holds for good; the validity period is checked every time.
+            known = self._issued[der] = (cert, identity_from_certificate(cert))
+        cert, identity = known
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise IntegrityError(f"{src}'s certificate is not valid at {now.isoformat()}")
-        identity = identity_from_certificate(cert)
         if identity.name != src:
             raise IntegrityError(
                 f"a message from {src} is signed with {identity.name}'s certificate"
