@@ -18,7 +18,9 @@ functions to that site; they are plain blocking calls.
 An async script (``async def main(): ...``) is run on an event loop of its own in that thread,
 and uses the awaitable forms ``await flare.receive_async()`` and ``await flare.send_async(m)``,
 which wait in a worker thread and leave the script's loop free for its own tasks (data
-loading, metrics upload...)::
+loading, metrics upload...). A simulation of thousands of light sites runs async scripts on
+the cells' own loop instead (``simulate(..., in_loop=True)``: no thread per site); such a
+script must not block::
 
     async def main() -> None:
         flare.init()
@@ -34,6 +36,7 @@ from typing import Any
 import anyio.to_thread
 
 from flare_async.fl._client import current_runtime as _runtime
+from flare_async.fl._client import loop_runtime as _loop_runtime
 from flare_async.fl._model import FLModel, ParamsType
 
 
@@ -58,13 +61,21 @@ def send(model: FLModel) -> None:
 
 
 async def receive_async(timeout: float | None = None) -> FLModel | None:
-    """:func:`receive`, awaitable (the wait happens in a worker thread)."""
+    """:func:`receive`, awaitable (the wait happens in a worker thread, or, for a script on
+    its cell's own loop, on that loop)."""
+    here = _loop_runtime()
+    if here is not None:
+        return await here.areceive(timeout)
     runtime = _runtime()  # bound to the calling thread: look it up here, not in the worker
     return await anyio.to_thread.run_sync(runtime.receive, timeout, abandon_on_cancel=True)
 
 
 async def send_async(model: FLModel) -> None:
     """:func:`send`, awaitable."""
+    here = _loop_runtime()
+    if here is not None:
+        await here.asend(model)
+        return
     runtime = _runtime()
     await anyio.to_thread.run_sync(runtime.send, model)
 

@@ -475,3 +475,53 @@ async def test_an_async_training_script_uses_the_awaitable_client_api(
     )
     out = await simulate(lambda s: fedavg(s, {"w": np.zeros(2)}, rounds=2), script, clients=3)
     assert np.allclose(out.params["w"], 2 * (1 + 4 + 9) / 6)
+
+
+async def test_two_tiers_of_relays_and_scripts_on_the_simulations_own_loop() -> None:
+    """``relays=(2, 2)``: four leaf relays under two, each folding its sites' results; the
+    async scripts run on the simulation's loop (no thread each) and the model is flat FedAvg's."""
+    from tests._fl_scripts import add_site_weight_async  # noqa: PLC0415
+
+    rounds: list[Any] = []
+    threads = threading.active_count()
+    seen: list[int] = []
+
+    async def workflow(server: Any) -> Any:
+        seen.append(threading.active_count())  # the scripts are running by now
+        return await fedavg(server, {"w": np.zeros(3)}, rounds=2)
+
+    out = await simulate(
+        workflow,
+        add_site_weight_async,
+        clients=8,
+        relays=(2, 2),
+        in_loop=True,
+        on_round=rounds.append,
+    )
+    weights = [i + 1 for i in range(8)]
+    step = sum(w * w for w in weights) / sum(weights)
+    assert np.allclose(out.params["w"], 2 * step)
+    assert [r.partials for r in rounds] == [4, 4]  # one partial sum per leaf relay
+    assert sorted(rounds[0].responded) == sorted(
+        f"server.relay-{a}.relay-{b}.site-{i + 1}"
+        for i, (a, b) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2), (1, 1), (1, 2), (2, 1), (2, 2)])
+    )
+    assert seen[0] <= threads + 1  # no thread per site
+
+
+async def test_a_blocking_client_call_from_a_script_on_the_loop_is_refused() -> None:
+    errors: list[str] = []
+
+    async def wrong() -> None:
+        try:
+            flare.receive()  # would block the loop every simulated site runs on
+        except RuntimeError as exc:
+            errors.append(str(exc))
+            raise
+
+    async def workflow(server: Any) -> None:
+        with pytest.raises(RoundFailed):
+            await server.run_round(FLModel(params={"w": np.zeros(1)}), server.clients, deadline=2)
+
+    await simulate(workflow, wrong, clients=1, in_loop=True)
+    assert errors == ["an async script on the cell's loop uses await receive_async()"]

@@ -363,9 +363,8 @@ async def test_refusals_have_names() -> None:
                 "server.e", "t", "early", pattern(50 * CHUNK), chunk=CHUNK, window=WINDOW
             )
         ).tobytes() == b"enough"
-        # One stream at a time on this receiver: a second one is refused, not queued.
-        sink = Sink()
-        sink.release = anyio.Event()
+        # One stream at a time on this receiver: a second one finds no slot, asks again a
+        # little later (backpressure), and goes through once the first is done.
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 lambda: server.stream(
@@ -374,9 +373,30 @@ async def test_refusals_have_names() -> None:
             )
             while not edge._streams.incoming:
                 await anyio.lowlevel.checkpoint()
-            with pytest.raises(Overloaded):
-                await server.stream("server.e", "t", "collect", b"second")
-            tg.cancel_scope.cancel()
+            second = await server.stream("server.e", "t", "collect", b"second")
+        assert second.tobytes().startswith(b"6 ")
+        assert server.statistics().streams["waits"] >= 1
+
+
+async def test_a_stream_that_never_gets_a_slot_fails_overloaded_after_its_idle_limit() -> None:
+    sink = Sink()
+    sink.release = anyio.Event()  # the first stream holds the only slot
+    async with (
+        chain(
+            ["server", "server.e"], receiver_table(sink, hold_after_first=True), max_streams=1
+        ) as (server, _edge),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(
+            lambda: server.stream(
+                "server.e", "t", "collect", pattern(8 * CHUNK), chunk=CHUNK, window=WINDOW
+            )
+        )
+        await sink.got_first.wait()
+        with pytest.raises(Overloaded, match="receives 1 streams already"):
+            await server.stream("server.e", "t", "collect", b"second", idle=1.0)
+        assert server.statistics().streams["waits"] >= 2
+        sink.release.set()
 
 
 async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:

@@ -146,6 +146,8 @@ class StreamSender:
         self.connected = False  # an ack came since the last path failure
         self._end_sent_at = -1
         self._meter = ProgressMeter(cell._clock, dst, sid, log.size)
+        self._busy: StreamAbort | None = None  # the receiver had no slot for the stream yet
+        self._busy_tries = 0
 
     # ------------------------------------------------------------------ fed by the hub
     def wake(self) -> None:
@@ -197,10 +199,29 @@ class StreamSender:
             self.connected = False  # a relay lost the path: probe until it is back
             self.wake()
             return
+        if h.src == self.dst and h.status == Status.OVERLOADED and not self.flow.started:
+            # The receiver takes as many streams at once as it allows, and this one came when
+            # it was full: ask again a little later (backpressure), as long as the idle limit
+            # allows, instead of failing a transfer that only has to wait its turn.
+            self._busy = h
+            self.wake()
+            return
         if h.status == Status.STREAM_ABORTED:
             self.fail(StreamAborted(h.message, reported_by=h.src))
         else:
             self.fail(error_for_status(h.status, h.message, h.src))
+
+    async def _open_again(self, refused: StreamAbort) -> None:
+        """Open the stream again after a randomized pause that grows with each refusal (up
+        to the probe interval); past the idle limit the refusal is the stream's error."""
+        self._busy = None
+        if self.cell._clock() - self.last_progress > self.opts.idle:
+            raise error_for_status(refused.status, refused.message, refused.src)
+        self._busy_tries += 1
+        pause = min(self.opts.probe, 0.02 * 2 ** min(self._busy_tries, 8))
+        await anyio.sleep(pause * (0.5 + self.cell._rng.random()))
+        self.cell._streams.counters["waits"] += 1
+        await self._send(self._open(resume=False))
 
     def fail(self, error: BaseException) -> None:
         if self.error is None and self.reply is None:
@@ -279,6 +300,9 @@ class StreamSender:
             while self.reply is None:
                 if self.error is not None:
                     raise self.error
+                if self._busy is not None:
+                    await self._open_again(self._busy)
+                    continue
                 if not flow.started or not self.connected:
                     await self._wait()
                     continue

@@ -3,6 +3,7 @@ round API, workflows, the client runtime behind the Client API, and the simulato
 
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._client import ClientRuntime
+from flare_async.fl._fedbuff import FedBuffStats, fedbuff, staleness_weight
 from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
 from flare_async.fl._relay import RelayAggregator
@@ -15,6 +16,7 @@ __all__ = [
     "ClientRuntime",
     "FLModel",
     "FLServer",
+    "FedBuffStats",
     "FedAvgRecipe",
     "ParamsType",
     "RelayAggregator",
@@ -24,10 +26,12 @@ __all__ = [
     "WeightedSum",
     "fedavg",
     "fedavg_step",
+    "fedbuff",
     "load_recipe",
     "model_from_parts",
     "model_parts",
     "script_spec",
     "secure_round",
     "simulate",
+    "staleness_weight",
 ]

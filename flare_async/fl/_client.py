@@ -10,6 +10,7 @@ results out.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import json
 import os
@@ -40,6 +41,10 @@ from flare_async.wire import Event, Frame, Limits
 _STOP = object()
 
 _local = threading.local()
+_in_loop: contextvars.ContextVar[ClientRuntime | None] = contextvars.ContextVar(
+    "flare_async_site", default=None
+)
+"""The runtime of an async script running on its cell's own event loop (``in_loop``)."""
 
 
 class SiteRuntime(Protocol):
@@ -69,6 +74,11 @@ def bind_process_runtime(runtime: SiteRuntime) -> None:
     _process_runtime = runtime
 
 
+def loop_runtime() -> ClientRuntime | None:
+    """The runtime of the calling async script if it runs on its cell's event loop."""
+    return _in_loop.get()
+
+
 def current_runtime() -> SiteRuntime:
     """The site runtime the calling script runs under (a :class:`ClientRuntime` in-process,
     the worker's pipe runtime in a subprocess).
@@ -76,7 +86,9 @@ def current_runtime() -> SiteRuntime:
     Raises:
         RuntimeError: called outside a running site.
     """
-    runtime: SiteRuntime | None = getattr(_local, "runtime", None) or _process_runtime
+    runtime: SiteRuntime | None = (
+        _in_loop.get() or getattr(_local, "runtime", None) or _process_runtime
+    )
     if runtime is None:
         raise RuntimeError("the Client API is used outside a running site")
     return runtime
@@ -132,6 +144,7 @@ class ClientRuntime:
         self.codec = codec
         self._inbox: queue.Queue[tuple[str, tuple[FLModel, str]] | object] = queue.Queue()
         self._running = True
+        self._arrived: anyio.Event | None = None  # an in-loop script waits on it
         self._task: str | None = None
         self._reply_to = server
         self._portal: anyio.from_thread.BlockingPortal | None = None
@@ -199,12 +212,17 @@ class ClientRuntime:
             self._secure_tasks[task] = stream.headers["secagg"]
         if self._filter is not None:
             self._received[task] = dict(model.params)  # the filters need what was sent
-        self._inbox.put((task, (model, reply_to)))
+        self._put((task, (model, reply_to)))
         return b"accepted"
 
     def stop(self) -> None:
         self._running = False
-        self._inbox.put(_STOP)
+        self._put(_STOP)
+
+    def _put(self, item: object) -> None:
+        self._inbox.put(item)
+        if self._arrived is not None:
+            self._arrived.set()  # an in-loop script waiting in areceive()
 
     # ------------------------------------------------------------ called from the script thread
     def is_running(self) -> bool:
@@ -212,10 +230,28 @@ class ClientRuntime:
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         """The next task's model; ``None`` once the job is over (or after ``timeout``)."""
+        if _in_loop.get() is self:
+            raise RuntimeError("an async script on the cell's loop uses await receive_async()")
         try:
             item = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        return self._take(item)
+
+    async def areceive(self, timeout: float | None = None) -> FLModel | None:
+        """:meth:`receive` for a script on the cell's own loop: waits without a thread."""
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    arrived = self._arrived = anyio.Event()
+                    await arrived.wait()
+                    continue
+                return self._take(item)
+        return None
+
+    def _take(self, item: object) -> FLModel | None:
         if item is _STOP:
             self._inbox.put(_STOP)  # later calls see it too
             return None
@@ -235,10 +271,22 @@ class ClientRuntime:
         """
         if self._task is None:
             raise RuntimeError("send() before receive(): no task to answer")
+        if _in_loop.get() is self:
+            raise RuntimeError("an async script on the cell's loop uses await send_async()")
         assert self._portal is not None, "the script must run under ClientRuntime.run_script"
         task, self._task = self._task, None
         try:
             self._portal.call(self._send, model, task, self._reply_to)
+        except FlareError as exc:
+            self.cell._log.warning("result not delivered", task=task, error=str(exc))
+
+    async def asend(self, model: FLModel) -> None:
+        """:meth:`send` for a script on the cell's own loop."""
+        if self._task is None:
+            raise RuntimeError("send() before receive(): no task to answer")
+        task, self._task = self._task, None
+        try:
+            await self._send(model, task, self._reply_to)
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
@@ -310,8 +358,22 @@ class ClientRuntime:
         self.logged.append((key, float(value), step))
 
     # ------------------------------------------------------------ running a script
-    async def run_script(self, script: Callable[[], object]) -> None:
-        """Run ``script`` (the training loop, Client API calls inside) in a worker thread."""
+    async def run_script(self, script: Callable[[], object], *, in_loop: bool = False) -> None:
+        """Run ``script`` (the training loop, Client API calls inside) in a worker thread.
+
+        Args:
+            in_loop: an ``async def`` script runs on this cell's event loop instead (no thread,
+                no loop of its own: what lets one process simulate thousands of sites). It must
+                not block: heavy work goes to ``anyio.to_thread``; it uses the awaitable Client
+                API (``receive_async`` / ``send_async``).
+        """
+        if in_loop and inspect.iscoroutinefunction(script):
+            token = _in_loop.set(self)
+            try:
+                await script()
+            finally:
+                _in_loop.reset(token)
+            return
         error: Exception | None = None
         async with anyio.from_thread.BlockingPortal() as portal:
             self._portal = portal
@@ -465,4 +527,4 @@ def _event(topic: str) -> Event:
 PIPE_LIMITS = Limits(max_frame=(1 << 63) - 1)
 
 
-__all__ = ["ClientRuntime", "bind_process_runtime", "current_runtime"]
+__all__ = ["ClientRuntime", "bind_process_runtime", "current_runtime", "loop_runtime"]

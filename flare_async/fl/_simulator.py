@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -38,9 +38,11 @@ async def simulate(
     job: str = "sim",
     seed: int | None = 0,
     on_round: Callable[[RoundResult], None] | None = None,
-    relays: int = 0,
+    relays: int | Sequence[int] = 0,
     processes: bool = False,
     join_timeout: float = 120.0,
+    in_loop: bool = False,
+    network: MemoryNetwork | None = None,
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
@@ -53,20 +55,29 @@ async def simulate(
         config: what each script's ``get_config()`` returns (plus ``site_index`` and
             ``sites``, the number of sites).
         codec: how models travel both ways (``tensors``, ``q8``, ``nf4`` ...).
+        relays: relays per tier: ``4`` is one tier of 4 relays under the server; ``(10, 10)``
+            is 10 relays, each with 10 relays below it (100 leaf relays, which the sites join;
+            each leaf relay folds its sites' results, the tiers above forward).
         processes: every site is its own Python process (``flare_async.fl.worker --site``):
             its cell connects to the server (or its relay) over ``tcp://127.0.0.1``, its
             script runs in a thread there. The script must then be ``"MODULE:FUNCTION"`` or a
             module-level function.
         join_timeout: (``processes``) how long the site processes get to connect.
+        in_loop: ``async def`` scripts run on the simulation's event loop, not in a thread
+            each (``ClientRuntime.run_script(in_loop=True)``): thousands of light sites in one
+            process. Such scripts must not block.
+        network: the in-process network to use (its ``statistics()`` count the frames).
 
     Returns:
         what the workflow returns.
     """
-    net = MemoryNetwork()
+    net = network or MemoryNetwork()
     drivers: list[Driver] = [TcpDriver()] if processes else [net]
     scheme = "tcp://127.0.0.1:0" if processes else "memory://{}"
-    relay_names = [f"server.relay-{j + 1}" for j in range(relays)]
-    parents = [relay_names[i % relays] if relays else "server" for i in range(clients)]
+    tiers = [relays] if isinstance(relays, int) else list(relays)
+    levels = relay_tree(tiers)
+    leaves = levels[-1] if levels else []
+    parents = [leaves[i % len(leaves)] if leaves else "server" for i in range(clients)]
     names = [f"{parents[i]}.site-{i + 1}" for i in range(clients)]
     joined = _Joined()
     async with AsyncExitStack() as stack:
@@ -82,16 +93,16 @@ async def simulate(
             seed=seed,
             on_round=on_round,
             digest=False,
-            hierarchical=relays > 0,
+            hierarchical=bool(leaves),
         )
         server_cell.mount(server.handlers())
         await stack.enter_async_context(server_cell)
         urls = {"server": server_cell.listen_urls[0]}
-        for relay in relay_names:
+        for relay in (r for level in levels for r in level):
             relay_cell = Cell(
                 relay,
                 listen=[scheme.format(relay)],
-                parent=urls["server"],
+                parent=urls[relay.rsplit(".", 1)[0]],
                 drivers=drivers,
                 handlers=[system_handlers()],
                 on_link=joined.saw,
@@ -111,29 +122,93 @@ async def simulate(
                 codec=codec,
                 join_timeout=join_timeout,
             )
-        runtimes: list[ClientRuntime] = []
-        for i, name in enumerate(names):
-            cell = Cell(name, parent=urls[parents[i]], drivers=[net])
-            runtime = ClientRuntime(cell, "server", config=configs[i], codec=codec, digest=False)
-            cell.mount(runtime.handlers())
-            await stack.enter_async_context(cell)
-            await cell.wait_parent()
-            runtimes.append(runtime)
+        sites = _SiteCells(net, codec, heartbeat=None if in_loop else 15.0)
+        return await sites.run(
+            workflow,
+            server,
+            script,
+            [(name, urls[parents[i]], configs[i]) for i, name in enumerate(names)],
+            in_loop=in_loop,
+        )
+
+
+def relay_tree(tiers: Sequence[int]) -> list[list[str]]:
+    """Relay names per tier, top first: ``(2, 3)`` gives ``server.relay-1`` and
+    ``server.relay-2``, then ``server.relay-1.relay-1`` ... ``server.relay-2.relay-3``."""
+    levels: list[list[str]] = []
+    above = ["server"]
+    for count in tiers:
+        if count <= 0:
+            break
+        above = [f"{parent}.relay-{j + 1}" for parent in above for j in range(count)]
+        levels.append(above)
+    return levels
+
+
+class _SiteCells:
+    """The simulated sites of one process: each cell runs in a task of its own (started all
+    at once, closed all at once), its script beside it."""
+
+    def __init__(self, net: MemoryNetwork, codec: str, heartbeat: float | None) -> None:
+        self.net = net
+        self.codec = codec
+        self.heartbeat = heartbeat
+        self.runtimes: list[ClientRuntime] = []
+        self.stop = anyio.Event()
+        self.up = 0
+        self.all_up = anyio.Event()
+        self.failed: BaseException | None = None
+
+    async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
+        cell = Cell(name, parent=parent, drivers=[self.net], heartbeat=self.heartbeat)
+        runtime = ClientRuntime(cell, "server", config=config, codec=self.codec, digest=False)
+        cell.mount(runtime.handlers())
+        try:
+            async with cell:
+                await cell.wait_parent()
+                self.runtimes.append(runtime)
+                self.up += 1
+                if self.up == total:
+                    self.all_up.set()
+                await self.stop.wait()
+        except Exception as exc:  # a site that cannot start fails the simulation
+            self.failed = exc
+            self.all_up.set()
+
+    async def run(
+        self,
+        workflow: Workflow,
+        server: FLServer,
+        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+        sites: list[tuple[str, str, dict[str, Any]]],
+        *,
+        in_loop: bool,
+    ) -> Any:
         outcome: Any = None
         error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            for runtime in runtimes:
-                fn = script[runtime.site] if isinstance(script, dict) else script
-                tg.start_soon(_run_guarded, runtime, fn)
+        async with anyio.create_task_group() as cells:
+            for name, parent, config in sites:
+                cells.start_soon(self._cell, name, parent, config, len(sites))
+            if sites:
+                await self.all_up.wait()
             try:
-                outcome = await workflow(server)
-            except Exception as exc:  # re-raised as it is below, not inside a group
-                error = exc
+                if self.failed is not None:
+                    raise FlareError(f"a simulated site did not start: {self.failed!r}")
+                async with anyio.create_task_group() as tg:
+                    for runtime in self.runtimes:
+                        fn = script[runtime.site] if isinstance(script, dict) else script
+                        tg.start_soon(_run_guarded, runtime, fn, in_loop)
+                    try:
+                        outcome = await workflow(server)
+                    except Exception as exc:  # re-raised as it is below, not inside a group
+                        error = exc
+                    finally:
+                        for runtime in self.runtimes:
+                            runtime.stop()
+                        # Scripts that finished end by themselves; a hung one is abandoned.
+                        tg.cancel_scope.cancel()
             finally:
-                for runtime in runtimes:
-                    runtime.stop()
-                # Scripts that finished their loop end by themselves; a hung one is abandoned.
-                tg.cancel_scope.cancel()
+                self.stop.set()
         if error is not None:
             raise error
         return outcome
@@ -247,13 +322,15 @@ async def _site_processes(
                 await proc.wait()
 
 
-async def _run_guarded(runtime: ClientRuntime, script: Callable[[], object] | str) -> None:
+async def _run_guarded(
+    runtime: ClientRuntime, script: Callable[[], object] | str, in_loop: bool = False
+) -> None:
     """A script that raises is a crashed site: logged, and the round goes on without it."""
     try:
         if isinstance(script, str):
             await runtime.run_subprocess(script)
         else:
-            await runtime.run_script(script)
+            await runtime.run_script(script, in_loop=in_loop)
     except Exception as exc:  # a crashed training script must not take the simulation down
         runtime.cell._log.error("training script failed", site=runtime.site, exc_info=exc)
         await runtime.report_failure(f"training script failed: {type(exc).__name__}: {exc}")

@@ -57,12 +57,29 @@ class _Pipe:
         self.queue.clear()
 
 
+class _Totals:
+    """Counters shared by every link of one network."""
+
+    __slots__ = ("bytes", "frames")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+
+
 class MemoryLink(Link):
     """One end of an in-process link. Create links through :class:`MemoryNetwork`."""
 
     def __init__(
-        self, tx: _Pipe, rx: _Pipe, local_address: str, peer_address: str, limits: Limits
+        self,
+        tx: _Pipe,
+        rx: _Pipe,
+        local_address: str,
+        peer_address: str,
+        limits: Limits,
+        totals: _Totals | None = None,
     ) -> None:
+        self._totals = totals or _Totals()
         self._tx = tx
         self._rx = rx
         self.local_address = local_address
@@ -96,9 +113,14 @@ class MemoryLink(Link):
         except ChannelClosed:
             raise self._send_failed() from None
         if sent:
-            self._frames_out += 1
-            self._bytes_out += len(head) + payload_size(frame.parts)
+            self._count_out(len(head) + payload_size(frame.parts))
         return sent
+
+    def _count_out(self, nbytes: int) -> None:
+        self._frames_out += 1
+        self._bytes_out += nbytes
+        self._totals.frames += 1
+        self._totals.bytes += nbytes
 
     async def send(self, frame: Frame) -> None:
         try:
@@ -110,8 +132,7 @@ class MemoryLink(Link):
         except (LinkClosed, LinkBroken):
             await checkpoint()
             raise
-        self._frames_out += 1
-        self._bytes_out += len(head) + payload_size(frame.parts)
+        self._count_out(len(head) + payload_size(frame.parts))
 
     async def receive(self) -> Frame:
         queue = self._rx.queue
@@ -213,6 +234,11 @@ class MemoryNetwork(Driver):
         self.backlog = backlog
         self._listeners: dict[str, _MemoryListener] = {}
         self._ids = itertools.count(1)
+        self._totals = _Totals()
+
+    def statistics(self) -> dict[str, int]:
+        """Frames and bytes sent on every link of this network so far."""
+        return {"frames_sent": self._totals.frames, "bytes_sent": self._totals.bytes}
 
     @staticmethod
     def _address(url: str) -> str:
@@ -242,8 +268,8 @@ class MemoryNetwork(Driver):
         up, down = _Pipe(self.queue_size), _Pipe(self.queue_size)
         up.other = down
         local = f"memory-client-{next(self._ids)}"
-        client = MemoryLink(up, down, local, f"memory://{address}", limits)
-        server = MemoryLink(down, up, f"memory://{address}", local, listener.limits)
+        client = MemoryLink(up, down, local, f"memory://{address}", limits, self._totals)
+        server = MemoryLink(down, up, f"memory://{address}", local, listener.limits, self._totals)
         listener.offer(server, up)
         return client
 
