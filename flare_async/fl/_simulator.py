@@ -8,11 +8,12 @@ script runs differ.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -132,6 +133,22 @@ async def simulate(
         )
 
 
+@contextmanager
+def _quiet_gc() -> Iterator[None]:
+    """While thousands of simulated sites run: the topology (every cell, link and task, millions
+    of objects) leaves the collector's view, and young collections run less often. A full
+    collection otherwise walks all of it, again and again, at a third of the round time
+    (measured: 2,000 sites, 10.2 s per round; 6.5 s with this)."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def relay_tree(tiers: Sequence[int]) -> list[list[str]]:
     """Relay names per tier, top first: ``(2, 3)`` gives ``server.relay-1`` and
     ``server.relay-2``, then ``server.relay-1.relay-1`` ... ``server.relay-2.relay-3``."""
@@ -184,6 +201,19 @@ class _SiteCells:
         *,
         in_loop: bool,
     ) -> Any:
+        with ExitStack() as stack:
+            return await self._run(stack, workflow, server, script, sites, in_loop=in_loop)
+
+    async def _run(
+        self,
+        stack: ExitStack,
+        workflow: Workflow,
+        server: FLServer,
+        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+        sites: list[tuple[str, str, dict[str, Any]]],
+        *,
+        in_loop: bool,
+    ) -> Any:
         outcome: Any = None
         error: Exception | None = None
         async with anyio.create_task_group() as cells:
@@ -192,6 +222,8 @@ class _SiteCells:
             if sites:
                 await self.all_up.wait()
             try:
+                if in_loop:
+                    stack.enter_context(_quiet_gc())
                 if self.failed is not None:
                     raise FlareError(f"a simulated site did not start: {self.failed!r}")
                 async with anyio.create_task_group() as tg:
