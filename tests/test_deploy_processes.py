@@ -8,7 +8,9 @@ test follows instead of sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -212,6 +214,41 @@ parent = "tls://127.0.0.1:1"
         assert reason in log, (reason, log[-4000:])
 
 
+@contextlib.contextmanager
+def running_up(topology: Path, work: Path, *, cells: int) -> Iterator[list[str]]:
+    """``flare-async up TOPOLOGY`` until every cell linked; Ctrl-C (SIGINT) when the block
+    ends, which must stop everything with exit status 0. Yields the lines ``up`` printed (all of
+    them once the block is over)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flare_async", "up", str(topology), "--workdir", str(work)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: Queue[str] = Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in proc.stdout:
+                lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    try:
+        while f"all {cells} cells linked\n" not in seen:
+            seen.append(lines.get(timeout=120))
+        yield seen
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+
+
 def test_up_starts_a_topology_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
     p_server, p_relay = free_ports(2)
     topology = tmp_path / "topology.toml"
@@ -231,33 +268,8 @@ name = "{SITES[1]}"
 parent = "tls://127.0.0.1:{p_relay}"
 """)
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flare_async", "up", str(topology), "--workdir", str(work)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: Queue[str] = Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        with proc.stdout:
-            for line in proc.stdout:
-                lines.put(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    seen: list[str] = []
-    try:
-        while "all 4 cells linked\n" not in seen:
-            seen.append(lines.get(timeout=60))
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    while not lines.empty():
-        seen.append(lines.get())
+    with running_up(topology, work, cells=4) as seen:
+        pass
     assert seen[-1] == "all cells stopped\n", seen
     logs = sorted(p.name for p in (work / "logs").iterdir())
     assert logs == sorted(f"{n}.log" for n in ["server", RELAY, *SITES[:2]])
@@ -268,3 +280,52 @@ parent = "tls://127.0.0.1:{p_relay}"
             if x.startswith("{")
         ]
         assert {"event": "stopped", "cell": name} in events
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive ports free now."""
+    for _ in range(50):
+        base = random.randrange(20000, 60000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_a_three_tier_topology_from_its_fanout_runs_the_demo_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[tree] fanout = [2, 2, 4]``: the server, 2 relays, 2 relays under each, 4 sites under
+    each of those (23 cell processes, and a training process per site), started by
+    ``flare-async up``; the main demo job, submitted with the admin kit, completes."""
+    topology = tmp_path / "three-tier.toml"
+    text = (ROOT / "cells" / "topologies" / "three-tier.toml").read_text()
+    topology.write_text(text.replace("port = 18100", f"port = {free_port_run(7)}"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    work = tmp_path / "work"
+    with running_up(topology, work, cells=23):
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "flare_async", "job", "--kit", str(work / "kits" / "admin-1"),
+                "submit", "examples.fedavg_digits:recipe", "--rounds", "2", "--deadline", "400",
+                "--wait",
+            ],
+            capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "finished", final
+    assert final["rounds_done"] == 2
+    assert len(final["sites"]) == 16
+    events = (work / "jobs" / "server" / final["id"] / "events.jsonl").read_text().splitlines()
+    rounds = [json.loads(x) for x in events if '"round"' in x]
+    assert [len(r["responded"]) for r in rounds] == [16, 16]  # folded by the lower relays

@@ -506,3 +506,42 @@ def test_kits_are_plain_structs() -> None:
     kit = Kit(name="server", role=Role.SERVER)
     assert kit.identity == Identity("server", Role.SERVER)
     assert (kit.cert, kit.key, kit.ca) == ("cert.pem", "key.pem", "ca.pem")
+
+
+def test_a_tree_by_fanout_expands_to_explicit_cells(tmp_path: Path) -> None:
+    spec = tmp_path / "tree.toml"
+    spec.write_text(
+        'project = "t"\n[tree]\nfanout = [2, 3]\nport = 30100\norgs = ["a", "b"]\n'
+        '[[admins]]\nname = "admin-1"\n'
+    )
+    project = load_project(spec)
+    assert project.server.listen == ("tls://127.0.0.1:30100",)
+    assert [(r.name, r.parent, r.listen) for r in project.relays] == [
+        ("server.relay-1", "tls://127.0.0.1:30100", ("tls://127.0.0.1:30101",)),
+        ("server.relay-2", "tls://127.0.0.1:30100", ("tls://127.0.0.1:30102",)),
+    ]
+    assert [(c.name, c.parent, c.org) for c in project.clients] == [
+        ("server.relay-1.site-1", "tls://127.0.0.1:30101", "a"),
+        ("server.relay-1.site-2", "tls://127.0.0.1:30101", "b"),
+        ("server.relay-1.site-3", "tls://127.0.0.1:30101", "a"),
+        ("server.relay-2.site-4", "tls://127.0.0.1:30102", "b"),
+        ("server.relay-2.site-5", "tls://127.0.0.1:30102", "a"),
+        ("server.relay-2.site-6", "tls://127.0.0.1:30102", "b"),
+    ]
+    assert project.admins[0].name == "admin-1"
+    bad = {
+        "fanout = []\nport = 30100": "at least one level",
+        "fanout = [2, 0]\nport = 30100": "at least one level",
+        "fanout = [2]\nport = 99999": "out of range",
+        "fanout = [2]\nport = 30100\nspeed = 3": "speed",
+    }
+    for body, why in bad.items():
+        spec.write_text(f'project = "t"\n[tree]\n{body}\n')
+        with pytest.raises(ConfigError, match=why):
+            load_project(spec)
+    spec.write_text(
+        'project = "t"\n[tree]\nfanout = [2]\nport = 30100\n'
+        '[server]\nlisten = ["tls://127.0.0.1:1"]\n'
+    )
+    with pytest.raises(ConfigError, match="remove server"):
+        load_project(spec)

@@ -83,6 +83,7 @@ from flare_async.security._pki import (
     write_file,
     write_private_key,
 )
+from flare_async.security._tree import expand_tree
 
 __all__ = [
     "CA_DIR",
@@ -232,11 +233,13 @@ def load_project(path: str | Path) -> Project:
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = expand_tree(tomllib.loads(path.read_text(encoding="utf-8")))
         project = msgspec.convert(raw, Project)
     except OSError as exc:
         raise ConfigError(f"cannot read project file {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     try:
         _plan(project)
