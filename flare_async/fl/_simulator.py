@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from typing import Any
 
 import anyio
@@ -201,19 +201,6 @@ class _SiteCells:
         *,
         in_loop: bool,
     ) -> Any:
-        with ExitStack() as stack:
-            return await self._run(stack, workflow, server, script, sites, in_loop=in_loop)
-
-    async def _run(
-        self,
-        stack: ExitStack,
-        workflow: Workflow,
-        server: FLServer,
-        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
-        sites: list[tuple[str, str, dict[str, Any]]],
-        *,
-        in_loop: bool,
-    ) -> Any:
         outcome: Any = None
         error: Exception | None = None
         async with anyio.create_task_group() as cells:
@@ -222,28 +209,40 @@ class _SiteCells:
             if sites:
                 await self.all_up.wait()
             try:
-                if in_loop:
-                    stack.enter_context(_quiet_gc())
-                if self.failed is not None:
-                    raise FlareError(f"a simulated site did not start: {self.failed!r}")
-                async with anyio.create_task_group() as tg:
-                    for runtime in self.runtimes:
-                        fn = script[runtime.site] if isinstance(script, dict) else script
-                        tg.start_soon(_run_guarded, runtime, fn, in_loop)
-                    try:
-                        outcome = await workflow(server)
-                    except Exception as exc:  # re-raised as it is below, not inside a group
-                        error = exc
-                    finally:
-                        for runtime in self.runtimes:
-                            runtime.stop()
-                        # Scripts that finished end by themselves; a hung one is abandoned.
-                        tg.cancel_scope.cancel()
+                with _quiet_gc() if in_loop else nullcontext():
+                    if self.failed is not None:
+                        raise FlareError(f"a simulated site did not start: {self.failed!r}")
+                    outcome, error = await self._scripts(workflow, server, script, in_loop)
             finally:
                 self.stop.set()
         if error is not None:
             raise error
         return outcome
+
+    async def _scripts(
+        self,
+        workflow: Workflow,
+        server: FLServer,
+        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+        in_loop: bool,
+    ) -> tuple[Any, Exception | None]:
+        """Run every site's script beside the workflow; the workflow's outcome or error."""
+        outcome: Any = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            for runtime in self.runtimes:
+                fn = script[runtime.site] if isinstance(script, dict) else script
+                tg.start_soon(_run_guarded, runtime, fn, in_loop)
+            try:
+                outcome = await workflow(server)
+            except Exception as exc:  # re-raised by the caller, not inside a group
+                error = exc
+            finally:
+                for runtime in self.runtimes:
+                    runtime.stop()
+                # Scripts that finished end by themselves; a hung one is abandoned.
+                tg.cancel_scope.cancel()
+        return outcome, error
 
 
 class _Joined:

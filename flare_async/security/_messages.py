@@ -160,6 +160,21 @@ class MessageSigning:
         self.max_age = max_age
         self.clock = clock
 
+    def _fields(
+        self,
+        identity: str,
+        kind: str,
+        cell: str,
+        dst: str,
+        topic: str,
+        corr: int | None,
+        parts: Sequence[Buffer],
+    ) -> dict[str, Any]:
+        digest = payload_digest(parts)
+        return message_fields(
+            identity=identity, cell=cell, dst=dst, kind=kind, topic=topic, corr=corr, digest=digest
+        )
+
     def sign(
         self,
         kind: str,
@@ -169,15 +184,7 @@ class MessageSigning:
         corr: int | None,
         parts: Sequence[Buffer],
     ) -> dict[str, str]:
-        fields = message_fields(
-            identity=self.signer.name,
-            cell=cell,
-            dst=dst,
-            kind=kind,
-            topic=topic,
-            corr=corr,
-            digest=payload_digest(parts),
-        )
+        fields = self._fields(self.signer.name, kind, cell, dst, topic, corr, parts)
         fields["at"] = round(self.clock(), 3)
         return self.signer.sign(fields)
 
@@ -194,15 +201,7 @@ class MessageSigning:
         """Raises:
         IntegrityError: the message is not signed by ``cell``'s identity as it arrived.
         """
-        expect = message_fields(
-            identity=self.identity_of(cell),
-            cell=cell,
-            dst=dst,
-            kind=kind,
-            topic=topic,
-            corr=corr,
-            digest=payload_digest(parts),
-        )
+        expect = self._fields(self.identity_of(cell), kind, cell, dst, topic, corr, parts)
         now = datetime.fromtimestamp(self.clock(), UTC)
         try:
             verify_message(self.verifier, headers, expect, now=now, max_age=self.max_age)
