@@ -36,6 +36,7 @@ class FedBuffStats:
 
     Attributes:
         version: model versions published so far.
+        tasks: tasks sent, per client.
         updates: client updates folded in, per client.
         stale: updates dropped for staleness beyond the maximum.
         failed: tasks that failed (the client then rested), per client.
@@ -44,6 +45,7 @@ class FedBuffStats:
     """
 
     version: int = 0
+    tasks: dict[str, int] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
     stale: int = 0
     failed: dict[str, int] = field(default_factory=dict)
@@ -160,6 +162,7 @@ async def fedbuff(
                 if site is None:
                     break
                 tg.start_soon(train, site, stats.version)
+                stats.tasks[site] = stats.tasks.get(site, 0) + 1
                 in_flight += 1
             if in_flight == 0:  # everyone is resting: wait for the first to be back
                 wake = min(sampler.resting.values(), default=now() + retry_after)
