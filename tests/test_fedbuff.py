@@ -8,12 +8,21 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import flare_async.client as flare
-from flare_async.fl import FedBuffStats, FLModel, FLServer, fedbuff, simulate, staleness_weight
+from flare_async.fl import (
+    FedBuffStats,
+    FLModel,
+    FLServer,
+    RoundFailed,
+    fedbuff,
+    simulate,
+    staleness_weight,
+)
 from flare_async.fl._fedbuff import Sampler
 
 pytest.importorskip("torch")
@@ -139,3 +148,40 @@ async def test_fedbuff_makes_progress_while_a_third_of_clients_are_offline() -> 
         assert stats.tasks[site] >= 1  # sampled like the others (without replacement)
         assert stats.updates.get(site, 0) == 0  # and never held a version back
     assert sum(stats.updates.values()) == 20 * 3
+
+
+async def test_fedbuff_gives_up_by_name_when_no_client_answers() -> None:
+    def silent() -> None:
+        while flare.receive() is not None:
+            pass  # takes every task, answers none
+
+    async def workflow(server: FLServer) -> Any:
+        return await fedbuff(
+            server, {"w": np.zeros(2)}, updates=1, deadline=0.2, retry_after=0.1,
+            give_up_after=1.0,
+        )  # fmt: skip
+
+    with pytest.raises(RoundFailed, match="no usable update for 1 s"):
+        await simulate(workflow, silent, clients=2)
+
+
+async def test_a_result_that_weighs_nothing_is_a_failed_task_not_a_crash() -> None:
+    def weightless() -> None:
+        while (model := flare.receive()) is not None:
+            flare.send(FLModel(params=dict(model.params), meta={"num_samples": 0}))
+
+    def honest() -> None:
+        while (model := flare.receive()) is not None:
+            params = {k: np.asarray(v) + 1 for k, v in model.params.items()}
+            flare.send(FLModel(params=params, meta={"num_samples": 1}))
+
+    async def workflow(server: FLServer) -> FLModel:
+        return await fedbuff(server, {"w": np.zeros(2)}, updates=2, buffer=1, deadline=5)
+
+    out = await simulate(
+        workflow, {"server.site-1": weightless, "server.site-2": honest}, clients=2
+    )
+    stats = out.meta["fedbuff"]
+    assert stats.failed.get("server.site-1", 0) >= 1
+    assert "server.site-1" not in stats.updates
+    assert np.allclose(out.params["w"], 2.0)

@@ -109,8 +109,8 @@ def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
     server = MessageSigning(Signer(load_kit(folder / "server")), ca, clock=lambda: t0)
     site = MessageSigning(Signer(load_kit(folder / SITES[0])), ca, clock=lambda: t0 + 10)
     body = [b'{"id": "j1"}']
-    headers = server.sign("request", "server", SITES[0], "job/start", None, body)
-    site.verify(headers, "request", "server", SITES[0], "job/start", None, body)
+    headers = server.sign("request", "server", SITES[0], "job/start", None, "m", body)
+    site.verify(headers, "request", "server", SITES[0], "job/start", None, "m", body)
     assert (
         check_command(
             ca,
@@ -124,13 +124,14 @@ def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
         )
         == headers["sig.value"]
     )
-    ok = ("request", "server", SITES[0], "job/start", None, body)
+    ok = ("request", "server", SITES[0], "job/start", None, "m", body)
     bad: list[tuple[tuple[Any, ...], str]] = [
-        (("request", "server", SITES[0], "job/abort", None, body), "changed on the way"),
-        (("request", "server", SITES[1], "job/start", None, body), "changed on the way"),
-        (("request", "server", SITES[0], "job/start", None, [b"{}"]), "changed on the way"),
-        (("event", "server", SITES[0], "job/start", None, body), "changed on the way"),
-        (("request", SITES[1], SITES[0], "job/start", None, body), "signed with"),
+        (("request", "server", SITES[0], "job/abort", None, "m", body), "changed on the way"),
+        (("request", "server", SITES[1], "job/start", None, "m", body), "changed on the way"),
+        (("request", "server", SITES[0], "job/start", None, "m", [b"{}"]), "changed on the way"),
+        (("event", "server", SITES[0], "job/start", None, "m", body), "changed on the way"),
+        (("request", "server", SITES[0], "job/start", None, "other", body), "changed on the way"),
+        (("request", SITES[1], SITES[0], "job/start", None, "m", body), "signed with"),
     ]
     for fields, why in bad:
         with pytest.raises(IntegrityError, match=why):
@@ -141,10 +142,10 @@ def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
     with pytest.raises(IntegrityError, match="replay"):
         late.verify(headers, *ok)
     # An answer is bound to the request it answers.
-    reply = site.sign("reply", SITES[0], "server", "reply", 7, [b"ok"])
-    server.verify(reply, "reply", SITES[0], "server", "reply", 7, [b"ok"])
+    reply = site.sign("reply", SITES[0], "server", "reply", 7, "m", [b"ok"])
+    server.verify(reply, "reply", SITES[0], "server", "reply", 7, "m", [b"ok"])
     with pytest.raises(IntegrityError, match="changed on the way"):
-        server.verify(reply, "reply", SITES[0], "server", "reply", 8, [b"ok"])
+        server.verify(reply, "reply", SITES[0], "server", "reply", 8, "m", [b"ok"])
 
 
 @pytest.mark.anyio
@@ -163,6 +164,8 @@ async def test_cells_that_sign_refuse_a_changed_forged_or_unsigned_message(
         h = frame.header
         if isinstance(h, Request) and h.topic == "echo" and bytes(frame.parts[0]) == b"evil":
             return Frame(h, (b"EVIL",))
+        if isinstance(h, Request) and h.headers.get("job") == "a":  # sent on for another job
+            return Frame(msgspec.structs.replace(h, headers={**h.headers, "job": "b"}), frame.parts)
         return frame
 
     table = HandlerTable()
@@ -195,12 +198,14 @@ async def test_cells_that_sign_refuse_a_changed_forged_or_unsigned_message(
         assert (await server.request(SITES[0], "t", "echo", b"fine")).tobytes() == b"fine"
         with pytest.raises(IntegrityError, match="changed on the way"):
             await server.request(SITES[0], "t", "echo", b"evil")
+        with pytest.raises(IntegrityError, match="changed on the way"):
+            await server.request(SITES[0], "t", "echo", b"x", headers={"job": "a"})
         with pytest.raises(IntegrityError, match="not signed"):
             await stranger.request(SITES[0], "t", "echo", b"hi")
         # the relay's own messages are signed too: its answers for the path verify
         with pytest.raises(Unreachable):
             await server.request(f"{RELAY}.nobody", "t", "echo", b"x")
-        assert site.statistics().bad_signatures == 2
+        assert site.statistics().bad_signatures == 3
         assert server.statistics().bad_signatures == 0
 
 

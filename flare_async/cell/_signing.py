@@ -4,6 +4,8 @@ reply and error is signed, and where. The cryptography lives in the security lay
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -23,6 +25,7 @@ class MessageSigner(Protocol):
         dst: str,
         topic: str,
         corr: int | None,
+        meta: str,
         parts: Sequence[Buffer],
     ) -> Mapping[str, str]: ...
 
@@ -34,8 +37,17 @@ class MessageSigner(Protocol):
         dst: str,
         topic: str,
         corr: int | None,
+        meta: str,
         parts: Sequence[Buffer],
     ) -> None: ...
+
+
+def _meta(h: Request | Event | Reply | Error) -> str:
+    """SHA-256 of what else a handler acts on: the application headers (the signature's own
+    excepted) and the codec; a relay that re-addresses a message by a header is caught."""
+    headers = {k: v for k, v in h.headers.items() if not k.startswith("sig.")}
+    text = json.dumps([headers, getattr(h, "codec", "")], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _view(frame: Frame) -> tuple[str, str, int | None, Sequence[Buffer]]:
@@ -56,7 +68,7 @@ def seal(signing: MessageSigner, frame: Frame) -> None:
     h = frame.header
     if isinstance(h, SIGNED_KINDS):
         kind, topic, corr, parts = _view(frame)
-        h.headers.update(signing.sign(kind, h.src, h.dst, topic, corr, parts))
+        h.headers.update(signing.sign(kind, h.src, h.dst, topic, corr, _meta(h), parts))
 
 
 def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
@@ -66,7 +78,7 @@ def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
         return None
     kind, topic, corr, parts = _view(frame)
     try:
-        signing.verify(h.headers, kind, h.src, h.dst, topic, corr, parts)
+        signing.verify(h.headers, kind, h.src, h.dst, topic, corr, _meta(h), parts)
     except IntegrityError as exc:
         return exc
     return None

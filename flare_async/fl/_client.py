@@ -164,6 +164,8 @@ class ClientRuntime:
 
         @table.request(CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
+            if ctx.src != self.server:
+                raise Unauthorized(f"only {self.server} stops this site's job, not {ctx.src}")
             self.stop()
             return b"stopping"
 

@@ -112,6 +112,7 @@ async def fedbuff(
     server_lr: float = 1.0,
     deadline: float = 60.0,
     retry_after: float = 5.0,
+    give_up_after: float | None = None,
     evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None = None,
     on_update: Callable[[FedBuffStats], None] | None = None,
     seed: int | None = None,
@@ -127,6 +128,8 @@ async def fedbuff(
         server_lr: the server's step on the buffered mean update.
         deadline: seconds a client has for one task.
         retry_after: seconds a client whose task failed rests before it is sampled again.
+        give_up_after: seconds without a usable update before the run fails with
+            ``RoundFailed`` (default: ten times ``deadline``).
         evaluate: ``(version, params) -> metrics`` on each new version (server-side data).
         on_update: called with the statistics after each new version.
 
@@ -135,7 +138,10 @@ async def fedbuff(
     """
     if updates < 1 or buffer < 1 or concurrency < 1:
         raise ValueError("updates, buffer and concurrency must be at least 1")
+    if not server.clients:
+        raise RoundFailed("FedBuff needs clients; the server has none")
     now = clock or anyio.current_time
+    patience = 10 * deadline if give_up_after is None else give_up_after
     rng = random.Random(seed)
     sampler = Sampler(server.clients, rng)
     model = {k: np.array(v, dtype=np.float32) for k, v in initial.items()}
@@ -144,6 +150,7 @@ async def fedbuff(
     acc: dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in model.items()}
     acc_weight = 0.0
     acc_count = 0
+    gave_up: RoundFailed | None = None
     send, receive = anyio.create_memory_object_stream[tuple[str, int, Any]](concurrency)
 
     async def train(site: str, version: int) -> None:
@@ -156,7 +163,14 @@ async def fedbuff(
 
     async with send, receive, anyio.create_task_group() as tg:
         in_flight = 0
+        last_good = now()
         while stats.version < updates:
+            if now() - last_good > patience:  # raised below, outside the task group
+                gave_up = RoundFailed(
+                    f"FedBuff: no usable update for {patience:g} s (version {stats.version}, "
+                    f"failures {stats.failed})"
+                )
+                break
             while in_flight < concurrency:
                 site = sampler.next(now())
                 if site is None:
@@ -166,11 +180,12 @@ async def fedbuff(
                 in_flight += 1
             if in_flight == 0:  # everyone is resting: wait for the first to be back
                 wake = min(sampler.resting.values(), default=now() + retry_after)
-                await anyio.sleep(max(0.0, wake - now()))
+                await anyio.sleep(min(max(0.0, wake - now()), patience))
                 continue
             site, version, result = await receive.receive()
             in_flight -= 1
-            if isinstance(result, RoundFailed) or not result.responded:
+            if isinstance(result, RoundFailed) or not result.responded or not result.sum.weight:
+                # no result, or one that weighs nothing (num_samples 0): nothing to fold
                 stats.failed[site] = stats.failed.get(site, 0) + 1
                 sampler.done(site, rest=retry_after, now=now())
                 continue
@@ -189,6 +204,7 @@ async def fedbuff(
             acc_count += 1
             stats.updates[site] = stats.updates.get(site, 0) + 1
             stats.staleness.append(tau)
+            last_good = now()
             if acc_count < buffer:
                 continue
             step = server_lr / acc_weight
@@ -204,6 +220,8 @@ async def fedbuff(
             if on_update is not None:
                 on_update(stats)
         tg.cancel_scope.cancel()  # the clients still training: their answers are not needed
+    if gave_up is not None:
+        raise gave_up
     return FLModel(
         params=model,
         current_round=stats.version,

@@ -171,6 +171,8 @@ class SiteJobs:
 
         @table.request(FL_CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
+            if ctx.src != self.server:
+                raise Unauthorized(f"only {self.server} stops jobs here, not {ctx.src}")
             running = self.jobs.get(ctx.headers.get("job", ""))
             if running is not None:
                 running.runtime.stop()  # the script's loop ends; the process exits by itself

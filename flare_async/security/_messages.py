@@ -10,7 +10,9 @@ headers of :mod:`flare_async.security._signing`):
 - ``dst``, ``kind`` (``request``, ``event``, ``reply``, ``error``), ``topic``
   (``channel/topic``; ``reply``; ``error/STATUS``) and, for answers, ``corr``: the id of the
   request answered, so an answer cannot be moved to another request;
-- ``sha256``: of the payload (of the message text for an error);
+- ``sha256``: of the payload (of the message text for an error), and ``meta``: of the
+  application headers and the codec (what a handler also acts on, e.g. which job a request
+  is for);
 - ``at``: when it was signed (seconds since the epoch): a receiver refuses what was signed more
   than ``max_age`` seconds away from its own clock.
 
@@ -54,6 +56,7 @@ def message_fields(
     topic: str,
     corr: int | None,
     digest: str,
+    meta: str | None = None,
 ) -> dict[str, Any]:
     """What is signed of one message (without ``at``, which the signer adds)."""
     fields: dict[str, Any] = {
@@ -66,6 +69,8 @@ def message_fields(
     }
     if corr is not None:
         fields["corr"] = corr
+    if meta is not None:
+        fields["meta"] = meta
     return fields
 
 
@@ -168,11 +173,18 @@ class MessageSigning:
         dst: str,
         topic: str,
         corr: int | None,
+        meta: str,
         parts: Sequence[Buffer],
     ) -> dict[str, Any]:
-        digest = payload_digest(parts)
         return message_fields(
-            identity=identity, cell=cell, dst=dst, kind=kind, topic=topic, corr=corr, digest=digest
+            identity=identity,
+            cell=cell,
+            dst=dst,
+            kind=kind,
+            topic=topic,
+            corr=corr,
+            digest=payload_digest(parts),
+            meta=meta,
         )
 
     def sign(
@@ -182,9 +194,10 @@ class MessageSigning:
         dst: str,
         topic: str,
         corr: int | None,
+        meta: str,
         parts: Sequence[Buffer],
     ) -> dict[str, str]:
-        fields = self._fields(self.signer.name, kind, cell, dst, topic, corr, parts)
+        fields = self._fields(self.signer.name, kind, cell, dst, topic, corr, meta, parts)
         fields["at"] = round(self.clock(), 3)
         return self.signer.sign(fields)
 
@@ -196,12 +209,13 @@ class MessageSigning:
         dst: str,
         topic: str,
         corr: int | None,
+        meta: str,
         parts: Sequence[Buffer],
     ) -> None:
         """Raises:
         IntegrityError: the message is not signed by ``cell``'s identity as it arrived.
         """
-        expect = self._fields(self.identity_of(cell), kind, cell, dst, topic, corr, parts)
+        expect = self._fields(self.identity_of(cell), kind, cell, dst, topic, corr, meta, parts)
         now = datetime.fromtimestamp(self.clock(), UTC)
         try:
             verify_message(self.verifier, headers, expect, now=now, max_age=self.max_age)

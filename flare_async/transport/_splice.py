@@ -51,6 +51,35 @@ class Pipe:
         self.r = self.w = -1
 
 
+class PipePool:
+    """A few pipes shared by every link of the process. A 1 MiB pipe counts against the
+    user's pipe memory (``pipe-user-pages-soft``, 64 MiB by default) even when empty, so
+    keeping one per link would run out past about 64 links (and use two descriptors each):
+    a pipe is only needed while a frame passes, and a relay passes one frame per inbound link
+    at a time."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._free: list[Pipe] = []
+
+    def take(self) -> Pipe:
+        """A free, empty pipe.
+
+        Raises:
+            OSError: no pipe could be made (descriptors or pipe memory exhausted).
+        """
+        return self._free.pop() if self._free else Pipe()
+
+    def give_back(self, pipe: Pipe) -> None:
+        if pipe.held or len(self._free) >= self.keep or pipe.r < 0:
+            pipe.close()  # what a failed forward left in it goes with it
+        else:
+            self._free.append(pipe)
+
+
+PIPES = PipePool()
+
+
 def _unread(sock: socket.socket) -> int:
     out = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int.from_bytes(out, "little", signed=True)

@@ -119,7 +119,6 @@ class TcpLink(Link):
         self._rx_error: BaseException | None = None
         self._rx_wakeup: asyncio.Future[None] | None = None
         self._passing: Passing | None = None  # handed out by receive(), payload not yet moved
-        self._pipe: _splice.Pipe | None = None  # kept between frames passing through
         self._passed = 0
 
     @property
@@ -530,7 +529,12 @@ class TcpLink(Link):
             raise RuntimeError("send_passing needs the passing frame of a splicing link")
         size = passing.payload_len
         head = self._conn.head(frame.header, size)  # FrameTooLarge before any I/O
-        pipe, src._pipe = src._pipe or _splice.Pipe(), None  # taken while in use
+        try:
+            pipe = _splice.PIPES.take()
+        except OSError:  # out of descriptors or pipe memory: read it through, as without
+            whole = await src.take_passing(passing)
+            await self.send(Frame(frame.header, whole.parts))
+            return
         try:
             rest = await src._move_passing(
                 lambda: _splice.gather(
@@ -543,10 +547,7 @@ class TcpLink(Link):
             self._conn.count_frame(len(head) + size)
             src._passed += 1
         finally:
-            if pipe.held or src._closed or src._pipe is not None:
-                pipe.close()  # what a failed forward left in it goes with it
-            else:
-                src._pipe = pipe
+            _splice.PIPES.give_back(pipe)  # closed if a failed forward left bytes in it
 
     async def _write_passing(
         self, segments: list[Buffer], pipe: _splice.Pipe, rest: memoryview | None
@@ -651,9 +652,6 @@ class TcpLink(Link):
             ):
                 await self._tls.aclose()
         self._close_socket(reset=self._broken is not None)
-        if self._pipe is not None:  # one in use is closed by its user
-            self._pipe.close()
-            self._pipe = None
         if self._stream is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await self._stream.aclose()
