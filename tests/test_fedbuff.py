@@ -132,7 +132,7 @@ async def run(
 async def test_fedbuff_converges_with_clients_of_widely_different_speeds() -> None:
     acc, stats = await run(offline=[], updates=30, deadline=10.0, max_staleness=100)
     assert stats.version == 30
-    assert acc > 0.85, acc
+    assert acc > 0.8, acc  # from 0.1; 0.85-0.96 here, depending on which updates landed when
     fast = stats.updates.get("server.site-1", 0) + stats.updates.get("server.site-2", 0)
     slow = stats.updates.get("server.site-5", 0) + stats.updates.get("server.site-6", 0)
     assert fast > 3 * slow > 0  # nobody waited for the slow sites, and they still counted
