@@ -36,6 +36,8 @@ from flare_async.security import (
     Signer,
     check_command,
     load_kit,
+    message_fields,
+    payload_digest,
     provision,
 )
 from flare_async.streaming._io import checksum
@@ -108,44 +110,53 @@ def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
     t0 = NOW.timestamp()
     server = MessageSigning(Signer(load_kit(folder / "server")), ca, clock=lambda: t0)
     site = MessageSigning(Signer(load_kit(folder / SITES[0])), ca, clock=lambda: t0 + 10)
-    body = [b'{"id": "j1"}']
-    headers = server.sign("request", "server", SITES[0], "job/start", None, "m", body)
-    site.verify(headers, "request", "server", SITES[0], "job/start", None, "m", body)
+    body = b'{"id": "j1"}'
+
+    def fields(
+        kind: str = "request",
+        cell: str = "server",
+        dst: str = SITES[0],
+        topic: str = "job/start",
+        corr: int | None = None,
+        meta: str = "m",
+        payload: bytes = body,
+    ) -> dict[str, Any]:
+        digest = payload_digest([payload])
+        return message_fields(
+            cell=cell, dst=dst, kind=kind, topic=topic, corr=corr, digest=digest, meta=meta
+        )
+
+    headers = server.sign(fields())
+    site.verify(headers, fields())
     assert (
         check_command(
-            ca,
-            headers,
-            src="server",
-            cell="server",
-            dst=SITES[0],
-            command="job/start",
-            body=body[0],
-            now=NOW,
+            ca, headers, src="server", cell="server", dst=SITES[0], command="job/start",
+            body=body, now=NOW,
         )
         == headers["sig.value"]
-    )
-    ok = ("request", "server", SITES[0], "job/start", None, "m", body)
-    bad: list[tuple[tuple[Any, ...], str]] = [
-        (("request", "server", SITES[0], "job/abort", None, "m", body), "changed on the way"),
-        (("request", "server", SITES[1], "job/start", None, "m", body), "changed on the way"),
-        (("request", "server", SITES[0], "job/start", None, "m", [b"{}"]), "changed on the way"),
-        (("event", "server", SITES[0], "job/start", None, "m", body), "changed on the way"),
-        (("request", "server", SITES[0], "job/start", None, "other", body), "changed on the way"),
-        (("request", SITES[1], SITES[0], "job/start", None, "m", body), "signed with"),
+    )  # fmt: skip
+    bad: list[tuple[dict[str, Any], str]] = [
+        (fields(topic="job/abort"), "changed on the way"),
+        (fields(dst=SITES[1]), "changed on the way"),
+        (fields(payload=b"{}"), "changed on the way"),
+        (fields(kind="event"), "changed on the way"),
+        (fields(meta="other"), "changed on the way"),
+        (fields(cell=SITES[1]), "signed with"),
     ]
-    for fields, why in bad:
+    for changed, why in bad:
         with pytest.raises(IntegrityError, match=why):
-            site.verify(headers, *fields)
+            site.verify(headers, changed)
     with pytest.raises(IntegrityError, match="not signed"):
-        site.verify({}, *ok)
+        site.verify({}, fields())
     late = MessageSigning(site.signer, ca, clock=lambda: t0 + MESSAGE_MAX_AGE + 1)
     with pytest.raises(IntegrityError, match="replay"):
-        late.verify(headers, *ok)
+        late.verify(headers, fields())
     # An answer is bound to the request it answers.
-    reply = site.sign("reply", SITES[0], "server", "reply", 7, "m", [b"ok"])
-    server.verify(reply, "reply", SITES[0], "server", "reply", 7, "m", [b"ok"])
+    answer = {"kind": "reply", "cell": SITES[0], "dst": "server", "topic": "reply"}
+    reply = site.sign(fields(**answer, corr=7, payload=b"ok"))
+    server.verify(reply, fields(**answer, corr=7, payload=b"ok"))
     with pytest.raises(IntegrityError, match="changed on the way"):
-        server.verify(reply, "reply", SITES[0], "server", "reply", 8, "m", [b"ok"])
+        server.verify(reply, fields(**answer, corr=8, payload=b"ok"))
 
 
 @pytest.mark.anyio

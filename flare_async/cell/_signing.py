@@ -1,45 +1,29 @@
 """The cell's side of message signatures (``Cell(signing=)``): what of each request, event,
 reply and error is signed, and where. The cryptography lives in the security layer
-(``flare_async.security.MessageSigning``); the fabric only sees this protocol."""
+(``flare_async.security.MessageSigning``); the fabric builds the fields and sees only this
+protocol."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from flare_async.errors import IntegrityError
+from flare_async.security._messages import message_fields, payload_digest
 from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
 
 
 class MessageSigner(Protocol):
-    """Signs messages a cell originates and checks those addressed to it."""
+    """Signs messages a cell originates and checks those addressed to it
+    (``security.MessageSigning``); ``fields`` come from :func:`fields_of`."""
 
-    def sign(
-        self,
-        kind: str,
-        cell: str,
-        dst: str,
-        topic: str,
-        corr: int | None,
-        meta: str,
-        parts: Sequence[Buffer],
-    ) -> Mapping[str, str]: ...
+    def sign(self, fields: Mapping[str, Any]) -> Mapping[str, str]: ...
 
-    def verify(
-        self,
-        headers: Mapping[str, str],
-        kind: str,
-        cell: str,
-        dst: str,
-        topic: str,
-        corr: int | None,
-        meta: str,
-        parts: Sequence[Buffer],
-    ) -> None: ...
+    def verify(self, headers: Mapping[str, str], fields: Mapping[str, Any]) -> None: ...
 
 
 def _meta(h: Request | Event | Reply | Error) -> str:
@@ -50,25 +34,35 @@ def _meta(h: Request | Event | Reply | Error) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _view(frame: Frame) -> tuple[str, str, int | None, Sequence[Buffer]]:
-    """``kind, topic, corr, payload`` of a signed kind of message."""
+def fields_of(frame: Frame) -> dict[str, Any]:
+    """What is signed of a request, event, reply or error (``security.message_fields``)."""
     h = frame.header
-    if isinstance(h, Request):
-        return "request", f"{h.channel}/{h.topic}", None, frame.parts
-    if isinstance(h, Event):
-        return "event", f"{h.channel}/{h.topic}", None, frame.parts
-    if isinstance(h, Reply):
-        return "reply", "reply", h.corr, frame.parts
-    assert isinstance(h, Error)
-    return "error", f"error/{h.status}", h.corr, (h.message.encode(),)
+    parts: Sequence[Buffer] = frame.parts
+    corr: int | None = None
+    if isinstance(h, Request | Event):
+        kind, topic = type(h).__name__.lower(), f"{h.channel}/{h.topic}"
+    elif isinstance(h, Reply):
+        kind, topic, corr = "reply", "reply", h.corr
+    else:
+        assert isinstance(h, Error)
+        kind, topic, corr = "error", f"error/{h.status}", h.corr
+        parts = (h.message.encode(),)
+    return message_fields(
+        cell=h.src,
+        dst=h.dst,
+        kind=kind,
+        topic=topic,
+        corr=corr,
+        digest=payload_digest(parts),
+        meta=_meta(h),
+    )
 
 
 def seal(signing: MessageSigner, frame: Frame) -> None:
     """Add the signature headers to a message this cell originates (in place)."""
     h = frame.header
     if isinstance(h, SIGNED_KINDS):
-        kind, topic, corr, parts = _view(frame)
-        h.headers.update(signing.sign(kind, h.src, h.dst, topic, corr, _meta(h), parts))
+        h.headers.update(signing.sign(fields_of(frame)))
 
 
 def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
@@ -76,9 +70,8 @@ def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
     h = frame.header
     if not isinstance(h, SIGNED_KINDS):
         return None
-    kind, topic, corr, parts = _view(frame)
     try:
-        signing.verify(h.headers, kind, h.src, h.dst, topic, corr, _meta(h), parts)
+        signing.verify(h.headers, fields_of(frame))
     except IntegrityError as exc:
         return exc
     return None

@@ -37,7 +37,12 @@ from flare_async.security._kits import (
     provision,
 )
 from flare_async.security._messages import MAX_AGE as MESSAGE_MAX_AGE
-from flare_async.security._messages import MessageSigning, check_command
+from flare_async.security._messages import (
+    MessageSigning,
+    check_command,
+    message_fields,
+    payload_digest,
+)
 from flare_async.security._pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_CERT_DAYS,
@@ -56,6 +61,8 @@ __all__ = [
     "MESSAGE_MAX_AGE",
     "MessageSigning",
     "check_command",
+    "message_fields",
+    "payload_digest",
     # signatures and end-to-end encryption
     "Decryptor",
     "SignatureVerifier",

@@ -49,7 +49,6 @@ def payload_digest(parts: Sequence[Buffer]) -> str:
 
 def message_fields(
     *,
-    identity: str,
     cell: str,
     dst: str,
     kind: str,
@@ -58,9 +57,9 @@ def message_fields(
     digest: str,
     meta: str | None = None,
 ) -> dict[str, Any]:
-    """What is signed of one message (without ``at``, which the signer adds)."""
+    """What is signed of one message, but ``src`` (the signing identity) and ``at`` (the
+    time), which :class:`MessageSigning` adds."""
     fields: dict[str, Any] = {
-        "src": identity,
         "cell": cell,
         "dst": dst,
         "kind": kind,
@@ -122,7 +121,6 @@ def check_command(
         IntegrityError: see :func:`verify_message`.
     """
     expect = message_fields(
-        identity=src,
         cell=cell,
         dst=dst,
         kind="request",
@@ -130,7 +128,7 @@ def check_command(
         corr=None,
         digest=hashlib.sha256(body).hexdigest(),
     )
-    return verify_message(verifier, headers, expect, now=now, max_age=max_age)
+    return verify_message(verifier, headers, {"src": src, **expect}, now=now, max_age=max_age)
 
 
 class MessageSigning:
@@ -165,63 +163,22 @@ class MessageSigning:
         self.max_age = max_age
         self.clock = clock
 
-    def _fields(
-        self,
-        identity: str,
-        kind: str,
-        cell: str,
-        dst: str,
-        topic: str,
-        corr: int | None,
-        meta: str,
-        parts: Sequence[Buffer],
-    ) -> dict[str, Any]:
-        return message_fields(
-            identity=identity,
-            cell=cell,
-            dst=dst,
-            kind=kind,
-            topic=topic,
-            corr=corr,
-            digest=payload_digest(parts),
-            meta=meta,
-        )
+    def sign(self, fields: Mapping[str, Any]) -> dict[str, str]:
+        """The signature headers of a message this cell sends (``fields``: see
+        :func:`message_fields`)."""
+        return self.signer.sign({**fields, "src": self.signer.name, "at": round(self.clock(), 3)})
 
-    def sign(
-        self,
-        kind: str,
-        cell: str,
-        dst: str,
-        topic: str,
-        corr: int | None,
-        meta: str,
-        parts: Sequence[Buffer],
-    ) -> dict[str, str]:
-        fields = self._fields(self.signer.name, kind, cell, dst, topic, corr, meta, parts)
-        fields["at"] = round(self.clock(), 3)
-        return self.signer.sign(fields)
-
-    def verify(
-        self,
-        headers: Mapping[str, str],
-        kind: str,
-        cell: str,
-        dst: str,
-        topic: str,
-        corr: int | None,
-        meta: str,
-        parts: Sequence[Buffer],
-    ) -> None:
+    def verify(self, headers: Mapping[str, str], fields: Mapping[str, Any]) -> None:
         """Raises:
-        IntegrityError: the message is not signed by ``cell``'s identity as it arrived.
+        IntegrityError: the message is not signed by its cell's identity as it arrived.
         """
-        expect = self._fields(self.identity_of(cell), kind, cell, dst, topic, corr, meta, parts)
+        expect = {**fields, "src": self.identity_of(fields["cell"])}
         now = datetime.fromtimestamp(self.clock(), UTC)
         try:
             verify_message(self.verifier, headers, expect, now=now, max_age=self.max_age)
         except IntegrityError as exc:
             if self.on_refused is not None:
-                self.on_refused(expect["src"], cell, topic, str(exc))
+                self.on_refused(expect["src"], fields["cell"], fields["topic"], str(exc))
             raise
 
 
