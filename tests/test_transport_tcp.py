@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
 import pytest
 
 from flare_async.errors import ConfigError, ConnectError, LinkBroken, ProtocolError
 from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import Link, TcpDriver, TcpLink
 from flare_async.wire import Connection, Event, Frame, Limits
+from tests.test_transport_ws import client_context, make_pki, server_context
 
 pytestmark = pytest.mark.anyio
 
@@ -22,6 +27,48 @@ async def abort(link: Link) -> None:
 @pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
 async def test_conformance(check) -> None:
     await run_check(check, driver_pair(TcpDriver(), "tcp://127.0.0.1:0"), abort)
+
+
+@pytest.fixture(scope="module")
+def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_pair(pki: Any) -> Any:
+    """Connected tls:// pairs: the accepting side handshakes as it accepts (a cell does it
+    with its first read; the suite's checks may start with a send)."""
+    driver = TcpDriver(server_tls=server_context(pki), client_tls=client_context(pki))
+
+    @asynccontextmanager
+    async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
+        listener = await driver.listen("tls://127.0.0.1:0", limits=Limits())
+        accepted: list[TcpLink] = []
+
+        async def accept() -> None:
+            link = await listener.accept()
+            assert isinstance(link, TcpLink)
+            await link._ensure_tls()
+            accepted.append(link)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(accept)
+                client = await driver.connect(listener.url, limits=Limits())
+            try:
+                yield client, accepted[0]
+            finally:
+                await client.aclose()
+                await accepted[0].aclose()
+        finally:
+            await listener.aclose()
+
+    return make_pair
+
+
+@pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__)
+async def test_tls_conformance(check, tls_pki: Any) -> None:
+    """The same suite over tls:// (mutual TLS; a relay's links to the server are these)."""
+    await run_check(check, tls_pair(tls_pki), abort)
 
 
 async def test_listener_reports_its_real_port_and_refuses_when_closed() -> None:

@@ -267,7 +267,11 @@ def _write_chain(
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(directory: Path) -> Pki:
+    """A test CA, a server and a client certificate from it, and a rogue one from another."""
     ca_key, rogue_ca_key = (
         ec.generate_private_key(ec.SECP256R1()),
         ec.generate_private_key(ec.SECP256R1()),

@@ -52,6 +52,13 @@ from flare_async.transport._base import Driver, Link, Listener
 from flare_async.wire import EOF, Buffer, Connection, Envelope, Frame, Limits, Passing, payload_size
 
 _IOV_MAX = 1024
+FINISH_WITHIN = 30.0
+"""Seconds a frame already begun may wait for room to finish after its sender is cancelled.
+
+A link carries frames from many tasks; one task giving up (a deadline, a withdrawn task) must
+not cut a frame in half, which would lose the link for all of them. So once a frame's first
+bytes are written (with TLS: once its records are made), the rest is written shielded from
+cancellation; only a peer that takes none of it for this long breaks the link."""
 
 
 def split_hostport(url: str, schemes: Sequence[str]) -> tuple[str, int, str]:
@@ -259,7 +266,8 @@ class TcpLink(Link):
                 self._mark_broken(f"send failed: {_reason(exc)}")
                 raise LinkBroken(self._broken or "") from None
 
-    async def _send_raw(self, segments: list[Buffer]) -> None:
+    async def _send_raw(self, segments: list[Buffer], *, begun: bool = False) -> None:
+        """Write ``segments`` whole; ``begun``: they continue a frame partly written."""
         views = [memoryview(s).cast("B") for s in segments]
         total = sum(v.nbytes for v in views)
         written = 0
@@ -268,7 +276,10 @@ class TcpLink(Link):
                 try:
                     n = self._sock.sendmsg(views[:_IOV_MAX])
                 except BlockingIOError:
-                    await self._wait(anyio.wait_writable)
+                    if written or begun:
+                        await self._wait_to_finish()
+                    else:
+                        await self._wait(anyio.wait_writable)
                     continue
                 written += n
                 while views and n >= views[0].nbytes:
@@ -285,19 +296,27 @@ class TcpLink(Link):
 
     async def _send_tls(self, segments: list[Buffer]) -> None:
         assert self._tls is not None
-        started = False
-        try:
-            for seg in segments:
-                if len(seg):
-                    await self._tls.send(seg)  # type: ignore[arg-type]
-                    started = True
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
-            self._mark_broken(f"send failed: {_reason(exc)}")
-            raise LinkBroken(self._broken or "") from None
-        except BaseException:
-            if started:
-                self._cut_short()
-            raise
+        # The TLS stream makes a segment's records before it waits to write them: from the
+        # first segment on, the frame is begun (see FINISH_WITHIN).
+        with anyio.move_on_after(FINISH_WITHIN, shield=True) as finishing:
+            try:
+                for seg in segments:
+                    if len(seg):
+                        await self._tls.send(seg)  # type: ignore[arg-type]
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
+                self._mark_broken(f"send failed: {_reason(exc)}")
+                raise LinkBroken(self._broken or "") from None
+        if finishing.cancelled_caught:
+            self._cut_short(f"a frame could not be finished within {FINISH_WITHIN:g} s")
+            raise LinkBroken(self._broken or "")
+
+    async def _wait_to_finish(self) -> None:
+        """Wait for room to go on with a frame begun, cancelled or not (see FINISH_WITHIN)."""
+        with anyio.move_on_after(FINISH_WITHIN, shield=True) as finishing:
+            await self._wait(anyio.wait_writable)
+        if finishing.cancelled_caught:
+            self._cut_short(f"a frame could not be finished within {FINISH_WITHIN:g} s")
+            raise LinkBroken(self._broken or "")
 
     async def _wait(self, waiter: Any) -> None:
         """Wait for the socket; closing it from another task ends the wait as a link error."""
@@ -309,11 +328,11 @@ class TcpLink(Link):
             self._mark_broken(self._broken or "socket closed while waiting")
             raise LinkBroken(self._broken or "") from None
 
-    def _cut_short(self) -> None:
+    def _cut_short(self, why: str = "a frame was cut short by cancellation") -> None:
         # End our direction with a FIN after the partial frame: the peer still reads every
         # complete frame before it, then sees the truncated one as LinkBroken. (A reset would
         # make its kernel drop frames it has not read yet.)
-        self._mark_broken("a frame was cut short by cancellation")
+        self._mark_broken(why)
         self._close_socket(reset=False)
 
     # ------------------------------------------------------------------ receiving
@@ -556,9 +575,9 @@ class TcpLink(Link):
         try:
             await self._send_raw(segments)
             wrote = True
-            await _splice.flush(pipe, self._sock, lambda: self._wait(anyio.wait_writable))
+            await _splice.flush(pipe, self._sock, self._wait_to_finish)
             if rest is not None:
-                await self._send_raw([rest])
+                await self._send_raw([rest], begun=True)
         except OSError as exc:
             self._mark_broken(f"send failed: {_reason(exc)}")
             raise LinkBroken(self._broken or "") from None
@@ -609,7 +628,7 @@ class TcpLink(Link):
         self._conn.receive_data(data)
 
     # ------------------------------------------------------------------ closing
-    def _close_socket(self, *, reset: bool) -> None:
+    def _close_socket(self, *, reset: bool, crash: bool = False) -> None:
         sock = self._sock
         if sock.fileno() < 0:
             return
@@ -624,7 +643,14 @@ class TcpLink(Link):
             with contextlib.suppress(OSError):
                 if reset:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR if reset else socket.SHUT_WR)
+                    if not crash:  # a crash leaves the reset alone to the descriptor's close
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+                sock.shutdown(socket.SHUT_WR)
+                # As below: bytes left unread (a TLS 1.3 session ticket nobody asked for)
+                # would turn the close into a reset, and the peer would see a broken link.
+                while sock.recv(65536, socket.MSG_DONTWAIT):
+                    pass
             return
         try:
             if reset:
@@ -645,13 +671,14 @@ class TcpLink(Link):
             await checkpoint()
             return
         self._closed = True
-        if self._tls is not None and self._broken is None:
+        # Shut the connection down (and drain it) before the TLS stream closes the descriptor.
+        self._close_socket(reset=self._broken is not None)
+        if self._tls is not None:
             with (
                 anyio.move_on_after(1, shield=True),
                 contextlib.suppress(OSError, ssl.SSLError, anyio.BrokenResourceError),
             ):
                 await self._tls.aclose()
-        self._close_socket(reset=self._broken is not None)
         if self._stream is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await self._stream.aclose()
@@ -660,7 +687,16 @@ class TcpLink(Link):
     def abort(self) -> None:
         """Reset the connection as a crash would: the peer sees ``LinkBroken``."""
         self._mark_broken("link aborted")
-        self._close_socket(reset=True)
+        self._close_socket(reset=True, crash=True)
+        if self._stream is not None:
+            # The TLS stream's transport owns the descriptor, and abort() cannot await its
+            # aclose(): close it the way that aclose() does, now (asyncio, then trio).
+            transport = getattr(self._stream, "_transport", None)
+            trio_socket = getattr(self._stream, "_trio_socket", None)
+            if transport is not None:
+                transport.abort()
+            elif trio_socket is not None:
+                trio_socket.close()
 
     def extra(self) -> dict[str, Any]:
         cert = None
