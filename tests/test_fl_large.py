@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flare_async.fl import ParamsType, WeightedSum, fedavg, simulate
-from flare_async.fl._server import SPILL_AT
+from flare_async.fl._results import SPILL_AT
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from flare_async import _logging
 from flare_async._spec import load_object
 from flare_async.cell import Cell, HandlerTable, PeerVerifier, system_handlers
 from flare_async.errors import ConfigError, IdentityError
-from flare_async.fl import RelayAggregator
+from flare_async.fl import EdgeClient, RelayAggregator
 from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._privacy import load_policy
 from flare_async.fl._site import SiteJobs
@@ -172,6 +172,32 @@ def cell_from_kit(
             identity_of=identity_of,
             on_refused=on_refused,
         ),
+    )
+
+
+def edge_client_from_kit(kit: Kit, server: str = "server", **options: Any) -> EdgeClient:
+    """An intermittent edge client as a kit describes it: it visits its kit's parent URL
+    (``wss://`` through a proxy) with the kit's certificate, signs every message and every
+    result, and takes only tasks signed by the server (the project CA).
+
+    ``options`` go to :class:`~flare_async.fl.EdgeClient` (config, codec, timeouts...).
+
+    Raises:
+        IdentityError: the kit is not a client's, or names no parent.
+    """
+    if kit.role is not Role.CLIENT or kit.parent is None:
+        raise IdentityError(f"{kit.name!r} is not a client kit with a parent to visit")
+    verifier = SignatureVerifier.from_kit(kit)
+    return EdgeClient(
+        kit.name,
+        kit.parent,
+        server,
+        drivers=kit_drivers(kit),
+        verify_peer=kit_verifier(kit),
+        signing=MessageSigning(Signer(kit), verifier),
+        signer=Signer(kit),
+        task_verifier=verifier,
+        **options,
     )
 
 

@@ -3,6 +3,7 @@ round API, workflows, the client runtime behind the Client API, and the simulato
 
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._client import ClientRuntime
+from flare_async.fl._edge import EdgeClient, EdgeStats
 from flare_async.fl._fedbuff import FedBuffStats, fedbuff, staleness_weight
 from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
@@ -14,6 +15,8 @@ from flare_async.fl._workflows import fedavg
 
 __all__ = [
     "ClientRuntime",
+    "EdgeClient",
+    "EdgeStats",
     "FLModel",
     "FLServer",
     "FedBuffStats",

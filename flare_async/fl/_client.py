@@ -292,10 +292,11 @@ class ClientRuntime:
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
-    async def _send(self, model: FLModel, task: str, dst: str) -> None:
+    async def _send(self, model: FLModel, task: str, dst: str) -> Payload:
         codec = self._result_codec(task)  # before _outgoing forgets the task's session
         model = await self._outgoing(model, task)
-        await self._stream_result(model_parts(model, self.cell.codecs, codec), task, dst, codec)
+        parts = model_parts(model, self.cell.codecs, codec)
+        return await self._stream_result(parts, task, dst, codec)
 
     async def _outgoing(self, model: FLModel, task: str) -> FLModel:
         """The result as it leaves: the site's filters, then masked in a secure round."""
@@ -321,7 +322,7 @@ class ClientRuntime:
             self.on_privacy({k: v for k, v in out.metrics.items() if k.startswith("dp_")})
         return out
 
-    async def _stream_result(self, parts: list[Any], task: str, dst: str, codec: str) -> None:
+    async def _stream_result(self, parts: list[Any], task: str, dst: str, codec: str) -> Payload:
         """Stream a result's bytes to ``dst``; with a signer, signed end to end (the digest of
         the bytes, the task and both ends), so no relay can change or replay it unseen; with
         ``encrypt_to``, sealed for the server's key first."""
@@ -329,7 +330,7 @@ class ClientRuntime:
         if self.encrypt_to is not None:
             parts = await anyio.to_thread.run_sync(encrypt_for, self.encrypt_to, parts)
             headers["enc"] = E2E
-        await stream_signed(
+        answer = await stream_signed(
             self.cell,
             self.signer,
             dst,
@@ -341,6 +342,7 @@ class ClientRuntime:
             headers=headers,
         )
         self.sent += 1
+        return answer
 
     async def report_failure(self, reason: str) -> None:
         """Tell the server the task in hand will not be answered (the script failed), so the

@@ -100,6 +100,112 @@ def _params_of(result: Any) -> tuple[dict[str, np.ndarray], float, ParamsType]:
     return total.mean(), float(total.weight), total.params_type or ParamsType.FULL
 
 
+class _Run:
+    """One FedBuff run's state: the model, its recent versions, the buffer."""
+
+    def __init__(
+        self,
+        server: FLServer,
+        initial: Mapping[str, Any],
+        *,
+        buffer: int,
+        max_staleness: int,
+        staleness_exponent: float,
+        server_lr: float,
+        deadline: float,
+        evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]] | None,
+        on_update: Callable[[FedBuffStats], None] | None,
+        concurrency: int,
+    ) -> None:
+        self.server = server
+        self.buffer = buffer
+        self.max_staleness = max_staleness
+        self.exponent = staleness_exponent
+        self.server_lr = server_lr
+        self.deadline = deadline
+        self.evaluate = evaluate
+        self.on_update = on_update
+        self.model = {k: np.array(v, dtype=np.float32) for k, v in initial.items()}
+        self.snapshots: dict[int, dict[str, np.ndarray]] = {0: self.model}
+        self.stats = FedBuffStats()
+        self.acc = {k: np.zeros_like(v) for k, v in self.model.items()}
+        self.acc_weight = 0.0
+        self.acc_count = 0
+        self.send, self.receive = anyio.create_memory_object_stream[tuple[str, int, Any]](
+            concurrency
+        )
+
+    async def train(
+        self,
+        site: str,
+        version: int,
+        on_delivered: Callable[[str, Mapping[str, Any]], None] | None = None,
+        scope: anyio.CancelScope | None = None,
+    ) -> None:
+        """One task for ``site`` on ``version``; its outcome goes to :attr:`receive`. If
+        ``scope`` is cancelled while the task waits, it is withdrawn (no outcome)."""
+        task = FLModel(params=self.snapshots[version], current_round=version)
+        self.stats.tasks[site] = self.stats.tasks.get(site, 0) + 1
+        result: Any = None
+        with scope or anyio.CancelScope():
+            try:
+                result = await self.server.run_round(
+                    task, [site], min_responses=1, deadline=self.deadline, on_delivered=on_delivered
+                )
+            except RoundFailed as exc:
+                result = exc
+        if result is not None:
+            await self.send.send((site, version, result))
+
+    def take(self, site: str, version: int, result: Any) -> bool | None:
+        """Fold one outcome in: ``None`` if it failed (no result, or one weighing nothing),
+        False if it was too stale to count, True if it was folded."""
+        stats = self.stats
+        if isinstance(result, RoundFailed) or not result.responded or not result.sum.weight:
+            stats.failed[site] = stats.failed.get(site, 0) + 1
+            return None
+        tau = stats.version - version
+        if tau > self.max_staleness:
+            stats.stale += 1
+            return False
+        params, weight, kind = _params_of(result)
+        base = self.snapshots[version]
+        scale = weight * staleness_weight(tau, self.exponent)
+        for name, value in params.items():
+            delta = value if kind is ParamsType.DIFF else value - base[name]
+            self.acc[name] += (scale * delta).astype(np.float32)
+        self.acc_weight += weight
+        self.acc_count += 1
+        stats.updates[site] = stats.updates.get(site, 0) + 1
+        stats.staleness.append(tau)
+        if self.acc_count >= self.buffer:
+            self._publish()
+        return True
+
+    def _publish(self) -> None:
+        step = self.server_lr / self.acc_weight
+        self.model = {k: (v + step * self.acc[k]).astype(np.float32) for k, v in self.model.items()}
+        self.acc = {k: np.zeros_like(v) for k, v in self.model.items()}
+        self.acc_weight, self.acc_count = 0.0, 0
+        stats = self.stats
+        stats.version += 1
+        self.snapshots[stats.version] = self.model
+        for old in [v for v in self.snapshots if v < stats.version - self.max_staleness]:
+            del self.snapshots[old]  # no update that old is accepted any more
+        if self.evaluate is not None:
+            stats.metrics[stats.version] = dict(self.evaluate(stats.version, self.model))
+        if self.on_update is not None:
+            self.on_update(stats)
+
+    def result(self, passes: int) -> FLModel:
+        return FLModel(
+            params=self.model,
+            current_round=self.stats.version,
+            meta={"fedbuff": self.stats, "passes": passes},
+            metrics=self.stats.metrics.get(self.stats.version, {}),
+        )
+
+
 async def fedbuff(
     server: FLServer,
     initial: Mapping[str, Any],
@@ -117,6 +223,7 @@ async def fedbuff(
     on_update: Callable[[FedBuffStats], None] | None = None,
     seed: int | None = None,
     clock: Callable[[], float] | None = None,
+    pull: bool = False,
 ) -> FLModel:
     """Run FedBuff until ``updates`` model versions are published (see the module text).
 
@@ -126,12 +233,15 @@ async def fedbuff(
         max_staleness: updates from more versions back than this are dropped.
         staleness_exponent: ``a`` in ``s(tau) = (1 + tau) ** -a`` (0: no discount).
         server_lr: the server's step on the buffered mean update.
-        deadline: seconds a client has for one task.
-        retry_after: seconds a client whose task failed rests before it is sampled again.
+        deadline: seconds a client has for one task (pulled: from the pull to the push).
+        retry_after: seconds a client whose task failed rests before it is sampled again;
+            pulled: what a client is told to wait when every slot is taken.
         give_up_after: seconds without a usable update before the run fails with
             ``RoundFailed`` (default: ten times ``deadline``).
         evaluate: ``(version, params) -> metrics`` on each new version (server-side data).
         on_update: called with the statistics after each new version.
+        pull: the clients come for their tasks (``fl/pull``: edge clients online now and
+            then, see :class:`~flare_async.fl.EdgeClient`) instead of being sent them.
 
     Returns:
         the last version, with ``meta["fedbuff"]``: the statistics.
@@ -140,94 +250,153 @@ async def fedbuff(
         raise ValueError("updates, buffer and concurrency must be at least 1")
     if not server.clients:
         raise RoundFailed("FedBuff needs clients; the server has none")
+    if pull and server.hierarchical:
+        raise ValueError("pulled tasks are answered to the server: no relay folds them")
+    run = _Run(
+        server,
+        initial,
+        buffer=buffer,
+        max_staleness=max_staleness,
+        staleness_exponent=staleness_exponent,
+        server_lr=server_lr,
+        deadline=deadline,
+        evaluate=evaluate,
+        on_update=on_update,
+        concurrency=concurrency,
+    )
     now = clock or anyio.current_time
     patience = 10 * deadline if give_up_after is None else give_up_after
-    rng = random.Random(seed)
-    sampler = Sampler(server.clients, rng)
-    model = {k: np.array(v, dtype=np.float32) for k, v in initial.items()}
-    snapshots: dict[int, dict[str, np.ndarray]] = {0: model}
-    stats = FedBuffStats()
-    acc: dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in model.items()}
-    acc_weight = 0.0
-    acc_count = 0
+    if pull:
+        return await _pulled(run, updates, concurrency, retry_after, patience, now)
+    sampler = Sampler(server.clients, random.Random(seed))
     gave_up: RoundFailed | None = None
-    send, receive = anyio.create_memory_object_stream[tuple[str, int, Any]](concurrency)
-
-    async def train(site: str, version: int) -> None:
-        task = FLModel(params=snapshots[version], current_round=version)
-        try:
-            result: Any = await server.run_round(task, [site], min_responses=1, deadline=deadline)
-        except RoundFailed as exc:
-            result = exc
-        await send.send((site, version, result))
-
-    async with send, receive, anyio.create_task_group() as tg:
+    stats = run.stats
+    async with run.send, run.receive, anyio.create_task_group() as tg:
         in_flight = 0
         last_good = now()
         while stats.version < updates:
             if now() - last_good > patience:  # raised below, outside the task group
-                gave_up = RoundFailed(
-                    f"FedBuff: no usable update for {patience:g} s (version {stats.version}, "
-                    f"failures {stats.failed})"
-                )
+                gave_up = _give_up(patience, stats)
                 break
             while in_flight < concurrency:
                 site = sampler.next(now())
                 if site is None:
                     break
-                tg.start_soon(train, site, stats.version)
-                stats.tasks[site] = stats.tasks.get(site, 0) + 1
+                tg.start_soon(run.train, site, stats.version)
                 in_flight += 1
             if in_flight == 0:  # everyone is resting: wait for the first to be back
                 wake = min(sampler.resting.values(), default=now() + retry_after)
                 await anyio.sleep(min(max(0.0, wake - now()), patience))
                 continue
-            site, version, result = await receive.receive()
+            site, version, result = await run.receive.receive()
             in_flight -= 1
-            if isinstance(result, RoundFailed) or not result.responded or not result.sum.weight:
-                # no result, or one that weighs nothing (num_samples 0): nothing to fold
-                stats.failed[site] = stats.failed.get(site, 0) + 1
-                sampler.done(site, rest=retry_after, now=now())
-                continue
-            sampler.done(site)
-            tau = stats.version - version
-            if tau > max_staleness:
-                stats.stale += 1
-                continue
-            params, weight, kind = _params_of(result)
-            base = snapshots[version]
-            scale = weight * staleness_weight(tau, staleness_exponent)
-            for name, value in params.items():
-                delta = value if kind is ParamsType.DIFF else value - base[name]
-                acc[name] += (scale * delta).astype(np.float32)
-            acc_weight += weight
-            acc_count += 1
-            stats.updates[site] = stats.updates.get(site, 0) + 1
-            stats.staleness.append(tau)
-            last_good = now()
-            if acc_count < buffer:
-                continue
-            step = server_lr / acc_weight
-            model = {k: (v + step * acc[k]).astype(np.float32) for k, v in model.items()}
-            acc = {k: np.zeros_like(v) for k, v in model.items()}
-            acc_weight, acc_count = 0.0, 0
-            stats.version += 1
-            snapshots[stats.version] = model
-            for old in [v for v in snapshots if v < stats.version - max_staleness]:
-                del snapshots[old]  # no update that old is accepted any more
-            if evaluate is not None:
-                stats.metrics[stats.version] = dict(evaluate(stats.version, model))
-            if on_update is not None:
-                on_update(stats)
+            taken = run.take(site, version, result)
+            sampler.done(site, rest=retry_after if taken is None else None, now=now())
+            if taken:
+                last_good = now()
         tg.cancel_scope.cancel()  # the clients still training: their answers are not needed
     if gave_up is not None:
         raise gave_up
-    return FLModel(
-        params=model,
-        current_round=stats.version,
-        meta={"fedbuff": stats, "passes": sampler.passes},
-        metrics=stats.metrics.get(stats.version, {}),
+    return run.result(sampler.passes)
+
+
+def _give_up(patience: float, stats: FedBuffStats) -> RoundFailed:
+    return RoundFailed(
+        f"FedBuff: no usable update for {patience:g} s (version {stats.version}, "
+        f"failures {stats.failed})"
     )
+
+
+async def _pulled(
+    run: _Run,
+    updates: int,
+    concurrency: int,
+    retry_after: float,
+    patience: float,
+    now: Callable[[], float],
+) -> FLModel:
+    """FedBuff with tasks pulled by the clients: at most ``concurrency`` out at once, one per
+    client. A client that pulls while holding a task lost it (its link dropped mid-download,
+    it restarted): the old task is dropped and a new one granted.
+
+    Pulls are sampled without replacement too: a pass serves each client once; a client
+    already served in this pass is told to wait while a client not yet served is checking in
+    (was told to wait within the last ``3 * retry_after``); once none is, a new pass begins
+    (those not seen are offline, and not waited for). A client that pulls again while its
+    result is already in is not treated as having lost its task."""
+    stats = run.stats
+    holding: dict[str, tuple[anyio.CancelScope, list[str]]] = {}  # site -> (scope, [task id])
+    served: set[str] = set()
+    asked: dict[str, float] = {}  # sites told to wait, by when they asked, oldest first
+    passes = 0
+    gave_up: RoundFailed | None = None
+
+    def fair(site: str) -> bool:
+        nonlocal passes
+        recent = now() - 3 * retry_after
+        while asked and next(iter(asked.values())) < recent:
+            del asked[next(iter(asked))]
+        if site not in served:
+            return True
+        if any(s not in served for s in asked):
+            return False
+        served.clear()
+        passes += 1
+        return True
+
+    async def grant(site: str) -> dict[str, Any]:
+        old = holding.pop(site, None)
+        if old is not None and old[1] and run.server.awaiting(old[1][0], site):
+            old[0].cancel()  # it lost its task: a new one replaces it
+        if len(holding) >= concurrency or not fair(site):
+            asked.pop(site, None)
+            asked[site] = now()
+            return {"wait": retry_after}
+        served.add(site)
+        asked.pop(site, None)
+        version = stats.version
+        scope = anyio.CancelScope()
+        task_id: list[str] = []  # filled in once the task is out
+        holding[site] = (scope, task_id)
+        delivered = anyio.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_delivered(task: str, outcomes: Mapping[str, Any]) -> None:
+            task_id.append(task)
+            outcome["task"], outcome["outcome"] = task, outcomes.get(site)
+            delivered.set()
+
+        async def train() -> None:
+            try:
+                await run.train(site, version, on_delivered, scope)
+            finally:
+                delivered.set()
+                if holding.get(site, (None,))[0] is scope:
+                    del holding[site]
+
+        tg.start_soon(train)
+        await delivered.wait()
+        sent = outcome.get("outcome")
+        if "task" not in outcome or isinstance(sent, BaseException):
+            return {"wait": retry_after, "error": str(sent or "the task was withdrawn")}
+        return {"task": outcome["task"], "version": version}
+
+    async with run.send, run.receive, anyio.create_task_group() as tg:
+        with run.server.serving_pulls(grant):
+            last_good = now()
+            while stats.version < updates:
+                left = patience - (now() - last_good)
+                if left <= 0:
+                    gave_up = _give_up(patience, stats)
+                    break
+                with anyio.move_on_after(left):
+                    site, version, result = await run.receive.receive()
+                    if run.take(site, version, result):
+                        last_good = now()
+        tg.cancel_scope.cancel()
+    if gave_up is not None:
+        raise gave_up
+    return run.result(passes + 1)
 
 
 __all__ = ["FedBuffStats", "Sampler", "fedbuff", "staleness_weight"]

@@ -21,288 +21,46 @@ late and ignored; if fewer than ``min_responses`` answered by the deadline, the 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
-import mmap
 import os
 import random
 import secrets
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import numpy as np
 
 from flare_async import _logging
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityError, StreamError
-from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
-from flare_async.fl._model import FLModel, model_from_parts, model_parts
-from flare_async.fl._signed import CHANNEL, E2E, check_signed
+from flare_async.errors import BadRequest, FlareError, IntegrityError, StreamError, Unauthorized
+from flare_async.fl._model import FLModel, model_parts
+from flare_async.fl._results import Collector, RoundResult, receive_result, sha256_of
+from flare_async.fl._signed import CHANNEL
 from flare_async.security import Decryptor, SignatureVerifier, Signer
+
+PULL_WAIT = 5.0
+"""Seconds an edge client is told to stay away when no workflow hands out tasks to pull."""
+
+Grant = Callable[[str], Awaitable[dict[str, Any]]]
+"""What answers a pull (``fl/pull``): the site's name in, the reply out (see ``fedbuff``)."""
+
+
+def child_on_path(cell: str, site: str) -> str | None:
+    """The relay directly below ``cell`` on the way to ``site``; None if ``site`` is ``cell``'s
+    own child (or not below it)."""
+    rest = site.removeprefix(cell + ".")
+    if rest == site or "." not in rest:
+        return None
+    return f"{cell}.{rest.split('.', 1)[0]}"
 
 
 class RoundFailed(FlareError):
     """Fewer clients than the minimum answered a round before its deadline."""
-
-
-@dataclass
-class RoundResult:
-    """What a round gathered.
-
-    Attributes:
-        sum: the weighted sum of the results (see ``fedavg_step``).
-        responded: clients whose result was folded in, in arrival order.
-        failed: clients that could not take the task or sent no usable result, with why.
-        metrics: each responding client's metrics.
-        late: results that arrived after the round closed (so far).
-        partials: partial sums merged (from relays aggregating their sites).
-    """
-
-    round: int
-    sum: WeightedSum = field(default_factory=WeightedSum)
-    responded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    late: int = 0
-    partials: int = 0
-
-    def mean_metrics(self) -> dict[str, float]:
-        """Each metric averaged over the clients that reported it."""
-        keys = {k for m in self.metrics.values() for k in m}
-        return {
-            k: sum(m[k] for m in self.metrics.values() if k in m)
-            / sum(1 for m in self.metrics.values() if k in m)
-            for k in sorted(keys)
-        }
-
-
-class _Collector:
-    def __init__(
-        self,
-        task: str,
-        rnd: int,
-        targets: Sequence[str],
-        fold_with: Callable[[str, FLModel], None] | None = None,
-    ) -> None:
-        self.fold_with = fold_with
-        """Folds each site's result instead of the weighted sum (secure aggregation)."""
-        self.task = task
-        self.result = RoundResult(rnd)
-        self.pending = set(targets)
-        self.relays: dict[str, set[str]] = {}
-        """Relays armed for this task, and the sites each aggregates: only they may send
-        partial sums, and only for those sites."""
-        self.closed = False
-        self.changed = anyio.Event()
-        self.folding = anyio.Lock()
-        """Held while an update is folded (in a worker thread): one fold at a time, and the
-        round reads its sum only once the fold in progress is done."""
-
-    def reject(self, site: str, reason: str) -> None:
-        """A result that will not count (the site, if still awaited, failed)."""
-        if site in self.pending and not self.closed:
-            self.result.failed[site] = reason
-            self.settle(site)
-
-    def settle(self, site: str) -> None:
-        self.pending.discard(site)
-        self.changed.set()
-
-    async def close(self) -> None:
-        """No more results; wait for a fold in progress to finish (it counts)."""
-        self.closed = True
-        async with self.folding:
-            pass
-
-    async def offer(
-        self, site: str, parts: Any, *, in_thread: bool = False, on_folded: Folded | None = None
-    ) -> bytes:
-        """Fold one site's result in (a site's own, or a relay's partial sum for its sites).
-
-        Args:
-            parts: the result's bytes (buffers, or one buffer such as a mapped file).
-            in_thread: fold in a worker thread (a large result: the event loop stays free).
-
-        Raises:
-            BadRequest: a result that cannot be folded (the site counts as failed).
-        """
-        async with self.folding:
-            if self.closed:
-                return b"late"
-            result = self.result
-            try:
-                update = model_from_parts(parts)
-                if WEIGHT_KEY in update.meta:
-                    covered = self._check_partial(site, update)
-                    fold = (
-                        partial(self.fold_with, site, update)
-                        if self.fold_with is not None
-                        else partial(result.sum.merge, update, on_folded)
-                    )
-                else:
-                    if site not in self.pending:
-                        return b"duplicate"
-                    weight = float(update.meta.get("num_samples", 1.0))
-                    fold = (
-                        partial(self.fold_with, site, update)
-                        if self.fold_with is not None
-                        else partial(
-                            result.sum.add, update.params, weight, update.params_type, on_folded
-                        )
-                    )
-                if in_thread:
-                    await anyio.to_thread.run_sync(fold)
-                else:
-                    fold()
-            except (DecodeError, RoundMismatch, ValueError, KeyError, TypeError) as exc:
-                if site in self.pending:
-                    result.failed[site] = f"unusable result: {exc}"
-                    self.settle(site)
-                raise BadRequest(f"unusable result: {exc}") from None
-            if WEIGHT_KEY in update.meta:
-                self._commit_partial(site, update, covered)
-                return b"taken"
-            result.responded.append(site)
-            result.metrics[site] = update.metrics
-            self.settle(site)
-            return b"taken"
-
-    def _check_partial(self, relay: str, partial: FLModel) -> list[str]:
-        group = self.relays.get(relay)
-        if group is None:
-            raise ValueError(f"{relay} sent a partial sum but aggregates nothing for this task")
-        covered = [str(s) for s in partial.meta.get("responded", [])]
-        if not covered or len(set(covered)) != len(covered):
-            raise ValueError(f"a partial sum from {relay} names its sites badly: {covered}")
-        if not set(covered) <= group & self.pending:
-            raise ValueError(f"a partial sum from {relay} for sites not awaited from it: {covered}")
-        weight = float(partial.meta.get(WEIGHT_KEY, float("nan")))
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"a partial sum from {relay} with weight {weight!r}")
-        return covered
-
-    def _commit_partial(self, relay: str, partial: FLModel, covered: list[str]) -> None:
-        result = self.result
-        group = self.relays[relay]
-        result.partials += 1
-        for site in covered:
-            result.responded.append(site)
-            self.settle(site)
-        for site, metrics in dict(partial.meta.get("metrics", {})).items():
-            if site in covered:
-                result.metrics[str(site)] = {str(k): float(v) for k, v in dict(metrics).items()}
-        for site, why in dict(partial.meta.get("failed", {})).items():
-            if site in self.pending and site in group:
-                result.failed[str(site)] = f"{why} (reported by {relay})"
-                self.settle(str(site))
-
-
-SPILL_AT = 8 << 20
-"""Results at least this large (or of unknown size) go to a file first and are folded from it
-(mapped, a tensor at a time) once complete and verified: the receiver's memory stays one
-tensor's, whatever the number of clients sending at once."""
-
-
-async def receive_result(
-    collector: _Collector,
-    site: str,
-    stream: IncomingStream,
-    spill: Path | None,
-    verifier: SignatureVerifier | None = None,
-    receiver: str = "",
-    decryptor: Decryptor | None = None,
-) -> bytes:
-    """Take one result stream into ``collector``: small ones in memory, large ones through a
-    spill file in ``spill`` (default: the system's temporary folder). With ``verifier``, the
-    result counts only if its end-to-end signature holds (checked once all bytes arrived).
-
-    A result sealed for this cell's key (``enc`` header) is opened with ``decryptor`` once it
-    arrived whole and its signature held.
-
-    Raises:
-        IntegrityError: a signature that does not hold, or a sealed result that does not open
-            (or no key to open it); the site counts as failed.
-    """
-    sealed = stream.headers.get("enc", "")
-    if sealed and (sealed != E2E or decryptor is None):
-        collector.reject(site, f"IntegrityError: a sealed result ({sealed}) this cell cannot open")
-        raise IntegrityError(f"{receiver} cannot open a result sealed as {sealed!r}")
-
-    def check() -> None:
-        if verifier is None:
-            return
-        try:
-            check_signed(verifier, stream, receiver)
-        except IntegrityError as exc:
-            collector.reject(site, f"IntegrityError: {exc}")
-            raise
-
-    if stream.size is not None and stream.size < SPILL_AT:
-        payload = await stream.read_all()
-        check()
-        parts = payload.parts
-        if sealed and decryptor is not None:
-            parts = (b"".join(await anyio.to_thread.run_sync(_opened, decryptor, parts)),)
-        return await collector.offer(site, parts)
-    folder = spill if spill is not None else Path(tempfile.gettempdir())
-    path = folder / f"flare-result-{secrets.token_hex(8)}"
-    await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
-    try:
-        await stream.save(path)
-        check()
-        if sealed and decryptor is not None:
-            opened = path.with_name(path.name + ".open")
-            try:
-                await anyio.to_thread.run_sync(decryptor.decrypt_file, path, opened)
-            except IntegrityError as exc:
-                collector.reject(site, f"IntegrityError: {exc}")
-                raise
-            finally:
-                await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
-            opened.rename(path)
-        with path.open("rb") as f:  # opening a local file is quick
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        # The arrays are views of the mapping; it unmaps when the last of them is gone.
-        return await collector.offer(
-            site, memoryview(mapped), in_thread=True, on_folded=_dropper(mapped)
-        )
-    finally:
-        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
-
-
-def _sha256(parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
-
-
-def _opened(decryptor: Decryptor, parts: Any) -> list[bytes]:
-    return list(decryptor.decrypt(parts))
-
-
-def _dropper(mapped: mmap.mmap) -> Folded:
-    """After a tensor is folded, drop its pages from this process (they stay in the page
-    cache until the file is removed)."""
-    base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data if len(mapped) else 0
-    page = mmap.PAGESIZE
-
-    def drop(name: str, array: np.ndarray) -> None:
-        start = array.ctypes.data - base
-        if array.nbytes == 0 or not 0 <= start <= len(mapped) - array.nbytes:
-            return  # not a view of the file (a dequantized copy)
-        aligned = start - start % page
-        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + array.nbytes - aligned)
-
-    return drop
 
 
 class FLServer:
@@ -361,7 +119,11 @@ class FLServer:
         self.codec = codec
         self.rng = random.Random(seed)
         self.on_round = on_round
-        self._open: dict[str, _Collector] = {}
+        self._open: dict[str, Collector] = {}
+        self._members = frozenset(self.clients)
+        self._grant: Grant | None = None
+        self.stopped = False
+        """Set by :meth:`stop_clients`: pulls are answered "done" from then on."""
         self._tasks = 0
         self.late_total = 0
         self._log = _logging.get_logger(cell=cell.name, job=job)
@@ -377,7 +139,43 @@ class FLServer:
         async def failed(ctx: Context, msg: Payload) -> bytes:
             return self.take_failure(ctx.src, ctx.headers.get("task", ""), msg)
 
+        @table.request(CHANNEL, "pull")
+        async def pull(ctx: Context, msg: Payload) -> bytes:
+            return json.dumps(await self.take_pull(ctx.src)).encode()
+
         return table
+
+    async def take_pull(self, site: str) -> dict[str, Any]:
+        """An edge client asks for work (``fl/pull``). The answer is ``{"task": ID, "version":
+        V}`` once the task's model reached the client, ``{"wait": SECONDS}`` when there is no
+        work for it now, or ``{"done": true}`` once the job is over.
+
+        Raises:
+            Unauthorized: ``site`` is not one of the job's clients.
+        """
+        if site not in self._members:
+            raise Unauthorized(f"{site} is not a client of job {self.job}")
+        if self.stopped:
+            return {"done": True}
+        if self._grant is None:
+            return {"wait": PULL_WAIT}
+        return await self._grant(site)
+
+    def awaiting(self, task: str, site: str) -> bool:
+        """Whether ``task`` is open and still waits for ``site``'s result."""
+        collector = self._open.get(task)
+        return collector is not None and not collector.closed and site in collector.pending
+
+    @contextlib.contextmanager
+    def serving_pulls(self, grant: Grant) -> Iterator[None]:
+        """Answer pulls with ``grant`` for the duration (one workflow at a time)."""
+        if self._grant is not None:
+            raise RuntimeError("another workflow already hands out tasks to pull")
+        self._grant = grant
+        try:
+            yield
+        finally:
+            self._grant = None
 
     async def take_result(self, site: str, stream: IncomingStream) -> bytes:
         """A client's (or a relay's) result stream for one of this server's tasks."""
@@ -422,12 +220,15 @@ class FLServer:
         task: str = "train",
         fold_with: Callable[[str, FLModel], None] | None = None,
         headers: Mapping[str, str] | None = None,
+        on_delivered: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> RoundResult:
         """Send ``model`` to ``targets`` and fold their results in as they arrive, until all
         answered or ``deadline`` seconds passed.
 
         ``fold_with`` replaces the weighted sum for this round (each result goes to it; see
-        ``secure_round``), ``headers`` go with every task.
+        ``secure_round``), ``headers`` go with every task. ``on_delivered`` is called with the
+        task's id and each target's delivery outcome (its reply, or the ``FlareError``) once
+        the task reached them all (a pulled task: the pull is answered then).
 
         Raises:
             RoundFailed: fewer than ``min_responses`` (default: all targets) results.
@@ -437,14 +238,14 @@ class FLServer:
         # A fresh random part: after a restart the same round must not reuse a task id (a
         # result signed for the old one could be replayed into the new one).
         task_id = f"{self.job}:{model.current_round}:{self._tasks}:{secrets.token_hex(4)}"
-        collector = _Collector(task_id, model.current_round or 0, targets, fold_with)
+        collector = Collector(task_id, model.current_round or 0, targets, fold_with)
         self._open[task_id] = collector
         task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
             parts = model_parts(model, self.cell.codecs, self.codec)
             sha = ""
             if self.signer is not None:  # one digest, one signature, for every destination
-                sha = await anyio.to_thread.run_sync(_sha256, parts)
+                sha = await anyio.to_thread.run_sync(sha256_of, parts)
                 fields = {"src": self.cell.name, "task": task_id, "sha256": sha, "topic": "task"}
                 task_headers.update(self.signer.sign(fields))
             if self.hierarchical:
@@ -453,7 +254,15 @@ class FLServer:
                 await self._arm_relays(collector, list(targets), task_id, deadline, secure)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._deliver, collector, list(targets), parts, task_headers, sha)
+                    tg.start_soon(
+                        self._deliver,
+                        collector,
+                        list(targets),
+                        parts,
+                        task_headers,
+                        sha,
+                        on_delivered,
+                    )
                     while collector.pending:
                         collector.changed = anyio.Event()
                         await collector.changed.wait()
@@ -482,20 +291,22 @@ class FLServer:
 
     async def _arm_relays(
         self,
-        collector: _Collector,
+        collector: Collector,
         targets: list[str],
         task_id: str,
         deadline: float,
         secure: str = "",
     ) -> None:
-        """Tell each relay which of its children answer this task, and by when (a little
-        before the round's deadline, so its partial sum arrives in time); in a secure round
-        (``secure``: the session), it adds up masked vectors instead."""
+        """Tell each relay below this cell which of the sites under it answer this task, and
+        by when (a little before the round's deadline, so its partial sum arrives in time); it
+        arms the relays below it the same way, so every tier folds, and this cell gets one
+        partial sum per relay directly below it. In a secure round (``secure``: the session),
+        relays add up masked vectors instead."""
         groups: dict[str, list[str]] = {}
         for site in targets:
-            parent = site.rsplit(".", 1)[0]
-            if parent != self.cell.name:
-                groups.setdefault(parent, []).append(site)
+            relay = child_on_path(self.cell.name, site)
+            if relay is not None:
+                groups.setdefault(relay, []).append(site)
         for relay, sites in groups.items():
             collector.relays[relay] = set(sites)
             plan = {"task": task_id, "sites": sites, "deadline": 0.9 * deadline, "secure": secure}
@@ -509,11 +320,12 @@ class FLServer:
 
     async def _deliver(
         self,
-        collector: _Collector,
+        collector: Collector,
         targets: list[str],
         parts: list[Any],
         headers: dict[str, str],
         sha: str = "",
+        on_delivered: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> None:
         outcomes = await self.cell.stream_many(
             targets,
@@ -529,9 +341,16 @@ class FLServer:
             if isinstance(outcome, FlareError) and site in collector.pending:
                 collector.result.failed[site] = f"{type(outcome).__name__}: {outcome}"
                 collector.settle(site)
+        if on_delivered is not None:
+            on_delivered(collector.task, outcomes)
 
     async def stop_clients(self) -> None:
-        """Tell every client the job is over (their ``is_running()`` turns False)."""
+        """Tell every client the job is over (their ``is_running()`` turns False); edge
+        clients, offline now, learn it at their next pull."""
+        self.stopped = True
         await self.cell.broadcast(
             self.clients, CHANNEL, "stop", b"", timeout=10, headers={"job": self.job}
         )
+
+
+__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult", "child_on_path"]

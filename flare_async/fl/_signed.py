@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from flare_async.cell import Cell, IncomingStream
+from flare_async.cell import Cell, IncomingStream, Payload
 from flare_async.errors import IntegrityError
 from flare_async.security import SignatureVerifier, Signer
 
@@ -29,8 +29,9 @@ async def stream_signed(
     codec: str,
     digest: bool,
     headers: dict[str, str] | None = None,
-) -> None:
-    """Stream a result (or a relay's partial sum) for ``task`` to ``dst`` on the FL channel.
+) -> Payload:
+    """Stream a result (or a relay's partial sum) for ``task`` to ``dst`` on the FL channel;
+    return the receiver's answer (``taken``, ``late``...).
 
     With ``signer``, the stream's end message carries a signature over the SHA-256 of the
     bytes (computed while they stream: no second pass), the task and both ends; the receiver
@@ -41,7 +42,7 @@ async def stream_signed(
         fields = {"src": cell.name, "dst": to, "task": task, "sha256": sha, "topic": topic}
         return signer.sign(fields)
 
-    await cell.stream(
+    return await cell.stream(
         dst,
         CHANNEL,
         topic,
