@@ -7,7 +7,8 @@ any simulation is. Every site runs an async training script on the simulation's 
 (``simulate(in_loop=True)``: no thread per site): it adds a site-dependent constant to the
 model and reports it with ``num_samples``. The server samples every site each round and sends
 the model by fan-out (one stream per relay, tier by tier); each leaf relay folds its sites'
-results and sends one partial sum to the server (``FLServer(hierarchical=True)``). The model
+results and sends one partial sum to the relay above it, which folds those and sends one to
+the server (``FLServer(hierarchical=True)``: every tier folds). The model
 is small (``--params`` float32 values, 1,000 by default): this measures the fabric and the
 FL machinery per site, not arithmetic.
 

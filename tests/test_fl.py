@@ -478,8 +478,9 @@ async def test_an_async_training_script_uses_the_awaitable_client_api(
 
 
 async def test_two_tiers_of_relays_and_scripts_on_the_simulations_own_loop() -> None:
-    """``relays=(2, 2)``: four leaf relays under two, each folding its sites' results; the
-    async scripts run on the simulation's loop (no thread each) and the model is flat FedAvg's."""
+    """``relays=(2, 2)``: four leaf relays under two, each folding its sites' results, and the
+    two folding the leaves' partial sums (the server gets two); the async scripts run on the
+    simulation's loop (no thread each) and the model is flat FedAvg's."""
     from tests._fl_scripts import add_site_weight_async  # noqa: PLC0415
 
     rounds: list[Any] = []
@@ -501,7 +502,7 @@ async def test_two_tiers_of_relays_and_scripts_on_the_simulations_own_loop() -> 
     weights = [i + 1 for i in range(8)]
     step = sum(w * w for w in weights) / sum(weights)
     assert np.allclose(out.params["w"], 2 * step)
-    assert [r.partials for r in rounds] == [4, 4]  # one partial sum per leaf relay
+    assert [r.partials for r in rounds] == [2, 2]  # every tier folds: one per top relay
     assert sorted(rounds[0].responded) == sorted(
         f"server.relay-{a}.relay-{b}.site-{i + 1}"
         for i, (a, b) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2), (1, 1), (1, 2), (2, 1), (2, 2)])
@@ -525,3 +526,25 @@ async def test_a_blocking_client_call_from_a_script_on_the_loop_is_refused() -> 
 
     await simulate(workflow, wrong, clients=1, in_loop=True)
     assert errors == ["an async script on the cell's loop uses await receive_async()"]
+
+
+async def test_only_a_cell_above_a_relay_arms_it() -> None:
+    """``fl/expect`` arms a relay's fold for a task: from a sibling it is refused, so no cell
+    beside a relay can make it fold (and keep) results meant for the server."""
+    from flare_async import Cell, MemoryNetwork  # noqa: PLC0415
+    from flare_async.errors import Unauthorized  # noqa: PLC0415
+    from flare_async.fl import RelayAggregator  # noqa: PLC0415
+
+    net = MemoryNetwork()
+    plan = json.dumps({"task": "t", "sites": ["server.r.s"], "deadline": 5}).encode()
+    server = Cell("server", listen=["memory://server"], drivers=[net])
+    relay = Cell("server.r", parent="memory://server", drivers=[net])
+    relay.mount(RelayAggregator(relay, "server").handlers())
+    sibling = Cell("server.x", parent="memory://server", drivers=[net])
+    async with server, relay, sibling:
+        await relay.wait_parent()
+        await sibling.wait_parent()
+        with pytest.raises(Unauthorized, match=r"only a cell above server\.r arms it"):
+            await sibling.request("server.r", "fl", "expect", plan)
+        answer = await server.request("server.r", "fl", "expect", plan)
+        assert answer.tobytes() == b"armed"

@@ -1,12 +1,14 @@
-"""Hierarchical aggregation: a relay folds its children's results and sends up one partial sum.
+"""Hierarchical aggregation: a relay folds its subtree's results and sends up one partial sum.
 
-The server (``FLServer(hierarchical=True)``) tells each relay which of its children answer a
-task and by when (``fl/expect``); the children send their results to their parent instead of
-the server; the relay folds them into a float64 weighted sum as they arrive and, once all
-answered or its deadline passed, streams one partial sum (sum, total weight, who answered, who
-failed and why, each site's metrics) to the server, which merges it. The server's traffic and
-memory for a round grow with the number of relays, not of sites, and the result equals flat
-FedAvg (partial sums travel in float64, losslessly).
+The server (``FLServer(hierarchical=True)``) tells each relay directly below it which sites
+under it answer a task and by when (``fl/expect``); each relay tells the relays below it the
+same for their share (a little earlier), down to the leaves, so every tier folds. The sites send
+their results to their parent instead of the server; a relay folds its own children's results
+and the partial sums of the relays below it into a float64 weighted sum as they arrive and, once
+all answered or its deadline passed, streams one partial sum (sum, total weight, who answered,
+who failed and why, each site's metrics) to the cell that armed it. Each cell's traffic and
+memory for a round grow with its own fan-out, not with the sites below it, and the result
+equals flat FedAvg (partial sums travel in float64, losslessly).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, FlareError
+from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
 from flare_async.fl._model import FLModel, ParamsType, model_parts
+from flare_async.fl._results import Collector, receive_result
 from flare_async.fl._secure import VECTOR
-from flare_async.fl._server import _Collector, receive_result
+from flare_async.fl._server import child_on_path
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import SignatureVerifier, Signer
 
@@ -55,7 +58,7 @@ class RelayAggregator:
         return_large_blocks()  # a new model every round: freed memory goes back
         self.server = server
         self.digest = digest
-        self._open: dict[str, _Collector] = {}
+        self._open: dict[str, Collector] = {}
         self._masked: dict[str, MaskedSum | None] = {}
 
     def handlers(self) -> HandlerTable:
@@ -73,14 +76,17 @@ class RelayAggregator:
             except (ValueError, KeyError, TypeError) as exc:
                 raise BadRequest(f"bad expect: {exc}") from None
             me = self.cell.name
+            if not me.startswith(ctx.src + "."):
+                raise Unauthorized(f"only a cell above {me} arms it, not {ctx.src}")
             if not sites or any(not str(s).startswith(me + ".") for s in sites):
                 raise BadRequest(f"{me} aggregates only for cells below it")
             secure = str(plan.get("secure", ""))
             masked = MaskedSum(secure) if secure else None
-            collector = _Collector(task, 0, [str(s) for s in sites], masked.add if masked else None)
+            collector = Collector(task, 0, [str(s) for s in sites], masked.add if masked else None)
             self._masked[task] = masked
             self._open[task] = collector
-            self.cell._spawn(self._collect, collector, deadline, name=f"fl relay {task}")
+            await self._arm_below(collector, {**plan, "deadline": 0.9 * deadline})
+            self.cell._spawn(self._collect, collector, deadline, ctx.src, name=f"fl relay {task}")
             return b"armed"
 
         @table.request(CHANNEL, "failed")
@@ -102,7 +108,31 @@ class RelayAggregator:
 
         return table
 
-    async def _collect(self, collector: _Collector, deadline: float) -> None:
+    async def _arm_below(self, collector: Collector, plan: dict[str, Any]) -> None:
+        """Arm the relays below this one for their share of the sites, all at once; the sites
+        of a relay that cannot be armed count as failed."""
+        groups: dict[str, list[str]] = {}
+        for site in collector.pending:
+            relay = child_on_path(self.cell.name, site)
+            if relay is not None:
+                groups.setdefault(relay, []).append(site)
+
+        async def arm(relay: str, sites: list[str]) -> None:
+            body = json.dumps({**plan, "sites": sites}).encode()
+            collector.relays[relay] = set(sites)
+            try:  # well within the 10 s the cell above gives this relay to answer
+                await self.cell.request(relay, CHANNEL, "expect", body, timeout=5)
+            except FlareError as exc:
+                del collector.relays[relay]
+                for site in sites:
+                    collector.result.failed[site] = f"relay {relay}: {exc}"
+                    collector.settle(site)
+
+        async with anyio.create_task_group() as tg:
+            for relay, sites in groups.items():
+                tg.start_soon(arm, relay, sorted(sites))
+
+    async def _collect(self, collector: Collector, deadline: float, upstream: str) -> None:
         with anyio.move_on_after(deadline):
             while collector.pending:
                 collector.changed = anyio.Event()
@@ -124,7 +154,7 @@ class RelayAggregator:
             await stream_signed(
                 self.cell,
                 self.signer,
-                self.server,
+                upstream,
                 "result",
                 model_parts(partial, self.cell.codecs, "tensors"),  # lossless
                 collector.task,

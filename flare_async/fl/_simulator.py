@@ -47,7 +47,7 @@ async def simulate(
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
-    relay folding its sites' results into one partial sum for the server).
+    relay folding its subtree's results into one partial sum for the cell above it).
 
     Args:
         script: the training script: a function using :mod:`flare_async.client`, run in a
@@ -58,7 +58,7 @@ async def simulate(
         codec: how models travel both ways (``tensors``, ``q8``, ``nf4`` ...).
         relays: relays per tier: ``4`` is one tier of 4 relays under the server; ``(10, 10)``
             is 10 relays, each with 10 relays below it (100 leaf relays, which the sites join;
-            each leaf relay folds its sites' results, the tiers above forward).
+            every tier folds: the server gets 10 partial sums).
         processes: every site is its own Python process (``flare_async.fl.worker --site``):
             its cell connects to the server (or its relay) over ``tcp://127.0.0.1``, its
             script runs in a thread there. The script must then be ``"MODULE:FUNCTION"`` or a
