@@ -25,6 +25,7 @@ Full size: 20 and 100 edge clients; ``--quick``: 20.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import ssl
@@ -32,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,42 +51,11 @@ from flare_async.security import (
     Signer,
     client_context,
     load_kit,
-    provision,
     server_context,
 )
+from flare_async.testing import wss_edge_project
 
 RELAY = "server.r"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def kits(root: Path, edges: int) -> tuple[Path, list[str]]:
-    p_server, p_relay = free_ports(2)
-    sites = [f"{RELAY}.e{i}" for i in range(edges)]
-    clients = "".join(
-        f'[[clients]]\nname = "{s}"\nparent = "wss://127.0.0.1:{p_relay}/flare"\n' for s in sites
-    )
-    spec = root / "edge.toml"
-    spec.write_text(f"""
-project = "edgebench"
-org = "example.org"
-[server]
-listen = ["tls://127.0.0.1:{p_server}"]
-[[relays]]
-name = "{RELAY}"
-parent = "tls://127.0.0.1:{p_server}"
-listen = ["wss://127.0.0.1:{p_relay}/flare"]
-{clients}""")
-    provision(spec, root / "kits", now=datetime.now(UTC))
-    return root / "kits", sites
 
 
 def tls_floor(folder: Path, site: str, seconds: float = 2.0) -> float:
@@ -190,11 +159,14 @@ def main() -> None:
     for edges in edges_list:
         case = f"fedbuff-pull-{edges}edge-wss"
         with tempfile.TemporaryDirectory() as tmp:
-            folder, sites = kits(Path(tmp), edges)
+            sites = [f"{RELAY}.e{i}" for i in range(edges)]
+            folder = wss_edge_project(Path(tmp), RELAY, sites, "edgebench")
             runs = []
             for i in range(args.repeat):
                 floor = tls_floor(folder, sites[0], 1.0 if args.quick else 2.0)
-                out = anyio.run(run_case, folder, sites, versions, args.params)
+                # Kit cells write their link events to stdout: keep it for the measurements.
+                with contextlib.redirect_stdout(sys.stderr):
+                    out = anyio.run(run_case, folder, sites, versions, args.params)
                 out["floor"] = floor
                 log(
                     f"{case} run {i + 1}/{args.repeat}: {out['visits']} visits in "

@@ -13,7 +13,6 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from flare_async import Cell, MemoryNetwork
 from flare_async.cli import cell_from_kit, edge_client_from_kit
 from flare_async.errors import Unauthorized
 from flare_async.fl import EdgeClient, FLModel, FLServer, fedbuff
-from flare_async.security import SignatureVerifier, Signer, load_kit, provision
-from tests._procs import free_ports
+from flare_async.security import SignatureVerifier, Signer, load_kit
+from flare_async.testing import wss_edge_project
 from tests._topo import serve_until
 
 pytestmark = pytest.mark.anyio
@@ -250,24 +249,8 @@ async def test_a_full_server_says_wait_and_serves_clients_not_yet_served_first()
 # ----------------------------------------------------------------- the real network: wss only
 @pytest.fixture
 def wss_kits(tmp_path: Path) -> tuple[Path, list[str]]:
-    p_server, p_relay = free_ports(2)
     sites = [f"{RELAY}.e{i}" for i in range(3)]
-    clients = "".join(
-        f'[[clients]]\nname = "{s}"\nparent = "wss://127.0.0.1:{p_relay}/flare"\n' for s in sites
-    )
-    spec = tmp_path / "edge.toml"
-    spec.write_text(f"""
-project = "edge"
-org = "example.org"
-[server]
-listen = ["tls://127.0.0.1:{p_server}"]
-[[relays]]
-name = "{RELAY}"
-parent = "tls://127.0.0.1:{p_server}"
-listen = ["wss://127.0.0.1:{p_relay}/flare"]
-{clients}""")
-    provision(spec, tmp_path / "kits", now=datetime.now(UTC))
-    return tmp_path / "kits", sites
+    return wss_edge_project(tmp_path, RELAY, sites), sites
 
 
 def train_blocking() -> None:

@@ -1,5 +1,5 @@
-"""Public testing helpers: the driver conformance suite every transport must pass, and a
-fault-injecting driver wrapper."""
+"""Public testing helpers: the driver conformance suite every transport must pass, a
+fault-injecting driver wrapper, and throwaway provisioned projects."""
 
 from flare_async.testing._conformance import (
     CONFORMANCE_CHECKS,
@@ -16,6 +16,7 @@ from flare_async.testing._conformance import (
     run_check,
 )
 from flare_async.testing._faults import FaultyDriver, FramePredicate, flip_one_byte
+from flare_async.testing._projects import free_ports, wss_edge_project
 
 __all__ = [
     "CONFORMANCE_CHECKS",
@@ -32,5 +33,7 @@ __all__ = [
     "check_try_send",
     "driver_pair",
     "flip_one_byte",
+    "free_ports",
     "run_check",
+    "wss_edge_project",
 ]
