@@ -17,7 +17,8 @@ from flare_async.cli._send import safe_name
 from flare_async.errors import BadRequest
 from flare_async.security import provision
 from flare_async.streaming import Progress
-from tests.test_deploy_processes import Proc, free_ports
+from flare_async.testing import free_ports
+from tests.test_deploy_processes import Proc
 
 ROOT = Path(__file__).resolve().parents[1]
 

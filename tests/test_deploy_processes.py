@@ -28,9 +28,10 @@ import pytest
 from flare_async import errors
 from flare_async.cli._run import cell_from_kit
 from flare_async.security import add_site, load_kit, provision
+from flare_async.testing import free_ports
 from flare_async.transport import TcpDriver
 from flare_async.wire import Frame, Limits, make_hello
-from tests._procs import Proc, free_ports
+from tests._procs import Proc
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]

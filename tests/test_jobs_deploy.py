@@ -24,8 +24,8 @@ from flare_async.cli._run import kit_drivers, kit_verifier
 from flare_async.codecs import decode
 from flare_async.errors import IntegrityError
 from flare_async.security import load_kit, provision
-from flare_async.testing import FaultyDriver
-from tests._procs import ROOT, Proc, free_ports
+from flare_async.testing import FaultyDriver, free_ports
+from tests._procs import ROOT, Proc
 
 RELAY = "server.relay-1"
 
