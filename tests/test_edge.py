@@ -20,14 +20,17 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from trio.testing import MockClock
 
 import flare_async.client as flare
 from flare_async import Cell, MemoryNetwork
 from flare_async.cli import cell_from_kit, edge_client_from_kit
 from flare_async.errors import Unauthorized
 from flare_async.fl import EdgeClient, FLModel, FLServer, fedbuff
+from flare_async.fl._privacy import policy_from_dict
 from flare_async.security import SignatureVerifier, Signer, load_kit
-from flare_async.testing import wss_edge_project
+from flare_async.testing import FaultyDriver, wss_edge_project
+from flare_async.wire import Frame, StreamData
 from tests._topo import serve_until
 
 pytestmark = pytest.mark.anyio
@@ -111,8 +114,6 @@ def edge(net: MemoryNetwork, site: str, **kw: Any) -> EdgeClient:
 )
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     if request.param == "trio":
-        from trio.testing import MockClock  # noqa: PLC0415
-
         return ("trio", {"clock": MockClock(autojump_threshold=0)})
     return ("asyncio", {})
 
@@ -159,9 +160,12 @@ async def test_edge_clients_pull_train_offline_and_push_on_visits_of_their_own()
 
 
 async def test_a_result_trained_offline_waits_in_the_outbox_for_the_next_visit() -> None:
+    """The result goes out at the next visit, as the site's privacy policy filtered it when it
+    was sent: a retry does not skip the filter (here: ``secret`` never leaves the site)."""
     site = f"{RELAY}.e0"
+    policy = policy_from_dict({"privacy": {"exclude": ["secret"]}})
     async with system([site]) as sys:
-        client = edge(sys.net, site)
+        client = edge(sys.net, site, policy=policy)
         async with anyio.create_task_group() as tg:
             done = anyio.Event()
             result: dict[str, FLModel] = {}
@@ -169,7 +173,7 @@ async def test_a_result_trained_offline_waits_in_the_outbox_for_the_next_visit()
             async def serve() -> None:
                 result["out"] = await fedbuff(
                     sys.server,
-                    {"w": np.zeros(4, np.float32)},
+                    {"w": np.zeros(4, np.float32), "secret": np.zeros(4, np.float32)},
                     updates=1,
                     buffer=1,
                     concurrency=1,
@@ -183,7 +187,9 @@ async def test_a_result_trained_offline_waits_in_the_outbox_for_the_next_visit()
             assert model is not None
             assert client.edge.tasks == 1
             sys.relay_stop.set()  # the client goes offline while it trains
-            await client.asend(toward_target(model, site))
+            trained = toward_target(model, site)
+            trained.params["secret"] = np.full(4, 42.0, np.float32)
+            await client.asend(trained)
             assert client.outbox == 1  # kept for the next visit
             assert client.edge.offline == 1
             assert not client.edge.pushed
@@ -191,7 +197,54 @@ async def test_a_result_trained_offline_waits_in_the_outbox_for_the_next_visit()
             assert await client.flush()
             await done.wait()
     assert client.edge.pushed == {"taken": 1}
-    assert float(result["out"].params["w"][0]) == pytest.approx(TARGETS[site])
+    out = result["out"].params
+    assert float(out["w"][0]) == pytest.approx(TARGETS[site])
+    assert np.all(out["secret"] == 0.0)  # filtered before the first attempt, kept filtered
+
+
+@pytest.mark.parametrize(  # a stalled push: 60 s, of virtual time
+    "anyio_backend", [("trio", {"clock": MockClock(autojump_threshold=0)})], ids=["trio"]
+)
+async def test_a_push_that_breaks_mid_stream_is_retried_still_filtered() -> None:
+    """The link drops the result's bytes (the push stalls and fails as offline): the retry at
+    the next visit sends the result as the filters made it the first time, not unfiltered."""
+    site = f"{RELAY}.e0"
+    policy = policy_from_dict({"privacy": {"exclude": ["secret"]}})
+    losing = [False]
+
+    def lost(frame: Frame) -> bool:
+        return losing[0] and isinstance(frame.header, StreamData)
+
+    async with system([site]) as sys:
+        client = edge(sys.net, site, policy=policy)
+        client.drivers = [FaultyDriver(sys.net, drop=lost)]
+        async with anyio.create_task_group() as tg:
+            result: dict[str, FLModel] = {}
+
+            async def serve() -> None:
+                result["out"] = await fedbuff(
+                    sys.server,
+                    {"w": np.zeros(4, np.float32), "secret": np.zeros(4, np.float32)},
+                    updates=1,
+                    buffer=1,
+                    concurrency=1,
+                    deadline=1000,
+                    pull=True,
+                )
+
+            tg.start_soon(serve)
+            model = await client.areceive()
+            assert model is not None
+            trained = toward_target(model, site)
+            trained.params["secret"] = np.full(4, 42.0, np.float32)
+            losing[0] = True
+            await client.asend(trained)  # connects, starts the push, which stalls
+            assert client.outbox == 1
+            assert client.edge.offline == 1
+            losing[0] = False
+            assert await client.flush()
+    assert client.edge.pushed == {"taken": 1}
+    assert np.all(result["out"].params["secret"] == 0.0)
 
 
 async def test_pulls_come_from_the_jobs_clients_and_hear_wait_or_done() -> None:

@@ -39,7 +39,7 @@ from flare_async.errors import (
     TransportError,
 )
 from flare_async.fl._client import ClientRuntime, _in_loop
-from flare_async.fl._model import FLModel
+from flare_async.fl._model import FLModel, model_parts
 from flare_async.fl._server import PULL_WAIT
 from flare_async.fl._signed import CHANNEL
 from flare_async.transport import Driver
@@ -119,7 +119,8 @@ class EdgeClient(ClientRuntime):
         self.pull_timeout = pull_timeout
         self.retry = retry
         self.edge = EdgeStats()
-        self._outbox: list[tuple[str, FLModel, str]] = []
+        self._outbox: list[tuple[str, FLModel, str, str]] = []
+        """Results as they leave (filtered, masked): task, model, destination, codec."""
         self._name = name
         super().__init__(self._new_cell(), server, **runtime)
 
@@ -164,9 +165,11 @@ class EdgeClient(ClientRuntime):
     async def _flush(self, cell: Cell) -> None:
         """Push what the outbox holds, oldest first; stop at the first offline failure."""
         while self._outbox:
-            task, model, dst = self._outbox[0]
+            task, model, dst, codec = self._outbox[0]
+            parts = model_parts(model, cell.codecs, codec)
             try:
-                answer = (await self._send(model, task, dst)).tobytes().decode(errors="replace")
+                reply = await self._stream_result(parts, task, dst, codec)
+                answer = reply.tobytes().decode(errors="replace")
             except OFFLINE:
                 raise
             except FlareError as exc:  # refused: sending it again would not help
@@ -228,7 +231,9 @@ class EdgeClient(ClientRuntime):
         if self._task is None:
             raise RuntimeError("send() before receive(): no task to answer")
         task, self._task = self._task, None
-        self._outbox.append((task, model, self._reply_to))
+        # The site's filters run once, now: a result retried later leaves as filtered.
+        codec = self._result_codec(task)
+        self._outbox.append((task, await self._outgoing(model, task), self._reply_to, codec))
         try:
             async with self.visit() as cell:
                 await self._flush(cell)
