@@ -164,9 +164,15 @@ def relay_tree(tiers: Sequence[int]) -> list[list[str]]:
     return levels
 
 
+LINKING = 128
+"""Simulated sites linking to their parents at once: more would overflow a relay's accept
+backlog (128) and send them all into reconnect backoff (100,000 sites did)."""
+
+
 class _SiteCells:
     """The simulated sites of one process: each cell runs in a task of its own (started all
-    at once, closed all at once), its script beside it."""
+    at once, at most ``LINKING`` linking at a time; closed all at once), its script beside
+    it."""
 
     def __init__(self, net: MemoryNetwork, codec: str, heartbeat: float | None) -> None:
         self.net = net
@@ -177,14 +183,19 @@ class _SiteCells:
         self.up = 0
         self.all_up = anyio.Event()
         self.failed: BaseException | None = None
+        self.linking = anyio.CapacityLimiter(LINKING)
 
     async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
         cell = Cell(name, parent=parent, drivers=[self.net], heartbeat=self.heartbeat)
         runtime = ClientRuntime(cell, "server", config=config, codec=self.codec, digest=False)
         cell.mount(runtime.handlers())
+        linking = True
+        await self.linking.acquire()
         try:
             async with cell:
                 await cell.wait_parent()
+                self.linking.release()
+                linking = False
                 self.runtimes.append(runtime)
                 self.up += 1
                 if self.up == total:
@@ -193,6 +204,9 @@ class _SiteCells:
         except Exception as exc:  # a site that cannot start fails the simulation
             self.failed = exc
             self.all_up.set()
+        finally:
+            if linking:
+                self.linking.release()
 
     async def run(
         self,
