@@ -159,37 +159,45 @@ async def test_edge_clients_pull_train_offline_and_push_on_visits_of_their_own()
     assert sum(stats.updates.values()) >= 60
 
 
+EXCLUDE_SECRET = policy_from_dict({"privacy": {"exclude": ["secret"]}})
+"""A site policy: the variable ``secret`` never leaves the site (its update is dropped)."""
+
+
+async def one_version(server: FLServer, result: dict[str, FLModel], done: anyio.Event) -> None:
+    """A pulled FedBuff run of one version from one update, on ``w`` and ``secret``."""
+    result["out"] = await fedbuff(
+        server,
+        {"w": np.zeros(4, np.float32), "secret": np.zeros(4, np.float32)},
+        updates=1,
+        buffer=1,
+        concurrency=1,
+        deadline=1000,
+        pull=True,
+    )
+    done.set()
+
+
+def trained_with_secret(model: FLModel, site: str) -> FLModel:
+    trained = toward_target(model, site)
+    trained.params["secret"] = np.full(4, 42.0, np.float32)
+    return trained
+
+
 async def test_a_result_trained_offline_waits_in_the_outbox_for_the_next_visit() -> None:
     """The result goes out at the next visit, as the site's privacy policy filtered it when it
     was sent: a retry does not skip the filter (here: ``secret`` never leaves the site)."""
     site = f"{RELAY}.e0"
-    policy = policy_from_dict({"privacy": {"exclude": ["secret"]}})
+    result: dict[str, FLModel] = {}
+    done = anyio.Event()
     async with system([site]) as sys:
-        client = edge(sys.net, site, policy=policy)
+        client = edge(sys.net, site, policy=EXCLUDE_SECRET)
         async with anyio.create_task_group() as tg:
-            done = anyio.Event()
-            result: dict[str, FLModel] = {}
-
-            async def serve() -> None:
-                result["out"] = await fedbuff(
-                    sys.server,
-                    {"w": np.zeros(4, np.float32), "secret": np.zeros(4, np.float32)},
-                    updates=1,
-                    buffer=1,
-                    concurrency=1,
-                    deadline=60,
-                    pull=True,
-                )
-                done.set()
-
-            tg.start_soon(serve)
+            tg.start_soon(one_version, sys.server, result, done)
             model = await client.areceive()
             assert model is not None
             assert client.edge.tasks == 1
             sys.relay_stop.set()  # the client goes offline while it trains
-            trained = toward_target(model, site)
-            trained.params["secret"] = np.full(4, 42.0, np.float32)
-            await client.asend(trained)
+            await client.asend(trained_with_secret(model, site))
             assert client.outbox == 1  # kept for the next visit
             assert client.edge.offline == 1
             assert not client.edge.pushed
@@ -209,36 +217,23 @@ async def test_a_push_that_breaks_mid_stream_is_retried_still_filtered() -> None
     """The link drops the result's bytes (the push stalls and fails as offline): the retry at
     the next visit sends the result as the filters made it the first time, not unfiltered."""
     site = f"{RELAY}.e0"
-    policy = policy_from_dict({"privacy": {"exclude": ["secret"]}})
     losing = [False]
 
     def lost(frame: Frame) -> bool:
         return losing[0] and isinstance(frame.header, StreamData)
 
+    result: dict[str, FLModel] = {}
+    done = anyio.Event()
     async with system([site]) as sys:
-        client = edge(sys.net, site, policy=policy)
+        client = edge(sys.net, site, policy=EXCLUDE_SECRET)
         client.drivers = [FaultyDriver(sys.net, drop=lost)]
         async with anyio.create_task_group() as tg:
-            result: dict[str, FLModel] = {}
-
-            async def serve() -> None:
-                result["out"] = await fedbuff(
-                    sys.server,
-                    {"w": np.zeros(4, np.float32), "secret": np.zeros(4, np.float32)},
-                    updates=1,
-                    buffer=1,
-                    concurrency=1,
-                    deadline=1000,
-                    pull=True,
-                )
-
-            tg.start_soon(serve)
+            tg.start_soon(one_version, sys.server, result, done)
             model = await client.areceive()
             assert model is not None
-            trained = toward_target(model, site)
-            trained.params["secret"] = np.full(4, 42.0, np.float32)
             losing[0] = True
-            await client.asend(trained)  # connects, starts the push, which stalls
+            # It connects and starts the push, which stalls and fails as offline.
+            await client.asend(trained_with_secret(model, site))
             assert client.outbox == 1
             assert client.edge.offline == 1
             losing[0] = False
