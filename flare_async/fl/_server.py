@@ -307,7 +307,8 @@ class FLServer:
             relay = child_on_path(self.cell.name, site)
             if relay is not None:
                 groups.setdefault(relay, []).append(site)
-        for relay, sites in groups.items():
+
+        async def arm(relay: str, sites: list[str]) -> None:
             collector.relays[relay] = set(sites)
             plan = {"task": task_id, "sites": sites, "deadline": 0.9 * deadline, "secure": secure}
             body = json.dumps(plan)
@@ -317,6 +318,10 @@ class FLServer:
                 for site in sites:
                     collector.result.failed[site] = f"relay {relay}: {exc}"
                     collector.settle(site)
+
+        async with anyio.create_task_group() as tg:  # every relay at once, as relays do below
+            for relay, sites in groups.items():
+                tg.start_soon(arm, relay, sites)
 
     async def _deliver(
         self,
