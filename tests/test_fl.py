@@ -539,7 +539,7 @@ async def test_only_a_cell_above_a_relay_arms_it() -> None:
     plan = json.dumps({"task": "t", "sites": ["server.r.s"], "deadline": 5}).encode()
     server = Cell("server", listen=["memory://server"], drivers=[net])
     relay = Cell("server.r", parent="memory://server", drivers=[net])
-    relay.mount(RelayAggregator(relay, "server").handlers())
+    relay.mount(RelayAggregator(relay).handlers())
     sibling = Cell("server.x", parent="memory://server", drivers=[net])
     async with server, relay, sibling:
         await relay.wait_parent()

@@ -320,7 +320,6 @@ class JobRole:
         elif self.kit.role is Role.RELAY:
             relay = RelayAggregator(
                 cell,
-                self.server,
                 verifier=SignatureVerifier.from_kit(self.kit),
                 signer=Signer(self.kit),
             )

@@ -26,9 +26,8 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
 from flare_async.fl._model import FLModel, ParamsType, model_parts
-from flare_async.fl._results import Collector, receive_result
+from flare_async.fl._results import Collector, arm_relays_below, receive_result
 from flare_async.fl._secure import VECTOR
-from flare_async.fl._server import child_on_path
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import SignatureVerifier, Signer
 
@@ -37,12 +36,12 @@ class RelayAggregator:
     """Mount :meth:`handlers` on a relay cell to aggregate its children's results (large ones
     wait in ``spill``, complete, before they are folded; see ``FLServer``). With ``verifier``
     the children's signatures are checked; with ``signer`` the partial sum is signed by the
-    relay (the server checks it: it cannot check the sites' own signatures inside a sum)."""
+    relay (the server checks it: it cannot check the sites' own signatures inside a sum). Its
+    partial sums go to the cell that armed it for the task (the server, or the relay above)."""
 
     def __init__(
         self,
         cell: Cell,
-        server: str = "server",
         *,
         digest: bool = True,
         spill: str | os.PathLike[str] | None = None,
@@ -56,7 +55,6 @@ class RelayAggregator:
         self.cell = cell
         self.spill = Path(spill) if spill is not None else None
         return_large_blocks()  # a new model every round: freed memory goes back
-        self.server = server
         self.digest = digest
         self._open: dict[str, Collector] = {}
         self._masked: dict[str, MaskedSum | None] = {}
@@ -85,7 +83,9 @@ class RelayAggregator:
             collector = Collector(task, 0, [str(s) for s in sites], masked.add if masked else None)
             self._masked[task] = masked
             self._open[task] = collector
-            await self._arm_below(collector, {**plan, "deadline": 0.9 * deadline})
+            # Well within the 10 s the cell above gives this relay to answer.
+            below = {**plan, "deadline": 0.9 * deadline}
+            await arm_relays_below(self.cell, collector, list(collector.pending), below, 5)
             self.cell._spawn(self._collect, collector, deadline, ctx.src, name=f"fl relay {task}")
             return b"armed"
 
@@ -107,30 +107,6 @@ class RelayAggregator:
             )
 
         return table
-
-    async def _arm_below(self, collector: Collector, plan: dict[str, Any]) -> None:
-        """Arm the relays below this one for their share of the sites, all at once; the sites
-        of a relay that cannot be armed count as failed."""
-        groups: dict[str, list[str]] = {}
-        for site in collector.pending:
-            relay = child_on_path(self.cell.name, site)
-            if relay is not None:
-                groups.setdefault(relay, []).append(site)
-
-        async def arm(relay: str, sites: list[str]) -> None:
-            body = json.dumps({**plan, "sites": sites}).encode()
-            collector.relays[relay] = set(sites)
-            try:  # well within the 10 s the cell above gives this relay to answer
-                await self.cell.request(relay, CHANNEL, "expect", body, timeout=5)
-            except FlareError as exc:
-                del collector.relays[relay]
-                for site in sites:
-                    collector.result.failed[site] = f"relay {relay}: {exc}"
-                    collector.settle(site)
-
-        async with anyio.create_task_group() as tg:
-            for relay, sites in groups.items():
-                tg.start_soon(arm, relay, sorted(sites))
 
     async def _collect(self, collector: Collector, deadline: float, upstream: str) -> None:
         with anyio.move_on_after(deadline):

@@ -5,6 +5,7 @@ stream, in memory or through a spill file, with its signature checked and its se
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import mmap
 import secrets
@@ -19,11 +20,11 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from flare_async.cell import IncomingStream
-from flare_async.errors import BadRequest, DecodeError, IntegrityError
+from flare_async.cell import Cell, IncomingStream
+from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityError
 from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
 from flare_async.fl._model import FLModel, model_from_parts
-from flare_async.fl._signed import E2E, check_signed
+from flare_async.fl._signed import CHANNEL, E2E, check_signed
 from flare_async.security import Decryptor, SignatureVerifier
 
 
@@ -279,4 +280,50 @@ def _dropper(mapped: mmap.mmap) -> Folded:
     return drop
 
 
-__all__ = ["SPILL_AT", "Collector", "RoundResult", "receive_result", "sha256_of"]
+def child_on_path(cell: str, site: str) -> str | None:
+    """The relay directly below ``cell`` on the way to ``site``; None if ``site`` is ``cell``'s
+    own child (or not below it)."""
+    rest = site.removeprefix(cell + ".")
+    if rest == site or "." not in rest:
+        return None
+    return f"{cell}.{rest.split('.', 1)[0]}"
+
+
+async def arm_relays_below(
+    cell: Cell, collector: Collector, sites: Sequence[str], plan: dict[str, Any], timeout: float
+) -> None:
+    """Tell each relay directly below ``cell`` which of ``sites`` under it answer the task
+    (``fl/expect``: ``plan`` plus its share of the sites), all at once; only they may then send
+    ``collector`` partial sums, for those sites. The sites of a relay that cannot be armed
+    within ``timeout`` count as failed."""
+    groups: dict[str, list[str]] = {}
+    for site in sites:
+        relay = child_on_path(cell.name, site)
+        if relay is not None:
+            groups.setdefault(relay, []).append(site)
+
+    async def arm(relay: str, share: list[str]) -> None:
+        collector.relays[relay] = set(share)
+        body = json.dumps({**plan, "sites": share}).encode()
+        try:
+            await cell.request(relay, CHANNEL, "expect", body, timeout=timeout)
+        except FlareError as exc:
+            del collector.relays[relay]
+            for site in share:
+                collector.result.failed[site] = f"relay {relay}: {exc}"
+                collector.settle(site)
+
+    async with anyio.create_task_group() as tg:
+        for relay, share in groups.items():
+            tg.start_soon(arm, relay, sorted(share))
+
+
+__all__ = [
+    "SPILL_AT",
+    "Collector",
+    "RoundResult",
+    "arm_relays_below",
+    "child_on_path",
+    "receive_result",
+    "sha256_of",
+]

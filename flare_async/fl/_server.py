@@ -39,7 +39,13 @@ from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, FlareError, IntegrityError, StreamError, Unauthorized
 from flare_async.fl._model import FLModel, model_parts
-from flare_async.fl._results import Collector, RoundResult, receive_result, sha256_of
+from flare_async.fl._results import (
+    Collector,
+    RoundResult,
+    arm_relays_below,
+    receive_result,
+    sha256_of,
+)
 from flare_async.fl._signed import CHANNEL
 from flare_async.security import Decryptor, SignatureVerifier, Signer
 
@@ -48,15 +54,6 @@ PULL_WAIT = 5.0
 
 Grant = Callable[[str], Awaitable[dict[str, Any]]]
 """What answers a pull (``fl/pull``): the site's name in, the reply out (see ``fedbuff``)."""
-
-
-def child_on_path(cell: str, site: str) -> str | None:
-    """The relay directly below ``cell`` on the way to ``site``; None if ``site`` is ``cell``'s
-    own child (or not below it)."""
-    rest = site.removeprefix(cell + ".")
-    if rest == site or "." not in rest:
-        return None
-    return f"{cell}.{rest.split('.', 1)[0]}"
 
 
 class RoundFailed(FlareError):
@@ -302,26 +299,8 @@ class FLServer:
         arms the relays below it the same way, so every tier folds, and this cell gets one
         partial sum per relay directly below it. In a secure round (``secure``: the session),
         relays add up masked vectors instead."""
-        groups: dict[str, list[str]] = {}
-        for site in targets:
-            relay = child_on_path(self.cell.name, site)
-            if relay is not None:
-                groups.setdefault(relay, []).append(site)
-
-        async def arm(relay: str, sites: list[str]) -> None:
-            collector.relays[relay] = set(sites)
-            plan = {"task": task_id, "sites": sites, "deadline": 0.9 * deadline, "secure": secure}
-            body = json.dumps(plan)
-            try:
-                await self.cell.request(relay, CHANNEL, "expect", body.encode(), timeout=10)
-            except FlareError as exc:
-                for site in sites:
-                    collector.result.failed[site] = f"relay {relay}: {exc}"
-                    collector.settle(site)
-
-        async with anyio.create_task_group() as tg:  # every relay at once, as relays do below
-            for relay, sites in groups.items():
-                tg.start_soon(arm, relay, sites)
+        plan = {"task": task_id, "deadline": 0.9 * deadline, "secure": secure}
+        await arm_relays_below(self.cell, collector, targets, plan, timeout=10)
 
     async def _deliver(
         self,
@@ -358,4 +337,4 @@ class FLServer:
         )
 
 
-__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult", "child_on_path"]
+__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult"]

@@ -108,7 +108,7 @@ async def simulate(
                 handlers=[system_handlers()],
                 on_link=joined.saw,
             )
-            relay_cell.mount(RelayAggregator(relay_cell, "server", digest=False).handlers())
+            relay_cell.mount(RelayAggregator(relay_cell, digest=False).handlers())
             await stack.enter_async_context(relay_cell)
             await relay_cell.wait_parent()
             urls[relay] = relay_cell.listen_urls[0]
