@@ -208,11 +208,12 @@ class EdgeClient(ClientRuntime):
                 self.cell._log.warning("a granted task did not arrive", task=task)
                 return self.retry
             model = self._take(item)
-            if model is None or self._task == task:
-                break
+            if model is None:  # the job was stopped while we were here
+                return None
+            if self._task == task:
+                self.edge.tasks += 1
+                return model
             self._received.pop(self._task or "", None)  # a task lost earlier: replaced
-        self.edge.tasks += 1
-        return model
 
     async def areceive(self, timeout: float | None = None) -> FLModel | None:
         """Visit until a task comes: its model; ``None`` once the job is over (or after
@@ -234,21 +235,18 @@ class EdgeClient(ClientRuntime):
         # The site's filters run once, now: a result retried later leaves as filtered.
         codec = self._result_codec(task)
         self._outbox.append((task, await self._outgoing(model, task), self._reply_to, codec))
-        try:
-            async with self.visit() as cell:
-                await self._flush(cell)
-        except OFFLINE as exc:
-            self.edge.offline += 1
-            self.cell._log.info("offline; the result waits", url=self.url, error=str(exc))
+        await self.flush()
 
     async def flush(self) -> bool:
-        """Push what the outbox holds on one visit; True if it is empty after."""
+        """Push what the outbox holds on one visit; True if it is empty after (offline: what
+        is left waits for the next visit)."""
         if self._outbox:
             try:
                 async with self.visit() as cell:
                     await self._flush(cell)
-            except OFFLINE:
+            except OFFLINE as exc:
                 self.edge.offline += 1
+                self.cell._log.info("offline; results wait", url=self.url, error=str(exc))
         return not self._outbox
 
     # The blocking Client API (a script in a worker thread): the same visits, through the portal.

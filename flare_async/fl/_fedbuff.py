@@ -307,6 +307,14 @@ def _give_up(patience: float, stats: FedBuffStats) -> RoundFailed:
     )
 
 
+@dataclass
+class _Held:
+    """A pulled task out: its cancel scope, and its id once it reached the client."""
+
+    scope: anyio.CancelScope
+    task: str = ""
+
+
 async def _pulled(
     run: _Run,
     updates: int,
@@ -325,7 +333,7 @@ async def _pulled(
     (those not seen are offline, and not waited for). A client that pulls again while its
     result is already in is not treated as having lost its task."""
     stats = run.stats
-    holding: dict[str, tuple[anyio.CancelScope, list[str]]] = {}  # site -> (scope, [task id])
+    holding: dict[str, _Held] = {}  # the task each client holds
     served: set[str] = set()
     asked: dict[str, float] = {}  # sites told to wait, by when they asked, oldest first
     passes = 0
@@ -346,8 +354,8 @@ async def _pulled(
 
     async def grant(site: str) -> dict[str, Any]:
         old = holding.pop(site, None)
-        if old is not None and old[1] and run.server.awaiting(old[1][0], site):
-            old[0].cancel()  # it lost its task: a new one replaces it
+        if old is not None and old.task and run.server.awaiting(old.task, site):
+            old.scope.cancel()  # it lost its task: a new one replaces it
         if len(holding) >= concurrency or not fair(site):
             asked.pop(site, None)
             asked[site] = now()
@@ -355,23 +363,21 @@ async def _pulled(
         served.add(site)
         asked.pop(site, None)
         version = stats.version
-        scope = anyio.CancelScope()
-        task_id: list[str] = []  # filled in once the task is out
-        holding[site] = (scope, task_id)
+        held = holding[site] = _Held(anyio.CancelScope())
         delivered = anyio.Event()
         outcome: dict[str, Any] = {}
 
         def on_delivered(task: str, outcomes: Mapping[str, Any]) -> None:
-            task_id.append(task)
+            held.task = task
             outcome["task"], outcome["outcome"] = task, outcomes.get(site)
             delivered.set()
 
         async def train() -> None:
             try:
-                await run.train(site, version, on_delivered, scope)
+                await run.train(site, version, on_delivered, held.scope)
             finally:
                 delivered.set()
-                if holding.get(site, (None,))[0] is scope:
+                if holding.get(site) is held:
                     del holding[site]
 
         tg.start_soon(train)
