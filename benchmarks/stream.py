@@ -251,7 +251,10 @@ def main() -> None:
         help=f"comma-separated cases among {','.join(CASES)} (default: all)",
     )
     p.add_argument(
-        "--chunk", type=parse_size, default=1 << 20, help="stream chunk size (default 1MiB)"
+        "--chunk",
+        type=parse_size,
+        default=None,
+        help="stream chunk size (default: the library's, 4MiB for objects of 64MiB or more)",
     )
     p.add_argument(
         "--digest",

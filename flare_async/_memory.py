@@ -6,8 +6,9 @@ come from the heap instead, and freed heap memory is kept by the process. A serv
 new 100 MB model every round out of 10 MB tensors then grows by hundreds of MiB of freed but
 kept memory (measured: 359 MiB peak instead of 258-282 for the FedAvg benchmark's server).
 Fixing the threshold keeps large tensors in their own mappings, returned at once when freed.
-At 2 MiB, stream chunks (1 MiB) still come from the heap and are reused without page faults
-(a 1 MiB threshold cost the benchmark 30% of its round time).
+Just above 4 MiB, stream chunks (1 MiB, or 4 MiB for large objects) still come from the heap
+and are reused without page faults (a threshold at the chunk size cost the FedAvg benchmark
+30% of its round time: each chunk a fresh mapping, faulted in page by page).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
-def return_large_blocks(threshold: int = 2 << 20) -> bool:
+def return_large_blocks(threshold: int = (4 << 20) + (64 << 10)) -> bool:
     """Have glibc serve allocations of ``threshold`` bytes or more with ``mmap``, always.
 
     Called by the FL server, relays and sites (once per process; later calls do nothing).

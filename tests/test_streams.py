@@ -24,13 +24,22 @@ from flare_async import (
 )
 from flare_async.errors import (
     BadRequest,
+    ConfigError,
     NoHandler,
     Overloaded,
     StreamAborted,
     StreamCorrupted,
     Unreachable,
 )
-from flare_async.streaming import Progress
+from flare_async.streaming import (
+    DEFAULT_CHUNK,
+    LARGE_CHUNK,
+    LARGE_FROM,
+    ChunkLog,
+    Progress,
+    checksum,
+    open_source,
+)
 from flare_async.testing import FaultyDriver
 from flare_async.transport import Driver, TcpDriver
 from flare_async.wire import Frame, StreamAbort, StreamData, StreamEnd
@@ -651,3 +660,58 @@ async def test_a_seal_travels_in_the_end_message_over_the_digest() -> None:
     ((trailer, sha),) = seen
     assert sha == hashlib.sha256(data).hexdigest()
     assert trailer == {"sig": f"server.r.e:{sha}"}  # through a relay, untouched
+
+
+async def test_a_large_object_goes_in_large_chunks_unless_the_caller_chooses() -> None:
+    chunks: dict[int, int] = {}
+    table = HandlerTable()
+
+    @table.stream("t", "size")
+    async def size(ctx: Context, stream: IncomingStream) -> bytes:
+        chunks[stream.sid] = stream.chunk
+        n = 0
+        async for part in stream:
+            assert part.nbytes <= stream.chunk
+            n += part.nbytes
+        return str(n).encode()
+
+    large = bytes(LARGE_FROM)  # zero pages: no memory touched until read
+    async with chain(["server", "server.e"], table) as (server, _):
+        picked = await server.stream("server.e", "t", "size", large, digest=False)
+        small = await server.stream("server.e", "t", "size", large[: 1 << 20], digest=False)
+        narrow = await server.stream("server.e", "t", "size", large, window=8 << 20, digest=False)
+        chosen = await server.stream("server.e", "t", "size", large, chunk=CHUNK, digest=False)
+        with pytest.raises(ConfigError):
+            await server.stream("server.e", "t", "size", large, chunk=0)
+    assert [int(r.tobytes()) for r in (picked, small, narrow, chosen)] == [
+        LARGE_FROM,
+        1 << 20,
+        LARGE_FROM,
+        LARGE_FROM,
+    ]
+    assert list(chunks.values()) == [LARGE_CHUNK, DEFAULT_CHUNK, DEFAULT_CHUNK, CHUNK]
+
+
+async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: Path) -> None:
+    data = pattern(10 * CHUNK + 3, seed=4)
+    path = tmp_path / "object.bin"
+    path.write_bytes(data)
+    log = ChunkLog(open_source(path), CHUNK, 3 * CHUNK, None)
+    log.join("a")
+    try:
+        assert await log.fill_one()
+        assert log.end == 3 * CHUNK  # as much as the window has room for, in one trip
+        seen = b""
+        while True:
+            for offset in range(log.start, log.end, CHUNK):
+                held = log.chunk_at(offset)
+                assert held is not None
+                assert held.crc == checksum(held.data)  # computed with the read
+                seen += bytes(held.data)
+            log.commit("a", log.end)
+            if not await log.fill_one():
+                break
+        assert log.eof
+        assert seen == data
+    finally:
+        await log.aclose()

@@ -15,12 +15,12 @@ from flare_async.cell._stream_out import ProgressCallback, Seal, StreamOptions, 
 from flare_async.errors import ConfigError, FlareError, InternalError
 from flare_async.routing import validate_name
 from flare_async.streaming import (
-    DEFAULT_CHUNK,
     DEFAULT_WINDOW,
     ChunkLog,
     Digest,
     StreamSource,
     open_source,
+    pick_chunk,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class StreamingMixin:
         source: StreamSource,
         *,
         size: int | None = None,
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int | None = None,
         window: int = DEFAULT_WINDOW,
         digest: bool = True,
         sha256: str = "",
@@ -85,7 +85,9 @@ class StreamingMixin:
             size: the size, for an async iterable that knows it (used for progress only).
             chunk / window: proposed chunk size and flow-control window, in bytes (the
                 receiver may lower them). Memory held for the stream on every hop stays
-                within the window.
+                within the window. Without ``chunk``: 4 MiB for objects of 64 MiB or more
+                where the window holds four such chunks, else 1 MiB
+                (:func:`~flare_async.streaming.pick_chunk`).
             digest: compute the whole object's SHA-256 on both ends (in a worker thread,
                 beside the transfer) and fail on a mismatch. Chunks always carry a CRC-32C.
             sha256: the object's digest when the caller knows it (then it is not recomputed
@@ -140,7 +142,7 @@ class StreamingMixin:
         source: StreamSource,
         *,
         size: int | None = None,
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int | None = None,
         window: int = DEFAULT_WINDOW,
         digest: bool = True,
         sha256: str = "",
@@ -169,10 +171,12 @@ class StreamingMixin:
         targets = list(dict.fromkeys(dsts))
         for dst in targets:
             validate_name(dst)
+        if chunk is not None and chunk <= 0:
+            raise ConfigError("stream chunk must be positive and the window at least one chunk")
         opts = StreamOptions(
             channel,
             topic,
-            chunk=chunk,
+            chunk=chunk or 0,  # 0: picked for the object's size once the source is open
             window=window,
             digest=digest or seal is not None,
             sha256=sha256,
@@ -253,7 +257,7 @@ class StreamingMixin:
         cell._check_running()
         for dst in dsts:
             validate_name(dst)
-        if opts.chunk <= 0 or opts.window < opts.chunk:
+        if opts.chunk < 0 or opts.window < max(opts.chunk, 1):
             raise ConfigError("stream chunk must be positive and the window at least one chunk")
         if opts.chunk > cell.limits.max_frame:
             raise ConfigError(
@@ -263,6 +267,10 @@ class StreamingMixin:
             raise ConfigError("stream idle must be a positive number of seconds")
         sha_from = getattr(source, "final_sha256", None)
         src = open_source(source, size)
+        if not opts.chunk:
+            chunk = min(pick_chunk(src.size, opts.window), cell.limits.max_frame)
+            for o in (opts, *(per_dst or {}).values()):
+                o.chunk = o.chunk or chunk
         digest = Digest() if opts.digest and not opts.sha256 and sha_from is None else None
         log = ChunkLog(src, opts.chunk, opts.window, digest)
         senders = await send_streams(cell, dsts, log, digest, opts, per_dst or {}, sha_from)

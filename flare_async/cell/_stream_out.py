@@ -33,7 +33,7 @@ from flare_async.errors import (
     Unreachable,
     error_for_status,
 )
-from flare_async.streaming import ChunkLog, Digest, Progress, ProgressMeter, SenderFlow, checksum
+from flare_async.streaming import ChunkLog, Digest, Progress, ProgressMeter, SenderFlow
 from flare_async.wire import (
     Frame,
     StreamAbort,
@@ -308,15 +308,14 @@ class StreamSender:
                     continue
                 offset = flow.next_offset
                 if offset < log.end:
-                    data = log.chunk_at(offset)
-                    if data is None:  # cannot happen: the log keeps what is not committed
+                    held = log.chunk_at(offset)
+                    if held is None:  # cannot happen: the log keeps what is not committed
                         raise ProtocolError(f"stream {self.sid}: no chunk at {offset} to resend")
+                    data = held.data
                     if len(data) > flow.credit:
                         await self._wait()
                         continue
-                    header = StreamData(
-                        *self._routed(), sid=self.sid, offset=offset, crc=checksum(data)
-                    )
+                    header = StreamData(*self._routed(), sid=self.sid, offset=offset, crc=held.crc)
                     frame = Frame(header, (data,))
                     if await self._send(frame):
                         flow.sent(len(data))

@@ -8,12 +8,15 @@ loop; ``_progress`` the progress reports. The cell (``flare_async.cell``) drives
 from flare_async.streaming._flow import (
     DEFAULT_CHUNK,
     DEFAULT_WINDOW,
+    LARGE_CHUNK,
+    LARGE_FROM,
     MAX_WINDOW,
     EndVerdict,
     ReceiverFlow,
     SenderFlow,
     Verdict,
     negotiate,
+    pick_chunk,
 )
 from flare_async.streaming._io import (
     ChunkLog,
@@ -28,6 +31,8 @@ from flare_async.streaming._progress import Progress, ProgressMeter
 __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_WINDOW",
+    "LARGE_CHUNK",
+    "LARGE_FROM",
     "MAX_WINDOW",
     "ChunkLog",
     "ChunkSource",
@@ -42,4 +47,5 @@ __all__ = [
     "checksum",
     "negotiate",
     "open_source",
+    "pick_chunk",
 ]
