@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import anyio
 import pytest
@@ -214,3 +214,68 @@ async def test_a_sender_dying_mid_frame_breaks_its_link_not_the_next_one() -> No
     finally:
         raw.close()
         await listener.aclose()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    return client, accepted
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("most", [256, 1])
+async def test_a_payload_bigger_than_a_pipe_is_gathered_into_a_chain_of_pipes(most: int) -> None:
+    """A pipe holds 1 MiB at most unprivileged, and fewer bytes where the network's pages are
+    small: a chunk takes several. Past ``most`` pipes the rest is read into memory."""
+    from flare_async.transport import _splice  # noqa: PLC0415 - the relay's own mechanism
+
+    size = 3 << 20
+    pool = _splice.PipePool(pipe_size=64 << 10)  # small pipes: several needed on any kernel
+    src_in, src_out = tcp_pair()
+    dst_in, dst_out = tcp_pair()
+    for s in (src_in, src_out, dst_in, dst_out):
+        s.setblocking(False)
+    data = pattern(size, seed=5)
+    moved: list[int] = []
+    received = bytearray()
+
+    async def feed() -> None:
+        view = memoryview(data)
+        while view:
+            await anyio.wait_writable(src_in)
+            with suppress(BlockingIOError):
+                view = view[src_in.send(view) :]
+
+    async def drain(until: int) -> None:
+        while len(received) < until:
+            await anyio.wait_readable(dst_out)
+            with suppress(BlockingIOError):
+                received.extend(dst_out.recv(1 << 20))
+
+    chain = _splice.PipeChain(pool, most=most)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            rest = await _splice.gather(
+                src_out, chain, size, lambda: anyio.wait_readable(src_out), moved.append
+            )
+        assert sum(moved) == size
+        assert len(chain.pipes) == min(most, len(chain.pipes))
+        if most > 1:
+            assert rest is None  # every byte went into pipes, none through memory
+            assert len(chain.pipes) > 1
+            assert chain.held == size
+        else:
+            assert rest is not None  # one small pipe: the rest came through memory
+            assert chain.held + len(rest) == size
+        held = chain.held
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, held)
+            await _splice.flush(chain, dst_in, lambda: anyio.wait_writable(dst_in))
+        assert chain.held == 0
+        assert bytes(received) + (bytes(rest) if rest is not None else b"") == data
+    finally:
+        chain.release()
+        for s in (src_in, src_out, dst_in, dst_out):
+            s.close()

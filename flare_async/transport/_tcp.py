@@ -549,7 +549,7 @@ class TcpLink(Link):
         size = passing.payload_len
         head = self._conn.head(frame.header, size)  # FrameTooLarge before any I/O
         try:
-            pipe = _splice.PIPES.take()
+            chain = _splice.PipeChain(_splice.PIPES)
         except OSError:  # out of descriptors or pipe memory: read it through, as without
             whole = await src.take_passing(passing)
             await self.send(Frame(frame.header, whole.parts))
@@ -557,25 +557,25 @@ class TcpLink(Link):
         try:
             rest = await src._move_passing(
                 lambda: _splice.gather(
-                    src._sock, pipe, passing.owed, src._await_payload, src._conn.passed
+                    src._sock, chain, passing.owed, src._await_payload, src._conn.passed
                 )
             )
             async with self._send_lock:
                 self._check_usable()
-                await self._write_passing([head, *frame.parts], pipe, rest)
+                await self._write_passing([head, *frame.parts], chain, rest)
             self._conn.count_frame(len(head) + size)
             src._passed += 1
         finally:
-            _splice.PIPES.give_back(pipe)  # closed if a failed forward left bytes in it
+            chain.release()  # a pipe a failed forward left bytes in is closed
 
     async def _write_passing(
-        self, segments: list[Buffer], pipe: _splice.Pipe, rest: memoryview | None
+        self, segments: list[Buffer], chain: _splice.PipeChain, rest: memoryview | None
     ) -> None:
         wrote = False
         try:
             await self._send_raw(segments)
             wrote = True
-            await _splice.flush(pipe, self._sock, self._wait_to_finish)
+            await _splice.flush(chain, self._sock, self._wait_to_finish)
             if rest is not None:
                 await self._send_raw([rest], begun=True)
         except OSError as exc:
