@@ -85,8 +85,8 @@ class StreamingMixin:
             size: the size, for an async iterable that knows it (used for progress only).
             chunk / window: proposed chunk size and flow-control window, in bytes (the
                 receiver may lower them). Memory held for the stream on every hop stays
-                within the window. Without ``chunk``: 4 MiB for objects of 64 MiB or more
-                where the window holds four such chunks, else 1 MiB
+                within the window. Without ``chunk``: 4 MiB for objects in memory of 64 MiB
+                or more where the window holds four such chunks, else 1 MiB
                 (:func:`~flare_async.streaming.pick_chunk`).
             digest: compute the whole object's SHA-256 on both ends (in a worker thread,
                 beside the transfer) and fail on a mismatch. Chunks always carry a CRC-32C.
@@ -268,7 +268,8 @@ class StreamingMixin:
         sha_from = getattr(source, "final_sha256", None)
         src = open_source(source, size)
         if not opts.chunk:
-            chunk = min(pick_chunk(src.size, opts.window), cell.limits.max_frame)
+            chunk = pick_chunk(src.size, opts.window, in_memory=src.in_memory)
+            chunk = min(chunk, cell.limits.max_frame)
             for o in (opts, *(per_dst or {}).values()):
                 o.chunk = o.chunk or chunk
         digest = Digest() if opts.digest and not opts.sha256 and sha_from is None else None

@@ -35,16 +35,18 @@ MAX_WINDOW = 256 << 20
 MIN_CHUNK = 4096
 
 
-def pick_chunk(size: int | None, window: int) -> int:
+def pick_chunk(size: int | None, window: int, *, in_memory: bool = True) -> int:
     """The chunk size a sender proposes when its caller did not choose one.
 
     Every chunk costs a fixed share of work on both ends (a frame, a flow-control step, a
-    wakeup), ~0.1 ms here: at 1 MiB that is a fifth of a 2 GB/s transfer. An object of
-    :data:`LARGE_FROM` bytes or more goes in :data:`LARGE_CHUNK` chunks where the window
-    still holds four of them (measured: +15% direct, +25% through a relay, see
-    ``benchmarks/README.md``); smaller objects, and small windows, keep 1 MiB chunks.
+    wakeup), ~0.1 ms here: at 1 MiB that is a fifth of a 2 GB/s transfer. An object already
+    in memory of :data:`LARGE_FROM` bytes or more goes in :data:`LARGE_CHUNK` chunks where the
+    window still holds four of them (measured: +15% direct, +20% through a relay, see
+    ``benchmarks/README.md``). Files keep 1 MiB chunks: a file is usually sent to be saved as
+    one, and a receiver writing 4 MiB chunks to disk ran at half the speed of 1 MiB ones
+    (0.39 against 0.66-0.75 GB/s file to file). Smaller objects, and small windows, keep 1 MiB.
     """
-    if size is not None and size >= LARGE_FROM and window >= 4 * LARGE_CHUNK:
+    if in_memory and size is not None and size >= LARGE_FROM and window >= 4 * LARGE_CHUNK:
         return LARGE_CHUNK
     return min(DEFAULT_CHUNK, window)
 

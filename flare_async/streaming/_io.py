@@ -47,6 +47,8 @@ class ChunkSource(Protocol):
 
     size: int | None
     """Total bytes, when known in advance."""
+    in_memory: bool
+    """The bytes are already in memory (chunks are views of them)."""
 
     async def read(self, max_bytes: int) -> Buffer:
         """Up to ``max_bytes`` next bytes; empty at the end."""
@@ -59,6 +61,7 @@ class _BufferSource:
     def __init__(self, parts: Sequence[Buffer]) -> None:
         self._parts = deque(memoryview(p).cast("B") for p in parts if len(p))
         self.size: int | None = sum(p.nbytes for p in self._parts)
+        self.in_memory = True
 
     async def read(self, max_bytes: int) -> Buffer:
         if not self._parts:
@@ -81,6 +84,7 @@ class _FileSource:
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         self.size: int | None = os.fstat(self._file.fileno()).st_size
+        self.in_memory = False
         self._path = path
 
     async def read(self, max_bytes: int) -> Buffer:
@@ -124,6 +128,7 @@ class _IterSource:
         self._it: AsyncIterator[Buffer] = aiter(items)
         self._rest: memoryview | None = None
         self.size = size
+        self.in_memory = False
 
     async def read(self, max_bytes: int) -> Buffer:
         while self._rest is None or not self._rest.nbytes:
