@@ -729,3 +729,12 @@ async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: 
         assert seen == data
     finally:
         await log.aclose()
+
+
+def test_a_digest_queue_holds_about_8_mib_whatever_the_chunk() -> None:
+    from flare_async.streaming import Digest  # noqa: PLC0415
+
+    assert Digest.for_chunks(1 << 20)._queue.size == 8
+    assert Digest.for_chunks(LARGE_CHUNK)._queue.size == 2
+    assert Digest.for_chunks(64 << 20)._queue.size == 2  # two at least: one hashed, one queued
+    assert Digest.for_chunks(CHUNK)._queue.size == (8 << 20) // CHUNK

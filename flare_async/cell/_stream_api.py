@@ -272,7 +272,8 @@ class StreamingMixin:
             chunk = min(chunk, cell.limits.max_frame)
             for o in (opts, *(per_dst or {}).values()):
                 o.chunk = o.chunk or chunk
-        digest = Digest() if opts.digest and not opts.sha256 and sha_from is None else None
+        wants_digest = opts.digest and not opts.sha256 and sha_from is None
+        digest = Digest.for_chunks(opts.chunk) if wants_digest else None
         log = ChunkLog(src, opts.chunk, opts.window, digest)
         senders = await send_streams(cell, dsts, log, digest, opts, per_dst or {}, sha_from)
         out: dict[str, Payload | FlareError] = {}

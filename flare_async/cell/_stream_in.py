@@ -117,7 +117,7 @@ class IncomingStream:
         self._error: BaseException | None = None
         self._expected_sha = open_.sha256
         self.digest_requested = open_.digest
-        self._digest = Digest() if digest else None
+        self._digest = Digest.for_chunks(chunk) if digest else None
         self._digest_started = False
         self.sha256 = ""
         """The digest of the bytes taken, once the stream ended (verified against the

@@ -191,6 +191,11 @@ async def read_checked(
     return [(data, None)] if len(data) else []
 
 
+DIGEST_QUEUE = 8 << 20
+"""Bytes a digest's queue holds at most (beside the stream's window): see
+:meth:`Digest.for_chunks`."""
+
+
 class Digest:
     """SHA-256 of a byte sequence, computed in a worker thread beside the transfer.
 
@@ -199,6 +204,12 @@ class Digest:
     queued (the hash is slower than the wire: ~1.2 GB/s here), which bounds the memory it
     holds. :meth:`run` must run in a task while the digest is fed.
     """
+
+    @classmethod
+    def for_chunks(cls, chunk: int) -> Digest:
+        """A digest whose queue holds about :data:`DIGEST_QUEUE` bytes of ``chunk``-sized
+        chunks (at least two): 8 chunks of 1 MiB, 2 of 4 MiB."""
+        return cls(depth=max(2, DIGEST_QUEUE // max(1, chunk)))
 
     def __init__(self, depth: int = 8) -> None:
         self._hash = hashlib.sha256()
