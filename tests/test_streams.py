@@ -713,7 +713,7 @@ async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: 
     log = ChunkLog(open_source(path), CHUNK, 3 * CHUNK, None)
     log.join("a")
     try:
-        assert await log.fill_one()
+        assert await log.fill()
         assert log.end == 3 * CHUNK  # as much as the window has room for, in one trip
         seen = b""
         while True:
@@ -723,7 +723,7 @@ async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: 
                 assert held.crc == checksum(held.data)  # computed with the read
                 seen += bytes(held.data)
             log.commit("a", log.end)
-            if not await log.fill_one():
+            if not await log.fill():
                 break
         assert log.eof
         assert seen == data

@@ -401,7 +401,7 @@ async def send_streams(
         try:
             while not log.eof:
                 if log.has_room:
-                    await log.fill_one()
+                    await log.fill()
                 else:
                     await log.wait_room()
         except Exception as exc:

@@ -90,15 +90,15 @@ class _FileSource:
     async def read(self, max_bytes: int) -> Buffer:
         return await anyio.to_thread.run_sync(self._read, max_bytes)
 
-    async def read_checked(self, max_bytes: int, count: int) -> list[tuple[Buffer, int]]:
+    async def read_checked(self, max_bytes: int, count: int) -> list[tuple[Buffer, int | None]]:
         """Up to ``count`` next chunks with their CRC-32C, in one trip to a worker thread
         (fewer at the end of the file; none past it). Each CRC reads bytes the copy just
         brought into the cache, and one trip for several chunks saves the thread round trips
         (~0.1 ms each on this machine), which one at a time held the sender back."""
         return await anyio.to_thread.run_sync(self._read_checked, max_bytes, count)
 
-    def _read_checked(self, max_bytes: int, count: int) -> list[tuple[Buffer, int]]:
-        out: list[tuple[Buffer, int]] = []
+    def _read_checked(self, max_bytes: int, count: int) -> list[tuple[Buffer, int | None]]:
+        out: list[tuple[Buffer, int | None]] = []
         for _ in range(count):
             data = self._read(max_bytes)
             if not data.nbytes:
@@ -186,7 +186,7 @@ async def read_checked(
     read memory (measured: 2.2 GB/s became 1.4 GB/s).
     """
     if isinstance(source, _FileSource):
-        return list(await source.read_checked(max_bytes, count))
+        return await source.read_checked(max_bytes, count)
     data = await source.read(max_bytes)
     return [(data, None)] if len(data) else []
 
@@ -307,8 +307,6 @@ class ChunkLog:
         self._committed: dict[str, int] = {}
         self._watchers: set[Watcher] = set()
         self._room: SignalLike | None = None
-        self.filling = False
-        """A task is reading the next chunk from the source."""
 
     @property
     def size(self) -> int | None:
@@ -353,13 +351,12 @@ class ChunkLog:
     def has_room(self) -> bool:
         return self.held < self.window
 
-    async def fill_one(self) -> bool:
+    async def fill(self) -> bool:
         """Read at least one more chunk, as many as the window has room for (up to
-        ``READ_BATCH`` in one go); one reader at a time: see :attr:`filling`. Returns False at
-        the end of the source."""
+        ``READ_BATCH`` in one go); one reader at a time (``send_streams``' read-ahead task).
+        Returns False at the end of the source."""
         if self.eof:
             return False
-        self.filling = True
         try:
             room = max(1, (self.window - self.held) // max(1, self.chunk))
             chunks = await read_checked(self._source, self.chunk, min(room, READ_BATCH))
@@ -373,7 +370,6 @@ class ChunkLog:
                 self.end += len(data)
             return True
         finally:
-            self.filling = False
             self._wake()
 
     async def wait_room(self) -> None:
