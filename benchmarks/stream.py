@@ -28,6 +28,14 @@ ceiling a file-to-file transfer meets. The fan-out case also reports ``upstream_
 the sender put on its link per run, with the object's size as ``baseline`` (ratio 1.0 means
 the object crossed the sender's link once, not once per receiver).
 
+``mem`` cases without the digest (direct and relay) also report ``case:framed-ceiling``: the
+throughput of the same frames in the plainest code (``_framed.py``: blocking sockets, each
+chunk's CRC-32C computed by the sender and checked by the receiver, a splicing relay for relay
+cases; no event loop, flow control, routing or headers), with the same ``baseline``, measured
+once after each run of the case. Its ratio is what any implementation keeping the per-chunk
+checksum can reach on this machine; the case's ``value`` over it is how far the library is
+from that.
+
 Run: ``python benchmarks/stream.py [--quick] [--repeat N] [--size BYTES] [--cases ...]``.
 Full size: 1 GiB objects (``--size 8GiB`` for the large run); ``--quick``: 64 MiB.
 """
@@ -47,7 +55,10 @@ from typing import Any
 
 from _report import emit, log, median, parser
 
+from flare_async.streaming import pick_chunk
+
 CHILD = str(Path(__file__).with_name("_streambench.py"))
+FRAMED = str(Path(__file__).with_name("_framed.py"))
 FULL_SIZE = 1 << 30
 QUICK_SIZE = 64 << 20
 CASES = ("direct-mem", "direct-file", "relay-mem", "relay-file", "fanout8-relay-mem")
@@ -71,10 +82,10 @@ def size_name(size: int) -> str:
 class Child:
     """One benchmark process; its JSON lines are read from its stdout."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], script: str = CHILD) -> None:
         self.role = cfg["role"]
         self.proc = subprocess.Popen(
-            [sys.executable, CHILD, json.dumps(cfg)],
+            [sys.executable, script, json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -125,6 +136,35 @@ class Baseline:
 
     def close(self) -> None:
         self.child.kill()
+
+
+class Ceiling:
+    """The framed ceiling (``_framed.py``): the stream's frames with their CRC-32C between
+    blocking sockets, a sender child, a receiver child checking each CRC and, for relay cases,
+    a splicing relay child between them. Measured like the baseline, once per run."""
+
+    def __init__(self, size: int, chunk: int, relay: bool) -> None:
+        self.size = size
+        self.children = [Child({"role": "framed_recv", "size": size}, FRAMED)]
+        port = self.children[0].line()["port"]
+        if relay:
+            cfg = {"role": "framed_relay", "size": size, "next": port}
+            self.children.append(Child(cfg, FRAMED))
+            port = self.children[-1].line()["port"]
+        cfg = {"role": "framed_send", "size": size, "chunk": chunk, "port": port}
+        self.sender = Child(cfg, FRAMED)
+        self.children.append(self.sender)
+
+    def once(self) -> float:
+        stdin = self.sender.proc.stdin
+        assert stdin is not None
+        stdin.write("go\n")
+        stdin.flush()
+        return self.size / float(self.sender.line()["seconds"])
+
+    def close(self) -> None:
+        for c in self.children:
+            c.kill()
 
 
 def disk_write(tmp: str, size: int) -> float:
@@ -191,6 +231,12 @@ def run_case(
         "kits": kits,
     }
     with ExitStack() as stack:
+        ceiling = None
+        if mode == "mem" and not digest and not fanout and not kits:
+            # the chunk the library picks within the sender's window (see _streambench.py)
+            picked = chunk or pick_chunk(size, 16 << 20, in_memory=True)
+            ceiling = Ceiling(size, picked, relay)
+            stack.callback(ceiling.close)
         sender = Child({**common, "role": "sender", "targets": receivers, "fanout": bool(fanout)})
         stack.callback(sender.kill)
         parent = f"tcp://127.0.0.1:{sender.line()['port']}"
@@ -208,7 +254,7 @@ def run_case(
             if c.role == "receiver":
                 c.line()
         sender.line()  # linked to every target
-        runs, bases = [], []
+        runs, bases, ceilings = [], [], []
         for i in range(repeat):
             bases.append(base.once())
             assert sender.proc.stdin is not None
@@ -217,9 +263,12 @@ def run_case(
             rec = sender.line()
             runs.append(rec)
             rate = size / rec["seconds"]
+            if ceiling is not None:
+                ceilings.append(ceiling.once())
             log(
                 f"{case} run {i + 1}/{repeat}: {rate / 1e9:.2f} GB/s"
-                f" (baseline just before: {bases[-1] / 1e9:.2f})"
+                f" (baseline just before: {bases[-1] / 1e9:.2f}"
+                + (f", framed ceiling just after: {ceilings[-1] / 1e9:.2f})" if ceilings else ")")
             )
         sender.stop()
         rss = {"sender": sender.line()["peak_rss"]}
@@ -236,6 +285,10 @@ def run_case(
         "B/s",
         median(bases),
     )
+    if ceilings:
+        emit(
+            "stream", f"{case}:framed-ceiling", "throughput", median(ceilings), "B/s", median(bases)
+        )
     for role, value in rss.items():
         emit("stream", f"{case}:{role}", "peak_rss", value, "B")
     if fanout:
