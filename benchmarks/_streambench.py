@@ -103,8 +103,7 @@ async def sender(cfg: dict[str, Any]) -> None:
                 source: Any = path
             else:
                 source = make_object(size)
-            chunk = cfg["chunk"]
-            window = max(16 << 20, 4 * (chunk or 0))  # chunk None: the library picks
+            chunk, window = cfg["chunk"], cfg["window"]  # chunk None: the library picks
             seal = None
             if cfg.get("kits"):  # sign the digest at the end (see stream.py --sign)
                 signer = Signer(load_kit(Path(cfg["kits"]) / "server"))

@@ -216,6 +216,7 @@ def run_case(
 ) -> None:
     fanout = 8 if path.startswith("fanout") else 0
     relay = "relay" in path
+    window = max(16 << 20, 4 * (chunk or 0))
     receivers = (
         [f"server.r.e{i}" for i in range(fanout)]
         if fanout
@@ -228,13 +229,13 @@ def run_case(
         "digest": digest,
         "tmp": tmp,
         "chunk": chunk,
+        "window": window,
         "kits": kits,
     }
     with ExitStack() as stack:
         ceiling = None
         if mode == "mem" and not digest and not fanout and not kits:
-            # the chunk the library picks within the sender's window (see _streambench.py)
-            picked = chunk or pick_chunk(size, 16 << 20, in_memory=True)
+            picked = chunk or pick_chunk(size, window, in_memory=True)  # what the library picks
             ceiling = Ceiling(size, picked, relay)
             stack.callback(ceiling.close)
         sender = Child({**common, "role": "sender", "targets": receivers, "fanout": bool(fanout)})
