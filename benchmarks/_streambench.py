@@ -20,8 +20,9 @@ Roles (``config["role"]``):
   preallocated 1 MiB buffer until ``size`` bytes came, then answers one byte; once per
   connection, until it is killed.
 
-Every role except ``raw_recv`` prints ``{"peak_rss": B}`` when it ends (``ru_maxrss``): the
-sender after its last run, the others when their stdin closes.
+Every role except ``raw_recv`` prints ``{"peak_rss": B}`` when its stdin closes
+(``ru_maxrss``); ``stream.py`` closes the receivers' first, then the relay's, then the
+sender's, so that no cell outlives its parent (it would try to reconnect).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ async def sender(cfg: dict[str, Any]) -> None:
                     if int(bytes(reply)) != size:  # type: ignore[call-overload]
                         raise RuntimeError(f"receiver took {bytes(reply)!r} of {size} B")
                 out(seconds=seconds, sent=link_bytes_sent(cell) - before)
+            await wait_stdin_eof()  # the cells below stop first (they would reconnect)
     out(peak_rss=peak_rss())
 
 

@@ -271,13 +271,19 @@ def run_case(
                 f" (baseline just before: {bases[-1] / 1e9:.2f}"
                 + (f", framed ceiling just after: {ceilings[-1] / 1e9:.2f})" if ceilings else ")")
             )
+        # Leaves first, then the relay, then the sender: a cell whose parent went away
+        # before it would try to reconnect (and say so on stderr).
+        rss: dict[str, int] = {}
+        for group in (
+            [c for c in members if c.role == "receiver"],
+            [r for r in members if r.role == "relay"],
+        ):
+            for c in group:
+                c.stop()
+            for c in group:
+                rss[c.role] = max(rss.get(c.role, 0), c.line()["peak_rss"])
         sender.stop()
-        rss = {"sender": sender.line()["peak_rss"]}
-        for c in members:
-            c.stop()
-        for c in members:
-            value = c.line()["peak_rss"]
-            rss[c.role] = max(rss.get(c.role, 0), value)
+        rss = {"sender": sender.line()["peak_rss"], **rss}
     emit(
         "stream",
         case,
