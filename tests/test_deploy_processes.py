@@ -234,14 +234,20 @@ def running_up(topology: Path, work: Path, *, cells: int) -> Iterator[list[str]]
             for line in proc.stdout:
                 lines.put(line)
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     seen: list[str] = []
     try:
         while f"all {cells} cells linked\n" not in seen:
             seen.append(lines.get(timeout=120))
         yield seen
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        status = proc.wait(timeout=60)
+        if status != 0:  # what up printed says why (a cell that died, a traceback)
+            reader.join(timeout=10)
+            while not lines.empty():
+                seen.append(lines.get())
+            pytest.fail(f"up exited with {status}; it printed:\n{''.join(seen)}")
     finally:
         if proc.poll() is None:
             proc.kill()
