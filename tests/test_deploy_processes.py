@@ -9,7 +9,9 @@ test follows instead of sleeping.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import os
 import random
 import signal
 import socket
@@ -216,10 +218,14 @@ parent = "tls://127.0.0.1:1"
 
 
 @contextlib.contextmanager
-def running_up(topology: Path, work: Path, *, cells: int) -> Iterator[list[str]]:
+def running_up(
+    topology: Path, work: Path, *, cells: int, to_a_thread: bool = False
+) -> Iterator[list[str]]:
     """``flare-async up TOPOLOGY`` until every cell linked; Ctrl-C (SIGINT) when the block
     ends, which must stop everything with exit status 0. Yields the lines ``up`` printed (all of
-    them once the block is over)."""
+    them once the block is over). ``to_a_thread``: the SIGINT goes to one of up's threads other
+    than the main one, as the kernel may deliver a process's signal to any thread that does
+    not block it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flare_async", "up", str(topology), "--workdir", str(work)],
         stdout=subprocess.PIPE,
@@ -241,7 +247,10 @@ def running_up(topology: Path, work: Path, *, cells: int) -> Iterator[list[str]]
         while f"all {cells} cells linked\n" not in seen:
             seen.append(lines.get(timeout=120))
         yield seen
-        proc.send_signal(signal.SIGINT)
+        if to_a_thread:
+            tgkill_a_thread(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         status = proc.wait(timeout=60)
         if status != 0:  # what up printed says why (a cell that died, a traceback)
             reader.join(timeout=10)
@@ -256,7 +265,29 @@ def running_up(topology: Path, work: Path, *, cells: int) -> Iterator[list[str]]
         seen.append(lines.get())
 
 
-def test_up_starts_a_topology_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+def tgkill_a_thread(pid: int, signo: int) -> None:
+    """Send ``signo`` to a thread of process ``pid`` other than its main thread."""
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert tids, "up has no thread besides its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tids[0], signo) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.parametrize(
+    "to_a_thread",
+    [
+        pytest.param(False, id="to-the-process"),
+        pytest.param(
+            True,
+            id="to-a-thread",
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="tgkill and /proc"),
+        ),
+    ],
+)
+def test_up_starts_a_topology_and_stops_it_on_ctrl_c(tmp_path: Path, to_a_thread: bool) -> None:
+    """Ctrl-C stops every cell and up exits 0, whichever of up's threads the kernel hands the
+    signal to (numpy's BLAS threads do not block it: up once died of a KeyboardInterrupt)."""
     p_server, p_relay = free_ports(2)
     topology = tmp_path / "topology.toml"
     topology.write_text(f"""
@@ -275,7 +306,7 @@ name = "{SITES[1]}"
 parent = "tls://127.0.0.1:{p_relay}"
 """)
     work = tmp_path / "work"
-    with running_up(topology, work, cells=4) as seen:
+    with running_up(topology, work, cells=4, to_a_thread=to_a_thread) as seen:
         pass
     assert seen[-1] == "all cells stopped\n", seen
     logs = sorted(p.name for p in (work / "logs").iterdir())

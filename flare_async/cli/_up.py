@@ -19,11 +19,13 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from subprocess import Popen
+from types import FrameType
 from typing import IO, Any
 
 from flare_async.security import Kit, Role, provision
 
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Linked:
@@ -35,9 +37,6 @@ class _Linked:
 
     def follow(self, name: str, stdout: IO[bytes], log: IO[bytes]) -> None:
         """Copy a cell's event lines into its log, noting when it reaches its parent."""
-        # Signals are the main thread's to take (sigtimedwait): a thread that left them
-        # unblocked would turn a second Ctrl-C into a KeyboardInterrupt mid-shutdown.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         with stdout, log:
             for line in stdout:
                 log.write(line)
@@ -52,13 +51,13 @@ class _Linked:
 
 
 def start_cells(
-    kits: list[Kit], workdir: Path, linked: _Linked
-) -> list[tuple[Kit, subprocess.Popen[bytes]]]:
-    """Start one ``flare_async run`` process per cell kit, parents first."""
+    kits: list[Kit], workdir: Path, linked: _Linked, procs: list[tuple[Kit, Popen[bytes]]]
+) -> None:
+    """Start one ``flare_async run`` process per cell kit, parents first, each added to
+    ``procs`` as it starts (so that a failure halfway still leaves them to stop)."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     order = sorted((k for k in kits if k.role is not Role.ADMIN), key=lambda k: k.name.count("."))
-    procs = []
     for kit in order:
         log = (logs / f"{kit.name}.log").open("wb")
         proc = subprocess.Popen(  # our own interpreter and module
@@ -75,15 +74,14 @@ def start_cells(
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
+        procs.append((kit, proc))
         assert proc.stdout is not None
         threading.Thread(
             target=linked.follow, args=(kit.name, proc.stdout, log), daemon=True
         ).start()
-        procs.append((kit, proc))
-    return procs
 
 
-def stop_cells(procs: list[tuple[Kit, subprocess.Popen[bytes]]], grace: float) -> None:
+def stop_cells(procs: list[tuple[Kit, Popen[bytes]]], grace: float) -> None:
     """SIGTERM every process (children first), SIGKILL what is left after ``grace`` seconds."""
     for _, proc in reversed(procs):
         if proc.poll() is None:
@@ -121,21 +119,29 @@ def up(topology: str, *, workdir: str | None, grace: float) -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="flare-async-up-"))
     kits = provision(topology, work / "kits", now=datetime.now(UTC), force=workdir is not None)
     linked = _Linked()
-    procs = start_cells(kits, work, linked)
-    children = {k.name for k, _ in procs if k.parent}
-    announced = False
-    print(f"started {len(procs)} cells from {topology}; logs in {work / 'logs'}")
-    for kit, proc in procs:
-        where = ", ".join(kit.listen) or f"-> {kit.parent}"
-        print(f"  {kit.name:32s} {kit.role.value:7s} pid {proc.pid:<7d} {where}")
-    print("Ctrl-C stops them all.")
-    sys.stdout.flush()
-    # Block the signals (after the children started: they must not inherit the mask) and wait
-    # for them synchronously: no handler races with the loop.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    procs: list[tuple[Kit, Popen[bytes]]] = []
+    # From here Ctrl-C and SIGTERM only raise a flag, which the loop checks and the stop
+    # ignores (a second Ctrl-C must not cut the stop short). Handlers rather than blocked
+    # signals: the threads we do not start (numpy's OpenBLAS workers) leave them unblocked,
+    # and a signal delivered there would raise KeyboardInterrupt anywhere in the main thread.
+    asked: list[int] = []
+
+    def ask(signo: int, _frame: FrameType | None) -> None:
+        asked.append(signo)
+
+    previous = {s: signal.signal(s, ask) for s in _STOP_SIGNALS}
     status = 0
     try:
-        while True:
+        start_cells(kits, work, linked, procs)
+        children = {k.name for k, _ in procs if k.parent}
+        print(f"started {len(procs)} cells from {topology}; logs in {work / 'logs'}")
+        for kit, proc in procs:
+            where = ", ".join(kit.listen) or f"-> {kit.parent}"
+            print(f"  {kit.name:32s} {kit.role.value:7s} pid {proc.pid:<7d} {where}")
+        print("Ctrl-C stops them all.")
+        sys.stdout.flush()
+        announced = False
+        while not asked:
             dead = [(k, p) for k, p in procs if p.poll() is not None]
             if dead:
                 for kit, proc in dead:
@@ -148,13 +154,10 @@ def up(topology: str, *, workdir: str | None, grace: float) -> int:
                 announced = True
                 print(f"all {len(procs)} cells linked")
                 sys.stdout.flush()
-            info = signal.sigtimedwait(_SIGNALS, 0.2)
-            if info is not None and info.si_signo != signal.SIGCHLD:
-                break
+            time.sleep(0.2)  # a signal's handler runs at once; the loop sees it on waking
     finally:
         stop_cells(procs, grace)
-        while signal.sigtimedwait(_SIGNALS, 0) is not None:
-            pass  # a second Ctrl-C during the stop: already being done
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print("all cells stopped")
     return status
