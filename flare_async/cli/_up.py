@@ -157,7 +157,7 @@ def up(topology: str, *, workdir: str | None, grace: float) -> int:
             time.sleep(0.2)  # a signal's handler runs at once; the loop sees it on waking
     finally:
         stop_cells(procs, grace)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
     print("all cells stopped")
     return status
