@@ -348,7 +348,10 @@ def test_a_three_tier_topology_from_its_fanout_runs_the_demo_job(
 ) -> None:
     """``[tree] fanout = [2, 2, 4]``: the server, 2 relays, 2 relays under each, 4 sites under
     each of those (23 cell processes, and a training process per site), started by
-    ``flare-async up``; the main demo job, submitted with the admin kit, completes."""
+    ``flare-async up``; the main demo job, submitted with the admin kit, completes. The job
+    asks for all 16 sites (``--min-clients``): every cell linked to its parent is not yet every
+    site registered with the server (a site whose relay linked up after it retries its
+    registration with backoff), and a job takes the sites registered when it starts."""
     topology = tmp_path / "three-tier.toml"
     text = (ROOT / "cells" / "topologies" / "three-tier.toml").read_text()
     topology.write_text(text.replace("port = 18100", f"port = {free_port_run(7)}"))
@@ -359,7 +362,7 @@ def test_a_three_tier_topology_from_its_fanout_runs_the_demo_job(
             [
                 sys.executable, "-m", "flare_async", "job", "--kit", str(work / "kits" / "admin-1"),
                 "submit", "examples.fedavg_digits:recipe", "--rounds", "2", "--deadline", "400",
-                "--wait",
+                "--min-clients", "16", "--wait",
             ],
             capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
         )  # fmt: skip
