@@ -38,19 +38,13 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
 
 import numpy as np
+from _report import line
 
 from flare_async.streaming import checksum
 
 HEADER = struct.Struct("<II")
-_F_SETPIPE_SZ = 1031
-
-
-def out(**record: Any) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
 
 
 def fill(sock: socket.socket, view: memoryview) -> None:
@@ -64,7 +58,7 @@ def fill(sock: socket.socket, view: memoryview) -> None:
 
 def listen() -> socket.socket:
     srv = socket.create_server(("127.0.0.1", 0))
-    out(port=srv.getsockname()[1])
+    line(port=srv.getsockname()[1])
     return srv
 
 
@@ -95,7 +89,7 @@ def framed_relay(size: int, next_port: int) -> None:
     head = memoryview(bytearray(HEADER.size))
     r, w = os.pipe()
     with contextlib.suppress(OSError):
-        fcntl.fcntl(w, _F_SETPIPE_SZ, 1 << 20)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
     with listen() as srv:
         while True:
             up, _ = srv.accept()
@@ -119,8 +113,8 @@ def framed_relay(size: int, next_port: int) -> None:
 
 def framed_send(size: int, chunk: int, port: int) -> None:
     block = memoryview(np.random.default_rng(3).bytes(min(size, 256 << 20)))
-    for line in sys.stdin:
-        if line.strip() != "go":
+    for command in sys.stdin:
+        if command.strip() != "go":
             break
         with nodelay(socket.create_connection(("127.0.0.1", port))) as s:
             start = time.perf_counter()
@@ -138,7 +132,7 @@ def framed_send(size: int, chunk: int, port: int) -> None:
                 sent += part.nbytes
             if s.recv(1) != b"k":
                 raise RuntimeError("framed receiver did not answer")
-            out(seconds=time.perf_counter() - start)
+            line(seconds=time.perf_counter() - start)
 
 
 def main(argv: list[str]) -> int:

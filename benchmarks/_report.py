@@ -108,9 +108,15 @@ def emit(
     if baseline is not None:
         record["baseline"] = _number(baseline)
         record["ratio"] = round(value / baseline, 4) if baseline else None
+    line(**record)
+    return record
+
+
+def line(**record: Any) -> None:
+    """Print one JSON line on stdout, flushed: a measurement (``emit``), or what a benchmark's
+    child process tells its parent."""
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
-    return record
 
 
 def _number(value: float) -> float | int:

@@ -39,17 +39,13 @@ from typing import Any
 
 import anyio
 import numpy as np
+from _report import line
 
 from flare_async import Cell, Context, HandlerTable, IncomingStream, system_handlers
 from flare_async.security import SignatureVerifier, Signer, load_kit
 from flare_async.transport import TcpDriver
 
 _BLOCK = 256 << 20
-
-
-def out(**record: Any) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
 
 
 def peak_rss() -> int:
@@ -87,7 +83,7 @@ def make_file(path: Path, size: int) -> None:
 async def sender(cfg: dict[str, Any]) -> None:
     size, mode, targets = cfg["size"], cfg["mode"], cfg["targets"]
     async with Cell("server", listen=["tcp://127.0.0.1:0"], drivers=[TcpDriver()]) as cell:
-        out(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
+        line(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
         with anyio.fail_after(120):
             for dst in targets:
                 while True:
@@ -96,7 +92,7 @@ async def sender(cfg: dict[str, Any]) -> None:
                         break
                     except Exception:  # not linked yet
                         await anyio.sleep(0.05)
-        out(linked=True)
+        line(linked=True)
         with tempfile.TemporaryDirectory(dir=cfg.get("tmp")) as tmp:
             if mode == "file":
                 path = Path(tmp) / "object.bin"
@@ -149,9 +145,9 @@ async def sender(cfg: dict[str, Any]) -> None:
                 for reply in replies:
                     if int(bytes(reply)) != size:  # type: ignore[call-overload]
                         raise RuntimeError(f"receiver took {bytes(reply)!r} of {size} B")
-                out(seconds=seconds, sent=link_bytes_sent(cell) - before)
+                line(seconds=seconds, sent=link_bytes_sent(cell) - before)
             await wait_stdin_eof()  # the cells below stop first (they would reconnect)
-    out(peak_rss=peak_rss())
+    line(peak_rss=peak_rss())
 
 
 def receiver_table(mode: str, tmp: str, verifier: SignatureVerifier | None) -> HandlerTable:
@@ -201,17 +197,17 @@ async def member(cfg: dict[str, Any]) -> None:
             with anyio.fail_after(60):
                 await cell.wait_parent()
             if relay:
-                out(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
+                line(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
             else:
-                out(ready=True)
+                line(ready=True)
             await wait_stdin_eof()
-    out(peak_rss=peak_rss())
+    line(peak_rss=peak_rss())
 
 
 def raw_recv(cfg: dict[str, Any]) -> None:
     size = cfg["size"]
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        out(port=srv.getsockname()[1])
+        line(port=srv.getsockname()[1])
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         while True:

@@ -28,8 +28,6 @@ import numpy as np
 SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
 """Whether this platform can splice (Linux)."""
 
-_F_SETPIPE_SZ = 1031
-_F_GETPIPE_SZ = 1032
 _PIPE_SIZE = 1 << 20
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -41,8 +39,8 @@ class Pipe:
     def __init__(self, size: int = _PIPE_SIZE) -> None:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # bigger than the system allows: keep the default
-            fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
-        self.size = int(fcntl.fcntl(self.w, _F_GETPIPE_SZ))
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, size)
+        self.size = int(fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ))
         self.held = 0
 
     def close(self) -> None:
