@@ -9,6 +9,7 @@ results out.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import inspect
@@ -20,25 +21,69 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, FlareError, Unauthorized
-from flare_async.fl._model import FLModel, model_from_parts, model_parts
+from flare_async.fl._model import (
+    NUMPY,
+    TORCH,
+    FLModel,
+    model_from_parts,
+    model_parts,
+    params_format_of,
+    to_framework,
+    wire_format,
+)
 from flare_async.fl._privacy import PrivacyFilter, SitePolicy
 from flare_async.fl._secagg import SecAggError
 from flare_async.fl._secure import SecureSite
 from flare_async.fl._signed import CHANNEL, E2E, stream_signed
+from flare_async.fl._tracking import AnalyticsDataType, MetricsBuffer, check_batch, records
 from flare_async.security import SignatureVerifier, Signer, encrypt_for
 from flare_async.transport import TcpLink
 from flare_async.wire import Event, Frame, Limits
 
 _STOP = object()
+
+
+@dataclass
+class _Task:
+    """A task as it waits in the inbox."""
+
+    id: str
+    model: FLModel
+    reply_to: str
+    kind: str = "train"
+    """The task's name: ``train``, ``validate``, ``submit_model`` (FLARE's names)."""
+    format: str = NUMPY
+    """The framework the server's model came in (``numpy`` or ``torch``)."""
+
+
+def log_records(
+    key: str,
+    value: Any,
+    data_type: AnalyticsDataType | str | int | None,
+    step: int | None,
+    kwargs: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The records of one ``flare.log`` call, in either of its shapes: ours ``log(key, value,
+    step)`` and FLARE's ``log(key, value, data_type, global_step=...)``."""
+    kind: AnalyticsDataType | str = AnalyticsDataType.SCALAR
+    if isinstance(data_type, AnalyticsDataType | str):
+        kind = data_type
+    elif isinstance(data_type, int) and not isinstance(data_type, bool):
+        step = data_type  # log(key, value, 3): ours, with a positional step
+    step = kwargs.pop("global_step", kwargs.pop("step", step))
+    return records(key, value, kind, step)
+
 
 _local = threading.local()
 _in_loop: contextvars.ContextVar[ClientRuntime | None] = contextvars.ContextVar(
@@ -62,7 +107,20 @@ class SiteRuntime(Protocol):
 
     def send(self, model: FLModel) -> None: ...
 
-    def log(self, key: str, value: float, step: int | None = None) -> None: ...
+    def log(
+        self,
+        key: str,
+        value: Any,
+        data_type: AnalyticsDataType | str | int | None = None,
+        step: int | None = None,
+        **kwargs: Any,
+    ) -> None: ...
+
+    def track(self, recs: list[dict[str, Any]]) -> None: ...
+
+    def system_info(self) -> dict[str, Any]: ...
+
+    def get_task_name(self) -> str | None: ...
 
 
 _process_runtime: SiteRuntime | None = None
@@ -109,6 +167,7 @@ class ClientRuntime:
             relays on the way cannot read them.
         task_verifier: every task must carry the server's signature over the model's digest
             (the project CA): a relay cannot change the model on its way down.
+        job: the job's id (``system_info()["job_id"]``).
     """
 
     def __init__(
@@ -124,7 +183,9 @@ class ClientRuntime:
         on_privacy: Callable[[dict[str, float]], None] | None = None,
         encrypt_to: bytes | None = None,
         task_verifier: SignatureVerifier | None = None,
+        job: str = "",
     ) -> None:
+        self.job = job
         self.encrypt_to = encrypt_to
         self.task_verifier = task_verifier
         if task_verifier is not None:
@@ -142,13 +203,22 @@ class ClientRuntime:
         self.server = server
         self.config = dict(config or {})
         self.codec = codec
-        self._inbox: queue.Queue[tuple[str, tuple[FLModel, str]] | object] = queue.Queue()
+        self._inbox: queue.Queue[_Task | object] = queue.Queue()
         self._running = True
         self._arrived: anyio.Event | None = None  # an in-loop script waits on it
         self._task: str | None = None
+        self._peeked: FLModel | None = None  # taken by is_running(), returned by receive()
+        self.task_name: str | None = None
         self._reply_to = server
         self._portal: anyio.from_thread.BlockingPortal | None = None
-        self.logged: list[tuple[str, float, int | None]] = []
+        self._sent_format: str | None = None  # what the script sent last (numpy or torch)
+        self.metrics = MetricsBuffer()
+        self._flushing = anyio.Lock()
+        self.metrics_sent = 0
+        self.metrics_lost = 0
+        self.failed: str | None = None
+        """Why the training script cannot answer tasks any more (it raised, or ended while
+        the job runs): every task from then on is refused at once with this reason."""
         self.sent = 0
 
     @property
@@ -195,6 +265,8 @@ class ClientRuntime:
         """
         if stream.src != self.server and not self.cell.name.startswith(stream.src + "."):
             raise Unauthorized(f"tasks come from {self.server} or a relay above, not {stream.src}")
+        if self.failed is not None:
+            raise BadRequest(f"{self.site} cannot train: {self.failed}")
         data = await stream.read_joined()
         if self.task_verifier is not None:
             expect = {
@@ -214,7 +286,8 @@ class ClientRuntime:
             self._secure_tasks[task] = stream.headers["secagg"]
         if self._filter is not None:
             self._received[task] = dict(model.params)  # the filters need what was sent
-        self._put((task, (model, reply_to)))
+        kind = stream.headers.get("kind", "train")
+        self._put(_Task(task, model, reply_to, kind, wire_format(data)))
         return b"accepted"
 
     def stop(self) -> None:
@@ -228,17 +301,43 @@ class ClientRuntime:
 
     # ------------------------------------------------------------ called from the script thread
     def is_running(self) -> bool:
-        return self._running
+        """Whether the job goes on, as FLARE's: while no task is in hand this waits for the
+        next one (kept for ``receive()``), so ``while flare.is_running(): m = receive()``
+        never gets ``None`` at the end of the job. A script on the cell's own loop gets the
+        flag without waiting."""
+        if _in_loop.get() is self:
+            return self._running
+        if self._task is not None or self._peeked is not None:
+            return True
+        model = self.receive()
+        if model is None:
+            return False
+        self._peeked = model
+        return True
+
+    def _pop_peeked(self) -> FLModel | None:
+        model, self._peeked = self._peeked, None
+        return model
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         """The next task's model; ``None`` once the job is over (or after ``timeout``)."""
         if _in_loop.get() is self:
             raise RuntimeError("an async script on the cell's loop uses await receive_async()")
+        if (peeked := self._pop_peeked()) is not None:
+            return peeked
         try:
             item = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
         return self._take(item)
+
+    def system_info(self) -> dict[str, Any]:
+        """``{"job_id", "site_name"}``, as FLARE's ``flare.system_info()``."""
+        return {"job_id": self.job, "site_name": self.site}
+
+    def get_task_name(self) -> str | None:
+        """The name of the task in hand (``train``, ``validate``, ``submit_model``)."""
+        return self.task_name
 
     async def areceive(self, timeout: float | None = None) -> FLModel | None:
         """:meth:`receive` for a script on the cell's own loop: waits without a thread."""
@@ -257,11 +356,17 @@ class ClientRuntime:
         if item is _STOP:
             self._inbox.put(_STOP)  # later calls see it too
             return None
-        assert isinstance(item, tuple)
-        task, (model, reply_to) = item
-        self._task = task
-        self._reply_to = reply_to
-        assert isinstance(model, FLModel)
+        assert isinstance(item, _Task)
+        self._task = item.id
+        self._reply_to = item.reply_to
+        self.task_name = item.kind
+        model = item.model
+        # The script's framework: the config's word, else the server model's, else what the
+        # script sent last. Shared with the received bytes unless a filter keeps them.
+        fmt = self.config.get("params_format") or (
+            TORCH if TORCH in (item.format, self._sent_format) else NUMPY
+        )
+        model.params = to_framework(model.params, str(fmt), share=self._filter is None)
         return model
 
     def send(self, model: FLModel) -> None:
@@ -281,6 +386,11 @@ class ClientRuntime:
             self._portal.call(self._send, model, task, self._reply_to)
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
+        except (concurrent.futures.CancelledError, RuntimeError) as exc:
+            # The job ended (its portal cancelled or closed) while the result was on its way:
+            # the script's loop ends at its next is_running(), as FLARE's does.
+            self._running = False
+            self.cell._log.info("job ended before the result was sent", task=task, error=repr(exc))
 
     async def asend(self, model: FLModel) -> None:
         """:meth:`send` for a script on the cell's own loop."""
@@ -293,6 +403,8 @@ class ClientRuntime:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
     async def _send(self, model: FLModel, task: str, dst: str) -> Payload:
+        self._sent_format = params_format_of(model.params)
+        await self.flush_metrics()  # the round's values are stored before its result counts
         codec = self._result_codec(task)  # before _outgoing forgets the task's session
         model = await self._outgoing(model, task)
         parts = model_parts(model, self.cell.codecs, codec)
@@ -348,18 +460,76 @@ class ClientRuntime:
         """Tell the server the task in hand will not be answered (the script failed), so the
         round does not wait for it until its deadline."""
         task, self._task = self._task, None
-        if task is None:
-            return
+        self._peeked = None
+        if task is not None:
+            await self._report(task, self._reply_to, reason)
+
+    async def _report(self, task: str, reply_to: str, reason: str) -> None:
         self._received.pop(task, None)
+        self._secure_tasks.pop(task, None)
         try:
             await self.cell.request(
-                self._reply_to, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
+                reply_to, CHANNEL, "failed", reason.encode()[:1000], headers={"task": task}
             )
         except FlareError as exc:
             self.cell._log.info("could not report the failure", error=str(exc))
 
-    def log(self, key: str, value: float, step: int | None = None) -> None:
-        self.logged.append((key, float(value), step))
+    async def fail(self, reason: str) -> None:
+        """The training script cannot answer any more (it raised ``reason``, or ended while
+        the job runs): the task in hand and every task waiting are reported failed with that
+        reason at once, and tasks that come later are refused with it (the round goes on
+        without this site, or fails for want of it, saying why)."""
+        self.failed = reason
+        self._running = False
+        self.cell._log.warning("training script failed", site=self.site, reason=reason)
+        await self.report_failure(reason)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Task):
+                await self._report(item.id, item.reply_to, reason)
+        self._put(_STOP)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self.flush_metrics()
+
+    def log(
+        self,
+        key: str,
+        value: Any,
+        data_type: AnalyticsDataType | str | int | None = None,
+        step: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Track a value (see :mod:`flare_async.fl._tracking`): sent to the server in the
+        background, and before the next result at the latest."""
+        self.track(log_records(key, value, data_type, step, kwargs))
+
+    def track(self, recs: list[dict[str, Any]]) -> None:
+        """Queue ``recs`` for the server; from the script's thread, a send starts at once."""
+        if self.metrics.add(recs) and self._portal is not None and _in_loop.get() is not self:
+            with contextlib.suppress(RuntimeError):  # the job (and its portal) just ended
+                self._portal.start_task_soon(self.flush_metrics)
+
+    async def flush_metrics(self) -> None:
+        """Send every value tracked so far to the server (``fl/metrics``), in batches, in
+        order. Values the server cannot take are counted in ``metrics_lost``."""
+        async with self._flushing:
+            while batch := self.metrics.take():
+                try:
+                    await self.cell.request(
+                        self.server,
+                        CHANNEL,
+                        "metrics",
+                        json.dumps(batch).encode(),
+                        headers={"job": self.job},
+                        timeout=30,
+                    )
+                    self.metrics_sent += len(batch)
+                except FlareError as exc:
+                    self.metrics_lost += len(batch)
+                    self.cell._log.warning("tracked values not delivered", error=str(exc))
 
     # ------------------------------------------------------------ running a script
     async def run_script(self, script: Callable[[], object], *, in_loop: bool = False) -> None:
@@ -370,7 +540,22 @@ class ClientRuntime:
                 no loop of its own: what lets one process simulate thousands of sites). It must
                 not block: heavy work goes to ``anyio.to_thread``; it uses the awaitable Client
                 API (``receive_async`` / ``send_async``).
+
+        A script that raises fails the site's part of the job at once (:meth:`fail`, with the
+        exception's own text; then it is raised here); one that returns while the job still
+        runs is failed the same way. Values it tracked are flushed to the server either way.
         """
+        try:
+            await self._run_script(script, in_loop)
+        except Exception as exc:
+            await self.fail(f"training script failed: {type(exc).__name__}: {exc}")
+            raise
+        if self._running:
+            await self.fail("the training script returned while the job runs")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self.flush_metrics()
+
+    async def _run_script(self, script: Callable[[], object], in_loop: bool) -> None:
         if in_loop and inspect.iscoroutinefunction(script):
             token = _in_loop.set(self)
             try:
@@ -429,6 +614,7 @@ class ClientRuntime:
             "FLARE_ASYNC_SITE": self.site,
             "FLARE_ASYNC_CONFIG": json.dumps(self.config),
             "FLARE_ASYNC_CODEC": self.codec,
+            "FLARE_ASYNC_JOB": self.job,
         }
         out = None if log is None else os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -458,7 +644,7 @@ class ClientRuntime:
         link.peer_limits = PIPE_LIMITS
         aborted = False
         try:
-            await self._serve_worker(link)
+            await self._serve_worker(link, stop_timeout)
         except anyio.get_cancelled_exc_class():
             aborted = True
             raise
@@ -473,7 +659,59 @@ class ClientRuntime:
                     proc.kill()
                     await proc.wait()
 
-    async def _serve_worker(self, link: TcpLink) -> None:
+    async def _serve_worker(self, link: TcpLink, stop_timeout: float) -> None:
+        """Feed the worker tasks and take its results, while reading everything else it says
+        (tracked values, the script's exception) as it comes."""
+        results_in, results = anyio.create_memory_object_stream[Frame](1)
+        read_done = anyio.Event()
+        async with results, anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                try:
+                    await self._read_worker(link, results_in, tg)
+                finally:
+                    read_done.set()
+
+            tg.start_soon(read)
+            await self._feed_worker(link, results)
+            with anyio.move_on_after(stop_timeout):  # the worker's last values, its exit
+                await read_done.wait()
+            tg.cancel_scope.cancel()
+
+    async def _read_worker(
+        self, link: TcpLink, results: anyio.abc.ObjectSendStream[Frame], tg: anyio.abc.TaskGroup
+    ) -> None:
+        error = ""
+        async with results:
+            while True:
+                try:
+                    frame = await link.receive()
+                except FlareError:
+                    break
+                topic = frame.header.topic if isinstance(frame.header, Event) else ""
+                body = b"".join(bytes(p) for p in frame.parts) if topic != "result" else b""
+                if topic == "result":
+                    await results.send(frame)
+                elif topic == "metrics":
+                    try:
+                        recs = check_batch(body)
+                    except (ValueError, TypeError) as exc:
+                        self.cell._log.warning("bad tracked values from the worker", error=str(exc))
+                        continue
+                    if self.metrics.add(recs):
+                        tg.start_soon(self.flush_metrics)
+                elif topic == "error":
+                    error = body.decode(errors="replace")[:2000]
+            if self._running and self.failed is None:
+                await self.fail(
+                    f"training script failed: {error}"
+                    if error
+                    else "the training process ended while the job runs"
+                )
+
+    async def _feed_worker(
+        self, link: TcpLink, results: anyio.abc.ObjectReceiveStream[Frame]
+    ) -> None:
         while True:
             item = await anyio.to_thread.run_sync(
                 self._inbox.get, abandon_on_cancel=True, limiter=self._waiter
@@ -483,23 +721,25 @@ class ClientRuntime:
                 with contextlib.suppress(FlareError):
                     await link.send(Frame(_event("stop")))
                 return
-            assert isinstance(item, tuple)
-            task, (model, reply_to) = item
+            assert isinstance(item, _Task)
+            task, model, reply_to = item.id, item.model, item.reply_to
             self._task = task
-            await link.send(
-                Frame(_event("task"), tuple(model_parts(model, self.cell.codecs, "tensors")))
-            )
+            parts = model_parts(model, self.cell.codecs, "tensors", params_format=item.format)
+            with contextlib.suppress(FlareError):  # a dead worker: the reader reports it
+                await link.send(
+                    Frame(_event("task", {"task": task, "kind": item.kind}), tuple(parts))
+                )
             try:
-                frame = await link.receive()
-            except FlareError as exc:
-                await self.report_failure(f"training process ended: {exc}")
-                return
+                frame = await results.receive()
+            except anyio.EndOfStream:
+                return  # the worker ended; the reader failed the task in hand
             self._task = None
-            parts: list[Any] = list(frame.parts)
+            parts = list(frame.parts)
             codec = self._result_codec(task)
             if self._filter is not None or self.policy.codec or task in self._secure_tasks:
                 result = await self._outgoing(model_from_parts(parts), task)
                 parts = model_parts(result, self.cell.codecs, codec)
+            await self.flush_metrics()
             try:
                 await self._stream_result(parts, task, reply_to, codec)
             except FlareError as exc:  # this round's result is lost; the script goes on
@@ -515,14 +755,14 @@ def run_any(script: Callable[[], object]) -> None:
         script()
 
 
-def _event(topic: str) -> Event:
+def _event(topic: str, headers: dict[str, str] | None = None) -> Event:
     return Event(
         id=0,
         src="site",
         dst="worker",
         route=["site"],
         budget=None,
-        headers={},
+        headers=headers or {},
         channel=CHANNEL,
         topic=topic,
     )

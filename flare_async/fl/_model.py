@@ -24,8 +24,10 @@ from flare_async.errors import DecodeError
 MODEL_KEY = "flare.model"
 
 
-class ParamsType(enum.Enum):
-    """What ``FLModel.params`` holds: whole weights, or the change since the model received."""
+class ParamsType(enum.StrEnum):
+    """What ``FLModel.params`` holds: whole weights, or the change since the model received.
+
+    A string enum, as FLARE's: ``FLModel(params_type="FULL")`` is ``ParamsType.FULL``."""
 
     FULL = "FULL"
     DIFF = "DIFF"
@@ -49,10 +51,50 @@ class FLModel:
     meta: dict[str, Any] = field(default_factory=dict)
     current_round: int | None = None
     total_rounds: int | None = None
+    start_round: int = 0
+    optimizer_params: dict[str, Any] | None = None
+    """Kept on the site (FLARE's field, for scripts that set it): not sent."""
+
+    def __post_init__(self) -> None:
+        # FLARE scripts pass None for empty fields and the params type as a string.
+        given: Any = self  # what was passed, whatever the annotations say
+        if given.params is None:
+            self.params = {}
+        if given.metrics is None:
+            self.metrics = {}
+        if given.meta is None:
+            self.meta = {}
+        kind = given.params_type
+        if kind is None:
+            self.params_type = ParamsType.FULL
+        elif not isinstance(kind, ParamsType):
+            try:
+                self.params_type = ParamsType(str(kind).upper())
+            except ValueError:
+                raise ValueError(f"params_type must be FULL or DIFF, not {kind!r}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """What the model holds, without its tensors (for printing)."""
+        return {
+            "params_type": self.params_type.value,
+            "params": len(self.params),
+            "metrics": self.metrics,
+            "meta": self.meta,
+            "current_round": self.current_round,
+            "total_rounds": self.total_rounds,
+        }
 
 
-def model_parts(model: FLModel, codecs: CodecRegistry, codec: str = "tensors") -> list[Buffer]:
+def model_parts(
+    model: FLModel,
+    codecs: CodecRegistry,
+    codec: str = "tensors",
+    params_format: str | None = None,
+) -> list[Buffer]:
     """The payload parts of ``model`` in ``codec`` (parameters not copied where avoidable).
+
+    ``params_format`` (``numpy`` or ``torch``) says in which framework the receiving script
+    gets the parameters; by default the framework of ``model.params`` themselves.
 
     Raises:
         CodecError: a parameter that cannot travel; DecodeError: no such codec.
@@ -63,6 +105,8 @@ def model_parts(model: FLModel, codecs: CodecRegistry, codec: str = "tensors") -
         "meta": model.meta,
         "current_round": model.current_round,
         "total_rounds": model.total_rounds,
+        "start_round": model.start_round,
+        "format": params_format or params_format_of(model.params),
     }
     parts = codecs.get(codec).encode(model.params)
     # Re-encode the header with our metadata beside the codec's own (the data parts stay).
@@ -108,9 +152,66 @@ def model_from_parts(parts: Sequence[Buffer] | Buffer) -> FLModel:
             meta=dict(info["meta"]),
             current_round=info["current_round"],
             total_rounds=info["total_rounds"],
+            start_round=int(info.get("start_round") or 0),
         )
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise DecodeError(f"not a model payload: {exc!r}") from None
+
+
+NUMPY = "numpy"
+TORCH = "torch"
+FORMATS = (NUMPY, TORCH)
+
+
+def params_format_of(params: Mapping[str, Any]) -> str:
+    """``torch`` if any parameter is a torch tensor, else ``numpy``."""
+    for value in params.values():
+        if type(value).__module__.startswith("torch"):
+            return TORCH
+    return NUMPY
+
+
+def wire_format(parts: Sequence[Buffer] | Buffer) -> str:
+    """The framework a model payload asks its script to get its parameters in (``numpy`` for
+    payloads that do not say)."""
+    try:
+        view = memoryview(parts if isinstance(parts, bytes | bytearray | memoryview) else parts[0])
+        info = json.loads(_header_meta(view).get(MODEL_KEY, "{}"))
+        fmt = str(info.get("format") or NUMPY)
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return NUMPY
+    return fmt if fmt in FORMATS else NUMPY
+
+
+def to_framework(params: dict[str, Any], fmt: str, *, share: bool = True) -> dict[str, Any]:
+    """``params`` as ``fmt`` wants them: numpy arrays, or torch tensors (sharing the received
+    bytes when ``share`` and the buffer is writable, else copied; bfloat16 kept)."""
+    if fmt != TORCH:
+        return {k: as_numpy(v) for k, v in params.items()}
+    import torch  # noqa: PLC0415 - torch only for scripts that use it
+
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+            continue
+        a = np.asarray(value)
+        if not a.flags.writeable:
+            a = _writable(a) if share else a.copy()
+        if a.dtype.name == "bfloat16":
+            out[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            out[name] = torch.from_numpy(a)
+    return out
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` made writable in place (a view of our own received buffer), else a copy."""
+    try:
+        a.flags.writeable = True
+    except ValueError:  # the bytes are read-only (an immutable buffer, a mapped file)
+        return a.copy()
+    return a
 
 
 def copy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -118,4 +219,14 @@ def copy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.array(as_numpy(v), copy=True) for k, v in params.items()}
 
 
-__all__ = ["FLModel", "ParamsType", "copy_params", "encode", "model_from_parts", "model_parts"]
+__all__ = [
+    "FLModel",
+    "ParamsType",
+    "copy_params",
+    "encode",
+    "model_from_parts",
+    "model_parts",
+    "params_format_of",
+    "to_framework",
+    "wire_format",
+]

@@ -47,6 +47,7 @@ from flare_async.fl._results import (
     sha256_of,
 )
 from flare_async.fl._signed import CHANNEL
+from flare_async.fl._tracking import MAX_PER_SITE, check_batch
 from flare_async.security import Decryptor, SignatureVerifier, Signer
 
 PULL_WAIT = 5.0
@@ -81,6 +82,9 @@ class FLServer:
         decryptor: opens results sealed for this server's key (``FedAvgRecipe(encrypt=)``).
         signer: signs every task (the digest of the model, the task id) so sites can check
             that no relay changed the model on its way down.
+        on_metrics: called with ``(site, records)`` for every batch of values a client's
+            script tracked (``fl/metrics``; see :mod:`flare_async.fl._tracking`); without
+            it they are kept in :attr:`tracked`.
     """
 
     def __init__(
@@ -99,7 +103,15 @@ class FLServer:
         verifier: SignatureVerifier | None = None,
         decryptor: Decryptor | None = None,
         signer: Signer | None = None,
+        on_metrics: Callable[[str, list[dict[str, Any]]], None] | None = None,
     ) -> None:
+        self.on_metrics = on_metrics
+        self.tracked: list[dict[str, Any]] = []
+        """Values the clients tracked, each with its ``site`` (when no ``on_metrics``)."""
+        self._tracked_per_site: dict[str, int] = {}
+        self.params_format: str | None = None
+        """The framework the workflow's model came in (``torch``: the sites' scripts get torch
+        tensors); set by the workflows from the initial model."""
         self.signer = signer
         self.decryptor = decryptor
         self.on_reject = on_reject
@@ -140,6 +152,10 @@ class FLServer:
         async def pull(ctx: Context, msg: Payload) -> bytes:
             return json.dumps(await self.take_pull(ctx.src)).encode()
 
+        @table.request(CHANNEL, "metrics")
+        async def metrics(ctx: Context, msg: Payload) -> bytes:
+            return self.take_metrics(ctx.src, msg)
+
         return table
 
     async def take_pull(self, site: str) -> dict[str, Any]:
@@ -157,6 +173,36 @@ class FLServer:
         if self._grant is None:
             return {"wait": PULL_WAIT}
         return await self._grant(site)
+
+    def take_metrics(self, site: str, msg: Payload) -> bytes:
+        """A batch of values a client's script tracked (``fl/metrics``). Only the job's
+        clients may send them; each record is checked; past ``MAX_PER_SITE`` records from one
+        site the rest are dropped (and counted in the answer).
+
+        Raises:
+            Unauthorized: ``site`` is not one of the job's clients.
+            BadRequest: a malformed batch.
+        """
+        if site not in self._members:
+            raise Unauthorized(f"{site} is not a client of job {self.job}")
+        try:
+            recs = check_batch(msg.tobytes())
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise BadRequest(f"bad tracked values: {exc}") from None
+        seen = self._tracked_per_site.get(site, 0)
+        room = max(0, MAX_PER_SITE - seen)
+        kept, dropped = recs[:room], len(recs) - min(room, len(recs))
+        self._tracked_per_site[site] = seen + len(kept)
+        for rec in kept:
+            rec["site"] = site
+        if kept:
+            if self.on_metrics is not None:
+                self.on_metrics(site, kept)
+            else:
+                self.tracked.extend(kept)
+        if dropped:
+            self._log.warning("tracked values over the limit dropped", site=site, n=dropped)
+        return json.dumps({"kept": len(kept), "dropped": dropped}).encode()
 
     def awaiting(self, task: str, site: str) -> bool:
         """Whether ``task`` is open and still waits for ``site``'s result."""
@@ -239,7 +285,7 @@ class FLServer:
         self._open[task_id] = collector
         task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
-            parts = model_parts(model, self.cell.codecs, self.codec)
+            parts = model_parts(model, self.cell.codecs, self.codec, self.params_format)
             sha = ""
             if self.signer is not None:  # one digest, one signature, for every destination
                 sha = await anyio.to_thread.run_sync(sha256_of, parts)

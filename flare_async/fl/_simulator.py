@@ -44,6 +44,7 @@ async def simulate(
     join_timeout: float = 120.0,
     in_loop: bool = False,
     network: MemoryNetwork | None = None,
+    on_metrics: Callable[[str, list[dict[str, Any]]], None] | None = None,
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
@@ -68,6 +69,9 @@ async def simulate(
             each (``ClientRuntime.run_script(in_loop=True)``): thousands of light sites in one
             process. Such scripts must not block.
         network: the in-process network to use (its ``statistics()`` count the frames).
+        on_metrics: called with ``(site, records)`` for the values each script tracks
+            (``flare.log``, ``flare_async.client.tracking``); without it the server keeps
+            them in ``FLServer.tracked``.
 
     Returns:
         what the workflow returns.
@@ -95,6 +99,7 @@ async def simulate(
             on_round=on_round,
             digest=False,
             hierarchical=bool(leaves),
+            on_metrics=on_metrics,
         )
         server_cell.mount(server.handlers())
         await stack.enter_async_context(server_cell)
@@ -123,7 +128,7 @@ async def simulate(
                 codec=codec,
                 join_timeout=join_timeout,
             )
-        sites = _SiteCells(net, codec, heartbeat=None if in_loop else 15.0)
+        sites = _SiteCells(net, codec, heartbeat=None if in_loop else 15.0, job=job)
         return await sites.run(
             workflow,
             server,
@@ -174,7 +179,10 @@ class _SiteCells:
     at once, at most ``LINKING`` linking at a time; closed all at once), its script beside
     it."""
 
-    def __init__(self, net: MemoryNetwork, codec: str, heartbeat: float | None) -> None:
+    def __init__(
+        self, net: MemoryNetwork, codec: str, heartbeat: float | None, job: str = "sim"
+    ) -> None:
+        self.job = job
         self.net = net
         self.codec = codec
         self.heartbeat = heartbeat
@@ -187,7 +195,9 @@ class _SiteCells:
 
     async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
         cell = Cell(name, parent=parent, drivers=[self.net], heartbeat=self.heartbeat)
-        runtime = ClientRuntime(cell, "server", config=config, codec=self.codec, digest=False)
+        runtime = ClientRuntime(
+            cell, "server", config=config, codec=self.codec, digest=False, job=self.job
+        )
         cell.mount(runtime.handlers())
         linking = True
         await self.linking.acquire()
@@ -312,7 +322,7 @@ async def _with_site_processes(
     """Start one process per site, run the workflow once all joined, stop them."""
     from flare_async.fl._recipe import script_spec  # noqa: PLC0415 - the recipe imports us
 
-    async with _site_processes(sites, script, script_spec, codec) as procs:
+    async with _site_processes(sites, script, script_spec, codec, server.job) as procs:
         await joined.wait(
             {name: proc for (name, _, _), proc in zip(sites, procs, strict=True)}, join_timeout
         )
@@ -332,6 +342,7 @@ async def _site_processes(
     script: Any,
     spec_of: Callable[[Any], str],
     codec: str,
+    job: str,
 ) -> AsyncIterator[list[anyio.abc.Process]]:
     procs: list[anyio.abc.Process] = []
     try:
@@ -342,6 +353,7 @@ async def _site_processes(
                 "FLARE_ASYNC_CONFIG": json.dumps(config),
                 "FLARE_ASYNC_CODEC": codec,
                 "FLARE_ASYNC_DIGEST": "0",
+                "FLARE_ASYNC_JOB": job,
             }
             procs.append(
                 await anyio.open_process(
@@ -380,5 +392,5 @@ async def _run_guarded(
         else:
             await runtime.run_script(script, in_loop=in_loop)
     except Exception as exc:  # a crashed training script must not take the simulation down
+        # (run_script has failed the site already, reporting the script's own words)
         runtime.cell._log.error("training script failed", site=runtime.site, exc_info=exc)
-        await runtime.report_failure(f"training script failed: {type(exc).__name__}: {exc}")

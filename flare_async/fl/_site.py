@@ -283,6 +283,7 @@ class SiteJobs:
             on_privacy=lambda dp: self._audit("privacy", job=job, **dp),
             encrypt_to=encrypt_to,
             task_verifier=self.verifier,
+            job=job,
         )
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running
@@ -311,7 +312,7 @@ class SiteJobs:
         except Exception as exc:  # one job's failure never takes the site down
             outcome = f"failed: {type(exc).__name__}: {exc}"
             self._log.warning("job process failed", job=job, error=str(exc))
-            await running.runtime.report_failure(f"training process failed: {exc}")
+            await running.runtime.fail(f"training process failed: {type(exc).__name__}: {exc}")
         finally:
             if self.jobs.get(job) is running:
                 del self.jobs[job]

@@ -17,17 +17,30 @@ process, with the job's codec). The script's stdout and stderr stay its own.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable
+from typing import Any
 
 from flare_async._spec import load_object
 from flare_async.codecs import CodecRegistry
-from flare_async.fl._client import bind_process_runtime, run_any
-from flare_async.fl._model import FLModel, model_from_parts, model_parts
+from flare_async.fl._client import bind_process_runtime, log_records, run_any
+from flare_async.fl._model import (
+    NUMPY,
+    TORCH,
+    FLModel,
+    model_from_parts,
+    model_parts,
+    params_format_of,
+    to_framework,
+    wire_format,
+)
+from flare_async.fl._tracking import AnalyticsDataType
 from flare_async.wire import NEED_DATA, Connection, Event, Frame, Limits
 
 LIMITS = Limits(max_frame=(1 << 63) - 1)
@@ -37,9 +50,17 @@ LIMITS = Limits(max_frame=(1 << 63) - 1)
 class PipeRuntime:
     """The Client API's runtime in the worker process: blocking frames over the socket."""
 
-    def __init__(self, sock: socket.socket, site: str, config: dict[str, object], codec: str):
+    def __init__(
+        self,
+        sock: socket.socket,
+        site: str,
+        config: dict[str, object],
+        codec: str,
+        job: str = "",
+    ):
         self.sock = sock
         self.site = site
+        self.job = job
         self.config = config
         self.codec = codec
         self.conn = Connection(LIMITS)
@@ -47,10 +68,22 @@ class PipeRuntime:
         self.codecs = CodecRegistry()
         self._running = True
         self._has_task = False
-        self.logged: list[tuple[str, float, int | None]] = []
+        self._peeked: FLModel | None = None
+        self._sent_format: str | None = None
+        self.task_name: str | None = None
 
     def is_running(self) -> bool:
-        return self._running
+        """Waits for the next task when none is in hand (FLARE's way; see the Client API)."""
+        if self._has_task or self._peeked is not None:
+            return True
+        self._peeked = self.receive()
+        return self._peeked is not None
+
+    def system_info(self) -> dict[str, Any]:
+        return {"job_id": self.job, "site_name": self.site}
+
+    def get_task_name(self) -> str | None:
+        return self.task_name
 
     def _next_frame(self) -> Frame | None:
         while True:
@@ -68,18 +101,32 @@ class PipeRuntime:
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         del timeout  # blocking until the site sends a task or stops the job
+        if self._peeked is not None:
+            model, self._peeked = self._peeked, None
+            return model
+        if not self._running:
+            return None
         frame = self._next_frame()
         if frame is None or not isinstance(frame.header, Event) or frame.header.topic != "task":
             self._running = False
             return None
         self._has_task = True
-        return model_from_parts(frame.parts)
+        self.task_name = frame.header.headers.get("kind", "train")
+        model = model_from_parts(frame.parts)
+        fmt = self.config.get("params_format") or (
+            TORCH if TORCH in (wire_format(frame.parts), self._sent_format) else NUMPY
+        )
+        model.params = to_framework(model.params, str(fmt))
+        return model
 
     def send(self, model: FLModel) -> None:
         if not self._has_task:
             raise RuntimeError("send() without a task received: one result per task")
         self._has_task = False
-        parts = model_parts(model, self.codecs, self.codec)
+        self._sent_format = params_format_of(model.params)
+        self._write("result", model_parts(model, self.codecs, self.codec), self.codec)
+
+    def _write(self, topic: str, parts: list[Any], codec: str = "") -> None:
         header = Event(
             id=0,
             src="worker",
@@ -88,15 +135,31 @@ class PipeRuntime:
             budget=None,
             headers={},
             channel="fl",
-            topic="result",
-            codec=self.codec,
+            topic=topic,
+            codec=codec,
         )
-        segments = self.conn.send(header, parts)
-        for seg in segments:
+        for seg in self.conn.send(header, parts):
             self.sock.sendall(seg)
 
-    def log(self, key: str, value: float, step: int | None = None) -> None:
-        self.logged.append((key, float(value), step))
+    def log(
+        self,
+        key: str,
+        value: Any,
+        data_type: AnalyticsDataType | str | int | None = None,
+        step: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.track(log_records(key, value, data_type, step, kwargs))
+
+    def track(self, recs: list[dict[str, Any]]) -> None:
+        """To the site at once (it batches them to the server)."""
+        self._write("metrics", [json.dumps(recs).encode()])
+
+    def report(self, exc: BaseException) -> None:
+        """Tell the site why the script failed (its own words), before the process ends."""
+        text = "".join(traceback.format_exception_only(exc)).strip()
+        with contextlib.suppress(OSError):  # the site is gone already
+            self._write("error", [text.encode()[:2000]])
 
 
 def load_script(spec: str) -> Callable[[], object]:
@@ -123,15 +186,12 @@ async def serve_site(name: str, parent: str, spec: str) -> None:
         config=json.loads(os.environ.get("FLARE_ASYNC_CONFIG", "{}")),
         codec=os.environ.get("FLARE_ASYNC_CODEC", "tensors"),
         digest=os.environ.get("FLARE_ASYNC_DIGEST", "1") == "1",
+        job=os.environ.get("FLARE_ASYNC_JOB", ""),
     )
     cell.mount(runtime.handlers())
     async with cell:
         await cell.wait_parent()
-        try:
-            await runtime.run_script(script)
-        except Exception as exc:  # reported as a failed task, then the process ends
-            await runtime.report_failure(f"training script failed: {type(exc).__name__}: {exc}")
-            raise
+        await runtime.run_script(script)  # a failure is reported (fail), then raised
 
 
 def main(argv: list[str]) -> int:
@@ -146,9 +206,14 @@ def main(argv: list[str]) -> int:
         os.environ.get("FLARE_ASYNC_SITE", "site"),
         json.loads(os.environ.get("FLARE_ASYNC_CONFIG", "{}")),
         os.environ.get("FLARE_ASYNC_CODEC", "tensors"),
+        os.environ.get("FLARE_ASYNC_JOB", ""),
     )
     bind_process_runtime(runtime)
-    run_any(load_script(argv[1]))
+    try:
+        run_any(load_script(argv[1]))
+    except BaseException as exc:  # the site reports the script's own words, then we exit
+        runtime.report(exc)
+        raise
     sock.close()
     return 0
 
