@@ -136,6 +136,18 @@ def _print_line(doc: Any, *, err: bool = False) -> None:
     out.flush()
 
 
+SECURE_KNOBS = ("clip", "max_weight", "scale", "bits", "metrics", "clear_metrics", "clamp")
+
+
+def secure_knobs(args: Any) -> dict[str, Any]:
+    """The ``--secure-*`` options given, as ``SecureAggregation`` fields (any turns secure
+    aggregation on; the fields not given take their defaults, not the recipe's)."""
+    knobs = {k: getattr(args, f"secure_{k}", None) for k in SECURE_KNOBS}
+    if knobs["metrics"] is not None:
+        knobs["metrics"] = [m for m in knobs["metrics"].split(",") if m]
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
 async def main_async(args: Any) -> int:
     downloads = Path(args.out) if args.action == "download" else None
     async with admin_session(args.kit, downloads=downloads) as session:
@@ -154,6 +166,9 @@ async def main_async(args: Any) -> int:
                 )
                 if getattr(args, k) is not None
             }
+            knobs = secure_knobs(args)
+            if knobs:
+                overrides["secure"] = knobs
             sites = [s for s in (args.sites or "").split(",") if s]
             body = {"recipe": args.recipe, "overrides": overrides, "sites": sites}
             rec = await session.call("submit", body)
@@ -220,6 +235,31 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="secure aggregation: the server learns only the sum of the sites' results",
     )
+    for flag, kind, text in (
+        ("clip", float, "every value a site sends is within +-CLIP (default 1024)"),
+        ("max-weight", float, "the largest num_samples a site may weigh its result with (2^20)"),
+        ("scale", float, "fixed point: values travel as round(weight * value * SCALE) (2^16)"),
+        ("bits", int, "the ring: 64 (default) or 32 (half the bytes, far less range)"),
+        ("metrics", str, "comma-separated metric names averaged inside the masked sum"),
+    ):
+        s.add_argument(
+            f"--secure-{flag}",
+            dest=f"secure_{flag.replace('-', '_')}",
+            type=kind,
+            help=f"secure aggregation (implies --secure): {text}",
+        )
+    for flag, text in (
+        ("clamp", "sites clip values beyond the clip instead of refusing their result"),
+        ("clear-metrics", "every site's metrics travel in clear beside its masked vector"),
+    ):
+        s.add_argument(
+            f"--secure-{flag}",
+            dest=f"secure_{flag.replace('-', '_')}",
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"secure aggregation (implies --secure): {text}",
+        )
     s.add_argument(
         "--encrypt",
         action="store_const",

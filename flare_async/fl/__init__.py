@@ -8,7 +8,8 @@ from flare_async.fl._fedbuff import FedBuffStats, fedbuff, staleness_weight
 from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
 from flare_async.fl._relay import RelayAggregator
-from flare_async.fl._secure import secure_round
+from flare_async.fl._secagg import SecAggError, SecAggRangeError
+from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._workflows import fedavg
@@ -26,6 +27,9 @@ __all__ = [
     "RoundFailed",
     "RoundMismatch",
     "RoundResult",
+    "SecAggError",
+    "SecAggRangeError",
+    "SecureAggregation",
     "WeightedSum",
     "fedavg",
     "fedavg_step",

@@ -13,6 +13,7 @@ import numpy as np
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
 from flare_async.fl._model import FLModel
+from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._workflows import fedavg
@@ -35,7 +36,9 @@ class FedAvgRecipe:
         relay_aggregation: on a deployment, relays fold their sites' results (one partial
             sum each goes up). Off, relays only forward, and the server checks every site's
             own signature: for relays not trusted to aggregate (see docs/threat-model.md).
-        secure: secure aggregation in every round (the server learns only the sum).
+        secure: secure aggregation in every round (the server learns only the sum): ``True``
+            (the default range), ``SecureAggregation(clip=, max_weight=, ...)``, or a mapping
+            of those fields (what ``job submit --secure-clip ...`` sends).
         encrypt: on a deployment, results are sealed for the server's key: relays forward
             what they cannot read (relay aggregation is then off).
     """
@@ -53,8 +56,11 @@ class FedAvgRecipe:
     validation_key: str | None = None
     checkpoints: str | None = None
     relay_aggregation: bool = True
-    secure: bool = False
+    secure: bool | SecureAggregation | Mapping[str, Any] = False
     encrypt: bool = False
+
+    def __post_init__(self) -> None:
+        SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: at submission
 
     async def run(
         self,
@@ -78,7 +84,7 @@ class FedAvgRecipe:
             validation_key=self.validation_key,
             checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
             on_checkpoint=on_checkpoint,
-            secure=self.secure,
+            secure=SecureAggregation.of(self.secure) or False,
         )
 
     def script_spec(self) -> str:

@@ -27,7 +27,7 @@ from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
 from flare_async.fl._model import FLModel, ParamsType, model_parts
 from flare_async.fl._results import Collector, arm_relays_below, receive_result
-from flare_async.fl._secure import VECTOR
+from flare_async.fl._secure import VECTOR, masked_vector
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import SignatureVerifier, Signer
 
@@ -142,7 +142,9 @@ class RelayAggregator:
 
 
 class MaskedSum:
-    """A secure round's relay side: the sum (mod 2^32) of its sites' masked vectors."""
+    """A secure round's relay side: the sum (mod 2^bits, the ring of the vectors: uint32 or
+    uint64) of its sites' masked vectors. A site's refusal (a result out of the declared range)
+    counts that site as failed, with its reason."""
 
     def __init__(self, session: str) -> None:
         self.session = session
@@ -150,14 +152,13 @@ class MaskedSum:
         self.params_type = ParamsType.FULL
 
     def add(self, site: str, update: FLModel) -> None:
-        y = update.params.get(VECTOR)
-        if update.meta.get("secagg") != self.session or y is None:
-            raise ValueError("a plain result in a secure round")
-        y = np.asarray(y, np.uint32).reshape(-1)
+        y = masked_vector(update, self.session)
         if self.total is None:
             self.total = y.copy()
-        elif y.size != self.total.size:
-            raise ValueError(f"a masked vector of {y.size} values, not {self.total.size}")
+        elif y.size != self.total.size or y.dtype != self.total.dtype:
+            raise ValueError(
+                f"a masked vector of {y.size} {y.dtype}, not {self.total.size} {self.total.dtype}"
+            )
         else:
             self.total += y
         self.params_type = update.params_type

@@ -14,7 +14,7 @@ from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel
-from flare_async.fl._secure import secure_round
+from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._server import FLServer, RoundResult
 
 
@@ -31,7 +31,7 @@ async def fedavg(
     validation_key: str | None = None,
     checkpoints: str | os.PathLike[str] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
-    secure: bool = False,
+    secure: bool | SecureAggregation = False,
 ) -> FLModel:
     """Federated averaging.
 
@@ -51,7 +51,12 @@ async def fedavg(
     server restarted), the job continues after the last finished round.
 
     With ``secure``, every round runs under secure aggregation (``secure_round``: the server
-    learns only the weighted sum; a majority of the sampled sites must stay).
+    learns only the weighted sum; a majority of the sampled sites must stay): ``True`` for the
+    default range, or ``SecureAggregation(clip=, max_weight=, scale=, bits=, metrics=,
+    clear_metrics=)``. A round whose sum could overflow the ring fails the job with
+    ``SecAggRangeError`` before any site is asked; a site whose values or weight are beyond
+    the declared range counts as failed (it refuses to encode rather than wrap). Metrics are
+    not sent in clear: the declared ones are averaged inside the masked sum.
 
     Returns:
         the final model; ``meta["history"]`` holds each round's averaged client metrics, the
@@ -61,6 +66,7 @@ async def fedavg(
     # Never changed in place (each round makes new arrays): no copy of a large model.
     params = {k: np.asarray(as_numpy(v)) for k, v in initial.items()}
     del initial
+    config = SecureAggregation.of(secure)
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     best_params: dict[str, np.ndarray] = {}
@@ -82,8 +88,10 @@ async def fedavg(
         task = FLModel(params=params, current_round=rnd, total_rounds=rounds)
         need = None if min_responses is None else min(min_responses, len(targets))
         result: RoundResult = (
-            await secure_round(server, task, targets, min_responses=need, deadline=deadline)
-            if secure
+            await secure_round(
+                server, task, targets, config=config, min_responses=need, deadline=deadline
+            )
+            if config is not None
             else await server.run_round(task, targets, min_responses=need, deadline=deadline)
         )
         del task
