@@ -6,9 +6,10 @@ four site cells run in this process over ``memory://``; each site runs an ordina
 script that uses the Client API (``flare_async.client``), in a worker thread. After every round
 the demo evaluates the new global model on a held-out test set and prints its accuracy.
 
-    python examples/fedavg_digits.py [--rounds 15] [--codec tensors|q8|nf4]
+    python examples/fedavg_digits.py [--rounds 15] [--codec tensors|q8|nf4] [--seed 0]
 
-``--codec`` quantizes the model traffic both ways (server to sites and back).
+``--codec`` quantizes the model traffic both ways (server to sites and back). ``--seed`` picks
+the initial model and the sites' shuffles (the data split stays the same).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ SITES = 4
 torch.set_num_threads(1)
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
@@ -74,13 +75,15 @@ def site_data(site: int, sites: int = SITES) -> tuple[np.ndarray, np.ndarray]:
 
 def train(epochs: int = 2) -> None:
     """What a site runs: an ordinary PyTorch loop with four Client API calls. Its data is the
-    site's share of digits (``site_index`` of ``sites`` in the job's config)."""
+    site's share of digits (``site_index`` of ``sites`` in the job's config; ``seed`` picks its
+    shuffles)."""
     flare.init()
     config = flare.get_config()
     site = int(config["site_index"])
     x, y = site_data(site, int(config.get("sites", SITES)))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    shuffle = torch.Generator().manual_seed(site)  # per site: runs are reproducible
+    seed = int(config.get("seed", 0))
+    shuffle = torch.Generator().manual_seed(1000 * seed + site)  # per site: reproducible
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     while flare.is_running():
@@ -107,7 +110,9 @@ def train(epochs: int = 2) -> None:
         )
 
 
-def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> FedAvgRecipe:
+def recipe(
+    rounds: int = 15, codec: str = "tensors", quiet: bool = False, seed: int = 0
+) -> FedAvgRecipe:
     """The demo as a job: ``flare-async simulate examples.fedavg_digits:recipe --clients 4``,
     or ``flare-async job submit examples.fedavg_digits:recipe`` on a deployment."""
     _, x_test, _, y_test = load()
@@ -125,8 +130,9 @@ def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> Fed
         return {"accuracy": acc}
 
     return FedAvgRecipe(
-        initial=lambda: {k: v.numpy() for k, v in make_model().state_dict().items()},
+        initial=lambda: {k: v.numpy() for k, v in make_model(seed).state_dict().items()},
         script=train,
+        config={"seed": seed},
         rounds=rounds,
         codec=codec,
         evaluate=evaluate,
@@ -134,18 +140,20 @@ def recipe(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> Fed
     )
 
 
-async def run(rounds: int = 15, codec: str = "tensors", quiet: bool = False) -> float:
+async def run(
+    rounds: int = 15, codec: str = "tensors", quiet: bool = False, seed: int = 0
+) -> float:
     """Train; returns the final global model's test accuracy."""
     _, x_test, _, y_test = load()
     start = time.perf_counter()
-    final = await recipe(rounds, codec, quiet).simulate(clients=SITES)
+    final = await recipe(rounds, codec, quiet, seed).simulate(clients=SITES)
     acc = accuracy(final.params, x_test, y_test)
     if not quiet:
         best = final.meta["best"]
         print(
             f"final global model: {acc:.1%} test accuracy after {rounds} rounds on {SITES} "
             f"non-IID sites (best {best['accuracy']:.1%} at round {best['round'] + 1}; "
-            f"codec {codec}; {time.perf_counter() - start:.1f} s)"
+            f"codec {codec}; seed {seed}; {time.perf_counter() - start:.1f} s)"
         )
     return acc
 
@@ -154,8 +162,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--codec", default="tensors", help="tensors, fp16, bf16, q8, nf4 or fp4")
+    p.add_argument("--seed", type=int, default=0, help="initial model and shuffles")
     args = p.parse_args()
-    anyio.run(run, args.rounds, args.codec)
+    anyio.run(run, args.rounds, args.codec, False, args.seed)
 
 
 if __name__ == "__main__":
