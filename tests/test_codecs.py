@@ -4,6 +4,7 @@ bounds, and bytes that do not hold together are a DecodeError, never a crash or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import struct
@@ -17,11 +18,14 @@ from hypothesis.extra import numpy as hnp
 
 from flare_async.codecs import (
     FP4_BOUND,
+    FP4_STOCHASTIC_BOUND,
     INT8_BOUND,
     LUT_RESOLUTION,
     NF4_BOUND,
+    NF4_STOCHASTIC_BOUND,
     CodecRegistry,
     QuantCodec,
+    _kernels,
     decode,
     encode,
     to_torch,
@@ -157,24 +161,30 @@ def test_random_bytes_never_crash(data: bytes) -> None:
         decode(data)
 
 
-BOUNDS = {"q8": INT8_BOUND, "nf4": NF4_BOUND + LUT_RESOLUTION, "fp4": FP4_BOUND + LUT_RESOLUTION}
+BOUNDS = {
+    ("q8", "nearest"): INT8_BOUND,
+    ("nf4", "nearest"): NF4_BOUND + LUT_RESOLUTION,
+    ("fp4", "nearest"): FP4_BOUND + LUT_RESOLUTION,
+    ("nf4", "stochastic"): NF4_STOCHASTIC_BOUND + LUT_RESOLUTION,
+    ("fp4", "stochastic"): FP4_STOCHASTIC_BOUND + LUT_RESOLUTION,
+}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    scheme=st.sampled_from(["q8", "nf4", "fp4"]),
-    block=st.sampled_from([16, 64, 100, 256]),
+    scheme=st.sampled_from(sorted(BOUNDS)),
+    block=st.sampled_from([16, 64, 100, 128, 256]),
     n=st.integers(1024, 5000),
     scale=st.sampled_from([1e-6, 1.0, 1e4]),
     seed=st.integers(0, 1000),
     dtype=st.sampled_from([np.float32, np.float64, np.float16]),
 )
 def test_blockwise_quantization_error_stays_within_its_bound(
-    scheme: str, block: int, n: int, scale: float, seed: int, dtype: type
+    scheme: tuple[str, str], block: int, n: int, scale: float, seed: int, dtype: type
 ) -> None:
     x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(dtype)
     x[::97] = 0.0
-    codec = QuantCodec(scheme, block=block)
+    codec = QuantCodec(scheme[0], block=block, rounding=scheme[1])
     out = codec.decode(blob(codec.encode({"x": x.reshape(-1, 1) if n % 2 else x})))["x"]
     assert out.dtype == x.dtype
     y = out.reshape(-1).astype(np.float64)
@@ -187,6 +197,7 @@ def test_blockwise_quantization_error_stays_within_its_bound(
     ulp = np.spacing(absmax.astype(dtype)).astype(np.float64)
     tolerance = absmax * (BOUNDS[scheme] + 2**-20) + ulp
     assert (err <= tolerance).all()
+    assert (y[xf == 0] == 0).all()  # zeros stay zeros, whatever the rounding
 
 
 def test_casts_and_what_passes_through() -> None:
@@ -269,3 +280,113 @@ def test_edge_values_never_crash_or_turn_to_inf() -> None:
 def test_hostile_headers_are_decode_errors(header: bytes) -> None:
     with pytest.raises(DecodeError):
         decode(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+
+
+def quantized(codec: QuantCodec, tensors: dict[str, np.ndarray]) -> tuple[dict, set[str]]:
+    """Decoded tensors, and the names the codec quantized (those in its metadata)."""
+    parts = blob(codec.encode(tensors))
+    return codec.decode(parts), set(json.loads(decode(parts)[1]["flare.quant"]))
+
+
+@pytest.mark.parametrize("scheme", ["q8", "nf4", "fp4"])
+def test_which_tensors_are_quantized(scheme: str) -> None:
+    rng = np.random.default_rng(3)
+    codec = QuantCodec(scheme)
+    f32 = rng.standard_normal(4096).astype(np.float32)
+    tensors = {
+        "empty": np.zeros((0, 64), dtype=np.float32),
+        "below": f32[:1023].copy(),  # one under min_elements: a bias, a norm
+        "at": f32[:1024].reshape(32, 32).copy(),  # exactly min_elements: quantized
+        "ints": np.arange(4096, dtype=np.int64),
+        "bools": np.arange(4096) % 3 == 0,
+        "f16": f32.astype(np.float16),
+        "bf16": f32.astype(BF16),
+        "f64": f32.astype(np.float64),
+        "nan": np.where(np.arange(4096) == 9, np.nan, f32),
+        "inf": np.where(np.arange(4096) == 4095, -np.inf, f32),
+    }
+    out, planned = quantized(codec, tensors)
+    assert planned == {"at", "f16", "bf16", "f64"}
+    for name in ("empty", "below", "ints", "bools", "nan", "inf"):
+        assert out[name].dtype == tensors[name].dtype
+        assert out[name].tobytes() == tensors[name].tobytes()  # as it was, NaN and inf included
+    bound = BOUNDS[scheme, codec.rounding] + 2**-10  # + a step of bf16 and f16 at the absmax
+    for name in ("at", "f16", "bf16", "f64"):
+        x = tensors[name]
+        assert out[name].dtype == x.dtype
+        assert out[name].shape == x.shape
+        err = np.abs(out[name].astype(np.float64) - x.astype(np.float64))
+        assert err.max() <= bound * np.abs(x.astype(np.float64)).max()
+    smaller = QuantCodec(scheme, min_elements=1023)
+    assert "below" in quantized(smaller, {"below": tensors["below"]})[1]
+
+
+def test_rounding_defaults_and_what_is_refused() -> None:
+    assert [QuantCodec(s).rounding for s in ("q8", "nf4", "fp4")] == [
+        "nearest",
+        "stochastic",
+        "stochastic",
+    ]
+    assert [QuantCodec(s).block for s in ("q8", "nf4", "fp4")] == [256, 128, 128]
+    with pytest.raises(ValueError, match="rounding"):
+        QuantCodec("q8", rounding="stochastic")
+    with pytest.raises(ValueError, match="rounding"):
+        QuantCodec("nf4", rounding="up")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+def test_stochastic_rounding_is_unbiased_where_nearest_is_not(scheme: str) -> None:
+    # every value halfway-ish between two codes (absmax 1 per block): nearest sends the same
+    # code for all of them, stochastic rounding sends a mix that averages to the value
+    book = np.unique(_kernels.CODEBOOKS[scheme])
+    lo, hi = book[-4], book[-3]
+    target = lo + 0.3 * (hi - lo)
+    x = np.full(1 << 16, target, dtype=np.float32)
+    x[::128] = 1.0
+    rest = np.arange(x.size) % 128 != 0
+    nearest = QuantCodec(scheme, rounding="nearest")
+    near = nearest.decode(blob(nearest.encode({"x": x})))["x"][rest]
+    assert np.all(near == lo)
+    codec = QuantCodec(scheme)
+    out = codec.decode(blob(codec.encode({"x": x})))["x"][rest]
+    assert set(np.unique(out)) == {lo, hi}
+    assert abs(out.mean() - target) <= 0.01 * (hi - lo)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+def test_small_changes_to_a_decoded_model_survive_encoding_again(scheme: str) -> None:
+    # What a site does each round: decode the global model, train it a little, send it back.
+    # Nearest rounding gives back the codes it received (the training is lost); stochastic
+    # rounding carries the change on average, and an untouched tensor encodes back to itself.
+    rng = np.random.default_rng(4)
+    codec = QuantCodec(scheme)
+    received = codec.decode(blob(codec.encode({"w": rng.standard_normal(1 << 16)})))["w"]
+    again = blob(codec.encode({"w": received}))
+    assert again == blob(codec.encode({"w": received.copy()}))  # deterministic
+    assert np.array_equal(codec.decode(again)["w"], received)
+    absmax = np.repeat(np.abs(received).reshape(-1, codec.block).max(axis=1), codec.block)
+    keep = np.abs(received) < absmax  # each block's absmax stays where it was
+    delta = np.where(keep, 0.01 * absmax, 0.0)  # under half of any gap
+    nearest = QuantCodec(scheme, rounding="nearest")
+    assert np.array_equal(
+        nearest.decode(blob(nearest.encode({"w": received + delta})))["w"], received
+    )
+    sent = codec.decode(blob(codec.encode({"w": received + delta})))["w"]
+    moved = (sent - received)[keep].mean()
+    assert abs(moved - delta[keep].mean()) <= 0.05 * delta[keep].mean()
+
+
+def test_the_old_layout_and_bytes_are_still_made_and_read() -> None:
+    # blocks of 256 rounded to the nearest code were the 4-bit defaults until stochastic
+    # rounding: those settings give the same bytes as then, and today's defaults decode them
+    x = (np.random.default_rng(7).standard_normal(3000) * 0.05).astype(np.float32)
+    digests = {
+        "q8": "acadce56f005f39b2e05cbffbad404b7cef8ec8e11d094d51d3c1d7907458c8c",
+        "nf4": "3613d6353a402a109e9e262f268ec021f6d609c9827533c184f7e2edfb67fada",
+        "fp4": "1f84adbbffa4d1a39d30a0b1dbc47500e9048552b305c2ce21b0f680667998c0",
+    }
+    for scheme, digest in digests.items():
+        old = QuantCodec(scheme, block=256, rounding="nearest")
+        data = blob(old.encode({"w": x}))
+        assert hashlib.sha256(data).hexdigest() == digest
+        assert np.array_equal(QuantCodec(scheme).decode(data)["w"], old.decode(data)["w"])

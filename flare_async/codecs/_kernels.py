@@ -8,16 +8,26 @@ Error bounds (``x`` a value, ``m`` the absmax of its block, ``x'`` after a round
 * int8: ``|x - x'| <= m / 254`` (half a step of ``m / 127``), plus float32 rounding
   (``2**-22 * m``).
 * Every scheme: a block whose absmax is under 1e-30 is stored as zeros (error under 1e-30).
-* NF4: ``|x - x'| <= 0.1520 * m`` (half the widest gap of the NF4 code book, between -1 and
-  -0.696), plus ``m / 32767`` (the lookup table's resolution).
+* NF4, rounded to the nearest code: ``|x - x'| <= 0.1520 * m`` (half the widest gap of the NF4
+  code book, between -1 and -0.696), plus ``m / 32767`` (the lookup table's resolution).
+  Rounded stochastically (the codecs' default): ``|x - x'| < 0.3039 * m`` (the widest gap),
+  plus ``m / 32767``, and unbiased: ``x'`` is one of the two codes around ``x``, the upper one
+  with probability the fraction of the gap below ``x`` (to 1/4096 of the gap).
 * FP4 (e2m1, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 scaled so that 6 is the absmax):
-  ``|x - x'| <= m / 6`` (half the widest gap, 4 to 6), plus ``m / 32767``.
+  ``|x - x'| <= m / 6`` (half the widest gap, 4 to 6) to the nearest code, ``< m / 3``
+  stochastically, plus ``m / 32767``.
+* Stochastic rounding keeps a value that is on a code (within a table step of it: what a
+  decoded tensor holds, encoded again with the same absmax) on that code, zero included. Its
+  dither is a fixed pseudo-random pool read at an offset hashed from the slice's scales and
+  position: the same tensor always gives the same bytes, and a tensor whose scales changed
+  draws afresh.
 * bf16: relative ``2**-9`` (round to nearest even on 8 mantissa bits); fp16: relative
   ``2**-11`` within its range.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 import numpy as np
@@ -54,6 +64,8 @@ FP4_CODES: Final = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]).astype(np
 
 NF4_BOUND: Final = 0.1520
 FP4_BOUND: Final = 1.0 / 6.0
+NF4_STOCHASTIC_BOUND: Final = 0.3039
+FP4_STOCHASTIC_BOUND: Final = 1.0 / 3.0
 INT8_BOUND: Final = 1.0 / 254.0
 LUT_RESOLUTION: Final = 1.0 / 32767.0
 
@@ -72,8 +84,64 @@ def _nearest_lut(codes: np.ndarray) -> np.ndarray:
     return lut
 
 
+_FRAC_BITS = 12
+"""Stochastic rounding resolves the fraction of a gap to 1/4096."""
+
+
+def _stochastic_lut(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``y = k / 32767`` (stored like :func:`_nearest_lut`'s): ``(i + f) * 4096`` as uint16,
+    ``i`` the rank of the code at or below ``y`` among the distinct codes and ``f`` how far ``y``
+    is towards the next one; adding a uniform 12-bit dither and shifting right by 12 gives the
+    rank of the code to send, which the second table turns into its 4-bit code. Grid points
+    within one step of a code are that code exactly (so a decoded value encodes back to itself
+    whichever way ``y * 32767`` was truncated)."""
+    values, first = np.unique(codes.astype(np.float64), return_index=True)  # -0.0 == 0.0
+    k = np.arange(-_LUT_HALF, _LUT_HALF + 1)
+    grid = k.astype(np.float64) / _LUT_HALF
+    i = np.clip(np.searchsorted(values, grid, side="right") - 1, 0, values.size - 2)
+    frac = (grid - values[i]) / (values[i + 1] - values[i])
+    fixed = np.rint((i + frac) * (1 << _FRAC_BITS))
+    nearest = np.argmin(np.abs(grid[:, None] - values[None, :]), axis=1)
+    on_code = np.abs(grid - values[nearest]) * _LUT_HALF <= 1.0 + 1e-9
+    fixed[on_code] = nearest[on_code] << _FRAC_BITS
+    table = np.zeros(_LUT_SIZE, dtype=np.uint16)
+    table[k % _LUT_SIZE] = fixed.astype(np.uint16)
+    return table, first.astype(np.uint8)
+
+
 _LUTS = {"nf4": _nearest_lut(NF4_CODES), "fp4": _nearest_lut(FP4_CODES)}
+_STOCHASTIC = {"nf4": _stochastic_lut(NF4_CODES), "fp4": _stochastic_lut(FP4_CODES)}
 CODEBOOKS = {"nf4": NF4_CODES, "fp4": FP4_CODES}
+_ZERO = {"nf4": int(np.flatnonzero(NF4_CODES == 0)[0]), "fp4": 0}
+
+
+def _fp4_code(rank: np.ndarray) -> np.ndarray:
+    """FP4 code of each rank (-6/6 is rank 0 and code 15, 0 rank 7 and code 0, +6/6 rank 14
+    and code 7): sign and magnitude, in uint8 arithmetic that wraps, in place; a gather through
+    a table indexed by rank, or np.where, costs ten times as much here."""
+    d = rank - np.uint8(7)  # 0..7 for the positive codes, 249..255 for the negative ones
+    out: np.ndarray = np.minimum(d, -d)  # the magnitude: -d wraps to 7 - rank for those
+    d >>= 4
+    d &= 8  # the sign bit
+    out |= d
+    return out
+
+
+# NF4's ranks are its codes; FP4's are mapped by arithmetic: both checked against the tables.
+assert np.array_equal(_STOCHASTIC["nf4"][1], np.arange(16))
+assert np.array_equal(_fp4_code(np.arange(15, dtype=np.uint8)), _STOCHASTIC["fp4"][1])
+
+_DITHER: Final = np.random.Generator(np.random.PCG64(0x5EED)).integers(
+    0, 1 << _FRAC_BITS, 2 * _SLICE, dtype=np.uint16
+)
+"""Uniform 12-bit dither, read from an offset below ``_SLICE`` (1 MiB, made once)."""
+
+
+def _dither(absmax: np.ndarray, start: int, size: int) -> np.ndarray:
+    digest = hashlib.blake2b(absmax.tobytes(), digest_size=8, key=start.to_bytes(8, "little"))
+    offset = int.from_bytes(digest.digest(), "little") % _SLICE
+    out: np.ndarray = _DITHER[offset : offset + size]
+    return out
 
 
 class NonFinite(ValueError):
@@ -154,9 +222,13 @@ def _absmax_rows(xb: np.ndarray) -> np.ndarray:
     return out
 
 
-def absmax_4bit(x: np.ndarray, block: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` (float32, 1-D) -> (codes packed two per byte, float32 absmax per block)."""
+def absmax_4bit(
+    x: np.ndarray, block: int, scheme: str, stochastic: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (float32, 1-D) -> (codes packed two per byte, float32 absmax per block), each
+    value rounded to the nearest code or ``stochastic``-ally (see the module's notes)."""
     lut = _LUTS[scheme]
+    table = _STOCHASTIC[scheme][0]
     n = x.size
     nblocks = _blocks(n, block)
     packed = np.empty((n + 1) // 2, dtype=np.uint8)
@@ -181,9 +253,18 @@ def absmax_4bit(x: np.ndarray, block: int, scheme: str) -> tuple[np.ndarray, np.
         # less than one table step (2**-15).
         k = np.empty(xb.size, dtype=np.intp)
         np.multiply(xb, scale[:, None], out=k.reshape(xb.shape), casting="unsafe")
-        idx = lut[k]  # padded to whole blocks: even, except a block size that is odd
+        if stochastic:
+            fixed = table[k]
+            fixed += _dither(am, start, fixed.size)  # at most 15 * 4096 + 4095: no overflow
+            idx = np.empty(fixed.size, dtype=np.uint8)
+            np.right_shift(fixed, _FRAC_BITS, out=idx, casting="unsafe")  # the codes' ranks
+            if scheme == "fp4":
+                idx = _fp4_code(idx)
+        else:
+            idx = lut[k]
+        # padded to whole blocks: even, except a block size that is odd
         if idx.size % 2:
-            idx = np.append(idx, lut[0])  # a zero pads the last byte
+            idx = np.append(idx, np.uint8(_ZERO[scheme]))  # a zero pads the last byte
         # Two codes per byte through 16-bit lanes (little-endian: the first code is the low
         # byte): 6x faster here than two strided byte passes.
         pairs = idx.view(np.uint16)

@@ -10,6 +10,13 @@ Only floating-point tensors of at least ``min_elements`` values are quantized (o
 only if they hold no NaN or infinity (those travel unquantized rather than be corrupted);
 integers, booleans and small tensors (biases, norms, where the scales would eat the gain)
 pass through unchanged. Error bounds are in :mod:`flare_async.codecs._kernels`.
+
+NF4 and FP4 round stochastically by default (``rounding="nearest"`` for the nearest code) in
+blocks of 128: model traffic is quantized again every round, and rounding to the nearest code
+loses every change smaller than half a gap (a site that trained from a decoded model and sends
+it back gets the same codes), which cost the digits demo 1.3 points (97.3% to 96.0%, NF4
+with blocks of 256); unbiased rounding keeps them on average. The decoder is the same either
+way: the layout records the block, so payloads of both kinds (and of older versions) decode.
 """
 
 from __future__ import annotations
@@ -44,19 +51,27 @@ class QuantCodec:
 
     Args:
         scheme: the scheme.
-        block: values per absmax scale (``q8``, ``nf4``, ``fp4``).
+        block: values per absmax scale (``q8``: 256, ``nf4`` and ``fp4``: 128 by default).
         min_elements: smaller tensors pass through unquantized.
+        rounding: ``"stochastic"`` (``nf4`` and ``fp4``'s default: unbiased, deterministic for
+            a given tensor) or ``"nearest"`` (``q8``'s only rounding).
     """
 
-    def __init__(self, scheme: str, *, block: int = 0, min_elements: int = 1024) -> None:
+    def __init__(
+        self, scheme: str, *, block: int = 0, min_elements: int = 1024, rounding: str = ""
+    ) -> None:
         if scheme not in ("fp16", "bf16", "q8", "nf4", "fp4"):
             raise ValueError(f"unknown quantization scheme {scheme!r}")
         self.name = scheme
         self.scheme = scheme
-        self.block = block or {"q8": 256, "nf4": 256, "fp4": 256}.get(scheme, 0)
+        self.block = block or {"q8": 256, "nf4": 128, "fp4": 128}.get(scheme, 0)
         if scheme in ("q8", "nf4", "fp4") and not 16 <= self.block <= 1 << 20:
             raise ValueError("block must be between 16 and 2**20 values")
         self.min_elements = min_elements
+        four_bit = scheme in ("nf4", "fp4")
+        self.rounding = rounding or ("stochastic" if four_bit else "nearest")
+        if self.rounding not in (("nearest", "stochastic") if four_bit else ("nearest",)):
+            raise ValueError(f"rounding {rounding!r} is not one of {scheme}'s")
 
     def encode(self, tensors: Mapping[str, Any]) -> list[Buffer]:
         out: dict[str, Any] = {}
@@ -84,7 +99,9 @@ class QuantCodec:
                     if self.scheme == "q8":
                         codes, absmax = k.absmax_int8(flat, self.block)
                     else:
-                        codes, absmax = k.absmax_4bit(flat, self.block, self.scheme)
+                        codes, absmax = k.absmax_4bit(
+                            flat, self.block, self.scheme, self.rounding == "stochastic"
+                        )
                 except k.NonFinite:
                     out[name] = a  # NaN or inf: sent as it is, never silently turned to 0
                     continue
