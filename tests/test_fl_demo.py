@@ -28,3 +28,13 @@ async def test_quantized_traffic_ends_within_a_point_of_full_precision() -> None
     for codec in ("q8", "nf4"):
         acc = await run(rounds=8, codec=codec, quiet=True)
         assert abs(acc - full) <= 0.01, (codec, acc, full)
+
+
+async def test_nf4_traffic_ends_within_a_point_of_full_precision_over_more_rounds() -> None:
+    # 12 rounds, seed 1: NF4 rounded to the nearest code in blocks of 256 (the codec until
+    # stochastic rounding) ended at 95.8% against 97.8%: every round's small changes to the
+    # weights were rounded away on the way back. 97.3% to 98.0% with the default (stochastic)
+    # rounding, which varies with the order results arrive in (12 runs).
+    full = await run(rounds=12, codec="tensors", quiet=True, seed=1)
+    nf4 = await run(rounds=12, codec="nf4", quiet=True, seed=1)
+    assert abs(nf4 - full) <= 0.01, (nf4, full)
