@@ -87,8 +87,8 @@ def test_weighted_sum_and_partial_sums_equal_the_flat_mean() -> None:
         assert np.allclose(flat.mean()[k], reference[k], rtol=0, atol=1e-12)
         assert np.allclose(top.mean()[k], flat.mean()[k], rtol=0, atol=1e-12)
     assert top.count == 6
-    with pytest.raises(RoundMismatch):
-        flat.add({"w": np.zeros((4, 5))}, 1.0, ParamsType.FULL)
+    with pytest.raises(RoundMismatch):  # some tensors only is fine, another shape is not
+        flat.add({"w": np.zeros((5, 4))}, 1.0, ParamsType.FULL)
     with pytest.raises(RoundMismatch):
         flat.add(updates[0][0], 1.0, ParamsType.DIFF)
     with pytest.raises(ValueError):

@@ -38,10 +38,14 @@ class FLModel:
     """A model, or an update to one, with what goes with it.
 
     Attributes:
-        params: tensors by name (numpy arrays; torch tensors are accepted when sending).
+        params: tensors by name (numpy arrays; torch tensors are accepted when sending). A
+            result may carry some of the model's tensors only: the others stay as they were.
         params_type: FULL weights or a DIFF against the model the client received.
         metrics: numbers to report (``{"accuracy": 0.93}``).
-        meta: anything JSON-able; ``meta["num_samples"]`` weights the client in FedAvg.
+        meta: anything JSON-able. The result's weight in FedAvg, FedBuff and relays' sums:
+            ``meta["num_samples"]`` if present, else ``meta["NUM_STEPS_CURRENT_ROUND"]``
+            (NVIDIA FLARE's ``FLMetaKey.NUM_STEPS_CURRENT_ROUND``), else 1; a weight that is
+            not a finite non-negative number fails the site.
         current_round / total_rounds: where the job stands.
     """
 

@@ -4,11 +4,12 @@ The server (``FLServer(hierarchical=True)``) tells each relay directly below it 
 under it answer a task and by when (``fl/expect``); each relay tells the relays below it the
 same for their share (a little earlier), down to the leaves, so every tier folds. The sites send
 their results to their parent instead of the server; a relay folds its own children's results
-and the partial sums of the relays below it into a float64 weighted sum as they arrive and, once
-all answered or its deadline passed, streams one partial sum (sum, total weight, who answered,
-who failed and why, each site's metrics) to the cell that armed it. Each cell's traffic and
-memory for a round grow with its own fan-out, not with the sites below it, and the result
-equals flat FedAvg (partial sums travel in float64, losslessly).
+(each weighted by ``result_weight``) and the partial sums of the relays below it into a weighted
+sum as they arrive and, once all answered or its deadline passed, streams one partial sum (sum,
+total weight, each tensor's own total weight where some sites did not send that tensor, who
+answered, who failed and why, each site's metrics) to the cell that armed it. Each cell's
+traffic and memory for a round grow with its own fan-out, not with the sites below it, and the
+result equals flat FedAvg (partial sums travel in the accumulator's dtype, losslessly).
 """
 
 from __future__ import annotations

@@ -22,7 +22,13 @@ import numpy as np
 
 from flare_async.cell import Cell, IncomingStream
 from flare_async.errors import BadRequest, DecodeError, FlareError, IntegrityError
-from flare_async.fl._aggregate import WEIGHT_KEY, Folded, RoundMismatch, WeightedSum
+from flare_async.fl._aggregate import (
+    WEIGHT_KEY,
+    Folded,
+    RoundMismatch,
+    WeightedSum,
+    result_weight,
+)
 from flare_async.fl._model import FLModel, model_from_parts
 from flare_async.fl._signed import CHANNEL, E2E, check_signed
 from flare_async.security import Decryptor, SignatureVerifier
@@ -100,7 +106,8 @@ class Collector:
     async def offer(
         self, site: str, parts: Any, *, in_thread: bool = False, on_folded: Folded | None = None
     ) -> bytes:
-        """Fold one site's result in (a site's own, or a relay's partial sum for its sites).
+        """Fold one site's result in (a site's own, weighted by :func:`result_weight`, or a
+        relay's partial sum for its sites).
 
         Args:
             parts: the result's bytes (buffers, or one buffer such as a mapped file).
@@ -125,14 +132,13 @@ class Collector:
                 else:
                     if site not in self.pending:
                         return b"duplicate"
-                    weight = float(update.meta.get("num_samples", 1.0))
-                    fold = (
-                        partial(self.fold_with, site, update)
-                        if self.fold_with is not None
-                        else partial(
+                    if self.fold_with is not None:
+                        fold = partial(self.fold_with, site, update)
+                    else:
+                        weight = result_weight(update.meta)
+                        fold = partial(
                             result.sum.add, update.params, weight, update.params_type, on_folded
                         )
-                    )
                 if in_thread:
                     await anyio.to_thread.run_sync(fold)
                 else:

@@ -36,10 +36,12 @@ async def fedavg(
     """Federated averaging.
 
     Each round samples ``fraction`` of the clients (at least ``min_clients``), sends them the
-    global model, folds their results (weighted by ``meta["num_samples"]``; FULL weights or
-    DIFF updates) as they arrive, and steps the global model. A round with fewer than
-    ``min_responses`` results (default: all sampled) by ``deadline`` seconds fails the job
-    with ``RoundFailed``.
+    global model, folds their results (weighted by ``meta["num_samples"]``, else
+    ``meta["NUM_STEPS_CURRENT_ROUND"]``, else 1; FULL weights or DIFF updates, of all the
+    tensors or some: each is averaged over the sites that sent it, the others stay) as they
+    arrive, and steps the global model (each tensor keeps its dtype). A round with fewer than
+    ``min_responses`` results (default: all sampled) by ``deadline`` seconds fails the job with
+    ``RoundFailed``.
 
     ``evaluate(round, params)``, if given, scores each new global model on the server side
     (a validation set the server holds); its metrics go into the history, and with
