@@ -2,12 +2,15 @@
 
 The server keeps ``concurrency`` clients training at once, each on the model version that was
 current when it was sampled. A client's update (its model minus the version it trained on, or
-its DIFF) enters a buffer weighted by ``num_samples`` and by its staleness ``tau`` (versions
-published since it was sampled): ``s(tau) = (1 + tau) ** -staleness_exponent``; updates staler
-than ``max_staleness`` are dropped. Every ``buffer`` updates the server publishes a new version:
-``x += server_lr * sum(s * n * delta) / sum(n)``. No round waits for its slowest client: a
-fast client trains again as soon as it answers, a slow one contributes when it can, an offline
-one does not hold anything up.
+its DIFF) enters a buffer weighted by its weight ``n`` (``result_weight``: ``num_samples``, else
+``NUM_STEPS_CURRENT_ROUND``, else 1) and by its staleness ``tau`` (versions published since it
+was sampled): ``s(tau) = (1 + tau) ** -staleness_exponent``; updates staler than
+``max_staleness`` are dropped. Every ``buffer`` updates the server publishes a new version:
+``x += server_lr * sum(s * n * delta) / sum(n)``, tensor by tensor over the updates that carried
+that tensor (one no update carried stays as it was), in each tensor's own dtype (integer
+tensors rounded; the sums in float32, or float64 for float64 and integer tensors). No round
+waits for its slowest client: a fast client trains again as soon as it answers, a slow one
+contributes when it can, an offline one does not hold anything up.
 
 Clients are sampled without replacement: every client is used once before any is used again
 (a pass), skipping those busy or resting. A client whose task failed (unreachable, no answer
@@ -26,6 +29,8 @@ from typing import Any
 import anyio
 import numpy as np
 
+from flare_async.codecs import as_numpy
+from flare_async.fl._aggregate import acc_dtype, to_dtype
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._server import FLServer, RoundFailed
 
@@ -94,12 +99,6 @@ def staleness_weight(tau: int, exponent: float = 0.5) -> float:
     return math.pow(1.0 + tau, -exponent)
 
 
-def _params_of(result: Any) -> tuple[dict[str, np.ndarray], float, ParamsType]:
-    """One client's params (its weighted sum divided by its weight) and weight."""
-    total = result.sum
-    return total.mean(), float(total.weight), total.params_type or ParamsType.FULL
-
-
 class _Run:
     """One FedBuff run's state: the model, its recent versions, the buffer."""
 
@@ -125,11 +124,13 @@ class _Run:
         self.deadline = deadline
         self.evaluate = evaluate
         self.on_update = on_update
-        self.model = {k: np.array(v, dtype=np.float32) for k, v in initial.items()}
+        self.model = {k: np.array(as_numpy(v)) for k, v in initial.items()}  # dtypes kept
         self.snapshots: dict[int, dict[str, np.ndarray]] = {0: self.model}
         self.stats = FedBuffStats()
-        self.acc = {k: np.zeros_like(v) for k, v in self.model.items()}
-        self.acc_weight = 0.0
+        self.acc: dict[str, np.ndarray] = {}
+        """``sum(s * n * delta)`` of each tensor some buffered update carried."""
+        self.acc_weights: dict[str, float] = {}
+        """``sum(n)`` of each tensor, over the buffered updates that carried it."""
         self.acc_count = 0
         self.send, self.receive = anyio.create_memory_object_stream[tuple[str, int, Any]](
             concurrency
@@ -158,8 +159,9 @@ class _Run:
             await self.send.send((site, version, result))
 
     def take(self, site: str, version: int, result: Any) -> bool | None:
-        """Fold one outcome in: ``None`` if it failed (no result, or one weighing nothing),
-        False if it was too stale to count, True if it was folded."""
+        """Fold one outcome in: ``None`` if it failed (no result, one weighing nothing, or one
+        with tensors the model has not or of other shapes), False if it was too stale to count,
+        True if it was folded."""
         stats = self.stats
         if isinstance(result, RoundFailed) or not result.responded or not result.sum.weight:
             stats.failed[site] = stats.failed.get(site, 0) + 1
@@ -168,13 +170,27 @@ class _Run:
         if tau > self.max_staleness:
             stats.stale += 1
             return False
-        params, weight, kind = _params_of(result)
+        total = result.sum
         base = self.snapshots[version]
-        scale = weight * staleness_weight(tau, self.exponent)
-        for name, value in params.items():
-            delta = value if kind is ParamsType.DIFF else value - base[name]
-            self.acc[name] += (scale * delta).astype(np.float32)
-        self.acc_weight += weight
+        names = [n for n in total.names() if total.weight_of(n) > 0]
+        for name in names:  # all checked before any is folded
+            shape = base[name].shape if name in base else None
+            if shape != total.shape_of(name):
+                self.server._log.warning(
+                    "FedBuff update does not fit the model", site=site, tensor=name
+                )
+                stats.failed[site] = stats.failed.get(site, 0) + 1
+                return None
+        discount = staleness_weight(tau, self.exponent)
+        for name in names:
+            weight = total.weight_of(name)
+            mean = total.mean_of(name)
+            delta = mean if total.params_type is ParamsType.DIFF else mean - base[name]
+            acc = self.acc.get(name)
+            if acc is None:
+                acc = self.acc[name] = np.zeros(mean.shape, acc_dtype(self.model[name].dtype))
+            acc += (weight * discount * delta).astype(acc.dtype, copy=False)
+            self.acc_weights[name] = self.acc_weights.get(name, 0.0) + weight
         self.acc_count += 1
         stats.updates[site] = stats.updates.get(site, 0) + 1
         stats.staleness.append(tau)
@@ -183,10 +199,13 @@ class _Run:
         return True
 
     def _publish(self) -> None:
-        step = self.server_lr / self.acc_weight
-        self.model = {k: (v + step * self.acc[k]).astype(np.float32) for k, v in self.model.items()}
-        self.acc = {k: np.zeros_like(v) for k, v in self.model.items()}
-        self.acc_weight, self.acc_count = 0.0, 0
+        model = dict(self.model)  # the tensors no buffered update carried: the same arrays
+        for name, acc in self.acc.items():
+            was = model[name]
+            step = self.server_lr / self.acc_weights[name]
+            model[name] = to_dtype(was + step * acc, was.dtype)
+        self.model = model
+        self.acc, self.acc_weights, self.acc_count = {}, {}, 0
         stats = self.stats
         stats.version += 1
         self.snapshots[stats.version] = self.model
