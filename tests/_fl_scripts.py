@@ -132,3 +132,10 @@ async def add_site_weight_async() -> None:
         await anyio.lowlevel.checkpoint()  # the script's own loop runs
         params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
         await flare.send_async(FLModel(params=params, meta={"num_samples": i + 1}))
+
+
+def broken_at_import() -> None:
+    """Site 2's script fails before its first task (a module it needs is missing)."""
+    if flare.get_site_name().endswith("site-2"):
+        import missing_module_for_the_test  # type: ignore[import-not-found] # noqa: F401, PLC0415
+    add_site_weight()

@@ -11,6 +11,7 @@ else. Commands::
     flare-async job wait JOB [--timeout S]
     flare-async job abort JOB
     flare-async job logs JOB [--site SITE]
+    flare-async job metrics JOB [--site SITE] [--key KEY] [--json]
     flare-async job download JOB [-o DIR]
 
 ``submit``, ``status``, ``wait`` and ``abort`` print the job's record as JSON; ``wait`` (and
@@ -195,6 +196,16 @@ async def main_async(args: Any) -> int:
         if args.action == "abort":
             _print_line(await session.call("abort", {"id": args.job}))
             return 0
+        if args.action == "metrics":
+            body = {"id": args.job, "site": args.site or "", "key": args.key or ""}
+            body["limit"] = args.limit
+            for rec in await session.call("metrics", body):
+                if args.json:
+                    _print_line(rec)
+                else:
+                    step = "-" if rec.get("step") is None else rec["step"]
+                    sys.stdout.write(f"{rec['site']}  {rec['key']}  {step}  {rec['value']}\n")
+            return 0
         if args.action == "logs":
             body = {"id": args.job, **({"site": args.site} if args.site else {})}
             sys.stdout.buffer.write(await session.call("logs", body))
@@ -279,6 +290,12 @@ def add_parser(sub: Any) -> None:
     lg = actions.add_parser("logs", help="a job's event log, or a site's training log")
     lg.add_argument("job")
     lg.add_argument("--site", help="the site whose training process log to show")
+    m = actions.add_parser("metrics", help="the values the job's scripts tracked")
+    m.add_argument("job")
+    m.add_argument("--site", help="one site's values only")
+    m.add_argument("--key", help="one key's values only")
+    m.add_argument("--limit", type=int, default=10_000, help="the last N values (default 10000)")
+    m.add_argument("--json", action="store_true", help="one JSON record a line")
     d = actions.add_parser("download", help="a job's files: record, events, checkpoints")
     d.add_argument("job")
     d.add_argument("-o", "--out", default=".", help="where to put JOB/ (default .)")

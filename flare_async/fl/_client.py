@@ -305,7 +305,7 @@ class ClientRuntime:
         next one (kept for ``receive()``), so ``while flare.is_running(): m = receive()``
         never gets ``None`` at the end of the job. A script on the cell's own loop gets the
         flag without waiting."""
-        if _in_loop.get() is self:
+        if _in_loop.get() is self or not self._running:
             return self._running
         if self._task is not None or self._peeked is not None:
             return True
@@ -723,7 +723,7 @@ class ClientRuntime:
                 return
             assert isinstance(item, _Task)
             task, model, reply_to = item.id, item.model, item.reply_to
-            self._task = task
+            self._task, self._reply_to = task, reply_to  # a failure is reported where results go
             parts = model_parts(model, self.cell.codecs, "tensors", params_format=item.format)
             with contextlib.suppress(FlareError):  # a dead worker: the reader reports it
                 await link.send(

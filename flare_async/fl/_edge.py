@@ -254,6 +254,8 @@ class EdgeClient(ClientRuntime):
         if _in_loop.get() is self:
             raise RuntimeError("an async script on the cell's loop uses await receive_async()")
         assert self._portal is not None, "the script must run under EdgeClient.run_script"
+        if (peeked := self._pop_peeked()) is not None:  # taken by is_running()
+            return peeked
         return self._portal.call(self.areceive, timeout)
 
     def send(self, model: FLModel) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from flare_async.codecs import as_numpy
 from flare_async.fl._aggregate import acc_dtype, to_dtype
-from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._model import FLModel, ParamsType, params_format_of
 from flare_async.fl._server import FLServer, RoundFailed
 
 
@@ -271,6 +271,8 @@ async def fedbuff(
         raise RoundFailed("FedBuff needs clients; the server has none")
     if pull and server.hierarchical:
         raise ValueError("pulled tasks are answered to the server: no relay folds them")
+    if server.params_format is None:  # the sites' scripts get their framework back
+        server.params_format = params_format_of(initial)
     run = _Run(
         server,
         initial,

@@ -41,7 +41,7 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._recipe import FedAvgRecipe, load_recipe
-from flare_async.fl._server import FLServer, RoundResult
+from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (
     AuditLog,
@@ -141,6 +141,8 @@ class JobRecord:
     rounds_done: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str = ""
+    site_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Why each site that failed a round failed it, as it said (its script's exception)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,6 +199,32 @@ class JobStore:
         part = self.root / "sites.json.part"
         part.write_text(json.dumps(sites))
         os.replace(part, self.root / "sites.json")
+
+    def add_metrics(self, job: str, recs: list[dict[str, Any]]) -> None:
+        """Append tracked values to ``<job>/metrics.jsonl``, one record a line."""
+        lines = "".join(json.dumps(r) + "\n" for r in recs)
+        with (self.folder(job) / "metrics.jsonl").open("a") as f:
+            f.write(lines)
+
+    def metrics(
+        self, job: str, *, site: str = "", key: str = "", limit: int = 10_000
+    ) -> list[dict[str, Any]]:
+        """The job's tracked values (of one site, one key), the last ``limit`` of them."""
+        path = self.folder(job) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        out: list[dict[str, Any]] = []
+        with path.open() as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if (not site or rec.get("site") == site) and (not key or rec.get("key") == key):
+                    out.append(rec)
+                    if len(out) > 2 * limit:
+                        del out[:-limit]
+        return out[-limit:]
 
     def files(self, job: str) -> list[str]:
         """The job's files, relative to its folder (what ``download`` sends)."""
@@ -346,6 +374,25 @@ class JobManager:
             path = self.store.folder(rec.id) / "events.jsonl"
             return await anyio.to_thread.run_sync(path.read_bytes) if path.exists() else b""
 
+        @table.request(CHANNEL, "metrics")
+        async def metrics(ctx: Context, msg: Payload) -> bytes:
+            self._admin(ctx, "view", msg, record=False)
+            doc = _json(msg)
+            rec = self._job(doc)
+            try:
+                limit = min(max(1, int(doc.get("limit", 10_000))), 100_000)
+            except (TypeError, ValueError):
+                raise BadRequest("limit must be an integer") from None
+            found = await anyio.to_thread.run_sync(
+                lambda: self.store.metrics(
+                    rec.id,
+                    site=str(doc.get("site") or ""),
+                    key=str(doc.get("key") or ""),
+                    limit=limit,
+                )
+            )
+            return json.dumps(found).encode()
+
         @table.request(CHANNEL, "download")
         async def download(ctx: Context, msg: Payload) -> bytes:
             self._admin(ctx, "view", msg)
@@ -370,6 +417,13 @@ class JobManager:
             if server is None:
                 return b"late"
             return await server.take_result(ctx.src, stream)
+
+        @table.request(FL_CHANNEL, "metrics")
+        async def tracked(ctx: Context, msg: Payload) -> bytes:
+            server = self._servers.get(ctx.headers.get("job", ""))
+            if server is None:
+                raise BadRequest(f"no job {ctx.headers.get('job', '')!r:.80} runs here")
+            return server.take_metrics(ctx.src, msg)
 
         @table.request(FL_CHANNEL, "failed")
         async def failed(ctx: Context, msg: Payload) -> bytes:
@@ -558,6 +612,8 @@ class JobManager:
         except Exception as exc:  # any failure of a job fails that job, never the server
             self._log.error("job failed", job=rec.id, exc_info=exc)
             rec.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RoundFailed):
+                rec.site_errors.update(exc.failed)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(rec, aborted=scope.cancel_called)
@@ -596,6 +652,7 @@ class JobManager:
             on_reject=lambda site, task, why: self._audit(
                 "result-rejected", job=rec.id, site=site, task=task, why=why
             ),
+            on_metrics=lambda site, recs: self.store.add_metrics(rec.id, recs),
         )
         self._servers[rec.id] = server
         final = await recipe.run(
@@ -612,6 +669,7 @@ class JobManager:
     def _round(self, rec: JobRecord, result: RoundResult) -> None:
         rec.rounds_done = result.round + 1
         rec.metrics = result.mean_metrics()
+        rec.site_errors.update(result.failed)
         self.store.save(rec)
         self.store.event(
             rec.id,

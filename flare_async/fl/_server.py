@@ -58,7 +58,15 @@ Grant = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 class RoundFailed(FlareError):
-    """Fewer clients than the minimum answered a round before its deadline."""
+    """Fewer clients than the minimum answered a round before its deadline.
+
+    Attributes:
+        failed: each client that did not answer, and why (as it said).
+    """
+
+    def __init__(self, message: str, failed: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 class FLServer:
@@ -320,7 +328,8 @@ class FLServer:
         if len(result.responded) < need:
             raise RoundFailed(
                 f"round {result.round}: {len(result.responded)} of {len(targets)} clients "
-                f"answered, {need} needed ({result.failed})"
+                f"answered, {need} needed ({result.failed})",
+                result.failed,
             )
         self._log.info(
             "round done",

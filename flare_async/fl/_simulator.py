@@ -27,6 +27,8 @@ from flare_async.fl._server import FLServer, RoundResult
 from flare_async.transport import Driver, MemoryNetwork, TcpDriver
 
 Workflow = Callable[[FLServer], Awaitable[Any]]
+SCRIPT_GRACE = 10.0
+"""Seconds the sites' scripts get to end by themselves after the workflow is over."""
 
 
 async def simulate(
@@ -256,10 +258,22 @@ class _SiteCells:
         """Run every site's script beside the workflow; the workflow's outcome or error."""
         outcome: Any = None
         error: Exception | None = None
+        running = len(self.runtimes)
+        all_ended = anyio.Event()
+
+        async def guarded(runtime: ClientRuntime, fn: Callable[[], object] | str) -> None:
+            nonlocal running
+            try:
+                await _run_guarded(runtime, fn, in_loop)
+            finally:
+                running -= 1
+                if running == 0:
+                    all_ended.set()
+
         async with anyio.create_task_group() as tg:
             for runtime in self.runtimes:
                 fn = script[runtime.site] if isinstance(script, dict) else script
-                tg.start_soon(_run_guarded, runtime, fn, in_loop)
+                tg.start_soon(guarded, runtime, fn)
             try:
                 outcome = await workflow(server)
             except Exception as exc:  # re-raised by the caller, not inside a group
@@ -267,7 +281,10 @@ class _SiteCells:
             finally:
                 for runtime in self.runtimes:
                     runtime.stop()
-                # Scripts that finished end by themselves; a hung one is abandoned.
+                # Scripts end by themselves once told (their loops end, their last values
+                # reach the server); one still running after the grace period is abandoned.
+                with anyio.move_on_after(SCRIPT_GRACE):
+                    await all_ended.wait()
                 tg.cancel_scope.cancel()
         return outcome, error
 

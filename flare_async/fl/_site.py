@@ -89,6 +89,9 @@ class SiteJobs:
         self.grace = grace
         self.on_event = on_event or (lambda event, **fields: None)
         self.jobs: dict[str, _SiteJob] = {}
+        self.failed: dict[str, str] = {}
+        """Jobs whose training script failed here, and why (the last 100): their tasks are
+        refused with the script's own words."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._parent_up = anyio.Event()
         self._log = _logging.get_logger(cell=cell.name)
@@ -157,9 +160,12 @@ class SiteJobs:
 
         @table.stream(FL_CHANNEL, "task")
         async def task(ctx: Context, stream: IncomingStream) -> bytes:
-            running = self.jobs.get(stream.headers.get("job", ""))
+            job = stream.headers.get("job", "")
+            running = self.jobs.get(job)
             if running is None:
-                raise BadRequest(f"no job {stream.headers.get('job', '')!r:.80} runs here")
+                if job in self.failed:
+                    raise BadRequest(f"{self.cell.name} cannot train: {self.failed[job]}")
+                raise BadRequest(f"no job {job!r:.80} runs here")
             return await running.runtime.take_task(stream)
 
         @table.request(FL_CHANNEL, "secagg")
@@ -316,6 +322,10 @@ class SiteJobs:
         finally:
             if self.jobs.get(job) is running:
                 del self.jobs[job]
+            if running.runtime.failed is not None:
+                self.failed[job] = running.runtime.failed
+                while len(self.failed) > 100:
+                    del self.failed[next(iter(self.failed))]
             running.done.set()
             self.on_event("job-ended", job=job, attempt=running.attempt, outcome=outcome)
 

@@ -13,7 +13,7 @@ import numpy as np
 from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._aggregate import fedavg_step
-from flare_async.fl._model import FLModel
+from flare_async.fl._model import FLModel, params_format_of
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._server import FLServer, RoundResult
 
@@ -66,6 +66,8 @@ async def fedavg(
         ``validation_key`` (its params in ``meta["best_params"]``); ``params`` are the last.
     """
     # Never changed in place (each round makes new arrays): no copy of a large model.
+    if server.params_format is None:  # the sites' scripts get their framework back
+        server.params_format = params_format_of(initial)
     params = {k: np.asarray(as_numpy(v)) for k, v in initial.items()}
     del initial
     config = SecureAggregation.of(secure)
@@ -109,6 +111,7 @@ async def fedavg(
                 "validation": validation,
                 "responded": result.responded,
                 "failed": sorted(result.failed),
+                "why": dict(result.failed),  # each failed client's reason, as it said
             }
         )
         improved = False

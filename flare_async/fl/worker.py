@@ -21,10 +21,12 @@ import contextlib
 import gc
 import json
 import os
+import runpy
 import socket
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flare_async._spec import load_object
@@ -163,6 +165,13 @@ class PipeRuntime:
 
 
 def load_script(spec: str) -> Callable[[], object]:
+    """``MODULE:FUNCTION`` (or ``MODULE``: its ``main``), or the path of a script file
+    (``client.py``, as FLARE jobs name them), run as ``__main__``."""
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"no training script {spec} (from {Path.cwd()})")
+        return lambda: runpy.run_path(str(path), run_name="__main__")
     fn = load_object(spec, "training script", "main")
     if not callable(fn):
         raise TypeError(f"{spec} is not a function")
