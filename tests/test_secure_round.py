@@ -345,3 +345,23 @@ def test_the_job_settings_come_from_a_recipe_or_the_command_line() -> None:
     assert SecureAggregation.of(False) is None
     with pytest.raises(ConfigError, match="unknown secure aggregation settings"):
         SecureAggregation.of({"clipp": 1.0})
+
+
+def flare_weighted_site() -> None:
+    """Site i adds i + 1, weighted as a FLARE script weighs: NUM_STEPS_CURRENT_ROUND."""
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        model = flare.receive()
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": 10 * (i + 1)}))
+
+
+async def test_a_secure_round_weighs_by_num_steps_as_a_plain_one_does() -> None:
+    async def workflow(server: FLServer, secure: bool) -> Any:
+        return await fedavg(server, {"w": np.zeros(4)}, rounds=1, secure=secure, deadline=20)
+
+    plain = await simulate(lambda s: workflow(s, False), flare_weighted_site, clients=3)
+    masked = await simulate(lambda s: workflow(s, True), flare_weighted_site, clients=3)
+    # (10*1 + 20*2 + 30*3) / 60 = 7/3: weighted, not the plain mean 2
+    assert np.allclose(plain.params["w"], 7 / 3)
+    assert np.allclose(masked.params["w"], 7 / 3, atol=1e-6)

@@ -46,7 +46,7 @@ import anyio
 import numpy as np
 
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError
-from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY
+from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, result_weight
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._secagg import (
     Keys,
@@ -180,10 +180,14 @@ def flatten(
         SecAggRangeError: a weight beyond ``max_weight`` or negative, a value or metric beyond
             the clip (without ``clamp``), or one not finite: nothing is encoded.
     """
-    weight = float(model.meta.get("num_samples", 1.0))
+    try:  # num_samples, else NUM_STEPS_CURRENT_ROUND, else 1: as every aggregation weighs
+        weight = result_weight(model.meta)
+    except ValueError:
+        weight = math.nan  # refused below, naming no value
     if not 0.0 <= weight <= config.max_weight:  # NaN fails too
         raise SecAggRangeError(
-            f"a weight (num_samples) outside 0..{config.max_weight:g}, the declared max_weight"
+            f"a weight (num_samples or NUM_STEPS_CURRENT_ROUND) outside "
+            f"0..{config.max_weight:g}, the declared max_weight"
         )
     parts = []
     for name, shape in shapes:
