@@ -21,7 +21,7 @@ from flare_async.client.tracking import MLflowWriter, SummaryWriter, WandBWriter
 from flare_async.errors import BadRequest, Unauthorized
 from flare_async.fl import FLModel, FLServer, ParamsType, RoundFailed, fedavg, simulate
 from flare_async.fl._client import ClientRuntime, _Task
-from flare_async.fl._tracking import MAX_KEY, check_batch, records
+from flare_async.fl._tracking import MAX_KEY, MetricsBuffer, check_batch, records
 from flare_async.transport import MemoryNetwork
 
 pytestmark = pytest.mark.anyio
@@ -290,3 +290,23 @@ def test_flmodel_takes_flares_arguments() -> None:
     assert ParamsType.FULL == "FULL"
     with pytest.raises(ValueError, match="FULL or DIFF"):
         FLModel(params_type="HALF")  # type: ignore[arg-type]
+
+
+async def test_values_wait_while_the_server_cannot_be_reached() -> None:
+    net = MemoryNetwork()
+    rt = ClientRuntime(Cell("server.site-1", drivers=[net]), "server", job="j")
+    async with rt.cell:  # not linked to any server: no route
+        rt.log("loss", 0.5, step=1)
+        assert not await rt.flush_metrics()
+        assert len(rt.metrics) == 1  # kept for the next flush, not lost
+        assert rt.metrics_lost == 0
+
+
+def test_a_sites_buffer_keeps_the_newest_values_up_to_its_limit() -> None:
+    buf = MetricsBuffer(limit=3)
+    assert buf.add(records("a", 1, "SCALAR"))
+    assert not buf.add([records("b", i, "SCALAR", i)[0] for i in range(3)])
+    assert buf.dropped == 1
+    taken = buf.take(2)
+    buf.put_back(taken)
+    assert [r["step"] for r in buf.take()] == [0, 1, 2]

@@ -356,3 +356,36 @@ async def test_edge_clients_reach_the_server_through_wss_only(
         assert e.edge.offline == 0
         assert links.ups(e.site) == e.edge.visits >= 2  # a fresh mTLS link per visit
         assert [up for p, up in links.events if p == e.site] == [True, False] * e.edge.visits
+
+
+async def train_offline_and_log() -> None:
+    site = flare.get_site_name()
+    while (model := await flare.receive_async()) is not None:
+        flare.log("target", TARGETS[site], step=model.current_round)  # kept until a visit
+        await flare.send_async(toward_target(model, site))
+
+
+async def test_an_edge_clients_tracked_values_go_up_on_its_visits() -> None:
+    sites = list(TARGETS)[:2]
+    async with system(sites) as sys:
+        edges = [edge(sys.net, s) for s in sites]
+        async with anyio.create_task_group() as tg:
+            for e in edges:
+                tg.start_soon(partial(e.run_script, train_offline_and_log, in_loop=True))
+            await fedbuff(
+                sys.server,
+                {"w": np.zeros(2, np.float32)},
+                updates=4,
+                buffer=1,
+                concurrency=2,
+                deadline=10,
+                retry_after=0.05,
+                pull=True,
+            )
+            await sys.server.stop_clients()
+    for e in edges:
+        values = [r for r in sys.server.tracked if r["site"] == e.site]
+        assert len(values) == sum(e.edge.pushed.values()) > 0  # one per result pushed
+        assert {r["value"] for r in values} == {TARGETS[e.site]}
+        assert e.metrics_sent == len(values)
+        assert len(e.metrics) == 0

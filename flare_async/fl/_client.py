@@ -31,7 +31,15 @@ import anyio.from_thread
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, FlareError, Unauthorized
+from flare_async.errors import (
+    BadRequest,
+    CellClosed,
+    DeadlineExceeded,
+    FlareError,
+    RoutingError,
+    TransportError,
+    Unauthorized,
+)
 from flare_async.fl._model import (
     NUMPY,
     TORCH,
@@ -512,9 +520,11 @@ class ClientRuntime:
             with contextlib.suppress(RuntimeError):  # the job (and its portal) just ended
                 self._portal.start_task_soon(self.flush_metrics)
 
-    async def flush_metrics(self) -> None:
+    async def flush_metrics(self) -> bool:
         """Send every value tracked so far to the server (``fl/metrics``), in batches, in
-        order. Values the server cannot take are counted in ``metrics_lost``."""
+        order; True if none is left. Values the server could not be reached for wait for the
+        next flush (at most ``MAX_WAITING``); values it refused are counted in
+        ``metrics_lost``."""
         async with self._flushing:
             while batch := self.metrics.take():
                 try:
@@ -527,9 +537,14 @@ class ClientRuntime:
                         timeout=30,
                     )
                     self.metrics_sent += len(batch)
+                except (TransportError, RoutingError, DeadlineExceeded, CellClosed) as exc:
+                    self.metrics.put_back(batch)  # not now: the next flush tries again
+                    self.cell._log.info("tracked values wait", error=str(exc))
+                    return False
                 except FlareError as exc:
                     self.metrics_lost += len(batch)
-                    self.cell._log.warning("tracked values not delivered", error=str(exc))
+                    self.cell._log.warning("tracked values refused", error=str(exc))
+            return True
 
     # ------------------------------------------------------------ running a script
     async def run_script(self, script: Callable[[], object], *, in_loop: bool = False) -> None:

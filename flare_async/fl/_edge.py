@@ -162,8 +162,18 @@ class EdgeClient(ClientRuntime):
             self.edge.visits += 1
             yield cell
 
+    def track(self, recs: list[dict[str, Any]]) -> None:
+        """Tracked values wait for the next visit (the device is offline in between)."""
+        self.metrics.add(recs)
+
     async def _flush(self, cell: Cell) -> None:
-        """Push what the outbox holds, oldest first; stop at the first offline failure."""
+        """Push what the outbox holds, oldest first, then the tracked values; stop at the
+        first offline failure."""
+        await self._push_results()
+        await self.flush_metrics()
+
+    async def _push_results(self) -> None:
+        cell = self.cell
         while self._outbox:
             task, model, dst, codec = self._outbox[0]
             parts = model_parts(model, cell.codecs, codec)

@@ -28,6 +28,8 @@ MAX_BATCH = 10_000
 """Most records in one batch."""
 MAX_PER_SITE = 1_000_000
 """Most records the server keeps per job and site (the rest are counted and dropped)."""
+MAX_WAITING = 100_000
+"""Most records a site holds while the server cannot be reached (the oldest are dropped)."""
 
 
 class AnalyticsDataType(enum.StrEnum):
@@ -98,23 +100,39 @@ def records(
 
 
 class MetricsBuffer:
-    """Records made by a script (any thread) until the site sends them."""
+    """Records made by a script (any thread) until the site sends them: at most
+    ``MAX_WAITING`` (past that the oldest go, counted in ``dropped``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_WAITING) -> None:
         self._lock = threading.Lock()
         self._items: list[dict[str, Any]] = []
+        self.limit = limit
+        self.dropped = 0
 
     def add(self, recs: list[dict[str, Any]]) -> bool:
         """Keep ``recs``; True if the buffer was empty (a flush should be started)."""
         with self._lock:
             was_empty = not self._items
             self._items.extend(recs)
+            self._trim()
             return was_empty and bool(recs)
 
     def take(self, limit: int = MAX_BATCH) -> list[dict[str, Any]]:
         with self._lock:
             out, self._items = self._items[:limit], self._items[limit:]
             return out
+
+    def put_back(self, recs: list[dict[str, Any]]) -> None:
+        """Records a send did not deliver, first in line again."""
+        with self._lock:
+            self._items[:0] = recs
+            self._trim()
+
+    def _trim(self) -> None:
+        over = len(self._items) - self.limit
+        if over > 0:
+            del self._items[:over]
+            self.dropped += over
 
     def __len__(self) -> int:
         with self._lock:
