@@ -117,6 +117,8 @@ def test_the_scripts_run_as_jobs_with_their_metrics_at_the_server(deployment: De
     assert "ModuleNotFoundError" in why
     assert "missing_module_for_the_test" in why
     assert "missing_module_for_the_test" in rec["error"]
+    ended = d.procs[SITES[1]].wait_for("job-ended", job=rec["id"])
+    assert ended["outcome"].startswith("failed: training script failed: ModuleNotFoundError")
 
     done = d.job("submit", "tests.nvflare_shaped.recipes:hello_pt", "--wait", "--timeout", "170")
     assert done.returncode == 0, done.stderr

@@ -281,7 +281,9 @@ async def test_a_site_beyond_the_declared_range_refuses_and_the_round_goes_on(
     assert sorted(failed) == ["server.site-2", "server.site-3"]
     assert "refused to encode its result: tensor 'w'" in failed["server.site-2"]
     refusals = sorted(m.meta[_secure.REFUSED] for m in sent if _secure.REFUSED in m.meta)
-    assert refusals[0] == "a weight (num_samples) outside 0..100, the declared max_weight"
+    assert refusals[0] == (
+        "a weight (num_samples or NUM_STEPS_CURRENT_ROUND) outside 0..100, the declared max_weight"
+    )
     assert refusals[1] == "tensor 'w': a value beyond the declared clip 2"  # no value named
     assert all(not m.params for m in sent if _secure.REFUSED in m.meta)  # nothing else leaves
     # With clamp, site-2's values are clipped to +-2 instead (the weight is still refused).

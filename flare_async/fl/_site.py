@@ -315,6 +315,8 @@ class SiteJobs:
                 )
             if running.scope.cancel_called:
                 outcome = "stopped"
+            elif running.runtime.failed is not None:
+                outcome = f"failed: {running.runtime.failed}"
         except Exception as exc:  # one job's failure never takes the site down
             outcome = f"failed: {type(exc).__name__}: {exc}"
             self._log.warning("job process failed", job=job, error=str(exc))

@@ -24,6 +24,8 @@ import os
 import runpy
 import socket
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,11 @@ from flare_async.fl._model import (
 )
 from flare_async.fl._tracking import AnalyticsDataType
 from flare_async.wire import NEED_DATA, Connection, Event, Frame, Limits
+
+FLUSH_EVERY = 0.5
+"""Seconds between two writes of tracked values to the site (at most)."""
+FLUSH_AT = 1000
+"""Tracked values that are written to the site at once."""
 
 LIMITS = Limits(max_frame=(1 << 63) - 1)
 """A local pipe to our own parent: no frame limit (a model is one frame)."""
@@ -73,6 +80,9 @@ class PipeRuntime:
         self._peeked: FLModel | None = None
         self._sent_format: str | None = None
         self.task_name: str | None = None
+        self._writing = threading.Lock()  # the script's thread and the metrics flusher
+        self._tracked: list[dict[str, Any]] = []
+        self._flusher: threading.Thread | None = None
 
     def is_running(self) -> bool:
         """Waits for the next task when none is in hand (FLARE's way; see the Client API)."""
@@ -103,6 +113,7 @@ class PipeRuntime:
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         del timeout  # blocking until the site sends a task or stops the job
+        self.flush()
         if self._peeked is not None:
             model, self._peeked = self._peeked, None
             return model
@@ -126,9 +137,14 @@ class PipeRuntime:
             raise RuntimeError("send() without a task received: one result per task")
         self._has_task = False
         self._sent_format = params_format_of(model.params)
+        self.flush()  # the round's values before its result
         self._write("result", model_parts(model, self.codecs, self.codec), self.codec)
 
     def _write(self, topic: str, parts: list[Any], codec: str = "") -> None:
+        with self._writing:
+            self._write_locked(topic, parts, codec)
+
+    def _write_locked(self, topic: str, parts: list[Any], codec: str) -> None:
         header = Event(
             id=0,
             src="worker",
@@ -154,8 +170,28 @@ class PipeRuntime:
         self.track(log_records(key, value, data_type, step, kwargs))
 
     def track(self, recs: list[dict[str, Any]]) -> None:
-        """To the site at once (it batches them to the server)."""
-        self._write("metrics", [json.dumps(recs).encode()])
+        """Kept, and written to the site in batches: every ``FLUSH_EVERY`` seconds (by a
+        thread of its own), at ``FLUSH_AT`` values, and before every result and receive."""
+        with self._writing:
+            self._tracked.extend(recs)
+            full = len(self._tracked) >= FLUSH_AT
+        if full:
+            self.flush()
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_now_and_then, daemon=True)
+            self._flusher.start()
+
+    def flush(self) -> None:
+        with self._writing:
+            recs, self._tracked = self._tracked, []
+            if recs:
+                self._write_locked("metrics", [json.dumps(recs).encode()], "")
+
+    def _flush_now_and_then(self) -> None:
+        while self._running:
+            time.sleep(FLUSH_EVERY)
+            with contextlib.suppress(OSError):  # the site is gone: the process ends soon
+                self.flush()
 
     def report(self, exc: BaseException) -> None:
         """Tell the site why the script failed (its own words), before the process ends."""
@@ -221,8 +257,13 @@ def main(argv: list[str]) -> int:
     try:
         run_any(load_script(argv[1]))
     except BaseException as exc:  # the site reports the script's own words, then we exit
+        with contextlib.suppress(OSError):
+            runtime.flush()
         runtime.report(exc)
         raise
+    with contextlib.suppress(OSError):
+        runtime.flush()
+    runtime._running = False
     sock.close()
     return 0
 
