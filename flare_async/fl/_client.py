@@ -42,11 +42,11 @@ from flare_async.errors import (
 )
 from flare_async.fl._model import (
     NUMPY,
-    TORCH,
     FLModel,
     model_from_parts,
     model_parts,
     params_format_of,
+    script_format,
     to_framework,
     wire_format,
 )
@@ -369,12 +369,9 @@ class ClientRuntime:
         self._reply_to = item.reply_to
         self.task_name = item.kind
         model = item.model
-        # The script's framework: the config's word, else the server model's, else what the
-        # script sent last. Shared with the received bytes unless a filter keeps them.
-        fmt = self.config.get("params_format") or (
-            TORCH if TORCH in (item.format, self._sent_format) else NUMPY
-        )
-        model.params = to_framework(model.params, str(fmt), share=self._filter is None)
+        # Shared with the received bytes unless a filter keeps them.
+        fmt = script_format(self.config, item.format, self._sent_format)
+        model.params = to_framework(model.params, fmt, share=self._filter is None)
         return model
 
     def send(self, model: FLModel) -> None:

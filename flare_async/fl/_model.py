@@ -187,6 +187,15 @@ def wire_format(parts: Sequence[Buffer] | Buffer) -> str:
     return fmt if fmt in FORMATS else NUMPY
 
 
+def script_format(config: Mapping[str, Any], server: str, sent: str | None) -> str:
+    """The framework a script gets its parameters in: its config's ``params_format``, else
+    torch if the server's model or the script's last result was torch, else numpy."""
+    forced = config.get("params_format")
+    if forced is not None:
+        return str(forced)
+    return TORCH if TORCH in (server, sent) else NUMPY
+
+
 def to_framework(params: dict[str, Any], fmt: str, *, share: bool = True) -> dict[str, Any]:
     """``params`` as ``fmt`` wants them: numpy arrays, or torch tensors (sharing the received
     bytes when ``share`` and the buffer is writable, else copied; bfloat16 kept)."""
@@ -231,6 +240,7 @@ __all__ = [
     "model_from_parts",
     "model_parts",
     "params_format_of",
+    "script_format",
     "to_framework",
     "wire_format",
 ]

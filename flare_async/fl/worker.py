@@ -35,12 +35,11 @@ from flare_async._spec import load_object
 from flare_async.codecs import CodecRegistry
 from flare_async.fl._client import bind_process_runtime, log_records, run_any
 from flare_async.fl._model import (
-    NUMPY,
-    TORCH,
     FLModel,
     model_from_parts,
     model_parts,
     params_format_of,
+    script_format,
     to_framework,
     wire_format,
 )
@@ -126,10 +125,8 @@ class PipeRuntime:
         self._has_task = True
         self.task_name = frame.header.headers.get("kind", "train")
         model = model_from_parts(frame.parts)
-        fmt = self.config.get("params_format") or (
-            TORCH if TORCH in (wire_format(frame.parts), self._sent_format) else NUMPY
-        )
-        model.params = to_framework(model.params, str(fmt))
+        fmt = script_format(self.config, wire_format(frame.parts), self._sent_format)
+        model.params = to_framework(model.params, fmt)
         return model
 
     def send(self, model: FLModel) -> None:
