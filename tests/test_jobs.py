@@ -333,3 +333,24 @@ def test_admin_rights_by_name_then_organisation_then_everyone(tmp_path: Path) ->
     toml.write_text('[rights]\n"x" = ["rule-the-world"]\n')
     with pytest.raises(ConfigError, match="unknown rights"):
         AdminRights.load(toml)
+
+
+async def test_an_admin_cannot_make_the_server_call_or_import_what_it_likes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's recipe is only ever a recipe, or a function declared to return one; a module
+    that crashes or hangs as it loads takes a child process down, not the server."""
+    import flare_async.fl._recipe as recipe_module  # noqa: PLC0415
+
+    monkeypatch.setattr(recipe_module, "RESOLVE_TIMEOUT", 3.0)
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        for spec in ("os:abort", "sys:exit", "signal:pause", "builtins:input", "os:getpid"):
+            with pytest.raises(errors.BadRequest, match="neither a recipe nor a function"):
+                await d.call("submit", {"recipe": spec})
+        with pytest.raises(errors.BadRequest, match=r"does not load \(exit 7\)"):
+            await d.call("submit", {"recipe": "tests.hostile_recipes.exits:recipe"})
+        with pytest.raises(errors.BadRequest, match="did not load within 3 s"):
+            await d.call("submit", {"recipe": "tests.hostile_recipes.hangs:recipe"})
+        assert await d.call("list", {}) == []  # the server is still here, and ran nothing
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        await d.events.wait("job-state", job=rec["id"], state="finished")

@@ -40,7 +40,7 @@ import anyio.to_thread
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
-from flare_async.fl._recipe import FedAvgRecipe, load_recipe
+from flare_async.fl._recipe import FedAvgRecipe, check_recipe_apart, load_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (
@@ -546,6 +546,9 @@ class JobManager:
             BadRequest: the recipe does not load here, or an override is not allowed.
         """
         try:
+            # In a child process first: a module that crashes or hangs as it loads takes
+            # that process down, not the server; then here, calling only a declared recipe.
+            await check_recipe_apart(recipe)
             apply_overrides(load_recipe(recipe), dict(overrides or {}))
         except (ConfigError, TypeError, ValueError) as exc:
             self._audit("job-refused", recipe=recipe, by=submitter, why=str(exc))

@@ -4,10 +4,15 @@ deployment (``flare-async job submit MODULE:RECIPE``), unchanged."""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import numpy as np
 
 from flare_async._spec import load_object
@@ -140,13 +145,64 @@ def script_spec(script: Callable[[], object] | str) -> str:
 
 
 def load_recipe(spec: str) -> FedAvgRecipe:
-    """The recipe ``MODULE:NAME`` names (or that the function it names returns).
+    """The recipe ``MODULE:NAME`` names: a :class:`FedAvgRecipe`, or a function *declared* to
+    return one (``def recipe(...) -> FedAvgRecipe``), which is called with no arguments.
+    Nothing else named is ever called: a job's spec comes from an admin, and ``os:abort`` or
+    ``signal:pause`` must not run in the server.
 
     Raises:
-        ConfigError: it does not load, or is not a recipe.
+        ConfigError: it does not load, is neither a recipe nor a declared recipe factory, or
+            the factory returned something else.
     """
     obj = load_object(spec, "recipe", "recipe")
-    recipe = obj() if callable(obj) and not isinstance(obj, FedAvgRecipe) else obj
+    if isinstance(obj, FedAvgRecipe):
+        return obj
+    if not declares_recipe(obj):
+        raise ConfigError(
+            f"{spec} is a {type(obj).__name__}, neither a recipe nor a function declared to "
+            "return one (-> FedAvgRecipe); it was not called"
+        )
+    recipe = obj()
     if not isinstance(recipe, FedAvgRecipe):
-        raise ConfigError(f"{spec} is a {type(recipe).__name__}, not a recipe")
+        raise ConfigError(f"{spec} returned a {type(recipe).__name__}, not a recipe")
     return recipe
+
+
+def declares_recipe(obj: object) -> bool:
+    """Whether ``obj`` is a plain Python function whose return annotation is a recipe class
+    (built-ins, classes and other callables are not)."""
+    if not inspect.isfunction(obj):
+        return False
+    try:
+        returns = typing.get_type_hints(obj).get("return")
+    except Exception:
+        return False
+    return isinstance(returns, type) and issubclass(returns, FedAvgRecipe)
+
+
+RESOLVE_TIMEOUT = 60.0
+"""Seconds a job's recipe gets to load in a child process before the server loads it."""
+
+
+async def check_recipe_apart(spec: str, timeout: float | None = None) -> None:
+    """Load ``spec`` in a child Python process first (``python -m flare_async.fl.recipe_check
+    SPEC``): a module whose import crashes, exits or hangs takes that process down, not the
+    server.
+
+    Raises:
+        ConfigError: the child did not load a recipe within ``timeout`` (its words, if any).
+    """
+    timeout = RESOLVE_TIMEOUT if timeout is None else timeout
+    with anyio.move_on_after(timeout) as waited:
+        done = await anyio.run_process(
+            [sys.executable, "-m", "flare_async.fl.recipe_check", spec],
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    if waited.cancelled_caught:
+        raise ConfigError(f"the recipe {spec} did not load within {timeout:g} s")
+    if done.returncode != 0:
+        words = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:500]
+        if words.startswith("ConfigError: "):
+            raise ConfigError(words.removeprefix("ConfigError: "))
+        raise ConfigError(f"the recipe {spec} does not load (exit {done.returncode}): {words}")

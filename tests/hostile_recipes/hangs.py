@@ -1,0 +1,5 @@
+"""A recipe module whose import never returns."""
+
+import threading
+
+threading.Event().wait()
