@@ -5,6 +5,12 @@ Client API (:mod:`flare_async.client`): ``receive()`` blocks until a task arrive
 ends), ``send()`` streams the result to the server from the cell's event loop. The thread never
 touches the event loop's objects: a thread-safe queue brings tasks in, a blocking portal takes
 results out.
+
+Why one file of ~800 lines: the runtime's state (the inbox, the task in hand, where its result
+goes, the site's failure, the values waiting for the server) is shared by the three ways a
+script runs (a thread, the cell's loop, a worker process) and by the failure path that must
+see all of them; split apart, each part would reach into the others' privates. The worker
+process's side of the pipe is ``worker.py``.
 """
 
 from __future__ import annotations
