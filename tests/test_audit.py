@@ -90,3 +90,40 @@ def test_the_cli_verifies_and_needs_the_head_to_see_a_cut_off_end(
     path.write_text(text[0] + text[2] + text[3])
     assert main(["audit", "verify", str(path)]) == 1
     assert "BAD" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("key", "forged"),
+    [("by", '"mallory"'), ("event", '"job-aborted"'), ("seq", "7")],
+)
+def test_a_duplicate_key_before_the_real_one_is_refused_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, forged: str
+) -> None:
+    """``{"by": "mallory", ..., "by": "alice"}`` parses (last key wins) to the record that was
+    hashed, so its hash holds; a reader that keeps the first key sees mallory. The line as
+    written is not the line that was hashed: refused, with its number."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path)
+    text = lines(path)
+    text[2] = "{" + f'"{key}": {forged}, ' + text[2][1:]
+    assert json.loads(text[2]) == json.loads(lines(path)[2])  # the parsed record is unchanged
+    path.write_text("".join(text))
+    report = verify_audit(lines(path))
+    assert (report.ok, report.entries, report.bad_line) == (False, 2, 3)
+    assert f"duplicate key {key!r}" in report.reason
+    assert main(["audit", "verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"BAD: {path}: line 3: duplicate key {key!r}")
+    with pytest.raises(ValueError, match="line 3"):
+        AuditLog(path)  # nor is such a log continued
+
+
+def test_a_duplicate_key_inside_a_field_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("admin-command", now=1.0, admin="alice", detail={"command": "list"})
+    text = lines(path)
+    text[0] = text[0].replace('{"command": "list"}', '{"command": "abort", "command": "list"}')
+    report = verify_audit(text)
+    assert (report.ok, report.bad_line) == (False, 1)
+    assert "duplicate key 'command'" in report.reason

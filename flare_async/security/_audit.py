@@ -33,6 +33,19 @@ def _digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        record[key] = value
+    return record
+
+
 @dataclass(frozen=True)
 class AuditReport:
     """What :func:`verify_audit` found.
@@ -57,7 +70,11 @@ def verify_audit(lines: Iterable[str]) -> AuditReport:
     prev, n = GENESIS, 0
     for n, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            return AuditReport(
+                False, n - 1, prev, n, f"{exc}: the line as written is not the record hashed"
+            )
         except ValueError as exc:
             return AuditReport(False, n - 1, prev, n, f"unreadable: {exc}")
         if not isinstance(record, dict) or "hash" not in record:
