@@ -161,6 +161,7 @@ async def test_bad_clients_are_refused_and_the_listener_keeps_serving(deployment
     provision_other.write_text("""
 project = "other"
 [server]
+name = "server.relay-1"
 listen = ["tls://127.0.0.1:1"]
 [[clients]]
 name = "server.relay-1.intruder"

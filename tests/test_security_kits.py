@@ -10,13 +10,15 @@ import stat
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flare_async.errors import ConfigError
+from flare_async.errors import ConfigError, IdentityError
 from flare_async.security import (
     CA_DIR,
     Identity,
@@ -33,6 +35,8 @@ from flare_async.security import (
     server_context,
 )
 from flare_async.security._kits import _toml
+from flare_async.transport import Link
+from flare_async.wire import Limits, Session
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_TIER = ROOT / "cells" / "topologies" / "two-tier.toml"
@@ -187,6 +191,42 @@ def test_provisioned_kits_make_a_working_mutual_tls_link(kits_dir: Path) -> None
     check_claim(parent, "server.relay-1", "relay")
 
 
+class _TlsLink:
+    """What a verifier sees of a link: the peer's certificate, verified by mutual TLS."""
+
+    peer_address = "tls://127.0.0.1:1"
+
+    def __init__(self, kit: Kit) -> None:
+        self.der = _cert(kit.cert).public_bytes(serialization.Encoding.DER)
+
+    def extra(self) -> dict[str, object]:
+        return {"peer_certificate": self.der}
+
+
+def _accept_child(at: Kit, child: Kit, claimed: str | None = None) -> None:
+    """``at``'s kit verifier on a child link from ``child``'s certificate claiming ``claimed``."""
+    from flare_async.cli._run import kit_verifier  # noqa: PLC0415
+
+    session = Session(claimed or child.name, "child", 1, frozenset(), Limits(), 0.0)
+    kit_verifier(at)(cast("Link", _TlsLink(child)), session)
+
+
+def test_a_cell_links_only_directly_below_the_cell_its_name_places_it(kits_dir: Path) -> None:
+    """The kits' topology holds on the links: a site's valid certificate does not let it skip
+    its relay and attach below the server (nor below a sibling), whatever the transport."""
+    server, relay = load_kit(kits_dir / "server"), load_kit(kits_dir / "server.relay-1")
+    site = load_kit(kits_dir / "server.relay-1.site-1")
+    sibling = load_kit(kits_dir / "server.relay-1.site-2")
+    _accept_child(relay, site)
+    _accept_child(server, relay)
+    with pytest.raises(IdentityError, match=r"directly below 'server\.relay-1', not 'server'"):
+        _accept_child(server, site)
+    with pytest.raises(IdentityError, match="not below"):
+        _accept_child(sibling, site)
+    with pytest.raises(IdentityError, match=r"certificate is for 'server\.relay-1\.site-1'"):
+        _accept_child(server, site, "server.site-1")
+
+
 def test_provision_refuses_to_overwrite_unless_forced(kits_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "kits"
     shutil.copytree(kits_dir, out)
@@ -225,7 +265,7 @@ parent = "tls://127.0.0.1:9000"
 """,
     )
     out = tmp_path / "kits"
-    with pytest.raises(ConfigError, match="must be named below its parent 'server'"):
+    with pytest.raises(ConfigError, match="must be named directly below its parent 'server'"):
         provision(project, out, now=NOW)
     assert not out.exists()
     with pytest.raises(ConfigError, match="timezone-aware"):
@@ -285,6 +325,7 @@ def test_add_site_grows_the_tree_with_new_relays(kits_dir: Path, tmp_path: Path)
         ("server.relay-1.site-1", "tls://127.0.0.1:18011", {}, "already issued"),
         ("server.relay-1.SITE-1", "tls://127.0.0.1:18011", {}, "differing by case"),
         ("server.site-9", "tls://127.0.0.1:18011", {}, "below its parent 'server.relay-1'"),
+        ("server.relay-1.site-9", "tls://127.0.0.1:18010", {}, "directly below its parent"),
         ("server.relay-1.site-9", "tls://127.0.0.1:19999", {}, "not a listen URL"),
         ("server.relay-1.site-9", "tcp://127.0.0.1:18011", {}, "must use tls:// or wss://"),
         ("server.relay-1.site-9", None, {}, "needs a parent URL"),
@@ -393,6 +434,8 @@ listen = ["tls://127.0.0.1:9000", "wss://fl.example.org:9443/flare"]
         ('[[clients]]\nname = "server.a"\nparent = "ws://127.0.0.1:9000"\n', "tls:// or wss://"),
         ('[[clients]]\nname = "other.a"\nparent = "tls://127.0.0.1:9000"\n', "below its parent"),
         ('[[clients]]\nname = "server"\nparent = "tls://127.0.0.1:9000"\n', "below its parent"),
+        ('[[clients]]\nname = "server.r.site-1"\nparent = "tls://127.0.0.1:9000"\n',
+         "directly below its parent 'server'"),
         ('[[clients]]\nname = "server.a"\nparent = "tls://127.0.0.1:9000"\n'
          '[[clients]]\nname = "server.a"\nparent = "tls://127.0.0.1:9000"\n', "used twice"),
         ('[[clients]]\nname = "server.a b"\nparent = "tls://127.0.0.1:9000"\n', "must match"),

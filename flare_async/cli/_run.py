@@ -31,6 +31,7 @@ from flare_async.fl import EdgeClient, RelayAggregator
 from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._privacy import load_policy
 from flare_async.fl._site import SiteJobs
+from flare_async.routing import CellName
 from flare_async.security import (
     AuditLog,
     Decryptor,
@@ -60,11 +61,13 @@ def emit(event: str, **fields: Any) -> None:
 def kit_verifier(kit: Kit, admins: dict[str, Identity] | None = None) -> PeerVerifier:
     """Check each link's peer certificate against the name and place it claims.
 
-    A child must hold a certificate for exactly the name it claims, below this cell, and be a
-    client or relay; a parent must be the server or a relay (a client certificate cannot act as
-    one); a direct peer must be a cell of the project. With ``admins`` (the server), an admin
-    certificate may connect as a child under its session name (:func:`admin_cell_name`); the
-    session name is recorded in ``admins`` with the admin's identity (name and organisation).
+    A child must hold a certificate for exactly the name it claims, directly below this cell
+    (its name's parent is this cell's name: ``server.relay-1.site-1`` links only to
+    ``server.relay-1``), and be a client or relay; a parent must be the server or a relay (a
+    client certificate cannot act as one); a direct peer must be a cell of the project. With
+    ``admins`` (the server), an admin certificate may connect as a child under its session name
+    (:func:`admin_cell_name`); the session name is recorded in ``admins`` with the admin's
+    identity (name and organisation).
     """
 
     def verify(link: Link, session: Session) -> None:
@@ -81,6 +84,14 @@ def kit_verifier(kit: Kit, admins: dict[str, Identity] | None = None) -> PeerVer
             admins[session.peer] = identity
         elif session.role == "child":
             check_claim(identity, session.peer, Role.CLIENT, below=kit.name)
+            # The name places a cell in the tree: its parent is its name's prefix, the cell its
+            # kit dials. A valid certificate must not let it skip that cell (and its policy).
+            parent = str(CellName(session.peer).parent)
+            if parent != kit.name:
+                raise IdentityError(
+                    f"{session.peer!r} may link only directly below {parent!r}, not {kit.name!r}",
+                    peer=identity.name,
+                )
         elif session.role == "parent":
             acting = identity.role if identity.role in (Role.SERVER, Role.RELAY) else Role.RELAY
             check_claim(identity, session.peer, acting)

@@ -27,8 +27,9 @@ A project file (TOML) lists the participants::
 A parent URL is matched against the ``listen`` URLs of the server and relays: same scheme, port
 and path, and a host that is the listen URL's host or one of that participant's ``hosts``
 (``hosts`` is how a cell that binds ``0.0.0.0`` says where it is reached). Every relay and
-client name must lie below its parent's name. Listen URLs are ``tls://HOST:PORT`` or
-``wss://HOST:PORT/PATH``: provisioning is for mutual TLS.
+client name must lie directly below its parent's name (``server.relay-1.site-1`` under
+``server.relay-1``): a cell accepts a child link only from a certificate so named. Listen URLs
+are ``tls://HOST:PORT`` or ``wss://HOST:PORT/PATH``: provisioning is for mutual TLS.
 
 :func:`provision` writes, under the output folder::
 
@@ -333,9 +334,11 @@ def _with_parent(entry: _Issued, listeners: Sequence[_Issued]) -> _Issued:
         names = ", ".join(repr(m.name) for m in matches)
         raise ConfigError(f"{entry.name!r}: parent URL {entry.parent!r} is ambiguous: {names}")
     parent = matches[0]
-    if entry.role is not Role.ADMIN and not CellName(parent.name).is_ancestor_of(entry.name):
+    if entry.role is not Role.ADMIN and CellName(entry.name).parent != CellName(parent.name):
+        # Cells link only to the cell their name's prefix names (cli kit_verifier): a kit
+        # dialling an ancestor further up would never be let in.
         raise ConfigError(
-            f"{entry.name!r} must be named below its parent {parent.name!r} "
+            f"{entry.name!r} must be named directly below its parent {parent.name!r} "
             f"(e.g. {parent.name}.{CellName(entry.name).leaf})"
         )
     return msgspec.structs.replace(entry, parent_name=parent.name)
