@@ -656,3 +656,23 @@ def test_decode_frame_checks_lengths_against_the_prefix() -> None:
             decode_frame(bad, Limits())
     with pytest.raises(ProtocolError):
         decode_frame(head, Limits(), payload_size=4)
+
+
+def test_hello_limits_refuse_a_big_first_frame_and_widen_keeps_buffered_bytes() -> None:
+    from flare_async.wire import HELLO_BUFFER, HELLO_LIMITS, encode_head, make_hello  # noqa: PLC0415
+
+    hello = make_hello("server.x", "child", Limits())
+    conn = Connection(HELLO_LIMITS, staging_size=HELLO_BUFFER)
+    assert conn.buffer_size <= HELLO_BUFFER
+    with pytest.raises(FrameTooLarge, match="exceeds 0 B"):
+        conn.receive_data(encode_head(hello, 64 << 20, Limits()))
+    conn = Connection(HELLO_LIMITS, staging_size=HELLO_BUFFER)
+    second = encode_head(hello, 1 << 20, Limits())
+    conn.receive_data(encode_head(hello, 0, Limits()) + second[:10])
+    assert isinstance(conn.next_event(), Frame)
+    conn.widen(Limits())
+    assert conn.buffer_size == 256 * 1024
+    conn.receive_data(second[10:] + bytes(1 << 20))
+    event = conn.next_event()
+    assert isinstance(event, Frame)
+    assert event.payload_len == 1 << 20

@@ -68,7 +68,7 @@ from flare_async.errors import (
     error_for_status,
 )
 from flare_async.routing import LOCAL, PARENT, check_route, next_hop, validate_name
-from flare_async.transport import Driver, DriverRegistry, Link, Listener
+from flare_async.transport import Admission, Driver, DriverRegistry, Link, Listener
 from flare_async.wire import (
     ROUTED_KINDS,
     STREAM_KINDS,
@@ -171,7 +171,11 @@ class Cell(StreamingMixin):
         default_timeout: deadline of a request when the caller gives none (``None``: none).
         max_concurrency: most handlers running at once.
         queue_size: requests waiting for a handler before new ones are refused as overloaded.
-        handshake_timeout: how long a new link may take to say hello.
+        handshake_timeout: how long a new link may take to say hello (with a TLS handshake
+            and an HTTP upgrade before it, where the transport has those).
+        admission: how listeners treat connections before their hello (caps per listener and
+            per source address, the hello-phase limits); default ``Admission`` with
+            ``handshake_timeout``. Its ``refused`` counts the connections closed before a hello.
         backoff: reconnect policy for the parent link.
         heartbeat: ping a link quiet for this many seconds (``None``: never).
         dead_after: drop a link quiet for this long (default: 3 heartbeats).
@@ -218,6 +222,7 @@ class Cell(StreamingMixin):
         stream_idle: float = 60.0,
         codecs: CodecRegistry | None = None,
         signing: MessageSigner | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.name = validate_name(name)
         self.signing = signing
@@ -225,6 +230,7 @@ class Cell(StreamingMixin):
         self.limits = limits or Limits()
         self.default_timeout = default_timeout
         self.handshake_timeout = handshake_timeout
+        self.admission = admission or Admission(timeout=handshake_timeout)
         self.backoff = backoff or Backoff()
         self.verify_peer = verify_peer
         self.on_link = on_link
@@ -296,6 +302,7 @@ class Cell(StreamingMixin):
                 tg.start_soon(self._heartbeat_loop, self.heartbeat, name=f"{self.name} heartbeat")
             for url in self._listen:
                 listener = await self.drivers.for_url(url).listen(url, limits=self.limits)
+                listener.guard(self.admission)
                 self._listeners.append(listener)
                 self.listen_urls.append(listener.url)
                 tg.start_soon(self._accept_loop, listener, name=f"{self.name} accept {url}")
@@ -436,6 +443,9 @@ class Cell(StreamingMixin):
                 session = await handshake_acceptor(link, self.name, self._hello, self.verify_peer)
         except (ProtocolError, TransportError, TimeoutError) as exc:
             reason = "no hello in time" if isinstance(exc, TimeoutError) else str(exc)
+            self.admission.refused[
+                "no hello in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+            ] += 1
             self._log.warning("link refused", peer=link.peer_address, reason=reason)
             with anyio.CancelScope(shield=True):
                 await link.aclose()

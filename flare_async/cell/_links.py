@@ -122,6 +122,8 @@ async def handshake_acceptor(
                 await link.send(Frame(Bye(reason=str(exc))))
         raise
     link.peer_limits = session.peer_limits
+    # Before our hello goes out: the peer may send anything once it has it.
+    link.hello_done()
     await link.send(Frame(local))
     return session
 

@@ -7,7 +7,7 @@ ones a simulation runs) should not pay.
 
 from typing import TYPE_CHECKING, Any
 
-from flare_async.transport._base import Driver, Link, Listener
+from flare_async.transport._base import Admission, Driver, Link, Listener
 from flare_async.transport._memory import MemoryLink, MemoryNetwork
 from flare_async.transport._registry import DriverRegistry, url_scheme
 from flare_async.transport._tcp import TcpDriver, TcpLink
@@ -25,6 +25,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Admission",
     "Driver",
     "DriverRegistry",
     "Link",

@@ -22,10 +22,64 @@ The contract every link keeps:
 from __future__ import annotations
 
 import abc
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from flare_async.wire import Envelope, Frame, Limits, Passing
+from flare_async.wire import HELLO_LIMITS, Envelope, Frame, Limits, Passing
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How a listener treats connections that have not said hello yet (docs/design.md §3).
+
+    Until the cell accepted a link's hello (:meth:`Link.hello_done`), the link reads with
+    ``limits`` (a hello-sized frame; a bigger announcement closes it) and a small buffer, at
+    most ``max_pending`` such links are open per listener and ``max_pending_per_source`` per
+    source address (IP): a connection beyond either cap is closed as soon as it is accepted.
+    The links not yet past their hello thus hold at most ``max_pending`` small buffers between
+    them. ``timeout`` bounds everything before the hello where the listener runs it (the TLS
+    handshake and the HTTP upgrade of ``ws``/``wss``); the cell bounds the rest with the same
+    number, its ``handshake_timeout``.
+
+    Attributes:
+        refused: connections closed, by reason (``per-listener cap``, ``per-source cap``,
+            ``no hello in time``, ``oversize frame before hello``...), shared by the
+            listeners given this admission.
+    """
+
+    timeout: float = 10.0
+    limits: Limits = HELLO_LIMITS
+    max_pending: int = 512
+    max_pending_per_source: int = 64
+    refused: Counter[str] = field(default_factory=Counter, compare=False)
+
+
+class Pending:
+    """The connections of one listener not yet past their hello, per source address."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.total = 0
+        self.per_source: Counter[str] = Counter()
+
+    def admit(self, source: str) -> str | None:
+        """Count one more connection from ``source``; or why it must be refused (not counted)."""
+        adm = self.admission
+        if self.total >= adm.max_pending:
+            return "per-listener cap"
+        if self.per_source[source] >= adm.max_pending_per_source:
+            return "per-source cap"
+        self.total += 1
+        self.per_source[source] += 1
+        return None
+
+    def release(self, source: str) -> None:
+        self.total -= 1
+        self.per_source[source] -= 1
+        if not self.per_source[source]:
+            del self.per_source[source]
 
 
 class Link(abc.ABC):
@@ -132,6 +186,11 @@ class Link(abc.ABC):
     async def aclose(self) -> None:
         """Close the link on purpose. Idempotent; frames already sent are still delivered."""
 
+    def hello_done(self) -> None:
+        """The cell accepted the peer's hello: lift the handshake phase's limits (see
+        :class:`Admission`) and stop counting the link as pending. Optional (a no-op)."""
+        return
+
     def extra(self) -> dict[str, Any]:
         """Driver-specific facts about the link (TLS peer certificate, socket options...)."""
         return {}
@@ -161,6 +220,13 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop accepting. Idempotent. Links already accepted stay open."""
+
+    def guard(self, admission: Admission) -> bool:
+        """Apply ``admission`` to the connections accepted from now on, before their hello.
+
+        Optional: returns whether the driver does (the default: ``False``, it does not).
+        """
+        return False
 
 
 class Driver(abc.ABC):

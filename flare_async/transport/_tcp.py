@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
 import ssl
@@ -39,6 +40,7 @@ from anyio.abc import SocketStream
 from anyio.lowlevel import checkpoint
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from flare_async import _logging
 from flare_async._concurrency import Lock
 from flare_async.errors import (
     ConfigError,
@@ -48,8 +50,18 @@ from flare_async.errors import (
     ProtocolError,
 )
 from flare_async.transport import _splice
-from flare_async.transport._base import Driver, Link, Listener
-from flare_async.wire import EOF, Buffer, Connection, Envelope, Frame, Limits, Passing, payload_size
+from flare_async.transport._base import Admission, Driver, Link, Listener, Pending
+from flare_async.wire import (
+    EOF,
+    HELLO_BUFFER,
+    Buffer,
+    Connection,
+    Envelope,
+    Frame,
+    Limits,
+    Passing,
+    payload_size,
+)
 
 _IOV_MAX = 1024
 FINISH_WITHIN = 30.0
@@ -96,12 +108,22 @@ class TcpLink(Link):
         tls: TLSStream | None = None,
         stream: SocketStream | None = None,
         server_tls: ssl.SSLContext | None = None,
+        hello_limits: Limits | None = None,
+        on_hello: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
         self._tls = tls
         self._stream = stream  # once set, the descriptor belongs to the stream's transport
         self._server_tls = server_tls  # set while an accepted TLS link still owes a handshake
-        self._conn = Connection(limits, peer=peer_address)
+        # Accepted by a guarded listener: until hello_done(), a hello-sized frame in a small
+        # buffer (docs/design.md §3); on_hello releases the listener's count of pending links.
+        self._on_hello = on_hello
+        self._read_size = _TLS_READ
+        if hello_limits is not None:
+            self._conn = Connection(hello_limits, peer=peer_address, staging_size=HELLO_BUFFER)
+            self._read_size = HELLO_BUFFER
+        else:
+            self._conn = Connection(limits, peer=peer_address)
         self.limits = limits
         self.peer_limits = limits
         self.local_address = local_address
@@ -135,6 +157,17 @@ class TcpLink(Link):
     @peer_limits.setter
     def peer_limits(self, value: Limits) -> None:
         self._conn.peer_limits = value
+
+    def hello_done(self) -> None:
+        if self._conn.limits is not self.limits:
+            self._conn.widen(self.limits)
+            self._read_size = _TLS_READ
+        self._release()
+
+    def _release(self) -> None:
+        on_hello, self._on_hello = self._on_hello, None
+        if on_hello is not None:
+            on_hello()
 
     # ------------------------------------------------------------------ TLS
     async def _ensure_tls(self) -> None:
@@ -616,7 +649,7 @@ class TcpLink(Link):
     async def _fill_tls(self) -> None:
         assert self._tls is not None
         try:
-            data = await self._tls.receive(256 * 1024)
+            data = await self._tls.receive(self._read_size)
         except anyio.EndOfStream:
             self._conn.receive_data(b"")
             return
@@ -629,6 +662,7 @@ class TcpLink(Link):
 
     # ------------------------------------------------------------------ closing
     def _close_socket(self, *, reset: bool, crash: bool = False) -> None:
+        self._release()
         sock = self._sock
         if sock.fileno() < 0:
             return
@@ -713,10 +747,13 @@ class TcpLink(Link):
             "bytes_received": s.bytes_received,
             "buffered": s.buffered,
             "frames_passed": self._passed,
+            "read_buffer": self._conn.buffer_size,
         }
 
 
 _TRY_SEND_MAX = 4096
+_TLS_READ = 256 * 1024
+"""Most bytes one TLS read asks for (after the hello; HELLO_BUFFER before it)."""
 """Largest frame try_send writes (and, on asyncio, the most a partial write leaves over)."""
 _LOWAT_FROM = 64 * 1024
 _LOWAT_MAX = 512 * 1024
@@ -764,6 +801,11 @@ class TcpListener(Listener):
         host, port = sock.getsockname()[:2]
         self.url = _format_url(scheme, host, port)
         self._closed = False
+        self._pending: Pending | None = None
+
+    def guard(self, admission: Admission) -> bool:
+        self._pending = Pending(admission)
+        return True
 
     async def accept(self) -> Link:
         while True:
@@ -786,14 +828,35 @@ class TcpListener(Listener):
                 if exc.errno in _ACCEPT_SKIP:
                     continue  # that one connection failed before we got it; serve the rest
                 raise
-            _configure(sock)
             peer = _format_url(self._scheme, addr[0], addr[1])
+            pending = self._pending
+            if pending is None:
+                _configure(sock)
+                return TcpLink(
+                    sock,
+                    self._limits,
+                    local_address=self.url,
+                    peer_address=peer,
+                    server_tls=self._server_tls,
+                )
+            source = str(addr[0])
+            why = pending.admit(source)
+            if why is not None:  # closed at once: no buffer, no task, no handshake
+                sock.close()
+                pending.admission.refused[why] += 1
+                _logging.get_logger().warning(
+                    "connection refused before hello", peer=peer, reason=why
+                )
+                continue
+            _configure(sock)
             return TcpLink(
                 sock,
                 self._limits,
                 local_address=self.url,
                 peer_address=peer,
                 server_tls=self._server_tls,
+                hello_limits=pending.admission.limits,
+                on_hello=functools.partial(pending.release, source),
             )
 
     async def aclose(self) -> None:

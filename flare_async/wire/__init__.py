@@ -48,6 +48,8 @@ from flare_async.wire._frame import (
     parse_prefix,
 )
 from flare_async.wire._hello import (
+    HELLO_BUFFER,
+    HELLO_LIMITS,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Role,
@@ -58,6 +60,8 @@ from flare_async.wire._hello import (
 
 __all__ = [
     "EOF",
+    "HELLO_BUFFER",
+    "HELLO_LIMITS",
     "MAGIC",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",

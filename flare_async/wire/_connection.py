@@ -198,6 +198,24 @@ class Connection:
         self._bytes_in = 0
         self._bytes_out = 0
 
+    def widen(self, limits: Limits, staging_size: int = 256 * 1024) -> None:
+        """Apply ``limits`` to what comes next and grow the staging buffer to ``staging_size``
+        (bytes already buffered are kept): how a link leaves its handshake phase, where a
+        small buffer and :data:`~flare_async.wire.HELLO_LIMITS` applied."""
+        self.limits = limits
+        size = max(staging_size, PREFIX_SIZE + limits.max_header)
+        if size > len(self._staging):
+            pending = self._view[self._start : self._end]
+            staging = bytearray(size)
+            staging[: len(pending)] = pending
+            self._staging, self._view = staging, memoryview(staging)
+            self._start, self._end = 0, len(pending)
+
+    @property
+    def buffer_size(self) -> int:
+        """Size of the staging buffer (what an idle link costs, besides its socket)."""
+        return len(self._staging)
+
     # ------------------------------------------------------------------ receiving
     def get_buffer(self) -> memoryview:
         """A writable buffer for the next incoming bytes; follow with :meth:`buffer_updated`.

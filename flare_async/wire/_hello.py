@@ -19,6 +19,13 @@ from flare_async.wire._frame import Limits
 PROTOCOL_VERSION: Final = 1
 MIN_PROTOCOL_VERSION: Final = 1
 
+HELLO_LIMITS: Final = Limits(max_header=16 * 1024, max_frame=0, max_route=2)
+"""What an accepting side reads before the peer's hello was accepted (docs/design.md §3): a
+hello or a goodbye, both headers without a payload. A bigger announcement is a ProtocolError
+and the link closes before a byte of it is read; the full limits apply after the hello."""
+HELLO_BUFFER: Final = 16 * 1024 + 64
+"""Read buffer of a link before its hello (grown to the full one once the hello is accepted)."""
+
 Role = Literal["child", "parent", "peer"]
 
 
