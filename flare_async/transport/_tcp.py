@@ -481,6 +481,8 @@ class TcpLink(Link):
             if n:
                 conn.buffer_updated(n)
                 self._set_lowat(conn.owed)
+                if not isinstance(self._loop, asyncio.SelectorEventLoop):
+                    _raise_pending_error(self._sock)
             else:
                 self._pause_reading()
                 conn.receive_data(b"")  # clean EOF, or LinkBroken in the middle of a frame
@@ -759,6 +761,22 @@ _LOWAT_FROM = 64 * 1024
 _LOWAT_MAX = 512 * 1024
 _READ_AHEAD = 1 << 20
 """Bytes of complete frames read ahead of receive() before reading pauses (asyncio)."""
+
+
+def _raise_pending_error(sock: socket.socket) -> None:
+    """Raise the error (a reset) the socket holds after a read that returned data.
+
+    On uvloop a reader registered with ``add_reader`` is called once more when the socket
+    reports an error (libuv's ``POLLERR``) and then silently unregistered. Where data was still
+    waiting (below ``SO_RCVLOWAT``, or come in the same loop turn as the reset) that last read
+    returns the data, not the error, and nothing would call the reader again: the link would
+    look alive until the heartbeat dropped it. asyncio's selector calls the reader again, so
+    only other loops pay for this check (one ``getsockopt`` per wakeup, a few per MiB of a
+    large frame).
+    """
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _on_asyncio() -> bool:
