@@ -46,10 +46,12 @@ from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (
     AuditLog,
     Decryptor,
+    Role,
     SignatureVerifier,
     Signer,
     check_command,
 )
+from flare_async.security._signing import CERT as SIG_CERT
 
 CHANNEL = "job"
 OVERRIDES = (
@@ -325,8 +327,29 @@ class JobManager:
 
         @table.request(CHANNEL, "register")
         async def register(ctx: Context, msg: Payload) -> bytes:
+            """Only a cell provisioned as a site registers: on a deployment (``verifier``) the
+            role its certificate names (the cell checked the request's signature with it), a
+            relay's or an admin's is refused and nothing is stored. Without certificates the
+            role cannot be proven; a cell that registered sites lie below relays for them."""
+            why = None
             if self.admin_of(ctx.src) is not None:
-                raise BadRequest("an admin session is not a site")
+                why = "an admin session is not a site"
+            elif self.verifier is not None:
+                try:
+                    der = base64.b64decode(ctx.headers.get(SIG_CERT, ""), validate=True)
+                    identity = self.verifier.check_certificate(der, ctx.src, datetime.now(UTC))
+                except (ValueError, IntegrityError) as exc:
+                    why = f"{ctx.src} registers without a site's certificate: {exc}"
+                else:
+                    if identity.role is not Role.CLIENT:
+                        why = f"{ctx.src} is a {identity.role.value}, not a site"
+            else:
+                below = sorted(s for s in self.sites if s.startswith(ctx.src + "."))
+                if below:
+                    why = f"sites are registered below {ctx.src} ({below[0]}...): not a site"
+            if why is not None:
+                self._audit("refused", src=ctx.src, command=ctx.topic, why=why)
+                raise (BadRequest if self.admin_of(ctx.src) is not None else Unauthorized)(why)
             self._registered(ctx.src)
             return b"registered"
 
