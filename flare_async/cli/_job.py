@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -103,16 +103,49 @@ def _download_handlers(folder: Path) -> HandlerTable:
 
     @table.stream(CHANNEL, "file")
     async def file(ctx: Context, stream: IncomingStream) -> bytes:
-        name = PurePosixPath(stream.headers.get("name", ""))
-        job = stream.headers.get("job", "")
-        if not job or "/" in job or name.is_absolute() or ".." in name.parts or not name.parts:
-            raise BadRequest(f"refusing file {str(name)!r:.80} of job {job!r:.40}")
-        target = folder / job / Path(*name.parts)
-        await anyio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        job, name = stream.headers.get("job", ""), stream.headers.get("name", "")
+
+        def place() -> Path:
+            target = download_target(folder, job, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return download_target(folder, job, name)  # again, now that its folders exist
+
+        target = await anyio.to_thread.run_sync(place)
         await stream.save(target)
         return b"saved"
 
     return table
+
+
+def download_target(folder: Path, job: str, name: str) -> Path:
+    """Where a downloaded file goes: ``folder/job/name``, confined to ``folder`` whatever the
+    peer named (a client trusts no path it is sent, not even the server's).
+
+    ``job`` is one plain name, ``name`` plain names joined by ``/``: none empty, ``.`` or
+    ``..``, none with a backslash, NUL or other control character (so no absolute path); no
+    part of the way (nor the ``.part`` file the download is written to first) may be a
+    symlink, and the resolved target must lie inside the resolved ``folder``.
+
+    Raises:
+        BadRequest: the file would go anywhere else; nothing is written.
+    """
+
+    def refuse(why: str) -> BadRequest:
+        return BadRequest(f"refusing file {name!r:.80} of job {job!r:.40}: {why}")
+
+    parts = [job, *name.split("/")]
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or any(ord(c) < 32 for c in part):
+            raise refuse(f"{part!r:.40} is not a plain file name")
+    root = folder.resolve()
+    target = root.joinpath(*parts)
+    way = [root.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+    for here in [*way, target.with_name(target.name + ".part")]:
+        if here.is_symlink():
+            raise refuse(f"{here} is a symbolic link")
+    if not target.resolve().is_relative_to(root):
+        raise refuse(f"it would go outside {root}")
+    return target
 
 
 async def _wait(session: AdminSession, job: str, timeout: float | None) -> dict[str, Any]:
