@@ -313,10 +313,10 @@ class SiteJobs:
                     log=folder / "worker.log",
                     on_start=started,
                 )
-            if running.scope.cancel_called:
-                outcome = "stopped"
-            elif running.runtime.failed is not None:
+            if running.runtime.failed is not None:  # even if the job's abort came after
                 outcome = f"failed: {running.runtime.failed}"
+            elif running.scope.cancel_called:
+                outcome = "stopped"
         except Exception as exc:  # one job's failure never takes the site down
             outcome = f"failed: {type(exc).__name__}: {exc}"
             self._log.warning("job process failed", job=job, error=str(exc))
