@@ -37,7 +37,8 @@ from the peer with code 1000/1001 (or none) is an orderly close (``LinkClosed``)
 an EOF or reset without a close frame, or a missed heartbeat is ``LinkBroken``.
 
 Listening: an ``aiohttp.web.Application`` with one WebSocket route (the URL's path, or the
-driver's ``path`` when the URL has none), served by ``AppRunner`` + ``TCPSite``. Plain HTTP
+driver's ``path`` when the URL has none), served by ``AppRunner`` on a socket and accept loop of
+our own (see ``_WebSocketListener.start``). Plain HTTP
 requests on that path get ``426 Upgrade Required``, other paths ``404``. Accepted WebSockets wait
 for :meth:`Listener.accept` in a bounded queue of ``max_queue`` links; beyond it the upgrade is
 refused with ``503`` (so ``connect`` raises ``ConnectError``). ``Listener.aclose`` stops the
@@ -45,11 +46,18 @@ site (the listening socket closes; connections not yet accepted are closed with 
 keeps links already accepted open, as the driver contract requires: aiohttp's
 ``AppRunner.cleanup`` would close them, so it runs only when no accepted link is left; otherwise
 the server's remaining state goes away with the last link.
+
+Before the hello (a listener given :meth:`Listener.guard`, as a cell's are): connections are
+capped per listener and per source address at the TCP accept, and cut when the admission's
+timeout passes before ``hello_done`` (TLS handshake, HTTP upgrade and hello together); the first
+message may be no bigger than a hello (1009). Client frames without a mask are refused (1002)
+on every accepted connection. See ``_FrameCheck`` and docs/design.md §3.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -64,6 +72,7 @@ import sniffio
 from aiohttp import WSCloseCode, WSMsgType, web
 from anyio.lowlevel import checkpoint
 
+from flare_async import _logging
 from flare_async._concurrency import Channel, ChannelClosed
 from flare_async.errors import (
     ConfigError,
@@ -74,7 +83,7 @@ from flare_async.errors import (
     ProtocolError,
     TransportError,
 )
-from flare_async.transport._base import Driver, Link, Listener
+from flare_async.transport._base import Admission, Driver, Link, Listener, Pending
 from flare_async.wire import (
     PREFIX_SIZE,
     Frame,
@@ -85,6 +94,11 @@ from flare_async.wire import (
 )
 
 __all__ = ["WebSocketDriver", "WebSocketLink"]
+
+_BACKLOG: Final = 128
+_ACCEPT_SKIP: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN})
+"""accept() errors about that one connection: serve the rest."""
+_ACCEPT_RETRY: Final = 0.1
 
 _ORDERLY_CLOSE_CODES: Final = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 """Close codes that mean the peer closed on purpose (0: a close frame without a code)."""
@@ -339,7 +353,8 @@ class WebSocketLink(Link):
                             if exc.code == WSCloseCode.MESSAGE_TOO_BIG
                             else ProtocolError
                         )
-                        raise self._protocol_error(cls(f"bad WebSocket message: {exc}"), exc.code)
+                        why = self._refused_why() or f"bad WebSocket message: {exc}"
+                        raise self._protocol_error(cls(why), exc.code)
                     self._fail(LinkBroken, f"connection to {self.peer_address} failed: {exc}")
                     self._begin_close(WSCloseCode.ABNORMAL_CLOSURE)
                 elif kind in (WSMsgType.CLOSED, WSMsgType.CLOSING):
@@ -363,6 +378,10 @@ class WebSocketLink(Link):
         self._frames_in += 1
         self._bytes_in += len(data)
         return Frame(header, (view[start:].toreadonly(),))
+
+    def _refused_why(self) -> str | None:
+        """Why our own frame check refused a message (accepting side only), if it did."""
+        return None
 
     def _protocol_error(self, exc: ProtocolError, code: int) -> ProtocolError:
         self._fail(LinkClosed, "link was closed after a protocol error")
@@ -425,12 +444,21 @@ class _ServerLink(WebSocketLink):
         peer_address: str,
         limits: Limits,
         close_timeout: float,
+        admitted: _Admitted,
     ) -> None:
         super().__init__(ws, local_address, peer_address, limits, close_timeout)
         self._close_requested = asyncio.Event()
+        self._admitted = admitted
+        admitted.link = self
 
     def _start_finisher(self) -> None:
         self._close_requested.set()
+
+    def hello_done(self) -> None:
+        self._admitted.hello_done()
+
+    def _refused_why(self) -> str | None:
+        return self._admitted.violation
 
     async def serve(self) -> None:
         """Run in the aiohttp handler: keep it alive while the link is open, then close."""
@@ -496,6 +524,172 @@ def _forget_task(tasks: set[asyncio.Task[None]]) -> Any:
     return done
 
 
+_UNMASKED: Final = b"\x83\x80"
+"""A frame aiohttp's reader refuses with 1002 (a reserved opcode): stands in for an unmasked one."""
+_TOO_BIG: Final = b"\x82\xff" + b"\xff" * 8
+"""A frame header aiohttp's reader refuses with 1009 (a length beyond 2**63): stands in for a
+message bigger than the hello phase allows."""
+
+
+class _Admitted:
+    """One accepted connection of a listener: its place among the pending ones, its deadline,
+    and what the frame check found. Lives from the TCP accept to the connection's end."""
+
+    def __init__(
+        self, listener: _WebSocketListener, source: str, peer: str, pending: Pending | None
+    ) -> None:
+        self.listener = listener
+        self.source = source
+        self.peer = peer
+        self.pending = pending
+        self.max_message = (
+            _max_msg_size(pending.admission.limits) - 1 if pending is not None else None
+        )
+        """Largest first message allowed before the hello (``None``: no hello phase)."""
+        self.timer: asyncio.TimerHandle | None = None
+        self.starting: asyncio.Task[None] | None = None
+        """Wraps the socket in a transport (and runs the TLS handshake) until it is done."""
+        self.transport: asyncio.BaseTransport | None = None
+        self.link: _ServerLink | None = None
+        self.violation: str | None = None
+
+    def hello_done(self) -> None:
+        self.max_message = None
+        self._release()
+
+    def closed(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.release(self.source)
+
+    def expire(self) -> None:
+        """The deadline passed before the hello: cut the connection (TLS, upgrade or hello)."""
+        self.timer = None
+        pending = self.pending
+        if pending is None:
+            return
+        if self.link is None:  # still before the upgrade: the cell never saw it, count it here
+            pending.admission.refused["no hello in time"] += 1
+            _logging.get_logger().warning(
+                "connection refused before hello", peer=self.peer, reason="no hello in time"
+            )
+        self._release()
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
+        elif self.transport is not None:
+            self.transport.close()
+        elif self.starting is not None:
+            self.starting.cancel()
+
+
+class _FrameCheck:
+    """Sits between aiohttp's request handler and its WebSocket reader, on the raw bytes.
+
+    Reads only the frame headers (payloads pass untouched, without a copy): a client frame
+    without a mask (RFC 6455 §5.1) and, before the hello, a data message bigger than a hello are
+    refused. aiohttp has no hook for either, so the check feeds the reader, at that frame's
+    boundary, a frame header the reader itself refuses with the right code (1002, 1009): the link
+    then fails through aiohttp's ordinary path (its close frame, our ``ProtocolError`` or
+    ``FrameTooLarge`` with the reason recorded here); the bytes after it are never parsed.
+    """
+
+    def __init__(self, parser: Any, admitted: _Admitted) -> None:
+        self._parser = parser
+        self._admitted = admitted
+        self._held = b""  # a frame header split over reads (forwarded once whole)
+        self._skip = 0  # payload bytes of the current frame still to pass
+        self._message = 0  # bytes of the current data message so far
+        self._failed = False
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._failed:
+            return self._parser.feed_data(data)  # type: ignore[no-any-return]
+        buf = self._held + data if self._held else data
+        self._held = b""
+        n = len(buf)
+        i = 0
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                i += take
+                self._skip -= take
+                continue
+            if n - i < 2:
+                return self._hold(buf, i)
+            second = buf[i + 1]
+            short = second & 0x7F
+            extra = 2 if short == 126 else 8 if short == 127 else 0
+            size = 2 + extra + (4 if second & 0x80 else 0)
+            if n - i < size:
+                return self._hold(buf, i)
+            length = int.from_bytes(buf[i + 2 : i + 2 + extra]) if extra else short
+            refusal = self._refusal(buf[i], second, length)
+            if refusal is not None:
+                self._failed = True
+                if i:
+                    self._parser.feed_data(buf[:i])
+                return self._parser.feed_data(refusal)  # type: ignore[no-any-return]
+            self._skip = length
+            i += size
+        return self._parser.feed_data(buf)  # type: ignore[no-any-return]
+
+    def _hold(self, buf: bytes, start: int) -> tuple[bool, bytes]:
+        self._held = buf[start:]
+        if not start:
+            return False, b""
+        return self._parser.feed_data(buf[:start])  # type: ignore[no-any-return]
+
+    def _refusal(self, first: int, second: int, length: int) -> bytes | None:
+        admitted = self._admitted
+        if not second & 0x80:
+            admitted.violation = "unmasked frame from the client (RFC 6455 §5.1)"
+            return _UNMASKED
+        limit = admitted.max_message
+        if limit is not None and first & 0x0F <= 0x2:  # continuation, text, binary
+            self._message += length
+            if self._message > limit:
+                admitted.violation = (
+                    f"first message of at least {self._message} bytes is bigger than a hello"
+                    f" ({limit} bytes)"
+                )
+                return _TOO_BIG
+            if first & 0x80:  # FIN: the message ends with this frame
+                self._message = 0
+        return None
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's request handler for one connection, with our frame check and bookkeeping."""
+
+    __slots__ = ("_admitted",)
+
+    def __init__(self, manager: web.Server, *, admitted: _Admitted, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._admitted = admitted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._admitted.transport = transport
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._admitted.closed()
+        super().connection_lost(exc)
+
+    def set_parser(self, parser: Any, data_received_cb: Any = None) -> None:
+        # The reader is used only through feed_data/feed_eof, which the check provides.
+        check: Any = _FrameCheck(parser, self._admitted)
+        super().set_parser(check, data_received_cb)
+
+
 class _WebSocketListener(Listener):
     def __init__(
         self, url: str, scheme: str, limits: Limits, driver: WebSocketDriver, runner: web.AppRunner
@@ -505,11 +699,19 @@ class _WebSocketListener(Listener):
         self.limits = limits
         self._driver = driver
         self._runner = runner
-        self._site: web.TCPSite | None = None
         self._backlog: Channel[_ServerLink] = Channel(driver.max_queue)
         self._links: set[_ServerLink] = set()
         """Links whose handler is running (queued or accepted)."""
         self._closed = False
+        self._sock: socket.socket | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._starting: set[asyncio.Task[None]] = set()
+        self._pending: Pending | None = None
+
+    def guard(self, admission: Admission) -> bool:
+        self._pending = Pending(admission)
+        return True
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of the WebSocket route."""
@@ -535,7 +737,11 @@ class _WebSocketListener(Listener):
         peer = _format_address(
             transport.get_extra_info("peername") if transport else None, self._scheme
         )
-        link = _ServerLink(ws, self.url, peer, self.limits, driver.close_timeout)
+        handler = request.protocol
+        admitted = handler._admitted if isinstance(handler, _Handler) else None
+        if admitted is None:  # not one of our connections: cannot happen
+            return web.Response(status=500, text="unknown connection\n")
+        link = _ServerLink(ws, self.url, peer, self.limits, driver.close_timeout, admitted)
         try:
             offered = self._backlog.put_nowait(link)
         except ChannelClosed:
@@ -551,10 +757,84 @@ class _WebSocketListener(Listener):
         return ws
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
-        await site.start()
-        self._site = site
-        return site.port
+        """Listen on our own socket and accept in a task of ours (not aiohttp's ``TCPSite``): a
+        connection is counted, capped and given its deadline at the TCP accept, before its TLS
+        handshake and HTTP upgrade, which aiohttp does not bound."""
+        infos = await anyio.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._ssl = ssl_context
+        self._accepting = asyncio.get_running_loop().create_task(
+            self._accept_loop(sock), name=f"accept {self.url}"
+        )
+        port_: int = sock.getsockname()[1]
+        return port_
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        log = _logging.get_logger()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP:
+                    continue
+                log.warning("ws listener cannot accept", url=self.url, reason=str(exc))
+                await asyncio.sleep(_ACCEPT_RETRY)  # out of descriptors: let some close
+                continue
+            source = str(addr[0])
+            peer = _format_address(addr, self._scheme)
+            pending = self._pending
+            if pending is not None:
+                why = pending.admit(source)
+                if why is not None:  # closed at once: no handler, no handshake
+                    conn.close()
+                    pending.admission.refused[why] += 1
+                    log.warning("connection refused before hello", peer=peer, reason=why)
+                    continue
+            admitted = _Admitted(self, source, peer, pending)
+            if pending is not None:
+                admitted.timer = loop.call_later(pending.admission.timeout, admitted.expire)
+            task = loop.create_task(self._start_connection(conn, admitted))
+            admitted.starting = task
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start_connection(self, conn: socket.socket, admitted: _Admitted) -> None:
+        """Hand the socket to aiohttp (after the TLS handshake, for wss)."""
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            timeout = admitted.pending.admission.timeout if admitted.pending else None
+            await loop.connect_accepted_socket(
+                lambda: _Handler(server, admitted=admitted, loop=loop, access_log=None),
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=timeout if self._ssl is not None else None,
+            )
+        except (OSError, asyncio.CancelledError) as exc:  # TLS failed, timed out, or closing
+            conn.close()
+            admitted.closed()
+            if not isinstance(exc, asyncio.CancelledError):
+                _logging.get_logger().info(
+                    "connection failed before the upgrade", peer=admitted.peer, reason=str(exc)
+                )
+        finally:
+            admitted.starting = None
 
     async def accept(self) -> Link:
         try:
@@ -572,8 +852,15 @@ class _WebSocketListener(Listener):
             pending._fail(LinkBroken, "listener closed before the link was accepted")
             pending._begin_close(WSCloseCode.TRY_AGAIN_LATER)
         with anyio.CancelScope(shield=True):
-            if self._site is not None:
-                await self._site.stop()
+            if self._accepting is not None:
+                self._accepting.cancel()
+                await asyncio.wait((self._accepting,))
+            if self._sock is not None:
+                self._sock.close()
+            for task in list(self._starting):
+                task.cancel()
+            if self._starting:
+                await asyncio.wait(self._starting)
             if not self._links:
                 await self._runner.cleanup()
         await checkpoint()
