@@ -15,7 +15,9 @@ new attempt. Aborting a job cancels its workflow and tells every site to stop th
 process (SIGTERM, then SIGKILL), freeing everything it held.
 
 Sites announce themselves (``job/register``) whenever their link to the tree comes up; a server
-that starts again asks the sites it knew (``job/ping``) instead of waiting for them. A job runs
+that starts again asks the sites it knew (``job/ping``) instead of waiting for them. A site
+asks which of its jobs run (``job/active``) on every link-up and every quarter of its lease,
+and stops the processes of any other. A job runs
 on the sites named at submission, or on every registered site.
 """
 
@@ -353,6 +355,14 @@ class JobManager:
             self._registered(ctx.src)
             return b"registered"
 
+        @table.request(CHANNEL, "active")
+        async def active(ctx: Context, msg: Payload) -> bytes:
+            """The asking site's jobs that run, at their attempts: it stops every other
+            process of its own (a job whose end never reached it)."""
+            if self.admin_of(ctx.src) is not None:
+                raise BadRequest("an admin session is not a site")
+            return json.dumps(self.active(ctx.src)).encode()
+
         @table.request(CHANNEL, "submit")
         async def submit(ctx: Context, msg: Payload) -> bytes:
             admin = self._admin(ctx, "submit", msg)
@@ -455,6 +465,14 @@ class JobManager:
             return server.take_failure(ctx.src, task, msg) if server else b"late"
 
         return table
+
+    def active(self, site: str) -> dict[str, int]:
+        """``{job: attempt}`` of the jobs running on ``site``, as far as this server knows."""
+        return {
+            r.id: r.attempt
+            for r in self.jobs.values()
+            if r.state is JobState.RUNNING and site in r.sites
+        }
 
     def _registered(self, site: str) -> None:
         self._log.info("site registered", site=site)

@@ -9,6 +9,17 @@ ends the process ends with it; when the job is aborted (``job/abort``) or starte
 server restart (a new attempt), the process gets SIGTERM at once and SIGKILL after a grace
 period, and everything the job held on the site is freed.
 
+A start is taken once per attempt for the job's whole life and after: every attempt started
+here is kept in ``DIR/.starts.json`` (surviving a restart of the site), and the same start
+again (a replayed message, or the server's own retry) starts nothing; an older attempt than
+the last one started is refused, a newer one (the server restarted) replaces the old process.
+
+A site never trusts itself to have heard of a job's end: on every (re)link it asks the server
+which of its jobs still run (``job/active``) and stops every process the server does not list
+at that attempt (a site unreachable when its job ended); and each process must be confirmed
+by the server every ``lease`` seconds (asked every quarter lease), or it is stopped (the
+server is gone). Both are audited (``job-orphaned``, ``job-lease-expired``).
+
 Only the server may start, abort or read the logs of a job here.
 """
 
@@ -38,6 +49,13 @@ from flare_async.security import AuditLog, SignatureVerifier, Signer, check_comm
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
 
+STARTS = ".starts.json"
+"""The attempts started here, in the jobs DIR (no job id starts with a dot)."""
+
+KEEP_STARTS = 24 * 3600.0
+"""How long an ended job's start is remembered: far beyond the freshness window of a signed
+start (``MAX_AGE``, 300 s), after which a replay is refused on its age alone."""
+
 
 class _SiteJob:
     def __init__(self, job: str, attempt: int, runtime: ClientRuntime) -> None:
@@ -47,6 +65,9 @@ class _SiteJob:
         self.scope = anyio.CancelScope()
         self.done = anyio.Event()
         self.pid: int | None = None
+        self.since = time.monotonic()
+        self.confirmed = self.since  # the start is the server's word that the job runs
+        self.retiring = False
 
 
 class SiteJobs:
@@ -64,6 +85,9 @@ class SiteJobs:
         policy: the site's own rules (``policy.toml`` in its kit): whose jobs and which
             scripts run here, and the privacy filters forced on every result.
         verifier: checks the server certificate a job seals its results for (the CA).
+        lease: seconds a job's process runs without the server confirming that the job still
+            runs at that attempt (asked every quarter lease, and on every link-up); then it is
+            stopped.
     """
 
     def __init__(
@@ -78,7 +102,11 @@ class SiteJobs:
         signer: Signer | None = None,
         policy: SitePolicy | None = None,
         verifier: SignatureVerifier | None = None,
+        lease: float = 120.0,
     ) -> None:
+        if lease <= 0:
+            raise ValueError(f"lease must be positive, not {lease}")
+        self.lease = lease
         self.verifier = verifier
         self.cell = cell
         self.audit = audit
@@ -95,6 +123,7 @@ class SiteJobs:
         self._tg: anyio.abc.TaskGroup | None = None
         self._parent_up = anyio.Event()
         self._log = _logging.get_logger(cell=cell.name)
+        self._starts = self._load_starts()
 
     def parent_up(self) -> None:
         """The link towards the server came (back) up: register again."""
@@ -113,8 +142,7 @@ class SiteJobs:
                 codec, digest = str(spec.get("codec", "tensors")), bool(spec.get("digest", True))
             except (ValueError, KeyError, TypeError) as exc:
                 raise BadRequest(f"bad job start: {exc}") from None
-            if "/" in job or job.startswith("."):
-                raise BadRequest(f"bad job id {job!r:.80}")
+            _check_job_id(job)
             submitter = str(spec.get("submitter", ""))
             encrypt_to = self._server_certificate(spec.get("encrypt_to"))
             why = None
@@ -125,6 +153,9 @@ class SiteJobs:
             if why is not None:
                 self._audit("job-refused", job=job, submitter=submitter, script=script, why=why)
                 raise Unauthorized(f"{self.cell.name}: {why}")
+            if not self._first_start(job, attempt):  # checks and records it before any await
+                self._log.info("job start repeated: nothing to do", job=job, attempt=attempt)
+                return b"started"
             self._audit(
                 "job-start",
                 job=job,
@@ -134,9 +165,13 @@ class SiteJobs:
                 by=ctx.src,
                 filters=self.policy.filters,
             )
-            await self.start(
-                job, attempt, script, config, codec=codec, digest=digest, encrypt_to=encrypt_to
-            )
+            try:
+                await self.start(
+                    job, attempt, script, config, codec=codec, digest=digest, encrypt_to=encrypt_to
+                )
+            except BaseException as exc:
+                self._ended(job, attempt, f"not started: {type(exc).__name__}: {exc}", "failed")
+                raise
             return b"started"
 
         @table.request(CHANNEL, "abort")
@@ -190,6 +225,68 @@ class SiteJobs:
         if self.audit is not None:
             self.audit.append(event, now=time.time(), **fields)
 
+    # ------------------------------------------------------------ starts, kept on disk
+    def _load_starts(self) -> dict[str, dict[str, Any]]:
+        """The attempts started here before (``.starts.json``); one that was running when the
+        site stopped ended with it."""
+        path = self.workdir / STARTS
+        try:
+            doc = json.loads(path.read_text()) if path.exists() else {}
+            starts = {
+                str(job): {**rec, "attempt": int(rec["attempt"]), "state": str(rec["state"])}
+                for job, rec in dict(doc).items()
+            }
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            self._log.error("unreadable record of job starts", path=str(path), error=str(exc))
+            return {}
+        for rec in starts.values():
+            if rec["state"] == "running":
+                rec.update(state="ended", outcome="the site stopped during it")
+        return starts
+
+    def _save_starts(self) -> None:
+        """Write ``.starts.json`` atomically, forgetting ended jobs after :data:`KEEP_STARTS`."""
+        old = time.time() - KEEP_STARTS
+        for job in [j for j, r in self._starts.items() if r["state"] != "running"]:
+            if float(self._starts[job].get("time", 0)) < old:
+                del self._starts[job]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        part = self.workdir / (STARTS + ".part")
+        part.write_text(json.dumps(self._starts, indent=1))
+        os.replace(part, self.workdir / STARTS)
+
+    def _first_start(self, job: str, attempt: int) -> bool:
+        """Whether this start of ``job`` is new, recorded on disk if it is (no await between
+        the check and the record: two copies of one start cannot both pass).
+
+        Raises:
+            BadRequest: an older attempt than one started here, or this attempt could not
+                start here.
+        """
+        seen = self._starts.get(job)
+        if seen is not None and attempt < seen["attempt"]:
+            raise BadRequest(
+                f"attempt {attempt} of job {job} is older than attempt {seen['attempt']} "
+                "started here"
+            )
+        if seen is not None and attempt == seen["attempt"]:
+            if seen["state"] == "failed":
+                raise BadRequest(f"attempt {attempt} of job {job}: {seen.get('outcome', '')}")
+            return False
+        self._starts[job] = {"attempt": attempt, "state": "running", "time": time.time()}
+        self._save_starts()
+        return True
+
+    def _ended(self, job: str, attempt: int, outcome: str, state: str = "ended") -> None:
+        seen = self._starts.get(job)
+        if seen is None or seen["attempt"] != attempt:
+            return  # a newer attempt took its place
+        seen.update(state=state, outcome=outcome, time=time.time())
+        try:
+            self._save_starts()
+        except OSError as exc:
+            self._log.error("cannot record the end of a job", job=job, error=str(exc))
+
     def _server_certificate(self, value: object) -> bytes | None:
         """The server certificate a job seals results for, checked against the CA."""
         if value is None:
@@ -236,10 +333,12 @@ class SiteJobs:
         processes. Runs until cancelled (which stops every job's process)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._keep_leases)
             try:
                 while True:
                     self._parent_up = anyio.Event()  # a link-up from now on: register again
                     await self._register()
+                    await self._reconcile()
                     await self._parent_up.wait()
             finally:
                 self._tg = None
@@ -257,6 +356,63 @@ class SiteJobs:
                 self._log.info("registration failed, retrying", error=str(exc), delay=delay)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, 10.0)
+
+    async def _keep_leases(self) -> None:
+        """Every quarter lease: ask the server about the running jobs, stop those it has not
+        confirmed for a whole lease."""
+        while True:
+            await anyio.sleep(self.lease / 4)
+            if self.jobs:
+                await self._reconcile()
+            now = time.monotonic()
+            for job, running in list(self.jobs.items()):
+                if not running.retiring and now - running.confirmed > self.lease:
+                    fields = {"job": job, "attempt": running.attempt, "lease": self.lease}
+                    self._log.warning("job unconfirmed by the server: stopping it", **fields)
+                    self._audit("job-lease-expired", **fields)
+                    self.on_event("job-lease-expired", **fields)
+                    self._retire(running)
+
+    async def _reconcile(self) -> None:
+        """Ask the server which of this site's jobs run, at which attempt (``job/active``);
+        confirm those, stop every other (its end never reached this site)."""
+        asked = time.monotonic()
+        try:
+            reply = await self.cell.request(
+                self.server, CHANNEL, "active", b"", timeout=min(10.0, max(0.5, self.lease / 4))
+            )
+            active = {str(k): int(v) for k, v in dict(json.loads(reply.tobytes())).items()}
+        except (FlareError, ValueError, TypeError) as exc:
+            self._log.info("cannot ask the server which jobs run", error=str(exc))
+            return
+        for job, running in list(self.jobs.items()):
+            if running.since > asked or running.retiring:
+                continue  # started after the question: the answer may be older than the start
+            if active.get(job) == running.attempt:
+                running.confirmed = max(running.confirmed, asked)
+                continue
+            why = f"not running on the server at attempt {running.attempt}"
+            if job in active:
+                why += f" (it runs attempt {active[job]})"
+            self._log.warning("orphaned job: stopping it", job=job, why=why)
+            self._audit("job-orphaned", job=job, attempt=running.attempt, why=why)
+            self.on_event("job-orphaned", job=job, attempt=running.attempt, why=why)
+            self._retire(running)
+
+    def _retire(self, running: _SiteJob) -> None:
+        """Stop a job's process in the background: asked to end first (a job that ended
+        meanwhile exits by itself), SIGTERM after the grace period, SIGKILL after another."""
+        running.retiring = True
+
+        async def retire() -> None:
+            running.runtime.stop()
+            with anyio.move_on_after(self.grace):
+                await running.done.wait()
+            running.scope.cancel()
+            await running.done.wait()
+
+        if self._tg is not None:
+            self._tg.start_soon(retire)
 
     async def start(
         self,
@@ -324,6 +480,7 @@ class SiteJobs:
         finally:
             if self.jobs.get(job) is running:
                 del self.jobs[job]
+            self._ended(job, running.attempt, outcome)
             if running.runtime.failed is not None:
                 self.failed[job] = running.runtime.failed
                 while len(self.failed) > 100:
@@ -347,9 +504,13 @@ def _job_id(msg: Payload) -> str:
         job = str(json.loads(msg.tobytes())["id"])
     except (ValueError, KeyError, TypeError) as exc:
         raise BadRequest(f"expected {{'id': JOB}}: {exc}") from None
-    if "/" in job or job.startswith("."):
-        raise BadRequest(f"bad job id {job!r:.80}")
+    _check_job_id(job)
     return job
+
+
+def _check_job_id(job: str) -> None:
+    if not job or "/" in job or "\\" in job or job.startswith(".") or "\x00" in job:
+        raise BadRequest(f"bad job id {job!r:.80}")
 
 
 def _tail(path: Path, n: int) -> bytes:
