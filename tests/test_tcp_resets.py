@@ -14,10 +14,8 @@ relay (the hop into it, where it splices, and the hop out of it), on asyncio and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import socket
-import struct
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -27,6 +25,7 @@ from anyio.lowlevel import checkpoint
 
 from flare_async import Cell, Context, HandlerTable, IncomingStream
 from flare_async.errors import LinkBroken
+from flare_async.testing import FaultProxy, rst_close
 from flare_async.transport import TcpDriver, TcpLink
 from flare_async.wire import Connection, Event, Limits
 from tests.test_streams import pattern
@@ -43,14 +42,6 @@ pytestmark = pytest.mark.anyio
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with a reset (RST), as a crashed host or a cut cable would."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    anyio.notify_closing(sock)
-    sock.close()
 
 
 # ----------------------------------------------------------------------- one link, raw peer
@@ -90,7 +81,7 @@ async def test_a_reset_behind_bytes_below_the_low_water_mark_breaks_the_link() -
                     await checkpoint()
                 assert link._lowat > 100_000  # SO_RCVLOWAT: the next 100,000 B wake no one
                 raw.sendall(bytes(100_000))
-                _reset(raw)
+                rst_close(raw)
     finally:
         await link.aclose()
         await listener.aclose()
@@ -101,7 +92,7 @@ async def test_a_reset_come_with_the_bytes_before_it_breaks_the_link() -> None:
     link, raw, listener = await _accepted()
     try:
         raw.sendall(_frame_start(4 << 20) + bytes(100_000))
-        _reset(raw)
+        rst_close(raw)
         with anyio.fail_after(5), pytest.raises(LinkBroken):
             await link.receive()
     finally:
@@ -110,87 +101,6 @@ async def test_a_reset_come_with_the_bytes_before_it_breaks_the_link() -> None:
 
 
 # ------------------------------------------------------------------- streams through a proxy
-class CutProxy:
-    """A loopback TCP proxy in front of a parent cell.
-
-    After ``cut(direction, at)`` the next connection to carry ``at`` bytes in ``direction``
-    (``"down"``: parent to child, ``"up"``: child to parent) forwards exactly that many and
-    resets both of its sockets in the same step as the last write: the receiving end finds
-    bytes of a frame and a reset behind them. Later connections (the reconnect) pass as is.
-    """
-
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.sock.setblocking(False)
-        self.url = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.direction: str | None = None
-        self.at = 0
-        self.cuts = 0
-        self.open: list[socket.socket] = []
-
-    def cut(self, direction: str, at: int) -> None:
-        self.direction, self.at = direction, at
-
-    async def serve(self) -> None:
-        async with anyio.create_task_group() as tg:
-            while True:
-                await anyio.wait_readable(self.sock)
-                try:
-                    child, _ = self.sock.accept()
-                except BlockingIOError:
-                    continue
-                parent = socket.create_connection(self.target)
-                pair = [child, parent]
-                for s in pair:
-                    s.setblocking(False)
-                    self.open.append(s)
-                tg.start_soon(self._pump, parent, child, "down", pair)
-                tg.start_soon(self._pump, child, parent, "up", pair)
-
-    async def _pump(
-        self, src: socket.socket, dst: socket.socket, direction: str, pair: list[socket.socket]
-    ) -> None:
-        passed = 0
-        try:
-            while True:
-                try:
-                    data = src.recv(1 << 16)
-                except BlockingIOError:
-                    await anyio.wait_readable(src)
-                    continue
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
-                cutting = self.direction == direction and passed + len(data) >= self.at
-                if cutting:
-                    self.direction = None
-                    data = data[: self.at - passed]  # at least one byte: passed < at
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[dst.send(view) :]
-                    except BlockingIOError:
-                        await anyio.wait_writable(dst)
-                passed += len(data)
-                if cutting:  # no await since the last write: the peer has not read it yet
-                    self.cuts += 1
-                    for s in pair:
-                        _reset(s)
-                    return
-        except (OSError, anyio.ClosedResourceError):
-            for s in pair:
-                if s.fileno() >= 0:
-                    _reset(s)
-
-    def close(self) -> None:
-        for s in [self.sock, *self.open]:
-            if s.fileno() >= 0:
-                anyio.notify_closing(s)
-                s.close()
 
 
 def sink_table() -> HandlerTable:
@@ -225,7 +135,7 @@ async def test_a_stream_resumes_at_once_after_a_reset_mid_frame(scenario: str) -
     sender_name, receiver_name = (names[-1], names[0]) if up else (names[0], names[-1])
     data = pattern(24 << 20, seed=31)
     driver = TcpDriver()
-    proxy: CutProxy | None = None
+    proxy: FaultProxy | None = None
     async with anyio.create_task_group() as tg:
         try:
             async with AsyncExitStack() as stack:
@@ -234,7 +144,7 @@ async def test_a_stream_resumes_at_once_after_a_reset_mid_frame(scenario: str) -
                 for name in names:
                     if name == proxied:
                         assert parent_url is not None
-                        proxy = CutProxy(parent_url)
+                        proxy = FaultProxy(parent_url)
                         tg.start_soon(proxy.serve)
                         parent_url = proxy.url
                     cell = Cell(
@@ -251,14 +161,15 @@ async def test_a_stream_resumes_at_once_after_a_reset_mid_frame(scenario: str) -
                     parent_url = cell.listen_urls[0] if cell.listen_urls else None
                     cells[name] = cell
                 assert proxy is not None
-                proxy.cut(direction, (6 << 20) + 12345)  # well inside a 1 MiB chunk's payload
+                # well inside a 1 MiB chunk's payload
+                proxy.drop_after((6 << 20) + 12345, "up" if up else "down")
                 # idle: an unnoticed reset waits for the heartbeat (45 s) and stalls the stream
                 with anyio.fail_after(20):
                     reply = await cells[sender_name].stream(
                         receiver_name, "t", "sink", data, chunk=1 << 20, probe=0.2, idle=5
                     )
                 assert reply.tobytes().decode() == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
-                assert proxy.cuts == 1
+                assert proxy.counters.cuts == 1
                 assert cells[receiver_name].statistics().streams["resumes"] >= 1
         finally:
             tg.cancel_scope.cancel()

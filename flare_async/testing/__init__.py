@@ -1,5 +1,6 @@
 """Public testing helpers: the driver conformance suite every transport must pass, a
-fault-injecting driver wrapper, and throwaway provisioned projects."""
+fault-injecting driver wrapper, a fault-injecting TCP proxy (``FaultProxy``), and throwaway
+provisioned projects."""
 
 from flare_async.testing._conformance import (
     CONFORMANCE_CHECKS,
@@ -17,11 +18,22 @@ from flare_async.testing._conformance import (
 )
 from flare_async.testing._faults import FaultyDriver, FramePredicate, flip_one_byte
 from flare_async.testing._projects import free_ports, wss_edge_project
+from flare_async.testing._proxy import (
+    Direction,
+    FaultCounters,
+    FaultProxy,
+    HeaderMatch,
+    rst_close,
+)
 
 __all__ = [
     "CONFORMANCE_CHECKS",
+    "Direction",
+    "FaultCounters",
+    "FaultProxy",
     "FaultyDriver",
     "FramePredicate",
+    "HeaderMatch",
     "LinkPairFactory",
     "check_cancel_mid_send",
     "check_close_vs_broken",
@@ -34,6 +46,7 @@ __all__ = [
     "driver_pair",
     "flip_one_byte",
     "free_ports",
+    "rst_close",
     "run_check",
     "wss_edge_project",
 ]
