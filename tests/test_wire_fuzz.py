@@ -21,13 +21,18 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from flare_async.errors import FrameTooLarge, LinkBroken, ProtocolError
+from flare_async.streaming import MAX_WINDOW, negotiate
+from flare_async.streaming._flow import MIN_CHUNK
+from flare_async.transport import _ws
 from flare_async.wire import (
     EOF,
+    HELLO_LIMITS,
     MAGIC,
     NEED_DATA,
     PREFIX,
     PREFIX_SIZE,
     ROUTED_KINDS,
+    STREAM_KINDS,
     WIRE_VERSION,
     Bye,
     Connection,
@@ -41,7 +46,12 @@ from flare_async.wire import (
     Pong,
     Reply,
     Request,
+    StreamOpen,
+    check_hello,
+    decode_frame,
+    decode_header,
     encode_header,
+    make_hello,
 )
 
 LIMITS = Limits(max_header=1024, max_frame=64 * 1024, max_route=8)
@@ -526,3 +536,253 @@ def test_hostile_stream_allocates_within_the_limits() -> None:
     peak = _peak_while(attack)
     staging = PREFIX_SIZE + LIMITS.max_header
     assert peak < 2 * (staging + LIMITS.max_frame) + 256 * 1024
+
+
+# ---------------------------------------------------------------- hello, stream frames, WebSocket
+# (the Hypothesis side of benchmarks/fuzz.py: the same targets, deterministic and short)
+
+ANY_VALUE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+TYPED = {
+    "int": st.integers(-(2**63), 2**64 - 1) | st.sampled_from([0, -1, 1, 2**63 - 1]),
+    "float": st.floats() | st.sampled_from([0.0, -1.0, 5.0]),
+    "str": st.text(max_size=20) | st.sampled_from(["server.eu", "server.eu.site-1", "a.b"]),
+    "list": st.lists(st.text(max_size=8), max_size=4),
+    "dict": st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+    "bool": st.booleans(),
+    "opt": st.none() | st.floats(),
+}
+ROUTED_FIELDS = ["int", "str", "str", "list", "opt", "dict"]
+HELLO_FIELDS = ["str", "int", "int", "str", "list", "int", "int", "float"]
+STREAM_FIELDS = {
+    20: ["str", "str", "int", "int", "str", "str", "int", "int", "bool", "bool", "float"],
+    21: ["int", "int", "int"],
+    22: ["int", "int", "int", "int", "bool"],
+    23: ["int", "int", "str"],
+    24: ["int", "int", "str", "str"],
+    25: ["int", "str", "int", "str"],
+}
+
+
+@st.composite
+def header_fields(draw: st.DrawFn, tag: int, fields: list[str]) -> bytes:
+    """A msgpack header ``[tag, ...]`` whose fields are mostly of their type, else of any type,
+    with the last ones possibly left out."""
+    values = [
+        draw(TYPED[f] | ANY_VALUE if draw(st.integers(0, 3)) == 0 else TYPED[f]) for f in fields
+    ]
+    values = values[: len(values) - draw(st.integers(0, 2))]
+    return msgspec.msgpack.encode([tag, *values])
+
+
+LOCAL_HELLOS = {
+    "child": make_hello("server.eu", "parent", Limits()),
+    "parent": make_hello("server.eu.site-1", "child", Limits()),
+    "peer": make_hello("client.x", "peer", Limits()),
+}
+
+
+@settings(FUZZ, max_examples=300)
+@given(raw=header_fields(10, HELLO_FIELDS), framed=st.booleans())
+def test_hello_of_any_field_values_only_raises_protocol_error(raw: bytes, framed: bool) -> None:
+    try:
+        if framed:  # as a WebSocket message: the whole frame in one buffer
+            header, _ = decode_frame(
+                PREFIX.pack(MAGIC, WIRE_VERSION, 0, len(raw), 0) + raw, HELLO_LIMITS
+            )
+        else:
+            header = decode_header(raw, HELLO_LIMITS)
+    except ProtocolError:
+        return
+    assert isinstance(header, Hello)
+    for expect, local in LOCAL_HELLOS.items():
+        try:
+            session = check_hello(local, header, expect=expect)  # type: ignore[arg-type]
+        except ProtocolError:
+            continue
+        assert math.isfinite(session.peer_heartbeat)
+        assert session.peer_heartbeat >= 0
+        assert session.version >= 1
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.data(), tag=st.integers(20, 25))
+def test_stream_headers_of_any_field_values_only_raise_protocol_error(
+    data: st.DataObject, tag: int
+) -> None:
+    raw = data.draw(header_fields(tag, ROUTED_FIELDS + STREAM_FIELDS[tag]))
+    try:
+        h = decode_header(raw, Limits())
+    except ProtocolError:
+        return
+    assert isinstance(h, STREAM_KINDS)
+    assert type(h).__struct_config__.tag == tag
+    assert len(h.route) <= Limits().max_route
+    assert h.budget is None or math.isfinite(h.budget)
+    if isinstance(h, StreamOpen):  # what the receiving cell does with a proposal
+        try:
+            chunk, window = negotiate(h.chunk, h.window, Limits().max_frame)
+        except ProtocolError:
+            assert h.chunk <= 0 or h.window <= 0
+        else:
+            assert MIN_CHUNK <= chunk <= Limits().max_frame
+            assert 2 * chunk <= window <= max(MAX_WINDOW, 2 * chunk)
+
+
+_FIELD = {
+    int: st.integers(-(2**63), 2**64 - 1),
+    str: st.text(max_size=12),
+    bool: st.booleans(),
+    float: st.floats(allow_nan=False, allow_infinity=False),
+}
+
+
+def _stream_envelope(kind: type[msgspec.Struct]) -> st.SearchStrategy[Envelope]:
+    hints = typing.get_type_hints(kind)
+    own = {f: _FIELD[hints[f]] for f in kind.__struct_fields__ if hints[f] in _FIELD}
+    strategy: st.SearchStrategy[typing.Any] = st.builds(
+        kind,
+        **{
+            **own,
+            "id": st.integers(0, 2**64 - 1),
+            "src": st.sampled_from(NAMES),
+            "dst": st.sampled_from(NAMES),
+            "route": st.lists(st.sampled_from(NAMES), max_size=LIMITS.max_route),
+            "budget": st.none() | st.floats(0, 1e9),
+            "headers": st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+        },
+    )
+    return strategy
+
+
+STREAM_ENVELOPES = st.one_of(*(_stream_envelope(kind) for kind in STREAM_KINDS))
+
+
+@settings(FUZZ, max_examples=150)
+@given(
+    envs=st.lists(STREAM_ENVELOPES, min_size=1, max_size=4),
+    payload=st.binary(max_size=300),
+    chunk=st.integers(1, 64),
+    cut=st.integers(0, 2000),
+)
+def test_stream_frames_round_trip_and_truncation_is_never_a_frame(
+    envs: list[Envelope], payload: bytes, chunk: int, cut: int
+) -> None:
+    frames = [frame(encode_header(env), payload) for env in envs]
+    wire = b"".join(frames)
+    conn = Connection(LIMITS)
+    got = feed(conn, wire, chunk, use_pump=chunk % 2 == 0)
+    assert [f.header for f in got] == envs
+    assert all(bytes(f.parts[0]) == payload for f in got)
+    # Cut anywhere: only the whole frames come out; an EOF mid-frame is LinkBroken, never a frame.
+    conn = Connection(LIMITS)
+    part = wire[: min(cut, len(wire))]
+    got = feed(conn, part, chunk, use_pump=False)
+    assert [f.header for f in got] == envs[: len(got)]
+    boundaries = {sum(map(len, frames[:k])) for k in range(len(frames) + 1)}
+    if len(part) in boundaries:
+        conn.receive_data(b"")
+        assert conn.next_event() is EOF
+    else:
+        with pytest.raises(LinkBroken):
+            conn.receive_data(b"")
+
+
+class _Reader:
+    """Stands in for aiohttp's WebSocket reader: records what the check fed it."""
+
+    def __init__(self) -> None:
+        self.fed = bytearray()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.fed += data
+        return False, b""
+
+    def feed_eof(self) -> None:
+        pass
+
+
+def _ws_reference(buf: bytes, limit: int | None) -> tuple[int, bytes] | None:
+    """Where a frame-header check must refuse ``buf`` (offset of the frame, the stand-in frame),
+    read plainly from RFC 6455 §5.2; None if it must pass it all."""
+    i, message = 0, 0
+    while i + 2 <= len(buf):
+        first, second = buf[i], buf[i + 1]
+        extra = {126: 2, 127: 8}.get(second & 0x7F, 0)
+        size = 2 + extra + (4 if second & 0x80 else 0)
+        if i + size > len(buf):
+            return None
+        length = int.from_bytes(buf[i + 2 : i + 2 + extra], "big") if extra else second & 0x7F
+        if not second & 0x80:
+            return i, _ws._UNMASKED
+        if limit is not None and first & 0x0F <= 2:
+            message += length
+            if message > limit:
+                return i, _ws._TOO_BIG
+            if first & 0x80:
+                message = 0
+        i += size + length
+    return None
+
+
+@st.composite
+def ws_frames(draw: st.DrawFn) -> bytes:
+    """WebSocket frames, mostly masked and short, each with its payload (or garbage)."""
+    out = bytearray()
+    for _ in range(draw(st.integers(0, 5))):
+        if draw(st.integers(0, 5)) == 0:
+            out += draw(st.binary(max_size=12))
+            continue
+        first = draw(st.sampled_from([0x00, 0x01, 0x02, 0x80, 0x81, 0x82, 0x88, 0x89, 0x8A]))
+        masked = draw(st.integers(0, 7)) != 0
+        length = draw(st.integers(0, 40) | st.sampled_from([125, 126, 200, 70_000]))
+        form = draw(st.sampled_from(["short", "16", "64"]) if length < 126 else st.just("long"))
+        if form == "short":
+            head = bytes([first, length | masked << 7])
+        elif form == "16" or (form == "long" and length < 65536):
+            head = bytes([first, 126 | masked << 7]) + length.to_bytes(2, "big")
+        else:
+            head = bytes([first, 127 | masked << 7]) + length.to_bytes(8, "big")
+        out += head + (b"mask" if masked else b"") + bytes(min(length, 300))
+    return bytes(out)
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    buf=ws_frames() | st.binary(max_size=64),
+    limit=st.none() | st.integers(0, 200),
+    cuts=st.lists(st.integers(1, 16), min_size=1, max_size=8),
+)
+def test_ws_frame_check_agrees_with_a_plain_reading(
+    buf: bytes, limit: int | None, cuts: list[int]
+) -> None:
+    reader = _Reader()
+    admitted = typing.cast(typing.Any, type("Admitted", (), {"violation": None}))()
+    admitted.max_message = limit
+    check = _ws._FrameCheck(reader, admitted)
+    pos = 0
+    i = 0
+    while pos < len(buf):  # split at arbitrary points: the check never raises
+        take = cuts[i % len(cuts)]
+        check.feed_data(buf[pos : pos + take])
+        pos += take
+        i += 1
+        assert len(check._held) < 14  # at most one frame header held back
+    want = _ws_reference(buf, limit)
+    if want is None:
+        assert admitted.violation is None
+        assert bytes(reader.fed) + check._held == buf  # every byte passed on, in order, once
+    else:
+        at, refusal = want
+        assert admitted.violation is not None
+        assert bytes(reader.fed).startswith(buf[:at] + refusal)
