@@ -31,10 +31,13 @@ async def test_quantized_traffic_ends_within_a_point_of_full_precision() -> None
 
 
 async def test_nf4_traffic_ends_within_a_point_of_full_precision_over_more_rounds() -> None:
-    # 12 rounds, seed 1: NF4 rounded to the nearest code in blocks of 256 (the codec until
-    # stochastic rounding) ended at 95.8% against 97.8%: every round's small changes to the
-    # weights were rounded away on the way back. 97.3% to 98.0% with the default (stochastic)
-    # rounding, which varies with the order results arrive in (12 runs).
-    full = await run(rounds=12, codec="tensors", quiet=True, seed=1)
-    nf4 = await run(rounds=12, codec="nf4", quiet=True, seed=1)
-    assert abs(nf4 - full) <= 0.01, (nf4, full)
+    # 12 rounds, seeds 1-3: NF4 rounded to the nearest code in blocks of 256 (the codec until
+    # stochastic rounding) ended 1.3-2 points under full precision (seed 1: 95.8% against
+    # 97.8%): every round's small changes to the weights were rounded away on the way back.
+    # With the default (stochastic) rounding a single run varies with the order results
+    # arrive in (seed 3: 95.3-97.1% over 4 runs against 96.9%), so the claim is on the mean:
+    # two runs a seed, against one full-precision run a seed (deterministic).
+    seeds = (1, 2, 3)
+    full = [await run(rounds=12, codec="tensors", quiet=True, seed=s) for s in seeds]
+    nf4 = [await run(rounds=12, codec="nf4", quiet=True, seed=s) for s in seeds for _ in (0, 1)]
+    assert sum(full) / len(full) - sum(nf4) / len(nf4) <= 0.01, (nf4, full)
