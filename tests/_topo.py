@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from flare_async import Cell, HandlerTable, MemoryNetwork
+from flare_async import Cell, Context, HandlerTable, IncomingStream, MemoryNetwork
 
 
 def url(name: str) -> str:
@@ -45,3 +46,19 @@ async def serve_until(cell: Cell, stop: Any, *, task_status: Any) -> None:
     async with cell:
         task_status.started()
         await stop.wait()
+
+
+def sink_table() -> HandlerTable:
+    """A stream handler ``t/sink`` answering ``"<bytes> <sha256>"`` of what it read."""
+    table = HandlerTable()
+
+    @table.stream("t", "sink")
+    async def sink(ctx: Context, stream: IncomingStream) -> bytes:
+        digest = hashlib.sha256()
+        n = 0
+        async for chunk in stream:
+            digest.update(chunk)
+            n += chunk.nbytes
+        return f"{n} {digest.hexdigest()}".encode()
+
+    return table

@@ -18,13 +18,14 @@ import anyio
 import numpy as np
 import pytest
 
-from flare_async import Backoff, Cell, Context, HandlerTable, IncomingStream
+from flare_async import Backoff, Cell, Context, HandlerTable
 from flare_async.cell import Payload
 from flare_async.errors import StreamError
 from flare_async.fl import ClientRuntime, FLModel, FLServer
 from flare_async.testing import FaultCounters, FaultProxy
 from flare_async.transport import TcpDriver
 from flare_async.wire import Envelope, StreamData
+from tests._topo import sink_table
 from tests.test_streams import pattern
 
 pytestmark = pytest.mark.anyio
@@ -35,21 +36,6 @@ pytestmark = pytest.mark.anyio
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]  # real clocks: real sockets
-
-
-def sink_table() -> HandlerTable:
-    table = HandlerTable()
-
-    @table.stream("t", "sink")
-    async def sink(ctx: Context, stream: IncomingStream) -> bytes:
-        digest = hashlib.sha256()
-        n = 0
-        async for chunk in stream:
-            digest.update(chunk)
-            n += chunk.nbytes
-        return f"{n} {digest.hexdigest()}".encode()
-
-    return table
 
 
 def expected(data: bytes) -> str:

@@ -23,11 +23,12 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from flare_async import Cell, Context, HandlerTable, IncomingStream
+from flare_async import Cell
 from flare_async.errors import LinkBroken
 from flare_async.testing import FaultProxy, rst_close
 from flare_async.transport import TcpDriver, TcpLink
 from flare_async.wire import Connection, Event, Limits
+from tests._topo import sink_table
 from tests.test_streams import pattern
 
 pytestmark = pytest.mark.anyio
@@ -101,21 +102,6 @@ async def test_a_reset_come_with_the_bytes_before_it_breaks_the_link() -> None:
 
 
 # ------------------------------------------------------------------- streams through a proxy
-
-
-def sink_table() -> HandlerTable:
-    table = HandlerTable()
-
-    @table.stream("t", "sink")
-    async def sink(ctx: Context, stream: IncomingStream) -> bytes:
-        digest = hashlib.sha256()
-        n = 0
-        async for chunk in stream:
-            digest.update(chunk)
-            n += chunk.nbytes
-        return f"{n} {digest.hexdigest()}".encode()
-
-    return table
 
 
 # names of the cells, the child whose link to its parent goes through the proxy, the
