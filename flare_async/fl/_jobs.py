@@ -19,6 +19,10 @@ that starts again asks the sites it knew (``job/ping``) instead of waiting for t
 asks which of its jobs run (``job/active``) on every link-up and every quarter of its lease,
 and stops the processes of any other. A job runs
 on the sites named at submission, or on every registered site.
+
+Why one file past 500 lines: the store, the admin commands and the job lifecycle share the
+job records and their locks; issue 19 (the redesign step) is where the admin protocol becomes
+typed structs and this file splits.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ by the server every ``lease`` seconds (asked every quarter lease), or it is stop
 server is gone). Both are audited (``job-orphaned``, ``job-lease-expired``).
 
 Only the server may start, abort or read the logs of a job here.
+
+Why one file past 500 lines: starts, their persisted record, reconciliation with the server
+and the leases all act on the same running jobs; split apart they would share its privates.
 """
 
 from __future__ import annotations

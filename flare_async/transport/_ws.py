@@ -52,6 +52,10 @@ capped per listener and per source address at the TCP accept, and cut when the a
 timeout passes before ``hello_done`` (TLS handshake, HTTP upgrade and hello together); the first
 message may be no bigger than a hello (1009). Client frames without a mask are refused (1002)
 on every accepted connection. See ``_FrameCheck`` and docs/design.md §3.
+
+Why one file of ~1,000 lines: the listener's own accept loop, the pre-hello checks of the
+WebSocket framing and the two link classes share aiohttp's objects at one boundary; issue 19
+(links that are one thing each) is where this splits, as ``_tcp.py`` does.
 """
 
 from __future__ import annotations
