@@ -139,3 +139,27 @@ def broken_at_import() -> None:
     if flare.get_site_name().endswith("site-2"):
         import missing_module_for_the_test  # type: ignore[import-not-found] # noqa: F401, PLC0415
     add_site_weight()
+
+
+def slow_site_weight() -> None:
+    """``add_site_weight``, but each answer takes 1.5 s (time to cut a link mid-round)."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        time.sleep(1.5)
+        params = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": i + 1}))
+
+
+def slow_recipe() -> FedAvgRecipe:
+    """Four slow rounds that go on with one answer after a 20 s deadline (a site cut off)."""
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)},
+        script="tests._fl_scripts:slow_site_weight",
+        rounds=4,
+        min_responses=1,
+        deadline=20,
+    )

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
@@ -19,11 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class Proc:
     """One cell process; its stdout events are read by a thread into a queue."""
 
-    def __init__(self, name: str, kit: Path, log: Path, extra: list[str]) -> None:
+    def __init__(
+        self, name: str, kit: Path, log: Path, extra: list[str], prefix: Sequence[str] = ()
+    ) -> None:
         self.name = name
         self.kit = kit
         self.log = log
         self.extra = extra
+        self.prefix = list(prefix)  # e.g. ``ip netns exec NS``: where the process runs
         self.events: Queue[dict[str, Any]] = Queue()
         self.proc = self._start()
 
@@ -32,6 +36,7 @@ class Proc:
         with self.log.open("ab") as err:
             proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "flare_async",
