@@ -18,9 +18,11 @@ import flare_async.client as flare
 import flare_async.fl._server as server_module
 from flare_async.cell import Cell, Payload
 from flare_async.client.tracking import MLflowWriter, SummaryWriter, WandBWriter
+from flare_async.codecs import CodecRegistry, decode
 from flare_async.errors import BadRequest, Unauthorized
 from flare_async.fl import FLModel, FLServer, ParamsType, RoundFailed, fedavg, simulate
 from flare_async.fl._client import ClientRuntime, _Task
+from flare_async.fl._model import model_parts, to_framework
 from flare_async.fl._tracking import MAX_KEY, MetricsBuffer, check_batch, records
 from flare_async.transport import MemoryNetwork
 
@@ -138,7 +140,7 @@ async def test_params_come_back_as_torch_when_the_model_is_torch() -> None:
     assert np.allclose(final.params["bias"], net.bias.detach().numpy() + 2, atol=1e-6)
 
 
-async def test_torch_params_share_the_received_bytes_and_numpy_models_stay_numpy() -> None:
+async def test_torch_models_give_torch_params_and_numpy_models_numpy() -> None:
     kinds: list[tuple[str, bool]] = []
 
     def script() -> None:
@@ -310,3 +312,22 @@ def test_a_sites_buffer_keeps_the_newest_values_up_to_its_limit() -> None:
     taken = buf.take(2)
     buf.put_back(taken)
     assert [r["step"] for r in buf.take()] == [0, 1, 2]
+
+
+def test_torch_params_share_the_received_bytes_unless_told_to_copy() -> None:
+    """The received payload is the site's own writable buffer: torch tensors are views of it
+    (no copy of a large model); a filter that keeps the arrays gets copies; bf16 stays bf16;
+    read-only bytes are copied, never made writable."""
+    model = FLModel(params={"w": np.arange(4, dtype=np.float32), "h": torch.ones(2).bfloat16()})
+    received = bytearray(b"".join(bytes(p) for p in model_parts(model, CodecRegistry())))
+    arrays, _ = decode(memoryview(received))
+    shared = to_framework(dict(arrays), "torch")
+    assert shared["w"].data_ptr() == arrays["w"].ctypes.data  # the same bytes
+    assert shared["h"].dtype == torch.bfloat16
+    assert shared["h"].tolist() == [1.0, 1.0]
+    copied = to_framework(dict(decode(memoryview(received))[0]), "torch", share=False)
+    assert copied["w"].data_ptr() != arrays["w"].ctypes.data
+    frozen, _ = decode(bytes(received))  # immutable bytes: a copy, the source stays read-only
+    t = to_framework(dict(frozen), "torch")["w"]
+    t += 1
+    assert frozen["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
