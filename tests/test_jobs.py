@@ -354,3 +354,31 @@ async def test_an_admin_cannot_make_the_server_call_or_import_what_it_likes(
         assert await d.call("list", {}) == []  # the server is still here, and ran nothing
         rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
         await d.events.wait("job-state", job=rec["id"], state="finished")
+
+
+async def test_job_metrics_filters_and_bounds_what_an_admin_asks_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``job/metrics``: filtered by site and key, the last ``limit`` records, ``limit``
+    clamped to 1..100,000; a non-integer limit or an unknown job is a named error."""
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})
+        await d.events.wait("job-state", job=rec["id"], state="finished")
+        store = d.server.store
+        store.add_metrics(
+            rec["id"],
+            [{"site": SITES[i % 2], "key": "k", "value": float(i), "step": i} for i in range(6)],
+        )
+        store.add_metrics(rec["id"], [{"site": SITES[0], "key": "other", "value": 9.0}])
+        got = await d.call("metrics", {"id": rec["id"], "site": SITES[0], "key": "k"})
+        assert [r["step"] for r in got] == [0, 2, 4]
+        assert len(await d.call("metrics", {"id": rec["id"]})) == 7
+        last = await d.call("metrics", {"id": rec["id"], "key": "k", "limit": 2})
+        assert [r["step"] for r in last] == [4, 5]
+        assert len(await d.call("metrics", {"id": rec["id"], "limit": 0})) == 1  # clamped
+        with pytest.raises(errors.BadRequest, match="limit must be an integer"):
+            await d.call("metrics", {"id": rec["id"], "limit": "all"})
+        with pytest.raises(errors.BadRequest, match="no job"):
+            await d.call("metrics", {"id": "nope"})
+        with pytest.raises(errors.Unauthorized):
+            await d.call("metrics", {"id": rec["id"]}, by=d.sites[SITES[0]].cell)
