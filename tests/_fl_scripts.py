@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,3 +164,18 @@ def slow_recipe() -> FedAvgRecipe:
         min_responses=1,
         deadline=20,
     )
+
+
+def garbles_its_metrics() -> None:
+    """A worker script that writes malformed tracked values to its site, then good ones."""
+    from flare_async.fl._client import current_runtime  # noqa: PLC0415
+
+    runtime: Any = current_runtime()
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        runtime._write("metrics", [b'{"not": "a list"}'])
+        runtime._write("metrics", [b"[1, 2]"])
+        runtime._write("metrics", [b'[{"key": "", "value": "x"}]'])  # the server refuses it
+        flare.log("good", 1.0, step=model.current_round)
+        flare.send(FLModel(params=dict(model.params)))

@@ -331,3 +331,22 @@ def test_torch_params_share_the_received_bytes_unless_told_to_copy() -> None:
     t = to_framework(dict(frozen), "torch")["w"]
     t += 1
     assert frozen["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+async def test_a_worker_that_garbles_its_values_loses_only_those() -> None:
+    got: list[dict[str, Any]] = []
+
+    async def wf(server: FLServer) -> FLModel:
+        return await fedavg(server, {"w": np.zeros(1)}, rounds=2, deadline=60)
+
+    final = await simulate(
+        wf,
+        "tests._fl_scripts:garbles_its_metrics",
+        clients=2,
+        on_metrics=lambda site, recs: got.extend(recs),
+    )
+    assert all(h["failed"] == [] for h in final.meta["history"])  # the job went on
+    assert sorted((r["site"], r["step"]) for r in got) == [
+        (s, r) for s in ("server.site-1", "server.site-2") for r in range(2)
+    ]
+    assert {r["key"] for r in got} == {"good"}

@@ -711,7 +711,8 @@ class ClientRuntime:
                 if topic == "result":
                     await results.send(frame)
                 elif topic == "metrics":
-                    try:
+                    try:  # here too, not only at the server: a bad record from the
+                        # script sinks its own frame, not the site's batch it would join
                         recs = check_batch(body)
                     except (ValueError, TypeError) as exc:
                         self.cell._log.warning("bad tracked values from the worker", error=str(exc))
