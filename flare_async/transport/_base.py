@@ -22,6 +22,8 @@ The contract every link keeps:
 from __future__ import annotations
 
 import abc
+import errno
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,12 +67,17 @@ class Pending:
         self.per_source: Counter[str] = Counter()
 
     def admit(self, source: str) -> str | None:
-        """Count one more connection from ``source``; or why it must be refused (not counted)."""
+        """Count one more connection from ``source``; or why it must be refused (not counted
+        as pending; counted in ``admission.refused``)."""
         adm = self.admission
+        why = None
         if self.total >= adm.max_pending:
-            return "per-listener cap"
-        if self.per_source[source] >= adm.max_pending_per_source:
-            return "per-source cap"
+            why = "per-listener cap"
+        elif self.per_source[source] >= adm.max_pending_per_source:
+            why = "per-source cap"
+        if why is not None:
+            adm.refused[why] += 1
+            return why
         self.total += 1
         self.per_source[source] += 1
         return None
@@ -80,6 +87,35 @@ class Pending:
         self.per_source[source] -= 1
         if not self.per_source[source]:
             del self.per_source[source]
+
+
+ACCEPT_SKIP = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ECONNRESET,
+        errno.ETIMEDOUT,
+        errno.EINTR,
+        errno.EAGAIN,
+    }
+)
+"""accept() errors that concern only the connection being accepted (trio's list, and the
+retryable ones): the listener serves the rest."""
+
+
+def listening_socket(family: int, addr: Any, backlog: int) -> socket.socket:
+    """A non-blocking socket bound to ``addr`` and listening (closed again if that fails)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Link(abc.ABC):

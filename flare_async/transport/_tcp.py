@@ -50,7 +50,15 @@ from flare_async.errors import (
     ProtocolError,
 )
 from flare_async.transport import _splice
-from flare_async.transport._base import Admission, Driver, Link, Listener, Pending
+from flare_async.transport._base import (
+    ACCEPT_SKIP,
+    Admission,
+    Driver,
+    Link,
+    Listener,
+    Pending,
+    listening_socket,
+)
 from flare_async.wire import (
     EOF,
     HELLO_BUFFER,
@@ -788,11 +796,6 @@ def _on_asyncio() -> bool:
 
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
-_ACCEPT_SKIP = frozenset(
-    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET, errno.ETIMEDOUT}
-)
-"""accept() errors that concern only the connection being accepted (as trio's list)."""
-
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
@@ -843,29 +846,25 @@ class TcpListener(Listener):
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     await anyio.sleep(0.1)  # out of descriptors: back off, keep the listener
                     continue
-                if exc.errno in _ACCEPT_SKIP:
+                if exc.errno in ACCEPT_SKIP:
                     continue  # that one connection failed before we got it; serve the rest
                 raise
             peer = _format_url(self._scheme, addr[0], addr[1])
             pending = self._pending
-            if pending is None:
-                _configure(sock)
-                return TcpLink(
-                    sock,
-                    self._limits,
-                    local_address=self.url,
-                    peer_address=peer,
-                    server_tls=self._server_tls,
-                )
-            source = str(addr[0])
-            why = pending.admit(source)
-            if why is not None:  # closed at once: no buffer, no task, no handshake
-                sock.close()
-                pending.admission.refused[why] += 1
-                _logging.get_logger().warning(
-                    "connection refused before hello", peer=peer, reason=why
-                )
-                continue
+            guarded: dict[str, Any] = {}
+            if pending is not None:
+                source = str(addr[0])
+                why = pending.admit(source)
+                if why is not None:  # closed at once: no buffer, no task, no handshake
+                    sock.close()
+                    _logging.get_logger().warning(
+                        "connection refused before hello", peer=peer, reason=why
+                    )
+                    continue
+                guarded = {
+                    "hello_limits": pending.admission.limits,
+                    "on_hello": functools.partial(pending.release, source),
+                }
             _configure(sock)
             return TcpLink(
                 sock,
@@ -873,8 +872,7 @@ class TcpListener(Listener):
                 local_address=self.url,
                 peer_address=peer,
                 server_tls=self._server_tls,
-                hello_limits=pending.admission.limits,
-                on_hello=functools.partial(pending.release, source),
+                **guarded,
             )
 
     async def aclose(self) -> None:
@@ -919,15 +917,7 @@ class TcpDriver(Driver):
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, _, _, _, addr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(addr)
-                sock.listen(self.backlog)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
+            sock = listening_socket(family, addr, self.backlog)
         except (OSError, socket.gaierror) as exc:
             raise ConnectError(f"cannot listen on {url}: {_reason(exc)}") from None
         return TcpListener(sock, scheme, limits, self.server_tls if scheme == "tls" else None)

@@ -61,7 +61,6 @@ WebSocket framing and the two link classes share aiohttp's objects at one bounda
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 import ssl
@@ -87,7 +86,15 @@ from flare_async.errors import (
     ProtocolError,
     TransportError,
 )
-from flare_async.transport._base import Admission, Driver, Link, Listener, Pending
+from flare_async.transport._base import (
+    ACCEPT_SKIP,
+    Admission,
+    Driver,
+    Link,
+    Listener,
+    Pending,
+    listening_socket,
+)
 from flare_async.wire import (
     PREFIX_SIZE,
     Frame,
@@ -100,8 +107,6 @@ from flare_async.wire import (
 __all__ = ["WebSocketDriver", "WebSocketLink"]
 
 _BACKLOG: Final = 128
-_ACCEPT_SKIP: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN})
-"""accept() errors about that one connection: serve the rest."""
 _ACCEPT_RETRY: Final = 0.1
 
 _ORDERLY_CLOSE_CODES: Final = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
@@ -768,15 +773,7 @@ class _WebSocketListener(Listener):
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(_BACKLOG)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock = listening_socket(family, addr, _BACKLOG)
         self._sock = sock
         self._ssl = ssl_context
         self._accepting = asyncio.get_running_loop().create_task(
@@ -792,7 +789,7 @@ class _WebSocketListener(Listener):
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError as exc:
-                if exc.errno in _ACCEPT_SKIP:
+                if exc.errno in ACCEPT_SKIP:
                     continue
                 log.warning("ws listener cannot accept", url=self.url, reason=str(exc))
                 await asyncio.sleep(_ACCEPT_RETRY)  # out of descriptors: let some close
@@ -804,7 +801,6 @@ class _WebSocketListener(Listener):
                 why = pending.admit(source)
                 if why is not None:  # closed at once: no handler, no handshake
                     conn.close()
-                    pending.admission.refused[why] += 1
                     log.warning("connection refused before hello", peer=peer, reason=why)
                     continue
             admitted = _Admitted(self, source, peer, pending)
