@@ -340,9 +340,9 @@ async def test_an_admin_cannot_make_the_server_call_or_import_what_it_likes(
 ) -> None:
     """A job's recipe is only ever a recipe, or a function declared to return one; a module
     that crashes or hangs as it loads takes a child process down, not the server."""
-    import flare_async.fl._recipe as recipe_module  # noqa: PLC0415
+    import flare_async.fl._jobproc as jobproc  # noqa: PLC0415
 
-    monkeypatch.setattr(recipe_module, "RESOLVE_TIMEOUT", 3.0)
+    monkeypatch.setattr(jobproc, "RESOLVE_TIMEOUT", 3.0)
     async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
         for spec in ("os:abort", "sys:exit", "signal:pause", "builtins:input", "os:getpid"):
             with pytest.raises(errors.BadRequest, match="neither a recipe nor a function"):

@@ -237,7 +237,7 @@ async def test_a_round_that_could_wrap_is_refused_before_any_site_is_asked(
 ) -> None:
     asked: list[Any] = []
     monkeypatch.setattr(_secure.SecureSite, "handle", lambda self, body: asked.append(body))
-    monkeypatch.setattr(FLServer, "run_round", lambda *a, **k: asked.append(a))
+    monkeypatch.setattr(FLServer, "_deliver", lambda *a, **k: asked.append(a))
     # One site fits a 32-bit ring at 2^14 x 1 x 2^16 = 2^30; two would sum to 2^31.
     config = SecureAggregation(bits=32, clip=1.0, max_weight=2.0**14, scale=2.0**16)
 

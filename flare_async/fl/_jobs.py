@@ -46,7 +46,7 @@ import anyio.to_thread
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
-from flare_async.fl._recipe import FedAvgRecipe, check_recipe_apart, load_recipe
+from flare_async.fl._jobproc import JobFacts, JobProcess, JobProcessError, check_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (
@@ -60,18 +60,6 @@ from flare_async.security import (
 from flare_async.security._signing import CERT as SIG_CERT
 
 CHANNEL = "job"
-OVERRIDES = (
-    "rounds",
-    "codec",
-    "min_clients",
-    "min_responses",
-    "deadline",
-    "fraction",
-    "relay_aggregation",
-    "secure",
-    "encrypt",
-)
-"""Recipe attributes a submission may override."""
 
 
 RIGHTS = frozenset({"submit", "abort", "abort-any", "view"})
@@ -254,14 +242,6 @@ def _json(body: Payload) -> dict[str, Any]:
     return doc
 
 
-def apply_overrides(recipe: FedAvgRecipe, overrides: dict[str, Any]) -> FedAvgRecipe:
-    """``recipe`` with the submission's overrides (only :data:`OVERRIDES`)."""
-    unknown = set(overrides) - set(OVERRIDES)
-    if unknown:
-        raise BadRequest(f"cannot override {sorted(unknown)}; allowed: {list(OVERRIDES)}")
-    return dataclasses.replace(recipe, **overrides)
-
-
 class JobManager:
     """The server's job service. Mount :meth:`handlers` on the server cell and run :meth:`run`
     beside it.
@@ -281,6 +261,9 @@ class JobManager:
         certificate / decryptor: this server's certificate (DER, sent to the sites of jobs
             that seal their results) and the key to open them.
         signer: signs every task, so sites can check the model was not changed on the way.
+        max_model_bytes: the most a job's process may send in one message (its model).
+        hang_after: a job process that sends nothing for this long (not even its heartbeat:
+            its event loop is blocked) is killed and its job fails.
         on_event: called with ``(event, fields)`` on every state change (``job-state``) and
             finished round (``job-round``, then ``job-checkpoint`` once it is saved): the
             ``flare-async run`` event stream.
@@ -303,7 +286,11 @@ class JobManager:
         certificate: bytes | None = None,
         decryptor: Decryptor | None = None,
         signer: Signer | None = None,
+        max_model_bytes: int = 32 * 2**30,
+        hang_after: float = 60.0,
     ) -> None:
+        self.max_model_bytes = max_model_bytes
+        self.hang_after = hang_after
         self.signer = signer
         self.certificate = certificate
         self.decryptor = decryptor
@@ -591,11 +578,10 @@ class JobManager:
             BadRequest: the recipe does not load here, or an override is not allowed.
         """
         try:
-            # In a child process first: a module that crashes or hangs as it loads takes
-            # that process down, not the server; then here, calling only a declared recipe.
-            await check_recipe_apart(recipe)
-            apply_overrides(load_recipe(recipe), dict(overrides or {}))
-        except (ConfigError, TypeError, ValueError) as exc:
+            # In a child process: the server never imports a job's code (a module that
+            # crashes or hangs as it loads takes that process down, not the server).
+            await check_recipe(recipe, dict(overrides or {}))
+        except ConfigError as exc:
             self._audit("job-refused", recipe=recipe, by=submitter, why=str(exc))
             raise BadRequest(f"job refused: {exc}") from None
         rec = JobRecord(
@@ -659,7 +645,9 @@ class JobManager:
                 await self._attempt(rec)
         except Exception as exc:  # any failure of a job fails that job, never the server
             self._log.error("job failed", job=rec.id, exc_info=exc)
-            rec.error = f"{type(exc).__name__}: {exc}"
+            # A job process's failure already names what its workflow raised.
+            named = isinstance(exc, JobProcessError)
+            rec.error = str(exc) if named else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, RoundFailed):
                 rec.site_errors.update(exc.failed)
         finally:
@@ -671,46 +659,52 @@ class JobManager:
             self._done[rec.id].set()
 
     async def _attempt(self, rec: JobRecord) -> None:
-        recipe = apply_overrides(load_recipe(rec.recipe), rec.overrides)
-        sites = await self._wait_for_sites(rec, recipe)
-        resumed = rec.state is JobState.RUNNING
-        self._set(
-            rec,
-            JobState.RUNNING,
-            sites=sites,
-            attempt=rec.attempt + 1,
-            started=rec.started or time.time(),
-        )
-        if resumed:
-            self.store.event(rec.id, "resumed", attempt=rec.attempt)
-        started = await self._start_sites(rec, recipe)
-        server = FLServer(
-            self.cell,
-            started,
-            job=rec.id,
-            codec=recipe.codec,
-            digest=self.digest,
-            decryptor=self.decryptor,
-            signer=self.signer,
-            hierarchical=recipe.relay_aggregation
-            and not recipe.encrypt
-            and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
-            on_round=lambda result: self._round(rec, result),
-            verifier=self.verifier,
-            on_reject=lambda site, task, why: self._audit(
-                "result-rejected", job=rec.id, site=site, task=task, why=why
-            ),
-            on_metrics=lambda site, recs: self.store.add_metrics(rec.id, recs),
-        )
-        self._servers[rec.id] = server
-        final = await recipe.run(
-            server,
-            checkpoints=str(self.store.folder(rec.id) / "checkpoints"),
-            on_checkpoint=lambda rnd: self.on_event("job-checkpoint", job=rec.id, round=rnd),
-        )
-        history = final.meta.get("history") or [{}]
-        validation = {f"validation_{k}": v for k, v in history[-1].get("validation", {}).items()}
-        rec.metrics = {str(k): float(v) for k, v in {**final.metrics, **validation}.items()}
+        folder = self.store.folder(rec.id)
+        async with JobProcess.start(
+            rec.id,
+            rec.recipe,
+            rec.overrides,
+            log=folder / "job_process.log",
+            max_bytes=self.max_model_bytes,
+            hang_after=self.hang_after,
+        ) as proc:
+            facts = proc.facts
+            sites = await self._wait_for_sites(rec, facts.min_clients)
+            resumed = rec.state is JobState.RUNNING
+            self._set(
+                rec,
+                JobState.RUNNING,
+                sites=sites,
+                attempt=rec.attempt + 1,
+                started=rec.started or time.time(),
+            )
+            if resumed:
+                self.store.event(rec.id, "resumed", attempt=rec.attempt)
+            started = await self._start_sites(rec, facts)
+            server = FLServer(
+                self.cell,
+                started,
+                job=rec.id,
+                codec=facts.codec,
+                digest=self.digest,
+                decryptor=self.decryptor,
+                signer=self.signer,
+                hierarchical=facts.relay_aggregation
+                and not facts.encrypt
+                and any(s.rsplit(".", 1)[0] != self.cell.name for s in started),
+                on_round=lambda result: self._round(rec, result),
+                verifier=self.verifier,
+                on_reject=lambda site, task, why: self._audit(
+                    "result-rejected", job=rec.id, site=site, task=task, why=why
+                ),
+                on_metrics=lambda site, recs: self.store.add_metrics(rec.id, recs),
+            )
+            self._servers[rec.id] = server
+            rec.metrics = await proc.run(
+                server,
+                checkpoints=str(folder / "checkpoints"),
+                on_checkpoint=lambda rnd: self.on_event("job-checkpoint", job=rec.id, round=rnd),
+            )
         await server.stop_clients()
         self._set(rec, JobState.FINISHED, ended=time.time())
 
@@ -730,31 +724,31 @@ class JobManager:
         )
         self.on_event("job-round", job=rec.id, round=result.round, responded=result.responded)
 
-    async def _wait_for_sites(self, rec: JobRecord, recipe: FedAvgRecipe) -> list[str]:
+    async def _wait_for_sites(self, rec: JobRecord, min_clients: int) -> list[str]:
         """The job's sites once enough of them are registered (all named ones, or at least
         ``min_clients`` of any), waiting up to ``site_wait`` seconds."""
         with anyio.move_on_after(self.site_wait):
             while True:
                 wanted = rec.sites or sorted(self.sites)
                 ready = [s for s in wanted if s in self.sites]
-                if len(ready) >= max(1, recipe.min_clients) and (
+                if len(ready) >= max(1, min_clients) and (
                     not rec.sites or len(ready) == len(rec.sites)
                 ):
                     return rec.sites or ready
                 self._sites_changed = anyio.Event()
                 await self._sites_changed.wait()
         ready = [s for s in (rec.sites or sorted(self.sites)) if s in self.sites]
-        if len(ready) < max(1, recipe.min_clients):
+        if len(ready) < max(1, min_clients):
             raise FlareError(
                 f"{len(ready)} sites registered within {self.site_wait:g} s, "
-                f"{max(1, recipe.min_clients)} needed"
+                f"{max(1, min_clients)} needed"
             )
         return rec.sites or ready
 
-    async def _start_sites(self, rec: JobRecord, recipe: FedAvgRecipe) -> list[str]:
+    async def _start_sites(self, rec: JobRecord, facts: JobFacts) -> list[str]:
         """Tell each site to start the job's training process; the ones that fail to are left
         out (and logged)."""
-        script = recipe.script_spec()
+        script = facts.script
         started: list[str] = []
 
         async def one(i: int, site: str) -> None:
@@ -764,11 +758,11 @@ class JobManager:
                 "submitter": rec.submitter,
                 "recipe": rec.recipe,
                 "script": script,
-                "codec": recipe.codec,
+                "codec": facts.codec,
                 "digest": self.digest,
-                "config": {**recipe.config, "site_index": i, "sites": len(rec.sites)},
+                "config": {**facts.config, "site_index": i, "sites": len(rec.sites)},
             }
-            if recipe.encrypt:
+            if facts.encrypt:
                 if self.certificate is None:
                     raise FlareError("the job seals results but this server has no certificate")
                 body["encrypt_to"] = base64.b64encode(self.certificate).decode()

@@ -4,22 +4,21 @@ deployment (``flare-async job submit MODULE:RECIPE``), unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import subprocess
-import sys
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
+import anyio.to_thread
 import numpy as np
 
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
 from flare_async.fl._model import FLModel
 from flare_async.fl._secure import SecureAggregation
-from flare_async.fl._server import FLServer, RoundResult
+from flare_async.fl._server import RoundResult, Rounds
 from flare_async.fl._simulator import simulate
 from flare_async.fl._workflows import fedavg
 
@@ -69,14 +68,17 @@ class FedAvgRecipe:
 
     async def run(
         self,
-        server: FLServer,
+        server: Rounds,
         *,
         checkpoints: str | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
     ) -> FLModel:
         """Run the job's workflow on ``server`` (its checkpoints in ``checkpoints``, default
-        the recipe's own; ``on_checkpoint(round)`` after each is written)."""
-        initial = self.initial() if callable(self.initial) else self.initial
+        the recipe's own; ``on_checkpoint(round)`` after each is written). On a deployment
+        this runs in the job's own process (``flare_async.fl._jobproc``), never the server's."""
+        initial = (
+            await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
+        )
         return await fedavg(
             server,
             initial,
@@ -180,29 +182,32 @@ def declares_recipe(obj: object) -> bool:
     return isinstance(returns, type) and issubclass(returns, FedAvgRecipe)
 
 
-RESOLVE_TIMEOUT = 60.0
-"""Seconds a job's recipe gets to load in a child process before the server loads it."""
+OVERRIDES = (
+    "rounds",
+    "codec",
+    "min_clients",
+    "min_responses",
+    "deadline",
+    "fraction",
+    "relay_aggregation",
+    "secure",
+    "encrypt",
+)
+"""Recipe attributes a submission may override."""
 
 
-async def check_recipe_apart(spec: str, timeout: float | None = None) -> None:
-    """Load ``spec`` in a child Python process first (``python -m flare_async.fl.recipe_check
-    SPEC``): a module whose import crashes, exits or hangs takes that process down, not the
-    server.
+def apply_overrides(recipe: FedAvgRecipe, overrides: Mapping[str, Any]) -> FedAvgRecipe:
+    """``recipe`` with a submission's overrides (only :data:`OVERRIDES`).
 
     Raises:
-        ConfigError: the child did not load a recipe within ``timeout`` (its words, if any).
+        ConfigError: an attribute that may not be overridden, or a value the recipe refuses.
     """
-    timeout = RESOLVE_TIMEOUT if timeout is None else timeout
-    with anyio.move_on_after(timeout) as waited:
-        done = await anyio.run_process(
-            [sys.executable, "-m", "flare_async.fl.recipe_check", spec],
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    if waited.cancelled_caught:
-        raise ConfigError(f"the recipe {spec} did not load within {timeout:g} s")
-    if done.returncode != 0:
-        words = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:500]
-        if words.startswith("ConfigError: "):
-            raise ConfigError(words.removeprefix("ConfigError: "))
-        raise ConfigError(f"the recipe {spec} does not load (exit {done.returncode}): {words}")
+    bad = sorted(set(overrides) - set(OVERRIDES))
+    if bad:
+        raise ConfigError(f"cannot override {bad}; allowed: {list(OVERRIDES)}")
+    try:
+        return dataclasses.replace(recipe, **overrides)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"the overrides do not fit the recipe: {exc}") from None

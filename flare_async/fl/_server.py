@@ -29,7 +29,7 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -50,6 +50,9 @@ from flare_async.fl._signed import CHANNEL
 from flare_async.fl._tracking import MAX_PER_SITE, check_batch
 from flare_async.security import Decryptor, SignatureVerifier, Signer
 
+if TYPE_CHECKING:
+    from flare_async.fl._secure import SecureAggregation
+
 PULL_WAIT = 5.0
 """Seconds an edge client is told to stay away when no workflow hands out tasks to pull."""
 
@@ -67,6 +70,36 @@ class RoundFailed(FlareError):
     def __init__(self, message: str, failed: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.failed = dict(failed or {})
+
+
+def sample(
+    clients: Sequence[str], rng: random.Random, fraction: float = 1.0, minimum: int = 1
+) -> list[str]:
+    """A random share of ``clients``: ``ceil(fraction * n)``, at least ``minimum``."""
+    n = len(clients)
+    want = min(n, max(minimum, math.ceil(fraction * n)))
+    return sorted(rng.sample(list(clients), want))
+
+
+class Rounds(Protocol):
+    """What a workflow needs of its server: an :class:`FLServer`, or, in a job's own process
+    on a deployment, that process's link to the server's (``flare_async.fl._jobproc``)."""
+
+    clients: list[str]
+    params_format: str | None
+
+    def sample(self, fraction: float = 1.0, minimum: int = 1) -> list[str]: ...
+
+    async def run_round(
+        self,
+        model: FLModel,
+        targets: Sequence[str],
+        *,
+        min_responses: int | None = None,
+        deadline: float = 60.0,
+        task: str = "train",
+        secure: SecureAggregation | None = None,
+    ) -> RoundResult: ...
 
 
 class FLServer:
@@ -257,9 +290,7 @@ class FLServer:
 
     def sample(self, fraction: float = 1.0, minimum: int = 1) -> list[str]:
         """A random share of the clients: ``ceil(fraction * n)``, at least ``minimum``."""
-        n = len(self.clients)
-        want = min(n, max(minimum, math.ceil(fraction * n)))
-        return sorted(self.rng.sample(self.clients, want))
+        return sample(self.clients, self.rng, fraction, minimum)
 
     async def run_round(
         self,
@@ -272,9 +303,11 @@ class FLServer:
         fold_with: Callable[[str, FLModel], None] | None = None,
         headers: Mapping[str, str] | None = None,
         on_delivered: Callable[[str, Mapping[str, Any]], None] | None = None,
+        secure: SecureAggregation | None = None,
     ) -> RoundResult:
         """Send ``model`` to ``targets`` and fold their results in as they arrive, until all
-        answered or ``deadline`` seconds passed.
+        answered or ``deadline`` seconds passed (with ``secure``, under secure aggregation:
+        ``secure_round``).
 
         ``fold_with`` replaces the weighted sum for this round (each result goes to it; see
         ``secure_round``), ``headers`` go with every task. ``on_delivered`` is called with the
@@ -283,7 +316,15 @@ class FLServer:
 
         Raises:
             RoundFailed: fewer than ``min_responses`` (default: all targets) results.
+            SecAggRangeError: ``secure``, and the round's sum could wrap.
         """
+        if secure is not None:
+            # Imported here: secure_round is built on this class (its module imports this one).
+            from flare_async.fl._secure import secure_round  # noqa: PLC0415
+
+            return await secure_round(
+                self, model, targets, config=secure, min_responses=min_responses, deadline=deadline
+            )
         need = len(targets) if min_responses is None else min_responses
         self._tasks += 1
         # A fresh random part: after a restart the same round must not reuse a task id (a
@@ -301,8 +342,8 @@ class FLServer:
                 task_headers.update(self.signer.sign(fields))
             if self.hierarchical:
                 task_headers["aggregate"] = "parent"
-                secure = task_headers.get("secagg", "")
-                await self._arm_relays(collector, list(targets), task_id, deadline, secure)
+                session = task_headers.get("secagg", "")
+                await self._arm_relays(collector, list(targets), task_id, deadline, session)
             with anyio.move_on_after(deadline):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(
@@ -392,4 +433,4 @@ class FLServer:
         )
 
 
-__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult"]
+__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult", "Rounds"]

@@ -12,14 +12,14 @@ import numpy as np
 
 from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
-from flare_async.fl._aggregate import fedavg_step
+from flare_async.fl._aggregate import WeightedSum, fedavg_step
 from flare_async.fl._model import FLModel, params_format_of
-from flare_async.fl._secure import SecureAggregation, secure_round
-from flare_async.fl._server import FLServer, RoundResult
+from flare_async.fl._secure import SecureAggregation
+from flare_async.fl._server import RoundResult, Rounds
 
 
 async def fedavg(
-    server: FLServer,
+    server: Rounds,
     initial: Mapping[str, Any],
     *,
     rounds: int,
@@ -91,19 +91,16 @@ async def fedavg(
         targets = server.sample(fraction, min_clients)
         task = FLModel(params=params, current_round=rnd, total_rounds=rounds)
         need = None if min_responses is None else min(min_responses, len(targets))
-        result: RoundResult = (
-            await secure_round(
-                server, task, targets, config=config, min_responses=need, deadline=deadline
-            )
-            if config is not None
-            else await server.run_round(task, targets, min_responses=need, deadline=deadline)
+        result: RoundResult = await server.run_round(
+            task, targets, min_responses=need, deadline=deadline, secure=config
         )
         del task
-        params = fedavg_step(params, result.sum, consume=True)
+        # In worker threads: a large model's step, or a long validation, never blocks the
+        # event loop (in a job's own process, its heartbeat to the server runs there).
+        params = await anyio.to_thread.run_sync(_step, params, result.sum)
         metrics = result.mean_metrics()
-        validation = (
-            {str(k): float(v) for k, v in evaluate(rnd, params).items()} if evaluate else {}
-        )
+        scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}
+        validation = {str(k): float(v) for k, v in scores.items()}
         history.append(
             {
                 "round": rnd,
@@ -140,6 +137,10 @@ async def fedavg(
         total_rounds=rounds,
         metrics=history[-1]["metrics"] if history else {},
     )
+
+
+def _step(params: dict[str, np.ndarray], agg: WeightedSum) -> dict[str, np.ndarray]:
+    return fedavg_step(params, agg, consume=True)
 
 
 __all__ = ["fedavg"]

@@ -1,0 +1,429 @@
+"""A job's own process: on a deployment the server never runs a job's code.
+
+The server (its :class:`~flare_async.fl._jobs.JobManager`) starts one Python process per job
+attempt (``python -m flare_async.fl.job_process run FD SPEC OVERRIDES``), beside itself, as FLARE
+runs a server job process beside the server's parent. That process imports the recipe (only a
+declared recipe object is accepted: ``load_recipe``), calls its ``initial`` and ``evaluate``,
+runs its workflow and writes its checkpoints; the server keeps the fabric: it starts the sites,
+sends each round's task, checks and folds the results, and runs secure aggregation. A crash,
+an exit, a hang or a broken message of the job process fails that job, never the server.
+
+The two talk over a socket pair (the child's end passed as file descriptor ``FD``), in frames::
+
+    u32 big-endian  header length (at most HEAD_MAX from the job process)
+    header          a msgpack map: "op", the op's fields, "sizes": [bytes of each part]
+    parts           the parts' bytes, one after another (a model: header + tensors, as
+                    ``model_parts`` encodes it; at most ``max_bytes`` in all from the job)
+
+Job process -> server: ``ready`` (what the server needs of the recipe: ``min_clients``,
+``script``, ``codec``, ``config``, ``encrypt``, ``relay_aggregation``), then ``round`` (the
+task's model in parts; ``id``, ``targets``, ``min_responses``, ``deadline``, ``task``,
+``secure``), ``checkpoint`` (``round``), ``beat`` every :data:`BEAT` seconds from its event
+loop, and at the end ``done`` (``metrics``, ``validation``) or ``failed`` (``kind``, ``why``,
+``failed``). Server -> job process: ``start`` (``clients``, ``job``, ``checkpoints``), and for
+each round ``result`` (``id`` and the round's outcome; the sum as a partial-sum model in parts,
+none if nobody answered) or ``error`` (``id``, ``kind``, ``why``, ``failed``).
+
+The server checks everything the job process sends as it would a peer's: targets must be the
+job's started sites, numbers in range, models must decode. A job process that sends nothing for
+``hang_after`` seconds (its event loop blocked) is killed and its job fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from flare_async import _logging
+from flare_async.codecs import CodecRegistry
+from flare_async.errors import ConfigError, DecodeError, FlareError
+from flare_async.fl._model import FLModel, model_from_parts, model_parts, wire_format
+from flare_async.fl._recipe import FedAvgRecipe
+from flare_async.fl._secagg import SecAggRangeError
+from flare_async.fl._secure import SecureAggregation
+from flare_async.fl._server import FLServer, RoundFailed
+
+HEAD_MAX = 16 * 2**20
+"""Bytes of one frame's header a job process may send."""
+CHUNK = 2**20
+BEAT = 2.0
+"""Seconds between a job process's heartbeats."""
+RESOLVE_TIMEOUT = 60.0
+"""Seconds a job's recipe gets to load in its process (at submission and at each start)."""
+TASK_KINDS = ("train", "validate", "submit_model")
+MAX_DEADLINE = 7 * 86400.0
+
+
+class JobProcessError(FlareError):
+    """A job's own process failed: its recipe or workflow raised (its message starts with the
+    exception's name), it crashed or exited, hung, or sent what the protocol does not allow."""
+
+
+class Channel:
+    """Frames over a byte stream (see the module text). ``max_bytes``/``head_max`` bound what
+    is read; ``idle`` bounds the wait for each read (``JobProcessError`` past it)."""
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        max_bytes: int = 2**62,
+        head_max: int = 2**62,
+        idle: float = math.inf,
+    ) -> None:
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.head_max = head_max
+        self.idle = idle
+        self._lock = anyio.Lock()
+
+    async def send(self, head: Mapping[str, Any], parts: Sequence[Any] = ()) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        data = msgspec.msgpack.encode({**head, "sizes": [v.nbytes for v in views]})
+        async with self._lock:
+            await self.stream.send(len(data).to_bytes(4, "big") + data)
+            for view in views:
+                for at in range(0, view.nbytes, CHUNK):
+                    await self.stream.send(bytes(view[at : at + CHUNK]))
+
+    async def receive(self) -> tuple[dict[str, Any], list[bytearray]]:
+        """The next frame.
+
+        Raises:
+            JobProcessError: the other side closed, went quiet past ``idle``, or sent a frame
+                the protocol does not allow.
+        """
+        n = int.from_bytes(await self._exactly(4), "big")
+        if n > self.head_max:
+            raise JobProcessError(f"a frame header of {n} bytes (at most {self.head_max})")
+        try:
+            head = msgspec.msgpack.decode(await self._exactly(n))
+        except msgspec.DecodeError as exc:
+            raise JobProcessError(f"a frame header that does not decode: {exc}") from None
+        sizes = head.get("sizes") if isinstance(head, dict) else None
+        if not isinstance(sizes, list) or not all(
+            type(s) is int and 0 <= s <= self.max_bytes for s in sizes
+        ):
+            raise JobProcessError("a frame header without a list of part sizes")
+        if sum(sizes) > self.max_bytes:
+            raise JobProcessError(f"a frame of {sum(sizes)} bytes (at most {self.max_bytes})")
+        return head, [await self._exactly(size) for size in sizes]
+
+    async def _exactly(self, n: int) -> bytearray:
+        out = bytearray(n)
+        view = memoryview(out)
+        got = 0
+        while got < n:
+            with anyio.move_on_after(self.idle) as waited:
+                try:
+                    chunk = await self.stream.receive(min(n - got, CHUNK))
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    raise JobProcessError("the job process ended") from None
+            if waited.cancelled_caught:
+                raise JobProcessError(f"the job process sent nothing for {self.idle:g} s")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFacts:
+    """What the server needs of a job's recipe (read by the job process, checked here)."""
+
+    min_clients: int
+    script: str
+    codec: str
+    config: dict[str, Any]
+    encrypt: bool
+    relay_aggregation: bool
+
+    @classmethod
+    def of(cls, recipe: FedAvgRecipe) -> JobFacts:
+        return cls(
+            min_clients=recipe.min_clients,
+            script=recipe.script_spec(),
+            codec=recipe.codec,
+            config=dict(recipe.config),
+            encrypt=bool(recipe.encrypt),
+            relay_aggregation=bool(recipe.relay_aggregation),
+        )
+
+    @classmethod
+    def checked(cls, head: Mapping[str, Any]) -> JobFacts:
+        try:
+            facts = cls(**{f.name: head[f.name] for f in dataclasses.fields(cls)})
+            json.dumps(facts.config)  # it goes to the sites as JSON
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobProcessError(f"the job process described its recipe wrongly: {exc}") from None
+        types = {"min_clients": int, "script": str, "codec": str, "config": dict}
+        types |= {"encrypt": bool, "relay_aggregation": bool}
+        for name, kind in types.items():
+            if type(getattr(facts, name)) is not kind:
+                why = f"the job process sent a {name} that is not a {kind.__name__}"
+                raise JobProcessError(why)
+        return facts
+
+
+# ---------------------------------------------------------------------------- the server's side
+class JobProcess:
+    """The server's handle on one job attempt's process (``async with JobProcess.start(...)``).
+
+    Args:
+        max_bytes: the most bytes one message of the job process may carry (a model).
+        hang_after: seconds without a frame after which the job process counts as hung.
+    """
+
+    def __init__(
+        self, process: anyio.abc.Process, channel: Channel, facts: JobFacts, job: str
+    ) -> None:
+        self.process = process
+        self.channel = channel
+        self.facts = facts
+        self.job = job
+        self._log = _logging.get_logger(job=job)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(
+        cls,
+        job: str,
+        spec: str,
+        overrides: Mapping[str, Any],
+        *,
+        log: Path,
+        max_bytes: int = 32 * 2**30,
+        hang_after: float = 60.0,
+        resolve_timeout: float = RESOLVE_TIMEOUT,
+    ) -> AsyncIterator[JobProcess]:
+        """Start the job's process and wait for its recipe to load.
+
+        Raises:
+            JobProcessError: it did not load (its reason), or ended, within ``resolve_timeout``.
+        """
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "flare_async.fl.job_process", "run", str(theirs.fileno())]
+        argv += [spec, json.dumps(dict(overrides))]
+        try:
+            with log.open("ab") as out:
+                process = await anyio.open_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    pass_fds=[theirs.fileno()],
+                )
+        finally:
+            theirs.close()
+        stream = await anyio.abc.SocketStream.from_socket(ours)
+        channel = Channel(stream, max_bytes=max_bytes, head_max=HEAD_MAX, idle=resolve_timeout)
+        try:
+            head, _ = await channel.receive()
+            if head.get("op") == "failed":
+                raise JobProcessError(str(head.get("why", "")))
+            if head.get("op") != "ready":
+                raise JobProcessError(f"the job process began with {head.get('op')!r}")
+            channel.idle = hang_after
+            yield cls(process, channel, JobFacts.checked(head), job)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _end(process, stream)
+
+    async def run(
+        self,
+        server: FLServer,
+        *,
+        checkpoints: str,
+        on_checkpoint: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
+        """Run the job's workflow in its process over ``server``'s clients, to its end.
+
+        Returns:
+            the final model's metrics, with its last validation's as ``validation_*``.
+
+        Raises:
+            RoundFailed: a round failed and the workflow let it end the job.
+            JobProcessError: the workflow raised anything else, or the process failed.
+        """
+        await self.channel.send(
+            {"op": "start", "clients": server.clients, "job": self.job, "checkpoints": checkpoints}
+        )
+        outcome: dict[str, float] | FlareError
+        async with anyio.create_task_group() as tg:  # rounds run beside the reading
+            outcome = await self._follow(server, tg, on_checkpoint)
+            tg.cancel_scope.cancel()
+        if isinstance(outcome, FlareError):
+            raise outcome
+        return outcome
+
+    async def _follow(
+        self,
+        server: FLServer,
+        tg: anyio.abc.TaskGroup,
+        on_checkpoint: Callable[[int], None] | None,
+    ) -> dict[str, float] | FlareError:
+        """Read the job process's messages to its end: its metrics, or why it failed."""
+        while True:
+            try:
+                head, parts = await self.channel.receive()
+            except JobProcessError as exc:
+                return JobProcessError(f"{exc}{await self._exit_status()}")
+            op = head.get("op")
+            if op == "round":
+                tg.start_soon(self._round, server, head, parts)
+            elif op == "checkpoint" and type(head.get("round")) is int:
+                if on_checkpoint is not None:
+                    on_checkpoint(head["round"])
+            elif op == "done":
+                metrics = _floats(head.get("metrics"), "")
+                return metrics | _floats(head.get("validation"), "validation_")
+            elif op == "failed":
+                why = str(head.get("why", ""))[:2000]
+                if head.get("kind") == "RoundFailed":
+                    return RoundFailed(why, strings(head.get("failed")))
+                return JobProcessError(f"{head.get('kind', 'Error')}: {why}")
+            elif op != "beat":
+                return JobProcessError(f"the job process sent an unknown message {op!r}")
+
+    async def _exit_status(self) -> str:
+        """`` (exit N)`` once the process has ended (waiting a moment for it), else nothing."""
+        with anyio.move_on_after(2):
+            await self.process.wait()
+        code = self.process.returncode
+        return "" if code is None else f" (exit {code})"
+
+    async def _round(self, server: FLServer, head: dict[str, Any], parts: list[bytearray]) -> None:
+        rid = head.get("id")
+        try:
+            model, targets, kw = _round_request(server, head, parts)
+            server.params_format = wire_format(parts)
+            result = await server.run_round(model, targets, **kw)
+        except (RoundFailed, SecAggRangeError, JobProcessError) as exc:
+            failed = exc.failed if isinstance(exc, RoundFailed) else {}
+            kind = type(exc).__name__
+            await self._answer(
+                {"op": "error", "id": rid, "kind": kind, "why": str(exc), "failed": failed}
+            )
+            return
+        del model
+        out = result.sum.partial() if result.sum.count else None
+        head = {
+            "op": "result",
+            "id": rid,
+            "round": result.round,
+            "responded": result.responded,
+            "failed": result.failed,
+            "metrics": result.metrics,
+            "late": result.late,
+            "partials": result.partials,
+        }
+        await self._answer(head, model_parts(out, CODECS) if out is not None else ())
+
+    async def _answer(self, head: dict[str, Any], parts: Sequence[Any] = ()) -> None:
+        """Answer a round; a job process gone meanwhile is the reading's to report."""
+        with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self.channel.send(head, parts)
+
+
+def _round_request(
+    server: FLServer, head: Mapping[str, Any], parts: list[bytearray]
+) -> tuple[FLModel, list[str], dict[str, Any]]:
+    """A job process's round, checked: its own sites, numbers in range, a model that decodes."""
+    targets, need = head.get("targets"), head.get("min_responses")
+    deadline: Any = head.get("deadline")
+    if not isinstance(targets, list) or not targets or len(set(targets)) != len(targets):
+        raise JobProcessError("a round's targets must be a list of distinct sites")
+    strangers = sorted(str(t) for t in targets if t not in server.clients)
+    if strangers:
+        raise JobProcessError(f"a round may only go to the job's sites, not {strangers[:5]}")
+    if need is not None and not (type(need) is int and 0 <= need <= len(targets)):
+        raise JobProcessError(f"min_responses {need!r} is not a count of the round's targets")
+    if type(deadline) not in (int, float) or not 0 < deadline <= MAX_DEADLINE:
+        raise JobProcessError(f"a round's deadline must be within (0, {MAX_DEADLINE:g}] s")
+    if head.get("task", "train") not in TASK_KINDS:
+        raise JobProcessError(f"a round's task must be one of {TASK_KINDS}")
+    try:
+        secure = SecureAggregation.of(head.get("secure") or False)
+        model = model_from_parts(parts)
+    except (ConfigError, DecodeError, TypeError) as exc:
+        raise JobProcessError(f"a round the job process asked for does not decode: {exc}") from None
+    kw = {"min_responses": need, "deadline": float(deadline), "secure": secure}
+    if secure is None:
+        kw["task"] = head.get("task", "train")
+    return model, targets, kw
+
+
+async def _end(process: anyio.abc.Process, stream: anyio.abc.SocketStream) -> None:
+    """Close the channel, give the process a moment to exit by itself, then kill it."""
+    await stream.aclose()
+    with anyio.move_on_after(5):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    with contextlib.suppress(OSError, anyio.ClosedResourceError):
+        await process.aclose()
+
+
+def _floats(doc: Any, prefix: str) -> dict[str, float]:
+    if not isinstance(doc, dict):
+        return {}
+    out = {}
+    for k, v in doc.items():
+        if type(v) in (int, float):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def strings(doc: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+CODECS = CodecRegistry()
+
+
+async def check_recipe(
+    spec: str, overrides: Mapping[str, Any] | None = None, timeout: float | None = None
+) -> None:
+    """Load ``spec`` with ``overrides`` in a child Python process (``python -m
+    flare_async.fl.job_process check SPEC OVERRIDES``), as a submission is checked: a module
+    whose import crashes, exits or hangs takes that process down, not the server.
+
+    Raises:
+        ConfigError: the child did not load a recipe within ``timeout`` (its words, if any).
+    """
+    timeout = RESOLVE_TIMEOUT if timeout is None else timeout
+    argv = [sys.executable, "-m", "flare_async.fl.job_process", "check", spec]
+    with anyio.move_on_after(timeout) as waited:
+        done = await anyio.run_process(
+            [*argv, json.dumps(dict(overrides or {}))], check=False, stdin=subprocess.DEVNULL
+        )
+    if waited.cancelled_caught:
+        raise ConfigError(f"the recipe {spec} did not load within {timeout:g} s")
+    if done.returncode != 0:
+        words = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:500]
+        if words.startswith("ConfigError: "):
+            raise ConfigError(words.removeprefix("ConfigError: "))
+        raise ConfigError(f"the recipe {spec} does not load (exit {done.returncode}): {words}")
+
+
+__all__ = [
+    "CODECS",
+    "Channel",
+    "JobFacts",
+    "JobProcess",
+    "JobProcessError",
+    "check_recipe",
+    "strings",
+]
