@@ -148,17 +148,14 @@ async def hostile_child(
     speak for a job's code that writes to it directly."""
     ours, theirs = socket.socketpair()
     process = await anyio.open_process([sys.executable, "-c", "import time; time.sleep(60)"])
-    server_end = Channel(
-        await anyio.abc.SocketStream.from_socket(ours), max_bytes=max_bytes, head_max=HEAD_MAX
-    )
-    server_end.idle = 10
-    job_end = Channel(await anyio.abc.SocketStream.from_socket(theirs))
+    server_end = Channel(ours, max_bytes=max_bytes, head_max=HEAD_MAX, idle=10)
+    job_end = Channel(theirs)
     try:
         server = FLServer(Cell("server"), ["server.site-1", "server.site-2"], job="j")
         yield JobProcess(process, server_end, FACTS, "j"), job_end, server
     finally:
-        await server_end.stream.aclose()
-        await job_end.stream.aclose()
+        await server_end.aclose()
+        await job_end.aclose()
         process.kill()
         await process.wait()
         await process.aclose()
@@ -254,7 +251,7 @@ async def test_a_frame_beyond_the_protocol_is_refused_from_its_header(raw: bytes
     """Headers past HEAD_MAX, headers that do not decode, parts past ``max_bytes`` in all (1 MiB
     here): refused from the header, before any part is read."""
     async with hostile_child() as (proc, job_end, _server):
-        await job_end.stream.send(raw)
+        await job_end._send_all(memoryview(raw))
         with anyio.fail_after(10), pytest.raises(JobProcessError, match=why):
             await proc.channel.receive()
 
@@ -264,7 +261,7 @@ async def test_a_job_process_that_goes_quiet_or_away_fails_the_read() -> None:
         proc.channel.idle = 0.2
         with anyio.fail_after(10), pytest.raises(JobProcessError, match=r"sent nothing for 0\.2 s"):
             await proc.channel.receive()
-        await job_end.stream.aclose()
+        await job_end.aclose()
         with anyio.fail_after(10), pytest.raises(JobProcessError, match="ended"):
             await proc.channel.receive()
 

@@ -125,7 +125,7 @@ class RemoteRounds:
 
 async def child_main(fd: int, spec: str, overrides: Mapping[str, Any]) -> int:
     """The job process (``python -m flare_async.fl.job_process run FD SPEC OVERRIDES``)."""
-    channel = Channel(await anyio.abc.SocketStream.from_socket(socket.socket(fileno=fd)))
+    channel = Channel(socket.socket(fileno=fd))
     try:
         recipe = apply_overrides(load_recipe(spec), overrides)
         facts = JobFacts.of(recipe)
