@@ -21,9 +21,8 @@ from flare_async.fl import (
     RoundFailed,
     fedbuff,
     simulate,
-    staleness_weight,
 )
-from flare_async.fl._fedbuff import Sampler
+from flare_async.fl._fedbuff import Sampler, staleness_weight
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")

@@ -25,11 +25,10 @@ from flare_async.fl import (
     RoundMismatch,
     WeightedSum,
     fedavg,
-    model_from_parts,
-    model_parts,
     simulate,
 )
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY
+from flare_async.fl._model import model_from_parts, model_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from workflow_cyclic import main as cyclic_example_main

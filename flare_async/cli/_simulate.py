@@ -14,7 +14,8 @@ import anyio
 
 from flare_async import _logging
 from flare_async.errors import FlareError
-from flare_async.fl import RoundResult, load_recipe
+from flare_async.fl import RoundResult
+from flare_async.fl._recipe import load_recipe
 
 
 def add_parser(sub: Any) -> None:

@@ -1,12 +1,17 @@
 """Federated learning on the fabric (layer L4): models, streaming aggregation, the server's
-round API, workflows, the client runtime behind the Client API, and the simulator."""
+round API, workflows, the client runtime behind the Client API, and the simulator.
+
+This is the face for people who run FL jobs and write workflows (see docs/design.md, "Public
+faces"). What only the package itself uses (how a model is cut into wire parts, how a recipe is
+loaded by name, FedBuff's staleness weight) stays in the private modules.
+"""
 
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._edge import EdgeClient, EdgeStats
-from flare_async.fl._fedbuff import FedBuffStats, fedbuff, staleness_weight
-from flare_async.fl._model import FLModel, ParamsType, model_from_parts, model_parts
-from flare_async.fl._recipe import FedAvgRecipe, load_recipe, script_spec
+from flare_async.fl._fedbuff import FedBuffStats, fedbuff
+from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._secagg import SecAggError, SecAggRangeError
 from flare_async.fl._secure import SecureAggregation, secure_round
@@ -34,11 +39,6 @@ __all__ = [
     "fedavg",
     "fedavg_step",
     "fedbuff",
-    "load_recipe",
-    "model_from_parts",
-    "model_parts",
-    "script_spec",
     "secure_round",
     "simulate",
-    "staleness_weight",
 ]

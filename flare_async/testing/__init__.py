@@ -1,12 +1,17 @@
 """Public testing helpers: the driver conformance suite every transport must pass, a
 fault-injecting driver wrapper, a fault-injecting TCP proxy (``FaultProxy``), and throwaway
-provisioned projects."""
+provisioned projects.
+
+The face for people who test their own drivers, codecs and deployments (see docs/design.md,
+"Public faces"); the interfaces those drivers implement are in :mod:`flare_async.lowlevel`."""
 
 from flare_async.testing._conformance import (
     CONFORMANCE_CHECKS,
+    BreakLink,
     LinkPairFactory,
     check_cancel_mid_send,
     check_close_vs_broken,
+    check_deliver_to,
     check_eof_wakes_receiver,
     check_frame_too_large,
     check_large_frames,
@@ -16,7 +21,7 @@ from flare_async.testing._conformance import (
     driver_pair,
     run_check,
 )
-from flare_async.testing._faults import FaultyDriver, FramePredicate, flip_one_byte
+from flare_async.testing._faults import FaultyDriver, FramePredicate, FrameRewrite, flip_one_byte
 from flare_async.testing._projects import free_ports, wss_edge_project
 from flare_async.testing._proxy import (
     Direction,
@@ -28,15 +33,18 @@ from flare_async.testing._proxy import (
 
 __all__ = [
     "CONFORMANCE_CHECKS",
+    "BreakLink",
     "Direction",
     "FaultCounters",
     "FaultProxy",
     "FaultyDriver",
     "FramePredicate",
+    "FrameRewrite",
     "HeaderMatch",
     "LinkPairFactory",
     "check_cancel_mid_send",
     "check_close_vs_broken",
+    "check_deliver_to",
     "check_eof_wakes_receiver",
     "check_frame_too_large",
     "check_large_frames",
