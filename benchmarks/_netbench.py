@@ -58,7 +58,7 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flare_async import Cell, Context, Driver, HandlerTable, Payload
-from flare_async.cli._run import cell_from_kit
+from flare_async.cli._kit import cell_from_kit
 from flare_async.security import load_kit, provision
 from flare_async.transport import TcpDriver, WebSocketDriver
 

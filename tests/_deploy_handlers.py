@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 
 from flare_async import Context, HandlerTable, Payload
-from flare_async.cli._run import emit
+from flare_async.cli._kit import emit
 
 
 def table() -> HandlerTable:

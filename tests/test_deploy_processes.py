@@ -28,7 +28,7 @@ import anyio
 import pytest
 
 from flare_async import errors
-from flare_async.cli._run import cell_from_kit
+from flare_async.cli._kit import cell_from_kit
 from flare_async.security import add_site, load_kit, provision
 from flare_async.testing import free_ports
 from flare_async.transport import TcpDriver

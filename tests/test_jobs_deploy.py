@@ -20,7 +20,7 @@ import pytest
 from flare_async import Cell
 from flare_async.cell import system_handlers
 from flare_async.cli._job import admin_session
-from flare_async.cli._run import kit_drivers, kit_verifier
+from flare_async.cli._kit import kit_drivers, kit_verifier
 from flare_async.codecs import decode
 from flare_async.errors import IntegrityError
 from flare_async.security import load_kit, provision

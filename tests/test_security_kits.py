@@ -205,7 +205,7 @@ class _TlsLink:
 
 def _accept_child(at: Kit, child: Kit, claimed: str | None = None) -> None:
     """``at``'s kit verifier on a child link from ``child``'s certificate claiming ``claimed``."""
-    from flare_async.cli._run import kit_verifier  # noqa: PLC0415
+    from flare_async.cli._kit import kit_verifier  # noqa: PLC0415
 
     session = Session(claimed or child.name, "child", 1, frozenset(), Limits(), 0.0)
     kit_verifier(at)(cast("Link", _TlsLink(child)), session)

@@ -34,7 +34,7 @@ import anyio
 
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
-from flare_async.cli._run import kit_drivers, kit_verifier
+from flare_async.cli._kit import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.fl._jobs import CHANNEL
 from flare_async.security import (

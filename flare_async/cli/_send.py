@@ -20,8 +20,8 @@ import msgspec
 
 from flare_async import _logging
 from flare_async.cell import Context, HandlerTable, IncomingStream
+from flare_async.cli._kit import cell_from_kit, emit
 from flare_async.cli._progress import ProgressBar
-from flare_async.cli._run import cell_from_kit, emit
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.security import load_kit
 

@@ -17,6 +17,7 @@ import numpy as np
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
 from flare_async.fl._model import FLModel
+from flare_async.fl._scripts import script_spec
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
 from flare_async.fl._simulator import simulate
@@ -124,26 +125,6 @@ class FedAvgRecipe:
             on_round=on_round,
         )
         return result
-
-
-def script_spec(script: Callable[[], object] | str) -> str:
-    """``MODULE:FUNCTION`` naming ``script`` (see :meth:`FedAvgRecipe.script_spec`)."""
-    if isinstance(script, str):
-        return script
-    module, name = getattr(script, "__module__", None), getattr(script, "__qualname__", "")
-    spec = f"{module}:{name}"
-    if not module or module == "__main__" or "<" in name or "." in name:
-        raise ConfigError(
-            f"the training script {spec} cannot run in its own process: it must be a "
-            "module-level function of an importable module (or a 'MODULE:FUNCTION' string)"
-        )
-    try:
-        found = load_object(spec, "training script")
-    except ConfigError as exc:
-        raise ConfigError(f"the training script {spec} cannot be imported by name: {exc}") from None
-    if found is not script:
-        raise ConfigError(f"{spec} names another object than the recipe's training script")
-    return spec
 
 
 def load_recipe(spec: str) -> FedAvgRecipe:

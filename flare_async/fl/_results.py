@@ -10,7 +10,7 @@ import math
 import mmap
 import secrets
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,18 @@ from flare_async.fl._aggregate import (
 from flare_async.fl._model import FLModel, model_from_parts
 from flare_async.fl._signed import CHANNEL, E2E, check_signed
 from flare_async.security import Decryptor, SignatureVerifier
+
+
+class RoundFailed(FlareError):
+    """Fewer clients than the minimum answered a round before its deadline.
+
+    Attributes:
+        failed: each client that did not answer, and why (as it said).
+    """
+
+    def __init__(self, message: str, failed: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 @dataclass
@@ -327,6 +339,7 @@ async def arm_relays_below(
 __all__ = [
     "SPILL_AT",
     "Collector",
+    "RoundFailed",
     "RoundResult",
     "arm_relays_below",
     "child_on_path",

@@ -41,16 +41,19 @@ import dataclasses
 import json
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
 
+from flare_async import _logging
+from flare_async.cell import Cell
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, result_weight
 from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._results import RoundFailed, RoundResult
 from flare_async.fl._secagg import (
     Keys,
     SecAggClient,
@@ -61,7 +64,6 @@ from flare_async.fl._secagg import (
     decode,
     encode,
 )
-from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL
 from flare_async.security import SignatureVerifier, Signer
 
@@ -332,8 +334,29 @@ class SecureSite:
         )
 
 
+class SecureHost(Protocol):
+    """What a secure round needs of its server (an ``FLServer``): its cell, job, the checks of
+    the sites' keys, and a plain round whose results it folds itself."""
+
+    cell: Cell
+    job: str
+    verifier: SignatureVerifier | None
+    on_reject: Callable[[str, str, str], None] | None
+
+    async def run_round(
+        self,
+        model: FLModel,
+        targets: Sequence[str],
+        *,
+        min_responses: int | None = None,
+        deadline: float = 60.0,
+        fold_with: Callable[[str, FLModel], None] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> RoundResult: ...
+
+
 async def secure_round(
-    server: FLServer,
+    server: SecureHost,
     model: FLModel,
     targets: Sequence[str],
     *,
@@ -381,7 +404,7 @@ async def secure_round(
                 )
                 out[site] = json.loads(reply.tobytes())
             except FlareError as exc:
-                server._log.warning(
+                _logging.get_logger(cell=cell.name, job=server.job).warning(
                     "secure aggregation step failed", site=site, step=step, error=str(exc)
                 )
 
@@ -480,7 +503,7 @@ async def secure_round(
 
 
 def _signed_keys(
-    server: FLServer, sid: str, ids: Mapping[str, int], keys: Mapping[str, Any]
+    server: SecureHost, sid: str, ids: Mapping[str, int], keys: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The sites whose advertised keys verify (all, without a verifier); the others are
     rejected (``on_reject``) and left out of the round, as sites that dropped."""
@@ -494,7 +517,8 @@ def _signed_keys(
             server.verifier.verify(k.get("sig", {}), src=site, expect=expect, now=now)
         except (IntegrityError, KeyError, TypeError) as exc:
             why = f"secure aggregation keys: {type(exc).__name__}: {exc}"
-            server._log.warning("keys rejected", site=site, why=why)
+            log = _logging.get_logger(cell=server.cell.name, job=server.job)
+            log.warning("keys rejected", site=site, why=why)
             if server.on_reject is not None:
                 server.on_reject(site, sid, why)
             continue
@@ -506,6 +530,7 @@ __all__ = [
     "AGGREGATE",
     "REFUSED",
     "SecureAggregation",
+    "SecureHost",
     "SecureSite",
     "flatten",
     "key_fields",

@@ -29,7 +29,7 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -41,35 +41,22 @@ from flare_async.errors import BadRequest, FlareError, IntegrityError, StreamErr
 from flare_async.fl._model import FLModel, model_parts
 from flare_async.fl._results import (
     Collector,
+    RoundFailed,
     RoundResult,
     arm_relays_below,
     receive_result,
     sha256_of,
 )
+from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._signed import CHANNEL
 from flare_async.fl._tracking import MAX_PER_SITE, check_batch
 from flare_async.security import Decryptor, SignatureVerifier, Signer
-
-if TYPE_CHECKING:
-    from flare_async.fl._secure import SecureAggregation
 
 PULL_WAIT = 5.0
 """Seconds an edge client is told to stay away when no workflow hands out tasks to pull."""
 
 Grant = Callable[[str], Awaitable[dict[str, Any]]]
 """What answers a pull (``fl/pull``): the site's name in, the reply out (see ``fedbuff``)."""
-
-
-class RoundFailed(FlareError):
-    """Fewer clients than the minimum answered a round before its deadline.
-
-    Attributes:
-        failed: each client that did not answer, and why (as it said).
-    """
-
-    def __init__(self, message: str, failed: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.failed = dict(failed or {})
 
 
 def sample(
@@ -319,9 +306,6 @@ class FLServer:
             SecAggRangeError: ``secure``, and the round's sum could wrap.
         """
         if secure is not None:
-            # Imported here: secure_round is built on this class (its module imports this one).
-            from flare_async.fl._secure import secure_round  # noqa: PLC0415
-
             return await secure_round(
                 self, model, targets, config=secure, min_responses=min_responses, deadline=deadline
             )

@@ -23,6 +23,7 @@ from flare_async.cell import Cell, system_handlers
 from flare_async.errors import FlareError
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._relay import RelayAggregator
+from flare_async.fl._scripts import script_spec
 from flare_async.fl._server import FLServer, RoundResult
 from flare_async.transport import Driver, MemoryNetwork, TcpDriver
 
@@ -337,8 +338,6 @@ async def _with_site_processes(
     join_timeout: float,
 ) -> Any:
     """Start one process per site, run the workflow once all joined, stop them."""
-    from flare_async.fl._recipe import script_spec  # noqa: PLC0415 - the recipe imports us
-
     async with _site_processes(sites, script, script_spec, codec, server.job) as procs:
         await joined.wait(
             {name: proc for (name, _, _), proc in zip(sites, procs, strict=True)}, join_timeout
