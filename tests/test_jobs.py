@@ -356,6 +356,29 @@ async def test_an_admin_cannot_make_the_server_call_or_import_what_it_likes(
         await d.events.wait("job-state", job=rec["id"], state="finished")
 
 
+async def test_an_admin_request_that_does_not_fit_its_type_is_refused_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin protocol's bodies are typed (``fl/_admin.py``): the wrong type, an unknown
+    field or a missing one is a ``BadRequest`` naming it, before anything acts on it."""
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        cases = [
+            ("submit", {"recipe": ["tests._fl_scripts:small_recipe"]}, r"`\$.recipe`"),
+            ("submit", {"recipe": "m:r", "overrides": ["rounds"]}, r"`\$.overrides`"),
+            ("submit", {"recipe": "m:r", "sites": "server.site-1"}, r"`\$.sites`"),
+            ("submit", {"recipe": "m:r", "run_as": "root"}, "unknown field `run_as`"),
+            ("submit", {}, "missing required field `recipe`"),
+            ("status", {"id": 7}, r"`\$.id`"),
+            ("abort", {"id": None}, r"`\$.id`"),
+            ("logs", {"id": "x", "site": 1}, r"`\$.site`"),
+            ("metrics", {"id": "x", "limit": 1.5}, r"`\$.limit`"),
+        ]
+        for topic, body, why in cases:
+            with pytest.raises(errors.BadRequest, match=why):
+                await d.call(topic, body)
+        assert await d.call("list", {}) == []  # nothing was submitted
+
+
 async def test_job_metrics_filters_and_bounds_what_an_admin_asks_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -376,7 +399,7 @@ async def test_job_metrics_filters_and_bounds_what_an_admin_asks_for(
         last = await d.call("metrics", {"id": rec["id"], "key": "k", "limit": 2})
         assert [r["step"] for r in last] == [4, 5]
         assert len(await d.call("metrics", {"id": rec["id"], "limit": 0})) == 1  # clamped
-        with pytest.raises(errors.BadRequest, match="limit must be an integer"):
+        with pytest.raises(errors.BadRequest, match=r"Expected `int`, got `str` - at `\$.limit`"):
             await d.call("metrics", {"id": rec["id"], "limit": "all"})
         with pytest.raises(errors.BadRequest, match="no job"):
             await d.call("metrics", {"id": "nope"})

@@ -46,6 +46,7 @@ import anyio.to_thread
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
+from flare_async.fl._admin import JobRef, Logs, Metrics, Submit, decode_as
 from flare_async.fl._jobproc import JobFacts, JobProcess, JobProcessError, check_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
@@ -232,16 +233,6 @@ class JobStore:
         )
 
 
-def _json(body: Payload) -> dict[str, Any]:
-    try:
-        doc = json.loads(body.tobytes() or b"{}")
-    except ValueError as exc:
-        raise BadRequest(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("expected a JSON object")
-    return doc
-
-
 class JobManager:
     """The server's job service. Mount :meth:`handlers` on the server cell and run :meth:`run`
     beside it.
@@ -357,12 +348,9 @@ class JobManager:
         @table.request(CHANNEL, "submit")
         async def submit(ctx: Context, msg: Payload) -> bytes:
             admin = self._admin(ctx, "submit", msg)
-            doc = _json(msg)
+            req = decode_as(msg, Submit)
             rec = await self.submit(
-                str(doc.get("recipe", "")),
-                admin,
-                overrides=dict(doc.get("overrides") or {}),
-                sites=[str(s) for s in doc.get("sites") or []],
+                req.recipe, admin, overrides=dict(req.overrides), sites=list(req.sites)
             )
             return json.dumps(rec.to_json()).encode()
 
@@ -374,53 +362,43 @@ class JobManager:
         @table.request(CHANNEL, "status")
         async def status(ctx: Context, msg: Payload) -> bytes:
             self._admin(ctx, "view", msg, record=False)
-            return json.dumps(self._job(_json(msg)).to_json()).encode()
+            return json.dumps(self._job(decode_as(msg, JobRef)).to_json()).encode()
 
         @table.request(CHANNEL, "abort")
         async def abort(ctx: Context, msg: Payload) -> bytes:
-            doc = _json(msg)
-            found = self.jobs.get(str(doc.get("id", "")))
+            ref = decode_as(msg, JobRef)
+            found = self.jobs.get(ref.id)
             admin = self._admin(ctx, "abort", msg, job=found)  # before saying whether it exists
-            rec = await self.abort(self._job(doc).id, by=admin)
+            rec = await self.abort(self._job(ref).id, by=admin)
             return json.dumps(rec.to_json()).encode()
 
         @table.request(CHANNEL, "logs")
         async def logs(ctx: Context, msg: Payload) -> bytes:
             self._admin(ctx, "view", msg)
-            doc = _json(msg)
-            rec = self._job(doc)
-            site = doc.get("site")
-            if site:
-                if site not in rec.sites:
-                    raise BadRequest(f"{site} is not a site of job {rec.id}")
+            req = decode_as(msg, Logs)
+            rec = self._job(req)
+            if req.site:
+                if req.site not in rec.sites:
+                    raise BadRequest(f"{req.site:.200} is not a site of job {rec.id}")
                 body = json.dumps({"id": rec.id}).encode()
-                return (await self._to_site(str(site), "logs", body, timeout=30)).tobytes()
+                return (await self._to_site(req.site, "logs", body, timeout=30)).tobytes()
             path = self.store.folder(rec.id) / "events.jsonl"
             return await anyio.to_thread.run_sync(path.read_bytes) if path.exists() else b""
 
         @table.request(CHANNEL, "metrics")
         async def metrics(ctx: Context, msg: Payload) -> bytes:
             self._admin(ctx, "view", msg, record=False)
-            doc = _json(msg)
-            rec = self._job(doc)
-            try:
-                limit = min(max(1, int(doc.get("limit", 10_000))), 100_000)
-            except (TypeError, ValueError):
-                raise BadRequest("limit must be an integer") from None
+            req = decode_as(msg, Metrics)
+            rec = self._job(req)
             found = await anyio.to_thread.run_sync(
-                lambda: self.store.metrics(
-                    rec.id,
-                    site=str(doc.get("site") or ""),
-                    key=str(doc.get("key") or ""),
-                    limit=limit,
-                )
+                lambda: self.store.metrics(rec.id, site=req.site, key=req.key, limit=req.clamped)
             )
             return json.dumps(found).encode()
 
         @table.request(CHANNEL, "download")
         async def download(ctx: Context, msg: Payload) -> bytes:
             self._admin(ctx, "view", msg)
-            rec = self._job(_json(msg))
+            rec = self._job(decode_as(msg, JobRef))
             names = self.store.files(rec.id)
             folder = self.store.folder(rec.id)
             for name in names:
@@ -545,10 +523,10 @@ class JobManager:
             self._audit("refused", admin=admin, command=ctx.topic, why=str(exc))
             raise
 
-    def _job(self, doc: dict[str, Any]) -> JobRecord:
-        rec = self.jobs.get(str(doc.get("id", "")))
+    def _job(self, ref: JobRef) -> JobRecord:
+        rec = self.jobs.get(ref.id)
         if rec is None:
-            raise BadRequest(f"no job {doc.get('id')!r:.80}")
+            raise BadRequest(f"no job {ref.id!r:.80}")
         return rec
 
     def _set(self, rec: JobRecord, state: JobState, **fields: Any) -> None:
