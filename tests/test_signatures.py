@@ -159,6 +159,28 @@ def test_a_signed_message_binds_its_cell_topic_destination_body_answer_and_time(
         server.verify(reply, fields(**answer, corr=8, payload=b"ok"))
 
 
+def test_every_application_header_is_signed_whatever_its_name(tmp_path: Path) -> None:
+    """Only the signature's three headers are left out of what it covers: a relay that changes
+    (or adds) an application header named ``sig.something`` is caught like any other."""
+    from flare_async.cell._signing import check, seal  # noqa: PLC0415 - the cell's own part
+
+    folder = kits(tmp_path)
+    ca = SignatureVerifier.from_kit(load_kit(folder / "server"))
+    server = MessageSigning(Signer(load_kit(folder / "server")), ca)
+    site = MessageSigning(Signer(load_kit(folder / SITES[0])), ca)
+
+    def request(headers: dict[str, str]) -> Frame:
+        h = Request(1, "server", SITES[0], ["server"], None, headers, "job", "start")
+        return Frame(h, [b"{}"])
+
+    frame = request({"sig.job": "j1", "job": "j1"})
+    seal(server, frame)
+    assert check(site, frame) is None
+    for key, value in [("sig.job", "j2"), ("sig.extra", "x"), ("job", "j2")]:
+        changed = request({**frame.header.headers, key: value})
+        assert "changed on the way" in str(check(site, changed))
+
+
 @pytest.mark.anyio
 async def test_cells_that_sign_refuse_a_changed_forged_or_unsigned_message(
     tmp_path: Path,

@@ -15,6 +15,8 @@ from flare_async.security._messages import message_fields, payload_digest
 from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
+SIGNATURE_HEADERS = frozenset({"sig.fields", "sig.value", "sig.cert"})
+"""The signature's own headers: the only ones its ``meta`` leaves out."""
 
 
 class MessageSigner(Protocol):
@@ -28,8 +30,9 @@ class MessageSigner(Protocol):
 
 def _meta(h: Request | Event | Reply | Error) -> str:
     """SHA-256 of what else a handler acts on: the application headers (the signature's own
-    excepted) and the codec; a relay that re-addresses a message by a header is caught."""
-    headers = {k: v for k, v in h.headers.items() if not k.startswith("sig.")}
+    excepted, exactly those three: any other header, ``sig.`` or not, is covered) and the
+    codec; a relay that re-addresses a message by a header is caught."""
+    headers = {k: v for k, v in h.headers.items() if k not in SIGNATURE_HEADERS}
     text = json.dumps([headers, getattr(h, "codec", "")], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
