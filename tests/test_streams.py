@@ -605,6 +605,42 @@ async def test_a_cell_off_the_path_cannot_abort_a_stream() -> None:
     assert list(sink.data.values()) == [data]
 
 
+async def test_an_abort_about_another_senders_stream_leaves_this_one_alone() -> None:
+    """A cell reporting trouble with a stream of another sender (``sender`` not its own name)
+    under the sid of a stream it sends itself must not make the receiver drop that stream
+    unfailed (its handler would wait out the idle limit): found writing docs/wire.md."""
+    sink = Sink()
+    sink.release = anyio.Event()
+    data = pattern(16 * CHUNK, seed=15)
+    async with chain(["server", "server.a"], receiver_table(sink, hold_after_first=True)) as (
+        server,
+        edge,
+    ):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: server.stream("server.a", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+            )
+            await sink.got_first.wait()
+            (sid,) = server._streams.outgoing
+            other = StreamAbort(
+                id=1,
+                src="server",
+                dst="server.a",
+                route=["server"],
+                budget=None,
+                headers={},
+                sid=sid,
+                status=11,
+                message="about someone else's stream",
+                sender="server.other",
+            )
+            await server._send_to("server.a", Frame(other))
+            await anyio.wait_all_tasks_blocked()
+            assert ("server", sid) in edge._streams.incoming
+            sink.release.set()
+    assert list(sink.data.values()) == [data]
+
+
 async def test_a_fan_out_target_that_fails_first_does_not_drop_the_others_chunks() -> None:
     # The unreachable target comes first: its sender fails and leaves before the other's runs.
     sink = Sink()

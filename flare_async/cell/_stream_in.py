@@ -459,8 +459,12 @@ class StreamHub:
             if sender is not None:
                 sender.on_abort(h)
             return
+        if h.src != h.sender:
+            # A cell on the way reporting trouble with the sender's stream: the sender resumes
+            # or gives up itself. Nothing here is keyed by (that cell, sid): leave it alone.
+            return
         stream = self.incoming.pop((h.src, h.sid), None)
-        if stream is not None and h.src == h.sender:
+        if stream is not None:
             stream.fail(
                 StreamAborted(f"{h.src} aborted the stream: {h.message}", reported_by=h.src)
             )
