@@ -527,32 +527,37 @@ class Cell(StreamingMixin):
         peer.link.deliver_to(functools.partial(self._on_frame_now, peer))
         peer.link.pass_through(functools.partial(self._may_pass, peer))
         try:
-            while True:
-                frame = await peer.link.receive()
-                peer.last_rx = clock()
-                await self._on_frame(peer, frame)
+            with peer.serving:  # cancelled by _give_up only, which says why in peer.dead
+                while True:
+                    frame = await peer.link.receive()
+                    peer.last_rx = clock()
+                    await self._on_frame(peer, frame)
         except LinkClosed as exc:
             # A link is closed on purpose only with a goodbye (either way); a connection that
             # just ends (a killed process, a crashed host) broke.
-            if peer.dead:
-                error = LinkBroken(peer.dead)
-            elif peer.orderly:
+            if peer.orderly:
                 error = exc
             else:
                 error = LinkBroken(f"{peer.name} went away without a goodbye: {exc}")
-                self._log.warning("link broke", peer=peer.name, error=str(error))
+                if peer.dead is None:
+                    self._log.warning("link broke", peer=peer.name, error=str(error))
         except LinkBroken as exc:
             error = exc
-            self._log.warning("link broke", peer=peer.name, error=str(exc))
+            if peer.dead is None:
+                self._log.warning("link broke", peer=peer.name, error=str(exc))
         except ProtocolError as exc:
             error = LinkBroken(f"protocol error from {peer.name}: {exc}")
-            self._log.warning("protocol error, closing link", peer=peer.name, error=str(exc))
+            if peer.dead is None:
+                self._log.warning("protocol error, closing link", peer=peer.name, error=str(exc))
         finally:
+            if peer.dead is not None:
+                # Given up (and aborted) by the heartbeat: what the link said since is moot.
+                error = LinkBroken(peer.dead)
             peer.link.deliver_to(None)
             peer.link.pass_through(None)
             self._drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
-                await peer.link.aclose()
+                await peer.link.aclose()  # after an abort: only releases what is left
         return error
 
     def _notify(self, peer: Peer, up: bool) -> None:
@@ -591,17 +596,31 @@ class Cell(StreamingMixin):
             for peer in self._peers():
                 quiet = now - peer.last_rx
                 if quiet >= self.dead_after:
-                    peer.dead = f"no frame from {peer.name} for {quiet:.1f} s"
                     self._log.warning(
                         "peer unresponsive, dropping link", peer=peer.name, quiet=quiet
                     )
-                    with anyio.CancelScope(shield=True):
-                        await peer.link.aclose()
+                    self._give_up(peer, f"no frame from {peer.name} for {quiet:.1f} s")
                 elif quiet >= interval:
                     seq += 1
                     with contextlib.suppress(TransportError, ProtocolError):
                         if not peer.link.try_send(Frame(Ping(seq=seq))):
                             self._spawn(self._ping, peer, seq, interval)
+
+    def _give_up(self, peer: Peer, why: str) -> None:
+        """Drop a link that went silent, now, whatever the network does.
+
+        The link is aborted, not closed: a goodbye, a drain, a TLS ``close_notify`` or a
+        WebSocket closing handshake would each wait for the network that went silent (an
+        accepted ``ws://`` link woke its reader only once its close frame was written, after
+        the driver's ``close_timeout``). The peer is forgotten and every request waiting on the
+        link fails with ``LinkBroken`` here, not when its reader notices; the reader is
+        cancelled, so a parent link's loop starts reconnecting at once. Never blocks: the
+        heartbeat goes on to the other links.
+        """
+        peer.dead = why
+        peer.link.abort()
+        self._drop_peer(peer, LinkBroken(why))
+        peer.serving.cancel()
 
     async def _ping(self, peer: Peer, seq: int, within: float) -> None:
         with anyio.move_on_after(within), contextlib.suppress(TransportError, ProtocolError):

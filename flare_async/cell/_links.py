@@ -44,9 +44,21 @@ class Peer:
         last_rx: when a frame last arrived (the cell's clock); liveness is the link's.
         inflight: requests forwarded through this link, awaiting their answers.
         dead: why the heartbeat gave up on the link, if it did.
+        serving: the scope of the task reading the link; cancelled when the link is given up,
+            so that task ends whatever the transport is waiting for.
     """
 
-    __slots__ = ("dead", "inflight", "last_rx", "link", "name", "orderly", "role", "session")
+    __slots__ = (
+        "dead",
+        "inflight",
+        "last_rx",
+        "link",
+        "name",
+        "orderly",
+        "role",
+        "serving",
+        "session",
+    )
 
     def __init__(self, link: Link, session: Session, now: float) -> None:
         self.link = link
@@ -56,6 +68,7 @@ class Peer:
         self.last_rx = now
         self.inflight: dict[tuple[str, int], Forwarded] = {}
         self.dead: str | None = None
+        self.serving = anyio.CancelScope()
         self.orderly = False
         """A goodbye was said on the link (by either side): its end is a close, not a break."""
 

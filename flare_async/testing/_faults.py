@@ -87,9 +87,7 @@ class _FaultyLink(Link):
         await self._inner.aclose()
 
     def abort(self) -> None:
-        abort = getattr(self._inner, "abort", None)
-        if abort is not None:
-            abort()
+        self._inner.abort()
 
     def extra(self) -> dict[str, Any]:
         return self._inner.extra()

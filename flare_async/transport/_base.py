@@ -17,6 +17,10 @@ The contract every link keeps:
   when the link broke; :class:`~flare_async.errors.ProtocolError` on a bad frame.
 * ``send`` and ``try_send`` may be called by several tasks at once; frames never interleave.
 * ``aclose`` is idempotent and never raises for an already closed or broken link.
+* ``abort`` breaks the link at once, as a crash would, and never waits: not on the peer, not on
+  the network (a link whose peer went silent is given up with it; a graceful close would wait
+  for a network that may be cut). After it, every operation fails with ``LinkBroken`` and
+  ``aclose`` only releases what is left, without waiting either.
 """
 
 from __future__ import annotations
@@ -221,6 +225,18 @@ class Link(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the link on purpose. Idempotent; frames already sent are still delivered."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Break the link now, as a crash or a cut cable would: no goodbye, no drain, no TLS
+        ``close_notify``, no WebSocket closing handshake, nothing that needs the network.
+
+        Never blocks and is not a checkpoint: a cell gives up on a silent link with it, and
+        must not wait on the network that went silent. Tasks waiting in :meth:`send` or
+        :meth:`receive` wake with ``LinkBroken``, later calls raise it; the peer, if anything
+        still reaches it, sees ``LinkBroken`` too. Idempotent; :meth:`aclose` after it returns
+        without waiting.
+        """
 
     def hello_done(self) -> None:
         """The cell accepted the peer's hello: lift the handshake phase's limits (see

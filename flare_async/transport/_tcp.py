@@ -364,7 +364,7 @@ class TcpLink(Link):
         try:
             await waiter(self._sock)
         except (anyio.ClosedResourceError, OSError, ValueError):
-            if self._closed:
+            if self._closed and self._broken is None:  # an abort (then a close) is a break
                 raise LinkClosed("link was closed by this side") from None
             self._mark_broken(self._broken or "socket closed while waiting")
             raise LinkBroken(self._broken or "") from None
@@ -402,7 +402,7 @@ class TcpLink(Link):
             await self._wait(anyio.wait_readable)
             return
         except OSError as exc:
-            if self._closed:
+            if self._closed and self._broken is None:
                 raise LinkClosed("link was closed by this side") from None
             self._mark_broken(f"connection failed: {_reason(exc)}")
             raise LinkBroken(self._broken or "") from None
@@ -664,7 +664,7 @@ class TcpLink(Link):
             self._conn.receive_data(b"")
             return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError, OSError) as e:
-            if self._closed:
+            if self._closed and self._broken is None:
                 raise LinkClosed("link was closed by this side") from None
             self._mark_broken(f"connection failed: {_reason(e)}")
             raise LinkBroken(self._broken or "") from None
