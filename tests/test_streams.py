@@ -612,32 +612,34 @@ async def test_an_abort_about_another_senders_stream_leaves_this_one_alone() -> 
     sink = Sink()
     sink.release = anyio.Event()
     data = pattern(16 * CHUNK, seed=15)
-    async with chain(["server", "server.a"], receiver_table(sink, hold_after_first=True)) as (
-        server,
-        edge,
+    async with (
+        chain(["server", "server.a"], receiver_table(sink, hold_after_first=True)) as (
+            server,
+            edge,
+        ),
+        anyio.create_task_group() as tg,
     ):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                lambda: server.stream("server.a", "t", "collect", data, chunk=CHUNK, window=WINDOW)
-            )
-            await sink.got_first.wait()
-            (sid,) = server._streams.outgoing
-            other = StreamAbort(
-                id=1,
-                src="server",
-                dst="server.a",
-                route=["server"],
-                budget=None,
-                headers={},
-                sid=sid,
-                status=11,
-                message="about someone else's stream",
-                sender="server.other",
-            )
-            await server._send_to("server.a", Frame(other))
-            await anyio.wait_all_tasks_blocked()
-            assert ("server", sid) in edge._streams.incoming
-            sink.release.set()
+        tg.start_soon(
+            lambda: server.stream("server.a", "t", "collect", data, chunk=CHUNK, window=WINDOW)
+        )
+        await sink.got_first.wait()
+        (sid,) = server._streams.outgoing
+        other = StreamAbort(
+            id=1,
+            src="server",
+            dst="server.a",
+            route=["server"],
+            budget=None,
+            headers={},
+            sid=sid,
+            status=11,
+            message="about someone else's stream",
+            sender="server.other",
+        )
+        await server._send_to("server.a", Frame(other))
+        await anyio.wait_all_tasks_blocked()
+        assert ("server", sid) in edge._streams.incoming
+        sink.release.set()
     assert list(sink.data.values()) == [data]
 
 

@@ -152,7 +152,7 @@ class StreamOpen(Routed, tag=20):
 
 
 class StreamData(Routed, tag=21):
-    """Sender -> receiver: the bytes at ``offset`` (the payload), with their CRC-32C (Castagnoli)."""
+    """Sender -> receiver: the bytes at ``offset`` (the payload), with their CRC-32C."""
 
     sid: int
     offset: int
