@@ -145,6 +145,11 @@ class Channel(Generic[T]):
         while not self.put_nowait(item):
             await self._wait(self._putters)
 
+    async def room(self) -> None:
+        """Wait until ``put_nowait`` may succeed (room, or closed: it raises then)."""
+        while len(self._items) >= self.size and not self._closed:
+            await self._wait(self._putters)
+
     def get_nowait(self) -> T:
         """Take the oldest item.
 

@@ -782,9 +782,11 @@ class Cell(StreamingMixin):
                 return
             hop = self._next_peer(h.dst)
             assert hop is not None  # not LOCAL: we only forward what is not ours
-            # The budget shrinks by nothing here: forwarding happens as the frame is read.
+            # The deadline on this cell's clock; the link stamps what is left of it as it
+            # writes the header, so time spent waiting for it here counts.
             out = msgspec.structs.replace(h, route=[*h.route, self.name])
             deadline = math.inf if h.budget is None else self._clock() + h.budget
+            expires = None if h.budget is None else deadline
             passing = frame if isinstance(frame, Passing) else None
             if passing is not None and not hop.link.splices:  # the route changed meanwhile
                 frame, passing = await src.take_passing(passing), None
@@ -794,7 +796,7 @@ class Cell(StreamingMixin):
                 fwd = Forwarded(h.src, h.id, hop.inflight)
                 hop.inflight[(h.src, h.id)] = fwd
             try:
-                await self._send_via(hop, Frame(out, frame.parts), deadline, passing, src)
+                await self._send_via(hop, Frame(out, frame.parts, expires), deadline, passing, src)
             except BaseException:
                 if fwd is not None:
                     fwd.expire()
@@ -1026,7 +1028,8 @@ class Cell(StreamingMixin):
             else:
                 deadline = self._clock() + budget
                 self._timer.add(deadline, waiter)
-            await self._send_out(self._seal(Frame(header, body.parts)), deadline, waiter)
+            frame = Frame(header, body.parts, None if budget is None else deadline)
+            await self._send_out(self._seal(frame), deadline, waiter)
             await waiter.done.wait()
         finally:
             self._pending.pop(msg_id)
@@ -1076,7 +1079,8 @@ class Cell(StreamingMixin):
             codec=body.codec,
         )
         deadline = math.inf if budget is None else self._clock() + budget
-        await self._send_out(self._seal(Frame(header, body.parts)), deadline)
+        frame = Frame(header, body.parts, None if budget is None else deadline)
+        await self._send_out(self._seal(frame), deadline)
 
     async def broadcast(
         self,

@@ -177,7 +177,8 @@ class Workers:
                     corr=h.id,
                     codec=body.codec,
                 )
-                await cell._send_answer(cell._seal(Frame(reply, body.parts)))
+                expires = None if budget is None else job.deadline
+                await cell._send_answer(cell._seal(Frame(reply, body.parts, expires)))
                 return
         err = Error(
             id=next(cell._ids),
@@ -190,7 +191,9 @@ class Workers:
             status=int(status),
             message=message,
         )
-        await cell._send_answer(cell._seal(Frame(err)))
+        await cell._send_answer(
+            cell._seal(Frame(err, (), None if budget is None else job.deadline))
+        )
 
 
 def handler_failure(

@@ -16,6 +16,7 @@ import itertools
 import weakref
 from urllib.parse import urlsplit
 
+from anyio import current_time
 from anyio.lowlevel import checkpoint
 
 from flare_async._concurrency import Channel, ChannelClosed, WouldBlock
@@ -97,7 +98,7 @@ class MemoryLink(Link):
             raise LinkClosed("link was closed by this side")
         if self._tx.broken:
             raise LinkBroken("memory link broke")
-        return encode_head(frame.header, payload_size(frame.parts), self.peer_limits)
+        return encode_head(frame.stamp(current_time()), payload_size(frame.parts), self.peer_limits)
 
     def _send_failed(self) -> TransportError:
         if self._tx.broken:
@@ -125,8 +126,9 @@ class MemoryLink(Link):
     async def send(self, frame: Frame) -> None:
         try:
             head = self._head(frame)
-            if not self._tx.queue.put_nowait((head, frame.parts)):
-                await self._tx.queue.put((head, frame.parts))
+            while not self._tx.queue.put_nowait((head, frame.parts)):
+                await self._tx.queue.room()
+                head = self._head(frame)  # the budget left after the wait
         except ChannelClosed:
             raise self._send_failed() from None
         except (LinkClosed, LinkBroken):

@@ -237,7 +237,7 @@ class TcpLink(Link):
         body = payload_size(parts)
         if body > _TRY_SEND_MAX:
             return False
-        head = self._conn.head(frame.header, body)
+        head = self._conn.head(frame.stamp(anyio.current_time()), body)
         total = len(head) + body
         if total > _TRY_SEND_MAX:
             return False  # send() encodes it again; rare (a header of kilobytes)
@@ -298,6 +298,8 @@ class TcpLink(Link):
         await self._ensure_tls()
         async with self._send_lock:
             self._check_usable()
+            if frame.expires is not None:  # the budget left now that the link is ours
+                segments[0] = self._conn.head(frame.stamp(anyio.current_time()), frame.payload_len)
             try:
                 if self._tls is not None:
                     await self._send_tls(segments)
@@ -595,7 +597,7 @@ class TcpLink(Link):
             chain = _splice.PipeChain(_splice.PIPES)
         except OSError:  # out of descriptors or pipe memory: read it through, as without
             whole = await src.take_passing(passing)
-            await self.send(Frame(frame.header, whole.parts))
+            await self.send(Frame(frame.header, whole.parts, frame.expires))
             return
         try:
             rest = await src._move_passing(
@@ -605,6 +607,8 @@ class TcpLink(Link):
             )
             async with self._send_lock:
                 self._check_usable()
+                if frame.expires is not None:  # the budget left now that the link is ours
+                    head = self._conn.head(frame.stamp(anyio.current_time()), size)
                 await self._write_passing([head, *frame.parts], chain, rest)
             self._conn.count_frame(len(head) + size)
             src._passed += 1

@@ -246,13 +246,16 @@ class WebSocketLink(Link):
     async def send(self, frame: Frame) -> None:
         self._check_open()
         parts = frame.parts
-        head = encode_head(frame.header, payload_size(parts), self.peer_limits)
-        # The one copy on the sending side: aiohttp sends one bytes-like object per message.
-        data = b"".join((head, *parts)) if parts else head
+        size = payload_size(parts)
+        head = encode_head(frame.header, size, self.peer_limits)  # FrameTooLarge before waiting
         lock = self._send_lock
         await lock.acquire()
         try:
             self._check_open()
+            if frame.expires is not None:  # the budget left now that the link is ours
+                head = encode_head(frame.stamp(anyio.current_time()), size, self.peer_limits)
+            # The one copy on the sending side: aiohttp sends one bytes-like object per message.
+            data = b"".join((head, *parts)) if parts else head
             # aiohttp writes the whole message to the transport synchronously, in the first step
             # of send_bytes(); only waiting for the transport to drain (backpressure) suspends.
             # We take that first step here, so a send never hands over part of a frame.

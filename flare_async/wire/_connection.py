@@ -36,7 +36,7 @@ import msgspec
 import numpy as np
 
 from flare_async.errors import LinkBroken, ProtocolError
-from flare_async.wire._envelope import Envelope
+from flare_async.wire._envelope import Envelope, Routed
 from flare_async.wire._frame import PREFIX_SIZE, Limits, decode_header, encode_head, parse_prefix
 
 Buffer = bytes | bytearray | memoryview
@@ -47,13 +47,29 @@ class Frame:
 
     Received frames have exactly one payload part (a read-only memoryview); frames built for
     sending may have several (for example a codec's meta plus one buffer per tensor).
+
+    ``expires``: the message's deadline on the sending cell's clock (the event loop's), or
+    ``None``. A routed header's ``budget`` on the wire is what is left of it when the header is
+    written (:meth:`stamp`, called by the link as it encodes): time a frame waits for its link,
+    at the caller and at every relay, counts against its deadline.
     """
 
-    __slots__ = ("header", "parts")
+    __slots__ = ("expires", "header", "parts")
 
-    def __init__(self, header: Envelope, parts: tuple[Buffer, ...] = ()) -> None:
+    def __init__(
+        self, header: Envelope, parts: tuple[Buffer, ...] = (), expires: float | None = None
+    ) -> None:
         self.header = header
         self.parts = parts
+        self.expires = expires
+
+    def stamp(self, now: float) -> Envelope:
+        """The header with its budget set to what is left at ``now`` (never below 0), for a
+        frame with a deadline; the header as it is otherwise."""
+        h = self.header
+        if self.expires is not None and isinstance(h, Routed):
+            h.budget = max(0.0, self.expires - now)
+        return h
 
     @property
     def payload_len(self) -> int:
