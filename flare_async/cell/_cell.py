@@ -722,18 +722,9 @@ class Cell(StreamingMixin):
             return
         assert self._dispatch is not None
         kind = Kind.REQUEST if isinstance(h, Request) else Kind.EVENT
-        fn = self._dispatch.lookup(kind, h.channel, h.topic)
-        if fn is None:
-            self._answer_error(
-                h, Status.NO_HANDLER, f"no {kind.value} handler for {h.channel}/{h.topic}"
-            )
-            return
-        if self.accept is not None and not self.accept(h.src, h.channel, h.topic):
-            self._answer_error(
-                h,
-                Status.UNAUTHORIZED,
-                f"{self.name} does not accept {h.channel}/{h.topic} from {h.src}",
-            )
+        fn = self._dispatch.admit(kind, h.src, h.channel, h.topic, accept=self.accept, me=self.name)
+        if isinstance(fn, tuple):
+            self._answer_error(h, *fn)
             return
         payload = Payload.received(frame.parts, h.codec, h.headers)
         if not self._workers.submit(Job(h, payload, fn, deadline)):

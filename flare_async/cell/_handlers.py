@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flare_async.cell._payload import Payload
-from flare_async.errors import ConfigError
+from flare_async.errors import ConfigError, Status
 from flare_async.wire import Buffer
 
 if TYPE_CHECKING:
@@ -198,6 +198,26 @@ class Dispatch:
         fn = self._map.get((kind, channel, topic))
         if fn is None:
             fn = self._map.get((kind, channel, WILDCARD))
+        return fn
+
+    def admit(
+        self,
+        kind: Kind,
+        src: str,
+        channel: str,
+        topic: str,
+        *,
+        accept: Callable[[str, str, str], bool] | None,
+        me: str,
+    ) -> AnyHandler | tuple[Status, str]:
+        """The handler for a request, event or stream from ``src``, or why it is refused: no
+        handler, then the cell's policy (``accept``), in that order for every kind. Capacity
+        (a full handler queue, too many streams) is the caller's to check, last."""
+        fn = self.lookup(kind, channel, topic)
+        if fn is None:
+            return Status.NO_HANDLER, f"no {kind.value} handler for {channel}/{topic}"
+        if accept is not None and not accept(src, channel, topic):
+            return Status.UNAUTHORIZED, f"{me} does not accept {channel}/{topic} from {src}"
         return fn
 
     def __len__(self) -> int:

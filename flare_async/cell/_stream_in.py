@@ -399,15 +399,12 @@ class StreamHub:
             self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
         dispatch = self.cell._dispatch
-        fn = dispatch.lookup(Kind.STREAM, h.channel, h.topic) if dispatch is not None else None
-        if fn is None:
-            msg = f"no stream handler for {h.channel}/{h.topic}"
-            self._abort_to(h.src, h.src, h.sid, Status.NO_HANDLER, msg)
-            return
-        accept = self.cell.accept
-        if accept is not None and not accept(h.src, h.channel, h.topic):
-            msg = f"{self.cell.name} does not accept {h.channel}/{h.topic} from {h.src}"
-            self._abort_to(h.src, h.src, h.sid, Status.UNAUTHORIZED, msg)
+        assert dispatch is not None  # frames are delivered only to a running cell
+        fn = dispatch.admit(
+            Kind.STREAM, h.src, h.channel, h.topic, accept=self.cell.accept, me=self.cell.name
+        )
+        if isinstance(fn, tuple):
+            self._abort_to(h.src, h.src, h.sid, *fn)
             return
         if len(self.incoming) >= self.max_incoming:
             msg = f"{self.cell.name} receives {self.max_incoming} streams already"
