@@ -394,6 +394,7 @@ PINNED: dict[str, list[str]] = {
         "encode_head",
         "encode_header",
         "make_hello",
+        "originate",
         "parse_prefix",
         "payload_size",
     ],

@@ -88,6 +88,7 @@ from flare_async.wire import (
     StreamData,
     StreamEnd,
     StreamOpen,
+    originate,
 )
 
 _DEFAULT: Final = object()
@@ -836,13 +837,12 @@ class Cell(StreamingMixin):
         of which at most ``_MAX_ANSWER_TASKS`` run at once (a peer that stops reading must not
         make the cell pile up tasks: beyond that, reports are dropped and counted)."""
         self._errors_returned += 1
-        err = Error(
-            id=next(self._ids),
-            src=self.name,
-            dst=dst,
-            route=[self.name],
+        err = originate(
+            Error,
+            next(self._ids),
+            self.name,
+            dst,
             budget=budget,
-            headers={},
             corr=corr,
             status=int(status),
             message=message,
@@ -1000,11 +1000,11 @@ class Cell(StreamingMixin):
             raise DeadlineExceeded(f"request to {dst} has no time left (timeout {budget})")
         msg_id = next(self._ids)
         hdrs = dict(headers) if headers is not None else dict(body.headers)
-        header = Request(
-            id=msg_id,
-            src=self.name,
-            dst=dst,
-            route=[self.name],
+        header = originate(
+            Request,
+            msg_id,
+            self.name,
+            dst,
             budget=budget,
             headers=hdrs,
             channel=channel,
@@ -1058,11 +1058,11 @@ class Cell(StreamingMixin):
         body = as_payload(payload)
         budget = self._timeout(timeout)
         hdrs = dict(headers) if headers is not None else dict(body.headers)
-        header = Event(
-            id=next(self._ids),
-            src=self.name,
-            dst=dst,
-            route=[self.name],
+        header = originate(
+            Event,
+            next(self._ids),
+            self.name,
+            dst,
             budget=budget,
             headers=hdrs,
             channel=channel,

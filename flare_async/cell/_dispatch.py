@@ -27,7 +27,7 @@ from flare_async.errors import (
     Unauthorized,
     status_for_error,
 )
-from flare_async.wire import Error, Event, Frame, Reply, Request
+from flare_async.wire import Error, Event, Frame, Reply, Request, originate
 
 if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
@@ -167,11 +167,11 @@ class Workers:
                 status = Status.INTERNAL
                 message = f"internal error in {cell.name}: bad reply type (ref {ref})"
             else:
-                reply = Reply(
-                    id=next(cell._ids),
-                    src=cell.name,
-                    dst=h.src,
-                    route=[cell.name],
+                reply = originate(
+                    Reply,
+                    next(cell._ids),
+                    cell.name,
+                    h.src,
                     budget=budget,
                     headers=dict(body.headers),
                     corr=h.id,
@@ -180,13 +180,12 @@ class Workers:
                 expires = None if budget is None else job.deadline
                 await cell._send_answer(cell._seal(Frame(reply, body.parts, expires)))
                 return
-        err = Error(
-            id=next(cell._ids),
-            src=cell.name,
-            dst=h.src,
-            route=[cell.name],
+        err = originate(
+            Error,
+            next(cell._ids),
+            cell.name,
+            h.src,
             budget=budget,
-            headers={},
             corr=h.id,
             status=int(status),
             message=message,

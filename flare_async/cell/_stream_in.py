@@ -58,6 +58,7 @@ from flare_async.wire import (
     StreamDone,
     StreamEnd,
     StreamOpen,
+    originate,
 )
 
 FANOUT_CHANNEL = "sys"
@@ -304,13 +305,11 @@ class IncomingStream:
         if resend:
             flow.resend_asked = True
         return Frame(
-            StreamAck(
-                id=msg_id,
-                src=hub_name,
-                dst=self.src,
-                route=[hub_name],
-                budget=None,
-                headers={},
+            originate(
+                StreamAck,
+                msg_id,
+                hub_name,
+                self.src,
                 sid=self.sid,
                 committed=flow.committed,
                 limit=flow.acked(),
@@ -496,12 +495,11 @@ class StreamHub:
                 self.abort(stream, *handler_failure(cell, exc, h.channel, h.topic, h.src))
                 return
             done = Frame(
-                StreamDone(
-                    id=self._id(),
-                    src=cell.name,
-                    dst=stream.src,
-                    route=[cell.name],
-                    budget=None,
+                originate(
+                    StreamDone,
+                    self._id(),
+                    cell.name,
+                    stream.src,
                     headers=dict(body.headers),
                     sid=stream.sid,
                     sha256=stream.sha256 if stream.finished else "",
@@ -543,13 +541,11 @@ class StreamHub:
 
     def _abort_to(self, dst: str, sender: str, sid: int, status: Status, message: str) -> Frame:
         name = self.cell.name
-        abort = StreamAbort(
-            id=self._id(),
-            src=name,
-            dst=dst,
-            route=[name],
-            budget=None,
-            headers={},
+        abort = originate(
+            StreamAbort,
+            self._id(),
+            name,
+            dst,
             sid=sid,
             status=int(status),
             message=message,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -36,16 +36,20 @@ from flare_async.errors import (
 from flare_async.streaming import ChunkLog, Digest, Progress, ProgressMeter, SenderFlow
 from flare_async.wire import (
     Frame,
+    Routed,
     StreamAbort,
     StreamAck,
     StreamData,
     StreamDone,
     StreamEnd,
     StreamOpen,
+    originate,
 )
 
 if TYPE_CHECKING:
     from flare_async.cell._cell import Cell
+
+R = TypeVar("R", bound=Routed)
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -229,19 +233,18 @@ class StreamSender:
         self.wake()
 
     # ------------------------------------------------------------------ the pump
-    def _routed(
-        self, headers: dict[str, str] | None = None
-    ) -> tuple[int, str, str, list[str], None, dict[str, str]]:
-        """``id, src, dst, route, budget, headers`` of a new message to the receiver."""
-        name = self.cell.name
-        return next(self.cell._ids), name, self.dst, [name], None, headers or {}
+    def _header(self, kind: type[R], headers: dict[str, str] | None = None, **fields: Any) -> R:
+        """A new message of this stream to the receiver."""
+        cell = self.cell
+        return originate(kind, next(cell._ids), cell.name, self.dst, headers=headers, **fields)
 
     def _open(self, resume: bool) -> Frame:
         o = self.opts
         size = self.log.size
         return Frame(
-            StreamOpen(
-                *self._routed(dict(o.headers)),
+            self._header(
+                StreamOpen,
+                dict(o.headers),
                 channel=o.channel,
                 topic=o.topic,
                 sid=self.sid,
@@ -315,7 +318,7 @@ class StreamSender:
                     if len(data) > flow.credit:
                         await self._wait()
                         continue
-                    header = StreamData(*self._routed(), sid=self.sid, offset=offset, crc=held.crc)
+                    header = self._header(StreamData, sid=self.sid, offset=offset, crc=held.crc)
                     frame = Frame(header, (data,))
                     if await self._send(frame):
                         flow.sent(len(data))
@@ -326,7 +329,7 @@ class StreamSender:
                 if self._end_sent_at != offset:
                     sha = await digest_result()
                     trailer = dict(self.opts.seal(self.dst, sha)) if self.opts.seal else None
-                    end = StreamEnd(*self._routed(trailer), sid=self.sid, size=log.end, sha256=sha)
+                    end = self._header(StreamEnd, trailer, sid=self.sid, size=log.end, sha256=sha)
                     if await self._send(Frame(end)):
                         self._end_sent_at = offset
                     continue
@@ -345,8 +348,8 @@ class StreamSender:
             return  # the receiver ended it
         name = self.cell.name
         why = f"the sender gave up: {error!r}" if error is not None else "the sender gave up"
-        abort = StreamAbort(
-            *self._routed(),
+        abort = self._header(
+            StreamAbort,
             sid=self.sid,
             status=int(Status.STREAM_ABORTED),
             message=why[:500],

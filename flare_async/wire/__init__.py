@@ -34,6 +34,7 @@ from flare_async.wire._envelope import (
     StreamEnd,
     StreamMessage,
     StreamOpen,
+    originate,
 )
 from flare_async.wire._frame import (
     MAGIC,
@@ -103,6 +104,7 @@ __all__ = [
     "encode_head",
     "encode_header",
     "make_hello",
+    "originate",
     "parse_prefix",
     "payload_size",
 ]

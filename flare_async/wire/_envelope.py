@@ -16,6 +16,8 @@ Evolution rules (see msgspec's schema-evolution guide):
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import msgspec
 
 
@@ -38,6 +40,33 @@ class Routed(msgspec.Struct, array_like=True, omit_defaults=False):
     route: list[str]
     budget: float | None
     headers: dict[str, str]
+
+
+R = TypeVar("R", bound=Routed)
+
+
+def originate(
+    kind: type[R],
+    id: int,
+    src: str,
+    dst: str,
+    *,
+    budget: float | None = None,
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> R:
+    """A new message's header as its origin writes it: ``route`` starts with ``src``; no
+    deadline and no extension headers unless given. Relays never make headers: they copy and
+    extend what they received."""
+    return kind(
+        id=id,
+        src=src,
+        dst=dst,
+        route=[src],
+        budget=budget,
+        headers={} if headers is None else headers,
+        **fields,
+    )
 
 
 class Request(Routed, tag=1):
