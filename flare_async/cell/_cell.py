@@ -623,6 +623,16 @@ class Cell(StreamingMixin):
         self._drop_peer(peer, LinkBroken(why))
         peer.serving.cancel()
 
+    async def _pong(self, peer: Peer, pong: Frame) -> None:
+        try:
+            with (
+                anyio.move_on_after(self.dead_after),
+                contextlib.suppress(TransportError, ProtocolError),
+            ):
+                await peer.link.send(pong)
+        finally:
+            peer.ponging = False
+
     async def _ping(self, peer: Peer, seq: int, within: float) -> None:
         with anyio.move_on_after(within), contextlib.suppress(TransportError, ProtocolError):
             await peer.link.send(Frame(Ping(seq=seq)))
@@ -657,7 +667,11 @@ class Cell(StreamingMixin):
             else:
                 await self._forward(frame, peer.link)
         elif isinstance(h, Ping):
-            await peer.send(Frame(Pong(seq=h.seq)))
+            # Never waits: a link that does not drain must not stop its own reader. One pong at
+            # most waits for room per link; pings meanwhile go unanswered (that one will do).
+            pong = Frame(Pong(seq=h.seq))
+            if not peer.link.try_send(pong) and not peer.ponging:
+                peer.ponging = self._spawn(self._pong, peer, pong)
         elif isinstance(h, Bye):
             cls = _Displaced if h.reason.startswith(DISPLACED) else LinkClosed
             peer.orderly = True

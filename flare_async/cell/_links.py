@@ -55,6 +55,7 @@ class Peer:
         "link",
         "name",
         "orderly",
+        "ponging",
         "role",
         "serving",
         "session",
@@ -69,6 +70,8 @@ class Peer:
         self.inflight: dict[tuple[str, int], Forwarded] = {}
         self.dead: str | None = None
         self.serving = anyio.CancelScope()
+        self.ponging = False
+        """A pong waits for room on the link (see ``Cell._on_frame``)."""
         self.orderly = False
         """A goodbye was said on the link (by either side): its end is a close, not a break."""
 
