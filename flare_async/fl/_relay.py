@@ -14,12 +14,12 @@ result equals flat FedAvg (partial sums travel in the accumulator's dtype, lossl
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import numpy as np
 
 from flare_async._memory import return_large_blocks
@@ -27,7 +27,7 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
 from flare_async.fl._model import FLModel, ParamsType, model_parts
-from flare_async.fl._results import Collector, arm_relays_below, receive_result
+from flare_async.fl._results import Collector, RelayPlan, arm_relays_below, receive_result
 from flare_async.fl._secure import VECTOR, masked_vector
 from flare_async.fl._signed import CHANNEL, stream_signed
 from flare_async.security import SignatureVerifier, Signer
@@ -66,27 +66,21 @@ class RelayAggregator:
         @table.request(CHANNEL, "expect")
         async def expect(ctx: Context, msg: Payload) -> bytes:
             try:
-                plan = json.loads(msg.tobytes())
-                task, sites, deadline = (
-                    str(plan["task"]),
-                    list(plan["sites"]),
-                    float(plan["deadline"]),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
+                plan = msgspec.json.decode(msg.tobytes(), type=RelayPlan)
+            except (msgspec.DecodeError, ValueError) as exc:
                 raise BadRequest(f"bad expect: {exc}") from None
+            task, sites, deadline = plan.task, plan.sites, plan.deadline
             me = self.cell.name
             if not me.startswith(ctx.src + "."):
                 raise Unauthorized(f"only a cell above {me} arms it, not {ctx.src}")
-            if not sites or any(not str(s).startswith(me + ".") for s in sites):
+            if not sites or any(not s.startswith(me + ".") for s in sites):
                 raise BadRequest(f"{me} aggregates only for cells below it")
-            secure = str(plan.get("secure", ""))
-            masked = MaskedSum(secure) if secure else None
-            collector = Collector(task, 0, [str(s) for s in sites], masked.add if masked else None)
+            masked = MaskedSum(plan.secure) if plan.secure else None
+            collector = Collector(task, 0, sites, masked.add if masked else None)
             self._masked[task] = masked
             self._open[task] = collector
             # Well within the 10 s the cell above gives this relay to answer.
-            below = {**plan, "deadline": 0.9 * deadline}
-            await arm_relays_below(self.cell, collector, list(collector.pending), below, 5)
+            await arm_relays_below(self.cell, collector, list(collector.pending), plan.below(), 5)
             self.cell._spawn(self._collect, collector, deadline, ctx.src, name=f"fl relay {task}")
             return b"armed"
 

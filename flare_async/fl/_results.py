@@ -5,7 +5,6 @@ stream, in memory or through a spill file, with its signature checked and its se
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import mmap
 import secrets
@@ -18,6 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import msgspec
 import numpy as np
 
 from flare_async.cell import Cell, IncomingStream
@@ -298,6 +298,28 @@ def _dropper(mapped: mmap.mmap) -> Folded:
     return drop
 
 
+class RelayPlan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a cell tells a relay directly below it before a task (``fl/expect``, JSON): the
+    task, the sites under the relay that answer it, the seconds the relay has to send its
+    partial sum up, and (a secure round) the secure-aggregation session."""
+
+    task: str
+    deadline: float
+    sites: list[str] = msgspec.field(default_factory=list)
+    secure: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.deadline) and 0 < self.deadline <= MAX_PLAN_DEADLINE):
+            raise ValueError(f"a relay's deadline must be within (0, {MAX_PLAN_DEADLINE:g}] s")
+
+    def below(self) -> RelayPlan:
+        """The plan for the relays below this one: a little less time, to fold and send up."""
+        return msgspec.structs.replace(self, deadline=0.9 * self.deadline)
+
+
+MAX_PLAN_DEADLINE = 7 * 86400.0
+
+
 def child_on_path(cell: str, site: str) -> str | None:
     """The relay directly below ``cell`` on the way to ``site``; None if ``site`` is ``cell``'s
     own child (or not below it)."""
@@ -308,7 +330,7 @@ def child_on_path(cell: str, site: str) -> str | None:
 
 
 async def arm_relays_below(
-    cell: Cell, collector: Collector, sites: Sequence[str], plan: dict[str, Any], timeout: float
+    cell: Cell, collector: Collector, sites: Sequence[str], plan: RelayPlan, timeout: float
 ) -> None:
     """Tell each relay directly below ``cell`` which of ``sites`` under it answer the task
     (``fl/expect``: ``plan`` plus its share of the sites), all at once; only they may then send
@@ -322,7 +344,7 @@ async def arm_relays_below(
 
     async def arm(relay: str, share: list[str]) -> None:
         collector.relays[relay] = set(share)
-        body = json.dumps({**plan, "sites": share}).encode()
+        body = msgspec.json.encode(msgspec.structs.replace(plan, sites=share))
         try:
             await cell.request(relay, CHANNEL, "expect", body, timeout=timeout)
         except FlareError as exc:
@@ -340,6 +362,7 @@ __all__ = [
     "SPILL_AT",
     "Collector",
     "RoundFailed",
+    "RelayPlan",
     "RoundResult",
     "arm_relays_below",
     "child_on_path",

@@ -41,6 +41,7 @@ from flare_async.errors import BadRequest, FlareError, IntegrityError, StreamErr
 from flare_async.fl._model import FLModel, model_parts
 from flare_async.fl._results import (
     Collector,
+    RelayPlan,
     RoundFailed,
     RoundResult,
     arm_relays_below,
@@ -379,7 +380,7 @@ class FLServer:
         arms the relays below it the same way, so every tier folds, and this cell gets one
         partial sum per relay directly below it. In a secure round (``secure``: the session),
         relays add up masked vectors instead."""
-        plan = {"task": task_id, "deadline": 0.9 * deadline, "secure": secure}
+        plan = RelayPlan(task=task_id, deadline=0.9 * deadline, secure=secure)
         await arm_relays_below(self.cell, collector, targets, plan, timeout=10)
 
     async def _deliver(
