@@ -155,6 +155,7 @@ def hanging_table(arrived: list[str], got: anyio.Event, release: anyio.Event) ->
     return table
 
 
+@pytest.mark.slow  # real sockets and real heartbeats, 12 cases
 @pytest.mark.parametrize(("transport", "loop"), CASES, ids=[f"{t}-{b}" for t, b in CASES])
 async def test_a_dead_link_is_dropped_and_its_requests_fail_while_the_network_is_still_cut(
     transport: str, pki: Pki

@@ -35,6 +35,7 @@ def send(kits: Path, file: Path, *extra: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.slow  # a deployment: server, site and sender as processes
 def test_send_streams_a_file_into_an_inbox(tmp_path: Path) -> None:
     (port,) = free_ports(1)
     project = tmp_path / "project.toml"

@@ -75,6 +75,7 @@ async def test_hello_numpy_runs_in_the_simulator(threads: bool) -> None:
     assert steps == [(s, r) for s in ("server.site-1", "server.site-2") for r in range(3)]
 
 
+@pytest.mark.slow  # trains a torch model
 async def test_hello_pt_trains_in_the_simulator() -> None:
     final, tracked = await run(recipes.hello_pt())
     history = final.meta["history"]
@@ -85,6 +86,7 @@ async def test_hello_pt_trains_in_the_simulator() -> None:
     assert all(isinstance(r["value"], float) and r["step"] >= 0 for r in losses)
 
 
+@pytest.mark.slow  # trains a torch model
 async def test_hello_lightning_trains_in_the_simulator() -> None:
     final, _ = await run(recipes.hello_lightning())
     history = final.meta["history"]
@@ -104,6 +106,7 @@ def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         d.stop()
 
 
+@pytest.mark.slow  # a deployment, three jobs
 @pytest.mark.timeout(400)
 def test_the_scripts_run_as_jobs_with_their_metrics_at_the_server(deployment: Deployment) -> None:
     d = deployment

@@ -191,7 +191,8 @@ def crash_on_first(kind: str) -> Any:
     return script
 
 
-@pytest.mark.parametrize("kind", ["crash", "hang"])
+# hang: slow, it waits out a real round deadline
+@pytest.mark.parametrize("kind", ["crash", pytest.param("hang", marks=pytest.mark.slow)])
 async def test_a_round_completes_without_a_failed_client_when_the_minimum_is_met(kind: str) -> None:
     rounds: list[Any] = []
     init = {"w": np.zeros(3)}
@@ -360,6 +361,7 @@ async def test_a_training_process_that_dies_is_a_failed_client(
     assert "training process ended" in rounds[0].failed["server.site-3"]
 
 
+@pytest.mark.slow  # the CLI and its sites as processes
 def test_flare_async_simulate_prints_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

@@ -30,6 +30,7 @@ async def test_quantized_traffic_ends_within_a_point_of_full_precision() -> None
         assert abs(acc - full) <= 0.01, (codec, acc, full)
 
 
+@pytest.mark.slow  # the demo over more rounds
 async def test_nf4_traffic_ends_within_a_point_of_full_precision_over_more_rounds() -> None:
     # 12 rounds, seeds 1-3: NF4 rounded to the nearest code in blocks of 256 (the codec until
     # stochastic rounding) ended 1.3-2 points under full precision (seed 1: 95.8% against

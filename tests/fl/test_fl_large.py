@@ -62,6 +62,7 @@ async def test_large_results_fold_from_spill_files(
     assert not spilled(tmp_path)  # spill files removed
 
 
+@pytest.mark.slow  # site processes, a large upload
 async def test_a_site_that_dies_mid_upload_leaves_the_round_to_the_rest(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

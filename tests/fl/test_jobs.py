@@ -28,7 +28,8 @@ from flare_async.fl._site import SiteJobs
 from flare_async.security import AuditLog, admin_cell_name, verify_audit
 from flare_async.transport import MemoryNetwork
 
-pytestmark = pytest.mark.anyio
+# slow: every site's training process is a real subprocess
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = admin_cell_name("server", "alice@example.org")
 BOB = admin_cell_name("server", "bob@example.org")

@@ -28,7 +28,7 @@ from flare_async.transport import MemoryNetwork
 from tests._fl_scripts import hanging_recipe
 from tests.fl.test_jobs import ROOT, SITES, Events, audit_entries, deployment
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # slow: training processes are real subprocesses
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # a deployment with job and training processes
 async def test_a_jobs_code_runs_in_a_process_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,6 +83,7 @@ async def test_a_jobs_code_runs_in_a_process_of_its_own(
     assert (tmp_path / "jobs" / rec["id"] / "checkpoints" / "last.safetensors").exists()
 
 
+@pytest.mark.slow  # a deployment with job and training processes
 @pytest.mark.parametrize(
     ("recipe", "error"),
     [
@@ -103,6 +105,7 @@ async def test_a_crash_or_error_in_the_job_process_fails_its_job_not_the_server(
         await d.events.wait("job-state", job=nxt["id"], state="finished")
 
 
+@pytest.mark.slow  # a deployment; waits out hang_after
 async def test_a_hung_job_process_is_killed_and_its_job_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -121,6 +124,7 @@ async def test_a_hung_job_process_is_killed_and_its_job_fails(
         assert gone(pid)
 
 
+@pytest.mark.slow  # a deployment with job and training processes
 async def test_aborting_a_job_ends_its_process_whatever_it_is_doing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

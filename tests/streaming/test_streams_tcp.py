@@ -66,6 +66,7 @@ async def test_file_to_file(tmp_path: Path) -> None:
     assert state["path"].read_bytes() == data
 
 
+@pytest.mark.slow  # streams a 4 GiB sparse file over loopback
 async def test_a_sparse_file_past_4_gib(tmp_path: Path) -> None:
     state: dict[str, Any] = {}
     src = tmp_path / "sparse.bin"

@@ -35,7 +35,7 @@ from flare_async.transport import TcpDriver
 from flare_async.wire import Frame, Limits, make_hello
 from tests._procs import Proc
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # slow: every cell an OS process
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = "server.relay-1"
 SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2", f"{RELAY}.site-3"]

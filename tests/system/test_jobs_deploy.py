@@ -27,6 +27,8 @@ from flare_async.security import load_kit, provision
 from flare_async.testing import FaultyDriver, free_ports
 from tests._procs import ROOT, Proc
 
+pytestmark = pytest.mark.slow  # every cell an OS process, driven by the admin CLI
+
 RELAY = "server.relay-1"
 
 

@@ -19,6 +19,8 @@ import pytest
 from flare_async.security import provision
 from tests._procs import ROOT, Proc
 
+pytestmark = pytest.mark.slow  # a deployment across network namespaces, a real cut
+
 RELAY = "server.relay-1"
 SITES = [f"{RELAY}.site-1", f"{RELAY}.site-2"]
 PREFIX = f"fa{os.getpid()}"  # namespaces of this run only

@@ -368,6 +368,7 @@ CASES_PER_EXAMPLE = 10
 EXAMPLES = 1100
 
 
+@pytest.mark.slow  # 11,000 hostile frames from Hypothesis
 def test_hostile_frames_only_raise_protocol_error() -> None:
     hostile = 0
     fed = 0
