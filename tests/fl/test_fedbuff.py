@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -165,12 +166,18 @@ async def test_fedbuff_gives_up_by_name_when_no_client_answers() -> None:
 
 
 async def test_a_result_that_weighs_nothing_is_a_failed_task_not_a_crash() -> None:
+    # The honest site answers only once the weightless one's answer was taken (send returns
+    # when the server has it): otherwise its two updates could end the run first.
+    answered = threading.Event()
+
     def weightless() -> None:
         while (model := flare.receive()) is not None:
             flare.send(FLModel(params=dict(model.params), meta={"num_samples": 0}))
+            answered.set()
 
     def honest() -> None:
         while (model := flare.receive()) is not None:
+            answered.wait(30)
             params = {k: np.asarray(v) + 1 for k, v in model.params.items()}
             flare.send(FLModel(params=params, meta={"num_samples": 1}))
 
