@@ -26,7 +26,8 @@ import numpy as np
 from _report import emit, log, median, parser, run_async
 
 from flare_async.fl import FLModel
-from flare_async.fl._jobproc import CODECS, SOCKET_BUFFER, Channel
+from flare_async.fl._jobchannel import SOCKET_BUFFER, Channel
+from flare_async.fl._jobproc import CODECS
 from flare_async.fl._model import model_from_parts, model_parts
 
 TENSORS = 8

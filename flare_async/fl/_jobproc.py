@@ -34,10 +34,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
+import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,132 +47,32 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import msgspec
 
 from flare_async import _logging
 from flare_async.codecs import CodecRegistry
 from flare_async.errors import ConfigError, DecodeError, FlareError
+from flare_async.fl._jobchannel import (
+    HEAD_MAX,
+    MAX_PARTS,
+    Channel,
+    JobProcessError,
+    Part,
+)
 from flare_async.fl._model import FLModel, model_from_parts, model_parts, wire_format
 from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._secagg import SecAggRangeError
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import FLServer, RoundFailed
 
-HEAD_MAX = 16 * 2**20
-"""Bytes of one frame's header a job process may send."""
-CHUNK = 2**20
-SOCKET_BUFFER = 4 * 2**20
 BEAT = 2.0
 """Seconds between a job process's heartbeats."""
 RESOLVE_TIMEOUT = 60.0
 """Seconds a job's recipe gets to load in its process (at submission and at each start)."""
 TASK_KINDS = ("train", "validate", "submit_model")
+WHY_MAX = 2000
+"""Characters of a job process's own words (its failure) kept in the job's record."""
+MIN_DEADLINE = 0.01
 MAX_DEADLINE = 7 * 86400.0
-
-
-class JobProcessError(FlareError):
-    """A job's own process failed: its recipe or workflow raised (its message starts with the
-    exception's name), it crashed or exited, hung, or sent what the protocol does not allow."""
-
-
-class Channel:
-    """Frames over a connected stream socket (see the module text), read straight into their
-    buffers (``recv_into``) and written from the caller's (no copies). ``max_bytes`` and
-    ``head_max`` bound what is read; ``idle`` bounds each wait for bytes (``JobProcessError``
-    past it)."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        max_bytes: int = 2**62,
-        head_max: int = 2**62,
-        idle: float = math.inf,
-    ) -> None:
-        sock.setblocking(False)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # fewer wake-ups per model
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        self.sock = sock
-        self.max_bytes = max_bytes
-        self.head_max = head_max
-        self.idle = idle
-        self._lock = anyio.Lock()
-
-    async def send(self, head: Mapping[str, Any], parts: Sequence[Any] = ()) -> None:
-        """Send one frame.
-
-        Raises:
-            JobProcessError: the other side is gone.
-        """
-        views = [memoryview(p).cast("B") for p in parts]
-        data = msgspec.msgpack.encode({**head, "sizes": [v.nbytes for v in views]})
-        async with self._lock:
-            await self._send_all(memoryview(len(data).to_bytes(4, "big") + data))
-            for view in views:
-                await self._send_all(view)
-
-    async def _send_all(self, view: memoryview) -> None:
-        sent = 0
-        while sent < view.nbytes:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                sent += self.sock.send(view[sent : sent + CHUNK])
-            except BlockingIOError:
-                await anyio.wait_writable(self.sock)
-            except OSError as exc:
-                raise JobProcessError(f"the other side is gone: {exc}") from None
-
-    async def receive(self) -> tuple[dict[str, Any], list[bytearray]]:
-        """The next frame.
-
-        Raises:
-            JobProcessError: the other side closed, went quiet past ``idle``, or sent a frame
-                the protocol does not allow.
-        """
-        n = int.from_bytes(await self._exactly(4), "big")
-        if n > self.head_max:
-            raise JobProcessError(f"a frame header of {n} bytes (at most {self.head_max})")
-        try:
-            head = msgspec.msgpack.decode(await self._exactly(n))
-        except msgspec.DecodeError as exc:
-            raise JobProcessError(f"a frame header that does not decode: {exc}") from None
-        sizes = head.get("sizes") if isinstance(head, dict) else None
-        if not isinstance(sizes, list) or not all(
-            type(s) is int and 0 <= s <= self.max_bytes for s in sizes
-        ):
-            raise JobProcessError("a frame header without a list of part sizes")
-        if sum(sizes) > self.max_bytes:
-            raise JobProcessError(f"a frame of {sum(sizes)} bytes (at most {self.max_bytes})")
-        return head, [await self._exactly(size) for size in sizes]
-
-    async def _exactly(self, n: int) -> bytearray:
-        out = bytearray(n)
-        view = memoryview(out)
-        got = 0
-        while got < n:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                k = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                with anyio.move_on_after(self.idle) as waited:
-                    await anyio.wait_readable(self.sock)
-                if waited.cancelled_caught:
-                    why = f"the job process sent nothing for {self.idle:g} s"
-                    raise JobProcessError(why) from None
-                continue
-            except OSError:
-                k = 0
-            if k == 0:
-                raise JobProcessError("the job process ended")
-            got += k
-        return out
-
-    async def aclose(self) -> None:
-        if self.sock.fileno() >= 0:
-            anyio.notify_closing(self.sock)
-            self.sock.close()
-        await anyio.lowlevel.checkpoint()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +110,10 @@ class JobFacts:
             if type(getattr(facts, name)) is not kind:
                 why = f"the job process sent a {name} that is not a {kind.__name__}"
                 raise JobProcessError(why)
+        try:
+            CODECS.get(facts.codec)
+        except DecodeError:
+            raise JobProcessError(f"the job process named no codec: {facts.codec[:80]!r}") from None
         return facts
 
 
@@ -252,20 +158,32 @@ class JobProcess:
         argv += [spec, json.dumps(dict(overrides))]
         try:
             with log.open("ab") as out:
+                # A session of its own: what it starts (data loader workers...) ends with it.
                 process = await anyio.open_process(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=out,
                     pass_fds=[theirs.fileno()],
+                    start_new_session=True,
                 )
+        except OSError as exc:
+            ours.close()
+            raise JobProcessError(f"the job process could not start: {exc}") from None
         finally:
             theirs.close()
-        channel = Channel(ours, max_bytes=max_bytes, head_max=HEAD_MAX, idle=resolve_timeout)
+        channel = Channel(
+            ours,
+            max_bytes=max_bytes,
+            head_max=HEAD_MAX,
+            idle=resolve_timeout,
+            max_parts=MAX_PARTS,
+            carry=frozenset({"round"}),
+        )
         try:
             head, _ = await channel.receive()
             if head.get("op") == "failed":
-                raise JobProcessError(str(head.get("why", "")))
+                raise JobProcessError(str(head.get("why", ""))[:WHY_MAX])
             if head.get("op") != "ready":
                 raise JobProcessError(f"the job process began with {head.get('op')!r}")
             channel.idle = hang_after
@@ -307,7 +225,9 @@ class JobProcess:
         tg: anyio.abc.TaskGroup,
         on_checkpoint: Callable[[int], None] | None,
     ) -> dict[str, float] | FlareError:
-        """Read the job process's messages to its end: its metrics, or why it failed."""
+        """Read the job process's messages to its end: its metrics, or why it failed. At most
+        one round per site runs at once; the next waits (and the job process with it)."""
+        rounds = anyio.Semaphore(max(1, len(server.clients)))
         while True:
             try:
                 head, parts = await self.channel.receive()
@@ -315,7 +235,8 @@ class JobProcess:
                 return JobProcessError(f"{exc}{await self._exit_status()}")
             op = head.get("op")
             if op == "round":
-                tg.start_soon(self._round, server, head, parts)
+                await rounds.acquire()
+                tg.start_soon(self._round, server, head, parts, rounds)
             elif op == "checkpoint" and type(head.get("round")) is int:
                 if on_checkpoint is not None:
                     on_checkpoint(head["round"])
@@ -323,12 +244,15 @@ class JobProcess:
                 metrics = _floats(head.get("metrics"), "")
                 return metrics | _floats(head.get("validation"), "validation_")
             elif op == "failed":
-                why = str(head.get("why", ""))[:2000]
+                why = str(head.get("why", ""))[:WHY_MAX]
                 if head.get("kind") == "RoundFailed":
-                    return RoundFailed(why, strings(head.get("failed")))
-                return JobProcessError(f"{head.get('kind', 'Error')}: {why}")
+                    failed = strings(head.get("failed"))
+                    return RoundFailed(
+                        why, {k: v[:WHY_MAX] for k, v in failed.items() if k in server.clients}
+                    )
+                return JobProcessError(f"{str(head.get('kind', 'Error'))[:80]}: {why}")
             elif op != "beat":
-                return JobProcessError(f"the job process sent an unknown message {op!r}")
+                return JobProcessError(f"the job process sent an unknown message {op!r:.80}")
 
     async def _exit_status(self) -> str:
         """`` (exit N)`` once the process has ended (waiting a moment for it), else nothing."""
@@ -337,13 +261,28 @@ class JobProcess:
         code = self.process.returncode
         return "" if code is None else f" (exit {code})"
 
-    async def _round(self, server: FLServer, head: dict[str, Any], parts: list[bytearray]) -> None:
-        rid = head.get("id")
+    async def _round(
+        self,
+        server: FLServer,
+        head: dict[str, Any],
+        parts: list[Part],
+        rounds: anyio.Semaphore,
+    ) -> None:
         try:
-            model, targets, kw = _round_request(server, head, parts)
-            server.params_format = wire_format(parts)
+            await self._one_round(server, head, parts)
+        finally:
+            rounds.release()
+
+    async def _one_round(self, server: FLServer, head: dict[str, Any], parts: list[Part]) -> None:
+        rid = head.get("id")
+        views = [memoryview(p) for p in parts]
+        try:
+            model, targets, kw = _round_request(server, head, views)
+            server.params_format = wire_format(views)
             result = await server.run_round(model, targets, **kw)
-        except (RoundFailed, SecAggRangeError, JobProcessError) as exc:
+        except Exception as exc:  # any failure of the round is the job's to hear, by name
+            if not isinstance(exc, RoundFailed | SecAggRangeError | JobProcessError):
+                self._log.warning("a round of the job process failed", exc_info=exc)
             failed = exc.failed if isinstance(exc, RoundFailed) else {}
             kind = type(exc).__name__
             await self._answer(
@@ -365,26 +304,38 @@ class JobProcess:
         await self._answer(head, model_parts(out, CODECS) if out is not None else ())
 
     async def _answer(self, head: dict[str, Any], parts: Sequence[Any] = ()) -> None:
-        """Answer a round; a job process gone meanwhile is the reading's to report."""
-        with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await self.channel.send(head, parts)
+        """Answer a round. A job process gone meanwhile is the reading's to report; one that
+        does not take its answer within ``hang_after`` is hung: the channel closes, and the
+        reading fails the job."""
+        with anyio.move_on_after(self.channel.idle) as waited:
+            with contextlib.suppress(JobProcessError):
+                await self.channel.send(head, parts)
+        if waited.cancelled_caught:
+            await self.channel.aclose()
 
 
 def _round_request(
-    server: FLServer, head: Mapping[str, Any], parts: list[bytearray]
+    server: FLServer, head: Mapping[str, Any], parts: list[memoryview]
 ) -> tuple[FLModel, list[str], dict[str, Any]]:
     """A job process's round, checked: its own sites, numbers in range, a model that decodes."""
     targets, need = head.get("targets"), head.get("min_responses")
     deadline: Any = head.get("deadline")
-    if not isinstance(targets, list) or not targets or len(set(targets)) != len(targets):
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(type(t) is str for t in targets)
+        or len(set(targets)) != len(targets)
+    ):
         raise JobProcessError("a round's targets must be a list of distinct sites")
     strangers = sorted(str(t) for t in targets if t not in server.clients)
     if strangers:
         raise JobProcessError(f"a round may only go to the job's sites, not {strangers[:5]}")
     if need is not None and not (type(need) is int and 0 <= need <= len(targets)):
         raise JobProcessError(f"min_responses {need!r} is not a count of the round's targets")
-    if type(deadline) not in (int, float) or not 0 < deadline <= MAX_DEADLINE:
-        raise JobProcessError(f"a round's deadline must be within (0, {MAX_DEADLINE:g}] s")
+    if type(deadline) not in (int, float) or not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
+        raise JobProcessError(
+            f"a round's deadline must be within [{MIN_DEADLINE:g}, {MAX_DEADLINE:g}] s"
+        )
     if head.get("task", "train") not in TASK_KINDS:
         raise JobProcessError(f"a round's task must be one of {TASK_KINDS}")
     try:
@@ -399,12 +350,13 @@ def _round_request(
 
 
 async def _end(process: anyio.abc.Process, channel: Channel) -> None:
-    """Close the channel, give the process a moment to exit by itself, then kill it."""
+    """Close the channel, give the process a moment to exit by itself, then kill it and
+    whatever it started (its session's process group)."""
     await channel.aclose()
     with anyio.move_on_after(5):
         await process.wait()
-    if process.returncode is None:
-        process.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
     await process.wait()
     with contextlib.suppress(OSError, anyio.ClosedResourceError):
         await process.aclose()
@@ -439,25 +391,34 @@ async def check_recipe(
     """
     timeout = RESOLVE_TIMEOUT if timeout is None else timeout
     argv = [sys.executable, "-m", "flare_async.fl.job_process", "check", spec]
-    with anyio.move_on_after(timeout) as waited:
-        done = await anyio.run_process(
-            [*argv, json.dumps(dict(overrides or {}))], check=False, stdin=subprocess.DEVNULL
-        )
+    argv.append(json.dumps(dict(overrides or {})))
+    with tempfile.TemporaryFile() as err:  # whatever it prints: on disk, not in the server
+        try:
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ConfigError(f"the recipe {spec} could not be checked: {exc}") from None
+        with anyio.move_on_after(timeout) as waited:
+            await process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+            await process.aclose()
+        err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
+        tail = err.read().decode(errors="replace")
     if waited.cancelled_caught:
         raise ConfigError(f"the recipe {spec} did not load within {timeout:g} s")
-    if done.returncode != 0:
-        words = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:500]
+    if process.returncode != 0:
+        words = (tail.strip().splitlines() or [""])[-1][:500]
         if words.startswith("ConfigError: "):
             raise ConfigError(words.removeprefix("ConfigError: "))
-        raise ConfigError(f"the recipe {spec} does not load (exit {done.returncode}): {words}")
+        raise ConfigError(f"the recipe {spec} does not load (exit {process.returncode}): {words}")
 
 
-__all__ = [
-    "CODECS",
-    "Channel",
-    "JobFacts",
-    "JobProcess",
-    "JobProcessError",
-    "check_recipe",
-    "strings",
-]
+__all__ = ["BEAT", "CODECS", "JobFacts", "JobProcess", "check_recipe", "strings"]

@@ -47,7 +47,8 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._admin import JobRef, Logs, Metrics, Submit, decode_as
-from flare_async.fl._jobproc import JobFacts, JobProcess, JobProcessError, check_recipe
+from flare_async.fl._jobchannel import JobProcessError
+from flare_async.fl._jobproc import JobFacts, JobProcess, check_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (

@@ -22,10 +22,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 
 from flare_async.errors import ConfigError
 from flare_async.fl._aggregate import WeightedSum
-from flare_async.fl._jobproc import BEAT, CODECS, Channel, JobFacts, JobProcessError, strings
+from flare_async.fl._jobchannel import Channel, JobProcessError
+from flare_async.fl._jobproc import BEAT, CODECS, JobFacts, strings
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
 from flare_async.fl._recipe import FedAvgRecipe, apply_overrides, load_recipe
 from flare_async.fl._results import RoundResult
@@ -44,8 +46,15 @@ class RemoteRounds:
         self.job = job
         self.params_format: str | None = None
         self.rng = random.Random()
-        self._waiting: dict[int, anyio.abc.ObjectSendStream[tuple[dict[str, Any], list[Any]]]] = {}
+        self._waiting: dict[int, MemoryObjectSendStream[tuple[dict[str, Any], list[Any]]]] = {}
         self._ids = 0
+        self.saved: list[int] = []
+        """Rounds checkpointed and not yet told to the server (:meth:`flush`)."""
+
+    async def flush(self) -> None:
+        """Tell the server of the checkpoints written since last time."""
+        while self.saved:
+            await self.channel.send({"op": "checkpoint", "round": self.saved.pop(0)})
 
     def sample(self, fraction: float = 1.0, minimum: int = 1) -> list[str]:
         return sample(self.clients, self.rng, fraction, minimum)
@@ -80,6 +89,7 @@ class RemoteRounds:
             "secure": dataclasses.asdict(secure) if secure is not None else None,
         }
         try:
+            await self.flush()
             parts = model_parts(model, CODECS, params_format=self.params_format)
             await self.channel.send(head, parts)
             del parts
@@ -114,8 +124,9 @@ class RemoteRounds:
             while True:
                 head, parts = await self.channel.receive()
                 waiter = self._waiting.get(head.get("id", -1))
-                if waiter is not None:
-                    await waiter.send((head, parts))
+                if waiter is not None:  # gone meanwhile: that round was given up
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.WouldBlock):
+                        waiter.send_nowait((head, parts))
 
     async def _beat(self) -> None:
         while True:
@@ -137,12 +148,12 @@ async def child_main(fd: int, spec: str, overrides: Mapping[str, Any]) -> int:
     rounds = RemoteRounds(channel, head["clients"], head["job"])
     async with anyio.create_task_group() as tg:
         tg.start_soon(rounds.serve)
-        outcome = await _workflow(recipe, rounds, head["checkpoints"], tg)
+        outcome = await _workflow(recipe, rounds, head["checkpoints"])
         tg.cancel_scope.cancel()
     if isinstance(outcome, Exception):  # the job's failure, told to the server whatever it was
         failed = outcome.failed if isinstance(outcome, RoundFailed) else {}
         kind, why = type(outcome).__name__, str(outcome)
-        with contextlib.suppress(OSError, anyio.BrokenResourceError):
+        with contextlib.suppress(JobProcessError):
             await channel.send({"op": "failed", "kind": kind, "why": why, "failed": failed})
         traceback.print_exception(outcome)  # into the job's log
         return 1
@@ -151,15 +162,13 @@ async def child_main(fd: int, spec: str, overrides: Mapping[str, Any]) -> int:
 
 
 async def _workflow(
-    recipe: FedAvgRecipe, rounds: RemoteRounds, checkpoints: str, tg: anyio.abc.TaskGroup
+    recipe: FedAvgRecipe, rounds: RemoteRounds, checkpoints: str
 ) -> dict[str, Any] | Exception:
     """Run the recipe: the ``done`` message, or what it raised."""
 
-    def saved(rnd: int) -> None:
-        tg.start_soon(rounds.channel.send, {"op": "checkpoint", "round": rnd})
-
     try:
-        final = await recipe.run(rounds, checkpoints=checkpoints, on_checkpoint=saved)
+        final = await recipe.run(rounds, checkpoints=checkpoints, on_checkpoint=rounds.saved.append)
+        await rounds.flush()  # the last round's, before "done"
         history = final.meta.get("history") or [{}]
         return {
             "op": "done",

@@ -27,7 +27,7 @@ def flip_one_byte(frame: Frame) -> Frame:
             damaged = bytearray(part)
             damaged[len(damaged) // 2] ^= 0xFF
             parts[i] = bytes(damaged)
-            return Frame(frame.header, tuple(parts))
+            return Frame(frame.header, tuple(parts), frame.expires)
     return frame
 
 
@@ -62,7 +62,9 @@ class _FaultyLink(Link):
 
     def _filter(self, frame: Frame) -> Frame:
         if self._rewrite is not None:
+            expires = frame.expires
             frame = self._rewrite(frame)
+            frame.expires = expires if frame.expires is None else frame.expires
         if self._corrupt(frame):
             self.damaged += 1
             return flip_one_byte(frame)

@@ -125,6 +125,10 @@ def listening_socket(family: int, addr: Any, backlog: int) -> socket.socket:
 class Link(abc.ABC):
     """One bidirectional frame link between two cells.
 
+    A link encodes the header it writes as ``frame.stamp(anyio.current_time())`` at the moment
+    it writes it (after any wait for the link), never ``frame.header`` as it was handed over:
+    a frame with a deadline (``frame.expires``) carries what is left of it on the wire.
+
     Attributes:
         local_address: this end's address, as the driver names it.
         peer_address: the other end's address, as the driver names it.

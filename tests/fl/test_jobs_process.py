@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import resource
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ import pytest
 from flare_async.cell import Cell
 from flare_async.codecs import CodecRegistry
 from flare_async.fl import FLModel
-from flare_async.fl._jobproc import HEAD_MAX, Channel, JobFacts, JobProcess, JobProcessError
+from flare_async.fl._jobchannel import HEAD_MAX, MAX_PARTS, Channel, JobProcessError
+from flare_async.fl._jobproc import JobFacts, JobProcess
 from flare_async.fl._model import model_parts
 from flare_async.fl._server import FLServer
 from tests.fl.test_jobs import SITES, deployment
@@ -81,6 +83,9 @@ async def test_a_jobs_code_runs_in_a_process_of_its_own(
     assert status["metrics"]["validation_mean"] == pytest.approx(10 / 3)
     assert (tmp_path / "jobs" / rec["id"] / "job_process.log").exists()
     assert (tmp_path / "jobs" / rec["id"] / "checkpoints" / "last.safetensors").exists()
+    # Every round's checkpoint is told, the last one too (it used to be lost at the end).
+    told = [f["round"] for e, f in d.events.seen if e == "job-checkpoint" and f["job"] == rec["id"]]
+    assert told == [0, 1]
 
 
 @pytest.mark.slow  # a deployment with job and training processes
@@ -152,7 +157,14 @@ async def hostile_child(
     speak for a job's code that writes to it directly."""
     ours, theirs = socket.socketpair()
     process = await anyio.open_process([sys.executable, "-c", "import time; time.sleep(60)"])
-    server_end = Channel(ours, max_bytes=max_bytes, head_max=HEAD_MAX, idle=10)
+    server_end = Channel(
+        ours,
+        max_bytes=max_bytes,
+        head_max=HEAD_MAX,
+        idle=10,
+        max_parts=MAX_PARTS,
+        carry=frozenset({"round"}),
+    )
     job_end = Channel(theirs)
     try:
         server = FLServer(Cell("server"), ["server.site-1", "server.site-2"], job="j")
@@ -188,6 +200,8 @@ def task(**head: Any) -> tuple[dict[str, Any], list[Any]]:
         ({"min_responses": 2}, "not a count"),
         ({"min_responses": True}, "not a count"),
         ({"task": "rm -rf"}, "task must be one of"),
+        ({"targets": [["server.site-1"]]}, "list of distinct sites"),
+        ({"deadline": 5e-324}, "deadline must be within"),
         ({"secure": {"clip": -1.0}}, "SecAggRangeError"),
         ({"secure": {"bits": 16}}, "SecAggRangeError"),
         ({"secure": {"max_weight": 2.0**60}}, "SecAggRangeError"),
@@ -202,7 +216,9 @@ async def test_the_server_refuses_a_round_outside_the_jobs_bounds(
     async with hostile_child() as (proc, job_end, server):
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(proc._round, server, *await _through(job_end, proc, *task(**head)))
+                tg.start_soon(
+                    proc._one_round, server, *await _through(job_end, proc, *task(**head))
+                )
                 answer, _ = await job_end.receive()
         assert answer["op"] == "error"
         if why == "SecAggRangeError":  # a range that does not hold is refused by its own name
@@ -227,7 +243,7 @@ async def test_a_round_whose_model_does_not_decode_is_refused() -> None:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 got = await _through(job_end, proc, head, [b"\xff" * 64])
-                tg.start_soon(proc._round, server, *got)
+                tg.start_soon(proc._one_round, server, *got)
                 answer, _ = await job_end.receive()
         assert answer["kind"] == "JobProcessError"
         assert "does not decode" in answer["why"]
@@ -249,6 +265,10 @@ def framed(head: Any) -> bytes:
         (framed({"op": "round", "sizes": [-1]}), "list of part sizes"),
         (framed({"op": "round", "sizes": [1.5]}), "list of part sizes"),
         (framed({"op": "round", "sizes": [2**19, 2**19, 1]}), "a frame of"),
+        (framed({"op": "round", "sizes": [0] * (MAX_PARTS + 1)}), r"part sizes \(at most 100000\)"),
+        (framed({"op": "beat", "sizes": [1]}), "'beat' frame with parts"),
+        (framed({"op": "checkpoint", "round": 1, "sizes": [8]}), "frame with parts"),
+        (b"\x00\x00\x10\x00" + b"\x91" * 4096, "does not decode"),  # nested 4,096 deep
     ],
 )
 async def test_a_frame_beyond_the_protocol_is_refused_from_its_header(raw: bytes, why: str) -> None:
@@ -291,3 +311,20 @@ def test_job_facts_refuse_what_is_not_a_recipe_s() -> None:
             JobFacts.checked({**good, field: bad})
     with pytest.raises(JobProcessError, match="wrongly"):
         JobFacts.checked({k: v for k, v in good.items() if k != "codec"})
+    with pytest.raises(JobProcessError, match="named no codec"):
+        JobFacts.checked({**good, "codec": "rot13"})
+
+
+async def test_a_part_is_committed_as_its_bytes_arrive_not_when_announced() -> None:
+    """A header announcing 2 GiB and nothing after it costs the server no memory: the part is
+    an anonymous mapping whose pages are committed as bytes arrive (before: a zero-filled
+    2 GiB buffer, at once)."""
+    async with hostile_child(max_bytes=2**40) as (proc, job_end, _server):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        await job_end._send_all(memoryview(framed({"op": "round", "sizes": [2 << 30]})))
+        await job_end._send_all(memoryview(b"x" * 4096))
+        await job_end.aclose()
+        with anyio.fail_after(10), pytest.raises(JobProcessError, match="ended"):
+            await proc.channel.receive()
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 256 * 1024, grown_kib
