@@ -29,6 +29,15 @@ Part = bytearray | mmap.mmap
 SOCKET_BUFFER = 4 * 2**20
 
 
+def _lazy(n: int) -> mmap.mmap:
+    """``n`` zero bytes whose pages are committed as they are written (huge pages where the
+    kernel offers them: far fewer faults than 4 KiB pages)."""
+    area = mmap.mmap(-1, n)
+    with contextlib.suppress(AttributeError, OSError):
+        area.madvise(mmap.MADV_HUGEPAGE)
+    return area
+
+
 class JobProcessError(FlareError):
     """A job's own process failed: its recipe or workflow raised (its message starts with the
     exception's name), it crashed or exited, hung, or sent what the protocol does not allow."""
@@ -136,7 +145,7 @@ class Channel:
     async def _exactly(self, n: int) -> Part:
         # A large part is an anonymous mapping: its pages are committed as bytes arrive, not
         # when the header announces them (a header is only a promise).
-        out: Part = mmap.mmap(-1, n) if n >= LAZY_AT else bytearray(n)
+        out: Part = _lazy(n) if n >= LAZY_AT else bytearray(n)
         view = memoryview(out)
         got = 0
         while got < n:
