@@ -398,7 +398,9 @@ class StreamHub:
             self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
         dispatch = self.cell._dispatch
-        assert dispatch is not None  # frames are delivered only to a running cell
+        if dispatch is None:  # not started: nothing is mounted yet
+            self._abort_to(h.src, h.src, h.sid, Status.NO_HANDLER, "no handlers yet")
+            return
         fn = dispatch.admit(
             Kind.STREAM, h.src, h.channel, h.topic, accept=self.cell.accept, me=self.cell.name
         )
