@@ -125,7 +125,7 @@ def listening_socket(family: int, addr: Any, backlog: int) -> socket.socket:
 class Link(abc.ABC):
     """One bidirectional frame link between two cells.
 
-    A link encodes the header it writes as ``frame.stamp(anyio.current_time())`` at the moment
+    A link encodes the header it writes as ``frame.stamp(anyio.current_time)`` at the moment
     it writes it (after any wait for the link), never ``frame.header`` as it was handed over:
     a frame with a deadline (``frame.expires``) carries what is left of it on the wire.
 

@@ -98,7 +98,7 @@ class MemoryLink(Link):
             raise LinkClosed("link was closed by this side")
         if self._tx.broken:
             raise LinkBroken("memory link broke")
-        return encode_head(frame.stamp(current_time()), payload_size(frame.parts), self.peer_limits)
+        return encode_head(frame.stamp(current_time), payload_size(frame.parts), self.peer_limits)
 
     def _send_failed(self) -> TransportError:
         if self._tx.broken:

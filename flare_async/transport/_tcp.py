@@ -237,7 +237,7 @@ class TcpLink(Link):
         body = payload_size(parts)
         if body > _TRY_SEND_MAX:
             return False
-        head = self._conn.head(frame.stamp(anyio.current_time()), body)
+        head = self._conn.head(frame.stamp(anyio.current_time), body)
         total = len(head) + body
         if total > _TRY_SEND_MAX:
             return False  # send() encodes it again; rare (a header of kilobytes)
@@ -299,7 +299,7 @@ class TcpLink(Link):
         async with self._send_lock:
             self._check_usable()
             if frame.expires is not None:  # the budget left now that the link is ours
-                segments[0] = self._conn.head(frame.stamp(anyio.current_time()), frame.payload_len)
+                segments[0] = self._conn.head(frame.stamp(anyio.current_time), frame.payload_len)
             try:
                 if self._tls is not None:
                     await self._send_tls(segments)
@@ -608,7 +608,7 @@ class TcpLink(Link):
             async with self._send_lock:
                 self._check_usable()
                 if frame.expires is not None:  # the budget left now that the link is ours
-                    head = self._conn.head(frame.stamp(anyio.current_time()), size)
+                    head = self._conn.head(frame.stamp(anyio.current_time), size)
                 await self._write_passing([head, *frame.parts], chain, rest)
             self._conn.count_frame(len(head) + size)
             src._passed += 1

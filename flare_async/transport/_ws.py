@@ -253,7 +253,7 @@ class WebSocketLink(Link):
         try:
             self._check_open()
             if frame.expires is not None:  # the budget left now that the link is ours
-                head = encode_head(frame.stamp(anyio.current_time()), size, self.peer_limits)
+                head = encode_head(frame.stamp(anyio.current_time), size, self.peer_limits)
             # The one copy on the sending side: aiohttp sends one bytes-like object per message.
             data = b"".join((head, *parts)) if parts else head
             # aiohttp writes the whole message to the transport synchronously, in the first step

@@ -63,12 +63,12 @@ class Frame:
         self.parts = parts
         self.expires = expires
 
-    def stamp(self, now: float) -> Envelope:
-        """The header with its budget set to what is left at ``now`` (never below 0), for a
-        frame with a deadline; the header as it is otherwise."""
+    def stamp(self, clock: Callable[[], float]) -> Envelope:
+        """The header with its budget set to what is left now (``clock()``, called only for a
+        frame with a deadline; never below 0); the header as it is otherwise."""
         h = self.header
         if self.expires is not None and isinstance(h, Routed):
-            h.budget = max(0.0, self.expires - now)
+            h.budget = max(0.0, self.expires - clock())
         return h
 
     @property
