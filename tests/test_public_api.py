@@ -255,6 +255,7 @@ PINNED: dict[str, list[str]] = {
         "default_codecs",
         "dequantize",
         "dtype_name",
+        "dtype_named",
         "encode",
         "to_torch",
     ],

@@ -20,7 +20,7 @@ from flare_async.codecs._kernels import (
 )
 from flare_async.codecs._quant import QuantCodec, dequantize
 from flare_async.codecs._registry import Codec, CodecRegistry, TensorCodec, default_codecs
-from flare_async.codecs._tensors import as_numpy, decode, dtype_name, encode, to_torch
+from flare_async.codecs._tensors import as_numpy, decode, dtype_name, dtype_named, encode, to_torch
 
 __all__ = [
     "FP4_BOUND",
@@ -38,6 +38,7 @@ __all__ = [
     "default_codecs",
     "dequantize",
     "dtype_name",
+    "dtype_named",
     "encode",
     "to_torch",
 ]

@@ -67,6 +67,18 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
     raise CodecError(f"dtype {dtype} cannot travel as a tensor")
 
 
+def dtype_named(name: str) -> np.dtype[Any]:
+    """The numpy dtype of a safetensors dtype name (``F32``, ``BF16``...).
+
+    Raises:
+        DecodeError: not a name the layout has.
+    """
+    found = _DTYPES.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise DecodeError(f"no tensor dtype is named {name!r:.40}")
+    return found
+
+
 def as_numpy(value: Any) -> np.ndarray:
     """A numpy view of a numpy array or a torch tensor (torch imported only if given one)."""
     if isinstance(value, np.ndarray):

@@ -25,11 +25,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flare_async.codecs import dtype_name, dtype_named
+from flare_async.errors import DecodeError
 from flare_async.fl._model import FLModel, ParamsType
 
 WEIGHT_KEY = "flare.partial_weight"
 COUNT_KEY = "flare.partial_count"
 TENSOR_WEIGHTS_KEY = "flare.partial_tensor_weights"
+DTYPES_KEY = "flare.partial_dtypes"
+"""In a partial sum's meta: the updates' own dtypes where they differ from the accumulator's
+(safetensors names), so the tier above averages back into them."""
 """In a partial sum's meta: ``{name: total weight}`` for the tensors whose total weight is not
 ``WEIGHT_KEY``'s (some of the subtree's updates did not carry them); absent when none is (a
 partial sum without it, from an older relay, weighs every tensor ``WEIGHT_KEY``)."""
@@ -98,8 +103,12 @@ class WeightedSum:
         self.weight += weight
         self.count += 1
 
-    def merge(self, partial: FLModel, on_folded: Folded | None = None) -> None:
-        """Fold a relay's partial sum (see :meth:`partial`) in.
+    def merge(
+        self, partial: FLModel, on_folded: Folded | None = None, *, adopt: bool = False
+    ) -> None:
+        """Fold a relay's partial sum (see :meth:`partial`) in. With ``adopt``, a tensor this
+        sum does not hold yet takes the partial's writable array of the accumulator's dtype as
+        its accumulator, uncopied (the caller gives it up).
 
         Raises:
             RoundMismatch: as :meth:`add`.
@@ -117,7 +126,10 @@ class WeightedSum:
             if name not in partial.params:
                 raise ValueError(f"a partial sum weighs tensor {name!r}, which it does not carry")
             weights[str(name)] = _checked(w, f"partial weight of {name!r}")
-        self._fold(partial.params, weight, partial.params_type, weights, 1.0, on_folded)
+        dtypes = _partial_dtypes(partial)
+        self._fold(
+            partial.params, weight, partial.params_type, weights, 1.0, on_folded, dtypes, adopt
+        )
         self.weight += weight
         self.count += int(partial.meta.get(COUNT_KEY, 1))
 
@@ -129,6 +141,8 @@ class WeightedSum:
         weights: Mapping[str, float] | None,
         scale: float,
         on_folded: Folded | None = None,
+        dtypes: Mapping[str, np.dtype[Any]] | None = None,
+        adopt: bool = False,
     ) -> None:
         if self.params_type is not None and params_type is not self.params_type:
             raise RoundMismatch(f"a {params_type.value} update among {self.params_type.value} ones")
@@ -141,9 +155,13 @@ class WeightedSum:
         for name, a in arrays.items():
             acc = self._sum.get(name)
             if acc is None:
-                self._dtypes[name] = a.dtype
-                acc = self._sum[name] = np.empty(a.shape, self._acc_dtype(a.dtype))
-                _fold_into(acc.reshape(-1), a.reshape(-1), scale, first=True)
+                dtype = self._dtypes[name] = (dtypes or {}).get(name, a.dtype)
+                kind = self._acc_dtype(dtype)
+                if adopt and scale == 1.0 and a.dtype == kind and a.flags.writeable:
+                    self._sum[name] = a
+                else:
+                    acc = self._sum[name] = np.empty(a.shape, kind)
+                    _fold_into(acc.reshape(-1), a.reshape(-1), scale, first=True)
             else:
                 _fold_into(acc.reshape(-1), a.reshape(-1), scale)
             own = weight if weights is None else weights.get(name, weight)
@@ -162,6 +180,9 @@ class WeightedSum:
         own = {n: w for n, w in self._weights.items() if w != self.weight}
         if own:
             meta[TENSOR_WEIGHTS_KEY] = own
+        kept = {n: dtype_name(d) for n, d in self._dtypes.items() if d != self._sum[n].dtype}
+        if kept:
+            meta[DTYPES_KEY] = kept
         return FLModel(
             params=dict(self._sum), params_type=self.params_type or ParamsType.FULL, meta=meta
         )
@@ -230,6 +251,26 @@ def _check_positive(agg: WeightedSum) -> None:
             f"the {agg.count} update(s) to average all weigh 0 (num_samples or "
             f"{NUM_STEPS_KEY}): no weighted mean"
         )
+
+
+def _partial_dtypes(partial: FLModel) -> dict[str, np.dtype[Any]]:
+    """The updates' own dtypes a partial sum names (see :data:`DTYPES_KEY`).
+
+    Raises:
+        ValueError: not a mapping of its tensors to dtype names.
+    """
+    named = partial.meta.get(DTYPES_KEY) or {}
+    if not isinstance(named, Mapping):
+        raise ValueError(f"a partial sum's dtypes are not a mapping: {named!r:.80}")  # noqa: TRY004
+    out = {}
+    for name, value in named.items():
+        if name not in partial.params:
+            raise ValueError(f"a partial sum names the dtype of {name!r:.80}, which it lacks")
+        try:
+            out[str(name)] = dtype_named(value)
+        except DecodeError as exc:
+            raise ValueError(f"a partial sum's dtype of {name!r:.80}: {exc}") from None
+    return out
 
 
 def acc_dtype(dtype: np.dtype[Any]) -> type[np.floating[Any]]:

@@ -106,7 +106,7 @@ class RemoteRounds:
             raise JobProcessError(why)
         total = WeightedSum()
         if parts:
-            total.merge(model_from_parts(parts))
+            total.merge(model_from_parts(parts), adopt=True)  # the received arrays, uncopied
         return RoundResult(
             round=int(answer["round"]),
             sum=total,

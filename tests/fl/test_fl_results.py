@@ -27,6 +27,7 @@ from flare_async.fl import (
     simulate,
 )
 from flare_async.fl._aggregate import (
+    DTYPES_KEY,
     NUM_STEPS_KEY,
     TENSOR_WEIGHTS_KEY,
     WEIGHT_KEY,
@@ -393,3 +394,54 @@ async def test_fedavg_and_the_cyclic_example_keep_dtypes_and_unsent_tensors() ->
             assert out.params[k].dtype == v.dtype, k
         assert np.array_equal(out.params["frozen"], [7, 7])
         assert np.array_equal(out.params["steps"], [visits, visits])
+
+
+def test_a_partial_sum_carries_its_updates_dtypes_up_a_tier() -> None:
+    """A relay's partial of fp16 / int updates keeps its float32 / float64 accumulators on the
+    wire, and names the updates' own dtypes: the tier above averages back into them (before,
+    a tensor new to the global model came out in the accumulator's dtype)."""
+    relay = WeightedSum()
+    relay.add({"h": np.ones(3, np.float16), "i": np.arange(3)}, 1.0, ParamsType.FULL)
+    partial = relay.partial()
+    assert partial.params["h"].dtype == np.float32
+    assert partial.meta[DTYPES_KEY] == {"h": "F16", "i": "I64"}
+    server = WeightedSum()
+    server.merge(partial)
+    assert (server.dtype("h"), server.dtype("i")) == (np.float16, np.int64)
+    out = fedavg_step({}, server)
+    assert (out["h"].dtype, out["i"].dtype) == (np.float16, np.int64)
+    same = WeightedSum()
+    same.add({"w": np.ones(2, np.float32)}, 1.0, ParamsType.FULL)
+    assert DTYPES_KEY not in same.partial().meta  # nothing to say: the old format
+
+
+def test_merge_adopts_the_partials_arrays_only_when_asked() -> None:
+    part = WeightedSum()
+    part.add({"w": np.ones(4, np.float32)}, 2.0, ParamsType.FULL)
+    partial = part.partial()
+    copied, adopted = WeightedSum(), WeightedSum()
+    copied.merge(partial)
+    adopted.merge(partial, adopt=True)
+    assert not np.shares_memory(copied.partial().params["w"], partial.params["w"])
+    assert np.shares_memory(adopted.partial().params["w"], partial.params["w"])
+    assert np.array_equal(fedavg_step({}, copied)["w"], fedavg_step({}, adopted)["w"])
+    frozen = partial.params["w"].copy()
+    frozen.flags.writeable = False
+    readonly = WeightedSum()
+    readonly.merge(FLModel(params={"w": frozen}, meta=partial.meta), adopt=True)
+    assert not np.shares_memory(readonly.partial().params["w"], frozen)
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "why"),
+    [
+        (["F16"], "not a mapping"),
+        ({"x": "F16"}, "which it lacks"),
+        ({"w": "F128"}, "no tensor dtype is named"),
+        ({"w": 7}, "no tensor dtype is named"),
+    ],
+)
+def test_a_partial_sum_with_bad_dtypes_is_refused(dtypes: Any, why: str) -> None:
+    meta = {WEIGHT_KEY: 1.0, DTYPES_KEY: dtypes}
+    with pytest.raises(ValueError, match=why):
+        WeightedSum().merge(FLModel(params={"w": np.ones(2, np.float32)}, meta=meta))
