@@ -443,10 +443,9 @@ class Cell(StreamingMixin):
             with anyio.fail_after(self.handshake_timeout):
                 session = await handshake_acceptor(link, self.name, self._hello, self.verify_peer)
         except (ProtocolError, TransportError, TimeoutError) as exc:
-            reason = "no hello in time" if isinstance(exc, TimeoutError) else str(exc)
-            self.admission.refused[
-                "no hello in time" if isinstance(exc, TimeoutError) else type(exc).__name__
-            ] += 1
+            late = isinstance(exc, TimeoutError)
+            reason = "no hello in time" if late else str(exc)
+            self.admission.refused["no hello in time" if late else type(exc).__name__] += 1
             self._log.warning("link refused", peer=link.peer_address, reason=reason)
             with anyio.CancelScope(shield=True):
                 await link.aclose()
@@ -604,8 +603,9 @@ class Cell(StreamingMixin):
                 elif quiet >= interval:
                     seq += 1
                     with contextlib.suppress(TransportError, ProtocolError):
-                        if not peer.link.try_send(Frame(Ping(seq=seq))):
-                            self._spawn(self._ping, peer, seq, interval)
+                        ping = Frame(Ping(seq=seq))
+                        if not peer.link.try_send(ping):
+                            self._spawn(self._send_within, peer, ping, interval)
 
     def _give_up(self, peer: Peer, why: str) -> None:
         """Drop a link that went silent, now, whatever the network does.
@@ -625,17 +625,15 @@ class Cell(StreamingMixin):
 
     async def _pong(self, peer: Peer, pong: Frame) -> None:
         try:
-            with (
-                anyio.move_on_after(self.dead_after),
-                contextlib.suppress(TransportError, ProtocolError),
-            ):
-                await peer.link.send(pong)
+            await self._send_within(peer, pong, self.dead_after)
         finally:
             peer.ponging = False
 
-    async def _ping(self, peer: Peer, seq: int, within: float) -> None:
+    @staticmethod
+    async def _send_within(peer: Peer, frame: Frame, within: float) -> None:
+        """Send a link-control frame if the link takes it within ``within``; else forget it."""
         with anyio.move_on_after(within), contextlib.suppress(TransportError, ProtocolError):
-            await peer.link.send(Frame(Ping(seq=seq)))
+            await peer.link.send(frame)
 
     # ------------------------------------------------------------------ inbound
     def _on_frame_now(self, peer: Peer, frame: Frame) -> bool:

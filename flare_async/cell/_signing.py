@@ -12,10 +12,11 @@ from typing import Any, Protocol
 
 from flare_async.errors import IntegrityError
 from flare_async.security._messages import message_fields, payload_digest
+from flare_async.security._signing import CERT, FIELDS, VALUE
 from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
-SIGNATURE_HEADERS = frozenset({"sig.fields", "sig.value", "sig.cert"})
+SIGNATURE_HEADERS = frozenset({FIELDS, VALUE, CERT})
 """The signature's own headers: the only ones its ``meta`` leaves out."""
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flare_async.transport import Driver, Link, Listener
+from flare_async.transport import Admission, Driver, Link, Listener
 from flare_async.wire import Frame, Limits
 
 FramePredicate = Callable[[Frame], bool]
@@ -91,6 +91,9 @@ class _FaultyLink(Link):
     def abort(self) -> None:
         self._inner.abort()
 
+    def hello_done(self) -> None:
+        self._inner.hello_done()
+
     def extra(self) -> dict[str, Any]:
         return self._inner.extra()
 
@@ -114,6 +117,9 @@ class _FaultyListener(Listener):
 
     async def accept(self) -> Link:
         return _FaultyLink(await self._inner.accept(), self._corrupt, self._drop, self._rewrite)
+
+    def guard(self, admission: Admission) -> bool:
+        return self._inner.guard(admission)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

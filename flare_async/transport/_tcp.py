@@ -294,12 +294,15 @@ class TcpLink(Link):
             self._send_lock.release()
 
     async def send(self, frame: Frame) -> None:
-        segments = self._conn.send(frame.header, frame.parts)  # FrameTooLarge before any I/O
+        # Encoded once: a frame with a deadline when the link is ours (the budget left then),
+        # any other before waiting. FrameTooLarge comes before any byte is written either way.
+        late = frame.expires is not None
+        segments = None if late else self._conn.send(frame.header, frame.parts)
         await self._ensure_tls()
         async with self._send_lock:
             self._check_usable()
-            if frame.expires is not None:  # the budget left now that the link is ours
-                segments[0] = self._conn.head(frame.stamp(anyio.current_time), frame.payload_len)
+            if segments is None:
+                segments = self._conn.send(frame.stamp(anyio.current_time), frame.parts)
             try:
                 if self._tls is not None:
                     await self._send_tls(segments)
@@ -766,9 +769,9 @@ class TcpLink(Link):
 
 
 _TRY_SEND_MAX = 4096
+"""Largest frame try_send writes (and, on asyncio, the most a partial write leaves over)."""
 _TLS_READ = 256 * 1024
 """Most bytes one TLS read asks for (after the hello; HELLO_BUFFER before it)."""
-"""Largest frame try_send writes (and, on asyncio, the most a partial write leaves over)."""
 _LOWAT_FROM = 64 * 1024
 _LOWAT_MAX = 512 * 1024
 _READ_AHEAD = 1 << 20

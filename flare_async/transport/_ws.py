@@ -247,12 +247,15 @@ class WebSocketLink(Link):
         self._check_open()
         parts = frame.parts
         size = payload_size(parts)
-        head = encode_head(frame.header, size, self.peer_limits)  # FrameTooLarge before waiting
+        # Encoded once: a frame with a deadline when the link is ours (the budget left then),
+        # any other before waiting (FrameTooLarge first).
+        late = frame.expires is not None
+        head = None if late else encode_head(frame.header, size, self.peer_limits)
         lock = self._send_lock
         await lock.acquire()
         try:
             self._check_open()
-            if frame.expires is not None:  # the budget left now that the link is ours
+            if head is None:
                 head = encode_head(frame.stamp(anyio.current_time), size, self.peer_limits)
             # The one copy on the sending side: aiohttp sends one bytes-like object per message.
             data = b"".join((head, *parts)) if parts else head
