@@ -79,8 +79,8 @@ async def once(size: int, mode: str) -> float:
             ours.close()
         else:
             channel = Channel(ours)
-            _, parts = await channel.receive()
-            model = model_from_parts(parts)
+            _, body = await channel.receive()
+            model = model_from_parts(body)
             elapsed = time.perf_counter() - start
             if sum(np.asarray(v).nbytes for v in model.params.values()) != model_bytes(size):
                 raise SystemExit("the model did not arrive whole")

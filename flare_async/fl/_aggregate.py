@@ -106,9 +106,9 @@ class WeightedSum:
     def merge(
         self, partial: FLModel, on_folded: Folded | None = None, *, adopt: bool = False
     ) -> None:
-        """Fold a relay's partial sum (see :meth:`partial`) in. With ``adopt``, a tensor this
-        sum does not hold yet takes the partial's writable array of the accumulator's dtype as
-        its accumulator, uncopied (the caller gives it up).
+        """Fold a relay's partial sum (see :meth:`partial`) in. With ``adopt`` the caller gives
+        the partial's arrays up: a tensor this sum does not hold yet takes its array (of the
+        accumulator's dtype, over writable memory: made writable) as its accumulator, uncopied.
 
         Raises:
             RoundMismatch: as :meth:`add`.
@@ -157,7 +157,7 @@ class WeightedSum:
             if acc is None:
                 dtype = self._dtypes[name] = (dtypes or {}).get(name, a.dtype)
                 kind = self._acc_dtype(dtype)
-                if adopt and scale == 1.0 and a.dtype == kind and a.flags.writeable:
+                if adopt and scale == 1.0 and a.dtype == kind and _writable(a):
                     self._sum[name] = a
                 else:
                     acc = self._sum[name] = np.empty(a.shape, kind)
@@ -251,6 +251,16 @@ def _check_positive(agg: WeightedSum) -> None:
             f"the {agg.count} update(s) to average all weigh 0 (num_samples or "
             f"{NUM_STEPS_KEY}): no weighted mean"
         )
+
+
+def _writable(a: np.ndarray) -> bool:
+    """Whether ``a`` is, or can be made, writable (its memory is)."""
+    if not a.flags.writeable:
+        try:
+            a.flags.writeable = True
+        except ValueError:
+            return False
+    return True
 
 
 def _partial_dtypes(partial: FLModel) -> dict[str, np.dtype[Any]]:

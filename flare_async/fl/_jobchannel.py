@@ -25,7 +25,7 @@ CHUNK = 2**20
 YIELD_EVERY = 8 * 2**20
 LAZY_AT = 2**20
 Part = bytearray | mmap.mmap
-"""A received part: large ones are anonymous mappings, committed as their bytes arrive."""
+"""A received frame's parts: a large one an anonymous mapping, committed as bytes arrive."""
 SOCKET_BUFFER = 4 * 2**20
 
 
@@ -113,8 +113,9 @@ class Channel:
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
 
-    async def receive(self) -> tuple[dict[str, Any], list[Part]]:
-        """The next frame.
+    async def receive(self) -> tuple[dict[str, Any], memoryview]:
+        """The next frame: its header, and its parts one after another in one buffer (a
+        model's parts are its layout whole: it decodes from that buffer without a copy).
 
         Raises:
             JobProcessError: the other side closed, went quiet past ``idle``, or sent a frame
@@ -140,7 +141,7 @@ class Channel:
             raise JobProcessError(f"a {str(head.get('op'))[:40]!r} frame with parts")
         if sum(sizes) > self.max_bytes:
             raise JobProcessError(f"a frame of {sum(sizes)} bytes (at most {self.max_bytes})")
-        return head, [await self._exactly(size) for size in sizes]
+        return head, memoryview(await self._exactly(sum(sizes)))
 
     async def _exactly(self, n: int) -> Part:
         # A large part is an anonymous mapping: its pages are committed as bytes arrive, not

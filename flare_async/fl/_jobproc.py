@@ -56,7 +56,6 @@ from flare_async.fl._jobchannel import (
     MAX_PARTS,
     Channel,
     JobProcessError,
-    Part,
 )
 from flare_async.fl._model import FLModel, model_from_parts, model_parts, wire_format
 from flare_async.fl._recipe import FedAvgRecipe
@@ -230,13 +229,13 @@ class JobProcess:
         rounds = anyio.Semaphore(max(1, len(server.clients)))
         while True:
             try:
-                head, parts = await self.channel.receive()
+                head, body = await self.channel.receive()
             except JobProcessError as exc:
                 return JobProcessError(f"{exc}{await self._exit_status()}")
             op = head.get("op")
             if op == "round":
                 await rounds.acquire()
-                tg.start_soon(self._round, server, head, parts, rounds)
+                tg.start_soon(self._round, server, head, body, rounds)
             elif op == "checkpoint" and type(head.get("round")) is int:
                 if on_checkpoint is not None:
                     on_checkpoint(head["round"])
@@ -265,20 +264,19 @@ class JobProcess:
         self,
         server: FLServer,
         head: dict[str, Any],
-        parts: list[Part],
+        body: memoryview,
         rounds: anyio.Semaphore,
     ) -> None:
         try:
-            await self._one_round(server, head, parts)
+            await self._one_round(server, head, body)
         finally:
             rounds.release()
 
-    async def _one_round(self, server: FLServer, head: dict[str, Any], parts: list[Part]) -> None:
+    async def _one_round(self, server: FLServer, head: dict[str, Any], body: memoryview) -> None:
         rid = head.get("id")
-        views = [memoryview(p) for p in parts]
         try:
-            model, targets, kw = _round_request(server, head, views)
-            server.params_format = wire_format(views)
+            model, targets, kw = _round_request(server, head, body)
+            server.params_format = wire_format(body)
             result = await server.run_round(model, targets, **kw)
         except Exception as exc:  # any failure of the round is the job's to hear, by name
             if not isinstance(exc, RoundFailed | SecAggRangeError | JobProcessError):
@@ -315,7 +313,7 @@ class JobProcess:
 
 
 def _round_request(
-    server: FLServer, head: Mapping[str, Any], parts: list[memoryview]
+    server: FLServer, head: Mapping[str, Any], body: memoryview
 ) -> tuple[FLModel, list[str], dict[str, Any]]:
     """A job process's round, checked: its own sites, numbers in range, a model that decodes."""
     targets, need = head.get("targets"), head.get("min_responses")
@@ -340,7 +338,7 @@ def _round_request(
         raise JobProcessError(f"a round's task must be one of {TASK_KINDS}")
     try:
         secure = SecureAggregation.of(head.get("secure") or False)
-        model = model_from_parts(parts)
+        model = model_from_parts(body)
     except (ConfigError, DecodeError, TypeError) as exc:
         raise JobProcessError(f"a round the job process asked for does not decode: {exc}") from None
     kw = {"min_responses": need, "deadline": float(deadline), "secure": secure}

@@ -46,7 +46,7 @@ class RemoteRounds:
         self.job = job
         self.params_format: str | None = None
         self.rng = random.Random()
-        self._waiting: dict[int, MemoryObjectSendStream[tuple[dict[str, Any], list[Any]]]] = {}
+        self._waiting: dict[int, MemoryObjectSendStream[tuple[dict[str, Any], memoryview]]] = {}
         self._ids = 0
         self.saved: list[int] = []
         """Rounds checkpointed and not yet told to the server (:meth:`flush`)."""
@@ -77,7 +77,7 @@ class RemoteRounds:
         """
         self._ids += 1
         rid = self._ids
-        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], list[Any]]](1)
+        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], memoryview]](1)
         self._waiting[rid] = send
         head = {
             "op": "round",
@@ -94,9 +94,10 @@ class RemoteRounds:
             await self.channel.send(head, parts)
             del parts
             async with receive:
-                answer, parts = await receive.receive()
+                answer, body = await receive.receive()
         finally:
             self._waiting.pop(rid, None)
+            send.close()
         if answer["op"] == "error":
             kind, why = answer.get("kind"), str(answer.get("why", ""))
             if kind == "RoundFailed":
@@ -105,8 +106,8 @@ class RemoteRounds:
                 raise SecAggRangeError(why)
             raise JobProcessError(why)
         total = WeightedSum()
-        if parts:
-            total.merge(model_from_parts(parts), adopt=True)  # the received arrays, uncopied
+        if body.nbytes:  # the received buffer becomes the sum: decoded and adopted, uncopied
+            total.merge(model_from_parts(body), adopt=True)
         return RoundResult(
             round=int(answer["round"]),
             sum=total,
@@ -122,11 +123,11 @@ class RemoteRounds:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat)
             while True:
-                head, parts = await self.channel.receive()
+                head, body = await self.channel.receive()
                 waiter = self._waiting.get(head.get("id", -1))
                 if waiter is not None:  # gone meanwhile: that round was given up
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.WouldBlock):
-                        waiter.send_nowait((head, parts))
+                        waiter.send_nowait((head, body))
 
     async def _beat(self) -> None:
         while True:

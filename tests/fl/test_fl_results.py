@@ -425,8 +425,7 @@ def test_merge_adopts_the_partials_arrays_only_when_asked() -> None:
     assert not np.shares_memory(copied.partial().params["w"], partial.params["w"])
     assert np.shares_memory(adopted.partial().params["w"], partial.params["w"])
     assert np.array_equal(fedavg_step({}, copied)["w"], fedavg_step({}, adopted)["w"])
-    frozen = partial.params["w"].copy()
-    frozen.flags.writeable = False
+    frozen = np.frombuffer(partial.params["w"].tobytes(), np.float32)  # read-only memory
     readonly = WeightedSum()
     readonly.merge(FLModel(params={"w": frozen}, meta=partial.meta), adopt=True)
     assert not np.shares_memory(readonly.partial().params["w"], frozen)

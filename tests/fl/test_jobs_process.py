@@ -24,9 +24,10 @@ import pytest
 from flare_async.cell import Cell
 from flare_async.codecs import CodecRegistry
 from flare_async.fl import FLModel
+from flare_async.fl._aggregate import WeightedSum, fedavg_step
 from flare_async.fl._jobchannel import HEAD_MAX, MAX_PARTS, Channel, JobProcessError
 from flare_async.fl._jobproc import JobFacts, JobProcess
-from flare_async.fl._model import model_parts
+from flare_async.fl._model import ParamsType, model_from_parts, model_parts
 from flare_async.fl._server import FLServer
 from tests.fl.test_jobs import SITES, deployment
 
@@ -313,6 +314,21 @@ def test_job_facts_refuse_what_is_not_a_recipe_s() -> None:
         JobFacts.checked({k: v for k, v in good.items() if k != "codec"})
     with pytest.raises(JobProcessError, match="named no codec"):
         JobFacts.checked({**good, "codec": "rot13"})
+
+
+async def test_a_received_sum_becomes_the_job_process_accumulator_uncopied() -> None:
+    """What the server sends back (a partial sum's layout) arrives in one buffer, decodes
+    from it, and the job process's sum adopts those very bytes: no copy of the model."""
+    part = WeightedSum()
+    part.add({"a": np.ones(300_000, np.float32), "b": np.arange(5.0)}, 2.0, ParamsType.FULL)
+    async with hostile_child() as (proc, job_end, _server):
+        proc.channel.max_bytes = 2**30
+        await proc.channel.send({"op": "result"}, model_parts(part.partial(), CodecRegistry()))
+        _, body = await job_end.receive()
+    total = WeightedSum()
+    total.merge(model_from_parts(body), adopt=True)
+    assert all(np.shares_memory(a, body) for a in total.partial().params.values())
+    assert np.allclose(fedavg_step({}, total)["a"], 1.0)
 
 
 async def test_a_part_is_committed_as_its_bytes_arrive_not_when_announced() -> None:
