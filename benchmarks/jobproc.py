@@ -6,9 +6,10 @@ process sends an ``FLModel`` of ``size`` (8 float32 tensors) as ``model_parts`` 
 the parent reads it with ``Channel.receive`` and decodes it (``model_from_parts``). Time from
 the child's first byte to the decoded model in the parent.
 
-``baseline``: the same number of bytes from a child process over a socket pair with
-``sendall``, read with blocking ``recv_into`` into one preallocated buffer (no framing, no
-decoding, no event loop; the same socket buffer sizes), measured interleaved in the same run.
+``baseline``: the same tensors' bytes from a child process over a socket pair with
+``sendall``, read with blocking ``recv_into`` into one buffer allocated and written before the
+clock starts (no framing, no decoding, no event loop; socket buffers sized before the clock
+too), measured interleaved in the same run.
 
 Run: ``python benchmarks/jobproc.py [--quick] [--repeat N]`` (1 GiB; ``--quick``: 128 MiB).
 """
@@ -44,14 +45,15 @@ def model_bytes(size: int) -> int:
 
 async def child(fd: int, size: int, mode: str) -> None:
     sock = socket.socket(fileno=fd)
-    model = model_of(size)
+    model = model_of(size)  # real pages, written: neither side reads the shared zero page
+    if mode == "raw":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     sock.sendall(b"r")  # ready: the parent starts its clock and says go
     if sock.recv(1) != b"g":
         raise SystemExit("no go")
     if mode == "raw":
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        block = memoryview(np.zeros(size, np.uint8))
-        sock.sendall(block)
+        for array in model.params.values():
+            sock.sendall(memoryview(array).cast("B"))
         sock.close()
         return
     channel = Channel(sock)
@@ -65,18 +67,21 @@ async def once(size: int, mode: str) -> float:
     proc = await anyio.open_process(argv, pass_fds=[theirs.fileno()], stdout=None, stderr=None)
     theirs.close()
     try:
+        if mode == "raw":  # set up before the clock starts: socket buffer, written buffer
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            buf = memoryview(bytearray(b"\1" * model_bytes(size)))
         if ours.recv(1) != b"r":  # the child has started and built its model
             raise SystemExit("the child did not start")
         start = time.perf_counter()
         ours.sendall(b"g")
         if mode == "raw":
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            buf = memoryview(bytearray(size))
             got = 0
-            while got < size:
+            while got < buf.nbytes:
                 got += ours.recv_into(buf[got:])
             elapsed = time.perf_counter() - start
             ours.close()
+            if got != model_bytes(size):
+                raise SystemExit("the raw bytes did not arrive whole")
         else:
             channel = Channel(ours)
             _, body = await channel.receive()
@@ -87,7 +92,7 @@ async def once(size: int, mode: str) -> float:
             await channel.aclose()
     finally:
         await proc.wait()
-    return size / elapsed
+    return model_bytes(size) / elapsed
 
 
 async def main() -> None:
