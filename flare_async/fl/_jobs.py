@@ -31,6 +31,7 @@ import base64
 import dataclasses
 import enum
 import json
+import math
 import os
 import secrets
 import time
@@ -48,7 +49,7 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payloa
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._admin import JobRef, Logs, Metrics, Submit, decode_as
 from flare_async.fl._jobchannel import JobProcessError
-from flare_async.fl._jobproc import JobFacts, JobProcess, check_recipe
+from flare_async.fl._jobproc import BEAT, JobFacts, JobProcess, check_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import (
@@ -281,6 +282,10 @@ class JobManager:
         max_model_bytes: int = 32 * 2**30,
         hang_after: float = 60.0,
     ) -> None:
+        if not BEAT < hang_after < math.inf:  # NaN too: a hang must be longer than a beat
+            raise ConfigError(f"hang_after must be seconds above {BEAT:g}, not {hang_after}")
+        if max_model_bytes < 1:
+            raise ConfigError(f"max_model_bytes must be positive, not {max_model_bytes}")
         self.max_model_bytes = max_model_bytes
         self.hang_after = hang_after
         self.signer = signer

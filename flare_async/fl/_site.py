@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ import anyio.to_thread
 
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, FlareError, IntegrityError, Unauthorized
+from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
 from flare_async.fl._privacy import SitePolicy
@@ -107,8 +108,8 @@ class SiteJobs:
         verifier: SignatureVerifier | None = None,
         lease: float = 120.0,
     ) -> None:
-        if lease <= 0:
-            raise ValueError(f"lease must be positive, not {lease}")
+        if not 0 < lease < math.inf:  # NaN too
+            raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
         self.verifier = verifier
         self.cell = cell
