@@ -21,8 +21,8 @@ and stops the processes of any other. A job runs
 on the sites named at submission, or on every registered site.
 
 Why one file past 500 lines: the store, the admin commands and the job lifecycle share the
-job records and their locks; issue 19 (the redesign step) is where the admin protocol becomes
-typed structs and this file splits.
+job records and their locks (the admin bodies are typed in ``fl/_admin.py``); splitting the
+store from the lifecycle is left to the redesign of issue 19.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import numpy as np
 
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, FlareError, Unauthorized
+from flare_async.fl._admin import decode_as
 from flare_async.fl._aggregate import COUNT_KEY, WEIGHT_KEY, WeightedSum
 from flare_async.fl._model import FLModel, ParamsType, model_parts
 from flare_async.fl._results import Collector, RelayPlan, arm_relays_below, receive_result
@@ -65,10 +65,7 @@ class RelayAggregator:
 
         @table.request(CHANNEL, "expect")
         async def expect(ctx: Context, msg: Payload) -> bytes:
-            try:
-                plan = msgspec.json.decode(msg.tobytes(), type=RelayPlan)
-            except (msgspec.DecodeError, ValueError) as exc:
-                raise BadRequest(f"bad expect: {exc}") from None
+            plan = decode_as(msg, RelayPlan)
             task, sites, deadline = plan.task, plan.sites, plan.deadline
             me = self.cell.name
             if not me.startswith(ctx.src + "."):
