@@ -341,9 +341,10 @@ def _round_request(
         model = model_from_parts(body)
     except (ConfigError, DecodeError, TypeError) as exc:
         raise JobProcessError(f"a round the job process asked for does not decode: {exc}") from None
-    kw = {"min_responses": need, "deadline": float(deadline), "secure": secure}
-    if secure is None:
-        kw["task"] = head.get("task", "train")
+    task = head.get("task", "train")
+    if secure is not None and task != "train":
+        raise JobProcessError("a secure round trains: no other task")
+    kw = {"min_responses": need, "deadline": float(deadline), "secure": secure, "task": task}
     return model, targets, kw
 
 

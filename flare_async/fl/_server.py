@@ -37,7 +37,14 @@ import anyio.to_thread
 from flare_async import _logging
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
-from flare_async.errors import BadRequest, FlareError, IntegrityError, StreamError, Unauthorized
+from flare_async.errors import (
+    BadRequest,
+    ConfigError,
+    FlareError,
+    IntegrityError,
+    StreamError,
+    Unauthorized,
+)
 from flare_async.fl._model import FLModel, model_parts
 from flare_async.fl._results import (
     Collector,
@@ -305,8 +312,12 @@ class FLServer:
         Raises:
             RoundFailed: fewer than ``min_responses`` (default: all targets) results.
             SecAggRangeError: ``secure``, and the round's sum could wrap.
+            ConfigError: ``secure`` with another task than ``train``, or with ``fold_with``,
+                ``headers`` or ``on_delivered`` (a secure round has its own).
         """
         if secure is not None:
+            if task != "train" or fold_with or headers or on_delivered:
+                raise ConfigError("a secure round trains, with secure aggregation's own folding")
             return await secure_round(
                 self, model, targets, config=secure, min_responses=min_responses, deadline=deadline
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from flare_async.codecs import as_numpy
 from flare_async.fl import _checkpoint as checkpoint
-from flare_async.fl._aggregate import WeightedSum, fedavg_step
+from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel, params_format_of
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
@@ -97,7 +98,8 @@ async def fedavg(
         del task
         # In worker threads: a large model's step, or a long validation, never blocks the
         # event loop (in a job's own process, its heartbeat to the server runs there).
-        params = await anyio.to_thread.run_sync(_step, params, result.sum)
+        step = partial(fedavg_step, consume=True)
+        params = await anyio.to_thread.run_sync(step, params, result.sum)
         metrics = result.mean_metrics()
         scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}
         validation = {str(k): float(v) for k, v in scores.items()}
@@ -137,10 +139,6 @@ async def fedavg(
         total_rounds=rounds,
         metrics=history[-1]["metrics"] if history else {},
     )
-
-
-def _step(params: dict[str, np.ndarray], agg: WeightedSum) -> dict[str, np.ndarray]:
-    return fedavg_step(params, agg, consume=True)
 
 
 __all__ = ["fedavg"]

@@ -21,6 +21,7 @@ from flare_async.fl._jobproc import BEAT, MAX_DEADLINE, MIN_DEADLINE, _round_req
 from flare_async.fl._jobs import JobManager
 from flare_async.fl._model import model_parts
 from flare_async.fl._results import MAX_PLAN_DEADLINE, RelayPlan
+from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import FLServer
 from flare_async.fl._site import SiteJobs
 from tests.fl.test_jobs_process import framed, hostile_child
@@ -118,6 +119,7 @@ def test_a_round_at_the_edges_of_its_ranges_is_taken(head: dict[str, Any]) -> No
         {"deadline": True},
         {"min_responses": 3},
         {"min_responses": -1},
+        {"task": "validate", "secure": {"clip": 1.0}},  # a secure round trains, nothing else
     ],
 )
 def test_a_round_just_past_its_ranges_is_refused(head: dict[str, Any]) -> None:
@@ -142,3 +144,11 @@ async def test_frames_exactly_at_the_channels_limits_are_taken() -> None:
         await job_end._send_all(memoryview(len(head_bytes).to_bytes(4, "big") + head_bytes))
         head, _ = await proc.channel.receive()
         assert head["op"] == "beat"
+
+
+async def test_a_secure_round_refuses_what_it_would_silently_drop() -> None:
+    server = FLServer(Cell("server"), ["server.a"], job="j")
+    model = FLModel(params={"w": np.zeros(2)})
+    for extra in ({"task": "validate"}, {"headers": {"x": "y"}}):
+        with pytest.raises(ConfigError, match="a secure round trains"):
+            await server.run_round(model, ["server.a"], secure=SecureAggregation(), **extra)
