@@ -57,7 +57,10 @@ async def wait_stdin_eof() -> None:
 
 
 def link_bytes_sent(cell: Cell) -> int:
-    peers = [*cell._children.values(), *([cell._parent] if cell._parent else [])]
+    peers = [
+        *cell._router.children.values(),
+        *([cell._router.parent] if cell._router.parent else []),
+    ]
     return sum(p.link.statistics().get("bytes_sent", 0) for p in peers)
 
 

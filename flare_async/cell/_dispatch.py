@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from flare_async._concurrency import Channel
+from flare_async.cell._api import CellAPI
 from flare_async.cell._handlers import AnyHandler, Context
 from flare_async.cell._payload import Payload, as_payload
+from flare_async.cell._port import Port
 from flare_async.errors import (
     BadRequest,
     DecodeError,
@@ -28,9 +30,6 @@ from flare_async.errors import (
     status_for_error,
 )
 from flare_async.wire import Error, Event, Frame, Reply, Request, originate
-
-if TYPE_CHECKING:
-    from flare_async.cell._cell import Cell
 
 _RELEASED = Payload()
 _PASSED_THROUGH = (BadRequest, Unauthorized, IntegrityError, Overloaded, StreamError, DecodeError)
@@ -66,12 +65,14 @@ class Job:
 
 
 class Workers:
-    """The handler pool of one cell."""
+    """The handler pool of one cell: runs handlers with ``face`` as their ``ctx.cell`` and
+    sends their answers through ``port``."""
 
-    def __init__(self, cell: Cell, max_concurrency: int, queue_size: int) -> None:
+    def __init__(self, port: Port, face: CellAPI, max_concurrency: int, queue_size: int) -> None:
         if max_concurrency < 1 or queue_size < 0:
             raise ValueError("max_concurrency must be >= 1 and queue_size >= 0")
-        self._cell = cell
+        self._port = port
+        self._face = face
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._queue: Channel[Job] = Channel(queue_size + max_concurrency)
@@ -83,16 +84,16 @@ class Workers:
     def submit(self, job: Job) -> bool:
         """Queue a job without waiting; False when the queue is full (caller answers Overloaded)
         or the cell is shutting down."""
-        if not self._cell.running or self.busy >= self.max_concurrency + self.queue_size:
+        if not self._port.running or self.busy >= self.max_concurrency + self.queue_size:
             self.rejected += 1
             return False
         self._queue.put_nowait(job)
         self.busy += 1
         if not math.isinf(job.deadline):
-            self._cell._timer.add(job.deadline, job)
+            self._port.expire_at(job.deadline, job)
         if self.busy > self.count and self.count < self.max_concurrency:
             self.count += 1
-            self._cell._spawn(self._work, name=f"{self._cell.name} worker {self.count}")
+            self._port.spawn(self._work, name=f"{self._port.name} worker {self.count}")
         return True
 
     async def _work(self) -> None:
@@ -101,7 +102,7 @@ class Workers:
         The deadline timer cancels the scope when the running job's deadline passes; only then
         is a new scope made. Entering a scope per job would cost more than the job's routing.
         """
-        name = self._cell.name
+        name = self._port.name
         while True:
             running: Job | None = None
             late: Job | None = None
@@ -135,21 +136,31 @@ class Workers:
                 await self._answer(late, *_deadline_status(name))
 
     async def _call(self, job: Job) -> tuple[Status | None, str, Any]:
-        cell = self._cell
+        port = self._port
         h = job.header
-        ctx = Context(cell, h.src, h.channel, h.topic, h.id, h.route, h.headers, job.deadline)
+        ctx = Context(
+            self._face,
+            h.src,
+            h.channel,
+            h.topic,
+            h.id,
+            h.route,
+            h.headers,
+            job.deadline,
+            port.clock,
+        )
         try:
             return None, "", await job.fn(ctx, job.payload)
         except Exception as exc:
-            return (*handler_failure(cell, exc, h.channel, h.topic, h.src), None)
+            return (*handler_failure(port, exc, h.channel, h.topic, h.src), None)
 
     async def _answer(self, job: Job, status: Status | None, message: str, result: Any) -> None:
         """Send the reply or error for a finished request; log a failed event."""
-        cell = self._cell
+        port = self._port
         h = job.header
         if isinstance(h, Event):
             if status is not None:
-                cell._log.warning(
+                port.log.warning(
                     "event handler failed",
                     channel=h.channel,
                     topic=h.topic,
@@ -157,20 +168,22 @@ class Workers:
                     reason=message,
                 )
             return
-        budget = None if math.isinf(job.deadline) else job.deadline - cell._clock()
+        budget = None if math.isinf(job.deadline) else job.deadline - port.clock()
         if status is None:
             try:
                 body = as_payload(result)
             except TypeError as exc:
                 ref = uuid.uuid4().hex[:12]
-                cell._log.error("handler returned a bad reply", ref=ref, error=str(exc))
+                port.log.error(  # noqa: TRY400 - the reply is bad, not our code
+                    "handler returned a bad reply", ref=ref, error=str(exc)
+                )
                 status = Status.INTERNAL
-                message = f"internal error in {cell.name}: bad reply type (ref {ref})"
+                message = f"internal error in {port.name}: bad reply type (ref {ref})"
             else:
                 reply = originate(
                     Reply,
-                    next(cell._ids),
-                    cell.name,
+                    port.next_id(),
+                    port.name,
                     h.src,
                     budget=budget,
                     headers=dict(body.headers),
@@ -178,25 +191,23 @@ class Workers:
                     codec=body.codec,
                 )
                 expires = None if budget is None else job.deadline
-                await cell._send_answer(cell._seal(Frame(reply, body.parts, expires)))
+                await port.answer(port.seal(Frame(reply, body.parts, expires)))
                 return
         err = originate(
             Error,
-            next(cell._ids),
-            cell.name,
+            port.next_id(),
+            port.name,
             h.src,
             budget=budget,
             corr=h.id,
             status=int(status),
             message=message,
         )
-        await cell._send_answer(
-            cell._seal(Frame(err, (), None if budget is None else job.deadline))
-        )
+        await port.answer(port.seal(Frame(err, (), None if budget is None else job.deadline)))
 
 
 def handler_failure(
-    cell: Cell, exc: Exception, channel: str, topic: str, src: str
+    port: Port, exc: Exception, channel: str, topic: str, src: str
 ) -> tuple[Status, str]:
     """The status and message a handler's exception sends back: its own for the errors a
     handler raises on purpose (and stream errors), else ``INTERNAL`` with a reference whose
@@ -204,8 +215,8 @@ def handler_failure(
     if isinstance(exc, _PASSED_THROUGH):
         return status_for_error(exc), str(exc)
     ref = uuid.uuid4().hex[:12]
-    cell._log.error("handler failed", ref=ref, channel=channel, topic=topic, src=src, exc_info=exc)
-    return Status.INTERNAL, f"internal error in {cell.name} handling {channel}/{topic} (ref {ref})"
+    port.log.error("handler failed", ref=ref, channel=channel, topic=topic, src=src, exc_info=exc)
+    return Status.INTERNAL, f"internal error in {port.name} handling {channel}/{topic} (ref {ref})"
 
 
 def _deadline_status(cell_name: str) -> tuple[Status, str, None]:

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from flare_async.cell._api import CellAPI
 from flare_async.cell._payload import Payload
 from flare_async.errors import ConfigError, Status
 from flare_async.wire import Buffer
-
-if TYPE_CHECKING:
-    from flare_async.cell._cell import Cell
 
 WILDCARD = "*"
 
@@ -60,11 +58,21 @@ class Context:
         deadline: the caller's deadline on this cell's clock (``inf`` when none).
     """
 
-    __slots__ = ("cell", "channel", "deadline", "headers", "msg_id", "route", "src", "topic")
+    __slots__ = (
+        "_clock",
+        "cell",
+        "channel",
+        "deadline",
+        "headers",
+        "msg_id",
+        "route",
+        "src",
+        "topic",
+    )
 
     def __init__(
         self,
-        cell: Cell,
+        cell: CellAPI,
         src: str,
         channel: str,
         topic: str,
@@ -72,8 +80,10 @@ class Context:
         route: Sequence[str],
         headers: Mapping[str, str],
         deadline: float,
+        clock: Callable[[], float],
     ) -> None:
         self.cell = cell
+        self._clock = clock
         self.src = src
         self.channel = channel
         self.topic = topic
@@ -84,7 +94,7 @@ class Context:
 
     def remaining(self) -> float:
         """Seconds left until the caller's deadline (``inf`` when it has none)."""
-        return self.deadline - self.cell._clock()
+        return self.deadline - self._clock()
 
 
 RequestHandler = Callable[[Context, Payload], Awaitable[Payload | Buffer | None]]

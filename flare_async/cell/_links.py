@@ -6,12 +6,20 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 import anyio
 
-from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
+from flare_async.errors import LinkBroken, LinkClosed, ProtocolError, TransportError
 from flare_async.transport import Link
 from flare_async.wire import Bye, Frame, Hello, Limits, Role, Session, check_hello, make_hello
+
+DISPLACED: Final = "displaced"
+"""Start of the bye reason sent to a link replaced by a newer one from the same name."""
+
+
+class Displaced(LinkClosed):
+    """Our parent replaced this link with a newer one claiming our name."""
 
 
 class Forwarded:
@@ -77,6 +85,11 @@ class Peer:
 
     async def send(self, frame: Frame) -> None:
         await self.link.send(frame)
+
+    async def send_within(self, frame: Frame, within: float) -> None:
+        """Send a link-control frame if the link takes it within ``within``; else forget it."""
+        with anyio.move_on_after(within), contextlib.suppress(TransportError, ProtocolError):
+            await self.link.send(frame)
 
     def __repr__(self) -> str:
         return f"<Peer {self.role} {self.name} via {self.link.peer_address}>"

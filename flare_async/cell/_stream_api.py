@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, cast
 
 import msgspec
 
+from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
-from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC
-from flare_async.cell._stream_out import ProgressCallback, Seal, StreamOptions, send_streams
-from flare_async.errors import ConfigError, FlareError, InternalError
+from flare_async.cell._router import Router
+from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, StreamHub
+from flare_async.cell._stream_out import StreamOptions, send_streams
+from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError
 from flare_async.routing import validate_name
 from flare_async.streaming import (
     DEFAULT_WINDOW,
@@ -22,9 +23,6 @@ from flare_async.streaming import (
     open_source,
     pick_chunk,
 )
-
-if TYPE_CHECKING:
-    from flare_async.cell._cell import Cell
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):
@@ -49,14 +47,17 @@ class FanoutOutcome(msgspec.Struct, frozen=True):
 
 
 class StreamingMixin:
-    """The stream-sending methods of :class:`~flare_async.Cell`."""
+    """The stream-sending methods of :class:`~flare_async.Cell`, which sets what they use."""
+
+    name: str
+    _router: Router
+    _streams: StreamHub
 
     def require_digest(self, channel: str, topic: str) -> None:
         """Compute the SHA-256 of every stream received on ``channel``/``topic``, even when
         the sender (or a relay on the way) does not ask for it: for handlers that check a
         signed digest (``IncomingStream.sha256`` is then always set once the stream ended)."""
-        cell = cast("Cell", self)
-        cell._streams.digest_always.add((channel, topic))
+        self._streams.digest_always.add((channel, topic))
 
     async def stream(
         self,
@@ -229,7 +230,7 @@ class StreamingMixin:
         child itself, a cell reached through the parent, or a lone one behind its relay)."""
         groups: dict[str | None, list[str]] = {}
         for dst in targets:
-            child = _child_below(_cell(self).name, dst)
+            child = _child_below(self.name, dst)
             key = child if child is not None and child != dst else None
             groups.setdefault(key, []).append(dst)
         for hop in [
@@ -253,15 +254,16 @@ class StreamingMixin:
         opts: StreamOptions,
         per_dst: Mapping[str, StreamOptions] | None = None,
     ) -> dict[str, Payload | FlareError]:
-        cell = _cell(self)
-        cell._check_running()
+        port = self._router
+        if not port.running:
+            raise CellClosed(f"cell {self.name} is not running")
         for dst in dsts:
             validate_name(dst)
         if opts.chunk < 0 or opts.window < max(opts.chunk, 1):
             raise ConfigError("stream chunk must be positive and the window at least one chunk")
-        if opts.chunk > cell.limits.max_frame:
+        if opts.chunk > port.limits.max_frame:
             raise ConfigError(
-                f"stream chunk of {opts.chunk} B exceeds max_frame ({cell.limits.max_frame} B)"
+                f"stream chunk of {opts.chunk} B exceeds max_frame ({port.limits.max_frame} B)"
             )
         if not opts.idle > 0:
             raise ConfigError("stream idle must be a positive number of seconds")
@@ -269,13 +271,16 @@ class StreamingMixin:
         src = open_source(source, size)
         if not opts.chunk:
             chunk = pick_chunk(src.size, opts.window, in_memory=src.in_memory)
-            chunk = min(chunk, cell.limits.max_frame)
+            chunk = min(chunk, port.limits.max_frame)
             for o in (opts, *(per_dst or {}).values()):
                 o.chunk = o.chunk or chunk
         wants_digest = opts.digest and not opts.sha256 and sha_from is None
         digest = Digest.for_chunks(opts.chunk) if wants_digest else None
         log = ChunkLog(src, opts.chunk, opts.window, digest)
-        senders = await send_streams(cell, dsts, log, digest, opts, per_dst or {}, sha_from)
+        hub = self._streams
+        senders = await send_streams(
+            port, hub.outgoing, hub.counters, dsts, log, digest, opts, per_dst or {}, sha_from
+        )
         out: dict[str, Payload | FlareError] = {}
         for dst, sender in senders.items():
             if sender.reply is not None:
@@ -285,10 +290,6 @@ class StreamingMixin:
             else:
                 out[dst] = InternalError(f"stream to {dst} failed: {sender.error!r}")
         return out
-
-
-def _cell(mixin: StreamingMixin) -> Cell:
-    return cast("Cell", mixin)
 
 
 def _child_below(me: str, dst: str) -> str | None:

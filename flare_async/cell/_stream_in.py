@@ -17,20 +17,24 @@ the cell's memory. Whatever the handler returns goes back to the sender as the s
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import numpy as np
 
 from flare_async._concurrency import Signal, SignalLike
+from flare_async.cell._api import CellAPI
 from flare_async.cell._dispatch import handler_failure
 from flare_async.cell._handlers import Context, Kind
 from flare_async.cell._payload import Payload, as_payload
+from flare_async.cell._port import Port
+from flare_async.cell._stream_out import StreamSender
 from flare_async.errors import (
     FlareError,
     ProtocolError,
@@ -64,10 +68,6 @@ from flare_async.wire import (
 FANOUT_CHANNEL = "sys"
 FANOUT_TOPIC = "fanout"
 """The system stream handler on relays that feeds one incoming stream to many children."""
-
-if TYPE_CHECKING:
-    from flare_async.cell._cell import Cell
-    from flare_async.cell._stream_out import StreamSender
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
@@ -129,7 +129,7 @@ class IncomingStream:
         the digest); complete once the stream ended."""
         self.damaged_seen = 0
         self.finished = False
-        self._meter = ProgressMeter(hub.cell._clock, self.src, self.sid, self.size)
+        self._meter = ProgressMeter(hub.port.clock, self.src, self.sid, self.size)
 
     # ------------------------------------------------------------------ reading
     def __aiter__(self) -> IncomingStream:
@@ -151,7 +151,7 @@ class IncomingStream:
         """
         if self._digest is not None and not self._digest_started:
             self._digest_started = True
-            self._hub.cell._spawn(self._digest.run, name=f"stream {self.src}/{self.sid} digest")
+            self._hub.port.spawn(self._digest.run, name=f"stream {self.src}/{self.sid} digest")
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
@@ -335,15 +335,19 @@ class StreamHub:
     """Every stream of one cell: incoming ones by (sender, sid), outgoing ones by sid.
 
     Args:
-        cell: the cell.
+        port: the cell's router.
+        face: what the stream handlers get as ``ctx.cell``.
         max_incoming: streams received at once; more are refused with ``Overloaded``.
         idle: seconds a receiving stream may see no progress before it fails.
         digest: whether receivers compute the whole-object SHA-256 (senders decide for
             their side per stream).
     """
 
-    def __init__(self, cell: Cell, *, max_incoming: int = 64, idle: float = 60.0) -> None:
-        self.cell = cell
+    def __init__(
+        self, port: Port, face: CellAPI, *, max_incoming: int = 64, idle: float = 60.0
+    ) -> None:
+        self.port = port
+        self._face = face
         self.max_incoming = max_incoming
         self.idle = idle
         self.incoming: dict[tuple[str, int], IncomingStream] = {}
@@ -387,7 +391,7 @@ class StreamHub:
         stream = self.incoming.get(key)
         if stream is not None:  # a resume (or a duplicate open): say where we stand
             self.counters["resumes"] += 1
-            self._post(stream.ack_frame(self.cell.name, self._id(), first=True, resend=True))
+            self._post(stream.ack_frame(self.port.name, self._id(), first=True, resend=True))
             return
         if key in self._finished:
             done = self._finished[key]
@@ -397,21 +401,15 @@ class StreamHub:
         if h.resume:
             self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
-        dispatch = self.cell._dispatch
-        if dispatch is None:  # not started: nothing is mounted yet
-            self._abort_to(h.src, h.src, h.sid, Status.NO_HANDLER, "no handlers yet")
-            return
-        fn = dispatch.admit(
-            Kind.STREAM, h.src, h.channel, h.topic, accept=self.cell.accept, me=self.cell.name
-        )
+        fn = self.port.admit(Kind.STREAM, h.src, h.channel, h.topic)
         if isinstance(fn, tuple):
             self._abort_to(h.src, h.src, h.sid, *fn)
             return
         if len(self.incoming) >= self.max_incoming:
-            msg = f"{self.cell.name} receives {self.max_incoming} streams already"
+            msg = f"{self.port.name} receives {self.max_incoming} streams already"
             self._abort_to(h.src, h.src, h.sid, Status.OVERLOADED, msg)
             return
-        chunk, window = negotiate(h.chunk, h.window, self.cell.limits.max_frame)
+        chunk, window = negotiate(h.chunk, h.window, self.port.limits.max_frame)
         # The sender's idle limit, if longer than ours, but never more than an hour: a peer
         # must not hold a receiving slot for ever by going silent.
         idle = max(self.idle, min(h.idle, _MAX_IDLE) if h.idle > 0 else 0.0)
@@ -424,10 +422,10 @@ class StreamHub:
         stream = IncomingStream(self, h, chunk, window, digest, idle)
         self.incoming[key] = stream
         self.counters["received"] += 1
-        if not self.cell._spawn(self._run_handler, stream, fn, h):
+        if not self.port.spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
             return
-        self._post(stream.ack_frame(self.cell.name, self._id(), first=True, resend=False))
+        self._post(stream.ack_frame(self.port.name, self._id(), first=True, resend=False))
 
     def _on_data(self, h: StreamData, frame: Frame) -> None:
         stream = self.incoming.get((h.src, h.sid))
@@ -442,17 +440,17 @@ class StreamHub:
             stream.damaged_seen = 0
         if verdict is Verdict.RESEND:
             self.counters["resends_asked"] += 1
-            self._post(stream.ack_frame(self.cell.name, self._id(), first=False, resend=True))
+            self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=True))
 
     def _on_end(self, h: StreamEnd) -> None:
         stream = self.incoming.get((h.src, h.sid))
         if stream is None:
             return
         if stream.on_end(h) is EndVerdict.RESEND:
-            self._post(stream.ack_frame(self.cell.name, self._id(), first=False, resend=True))
+            self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=True))
 
     def _on_abort(self, h: StreamAbort) -> None:
-        if h.sender == self.cell.name:  # about a stream we send
+        if h.sender == self.port.name:  # about a stream we send
             sender = self.outgoing.get(h.sid)
             if sender is not None:
                 sender.on_abort(h)
@@ -486,21 +484,23 @@ class StreamHub:
 
     # ------------------------------------------------------------------ handlers
     async def _run_handler(self, stream: IncomingStream, fn: StreamHandler, h: StreamOpen) -> None:
-        cell = self.cell
+        port = self.port
         key = (stream.src, stream.sid)
-        ctx = Context(cell, h.src, h.channel, h.topic, h.id, h.route, h.headers, float("inf"))
+        ctx = Context(
+            self._face, h.src, h.channel, h.topic, h.id, h.route, h.headers, math.inf, port.clock
+        )
         try:
             try:
                 result = await fn(ctx, stream)
                 body = as_payload(result)
             except Exception as exc:
-                self.abort(stream, *handler_failure(cell, exc, h.channel, h.topic, h.src))
+                self.abort(stream, *handler_failure(port, exc, h.channel, h.topic, h.src))
                 return
             done = Frame(
                 originate(
                     StreamDone,
                     self._id(),
-                    cell.name,
+                    port.name,
                     stream.src,
                     headers=dict(body.headers),
                     sid=stream.sid,
@@ -511,9 +511,9 @@ class StreamHub:
                 body.parts,
             )
             self._finished_put(key, done)
-            await cell._send_to(stream.src, done)
+            await port.send(done)
         except FlareError as exc:
-            cell._log.info("stream answer could not be sent", dst=stream.src, error=str(exc))
+            port.log.info("stream answer could not be sent", dst=stream.src, error=str(exc))
         finally:
             self.incoming.pop(key, None)
             stream.fail(StreamAborted("the stream handler returned"))
@@ -525,24 +525,24 @@ class StreamHub:
 
     # ------------------------------------------------------------------ sending small frames
     def _id(self) -> int:
-        return next(self.cell._ids)
+        return self.port.next_id()
 
     def _post(self, frame: Frame) -> None:
-        self.cell._post(frame)
+        self.port.post(frame)
 
     def ack(self, stream: IncomingStream) -> None:
-        self._post(stream.ack_frame(self.cell.name, self._id(), first=False, resend=False))
+        self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=False))
 
     def abort(self, stream: IncomingStream, status: Status, message: str) -> None:
         """Give up an incoming stream and tell its sender (again, if it probes later: the
         abort is kept with the finished streams)."""
         key = (stream.src, stream.sid)
         self.incoming.pop(key, None)
-        stream.fail(error_for_status(status, message, self.cell.name))
+        stream.fail(error_for_status(status, message, self.port.name))
         self._finished_put(key, self._abort_to(stream.src, stream.src, stream.sid, status, message))
 
     def _abort_to(self, dst: str, sender: str, sid: int, status: Status, message: str) -> Frame:
-        name = self.cell.name
+        name = self.port.name
         abort = originate(
             StreamAbort,
             self._id(),
@@ -565,10 +565,10 @@ class StreamHub:
     def close(self) -> None:
         """The cell stops: every stream fails."""
         for stream in list(self.incoming.values()):
-            stream.fail(StreamAborted(f"cell {self.cell.name} stopped"))
+            stream.fail(StreamAborted(f"cell {self.port.name} stopped"))
         self.incoming.clear()
         for sender in list(self.outgoing.values()):
-            sender.fail(StreamAborted(f"cell {self.cell.name} stopped"))
+            sender.fail(StreamAborted(f"cell {self.port.name} stopped"))
 
 
 __all__ = ["IncomingStream", "StreamHandler", "StreamHub"]

@@ -16,13 +16,16 @@ stream (:class:`~flare_async.errors.StreamStalled`): a long transfer that moves 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
 from flare_async._concurrency import Signal, SignalLike
+from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
+from flare_async.cell._port import Port
 from flare_async.errors import (
     DeadlineExceeded,
     ProtocolError,
@@ -33,7 +36,7 @@ from flare_async.errors import (
     Unreachable,
     error_for_status,
 )
-from flare_async.streaming import ChunkLog, Digest, Progress, ProgressMeter, SenderFlow
+from flare_async.streaming import ChunkLog, Digest, ProgressMeter, SenderFlow
 from flare_async.wire import (
     Frame,
     Routed,
@@ -46,19 +49,10 @@ from flare_async.wire import (
     originate,
 )
 
-if TYPE_CHECKING:
-    from flare_async.cell._cell import Cell
-
 R = TypeVar("R", bound=Routed)
-
-ProgressCallback = Callable[[Progress], None]
 
 _PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLINE_EXCEEDED})
 """Statuses with which a relay reports it could not pass a chunk on: resume, do not fail."""
-
-
-Seal = Callable[[str, str], Mapping[str, str]]
-"""``(dst, sha256) -> headers`` for a stream's end message (a signature over the digest)."""
 
 
 class StreamOptions:
@@ -129,8 +123,17 @@ class StreamOptions:
 class StreamSender:
     """The sending end of one stream to one destination."""
 
-    def __init__(self, cell: Cell, dst: str, sid: int, log: ChunkLog, opts: StreamOptions):
-        self.cell = cell
+    def __init__(
+        self,
+        port: Port,
+        counters: Counter[str],
+        dst: str,
+        sid: int,
+        log: ChunkLog,
+        opts: StreamOptions,
+    ) -> None:
+        self.port = port
+        self.counters = counters
         self.dst = dst
         self.sid = sid
         self.log = log
@@ -146,10 +149,10 @@ class StreamSender:
         self.remote_sha256 = ""
         self._signal: SignalLike | None = None
         self._wanted = False  # a wake-up arrived while not waiting
-        self.last_progress = cell._clock()
+        self.last_progress = port.clock()
         self.connected = False  # an ack came since the last path failure
         self._end_sent_at = -1
-        self._meter = ProgressMeter(cell._clock, dst, sid, log.size)
+        self._meter = ProgressMeter(port.clock, dst, sid, log.size)
         self._busy: StreamAbort | None = None  # the receiver had no slot for the stream yet
         self._busy_tries = 0
 
@@ -173,11 +176,11 @@ class StreamSender:
             return
         before = self.flow.committed
         if self.flow.on_ack(h.committed, h.limit, chunk=h.chunk, window=h.window, resend=h.resend):
-            self.cell._streams.counters["rewinds"] += 1
+            self.counters["rewinds"] += 1
         self.connected = True
         complete = self.log.eof and self.flow.committed >= self.log.end
         if self.flow.committed > before or complete:
-            self.last_progress = self.cell._clock()  # bytes moved, or the handler is alive
+            self.last_progress = self.port.clock()  # bytes moved, or the handler is alive
             self.log.commit(self.dst, self.flow.committed)
             if self.flow.committed > before:
                 self._report(self.flow.committed)
@@ -190,10 +193,10 @@ class StreamSender:
         try:
             self.opts.progress(self._meter.update(done))
         except Exception as exc:
-            self.cell._log.warning("progress callback failed", dst=self.dst, error=repr(exc))
+            self.port.log.warning("progress callback failed", dst=self.dst, error=repr(exc))
 
     def on_abort(self, h: StreamAbort) -> None:
-        src, me, dst = h.src, self.cell.name, self.dst
+        src, me, dst = h.src, self.port.name, self.dst
         on_path = dst.startswith(src + ".") or me.startswith(src + ".")
         if src != dst and not on_path:
             return  # no cell off the path may end our stream
@@ -219,12 +222,12 @@ class StreamSender:
         """Open the stream again after a randomized pause that grows with each refusal (up
         to the probe interval); past the idle limit the refusal is the stream's error."""
         self._busy = None
-        if self.cell._clock() - self.last_progress > self.opts.idle:
+        if self.port.clock() - self.last_progress > self.opts.idle:
             raise error_for_status(refused.status, refused.message, refused.src)
         self._busy_tries += 1
         pause = min(self.opts.probe, 0.02 * 2 ** min(self._busy_tries, 8))
-        await anyio.sleep(pause * (0.5 + self.cell._rng.random()))
-        self.cell._streams.counters["waits"] += 1
+        await anyio.sleep(pause * (0.5 + self.port.random()))
+        self.counters["waits"] += 1
         await self._send(self._open(resume=False))
 
     def fail(self, error: BaseException) -> None:
@@ -235,8 +238,8 @@ class StreamSender:
     # ------------------------------------------------------------------ the pump
     def _header(self, kind: type[R], headers: dict[str, str] | None = None, **fields: Any) -> R:
         """A new message of this stream to the receiver."""
-        cell = self.cell
-        return originate(kind, next(cell._ids), cell.name, self.dst, headers=headers, **fields)
+        port = self.port
+        return originate(kind, port.next_id(), port.name, self.dst, headers=headers, **fields)
 
     def _open(self, resume: bool) -> Frame:
         o = self.opts
@@ -262,12 +265,12 @@ class StreamSender:
     async def _send(self, frame: Frame) -> bool:
         """Send one frame; False when the path failed (then probe until it is back)."""
         try:
-            await self.cell._send_to(self.dst, frame)
+            await self.port.send(frame)
         except (TransportError, Unreachable, DeadlineExceeded) as exc:
             if not self.flow.started and isinstance(exc, Unreachable):
                 raise  # no route at all at the start: fail at once, as a request would
             self.connected = False
-            self.cell._log.info("stream path failed, will resume", dst=self.dst, error=str(exc))
+            self.port.log.info("stream path failed, will resume", dst=self.dst, error=str(exc))
             return False
         return True
 
@@ -283,13 +286,13 @@ class StreamSender:
         if not scope.cancelled_caught:
             return
         self._signal = None
-        if self.cell._clock() - self.last_progress > self.opts.idle:
-            self.cell._streams.counters["failed"] += 1
+        if self.port.clock() - self.last_progress > self.opts.idle:
+            self.counters["failed"] += 1
             raise StreamStalled(
                 f"stream {self.sid} to {self.dst} made no progress for {self.opts.idle} s "
                 f"({self.flow.committed} B committed)"
             )
-        self.cell._streams.counters["probes"] += 1
+        self.counters["probes"] += 1
         self._end_sent_at = -1  # the End may have been lost: send it again after the probe
         await self._send(self._open(resume=self.flow.started))
 
@@ -346,7 +349,7 @@ class StreamSender:
         error = self.error
         if isinstance(error, StreamAborted | Unreachable) and error.reported_by == self.dst:
             return  # the receiver ended it
-        name = self.cell.name
+        name = self.port.name
         why = f"the sender gave up: {error!r}" if error is not None else "the sender gave up"
         abort = self._header(
             StreamAbort,
@@ -356,11 +359,13 @@ class StreamSender:
             sender=name,
         )
         with contextlib.suppress(Exception):
-            self.cell._post(Frame(abort))
+            self.port.post(Frame(abort))
 
 
 async def send_streams(
-    cell: Cell,
+    port: Port,
+    outgoing: dict[int, StreamSender],
+    counters: Counter[str],
     dsts: list[str],
     log: ChunkLog,
     digest: Digest | None,
@@ -369,9 +374,9 @@ async def send_streams(
     sha_from: Callable[[], str] | None = None,
 ) -> dict[str, StreamSender]:
     """Send one object to every destination from one log; returns each sender (its ``reply``
-    or ``error``). ``per_dst`` overrides the options for some destinations (fan-out relays);
+    or ``error``). Each sender is in ``outgoing`` (the hub's, by stream id) while it runs.
+    ``per_dst`` overrides the options for some destinations (fan-out relays);
     ``sha_from`` gives the digest at the end when the source knows it (a relayed stream)."""
-    hub = cell._streams
     senders: dict[str, StreamSender] = {}
     sha_known = opts.sha256
     sha_value: list[str] = []
@@ -395,7 +400,7 @@ async def send_streams(
         except Exception as exc:  # kept as this destination's outcome, never a group
             sender.error = sender.error or exc
         finally:
-            hub.outgoing.pop(sender.sid, None)
+            outgoing.pop(sender.sid, None)
 
     async def read_ahead() -> None:
         """Keep the log filled up to the window while the senders send from it, so reading
@@ -418,10 +423,11 @@ async def send_streams(
             tg.start_soon(read_ahead)
             async with anyio.create_task_group() as pumps:
                 for dst in dsts:
-                    sender = StreamSender(cell, dst, next(cell._ids), log, per_dst.get(dst, opts))
+                    o = per_dst.get(dst, opts)
+                    sender = StreamSender(port, counters, dst, port.next_id(), log, o)
                     senders[dst] = sender
-                    hub.outgoing[sender.sid] = sender
-                    hub.counters["sent"] += 1
+                    outgoing[sender.sid] = sender
+                    counters["sent"] += 1
                     log.watch(sender)
                     pumps.start_soon(one, sender)
             if digest is not None:

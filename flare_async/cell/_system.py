@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import msgspec
 
@@ -58,8 +59,7 @@ def system_handlers() -> HandlerTable:
     @table.request("sys", "reach")
     async def reach(ctx: Context, msg: Payload) -> bytes:
         dst = msg.tobytes().decode(errors="replace")
-        clock = ctx.cell._clock
-        start = clock()
+        start = time.perf_counter()
         left = ctx.remaining()
         try:
             await ctx.cell.request(
@@ -67,7 +67,7 @@ def system_handlers() -> HandlerTable:
             )
         except FlareError as exc:
             return _json.encode(Reach(dst, ok=False, error=f"{type(exc).__name__}: {exc}"))
-        return _json.encode(Reach(dst, ok=True, rtt=clock() - start))
+        return _json.encode(Reach(dst, ok=True, rtt=time.perf_counter() - start))
 
     @table.stream(FANOUT_CHANNEL, FANOUT_TOPIC)
     async def fanout(ctx: Context, stream: IncomingStream) -> bytes:

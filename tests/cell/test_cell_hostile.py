@@ -92,7 +92,7 @@ async def test_an_error_from_off_the_path_cannot_fail_a_request() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
             await anyio.wait_all_tasks_blocked()
-            (msg_id,) = server._pending._waiters  # the id a guessing attacker would need
+            (msg_id,) = server._router.pending._waiters  # the id a guessing attacker would need
             forged = Error(
                 id=1,
                 src="server.evil",
@@ -176,7 +176,7 @@ async def test_a_peer_that_never_reads_cannot_pile_up_tasks() -> None:
         await anyio.wait_all_tasks_blocked()
         stats = server.statistics()
         assert sent == 5000
-        assert server._answer_tasks <= 1024
+        assert server._router.answer_tasks <= 1024
         assert stats.errors_returned == 5000
         assert stats.undeliverable >= 5000 - 1024 - 4
         await flooder.aclose()

@@ -108,9 +108,9 @@ async def test_forwarded_entries_do_not_outlive_their_answers() -> None:
         for _ in range(20):
             await c["server"].request("server.r1.e", "t", "block")
         relay = c["server.r1"]
-        assert all(not peer.inflight for peer in relay._children.values())
-        assert relay._parent is not None
-        assert not relay._parent.inflight
+        assert all(not peer.inflight for peer in relay._router.children.values())
+        assert relay._router.parent is not None
+        assert not relay._router.parent.inflight
 
 
 async def test_a_parent_that_drops_every_link_at_once_is_redialled_with_backoff() -> None:

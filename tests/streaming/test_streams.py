@@ -436,7 +436,7 @@ async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
                 )
             )
             await cell.wait_parent()
-        (link,) = [p.link for p in server._children.values()]
+        (link,) = [p.link for p in server._router.children.values()]
         before = link.statistics()["bytes_sent"]
         results = await server.stream_many(
             [f"server.r.e{i}" for i in range(4)],
@@ -598,7 +598,7 @@ async def test_a_cell_off_the_path_cannot_abort_a_stream() -> None:
                 message="spoofed",
                 sender="server",
             )
-            await rogue._send_to("server", Frame(spoof))
+            await rogue._router.send(Frame(spoof))
             await anyio.wait_all_tasks_blocked()
             assert server._streams.outgoing[sid].error is None
             sink.release.set()
@@ -636,7 +636,7 @@ async def test_an_abort_about_another_senders_stream_leaves_this_one_alone() -> 
             message="about someone else's stream",
             sender="server.other",
         )
-        await server._send_to("server.a", Frame(other))
+        await server._router.send(Frame(other))
         await anyio.wait_all_tasks_blocked()
         assert ("server", sid) in edge._streams.incoming
         sink.release.set()

@@ -42,8 +42,8 @@ def table_for(tmp: Path, state: dict[str, Any]) -> HandlerTable:
                 await state["hold"].wait()
             if "drop_at" in state and n >= state["drop_at"] and not state.get("dropped"):
                 state["dropped"] = True
-                assert ctx.cell._parent is not None
-                link = ctx.cell._parent.link
+                assert ctx.cell._router.parent is not None
+                link = ctx.cell._router.parent.link
                 assert isinstance(link, TcpLink)
                 link.abort()  # a reset, as a crashed host or a cut cable would give
         return str(n).encode()
@@ -107,8 +107,8 @@ async def test_three_hops_over_tcp(tmp_path: Path) -> None:
         reply = await cells[0].stream(names[-1], "t", "save", data, chunk=256 << 10)
         # Both relays passed the chunks on unread (os.splice), from their parent's link.
         for relay in cells[1:3]:
-            assert relay._parent is not None
-            assert relay._parent.link.statistics()["frames_passed"] >= 10
+            assert relay._router.parent is not None
+            assert relay._router.parent.link.statistics()["frames_passed"] >= 10
     assert int(reply.tobytes()) == len(data)
     assert state["path"].read_bytes() == data
 
@@ -126,8 +126,8 @@ async def test_a_relay_link_killed_mid_stream_resumes(tmp_path: Path) -> None:
         assert int(reply.tobytes()) == len(data)
         assert state["dropped"]
         assert edge.statistics().streams["resumes"] >= 1
-        assert relay._parent is not None
-        assert relay._parent.link.statistics()["frames_passed"] >= 1
+        assert relay._router.parent is not None
+        assert relay._router.parent.link.statistics()["frames_passed"] >= 1
 
 
 async def test_a_connection_killed_mid_stream_resumes(tmp_path: Path) -> None:

@@ -36,8 +36,8 @@ def dropping_table(state: dict[str, Any], drop_at: int) -> HandlerTable:
             if len(got) >= drop_at and not state.get("dropped"):
                 state["dropped"] = True
                 cell: Cell = ctx.cell
-                assert cell._parent is not None
-                cell._parent.link.abort()  # type: ignore[attr-defined]
+                assert cell._router.parent is not None
+                cell._router.parent.link.abort()  # type: ignore[attr-defined]
         state["data"] = bytes(got)
         return stream.sha256.encode()
 

@@ -1,0 +1,166 @@
+"""What a handler can do with the cell running it: :attr:`Context.cell`'s type.
+
+A protocol, not the ``Cell`` class: the handler workers and the stream hub, which make the
+contexts, sit below the ``Cell`` that composes them and never import it. ``Cell`` satisfies
+this protocol (mypy checks it where the cell hands itself to its parts); the methods'
+documentation is on ``Cell``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import msgspec
+
+from flare_async.cell._payload import Payload
+from flare_async.errors import FlareError
+from flare_async.streaming import Progress, StreamSource
+from flare_async.wire import Buffer
+
+ProgressCallback = Callable[[Progress], None]
+"""Called with a stream's :class:`~flare_async.streaming.Progress` as the receiver commits."""
+
+Seal = Callable[[str, str], Mapping[str, str]]
+"""``(dst, sha256) -> headers`` for a stream's end message (a signature over the digest)."""
+
+Body = Payload | Buffer | None
+
+
+class CellStatistics(msgspec.Struct, frozen=True):
+    """A snapshot of a cell's queues and counters (see :meth:`Cell.statistics`)."""
+
+    name: str
+    children: int
+    has_parent: bool
+    pending_requests: int
+    handlers_busy: int
+    handler_queue_size: int
+    workers: int
+    handled: int
+    forwarded: int
+    rejected_overloaded: int
+    errors_returned: int
+    undeliverable: int
+    bad_signatures: int = 0
+    """Messages refused because their signature failed (``Cell(signing=)``)."""
+    streams: dict[str, int] = msgspec.field(default_factory=dict)
+    """Stream counters: ``receiving`` / ``sending`` now, ``received`` / ``sent`` in all,
+    ``damaged_chunks`` (failed their CRC), ``resends_asked``, ``resumes`` (a sender's probe
+    answered here), ``rewinds`` / ``probes`` (as a sender), ``failed``."""
+
+
+class CellAPI(Protocol):
+    """The calls a handler may make through ``ctx.cell`` (see :class:`~flare_async.Cell`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parent_name(self) -> str | None:
+        """See :attr:`Cell.parent_name <flare_async.Cell.parent_name>`."""
+        ...
+
+    @property
+    def children(self) -> list[str]:
+        """See :attr:`Cell.children <flare_async.Cell.children>`."""
+        ...
+
+    def statistics(self) -> CellStatistics:
+        """See :meth:`Cell.statistics <flare_async.Cell.statistics>`."""
+        ...
+
+    def encode(self, obj: Any, codec: str | None = None, *, channel: str | None = None) -> Payload:
+        """See :meth:`Cell.encode <flare_async.Cell.encode>`."""
+        ...
+
+    def decode(self, payload: Payload) -> Any:
+        """See :meth:`Cell.decode <flare_async.Cell.decode>`."""
+        ...
+
+    async def request(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        payload: Body = None,
+        *,
+        timeout: float | Any | None = ...,
+        headers: Mapping[str, str] | None = None,
+    ) -> Payload:
+        """See :meth:`Cell.request <flare_async.Cell.request>`."""
+        ...
+
+    async def send_event(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        payload: Body = None,
+        *,
+        timeout: float | Any | None = ...,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """See :meth:`Cell.send_event <flare_async.Cell.send_event>`."""
+        ...
+
+    async def broadcast(
+        self,
+        dsts: Iterable[str],
+        channel: str,
+        topic: str,
+        payload: Body = None,
+        *,
+        timeout: float | Any | None = ...,
+        headers: Mapping[str, str] | None = None,
+    ) -> Mapping[str, Payload | FlareError]:
+        """See :meth:`Cell.broadcast <flare_async.Cell.broadcast>`."""
+        ...
+
+    async def stream(
+        self,
+        dst: str,
+        channel: str,
+        topic: str,
+        source: StreamSource,
+        *,
+        size: int | None = None,
+        chunk: int | None = None,
+        window: int = ...,
+        digest: bool = True,
+        sha256: str = "",
+        idle: float = 60.0,
+        probe: float | None = None,
+        codec: str = "",
+        headers: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+        seal: Seal | None = None,
+    ) -> Payload:
+        """See :meth:`Cell.stream <flare_async.Cell.stream>`."""
+        ...
+
+    async def stream_many(
+        self,
+        dsts: Iterable[str],
+        channel: str,
+        topic: str,
+        source: StreamSource,
+        *,
+        size: int | None = None,
+        chunk: int | None = None,
+        window: int = ...,
+        digest: bool = True,
+        sha256: str = "",
+        idle: float = 60.0,
+        probe: float | None = None,
+        codec: str = "",
+        headers: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+        seal: Seal | None = None,
+        via_relays: bool = True,
+    ) -> dict[str, Payload | FlareError]:
+        """See :meth:`Cell.stream_many <flare_async.Cell.stream_many>`."""
+        ...
+
+
+__all__ = ["Body", "CellAPI", "CellStatistics", "ProgressCallback", "Seal"]
