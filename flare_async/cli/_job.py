@@ -36,7 +36,7 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
-from flare_async.fl._jobs import CHANNEL
+from flare_async.fl import JOB_CHANNEL
 from flare_async.security import (
     MessageSigning,
     Role,
@@ -58,7 +58,7 @@ class AdminSession:
 
     async def call(self, topic: str, body: dict[str, Any]) -> Any:
         data = json.dumps(body).encode()
-        reply = await self.cell.request(self.server, CHANNEL, topic, data, timeout=120)
+        reply = await self.cell.request(self.server, JOB_CHANNEL, topic, data, timeout=120)
         raw = reply.tobytes()
         return json.loads(raw) if topic != "logs" else raw
 
@@ -101,7 +101,7 @@ async def admin_session(
 def _download_handlers(folder: Path) -> HandlerTable:
     table = HandlerTable("job download")
 
-    @table.stream(CHANNEL, "file")
+    @table.stream(JOB_CHANNEL, "file")
     async def file(ctx: Context, stream: IncomingStream) -> bytes:
         job, name = stream.headers.get("job", ""), stream.headers.get("name", "")
 

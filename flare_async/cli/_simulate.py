@@ -14,8 +14,7 @@ import anyio
 
 from flare_async import _logging
 from flare_async.errors import FlareError
-from flare_async.fl import RoundResult
-from flare_async.fl._recipe import load_recipe
+from flare_async.fl import FedAvgRecipe, RoundResult
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +35,7 @@ def add_parser(sub: Any) -> None:
 def run(args: Any) -> int:
     _logging.configure(json=False, level=30)
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = FedAvgRecipe.load(args.recipe)
         if args.rounds is not None:
             recipe.rounds = args.rounds
         if args.codec is not None:

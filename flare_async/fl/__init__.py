@@ -1,25 +1,34 @@
 """Federated learning on the fabric (layer L4): models, streaming aggregation, the server's
-round API, workflows, the client runtime behind the Client API, and the simulator.
+round API, workflows, the client runtime behind the Client API, the simulator, and the
+deployed roles' services: the server's job service (:class:`JobManager`, with
+:class:`AdminRights` and the admin protocol's channel :data:`JOB_CHANNEL`), a relay's
+:class:`RelayAggregator`, a site's :class:`SiteJobs` under its :class:`SitePolicy`.
 
 This is the face for people who run FL jobs and write workflows (see docs/design.md, "Public
-faces"). What only the package itself uses (how a model is cut into wire parts, how a recipe is
-loaded by name, FedBuff's staleness weight) stays in the private modules.
+faces"). What only the package itself uses (how a model is cut into wire parts, FedBuff's
+staleness weight) stays in the private modules; other packages (the command line, the repo's
+``cells/``) use only these names (a recipe by name: ``FedAvgRecipe.load``).
 """
 
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._edge import EdgeClient, EdgeStats
 from flare_async.fl._fedbuff import FedBuffStats, fedbuff
+from flare_async.fl._jobs import CHANNEL as JOB_CHANNEL
+from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._privacy import SitePolicy, load_policy
 from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._secagg import SecAggError, SecAggRangeError
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
+from flare_async.fl._site import SiteJobs
 from flare_async.fl._workflows import fedavg
 
 __all__ = [
+    "AdminRights",
     "ClientRuntime",
     "EdgeClient",
     "EdgeStats",
@@ -27,6 +36,8 @@ __all__ = [
     "FLServer",
     "FedBuffStats",
     "FedAvgRecipe",
+    "JOB_CHANNEL",
+    "JobManager",
     "ParamsType",
     "RelayAggregator",
     "RoundFailed",
@@ -35,10 +46,13 @@ __all__ = [
     "SecAggError",
     "SecAggRangeError",
     "SecureAggregation",
+    "SiteJobs",
+    "SitePolicy",
     "WeightedSum",
     "fedavg",
     "fedavg_step",
     "fedbuff",
+    "load_policy",
     "secure_round",
     "simulate",
 ]

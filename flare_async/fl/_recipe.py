@@ -67,6 +67,18 @@ class FedAvgRecipe:
     def __post_init__(self) -> None:
         SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: at submission
 
+    @staticmethod
+    def load(spec: str) -> FedAvgRecipe:
+        """The recipe ``MODULE:NAME`` names (what ``flare-async simulate`` and ``job submit``
+        take): a recipe, or a function *declared* to return one, called with no arguments.
+        Nothing else named is ever called.
+
+        Raises:
+            ConfigError: it does not load, is neither a recipe nor a declared recipe factory,
+                or the factory returned something else.
+        """
+        return load_recipe(spec)
+
     async def run(
         self,
         server: Rounds,

@@ -11,7 +11,7 @@ import pytest
 
 from flare_async import Cell, errors
 from flare_async.cli._job import _download_handlers
-from flare_async.fl._jobs import CHANNEL
+from flare_async.fl import JOB_CHANNEL
 from flare_async.transport import MemoryNetwork
 
 pytestmark = pytest.mark.anyio
@@ -57,11 +57,11 @@ async def test_a_download_writes_only_inside_its_folder(
     async with download_pair(out) as server:
         with pytest.raises(errors.BadRequest, match="refusing"):
             await server.stream(
-                "server._admin-x", CHANNEL, "file", b"x", headers={"job": job, "name": name}
+                "server._admin-x", JOB_CHANNEL, "file", b"x", headers={"job": job, "name": name}
             )
         # a proper file still arrives
         await server.stream(
-            "server._admin-x", CHANNEL, "file", b"ok", headers={"job": "j1", "name": "c/m.bin"}
+            "server._admin-x", JOB_CHANNEL, "file", b"ok", headers={"job": "j1", "name": "c/m.bin"}
         )
     assert files_under(tmp_path) == ["a/out/j1/c/m.bin"]
 
@@ -82,6 +82,6 @@ async def test_a_download_follows_no_symlink_out_of_its_folder(tmp_path: Path) -
         for job, name in (("linked", "x"), ("j1", "sub/x"), ("j1", "f")):
             with pytest.raises(errors.BadRequest, match="refusing"):
                 await server.stream(
-                    "server._admin-x", CHANNEL, "file", b"x", headers={"job": job, "name": name}
+                    "server._admin-x", JOB_CHANNEL, "file", b"x", headers={"job": job, "name": name}
                 )
     assert list(outside.iterdir()) == []
