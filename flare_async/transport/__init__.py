@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from flare_async.transport._base import Admission, Driver, Link, Listener
 from flare_async.transport._memory import MemoryLink, MemoryNetwork
 from flare_async.transport._registry import DriverRegistry, url_scheme
-from flare_async.transport._tcp import TcpDriver, TcpLink
+from flare_async.transport._tcp import TcpDriver
+from flare_async.transport._tcp_base import TcpLink
 
 if TYPE_CHECKING:
     from flare_async.transport._ws import WebSocketDriver

@@ -26,7 +26,8 @@ from anyio.lowlevel import checkpoint
 from flare_async import Cell
 from flare_async.errors import LinkBroken
 from flare_async.testing import FaultProxy, rst_close
-from flare_async.transport import TcpDriver, TcpLink
+from flare_async.transport import TcpDriver
+from flare_async.transport._tcp_asyncio import AsyncioTcpLink
 from flare_async.wire import Connection, Event, Limits
 from tests._topo import sink_table
 from tests.streaming.test_streams import pattern
@@ -55,12 +56,12 @@ def _frame_start(payload: int) -> bytes:
     return bytes(head[0])
 
 
-async def _accepted() -> tuple[TcpLink, socket.socket, Any]:
+async def _accepted() -> tuple[AsyncioTcpLink, socket.socket, Any]:
     listener = await TcpDriver().listen("tcp://127.0.0.1:0", limits=Limits())
     port = int(listener.url.rsplit(":", 1)[1])
     raw = socket.create_connection(("127.0.0.1", port))
     link = await listener.accept()
-    assert isinstance(link, TcpLink)
+    assert isinstance(link, AsyncioTcpLink)
     return link, raw, listener
 
 
@@ -156,7 +157,7 @@ async def test_a_stream_resumes_at_once_after_a_reset_mid_frame(scenario: str) -
                     )
                 assert reply.tobytes().decode() == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
                 assert proxy.counters.cuts == 1
-                assert cells[receiver_name].statistics().streams["resumes"] >= 1
+                assert cells[receiver_name].statistics().streams.resumes >= 1
         finally:
             tg.cancel_scope.cancel()
             if proxy is not None:

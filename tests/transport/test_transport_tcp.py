@@ -13,6 +13,9 @@ import pytest
 from flare_async.errors import ConfigError, ConnectError, LinkBroken, ProtocolError
 from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import Link, TcpDriver, TcpLink
+from flare_async.transport._tcp_asyncio import AsyncioTcpLink
+from flare_async.transport._tcp_trio import TrioTcpLink
+from flare_async.transport._tls import TlsLink
 from flare_async.wire import Connection, Event, Frame, Limits
 from tests.transport.test_transport_ws import client_context, make_pki, server_context
 
@@ -46,7 +49,7 @@ def tls_pair(pki: Any) -> Any:
 
         async def accept() -> None:
             link = await listener.accept()
-            assert isinstance(link, TcpLink)
+            assert isinstance(link, TlsLink)
             await link._ensure_tls()
             accepted.append(link)
 
@@ -176,7 +179,7 @@ async def test_try_send_finishes_a_partly_written_frame_before_any_other(
     async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
         _short_writes(a)
         assert a.try_send(_numbered(0))
-        assert isinstance(a, TcpLink)
+        assert isinstance(a, AsyncioTcpLink)
         assert a._tail is not None  # 100 bytes went out; the rest waits for the writer callback
         assert not a.try_send(_numbered(1)), "a frame slipped in behind a partly written one"
         await a.send(_numbered(1))  # waits for the lock the tail holds, then follows it
@@ -202,3 +205,30 @@ async def test_closing_with_a_partly_written_frame_breaks_the_link_for_the_peer(
         assert (await b.receive()).header.id == 0
         with pytest.raises(LinkBroken):  # the cut frame is never taken for a whole one
             await b.receive()
+
+
+async def test_each_link_is_made_as_the_class_of_its_backend_and_scheme(
+    anyio_backend_name: str, tls_pki: Any
+) -> None:
+    """The class chosen when a link is made decides its I/O: the driver's links, and a
+    ``TcpLink(sock, ...)`` made of a socket pair (a job's worker channel), are the raw link of
+    the running backend; tls:// links are TlsLinks."""
+    raw = AsyncioTcpLink if anyio_backend_name == "asyncio" else TrioTcpLink
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert type(a) is raw
+        assert type(b) is raw
+    async with tls_pair(tls_pki)() as (a, b):
+        assert type(a) is TlsLink
+        assert type(b) is TlsLink
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    link = TcpLink(left, Limits(), local_address="pipe:a", peer_address="pipe:b")
+    try:
+        assert type(link) is raw
+        right.sendall(bytes(Connection().send(_numbered(7).header, [b"x"])[0]) + b"x")
+        with anyio.fail_after(5):
+            frame = await link.receive()
+        assert frame.header.id == 7
+    finally:
+        await link.aclose()
+        right.close()

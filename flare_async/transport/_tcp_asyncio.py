@@ -1,0 +1,350 @@
+"""The raw-socket ``tcp://`` link on asyncio (and uvloop): reads ahead in a loop callback, hands
+frames to the cell as they arrive (push delivery), and passes large payloads through unread
+(splicing, on Linux).
+
+On asyncio waiting for readability once per read is the most expensive part of a small round
+trip: anyio registers a reader, creates a future and unregisters it every time. Instead a reader
+callback stays registered and reads into the connection as data arrives, as a BufferedProtocol
+would; receive() only waits when no frame is complete. Reading pauses while complete frames not
+yet received exceed _READ_AHEAD bytes, so a consumer that stops reading stops the socket (and
+the peer, through TCP flow control). Writes stay on the socket itself (vectored sendmsg), which
+a transport would not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
+from flare_async.transport import _splice
+from flare_async.transport._base import Link
+from flare_async.transport._tcp_base import error_reason
+from flare_async.transport._tcp_raw import RawTcpLink
+from flare_async.wire import EOF, Buffer, Envelope, Frame, Passing
+
+_LOWAT_FROM = 64 * 1024
+_LOWAT_MAX = 512 * 1024
+_READ_AHEAD = 1 << 20
+"""Bytes of complete frames read ahead of receive() before reading pauses."""
+
+
+class AsyncioTcpLink(RawTcpLink):
+    """A reader callback registered once with the loop reads ahead into the connection (see
+    :meth:`_on_readable`), and try_send may leave the end of a frame to a writer callback (see
+    :meth:`_park_tail`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop = asyncio.get_running_loop()
+        # See _raise_pending_error: asyncio's selector calls the reader again, other loops not.
+        self._check_error = not isinstance(self._loop, asyncio.SelectorEventLoop)
+        self._started = False
+        self._on_frame: Callable[[Frame], bool] | None = None
+        self._pushing = False  # frames go to _on_frame (else to receive())
+        self._held: Frame | None = None  # declined by _on_frame: receive() returns it first
+        self._tail: memoryview | None = None
+        self._reading = False
+        self._lowat = 1
+        self._rx_error: BaseException | None = None
+        self._rx_wakeup: asyncio.Future[None] | None = None
+        self._passing: Passing | None = None  # handed out by receive(), payload not yet moved
+
+    # ------------------------------------------------------------------ sending
+    def _write_small(self, segments: list[Buffer], total: int) -> bool:
+        """One ``sendmsg`` usually takes the whole frame; if the kernel takes only part, the
+        rest (a few KiB at most, copied) is written by a writer callback that holds the send
+        lock meanwhile, so no other frame can slip in between."""
+        n = self._sock.sendmsg(segments)
+        if n != total:
+            self._park_tail(segments, n)
+        return True
+
+    def _park_tail(self, segments: list[Buffer], written: int) -> None:
+        self._send_lock.acquire_nowait()  # free: try_send checked; released once flushed
+        self._tail = memoryview(b"".join(segments)[written:])
+        self._loop.add_writer(self._sock.fileno(), self._flush_tail)
+
+    def _flush_tail(self) -> None:
+        tail = self._tail
+        if tail is None:
+            return
+        try:
+            n = self._sock.send(tail)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._mark_broken(f"send failed: {error_reason(exc)}")
+            n = len(tail)  # give up on it: the link is broken, senders will see that
+        if n < len(tail):
+            self._tail = tail[n:]
+            return
+        self._end_tail()
+
+    def _end_tail(self) -> None:
+        if self._tail is not None:
+            self._tail = None
+            self._loop.remove_writer(self._sock.fileno())
+            self._send_lock.release()
+
+    # ------------------------------------------------------------------ receiving
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        self._on_frame = on_frame
+        if on_frame is None:
+            self._pushing = False
+        # Otherwise pushing starts once receive() has taken every frame already read.
+        return True
+
+    async def receive(self) -> Frame:
+        conn = self._conn
+        if not self._started:
+            self._started = True
+            self._resume_reading()
+        while True:
+            if self._passing is not None:
+                await self._discard_passing()
+            held = self._held
+            if held is not None:
+                self._held = None
+                if isinstance(held, Passing):
+                    self._passing = held
+                return held
+            event = conn.next_event()
+            if isinstance(event, Passing):
+                self._passing = event
+                return event
+            if isinstance(event, Frame):
+                if (
+                    not self._reading
+                    and self._rx_error is None
+                    and conn.pending_bytes < _READ_AHEAD
+                ):
+                    self._resume_reading()
+                return event
+            if event is EOF:
+                raise LinkClosed("peer closed the connection")
+            if self._rx_error is not None:
+                raise self._rx_error
+            self._check_usable()
+            if self._on_frame is not None:
+                self._pushing = True  # nothing queued: later frames go straight to on_frame
+            if not self._reading:
+                self._resume_reading()
+            wakeup = self._rx_wakeup = self._loop.create_future()
+            await wakeup
+
+    def _resume_reading(self) -> None:
+        if self._conn.passing:
+            return  # the payload in the socket is moved by whoever forwards the frame
+        if not self._reading and self._started and self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        try:
+            n = self._sock.recv_into(conn.get_buffer())
+            if n:
+                conn.buffer_updated(n)
+                self._set_lowat(conn.owed)
+                if self._check_error:
+                    _raise_pending_error(self._sock)
+            else:
+                self._pause_reading()
+                conn.receive_data(b"")  # clean EOF, or LinkBroken in the middle of a frame
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._pause_reading()
+            self._mark_broken(f"connection failed: {error_reason(exc)}")
+            self._rx_error = LinkBroken(self._broken or "")
+        except (ProtocolError, LinkBroken) as exc:
+            self._pause_reading()
+            self._rx_error = exc
+        else:
+            if conn.passing:
+                self._pause_reading()
+            if self._pushing:
+                if not self._push():
+                    return  # every frame handled: the receiving task sleeps on
+            elif conn.pending_bytes >= _READ_AHEAD:
+                self._pause_reading()
+        self._wake_receiver()
+
+    def _set_lowat(self, owed: int) -> None:
+        """Wake up for a large payload only once a good part of it is there.
+
+        Woken for every 64 KiB that arrives, a 3 GB/s stream costs ~50,000 loop turns a
+        second; with ``SO_RCVLOWAT`` at what the peer still owes for the frame in progress
+        (capped), the kernel wakes us a few times per megabyte. Never more than is owed: the
+        peer must send that much, so the wait cannot hang.
+        """
+        lowat = min(owed, _LOWAT_MAX) if owed >= _LOWAT_FROM else 1
+        if lowat != self._lowat:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                self._lowat = lowat
+            except OSError:
+                pass
+
+    def _push(self) -> bool:
+        """Hand complete frames to ``_on_frame``; True when receive() has work (a declined
+        frame, the end of the link)."""
+        conn = self._conn
+        on_frame = self._on_frame
+        assert on_frame is not None
+        while True:
+            event = conn.next_event()
+            if not isinstance(event, Frame):
+                return event is EOF
+            if isinstance(event, Passing):  # moving its payload takes waiting: receive() it
+                self._held = event
+                self._pushing = False
+                return True
+            try:
+                taken = on_frame(event)
+            except Exception as exc:  # handed to receive(), which raises it
+                self._pause_reading()
+                self._pushing = False
+                self._rx_error = exc
+                return True
+            if not taken:
+                self._held = event
+                self._pushing = False
+                if conn.pending_bytes >= _READ_AHEAD:
+                    self._pause_reading()
+                return True
+
+    def _wake_receiver(self) -> None:
+        wakeup, self._rx_wakeup = self._rx_wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _stop_io(self) -> None:
+        self._pause_reading()
+        self._wake_receiver()  # it sees the link closed or broken
+        if self._tail is not None:  # a frame's end that can no longer be written
+            self._mark_broken("link closed with a frame partly written")
+            self._end_tail()
+
+    # ------------------------------------------------------- passing through (os.splice)
+    @property
+    def splices(self) -> bool:
+        """Whether frames can pass through this link without being read (on Linux): see
+        :meth:`send_passing`."""
+        return _splice.SPLICE
+
+    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
+        if not _splice.SPLICE:
+            return False
+        self._conn.pass_through = decide
+        return True
+
+    async def take_passing(self, passing: Passing) -> Frame:
+        if passing is not self._passing:
+            raise RuntimeError("not this link's passing frame")
+        first = memoryview(passing.parts[0])
+        payload = await self._move_passing(
+            lambda: _splice.take(
+                self._sock, first, passing.owed, self._await_payload, self._conn.passed
+            )
+        )
+        return Frame(passing.header, (payload,))
+
+    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
+        if not (isinstance(src, AsyncioTcpLink) and src._passing is passing and _splice.SPLICE):
+            raise RuntimeError("send_passing needs the passing frame of a splicing link")
+        size = passing.payload_len
+        head = self._conn.head(frame.header, size)  # FrameTooLarge before any I/O
+        try:
+            chain = _splice.PipeChain(_splice.PIPES)
+        except OSError:  # out of descriptors or pipe memory: read it through, as without
+            whole = await src.take_passing(passing)
+            await self.send(Frame(frame.header, whole.parts, frame.expires))
+            return
+        try:
+            rest = await src._move_passing(
+                lambda: _splice.gather(
+                    src._sock, chain, passing.owed, src._await_payload, src._conn.passed
+                )
+            )
+            async with self._send_lock:
+                self._check_usable()
+                if frame.expires is not None:  # the budget left now that the link is ours
+                    head = self._conn.head(frame.stamp(anyio.current_time), size)
+                await self._write_passing([head, *frame.parts], chain, rest)
+            self._conn.count_frame(len(head) + size)
+            src._passed += 1
+        finally:
+            chain.release()  # a pipe a failed forward left bytes in is closed
+
+    async def _write_passing(
+        self, segments: list[Buffer], chain: _splice.PipeChain, rest: memoryview | None
+    ) -> None:
+        wrote = False
+        try:
+            await self._write(segments)
+            wrote = True
+            await _splice.flush(chain, self._sock, self._wait_to_finish)
+            if rest is not None:
+                await self._write([rest], begun=True)
+        except OSError as exc:
+            self._mark_broken(f"send failed: {error_reason(exc)}")
+            raise LinkBroken(self._broken or "") from None
+        except BaseException:
+            if wrote and self._broken is None:
+                self._cut_short()  # part of the frame is on the wire
+            raise
+
+    async def _move_passing(self, move: Callable[[], Any]) -> Any:
+        """Run ``move`` (which takes the passing payload out of the socket); then the link
+        reads frames again. A socket failure breaks this link."""
+        self._check_usable()
+        try:
+            result = await move()
+        except (EOFError, OSError) as exc:
+            self._mark_broken(f"connection failed: {error_reason(exc)}")
+            self._rx_error = LinkBroken(self._broken or "")
+            raise LinkBroken(f"link from {self.peer_address} broke: {self._broken}") from None
+        self._passing = None
+        self._set_lowat(0)
+        return result
+
+    async def _await_payload(self) -> None:
+        self._set_lowat(self._conn.owed)
+        await self._wait(anyio.wait_readable)
+
+    async def _discard_passing(self) -> None:
+        """The passing frame was not forwarded: read its payload and drop it."""
+        if self._rx_error is not None:
+            raise self._rx_error
+        owed = self._conn.owed
+        await self._move_passing(
+            lambda: _splice.discard(self._sock, owed, self._await_payload, self._conn.passed)
+        )
+
+
+def _raise_pending_error(sock: socket.socket) -> None:
+    """Raise the error (a reset) the socket holds after a read that returned data.
+
+    On uvloop a reader registered with ``add_reader`` is called once more when the socket
+    reports an error (libuv's ``POLLERR``) and then silently unregistered. Where data was still
+    waiting (below ``SO_RCVLOWAT``, or come in the same loop turn as the reset) that last read
+    returns the data, not the error, and nothing would call the reader again: the link would
+    look alive until the heartbeat dropped it. asyncio's selector calls the reader again, so
+    only other loops pay for this check (one ``getsockopt`` per wakeup, a few per MiB of a
+    large frame).
+    """
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
