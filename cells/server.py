@@ -1,10 +1,16 @@
-"""The server role: the root of the tree. Children connect to its listen URLs."""
+"""The server role: the root of the tree. Children connect to its listen URLs; with jobs, it
+runs the job service (``flare_async.fl.JobManager``) for the admins its kit's ``admins.toml``
+names (``flare_async.fl.AdminRights``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 
 from flare_async import Cell, Driver, HandlerTable, system_handlers
+from flare_async.cli import RoleCell
+from flare_async.errors import ConfigError
+from flare_async.security import Kit, Role
 
 
 def build(
@@ -16,3 +22,31 @@ def build(
 ) -> Cell:
     """A root cell with the ``sys`` handlers and ``handlers`` mounted."""
     return Cell(name, listen=listen, drivers=drivers, handlers=[system_handlers(), *handlers])
+
+
+def from_kit(
+    kit: Kit,
+    *,
+    jobs: str | os.PathLike[str] | None = None,
+    handlers: Iterable[HandlerTable] = (),
+    on_event: Callable[..., None] | None = None,
+    handshake_timeout: float = 10.0,
+    heartbeat: float | None = 15.0,
+) -> RoleCell:
+    """The server as ``flare-async run KIT --jobs DIR`` runs it: the kit's cell with, given
+    ``jobs``, the job service keeping its jobs there. The other arguments are
+    ``RoleCell``'s.
+
+    Raises:
+        ConfigError: not a server's kit.
+    """
+    if kit.role is not Role.SERVER:
+        raise ConfigError(f"{kit.name!r} is a {kit.role.value}'s kit, not a server's")
+    return RoleCell(
+        kit,
+        jobs=jobs,
+        handlers=handlers,
+        on_event=on_event,
+        handshake_timeout=handshake_timeout,
+        heartbeat=heartbeat,
+    )

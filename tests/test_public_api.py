@@ -159,7 +159,7 @@ PINNED: dict[str, list[str]] = {
         "error_for_status",
         "status_for_error",
     ],
-    "flare_async.cli": ["cell_from_kit", "edge_client_from_kit", "main"],
+    "flare_async.cli": ["RoleCell", "cell_from_kit", "edge_client_from_kit", "main"],
     # driver and codec authors
     "flare_async.lowlevel": [
         "Admission",
