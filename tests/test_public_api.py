@@ -234,6 +234,7 @@ PINNED: dict[str, list[str]] = {
         "Backoff",
         "BroadcastResults",
         "Cell",
+        "CellAPI",
         "CellInfo",
         "CellStatistics",
         "Context",
@@ -243,6 +244,7 @@ PINNED: dict[str, list[str]] = {
         "Outcome",
         "Payload",
         "PeerVerifier",
+        "StreamStatistics",
         "system_handlers",
     ],
     "flare_async.codecs": [

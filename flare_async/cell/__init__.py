@@ -1,6 +1,7 @@
 """The runtime (layer L3): the Cell, handler tables, dispatch and request/reply."""
 
-from flare_async.cell._cell import BroadcastResults, Cell, CellStatistics, Outcome
+from flare_async.cell._api import CellAPI, CellStatistics, StreamStatistics
+from flare_async.cell._cell import BroadcastResults, Cell, Outcome
 from flare_async.cell._handlers import Context, HandlerTable, Kind
 from flare_async.cell._links import Backoff, PeerVerifier
 from flare_async.cell._payload import Payload
@@ -11,6 +12,7 @@ __all__ = [
     "Backoff",
     "BroadcastResults",
     "Cell",
+    "CellAPI",
     "CellInfo",
     "CellStatistics",
     "Context",
@@ -20,5 +22,6 @@ __all__ = [
     "Outcome",
     "Payload",
     "PeerVerifier",
+    "StreamStatistics",
     "system_handlers",
 ]

@@ -27,6 +27,33 @@ Seal = Callable[[str, str], Mapping[str, str]]
 Body = Payload | Buffer | None
 
 
+class StreamStatistics(msgspec.Struct, frozen=True):
+    """A cell's stream counters (``CellStatistics.streams``)."""
+
+    receiving: int = 0
+    """Streams being received now."""
+    sending: int = 0
+    """Streams being sent now."""
+    received: int = 0
+    """Streams accepted for receiving, in all."""
+    sent: int = 0
+    """Streams started (one per destination), in all."""
+    damaged_chunks: int = 0
+    """Chunks that failed their CRC here (asked again)."""
+    resends_asked: int = 0
+    """Acknowledgements asking a sender to send again from the committed offset."""
+    resumes: int = 0
+    """A sender's open or probe for a stream already here, answered with where it stands."""
+    rewinds: int = 0
+    """As a sender: went back to the receiver's committed offset."""
+    probes: int = 0
+    """As a sender: asked where the receiver stands after a quiet probe interval."""
+    waits: int = 0
+    """As a sender: opened again after the receiver had no slot for the stream."""
+    failed: int = 0
+    """As a sender: gave up after the idle limit without progress."""
+
+
 class CellStatistics(msgspec.Struct, frozen=True):
     """A snapshot of a cell's queues and counters (see :meth:`Cell.statistics`)."""
 
@@ -44,10 +71,8 @@ class CellStatistics(msgspec.Struct, frozen=True):
     undeliverable: int
     bad_signatures: int = 0
     """Messages refused because their signature failed (``Cell(signing=)``)."""
-    streams: dict[str, int] = msgspec.field(default_factory=dict)
-    """Stream counters: ``receiving`` / ``sending`` now, ``received`` / ``sent`` in all,
-    ``damaged_chunks`` (failed their CRC), ``resends_asked``, ``resumes`` (a sender's probe
-    answered here), ``rewinds`` / ``probes`` (as a sender), ``failed``."""
+    streams: StreamStatistics = msgspec.field(default_factory=StreamStatistics)
+    """Stream counters."""
 
 
 class CellAPI(Protocol):
@@ -163,4 +188,11 @@ class CellAPI(Protocol):
         ...
 
 
-__all__ = ["Body", "CellAPI", "CellStatistics", "ProgressCallback", "Seal"]
+__all__ = [
+    "Body",
+    "CellAPI",
+    "CellStatistics",
+    "ProgressCallback",
+    "Seal",
+    "StreamStatistics",
+]

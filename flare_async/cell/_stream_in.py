@@ -29,7 +29,7 @@ import anyio.to_thread
 import numpy as np
 
 from flare_async._concurrency import Signal, SignalLike
-from flare_async.cell._api import CellAPI
+from flare_async.cell._api import CellAPI, StreamStatistics
 from flare_async.cell._dispatch import handler_failure
 from flare_async.cell._handlers import Context, Kind
 from flare_async.cell._payload import Payload, as_payload
@@ -358,12 +358,10 @@ class StreamHub:
         self._finished: OrderedDict[tuple[str, int], Frame | None] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "receiving": len(self.incoming),
-            "sending": len(self.outgoing),
-            **self.counters,
-        }
+    def statistics(self) -> StreamStatistics:
+        return StreamStatistics(
+            receiving=len(self.incoming), sending=len(self.outgoing), **self.counters
+        )
 
     # ------------------------------------------------------------------ dispatch
     def on_frame(self, frame: Frame) -> None:

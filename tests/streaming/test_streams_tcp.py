@@ -125,7 +125,7 @@ async def test_a_relay_link_killed_mid_stream_resumes(tmp_path: Path) -> None:
             )
         assert int(reply.tobytes()) == len(data)
         assert state["dropped"]
-        assert edge.statistics().streams["resumes"] >= 1
+        assert edge.statistics().streams.resumes >= 1
         assert relay._router.parent is not None
         assert relay._router.parent.link.statistics()["frames_passed"] >= 1
 
@@ -143,4 +143,4 @@ async def test_a_connection_killed_mid_stream_resumes(tmp_path: Path) -> None:
             )
         assert int(reply.tobytes()) == len(data)
         assert state["dropped"]
-        assert edge.statistics().streams["resumes"] >= 1
+        assert edge.statistics().streams.resumes >= 1
