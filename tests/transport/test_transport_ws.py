@@ -41,7 +41,7 @@ from flare_async.testing import (
     run_check,
 )
 from flare_async.transport import DriverRegistry, Link, WebSocketDriver
-from flare_async.transport._ws import WebSocketLink
+from flare_async.transport._ws_link import WebSocketLink
 from flare_async.wire import MAGIC, PREFIX, WIRE_VERSION, Event, Frame, Limits, encode_head
 
 pytestmark = pytest.mark.anyio
