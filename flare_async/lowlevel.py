@@ -2,7 +2,8 @@
 
 Users of flare_async need none of this (``flare_async``, ``flare_async.fl`` and
 ``flare_async.client`` are theirs; see docs/design.md, "Public faces"). A transport implements
-:class:`Driver`, :class:`Listener` and :class:`Link`, which move whole :class:`Frame` objects;
+:class:`Driver`, :class:`Listener` and :class:`Link`, which move whole :class:`Frame` objects
+(a link may also offer the capabilities :class:`PushDelivery` and :class:`Splicing`);
 a byte-stream transport cuts bytes into frames with the sans-IO :class:`Connection`, a
 message-based one writes ``encode_head`` + payload per message and reads them back with
 ``decode_frame``. A codec is anything that has the shape of :class:`Codec`, registered in a cell's
@@ -34,7 +35,16 @@ from flare_async.streaming import (
     open_source,
     pick_chunk,
 )
-from flare_async.transport import Admission, Driver, DriverRegistry, Link, Listener, url_scheme
+from flare_async.transport import (
+    Admission,
+    Driver,
+    DriverRegistry,
+    Link,
+    Listener,
+    PushDelivery,
+    Splicing,
+    url_scheme,
+)
 from flare_async.wire import (
     EOF,
     HELLO_BUFFER,
@@ -57,6 +67,8 @@ __all__ = [
     "Driver",
     "Listener",
     "Link",
+    "PushDelivery",
+    "Splicing",
     "Admission",
     "DriverRegistry",
     "url_scheme",

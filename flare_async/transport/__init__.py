@@ -7,7 +7,14 @@ ones a simulation runs) should not pay.
 
 from typing import TYPE_CHECKING, Any
 
-from flare_async.transport._base import Admission, Driver, Link, Listener
+from flare_async.transport._base import (
+    Admission,
+    Driver,
+    Link,
+    Listener,
+    PushDelivery,
+    Splicing,
+)
 from flare_async.transport._memory import MemoryLink, MemoryNetwork
 from flare_async.transport._registry import DriverRegistry, url_scheme
 from flare_async.transport._tcp import TcpDriver
@@ -33,6 +40,8 @@ __all__ = [
     "Listener",
     "MemoryLink",
     "MemoryNetwork",
+    "PushDelivery",
+    "Splicing",
     "TcpDriver",
     "TcpLink",
     "WebSocketDriver",

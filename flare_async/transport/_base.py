@@ -31,7 +31,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from flare_async.wire import HELLO_LIMITS, Envelope, Frame, Limits, Passing
 
@@ -125,6 +125,11 @@ def listening_socket(family: int, addr: Any, backlog: int) -> socket.socket:
 class Link(abc.ABC):
     """One bidirectional frame link between two cells.
 
+    The interface every link has: :meth:`send`, :meth:`try_send`, :meth:`receive`,
+    :meth:`aclose`, :meth:`abort`, and the facts :meth:`hello_done`, :meth:`extra`,
+    :meth:`statistics`. What only some links can do is a capability of its own, a protocol a
+    link class implements or not: :class:`PushDelivery`, :class:`Splicing`.
+
     A link encodes the header it writes as ``frame.stamp(anyio.current_time)`` at the moment
     it writes it (after any wait for the link), never ``frame.header`` as it was handed over:
     a frame with a deadline (``frame.expires``) carries what is left of it on the wire.
@@ -164,58 +169,6 @@ class Link(abc.ABC):
         """
         return False
 
-    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
-        """Hand frames to ``on_frame`` as they arrive, without waking the receiving task.
-
-        Optional. A driver that reads in an event-loop callback may call ``on_frame(frame)``
-        right there, for each complete frame in order. ``on_frame`` returns ``False`` for a
-        frame it cannot handle without waiting: that frame and every later one then go to
-        :meth:`receive` instead, in order, until :meth:`receive` finds nothing queued; only then
-        does the driver call ``on_frame`` again. Frames are never reordered and never handed
-        out twice. An exception from ``on_frame`` ends the link: :meth:`receive` raises it.
-        :meth:`receive` still reports the end of the link as usual, so the runtime keeps one
-        task waiting in it.
-
-        Returns:
-            whether the driver will deliver this way (the default: ``False``, never).
-        """
-        return False
-
-    @property
-    def splices(self) -> bool:
-        """Whether frames can pass through this link without being read (see
-        :meth:`pass_through`, :meth:`send_passing`)."""
-        return False
-
-    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
-        """Offer large incoming frames to ``decide(header, payload_len)`` as their headers
-        arrive; a frame it accepts is received as a :class:`~flare_async.wire.Passing` frame
-        whose payload is still in the link. Its receiver then either forwards it with another
-        link's :meth:`send_passing`, reads it with :meth:`take_passing`, or neither (the next
-        :meth:`receive` drops the payload). Optional: returns whether the driver supports it.
-        """
-        return False
-
-    async def take_passing(self, passing: Passing) -> Frame:
-        """The passing frame just received, with its whole payload read into memory.
-
-        Raises:
-            LinkBroken: the link broke before the payload was complete.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
-
-    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
-        """Send ``frame`` (a header and the passing frame's first bytes) followed by the rest
-        of ``passing``'s payload, moved from ``src`` (which received it) without reading it.
-        Only between links whose ``splices`` is true.
-
-        Raises:
-            LinkBroken: ``src`` broke before the payload was complete (nothing was sent on this
-                link), or this link broke.
-            The errors of :meth:`send`.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
-
     @abc.abstractmethod
     async def receive(self) -> Frame:
         """Receive the next frame.
@@ -254,6 +207,97 @@ class Link(abc.ABC):
     def statistics(self) -> dict[str, int]:
         """Queue and byte counters of the link."""
         return {}
+
+    # ----------------------------------------------------------------------------------------
+    # Stand-ins for the capabilities (PushDelivery, Splicing) on every link, for the cell that
+    # still calls them on any link. To go once it asks ``isinstance(link, Splicing)`` and
+    # ``isinstance(link, PushDelivery)`` instead: until then every link passes those checks
+    # (a runtime-checkable protocol only looks for the methods), and these say "not I".
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        """See :meth:`PushDelivery.deliver_to`. This stand-in: ``False``, never."""
+        return False
+
+    @property
+    def splices(self) -> bool:
+        """See :attr:`Splicing.splices`. This stand-in: ``False``."""
+        return False
+
+    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
+        """See :meth:`Splicing.pass_through`. This stand-in: ``False``, not supported."""
+        return False
+
+    async def take_passing(self, passing: Passing) -> Frame:
+        """See :meth:`Splicing.take_passing`; never called on a link that does not splice."""
+        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
+
+    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
+        """See :meth:`Splicing.send_passing`; never called on a link that does not splice."""
+        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
+
+
+@runtime_checkable
+class PushDelivery(Protocol):
+    """A link that can hand frames to a callback as they arrive, without waking the task that
+    receives (the raw ``tcp://`` link on asyncio reads in an event-loop callback)."""
+
+    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
+        """Hand frames to ``on_frame`` as they arrive (``None``: stop).
+
+        The driver may call ``on_frame(frame)`` right where it reads, for each complete frame
+        in order. ``on_frame`` returns ``False`` for a frame it cannot handle without waiting:
+        that frame and every later one then go to :meth:`Link.receive` instead, in order, until
+        ``receive`` finds nothing queued; only then does the driver call ``on_frame`` again.
+        Frames are never reordered and never handed out twice. An exception from ``on_frame``
+        ends the link: ``receive`` raises it. ``receive`` still reports the end of the link as
+        usual, so the runtime keeps one task waiting in it.
+
+        Returns:
+            whether the driver will deliver this way.
+        """
+        ...
+
+
+@runtime_checkable
+class Splicing(Protocol):
+    """A link that lets large frames pass through unread: a relay forwards their payload from
+    one such link to another without reading it (``os.splice``, raw ``tcp://`` on asyncio)."""
+
+    @property
+    def splices(self) -> bool:
+        """Whether frames can pass through this link now (the platform can splice)."""
+        ...
+
+    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
+        """Offer large incoming frames to ``decide(header, payload_len)`` as their headers
+        arrive (``None``: stop); a frame it accepts is received as a
+        :class:`~flare_async.wire.Passing` frame whose payload is still in the link. Its
+        receiver then either forwards it with another link's :meth:`send_passing`, reads it
+        with :meth:`take_passing`, or neither (the next ``receive`` drops the payload).
+
+        Returns:
+            whether the link does.
+        """
+        ...
+
+    async def take_passing(self, passing: Passing) -> Frame:
+        """The passing frame just received, with its whole payload read into memory.
+
+        Raises:
+            LinkBroken: the link broke before the payload was complete.
+        """
+        ...
+
+    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
+        """Send ``frame`` (a header and the passing frame's first bytes) followed by the rest
+        of ``passing``'s payload, moved from ``src`` (which received it) without reading it.
+        Only between links whose ``splices`` is true.
+
+        Raises:
+            LinkBroken: ``src`` broke before the payload was complete (nothing was sent on this
+                link), or this link broke.
+            The errors of :meth:`Link.send`.
+        """
+        ...
 
 
 class Listener(abc.ABC):
