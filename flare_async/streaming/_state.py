@@ -1,0 +1,121 @@
+"""The stream protocol as explicit state machines: what both ends share.
+
+The two ends live in :mod:`~flare_async.streaming._send_state` (:class:`SenderMachine`) and
+:mod:`~flare_async.streaming._recv_state` (:class:`ReceiverMachine`); each module holds its
+states, its actions, its transition table and the map from each action to the frame the
+cell sends today. Modelled on h11's ``_state.py``:
+
+* **Pure.** No I/O, no clock, no randomness, no logging: time comes in as ``now`` (seconds on
+  any monotonic clock), and what to do comes out as actions, small frozen dataclasses the
+  driver (the cell) turns into frames, waits and errors. The machines hold offsets and sizes,
+  never bytes: the chunk log and the consumer's queue stay with the driver.
+* **One table per machine.** ``TRANSITIONS[state][event]`` is the set of states the event may
+  lead to; an event missing from a state's row is illegal there. :func:`event` enforces the
+  table on every call: before (the event is allowed) and after (the state it led to is listed).
+* **Credit arithmetic is reused**, not copied: each machine drives the matching object of
+  :mod:`~flare_async.streaming._flow` (:class:`~flare_async.streaming.SenderFlow`,
+  :class:`~flare_async.streaming.ReceiverFlow`), which stays the one place that judges acks,
+  chunks and credit.
+
+Errors (all from :mod:`flare_async.errors`, nothing parallel):
+
+* An event a state does not allow (``start()`` twice, a chunk before the stream was accepted,
+  the consumer taking more than was delivered) raises :class:`~flare_async.errors.ProtocolError`
+  and changes nothing.
+* A peer that breaks the protocol (an ack committing bytes never sent, a chunk past the credit
+  or the announced size) moves the machine to FAILED, then raises ``ProtocolError`` (as the
+  cell's hub expects today); :attr:`Machine.failure` then holds the :class:`Fail` to carry out.
+* Ordinary failures (a stall, a chunk failing its CRC four times, the other end's abort) are
+  not exceptions: they come back as a :class:`Fail` action.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar
+
+from flare_async.errors import ProtocolError, Status
+
+S = TypeVar("S", bound=enum.Enum)
+M = TypeVar("M", bound="Machine[Any]")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Table = Mapping[S, Mapping[str, frozenset[S]]]
+"""``state -> event -> the states that event may lead to``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to do until the next event, or until the clock reaches ``deadline``: then call
+    the machine's ``on_tick(now)`` (``None``: no timer runs)."""
+
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The stream failed with ``error``. ``abort``: the status of the ``StreamAbort`` to send
+    the other end with ``message`` (``None``: send none, the other end already knows)."""
+
+    error: BaseException
+    abort: Status | None
+    message: str = ""
+
+
+class Machine(Generic[S]):
+    """What both machines share: the state, the table, the failure."""
+
+    TRANSITIONS: ClassVar[Mapping[Any, Mapping[str, frozenset[Any]]]]
+    state: S
+    failure: Fail | None
+    """The failure, once the machine is FAILED."""
+
+    def _expect(self, name: str) -> frozenset[S]:
+        allowed = self.TRANSITIONS[self.state].get(name)
+        if allowed is None:
+            raise ProtocolError(f"{self!r}: {name} is not allowed in state {self.state.name}")
+        return allowed
+
+    def _check(self, name: str, before: S, allowed: frozenset[S]) -> None:
+        if self.state not in allowed:  # the code disagrees with the table: a bug here
+            raise ProtocolError(
+                f"{self!r}: {name} led from {before.name} to {self.state.name}, "
+                "which the transition table does not list"
+            )
+
+
+def event(
+    name: str,
+) -> Callable[[Callable[Concatenate[M, P], R]], Callable[Concatenate[M, P], R]]:
+    """Make a method an event of the table: refused where its state's row lacks ``name``
+    (:class:`~flare_async.errors.ProtocolError`, nothing changed), checked against the row
+    once it returns or raises."""
+
+    def wrap(method: Callable[Concatenate[M, P], R]) -> Callable[Concatenate[M, P], R]:
+        @functools.wraps(method)
+        def run(self: M, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            before = self.state
+            allowed = self._expect(name)
+            try:
+                result = method(self, *args, **kwargs)
+            except ProtocolError:
+                self._check(name, before, allowed)
+                raise
+            self._check(name, before, allowed)
+            return result
+
+        return run
+
+    return wrap
+
+
+def events_of(table: Table[S]) -> frozenset[str]:
+    """Every event a table names (for tests: the ones a state leaves out are illegal there)."""
+    return frozenset(name for row in table.values() for name in row)
+
+
+__all__ = ["Fail", "Machine", "Table", "Wait", "event", "events_of"]
