@@ -1,8 +1,11 @@
 """Streaming: objects of any size as chunks under credit-based flow control.
 
-``_flow`` holds the two ends as sans-IO state machines (pure, like ``wire``); ``_io`` the
-sources, the shared chunk log fan-out sends from, and the SHA-256 computed off the event
-loop; ``_progress`` the progress reports. The cell (``flare_async.cell``) drives them.
+``_flow`` holds the two ends' credit arithmetic and verdicts, sans-IO (pure, like ``wire``);
+``_send_state`` and ``_recv_state`` the protocol around it as explicit state machines, with
+their transition tables (``SenderMachine``, ``ReceiverMachine``; shared parts in ``_state``),
+also pure; ``_io`` the sources, the shared chunk log fan-out sends from, and the SHA-256
+computed off the event loop; ``_progress`` the progress reports. The cell
+(``flare_async.cell``) drives them.
 """
 
 from flare_async.streaming._flow import (
