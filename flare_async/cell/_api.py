@@ -71,6 +71,9 @@ class CellStatistics(msgspec.Struct, frozen=True):
     undeliverable: int
     bad_signatures: int = 0
     """Messages refused because their signature failed (``Cell(signing=)``)."""
+    backlog: int = 0
+    """Frames forwarded to a peer whose link was full, waiting for it (a full link holds up
+    only its own frames)."""
     streams: StreamStatistics = msgspec.field(default_factory=StreamStatistics)
     """Stream counters."""
 

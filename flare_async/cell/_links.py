@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import anyio
 
+from flare_async._concurrency import SignalLike
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError, TransportError
 from flare_async.transport import Link
 from flare_async.wire import Bye, Frame, Hello, Limits, Role, Session, check_hello, make_hello
@@ -57,7 +59,10 @@ class Peer:
     """
 
     __slots__ = (
+        "backlog",
+        "backlog_bytes",
         "dead",
+        "draining",
         "inflight",
         "last_rx",
         "link",
@@ -65,6 +70,7 @@ class Peer:
         "orderly",
         "ponging",
         "role",
+        "room",
         "serving",
         "session",
     )
@@ -82,6 +88,13 @@ class Peer:
         """A pong waits for room on the link (see ``Cell._on_frame``)."""
         self.orderly = False
         """A goodbye was said on the link (by either side): its end is a close, not a break."""
+        self.backlog: deque[tuple[Frame, float]] = deque()
+        """Frames forwarded to this peer while its link was full, with their deadlines, in
+        order; a task of the router sends them (see ``Router._forward``)."""
+        self.backlog_bytes = 0
+        self.draining = False
+        self.room: SignalLike | None = None
+        """Set when the backlog shrinks, for a forward waiting for room in it."""
 
     async def send(self, frame: Frame) -> None:
         await self.link.send(frame)

@@ -33,6 +33,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from flare_async import _logging
+from flare_async._concurrency import Signal
 from flare_async.cell._deadlines import DeadlineTimer, Expirable
 from flare_async.cell._dispatch import Job, Workers
 from flare_async.cell._handlers import AnyHandler, Dispatch, Kind
@@ -81,6 +82,9 @@ _ROUTED: Final = ROUTED_KINDS
 _TO_RECEIVER: Final = (StreamOpen, StreamData, StreamEnd)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
+DEFAULT_BACKLOG: Final = 16 << 20
+"""Bytes of payload a relay holds for one peer whose link is full before the link's reader
+waits (backpressure)."""
 MAX_ANSWER_TASKS: Final = 1024
 """Most tasks waiting to send error reports at once; beyond, reports are dropped and counted."""
 
@@ -101,6 +105,9 @@ class Router:
         seed: seed of the jitter generator.
         dead_after: how long a link may stay silent; also the longest a send waits for room
             on a link (60 s when it is infinite), whatever the deadline.
+        backlog_limit: bytes of payload forwarded to one peer that may wait for its link
+            (then the reader waits: backpressure); a full link never holds up other links
+            below that.
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class Router:
         on_link: Callable[[str, str, bool], None] | None,
         seed: int | None,
         dead_after: float,
+        backlog_limit: int = DEFAULT_BACKLOG,
     ) -> None:
         self.name = name
         self.limits = limits
@@ -143,6 +151,8 @@ class Router:
         self.undeliverable = 0
         self.bad_signatures = 0
         self.answer_tasks = 0
+        self.backlog_limit = backlog_limit
+        self.backlog_frames = 0
 
     def attach(self, workers: Workers, streams: StreamHub) -> None:
         """Where messages for this cell go: calls to the workers, stream frames to the hub."""
@@ -385,7 +395,7 @@ class Router:
             hop = self.next_peer(h.dst)
         except Exception:
             return False
-        return hop is not None and hop is not peer and hop.link.splices
+        return hop is not None and hop is not peer and hop.link.splices and not hop.backlog
 
     def _refuse_unsigned(self, frame: Frame, why: IntegrityError) -> None:
         """A message whose signature failed: a request is answered with the error, an answer
@@ -405,8 +415,13 @@ class Router:
 
     # ------------------------------------------------------------------ forwarding
     async def _forward(self, frame: Frame, src: Link) -> None:
+        """Pass a frame one hop on. It never waits behind another link's frames: when the next
+        hop's link is full it joins that link's backlog (sent in order by a task of its own)
+        and the reader goes on; only a backlog past ``backlog_limit`` makes it wait, until the
+        frame's deadline."""
         h = frame.header
         assert isinstance(h, _ROUTED)
+        fwd = None
         try:
             check_route(self.name, h.route, self.limits.max_route)
             if h.budget is not None and h.budget <= 0:
@@ -415,33 +430,97 @@ class Router:
             hop = self.next_peer(h.dst)
             assert hop is not None  # not LOCAL: we only forward what is not ours
             # The deadline on this cell's clock; the link stamps what is left of it as it
-            # writes the header, so time spent waiting for it here counts.
+            # writes the header, so time spent waiting here counts.
             out = msgspec.structs.replace(h, route=[*h.route, self.name])
             deadline = math.inf if h.budget is None else self.clock() + h.budget
             expires = None if h.budget is None else deadline
             passing = frame if isinstance(frame, Passing) else None
-            if passing is not None and not hop.link.splices:  # the route changed meanwhile
+            if passing is not None and (hop.backlog or not hop.link.splices):
+                # The route changed, or frames wait for that link: read the payload here.
                 frame, passing = await src.take_passing(passing), None
-            fwd = None
             if isinstance(h, Request):
                 # Recorded before sending: the answer may come back before the send returns.
                 fwd = Forwarded(h.src, h.id, hop.inflight)
                 hop.inflight[(h.src, h.id)] = fwd
-            try:
-                await self._send_via(hop, Frame(out, frame.parts, expires), deadline, passing, src)
-            except BaseException:
-                if fwd is not None:
-                    fwd.expire()
-                raise
+            sent = Frame(out, frame.parts, expires)
+            if passing is not None:
+                await self._send_via(hop, sent, deadline, passing, src)
+            elif hop.backlog or not hop.link.try_send(sent):
+                await self._enqueue(hop, sent, deadline)
             self.forwarded += 1
             if fwd is not None and deadline != math.inf:
                 self.timer.add(deadline, fwd)
-        except DeadlineExceeded:
+        except BaseException as exc:
+            if fwd is not None:
+                fwd.expire()
+            if isinstance(exc, Exception):
+                self._forward_failed(h, exc)
+            else:
+                raise
+
+    def _forward_failed(self, h: Routed, exc: Exception) -> None:
+        if isinstance(exc, DeadlineExceeded):
             self.answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
-        except Unreachable as exc:
+        elif isinstance(exc, Unreachable):
             self.answer_error(h, Status.UNREACHABLE, str(exc))
-        except (TransportError, ProtocolError) as exc:
+        elif isinstance(exc, TransportError | ProtocolError):
             self.answer_error(h, Status.LINK_BROKEN, f"{self.name} could not forward: {exc}")
+        else:
+            raise exc
+
+    async def _enqueue(self, hop: Peer, frame: Frame, deadline: float) -> None:
+        """Put a frame in ``hop``'s backlog, waiting (until ``deadline``) while the backlog is
+        past its limit; start the task that sends it.
+
+        Raises:
+            DeadlineExceeded: no room before the deadline.
+        """
+        size = frame.payload_len
+        while hop.backlog and hop.backlog_bytes + size > self.backlog_limit:
+            if hop.room is None:
+                hop.room = Signal()
+            room = hop.room
+            with anyio.move_on_after(max(0.0, deadline - self.clock())):
+                await room.wait()
+            if not room.is_set:
+                raise DeadlineExceeded(f"the backlog to {hop.name} stayed full until the deadline")
+        hop.backlog.append((frame, deadline))
+        hop.backlog_bytes += size
+        self.backlog_frames += 1
+        if not hop.draining:
+            hop.draining = self.spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
+
+    async def _drain(self, hop: Peer) -> None:
+        """Send ``hop``'s backlog in order, each frame until its deadline; one that cannot be
+        sent is reported to its origin as if it had failed in ``_forward``."""
+        try:
+            while hop.backlog:
+                frame, deadline = hop.backlog[0]
+                h = frame.header
+                assert isinstance(h, _ROUTED)
+                failed: Exception | None = None
+                try:
+                    if deadline <= self.clock():
+                        failed = DeadlineExceeded(f"deadline passed at {self.name}")
+                    else:
+                        await self._send_via(hop, frame, deadline)
+                except (DeadlineExceeded, TransportError, ProtocolError) as exc:
+                    failed = exc
+                finally:
+                    if hop.backlog and hop.backlog[0][0] is frame:
+                        hop.backlog.popleft()
+                        hop.backlog_bytes -= frame.payload_len
+                        self.backlog_frames -= 1
+                    room, hop.room = hop.room, None
+                    if room is not None:
+                        room.set()
+                # A request's origin hears once: from here, or from drop_peer.
+                if failed is not None:
+                    asked = isinstance(h, Request)
+                    if not asked or hop.inflight.pop((h.src, h.id), None) is not None:
+                        self._forward_failed(h, failed)
+        finally:
+            hop.draining = False
 
     # ------------------------------------------------------------------ error reports
     def answer_error(self, h: Routed, status: Status, message: str) -> None:
@@ -576,4 +655,4 @@ class Router:
             await peer.link.aclose()
 
 
-__all__ = ["MAX_ANSWER_TASKS", "Router"]
+__all__ = ["DEFAULT_BACKLOG", "MAX_ANSWER_TASKS", "Router"]
