@@ -85,6 +85,8 @@ _ANSWERS: Final = (Reply, Error)
 DEFAULT_BACKLOG: Final = 16 << 20
 """Bytes of payload a relay holds for one peer whose link is full before the link's reader
 waits (backpressure)."""
+BACKLOG_PEERS: Final = 16
+"""All backlogs of a cell together hold at most this many peers' worth (``backlog_limit``)."""
 MAX_ANSWER_TASKS: Final = 1024
 """Most tasks waiting to send error reports at once; beyond, reports are dropped and counted."""
 
@@ -107,7 +109,7 @@ class Router:
             on a link (60 s when it is infinite), whatever the deadline.
         backlog_limit: bytes of payload forwarded to one peer that may wait for its link
             (then the reader waits: backpressure); a full link never holds up other links
-            below that.
+            below that. All peers' backlogs together hold at most 16 times as much.
     """
 
     def __init__(
@@ -153,6 +155,8 @@ class Router:
         self.answer_tasks = 0
         self.backlog_limit = backlog_limit
         self.backlog_frames = 0
+        self.backlog_bytes = 0
+        self.backlog_total = BACKLOG_PEERS * backlog_limit
 
     def attach(self, workers: Workers, streams: StreamHub) -> None:
         """Where messages for this cell go: calls to the workers, stream frames to the hub."""
@@ -476,7 +480,10 @@ class Router:
             DeadlineExceeded: no room before the deadline.
         """
         size = frame.payload_len
-        while hop.backlog and hop.backlog_bytes + size > self.backlog_limit:
+        while hop.backlog and (
+            hop.backlog_bytes + size > self.backlog_limit
+            or self.backlog_bytes + size > self.backlog_total
+        ):
             if hop.room is None:
                 hop.room = Signal()
             room = hop.room
@@ -486,6 +493,7 @@ class Router:
                 raise DeadlineExceeded(f"the backlog to {hop.name} stayed full until the deadline")
         hop.backlog.append((frame, deadline))
         hop.backlog_bytes += size
+        self.backlog_bytes += size
         self.backlog_frames += 1
         if not hop.draining:
             hop.draining = self.spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
@@ -510,6 +518,7 @@ class Router:
                     if hop.backlog and hop.backlog[0][0] is frame:
                         hop.backlog.popleft()
                         hop.backlog_bytes -= frame.payload_len
+                        self.backlog_bytes -= frame.payload_len
                         self.backlog_frames -= 1
                     room, hop.room = hop.room, None
                     if room is not None:

@@ -101,11 +101,17 @@ async def test_a_full_link_does_not_hold_up_a_request_to_another_child() -> None
         assert relay.statistics().backlog == 0
 
 
-async def test_a_backlog_past_its_limit_makes_the_reader_wait_and_holds_no_more() -> None:
+@pytest.mark.parametrize("limit", ["per_link", "all_links"])
+async def test_a_backlog_past_its_limit_makes_the_reader_wait_and_holds_no_more(
+    limit: str,
+) -> None:
     a, b = Leaf(), Leaf()
     async with tree(a, b) as (server, relay, proxy):
         router = relay._router
-        router.backlog_limit = 4 * EVENT
+        if limit == "per_link":
+            router.backlog_limit = 4 * EVENT
+        else:
+            router.backlog_total = 4 * EVENT
         proxy.pause("down")
         sent = await _fill(server, relay, held=3)
         # More events than the backlog takes: the relay stops reading its parent link instead
@@ -116,6 +122,7 @@ async def test_a_backlog_past_its_limit_makes_the_reader_wait_and_holds_no_more(
             await anyio.sleep(0.5)  # the fault lasts this long; nothing is checked by time
             (peer,) = [p for p in router.children.values() if p.name == "server.r.a"]
             assert peer.backlog_bytes <= 4 * EVENT
+            assert router.backlog_bytes <= 4 * EVENT
             a.expected = sent + 20
             proxy.resume("down")
         with anyio.fail_after(20):
