@@ -124,7 +124,6 @@ class Cell(CallsMixin, StreamingMixin):
         admission: Admission | None = None,
     ) -> None:
         self.name = validate_name(name)
-        self.signing = signing
         self.limits = limits or Limits()
         self.default_timeout = default_timeout
         if heartbeat is not None and heartbeat <= 0:
@@ -232,6 +231,24 @@ class Cell(CallsMixin, StreamingMixin):
     def children(self) -> list[str]:
         """Names of the cells connected below (and peers)."""
         return sorted(self._router.children)
+
+    @property
+    def signing(self) -> MessageSigner | None:
+        """What signs the messages this cell originates and checks those addressed to it."""
+        return self._router.signing
+
+    @signing.setter
+    def signing(self, value: MessageSigner | None) -> None:
+        self._router.signing = value
+
+    @property
+    def on_link(self) -> Callable[[str, str, bool], None] | None:
+        """Called with ``(peer, role, up)`` when a link comes up or goes down."""
+        return self._router.on_link
+
+    @on_link.setter
+    def on_link(self, value: Callable[[str, str, bool], None] | None) -> None:
+        self._router.on_link = value
 
     @property
     def drivers(self) -> DriverRegistry:

@@ -184,8 +184,8 @@ parent = "tls://127.0.0.1:1"
     # 3. a name that does not match the certificate
     mine = probe_kit(tmp_path, f"{RELAY}.site-9")
     liar = cell_from_kit(load_kit(kits / mine.name))
-    liar.name = f"{RELAY}.site-1"  # claims another site's name with its own certificate
-    liar._hello.name = liar.name
+    # claims another site's name with its own certificate
+    liar.name = liar._router.name = liar._links.hello.name = f"{RELAY}.site-1"
     async with liar:
         assert liar.parent_name is None
     # 4. plain TCP (our own framing) to the TLS port, 5. garbage, 6. a silent connection
