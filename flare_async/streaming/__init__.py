@@ -5,7 +5,12 @@
 their transition tables (``SenderMachine``, ``ReceiverMachine``; shared parts in ``_state``),
 also pure; ``_io`` the sources, the shared chunk log fan-out sends from, and the SHA-256
 computed off the event loop; ``_progress`` the progress reports. The cell
-(``flare_async.cell``) drives them.
+(``flare_async.cell``: ``_stream_out``, ``_stream_in``) executes the machines: it turns
+frames into their events and their actions into frames, waits and errors.
+
+The actions' names say whose they are where a bare word would be ambiguous: ``Sender*`` and
+``Receiver*`` for one end's, ``Stream*`` for those both ends return (``StreamWait``,
+``StreamFail``).
 """
 
 from flare_async.streaming._flow import (
@@ -30,8 +35,55 @@ from flare_async.streaming._io import (
     open_source,
 )
 from flare_async.streaming._progress import Progress, ProgressMeter
+from flare_async.streaming._recv_state import (
+    Ack,
+    AskResend,
+    Deliver,
+    ReceiverAction,
+    ReceiverComplete,
+    ReceiverMachine,
+    ReceiverState,
+    receiver_idle,
+)
+from flare_async.streaming._send_state import (
+    Committed,
+    Probe,
+    Rewind,
+    SendData,
+    SendEnd,
+    SenderAction,
+    SenderBackoff,
+    SenderDone,
+    SenderMachine,
+    SenderState,
+    SendOpen,
+)
+from flare_async.streaming._state import StreamFail, StreamWait
 
 __all__ = [
+    # the protocol as state machines, and the actions they return (the cell carries them out)
+    "SenderMachine",
+    "SenderState",
+    "SenderAction",
+    "SendOpen",
+    "Probe",
+    "SendData",
+    "SendEnd",
+    "SenderBackoff",
+    "Rewind",
+    "Committed",
+    "SenderDone",
+    "ReceiverMachine",
+    "ReceiverState",
+    "ReceiverAction",
+    "Ack",
+    "AskResend",
+    "Deliver",
+    "ReceiverComplete",
+    "StreamWait",
+    "StreamFail",
+    "receiver_idle",
+    # credit arithmetic, sources, the chunk log, digests, progress
     "DEFAULT_CHUNK",
     "DEFAULT_WINDOW",
     "LARGE_CHUNK",

@@ -15,7 +15,7 @@ States (:class:`ReceiverState`)::
   failing its CRC asks once for everything from ``committed`` again (go-back-N); duplicates
   and chunks after such a request are dropped; credit is what the consumer took + window.
 * COMPLETE: the ``StreamEnd`` came and every byte below its size is committed; the consumer
-  may still be taking the last chunks, then gets :class:`Complete` (and checks the digest).
+  may still be taking the last chunks, then gets :class:`ReceiverComplete` (and checks the digest).
 * FAILED / CLOSED: terminal. Later frames are the hub's to answer from its finished streams
   (the ``StreamDone`` or the abort it sent); the machine ignores them.
 
@@ -41,10 +41,10 @@ action                             today
                                    (``resends_asked``); ``_on_end`` on ``EndVerdict.RESEND``
 ``Deliver(offset, size)``          ``IncomingStream.on_data``: the payload appended to
                                    ``_chunks`` and the reader woken
-``Complete(size)``                 ``read_chunk`` with nothing queued and
+``ReceiverComplete(size)``                 ``read_chunk`` with nothing queued and
                                    ``_flow.complete``: ``_finish`` (digest), then ``None``
-``Wait(deadline)``                 ``read_chunk``'s ``move_on_after(self.idle)``
-``Fail(error, status, message)``   ``IncomingStream.fail`` + ``StreamHub.abort`` (stall,
+``StreamWait(deadline)``                 ``read_chunk``'s ``move_on_after(self.idle)``
+``StreamFail(error, status, message)``   ``IncomingStream.fail`` + ``StreamHub.abort`` (stall,
                                    digest mismatch, handler failure) or ``_stream_error``
                                    (``BAD_REQUEST``/``STREAM_CORRUPTED``); ``status`` None:
                                    ``_on_abort`` (the sender gave up: nothing is sent back)
@@ -65,7 +65,7 @@ from enum import Enum
 
 from flare_async.errors import ProtocolError, Status, StreamAborted, StreamCorrupted, StreamStalled
 from flare_async.streaming._flow import EndVerdict, ReceiverFlow, Verdict, negotiate
-from flare_async.streaming._state import Fail, Machine, Wait, event
+from flare_async.streaming._state import Machine, StreamFail, StreamWait, event
 
 MAX_IDLE = 3600.0
 """The longest silence a receiver waits for, whatever idle limit the sender asks."""
@@ -116,13 +116,13 @@ class Deliver:
 
 
 @dataclass(frozen=True, slots=True)
-class Complete:
+class ReceiverComplete:
     """The consumer took the whole object of ``size`` bytes: check its digest, finish."""
 
     size: int
 
 
-ReceiverAction = Ack | AskResend | Deliver | Complete | Wait | Fail
+ReceiverAction = Ack | AskResend | Deliver | ReceiverComplete | StreamWait | StreamFail
 """Everything :class:`ReceiverMachine` may return."""
 
 _R = ReceiverState
@@ -216,7 +216,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.max_chunks = self.window // 1024 + 64
         self.queued = 0
         self.state = ReceiverState.OPEN
-        self.failure: Fail | None = None
+        self.failure: StreamFail | None = None
         self._waiting_since: float | None = None
 
     def __repr__(self) -> str:
@@ -258,7 +258,7 @@ class ReceiverMachine(Machine[ReceiverState]):
     @event("on_data")
     def on_data(
         self, offset: int, size: int, intact: bool
-    ) -> tuple[Deliver | AskResend | Fail, ...]:
+    ) -> tuple[Deliver | AskResend | StreamFail, ...]:
         """A ``StreamData`` of ``size`` bytes at ``offset``; ``intact``: its CRC matched.
 
         Raises:
@@ -315,7 +315,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         return ()
 
     @event("on_abort")
-    def on_abort(self, message: str, src: str) -> tuple[Fail, ...]:
+    def on_abort(self, message: str, src: str) -> tuple[StreamFail, ...]:
         """A ``StreamAbort`` from ``src``: only the sender's ends the stream (a relay's is
         about the sender's path, which the sender resumes)."""
         if src != self.src or self.state in (ReceiverState.FAILED, ReceiverState.CLOSED):
@@ -339,24 +339,24 @@ class ReceiverMachine(Machine[ReceiverState]):
         return ()
 
     @event("next_read")
-    def next_read(self, now: float) -> Complete | Wait | Fail:
+    def next_read(self, now: float) -> ReceiverComplete | StreamWait | StreamFail:
         """The consumer took every delivered chunk and wants more: what it gets."""
         if self.state is ReceiverState.FAILED:
             if self.failure is None:  # pragma: no cover - FAILED is only entered by _fail
                 raise ProtocolError(f"{self!r}: failed without a failure")
             return self.failure
         if self.state is ReceiverState.CLOSED:
-            return Fail(StreamAborted("the stream handler returned"), None)
+            return StreamFail(StreamAborted("the stream handler returned"), None)
         if self.queued:
             raise ProtocolError(f"{self!r}: {self.queued} chunks wait to be consumed")
         if self.state is ReceiverState.COMPLETE:
-            return Complete(self.flow.committed)
+            return ReceiverComplete(self.flow.committed)
         if self._waiting_since is None:
             self._waiting_since = now
-        return Wait(self._waiting_since + self.idle)
+        return StreamWait(self._waiting_since + self.idle)
 
     @event("on_tick")
-    def on_tick(self, now: float) -> tuple[Fail, ...]:
+    def on_tick(self, now: float) -> tuple[StreamFail, ...]:
         """The clock moved: a consumer that waited ``idle`` seconds for nothing fails."""
         deadline = self.deadline
         if self.state is not ReceiverState.RECEIVING or deadline is None or now < deadline:
@@ -367,7 +367,7 @@ class ReceiverMachine(Machine[ReceiverState]):
     @event("fail")
     def fail(
         self, error: BaseException, status: Status | None, message: str = ""
-    ) -> tuple[Fail, ...]:
+    ) -> tuple[StreamFail, ...]:
         """Give up here (digest mismatch, handler failure, the cell stops): tell the sender
         with ``status`` (None: say nothing)."""
         if self.state in (ReceiverState.FAILED, ReceiverState.CLOSED):
@@ -388,8 +388,8 @@ class ReceiverMachine(Machine[ReceiverState]):
         self._fail(error, Status.BAD_REQUEST, message)
         return error
 
-    def _fail(self, error: BaseException, status: Status | None, message: str) -> Fail:
-        self.failure = Fail(error, status, message)
+    def _fail(self, error: BaseException, status: Status | None, message: str) -> StreamFail:
+        self.failure = StreamFail(error, status, message)
         self.state = ReceiverState.FAILED
         self.queued = 0  # today: fail() clears the queued chunks
         self._waiting_since = None
@@ -401,7 +401,7 @@ __all__ = [
     "RECEIVER_TRANSITIONS",
     "Ack",
     "AskResend",
-    "Complete",
+    "ReceiverComplete",
     "Deliver",
     "ReceiverAction",
     "ReceiverMachine",

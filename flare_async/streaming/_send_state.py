@@ -12,7 +12,7 @@ States (:class:`SenderState`)::
 * OPENING: ``StreamOpen`` sent, no ack yet (chunk and window unsettled); probes re-send
   ``StreamOpen(resume=False)``.
 * BUSY: the receiver refused with ``OVERLOADED`` before any ack: open again after
-  :class:`Backoff` (the driver adds the jitter), as long as the idle limit allows.
+  :class:`SenderBackoff` (the driver adds the jitter), as long as the idle limit allows.
 * SENDING: acked and the path works: chunks within the credit, then ``StreamEnd``.
 * ENDING: every byte and ``StreamEnd`` sent: wait for ``StreamDone`` (an ack with ``resend``
   goes back to SENDING; a probe forgets the End was sent, so it goes again).
@@ -43,12 +43,12 @@ action                     today
                            in ``run``; ``flow.sent`` once the send returned
 ``SendEnd(size)``          ``StreamEnd(size=log.end, sha256=digest_result())`` (+ ``seal``
                            trailer) in ``run``; ``_end_sent_at = offset`` once sent
-``Wait(deadline)``         ``_wait``: a wake-up (``wake``) or ``move_on_after(probe)``
-``Backoff(pause)``         ``_open_again``: ``sleep(pause * (0.5 + rng.random()))``
+``StreamWait(deadline)``         ``_wait``: a wake-up (``wake``) or ``move_on_after(probe)``
+``SenderBackoff(pause)``         ``_open_again``: ``sleep(pause * (0.5 + rng.random()))``
 ``Rewind(offset)``         ``on_answer``: ``flow.on_ack`` returned True (``rewinds``)
 ``Committed(offset)``      ``on_answer``: ``log.commit(dst, committed)`` + ``_report``
-``Done(received)``         ``on_answer`` with ``StreamDone``: ``reply`` set, ``run`` returns
-``Fail(error, abort)``     ``fail``/``run`` raising; ``_abort_receiver`` posts
+``SenderDone(received)``         ``on_answer`` with ``StreamDone``: ``reply`` set, ``run`` returns
+``StreamFail(error, abort)``     ``fail``/``run`` raising; ``_abort_receiver`` posts
                            ``StreamAbort(STREAM_ABORTED, "the sender gave up: ...")``
                            (``abort`` is None where the receiver itself ended the stream)
 =========================  ===============================================================
@@ -56,7 +56,7 @@ action                     today
 Flags this replaces: ``flow.started`` (OPENING/BUSY vs later), ``connected`` (RESUMING vs
 SENDING/ENDING), ``_busy``/``_busy_tries`` (BUSY, :attr:`SenderMachine.busy_tries`),
 ``_end_sent_at`` (ENDING, :attr:`SenderMachine.end_sent`), ``last_progress``, ``reply`` and
-``error`` (DONE/FAILED), and ``_wait``'s probe timer (``Wait`` + ``on_tick``).
+``error`` (DONE/FAILED), and ``_wait``'s probe timer (``StreamWait`` + ``on_tick``).
 
 One deliberate difference: a ``SendData`` whose send returns after an ack rewound the sender
 (the hub takes acks while ``run`` awaits the send) no longer moves ``next_offset`` past the
@@ -78,7 +78,7 @@ from flare_async.errors import (
     error_for_status,
 )
 from flare_async.streaming._flow import DEFAULT_CHUNK, DEFAULT_WINDOW, SenderFlow
-from flare_async.streaming._state import Fail, Machine, Wait, event
+from flare_async.streaming._state import Machine, StreamFail, StreamWait, event
 
 PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLINE_EXCEEDED})
 """Statuses with which a relay reports it could not pass a frame on: resume, do not fail."""
@@ -123,7 +123,7 @@ class SendEnd:
 
 
 @dataclass(frozen=True, slots=True)
-class Backoff:
+class SenderBackoff:
     """The receiver had no slot: wait about ``pause`` seconds (jittered), then, if the machine
     is still BUSY, send what :meth:`SenderMachine.reopen` returns."""
 
@@ -145,14 +145,23 @@ class Committed:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class SenderDone:
     """The receiver's handler answered (``StreamDone``) after taking ``received`` bytes."""
 
     received: int
 
 
 SenderAction = (
-    SendOpen | Probe | SendData | SendEnd | Wait | Backoff | Rewind | Committed | Done | Fail
+    SendOpen
+    | Probe
+    | SendData
+    | SendEnd
+    | StreamWait
+    | SenderBackoff
+    | Rewind
+    | Committed
+    | SenderDone
+    | StreamFail
 )
 """Everything :meth:`SenderMachine.next_action` and the events may return."""
 
@@ -278,10 +287,10 @@ class SenderMachine(Machine[SenderState]):
         self.end_sent = False
         self.busy_tries = 0
         self.received: int | None = None
-        self.failure: Fail | None = None
+        self.failure: StreamFail | None = None
         self.last_progress = now
         self._quiet_since = now
-        self._backoff: Backoff | None = None
+        self._backoff: SenderBackoff | None = None
 
     def __repr__(self) -> str:
         return f"<SenderMachine stream {self.sid} to {self.dst} {self.state.name}>"
@@ -304,7 +313,7 @@ class SenderMachine(Machine[SenderState]):
 
     @event("reopen")
     def reopen(self) -> SendOpen:
-        """The :class:`Backoff` passed: open again."""
+        """The :class:`SenderBackoff` passed: open again."""
         self._backoff = None
         self.state = SenderState.OPENING
         return SendOpen()
@@ -339,7 +348,7 @@ class SenderMachine(Machine[SenderState]):
             self.state = self._connected()
 
     @event("fail")
-    def fail(self, error: BaseException) -> tuple[Fail, ...]:
+    def fail(self, error: BaseException) -> tuple[StreamFail, ...]:
         """Give up (the source failed, the caller cancelled, the cell stops)."""
         if self.state in (SenderState.DONE, SenderState.FAILED):
             return ()
@@ -385,16 +394,16 @@ class SenderMachine(Machine[SenderState]):
         return tuple(out)
 
     @event("on_done")
-    def on_done(self, received: int) -> tuple[Done, ...]:
+    def on_done(self, received: int) -> tuple[SenderDone, ...]:
         """``StreamDone``: the receiver's handler answered."""
         if self.state in (SenderState.DONE, SenderState.FAILED):
             return ()
         self.received = received
         self.state = SenderState.DONE
-        return (Done(received),)
+        return (SenderDone(received),)
 
     @event("on_abort")
-    def on_abort(self, now: float, status: int, message: str, src: str) -> tuple[Fail, ...]:
+    def on_abort(self, now: float, status: int, message: str, src: str) -> tuple[StreamFail, ...]:
         """A ``StreamAbort`` about this stream from ``src``."""
         if self.state in (SenderState.DONE, SenderState.FAILED):
             return ()
@@ -411,7 +420,7 @@ class SenderMachine(Machine[SenderState]):
             if now - self.last_progress > self.idle:
                 return (self._fail(error_for_status(status, message, src)),)
             self.busy_tries += 1
-            self._backoff = Backoff(min(self.probe, 0.02 * 2 ** min(self.busy_tries, 8)))
+            self._backoff = SenderBackoff(min(self.probe, 0.02 * 2 ** min(self.busy_tries, 8)))
             self.state = SenderState.BUSY
             return ()
         if status == Status.STREAM_ABORTED:
@@ -419,7 +428,7 @@ class SenderMachine(Machine[SenderState]):
         return (self._fail(error_for_status(status, message, src)),)
 
     @event("on_link_lost")
-    def on_link_lost(self, error: BaseException, now: float) -> tuple[Fail, ...]:
+    def on_link_lost(self, error: BaseException, now: float) -> tuple[StreamFail, ...]:
         """A frame could not be sent (``TransportError``, ``Unreachable``,
         ``DeadlineExceeded``): resume, unless there was no route before the first ack."""
         if self.state in (SenderState.DONE, SenderState.FAILED):
@@ -434,7 +443,7 @@ class SenderMachine(Machine[SenderState]):
 
     # ------------------------------------------------------------------ time and work
     @event("on_tick")
-    def on_tick(self, now: float) -> tuple[Probe | Fail, ...]:
+    def on_tick(self, now: float) -> tuple[Probe | StreamFail, ...]:
         """The clock reached :attr:`deadline` (or later): probe, or fail if stalled."""
         if self.state not in (
             SenderState.OPENING,
@@ -463,7 +472,7 @@ class SenderMachine(Machine[SenderState]):
         (None while the source has not brought it yet). Changes nothing."""
         state = self.state
         if state is SenderState.DONE:
-            return Done(self.received or 0)
+            return SenderDone(self.received or 0)
         if state is SenderState.FAILED:
             if self.failure is None:  # pragma: no cover - FAILED is only entered by _fail
                 raise ProtocolError(f"{self!r}: failed without a failure")
@@ -472,7 +481,7 @@ class SenderMachine(Machine[SenderState]):
             if self._backoff is None:  # pragma: no cover - BUSY is only entered with one
                 raise ProtocolError(f"{self!r}: busy without a backoff")
             return self._backoff
-        wait = Wait(self.deadline)
+        wait = StreamWait(self.deadline)
         if state is not SenderState.SENDING:
             return wait
         flow = self.flow
@@ -493,12 +502,12 @@ class SenderMachine(Machine[SenderState]):
             return SenderState.ENDING
         return SenderState.SENDING
 
-    def _fail(self, error: BaseException) -> Fail:
+    def _fail(self, error: BaseException) -> StreamFail:
         ended_there = (
             isinstance(error, StreamAborted | Unreachable) and error.reported_by == self.dst
         )
         why = f"the sender gave up: {error!r}"[:500]
-        self.failure = Fail(error, None if ended_there else Status.STREAM_ABORTED, why)
+        self.failure = StreamFail(error, None if ended_there else Status.STREAM_ABORTED, why)
         self.state = SenderState.FAILED
         return self.failure
 
@@ -506,9 +515,9 @@ class SenderMachine(Machine[SenderState]):
 __all__ = [
     "PATH_TROUBLE",
     "SENDER_TRANSITIONS",
-    "Backoff",
+    "SenderBackoff",
     "Committed",
-    "Done",
+    "SenderDone",
     "Probe",
     "Rewind",
     "SendData",

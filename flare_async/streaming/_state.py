@@ -24,9 +24,9 @@ Errors (all from :mod:`flare_async.errors`, nothing parallel):
   and changes nothing.
 * A peer that breaks the protocol (an ack committing bytes never sent, a chunk past the credit
   or the announced size) moves the machine to FAILED, then raises ``ProtocolError`` (as the
-  cell's hub expects today); :attr:`Machine.failure` then holds the :class:`Fail` to carry out.
+  cell's hub expects); :attr:`Machine.failure` then holds the :class:`StreamFail` to carry out.
 * Ordinary failures (a stall, a chunk failing its CRC four times, the other end's abort) are
-  not exceptions: they come back as a :class:`Fail` action.
+  not exceptions: they come back as a :class:`StreamFail` action.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ Table = Mapping[S, Mapping[str, frozenset[S]]]
 
 
 @dataclass(frozen=True, slots=True)
-class Wait:
+class StreamWait:
     """Nothing to do until the next event, or until the clock reaches ``deadline``: then call
     the machine's ``on_tick(now)`` (``None``: no timer runs)."""
 
@@ -57,7 +57,7 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
-class Fail:
+class StreamFail:
     """The stream failed with ``error``. ``abort``: the status of the ``StreamAbort`` to send
     the other end with ``message`` (``None``: send none, the other end already knows)."""
 
@@ -71,7 +71,7 @@ class Machine(Generic[S]):
 
     TRANSITIONS: ClassVar[Mapping[Any, Mapping[str, frozenset[Any]]]]
     state: S
-    failure: Fail | None
+    failure: StreamFail | None
     """The failure, once the machine is FAILED."""
 
     def _expect(self, name: str) -> frozenset[S]:
@@ -118,4 +118,4 @@ def events_of(table: Table[S]) -> frozenset[str]:
     return frozenset(name for row in table.values() for name in row)
 
 
-__all__ = ["Fail", "Machine", "Table", "Wait", "event", "events_of"]
+__all__ = ["StreamFail", "Machine", "Table", "StreamWait", "event", "events_of"]

@@ -24,26 +24,26 @@ from flare_async.streaming._recv_state import (
     RECEIVER_TRANSITIONS,
     Ack,
     AskResend,
-    Complete,
     Deliver,
+    ReceiverComplete,
     ReceiverMachine,
     ReceiverState,
     receiver_idle,
 )
 from flare_async.streaming._send_state import (
     SENDER_TRANSITIONS,
-    Backoff,
     Committed,
-    Done,
     Probe,
     Rewind,
     SendData,
     SendEnd,
+    SenderBackoff,
+    SenderDone,
     SenderMachine,
     SenderState,
     SendOpen,
 )
-from flare_async.streaming._state import Fail, Wait, events_of
+from flare_async.streaming._state import StreamFail, StreamWait, events_of
 
 DST, ME, RELAY, STRANGER = "server.r", "server.s", "server", "other.x"
 S = SenderState
@@ -178,15 +178,15 @@ def test_a_stream_from_open_to_done() -> None:
     m = idle()
     assert m.start() == SendOpen()
     m.sent(SendOpen(), 0.0)
-    assert m.next_action() == Wait(1.0)  # the first probe is due a probe interval later
+    assert m.next_action() == StreamWait(1.0)  # the first probe is due a probe interval later
     assert m.on_ack(0.1, 0, 200, chunk=100, window=200) == ()
     assert state_of(m) is S.SENDING
     assert m.flow.window == 200
-    assert m.next_action() == Wait(1.1)  # the source has brought nothing yet
+    assert m.next_action() == StreamWait(1.1)  # the source has brought nothing yet
     assert m.next_action(100) == SendData(0, 100)
     m.sent(SendData(0, 100), 0.2)
     m.sent(SendData(100, 100), 0.2)
-    assert m.next_action(50) == Wait(1.2)  # no credit left
+    assert m.next_action(50) == StreamWait(1.2)  # no credit left
     assert m.on_ack(0.3, 100, 300) == (Committed(100),)
     assert m.next_action(50) == SendData(200, 50)
     m.sent(SendData(200, 50), 0.4)
@@ -194,12 +194,12 @@ def test_a_stream_from_open_to_done() -> None:
     assert m.next_action() == SendEnd(250)
     m.sent(SendEnd(250), 0.4)
     assert state_of(m) is S.ENDING
-    assert m.next_action() == Wait(1.4)
+    assert m.next_action() == StreamWait(1.4)
     assert m.on_ack(0.5, 250, 350) == (Committed(250),)
     assert state_of(m) is S.ENDING
-    assert m.on_done(250) == (Done(250),)
+    assert m.on_done(250) == (SenderDone(250),)
     assert state_of(m) is S.DONE
-    assert m.next_action() == Done(250)
+    assert m.next_action() == SenderDone(250)
     assert m.on_ack(0.6, 250, 400) == ()  # late answers change nothing
     assert m.fail(RuntimeError("late")) == ()
 
@@ -241,7 +241,7 @@ def test_probes_and_the_idle_limit() -> None:
     m = sending()
     assert m.on_tick(5.0) == (Probe(resume=True),)
     (fail,) = m.on_tick(10.5)  # idle (10 s) without progress since the start
-    assert isinstance(fail, Fail)
+    assert isinstance(fail, StreamFail)
     assert isinstance(fail.error, StreamStalled)
     assert fail.abort is Status.STREAM_ABORTED
     assert fail.message.startswith("the sender gave up: StreamStalled(")
@@ -259,7 +259,7 @@ def test_once_everything_is_committed_any_ack_is_life() -> None:
 
 def test_a_probe_while_ending_sends_the_end_again() -> None:
     m = ending()
-    assert m.next_action() == Wait(1.2)
+    assert m.next_action() == StreamWait(1.2)
     assert m.on_tick(1.2) == (Probe(resume=True),)
     assert state_of(m) is S.SENDING
     assert m.next_action() == SendEnd(200)
@@ -273,7 +273,7 @@ def test_a_rewind_after_the_end_resends_data_but_not_the_end() -> None:
     assert action == SendData(100, 100)
     m.sent(action, 0.4)
     assert state_of(m) is S.ENDING  # the receiver has the End: it completes on its own
-    assert m.next_action() == Wait(1.4)
+    assert m.next_action() == StreamWait(1.4)
 
 
 def test_a_lost_path_resumes_and_no_route_at_the_start_fails() -> None:
@@ -284,7 +284,7 @@ def test_a_lost_path_resumes_and_no_route_at_the_start_fails() -> None:
     assert isinstance(fail.error, Unreachable)
     assert fail.abort is Status.STREAM_ABORTED  # reported by nobody: the receiver is told
     m = resuming()
-    assert m.next_action(100) == Wait(1.2)  # nothing goes out but probes
+    assert m.next_action(100) == StreamWait(1.2)  # nothing goes out but probes
     assert m.on_link_lost(Unreachable("still no route"), 0.3) == ()  # started: keep trying
     assert m.on_tick(1.3) == (Probe(resume=True),)
     m.sent(Probe(resume=True), 1.3)
@@ -318,15 +318,15 @@ def test_a_full_receiver_is_asked_again_with_a_growing_pause() -> None:
     m = opening()
     assert m.on_abort(0.1, Status.OVERLOADED, "full", DST) == ()
     assert state_of(m) is S.BUSY
-    assert m.next_action() == Backoff(0.04)
+    assert m.next_action() == SenderBackoff(0.04)
     assert m.on_tick(50.0) == ()  # the backoff is the driver's to wait, not a probe
     assert m.reopen() == SendOpen()
     assert state_of(m) is S.OPENING
     m.on_abort(0.2, Status.OVERLOADED, "full", DST)
-    assert m.next_action() == Backoff(0.08)
+    assert m.next_action() == SenderBackoff(0.08)
     for _ in range(8):
         m.on_abort(0.3, Status.OVERLOADED, "full", DST)
-    assert m.next_action() == Backoff(1.0)  # capped by the probe interval
+    assert m.next_action() == SenderBackoff(1.0)  # capped by the probe interval
     assert m.on_ack(0.4, 0, 300) == ()  # an answer after all: no reopen
     assert state_of(m) is S.SENDING
     m = busy()
@@ -471,7 +471,7 @@ def test_damaged_chunks_are_asked_again_then_fail_the_stream() -> None:
     for _ in range(3):
         assert m.on_data(0, C, False) == (AskResend(0, W),)
     (fail,) = m.on_data(0, C, False)
-    assert isinstance(fail, Fail)
+    assert isinstance(fail, StreamFail)
     assert isinstance(fail.error, StreamCorrupted)
     assert fail.abort is Status.STREAM_CORRUPTED
     assert state_of(m) is R.FAILED
@@ -536,24 +536,24 @@ def test_the_consumer_grants_credit_and_finds_the_end() -> None:
     assert state_of(m) is R.RECEIVING
     m.on_end(2 * C)
     assert state_of(m) is R.COMPLETE
-    assert m.next_read(0.0) == Complete(2 * C)
+    assert m.next_read(0.0) == ReceiverComplete(2 * C)
     m.close()
     assert state_of(m) is R.CLOSED
     later = m.next_read(0.1)
-    assert isinstance(later, Fail)
+    assert isinstance(later, StreamFail)
     assert isinstance(later.error, StreamAborted)
 
 
 def test_a_waiting_consumer_stalls_after_the_idle_limit() -> None:
     m = r_receiving()
     assert m.on_tick(100.0) == ()  # nobody waits: no timer
-    assert m.next_read(1.0) == Wait(11.0)
-    assert m.next_read(5.0) == Wait(11.0)  # the same wait
+    assert m.next_read(1.0) == StreamWait(11.0)
+    assert m.next_read(5.0) == StreamWait(11.0)  # the same wait
     assert m.on_tick(10.9) == ()
     m.on_data(0, C, True)  # a chunk stops the timer
     assert m.deadline is None
     m.on_consumed(C)
-    assert m.next_read(12.0) == Wait(22.0)
+    assert m.next_read(12.0) == StreamWait(22.0)
     (fail,) = m.on_tick(22.0)
     assert isinstance(fail.error, StreamStalled)
     assert (fail.abort, fail.message) == (Status.STREAM_STALLED, "the receiver saw no progress")

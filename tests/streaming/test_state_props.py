@@ -21,9 +21,9 @@ from flare_async.errors import LinkBroken, Status, StreamStalled
 from flare_async.streaming._recv_state import (
     Ack,
     AskResend,
-    Complete,
     Deliver,
     ReceiverAction,
+    ReceiverComplete,
     ReceiverMachine,
     ReceiverState,
 )
@@ -37,7 +37,7 @@ from flare_async.streaming._send_state import (
     SenderState,
     SendOpen,
 )
-from flare_async.streaming._state import Fail, Wait
+from flare_async.streaming._state import StreamFail, StreamWait
 
 SENDER, RECEIVER, RELAY = "server.s", "server.r", "server"
 DT = 0.25
@@ -206,7 +206,7 @@ class Run:
         else:
             self.sender.on_link_lost(LinkBroken("down"), self.now)
 
-    def sender_failed(self, fail: Fail) -> None:
+    def sender_failed(self, fail: StreamFail) -> None:
         if fail.abort is not None:
             self.ch.send(self.ch.to_receiver, SenderAbort(fail.message))
 
@@ -217,7 +217,7 @@ class Run:
             action = s.next_action(self.ready())
             if isinstance(action, SendData | SendEnd):
                 self.transmit(action)
-            elif isinstance(action, Wait):
+            elif isinstance(action, StreamWait):
                 if action.deadline is None or self.now < action.deadline:
                     return
                 for tick in s.on_tick(self.now):
@@ -226,7 +226,7 @@ class Run:
                     else:
                         self.sender_failed(tick)
             else:
-                return  # Done or Fail: the sender's run is over
+                return  # SenderDone or StreamFail: the sender's run is over
         raise AssertionError("the sender did not settle")
 
     def sender_frames(self) -> None:
@@ -257,7 +257,7 @@ class Run:
                 self.post(AckFrame(a.committed, a.limit, a.chunk, a.window, False))
             elif isinstance(a, AskResend):
                 self.post(AckFrame(a.committed, a.limit, a.chunk, a.window, True))
-            elif isinstance(a, Fail):
+            elif isinstance(a, StreamFail):
                 if a.abort is not None:
                     self.finished = AbortFrame(int(a.abort), a.message, RECEIVER)
                     self.post(self.finished)
@@ -312,12 +312,14 @@ class Run:
         if self.queue:
             return
         step = r.next_read(self.now)
-        if isinstance(step, Complete):
+        if isinstance(step, ReceiverComplete):
             assert step.size == len(self.out)
             r.close()  # the handler returns: its StreamDone goes out (and is kept)
             self.finished = DoneFrame(len(self.out))
             self.post(self.finished)
-        elif isinstance(step, Wait) and step.deadline is not None and self.now >= step.deadline:
+        elif (
+            isinstance(step, StreamWait) and step.deadline is not None and self.now >= step.deadline
+        ):
             self.act(r.on_tick(self.now))
 
     # -------------------------------------------------------------- the whole
