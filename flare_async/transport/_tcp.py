@@ -25,15 +25,8 @@ from anyio.streams.tls import TLSStream
 
 from flare_async import _logging
 from flare_async.errors import ConfigError, ConnectError, LinkClosed
-from flare_async.transport._base import (
-    ACCEPT_SKIP,
-    Admission,
-    Driver,
-    Link,
-    Listener,
-    Pending,
-    listening_socket,
-)
+from flare_async.transport._base import Admission, Driver, Link, Listener
+from flare_async.transport._listening import ACCEPT_SKIP, Pending, listening_socket
 from flare_async.transport._tcp_base import TcpLink, error_reason
 from flare_async.transport._tls import TlsLink
 from flare_async.wire import Limits

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 
 from flare_async import _logging
-from flare_async.transport._base import Pending
+from flare_async.transport._listening import Pending
 from flare_async.transport._ws_link import max_msg_size
 
 if TYPE_CHECKING:

@@ -26,14 +26,8 @@ from anyio.lowlevel import checkpoint
 from flare_async import _logging
 from flare_async._concurrency import Channel, ChannelClosed
 from flare_async.errors import LinkClosed
-from flare_async.transport._base import (
-    ACCEPT_SKIP,
-    Admission,
-    Link,
-    Listener,
-    Pending,
-    listening_socket,
-)
+from flare_async.transport._base import Admission, Link, Listener
+from flare_async.transport._listening import ACCEPT_SKIP, Pending, listening_socket
 from flare_async.transport._ws_admit import Admitted, Handler
 from flare_async.transport._ws_ends import ServerLink
 from flare_async.transport._ws_link import format_address, max_msg_size
