@@ -16,6 +16,7 @@ stream (:class:`~flare_async.errors.StreamStalled`): a long transfer that moves 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -26,17 +27,23 @@ from flare_async._concurrency import Signal, SignalLike
 from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
 from flare_async.cell._port import Port
-from flare_async.errors import (
-    DeadlineExceeded,
-    ProtocolError,
-    Status,
-    StreamAborted,
-    StreamStalled,
-    TransportError,
-    Unreachable,
-    error_for_status,
+from flare_async.errors import DeadlineExceeded, ProtocolError, TransportError, Unreachable
+from flare_async.streaming import (
+    ChunkLog,
+    Committed,
+    Digest,
+    Probe,
+    ProgressMeter,
+    SendData,
+    SendEnd,
+    SenderBackoff,
+    SenderDone,
+    SenderMachine,
+    SenderState,
+    SendOpen,
+    StreamFail,
+    StreamWait,
 )
-from flare_async.streaming import ChunkLog, Digest, ProgressMeter, SenderFlow
 from flare_async.wire import (
     Frame,
     Routed,
@@ -51,8 +58,7 @@ from flare_async.wire import (
 
 R = TypeVar("R", bound=Routed)
 
-_PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLINE_EXCEEDED})
-"""Statuses with which a relay reports it could not pass a chunk on: resume, do not fail."""
+_SENDING = SenderState.SENDING
 
 
 class StreamOptions:
@@ -121,7 +127,15 @@ class StreamOptions:
 
 
 class StreamSender:
-    """The sending end of one stream to one destination."""
+    """The sending end of one stream to one destination: executes one
+    :class:`~flare_async.streaming.SenderMachine` (which holds the protocol's state, its
+    credit and its timers), turning its actions into frames, waits and errors.
+
+    Attributes:
+        machine: the stream's state machine.
+        reply: the receiver's answer, once the machine is DONE.
+        error: why the stream failed, once the machine is FAILED (else None).
+    """
 
     def __init__(
         self,
@@ -142,19 +156,27 @@ class StreamSender:
         # sent yet.
         log.join(dst)
         self.opts = opts
-        self.flow = SenderFlow(opts.chunk, opts.window)
+        self.machine = SenderMachine(
+            dst,
+            me=port.name,
+            now=port.clock(),
+            sid=sid,
+            chunk=opts.chunk,
+            window=opts.window,
+            idle=opts.idle,
+            probe=opts.probe,
+        )
         self.reply: Payload | None = None
-        self.error: BaseException | None = None
         self.received = 0
         self.remote_sha256 = ""
         self._signal: SignalLike | None = None
         self._wanted = False  # a wake-up arrived while not waiting
-        self.last_progress = port.clock()
-        self.connected = False  # an ack came since the last path failure
-        self._end_sent_at = -1
         self._meter = ProgressMeter(port.clock, dst, sid, log.size)
-        self._busy: StreamAbort | None = None  # the receiver had no slot for the stream yet
-        self._busy_tries = 0
+
+    @property
+    def error(self) -> BaseException | None:
+        failure = self.machine.failure
+        return None if failure is None else failure.error
 
     # ------------------------------------------------------------------ fed by the hub
     def wake(self) -> None:
@@ -165,25 +187,42 @@ class StreamSender:
             self._wanted = True
 
     def on_answer(self, h: StreamAck | StreamDone, frame: Frame) -> None:
-        if self.error is not None or self.reply is not None:
-            return
+        """The receiver's ``StreamAck`` or ``StreamDone``, for the machine.
+
+        Raises:
+            ProtocolError: an ack committing bytes never sent (the machine is then FAILED).
+        """
+        m = self.machine
         if isinstance(h, StreamDone):
-            self.reply = Payload.received(frame.parts, h.codec, h.headers)
-            self.received = h.received
-            self.remote_sha256 = h.sha256
-            self._report(max(self.flow.committed, h.received))
-            self.wake()
-            return
-        before = self.flow.committed
-        if self.flow.on_ack(h.committed, h.limit, chunk=h.chunk, window=h.window, resend=h.resend):
-            self.counters["rewinds"] += 1
-        self.connected = True
-        complete = self.log.eof and self.flow.committed >= self.log.end
-        if self.flow.committed > before or complete:
-            self.last_progress = self.port.clock()  # bytes moved, or the handler is alive
-            self.log.commit(self.dst, self.flow.committed)
-            if self.flow.committed > before:
-                self._report(self.flow.committed)
+            if m.on_done(h.received):  # SenderDone (nothing once the stream is over)
+                self.reply = Payload.received(frame.parts, h.codec, h.headers)
+                self.received = h.received
+                self.remote_sha256 = h.sha256
+                self._report(max(m.flow.committed, h.received))
+        else:
+            for action in m.on_ack(
+                self.port.clock(),
+                h.committed,
+                h.limit,
+                chunk=h.chunk,
+                window=h.window,
+                resend=h.resend,
+            ):
+                if type(action) is Committed:
+                    self.log.commit(self.dst, action.offset)
+                    self._report(action.offset)
+                else:  # Rewind
+                    self.counters["rewinds"] += 1
+        self.wake()
+
+    def on_abort(self, h: StreamAbort) -> None:
+        """A ``StreamAbort`` about this stream, for the machine (it knows whose to heed)."""
+        self.machine.on_abort(self.port.clock(), h.status, h.message, h.src)
+        self.wake()
+
+    def fail(self, error: BaseException) -> None:
+        """Give up (the source failed, the cell stops, a broken answer)."""
+        self.machine.fail(error)
         self.wake()
 
     def _report(self, done: int) -> None:
@@ -195,47 +234,103 @@ class StreamSender:
         except Exception as exc:
             self.port.log.warning("progress callback failed", dst=self.dst, error=repr(exc))
 
-    def on_abort(self, h: StreamAbort) -> None:
-        src, me, dst = h.src, self.port.name, self.dst
-        on_path = dst.startswith(src + ".") or me.startswith(src + ".")
-        if src != dst and not on_path:
-            return  # no cell off the path may end our stream
-        # Once the receiver has answered, a relay's report is trouble on the path, which a
-        # resume gets over; before that, as for a request, no route means no stream.
-        if h.src != self.dst and h.status in _PATH_TROUBLE and self.flow.started:
-            self.connected = False  # a relay lost the path: probe until it is back
-            self.wake()
-            return
-        if h.src == self.dst and h.status == Status.OVERLOADED and not self.flow.started:
-            # The receiver takes as many streams at once as it allows, and this one came when
-            # it was full: ask again a little later (backpressure), as long as the idle limit
-            # allows, instead of failing a transfer that only has to wait its turn.
-            self._busy = h
-            self.wake()
-            return
-        if h.status == Status.STREAM_ABORTED:
-            self.fail(StreamAborted(h.message, reported_by=h.src))
-        else:
-            self.fail(error_for_status(h.status, h.message, h.src))
-
-    async def _open_again(self, refused: StreamAbort) -> None:
-        """Open the stream again after a randomized pause that grows with each refusal (up
-        to the probe interval); past the idle limit the refusal is the stream's error."""
-        self._busy = None
-        if self.port.clock() - self.last_progress > self.opts.idle:
-            raise error_for_status(refused.status, refused.message, refused.src)
-        self._busy_tries += 1
-        pause = min(self.opts.probe, 0.02 * 2 ** min(self._busy_tries, 8))
-        await anyio.sleep(pause * (0.5 + self.port.random()))
-        self.counters["waits"] += 1
-        await self._send(self._open(resume=False))
-
-    def fail(self, error: BaseException) -> None:
-        if self.error is None and self.reply is None:
-            self.error = error
-        self.wake()
-
     # ------------------------------------------------------------------ the pump
+    async def run(self, digest_result: Callable[[], Awaitable[str]]) -> None:
+        """Send the object; returns once the receiver answered (``reply``), raises the
+        stream's error once it failed (after telling the receiver where the machine says)."""
+        try:
+            await self._pump(digest_result)
+        except BaseException as exc:  # cancelled, or an error of the source or the cell
+            self.machine.fail(exc)  # nothing changes where the machine failed already
+            raise
+        finally:
+            self.log.leave(self.dst)
+            self.log.unwatch(self)
+            self._abort_receiver()
+
+    async def _pump(self, digest_result: Callable[[], Awaitable[str]]) -> None:
+        """Carry out the machine's actions until it is DONE (return) or FAILED (raise)."""
+        m = self.machine
+        log = self.log
+        port = self.port
+        await self._send(m.start())
+        while True:
+            if m.size is None and log.eof:
+                m.source_ended(log.end)
+            held = None
+            if m.state is _SENDING:
+                offset = m.flow.next_offset
+                if offset < log.end:
+                    held = log.chunk_at(offset)
+                    if held is None:  # cannot happen: the log keeps what is not committed
+                        raise ProtocolError(f"stream {self.sid}: no chunk at {offset} to send")
+            action = m.next_action(None if held is None else len(held.data))
+            if isinstance(action, SendData):
+                assert held is not None
+                header = originate(
+                    StreamData,
+                    port.next_id(),
+                    port.name,
+                    self.dst,
+                    sid=self.sid,
+                    offset=held.offset,
+                    crc=held.crc,
+                )
+                await self._send(action, Frame(header, (held.data,)))
+            elif isinstance(action, StreamWait):
+                await self._wait(action.deadline)
+            elif isinstance(action, SendEnd):
+                sha = await digest_result()
+                trailer = dict(self.opts.seal(self.dst, sha)) if self.opts.seal else None
+                end = self._header(StreamEnd, trailer, sid=self.sid, size=action.size, sha256=sha)
+                await self._send(action, Frame(end))
+            elif isinstance(action, SenderBackoff):
+                await anyio.sleep(action.pause * (0.5 + port.random()))
+                if m.state is SenderState.BUSY:  # nothing else happened meanwhile
+                    self.counters["waits"] += 1
+                    await self._send(m.reopen())
+            elif isinstance(action, SenderDone):
+                return
+            elif isinstance(action, StreamFail):
+                raise action.error
+            else:  # pragma: no cover - next_action returns nothing else
+                raise ProtocolError(f"stream {self.sid}: {action!r} from next_action")
+
+    async def _send(
+        self, action: SendOpen | Probe | SendData | SendEnd, frame: Frame | None = None
+    ) -> None:
+        """Send the frame for ``action`` (an open or a probe: built here) and tell the machine
+        it went out, or that the path failed (it resumes, or fails at once where there was no
+        route before the first ack)."""
+        if frame is None:
+            frame = self._open(resume=isinstance(action, Probe) and action.resume)
+        try:
+            await self.port.send(frame)
+        except (TransportError, Unreachable, DeadlineExceeded) as exc:
+            if not self.machine.on_link_lost(exc, self.port.clock()):
+                self.port.log.info("stream path failed, will resume", dst=self.dst, error=str(exc))
+            return
+        self.machine.sent(action, self.port.clock())
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Wait for a wake-up (an answer, a change of the log) or the machine's deadline;
+        past the deadline, tell the machine the time (it probes, or fails a stalled stream)."""
+        if self._wanted:
+            self._wanted = False
+            return
+        signal = self._signal = Signal()
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
+            await signal.wait()
+        if self._signal is not signal:
+            return  # woken
+        self._signal = None
+        for action in self.machine.on_tick(self.port.clock()):
+            if isinstance(action, Probe):
+                self.counters["probes"] += 1
+                await self._send(action)
+            else:  # StreamFail (StreamStalled): next_action returns it, run raises it
+                self.counters["failed"] += 1
+
     def _header(self, kind: type[R], headers: dict[str, str] | None = None, **fields: Any) -> R:
         """A new message of this stream to the receiver."""
         port = self.port
@@ -262,101 +357,19 @@ class StreamSender:
             )
         )
 
-    async def _send(self, frame: Frame) -> bool:
-        """Send one frame; False when the path failed (then probe until it is back)."""
-        try:
-            await self.port.send(frame)
-        except (TransportError, Unreachable, DeadlineExceeded) as exc:
-            if not self.flow.started and isinstance(exc, Unreachable):
-                raise  # no route at all at the start: fail at once, as a request would
-            self.connected = False
-            self.port.log.info("stream path failed, will resume", dst=self.dst, error=str(exc))
-            return False
-        return True
-
-    async def _wait(self) -> None:
-        """Wait for an answer, a change of the log, or the probe interval; probe or give up
-        when nothing moved."""
-        if self._wanted:
-            self._wanted = False
-            return
-        signal = self._signal = Signal()
-        with anyio.move_on_after(self.opts.probe) as scope:
-            await signal.wait()
-        if not scope.cancelled_caught:
-            return
-        self._signal = None
-        if self.port.clock() - self.last_progress > self.opts.idle:
-            self.counters["failed"] += 1
-            raise StreamStalled(
-                f"stream {self.sid} to {self.dst} made no progress for {self.opts.idle} s "
-                f"({self.flow.committed} B committed)"
-            )
-        self.counters["probes"] += 1
-        self._end_sent_at = -1  # the End may have been lost: send it again after the probe
-        await self._send(self._open(resume=self.flow.started))
-
-    async def run(self, digest_result: Callable[[], Awaitable[str]]) -> None:
-        """Send the object; returns once the receiver answered (``reply``) or failed."""
-        log = self.log
-        flow = self.flow
-        try:
-            if not await self._send(self._open(resume=False)):
-                self.connected = False
-            while self.reply is None:
-                if self.error is not None:
-                    raise self.error
-                if self._busy is not None:
-                    await self._open_again(self._busy)
-                    continue
-                if not flow.started or not self.connected:
-                    await self._wait()
-                    continue
-                offset = flow.next_offset
-                if offset < log.end:
-                    held = log.chunk_at(offset)
-                    if held is None:  # cannot happen: the log keeps what is not committed
-                        raise ProtocolError(f"stream {self.sid}: no chunk at {offset} to resend")
-                    data = held.data
-                    if len(data) > flow.credit:
-                        await self._wait()
-                        continue
-                    header = self._header(StreamData, sid=self.sid, offset=offset, crc=held.crc)
-                    frame = Frame(header, (data,))
-                    if await self._send(frame):
-                        flow.sent(len(data))
-                    continue
-                if not log.eof:
-                    await self._wait()  # for the reader task to bring the next chunk
-                    continue
-                if self._end_sent_at != offset:
-                    sha = await digest_result()
-                    trailer = dict(self.opts.seal(self.dst, sha)) if self.opts.seal else None
-                    end = self._header(StreamEnd, trailer, sid=self.sid, size=log.end, sha256=sha)
-                    if await self._send(Frame(end)):
-                        self._end_sent_at = offset
-                    continue
-                await self._wait()
-        finally:
-            log.leave(self.dst)
-            log.unwatch(self)
-            if self.reply is None:
-                self._abort_receiver()
-
     def _abort_receiver(self) -> None:
-        """The sender gave up (failed, cancelled, stopping): tell the receiver at once, so its
-        handler and buffers do not wait for an idle timeout. Never waits, never raises."""
-        error = self.error
-        if isinstance(error, StreamAborted | Unreachable) and error.reported_by == self.dst:
-            return  # the receiver ended it
-        name = self.port.name
-        why = f"the sender gave up: {error!r}" if error is not None else "the sender gave up"
+        """Carry out the machine's failure: where it says so (the sender gave up: failed,
+        cancelled, stopping), tell the receiver at once, so its handler and buffers do not
+        wait for an idle timeout. Never waits, never raises."""
+        failure = self.machine.failure
+        if failure is None or failure.abort is None:
+            return  # done, or the receiver ended it
         abort = self._header(
             StreamAbort,
             sid=self.sid,
-            status=int(Status.STREAM_ABORTED),
-            message=why[:500],
-            sender=name,
+            status=int(failure.abort),
+            message=failure.message,
+            sender=self.port.name,
         )
         with contextlib.suppress(Exception):
             self.port.post(Frame(abort))
@@ -397,8 +410,8 @@ async def send_streams(
     async def one(sender: StreamSender) -> None:
         try:
             await sender.run(digest_result)
-        except Exception as exc:  # kept as this destination's outcome, never a group
-            sender.error = sender.error or exc
+        except Exception as exc:  # kept as this destination's outcome (the machine's failure)
+            sender.fail(exc)
         finally:
             outgoing.pop(sender.sid, None)
 

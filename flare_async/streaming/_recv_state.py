@@ -61,11 +61,10 @@ protocol error (today ``ReceiverFlow.on_end`` took the new size if not below ``c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from flare_async.errors import ProtocolError, Status, StreamAborted, StreamCorrupted, StreamStalled
 from flare_async.streaming._flow import EndVerdict, ReceiverFlow, Verdict, negotiate
-from flare_async.streaming._state import Machine, StreamFail, StreamWait, event
+from flare_async.streaming._state import Machine, MachineState, StreamFail, StreamWait, event
 
 MAX_IDLE = 3600.0
 """The longest silence a receiver waits for, whatever idle limit the sender asks."""
@@ -77,7 +76,7 @@ def receiver_idle(own: float, asked: float) -> float:
     return max(own, min(asked, MAX_IDLE) if asked > 0 else 0.0)
 
 
-class ReceiverState(Enum):
+class ReceiverState(MachineState):
     OPEN = "open"
     RECEIVING = "receiving"
     COMPLETE = "complete"

@@ -19,55 +19,36 @@ States (:class:`SenderState`)::
 * RESUMING: the path failed after the first ack (a send failed, or a relay's abort with
   ``UNREACHABLE``/``LINK_BROKEN``/``DEADLINE_EXCEEDED``): probe every ``probe`` seconds with
   ``StreamOpen(resume=True)``; the receiver's ack (``resend``, its committed offset) rewinds.
-* DONE / FAILED: terminal; later events are ignored (as today: ``error``/``reply`` set).
+* DONE / FAILED: terminal; later events are ignored.
 
-Timers: a probe is due ``probe`` seconds after the machine last heard or sent anything (the
-driver waits on :class:`~flare_async.streaming._state.Wait` and then calls :meth:`on_tick`);
-when one is due and the committed offset has not moved for ``idle`` seconds (once everything
-is committed, any ack counts), the stream fails with ``StreamStalled`` instead. (Today any
-wake-up of the pump restarts the interval, a chunk read from the source included; here only
-what the peer says and what goes out do, so a sender out of credit behind a slow source may
-probe a little sooner. A probe is harmless: the receiver answers where it stands.)
+Timers: a probe is due ``probe`` seconds after the machine last heard or sent anything (past
+a ``StreamWait``'s deadline the driver calls :meth:`on_tick`); when one is due and the committed
+offset did not move for ``idle`` seconds (once all is committed, any ack counts), the stream
+fails with ``StreamStalled`` instead (failed).
 
-The transition table is :data:`SENDER_TRANSITIONS`. Actions, and what the cell does for each
-today (``flare_async/cell/_stream_out.py``, class ``StreamSender`` unless named):
+The table is :data:`SENDER_TRANSITIONS`. ``StreamSender`` (``cell/_stream_out.py``) loops over
+:meth:`SenderMachine.next_action` and does (``StreamStatistics`` counters in brackets):
 
-=========================  ===============================================================
-action                     today
-=========================  ===============================================================
-``SendOpen()``             ``StreamOpen(resume=False)`` from ``_open``: first line of
-                           ``run``; again in ``_open_again`` after a refusal (``waits``)
-``Probe(resume)``          ``StreamOpen(resume=flow.started)`` from ``_wait`` when the
-                           probe interval passed (``probes``; ``_end_sent_at = -1``)
-``SendData(offset, size)`` ``StreamData(offset, crc=held.crc)`` + ``log.chunk_at(offset)``
-                           in ``run``; ``flow.sent`` once the send returned
-``SendEnd(size)``          ``StreamEnd(size=log.end, sha256=digest_result())`` (+ ``seal``
-                           trailer) in ``run``; ``_end_sent_at = offset`` once sent
-``StreamWait(deadline)``         ``_wait``: a wake-up (``wake``) or ``move_on_after(probe)``
-``SenderBackoff(pause)``         ``_open_again``: ``sleep(pause * (0.5 + rng.random()))``
-``Rewind(offset)``         ``on_answer``: ``flow.on_ack`` returned True (``rewinds``)
-``Committed(offset)``      ``on_answer``: ``log.commit(dst, committed)`` + ``_report``
-``SenderDone(received)``         ``on_answer`` with ``StreamDone``: ``reply`` set, ``run`` returns
-``StreamFail(error, abort)``     ``fail``/``run`` raising; ``_abort_receiver`` posts
-                           ``StreamAbort(STREAM_ABORTED, "the sender gave up: ...")``
-                           (``abort`` is None where the receiver itself ended the stream)
-=========================  ===============================================================
+==========================  ==============================================================
+``SendOpen()``              ``StreamOpen(resume=False)`` (after a backoff: waits)
+``Probe(resume)``           ``StreamOpen(resume=resume)`` (probes)
+``SendData(offset, size)``  ``StreamData(offset, crc)`` with the chunk log's chunk
+``SendEnd(size)``           ``StreamEnd(size, sha256)`` (with the ``seal`` trailer)
+``StreamWait(deadline)``    wait for a wake-up (an answer, the chunk log) or the deadline
+``SenderBackoff(pause)``    sleep ``pause * (0.5 + random)``; then ``reopen`` if still BUSY
+``Rewind(offset)``          count it (rewinds)
+``Committed(offset)``       ``ChunkLog.commit`` (drops what every destination holds), progress
+``SenderDone(received)``    ``reply`` from the ``StreamDone``; ``run`` returns
+``StreamFail(e, abort, m)`` ``StreamAbort(abort, m)`` (none if ``abort`` is None), raise ``e``
+==========================  ==============================================================
 
-Flags this replaces: ``flow.started`` (OPENING/BUSY vs later), ``connected`` (RESUMING vs
-SENDING/ENDING), ``_busy``/``_busy_tries`` (BUSY, :attr:`SenderMachine.busy_tries`),
-``_end_sent_at`` (ENDING, :attr:`SenderMachine.end_sent`), ``last_progress``, ``reply`` and
-``error`` (DONE/FAILED), and ``_wait``'s probe timer (``StreamWait`` + ``on_tick``).
-
-One deliberate difference: a ``SendData`` whose send returns after an ack rewound the sender
-(the hub takes acks while ``run`` awaits the send) no longer moves ``next_offset`` past the
-rewind point (today ``flow.sent`` added its size to the rewound offset, skipping a chunk that
-the receiver then asked for again).
+After each send it calls :meth:`~SenderMachine.sent`, or :meth:`~SenderMachine.on_link_lost`
+where the path failed; its own errors (the source, a cancellation) go to ``fail``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from flare_async.errors import (
     ProtocolError,
@@ -78,13 +59,13 @@ from flare_async.errors import (
     error_for_status,
 )
 from flare_async.streaming._flow import DEFAULT_CHUNK, DEFAULT_WINDOW, SenderFlow
-from flare_async.streaming._state import Machine, StreamFail, StreamWait, event
+from flare_async.streaming._state import Machine, MachineState, StreamFail, StreamWait, event
 
 PATH_TROUBLE = frozenset({Status.UNREACHABLE, Status.LINK_BROKEN, Status.DEADLINE_EXCEEDED})
 """Statuses with which a relay reports it could not pass a frame on: resume, do not fail."""
 
 
-class SenderState(Enum):
+class SenderState(MachineState):
     IDLE = "idle"
     OPENING = "opening"
     BUSY = "busy"
@@ -151,22 +132,12 @@ class SenderDone:
     received: int
 
 
-SenderAction = (
-    SendOpen
-    | Probe
-    | SendData
-    | SendEnd
-    | StreamWait
-    | SenderBackoff
-    | Rewind
-    | Committed
-    | SenderDone
-    | StreamFail
-)
+Sends = SendOpen | Probe | SendData | SendEnd
+"""The actions that send a frame (the cell reports each with :meth:`SenderMachine.sent`)."""
+SenderAction = Sends | StreamWait | SenderBackoff | Rewind | Committed | SenderDone | StreamFail
 """Everything :meth:`SenderMachine.next_action` and the events may return."""
-
+_DATA_OR_END = (SendData, SendEnd)
 _S = SenderState
-_LIVE = (_S.OPENING, _S.BUSY, _S.SENDING, _S.ENDING, _S.RESUMING)
 
 
 def _row(**events: tuple[SenderState, ...]) -> dict[str, frozenset[SenderState]]:
@@ -174,8 +145,8 @@ def _row(**events: tuple[SenderState, ...]) -> dict[str, frozenset[SenderState]]
 
 
 def _terminal(state: SenderState) -> dict[str, frozenset[SenderState]]:
-    quiet = ("on_ack", "on_done", "on_abort", "on_link_lost", "on_tick", "sent", "fail")
-    return _row(**dict.fromkeys((*quiet, "next_action", "source_ended"), (state,)))
+    names = ("on_ack", "on_done", "on_abort", "on_link_lost", "on_tick", "sent", "fail")
+    return _row(**dict.fromkeys((*names, "next_action", "source_ended"), (state,)))
 
 
 SENDER_TRANSITIONS: dict[SenderState, dict[str, frozenset[SenderState]]] = {
@@ -328,19 +299,19 @@ class SenderMachine(Machine[SenderState]):
         self.size = size
 
     @event("sent")
-    def sent(self, action: SendOpen | Probe | SendData | SendEnd, now: float) -> None:
+    def sent(self, action: Sends, now: float) -> None:
         """The frame for ``action`` went out (the send returned; other events may have come
         in while it was on its way)."""
         if self.state in (SenderState.DONE, SenderState.FAILED):
             return
-        if isinstance(action, SendData | SendEnd) and not self.flow.started:
+        if isinstance(action, _DATA_OR_END) and not self.flow.started:
             raise ProtocolError(f"{self!r}: {action} cannot have been sent before the first ack")
         self._quiet_since = now
         flow = self.flow
         if isinstance(action, SendData):
             if action.offset == flow.next_offset:
                 flow.sent(action.size)
-            else:  # an ack rewound the sender while this chunk was on its way
+            else:  # an ack rewound the sender while this chunk was on its way: stay there
                 flow.high = max(flow.high, action.offset + action.size)
         elif isinstance(action, SendEnd):
             self.end_sent = True
@@ -382,16 +353,14 @@ class SenderMachine(Machine[SenderState]):
             raise
         self._quiet_since = now
         self._backoff = None
-        out: list[Rewind | Committed] = []
-        if rewound:
-            out.append(Rewind(flow.next_offset))
-        complete = self.size is not None and flow.committed >= self.size
-        if flow.committed > before or complete:
+        moved = flow.committed > before
+        if moved or (self.size is not None and flow.committed >= self.size):
             self.last_progress = now  # bytes moved, or the handler is alive
-            if flow.committed > before:
-                out.append(Committed(flow.committed))
         self.state = self._connected()
-        return tuple(out)
+        if rewound:
+            rewind = Rewind(flow.next_offset)
+            return (rewind, Committed(flow.committed)) if moved else (rewind,)
+        return (Committed(flow.committed),) if moved else ()
 
     @event("on_done")
     def on_done(self, received: int) -> tuple[SenderDone, ...]:
@@ -481,20 +450,22 @@ class SenderMachine(Machine[SenderState]):
             if self._backoff is None:  # pragma: no cover - BUSY is only entered with one
                 raise ProtocolError(f"{self!r}: busy without a backoff")
             return self._backoff
-        wait = StreamWait(self.deadline)
         if state is not SenderState.SENDING:
-            return wait
+            return StreamWait(self.deadline)
         flow = self.flow
         offset = flow.next_offset
+        size = self.size
         if ready is not None:
-            if ready <= 0 or (self.size is not None and offset + ready > self.size):
+            if ready <= 0 or (size is not None and offset + ready > size):
                 raise ProtocolError(f"{self!r}: a chunk of {ready} B at {offset} B")
-            return SendData(offset, ready) if ready <= flow.credit else wait
-        if self.size is None:
-            return wait  # for the source to bring the next chunk
-        if offset < self.size:
-            raise ProtocolError(f"{self!r}: no chunk at {offset} B to send")
-        return wait if self.end_sent else SendEnd(self.size)
+            if ready <= flow.credit:
+                return SendData(offset, ready)
+        elif size is not None:
+            if offset < size:
+                raise ProtocolError(f"{self!r}: no chunk at {offset} B to send")
+            if not self.end_sent:
+                return SendEnd(size)
+        return StreamWait(self.deadline)  # for credit, the source's next chunk, or an answer
 
     # ------------------------------------------------------------------ helpers
     def _connected(self) -> SenderState:
@@ -506,8 +477,8 @@ class SenderMachine(Machine[SenderState]):
         ended_there = (
             isinstance(error, StreamAborted | Unreachable) and error.reported_by == self.dst
         )
-        why = f"the sender gave up: {error!r}"[:500]
-        self.failure = StreamFail(error, None if ended_there else Status.STREAM_ABORTED, why)
+        why = "the sender gave up" + (f": {error!r}" if isinstance(error, Exception) else "")
+        self.failure = StreamFail(error, None if ended_there else Status.STREAM_ABORTED, why[:500])
         self.state = SenderState.FAILED
         return self.failure
 

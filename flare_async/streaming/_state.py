@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar
 
 from flare_async.errors import ProtocolError, Status
 
-S = TypeVar("S", bound=enum.Enum)
+S = TypeVar("S", bound="MachineState")
 M = TypeVar("M", bound="Machine[Any]")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,6 +66,13 @@ class StreamFail:
     message: str = ""
 
 
+class MachineState(enum.Enum):
+    """The base of both machines' states: hashed by identity (members compare by identity
+    anyway), in C, since the table is consulted on every event, once per chunk and more."""
+
+    __hash__ = object.__hash__
+
+
 class Machine(Generic[S]):
     """What both machines share: the state, the table, the failure."""
 
@@ -74,18 +81,15 @@ class Machine(Generic[S]):
     failure: StreamFail | None
     """The failure, once the machine is FAILED."""
 
-    def _expect(self, name: str) -> frozenset[S]:
-        allowed = self.TRANSITIONS[self.state].get(name)
-        if allowed is None:
-            raise ProtocolError(f"{self!r}: {name} is not allowed in state {self.state.name}")
-        return allowed
+    def _refused(self, name: str) -> ProtocolError:
+        return ProtocolError(f"{self!r}: {name} is not allowed in state {self.state.name}")
 
-    def _check(self, name: str, before: S, allowed: frozenset[S]) -> None:
-        if self.state not in allowed:  # the code disagrees with the table: a bug here
-            raise ProtocolError(
-                f"{self!r}: {name} led from {before.name} to {self.state.name}, "
-                "which the transition table does not list"
-            )
+    def _strayed(self, name: str, before: S) -> ProtocolError:
+        """The code disagrees with the table: a bug here."""
+        return ProtocolError(
+            f"{self!r}: {name} led from {before.name} to {self.state.name}, "
+            "which the transition table does not list"
+        )
 
 
 def event(
@@ -99,13 +103,17 @@ def event(
         @functools.wraps(method)
         def run(self: M, /, *args: P.args, **kwargs: P.kwargs) -> R:
             before = self.state
-            allowed = self._expect(name)
+            allowed = self.TRANSITIONS[before].get(name)
+            if allowed is None:
+                raise self._refused(name)
             try:
                 result = method(self, *args, **kwargs)
             except ProtocolError:
-                self._check(name, before, allowed)
+                if self.state not in allowed:
+                    raise self._strayed(name, before) from None
                 raise
-            self._check(name, before, allowed)
+            if self.state not in allowed:
+                raise self._strayed(name, before)
             return result
 
         return run
@@ -118,4 +126,4 @@ def events_of(table: Table[S]) -> frozenset[str]:
     return frozenset(name for row in table.values() for name in row)
 
 
-__all__ = ["StreamFail", "Machine", "Table", "StreamWait", "event", "events_of"]
+__all__ = ["Machine", "MachineState", "StreamFail", "StreamWait", "Table", "event", "events_of"]

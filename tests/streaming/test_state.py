@@ -356,9 +356,12 @@ def test_sender_refuses_what_a_driver_cannot_mean() -> None:
 
 def test_local_failure_and_what_the_receiver_is_told() -> None:
     m = idle()
-    (fail,) = m.fail(KeyboardInterrupt())
+    (fail,) = m.fail(RuntimeError("the source broke"))
     assert fail.abort is Status.STREAM_ABORTED
-    assert fail.message == "the sender gave up: KeyboardInterrupt()"
+    assert fail.message == "the sender gave up: RuntimeError('the source broke')"
+    (fail,) = sending().fail(KeyboardInterrupt())  # a cancellation: no reason worth telling
+    assert fail.abort is Status.STREAM_ABORTED
+    assert fail.message == "the sender gave up"
     m = sending()
     (fail,) = m.fail(StreamAborted("bye", reported_by=DST))
     assert fail.abort is None

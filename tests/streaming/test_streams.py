@@ -311,7 +311,7 @@ async def test_a_receiver_that_stops_reading_holds_the_sender_within_the_window(
         (sender,) = server._streams.outgoing.values()
         (incoming,) = edge._streams.incoming.values()
         # The consumer took one chunk: the sender may be at most a window beyond it.
-        assert sender.flow.next_offset <= CHUNK + WINDOW
+        assert sender.machine.next_offset <= CHUNK + WINDOW
         assert incoming._flow.held <= WINDOW
         assert sender.log.held <= WINDOW
         sink.release.set()
