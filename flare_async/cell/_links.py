@@ -13,7 +13,7 @@ import anyio
 
 from flare_async._concurrency import SignalLike
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError, TransportError
-from flare_async.transport import Link
+from flare_async.transport import Link, PushDelivery, Splicing
 from flare_async.wire import Bye, Frame, Hello, Limits, Role, Session, check_hello, make_hello
 
 DISPLACED: Final = "displaced"
@@ -69,14 +69,19 @@ class Peer:
         "name",
         "orderly",
         "ponging",
+        "push",
         "role",
         "room",
         "serving",
         "session",
+        "splicing",
     )
 
     def __init__(self, link: Link, session: Session, now: float) -> None:
         self.link = link
+        # A link's optional capabilities, found once (a protocol check is slow per frame).
+        self.push = link if isinstance(link, PushDelivery) else None
+        self.splicing = link if isinstance(link, Splicing) else None
         self.session = session
         self.name = session.peer
         self.role = session.role

@@ -301,7 +301,7 @@ class Router:
             if h.dst == self.name:
                 self.deliver(frame)
             else:
-                await self._forward(frame, peer.link)
+                await self._forward(frame, peer)
         elif isinstance(h, Ping):
             # Never waits: a link that does not drain must not stop its own reader. One pong at
             # most waits for room per link; pings meanwhile go unanswered (that one will do).
@@ -391,7 +391,7 @@ class Router:
 
     def may_pass(self, peer: Peer, h: Envelope, size: int) -> bool:
         """Whether a large frame arriving from ``peer`` may pass through unread: it is on its
-        way to another cell whose link splices (``Link.pass_through``). Called by the parser;
+        way to another cell whose link splices (``Splicing.pass_through``). Called by the parser;
         never raises."""
         if not isinstance(h, _ROUTED) or h.dst == self.name:
             return False
@@ -399,7 +399,9 @@ class Router:
             hop = self.next_peer(h.dst)
         except Exception:
             return False
-        return hop is not None and hop is not peer and hop.link.splices and not hop.backlog
+        if hop is None or hop is peer or hop.backlog:
+            return False
+        return hop.splicing is not None and hop.splicing.splices
 
     def _refuse_unsigned(self, frame: Frame, why: IntegrityError) -> None:
         """A message whose signature failed: a request is answered with the error, an answer
@@ -418,7 +420,7 @@ class Router:
                 waiter.fail(why)
 
     # ------------------------------------------------------------------ forwarding
-    async def _forward(self, frame: Frame, src: Link) -> None:
+    async def _forward(self, frame: Frame, came: Peer) -> None:
         """Pass a frame one hop on. It never waits behind another link's frames: when the next
         hop's link is full it joins that link's backlog (sent in order by a task of its own)
         and the reader goes on; only a backlog past ``backlog_limit`` makes it wait, until the
@@ -439,16 +441,18 @@ class Router:
             deadline = math.inf if h.budget is None else self.clock() + h.budget
             expires = None if h.budget is None else deadline
             passing = frame if isinstance(frame, Passing) else None
-            if passing is not None and (hop.backlog or not hop.link.splices):
+            splicing = hop.splicing
+            if passing is not None and (hop.backlog or splicing is None or not splicing.splices):
                 # The route changed, or frames wait for that link: read the payload here.
-                frame, passing = await src.take_passing(passing), None
+                assert came.splicing is not None  # only a splicing link passes frames
+                frame, passing = await came.splicing.take_passing(passing), None
             if isinstance(h, Request):
                 # Recorded before sending: the answer may come back before the send returns.
                 fwd = Forwarded(h.src, h.id, hop.inflight)
                 hop.inflight[(h.src, h.id)] = fwd
             sent = Frame(out, frame.parts, expires)
             if passing is not None:
-                await self._send_via(hop, sent, deadline, passing, src)
+                await self._send_via(hop, sent, deadline, passing, came.link)
             elif hop.backlog or not hop.link.try_send(sent):
                 await self._enqueue(hop, sent, deadline)
             self.forwarded += 1
@@ -651,7 +655,8 @@ class Router:
                 await link.send(frame)
             else:
                 assert src is not None
-                await link.send_passing(frame, passing, src)
+                assert peer.splicing is not None
+                await peer.splicing.send_passing(frame, passing, src)
         if scope.cancelled_caught:
             raise DeadlineExceeded(f"link to {peer.name} stayed full until the deadline")
 

@@ -185,8 +185,10 @@ class LinkKeeper:
         log = router.log
         error: TransportError = LinkClosed(f"link to {peer.name} closed")
         clock = router.clock
-        peer.link.deliver_to(functools.partial(router.on_frame_now, peer))
-        peer.link.pass_through(functools.partial(router.may_pass, peer))
+        if peer.push is not None:
+            peer.push.deliver_to(functools.partial(router.on_frame_now, peer))
+        if peer.splicing is not None:
+            peer.splicing.pass_through(functools.partial(router.may_pass, peer))
         try:
             with peer.serving:  # cancelled by give_up only, which says why in peer.dead
                 while True:
@@ -214,8 +216,10 @@ class LinkKeeper:
             if peer.dead is not None:
                 # Given up (and aborted) by the heartbeat: what the link said since is moot.
                 error = LinkBroken(peer.dead)
-            peer.link.deliver_to(None)
-            peer.link.pass_through(None)
+            if peer.push is not None:
+                peer.push.deliver_to(None)
+            if peer.splicing is not None:
+                peer.splicing.pass_through(None)
             router.drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
                 await peer.link.aclose()  # after an abort: only releases what is left

@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from flare_async.errors import FrameTooLarge, LinkBroken, LinkClosed
-from flare_async.transport import Driver, Link
+from flare_async.transport import Driver, Link, PushDelivery
 from flare_async.wire import Event, Frame, Limits
 
 LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
@@ -240,7 +240,7 @@ async def check_try_send(make_pair: LinkPairFactory, count: int = 200) -> None:
 
 
 async def check_deliver_to(make_pair: LinkPairFactory, count: int = 400) -> None:
-    """A link that hands frames to a callback (``Link.deliver_to``) keeps them in order and
+    """A link that hands frames to a callback (``PushDelivery.deliver_to``) keeps them in order and
     hands each out once: a declined frame and those after it come from ``receive()`` until
     nothing is queued, then the callback gets frames again. An exception from the callback
     ends the link: ``receive()`` raises it. (Passes at once for links that never deliver so.)"""
@@ -260,7 +260,7 @@ async def check_deliver_to(make_pair: LinkPairFactory, count: int = 400) -> None
             note("push", frame)
             return True
 
-        if not b.deliver_to(on_frame):
+        if not isinstance(b, PushDelivery) or not b.deliver_to(on_frame):
             return
 
         async def send_all() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flare_async.transport import Admission, Driver, Link, Listener
+from flare_async.transport import Admission, Driver, Link, Listener, PushDelivery
 from flare_async.wire import Frame, Limits
 
 FramePredicate = Callable[[Frame], bool]
@@ -80,7 +80,8 @@ class _FaultyLink(Link):
         return False  # every frame goes through send(): ``corrupt`` sees each exactly once
 
     def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
-        return self._inner.deliver_to(on_frame)
+        inner = self._inner
+        return isinstance(inner, PushDelivery) and inner.deliver_to(on_frame)
 
     async def receive(self) -> Frame:
         return await self._inner.receive()

@@ -146,32 +146,6 @@ class Link(abc.ABC):
         """Queue and byte counters of the link."""
         return {}
 
-    # ----------------------------------------------------------------------------------------
-    # Stand-ins for the capabilities (PushDelivery, Splicing) on every link, for the cell that
-    # still calls them on any link. To go once it asks ``isinstance(link, Splicing)`` and
-    # ``isinstance(link, PushDelivery)`` instead: until then every link passes those checks
-    # (a runtime-checkable protocol only looks for the methods), and these say "not I".
-    def deliver_to(self, on_frame: Callable[[Frame], bool] | None) -> bool:
-        """See :meth:`PushDelivery.deliver_to`. This stand-in: ``False``, never."""
-        return False
-
-    @property
-    def splices(self) -> bool:
-        """See :attr:`Splicing.splices`. This stand-in: ``False``."""
-        return False
-
-    def pass_through(self, decide: Callable[[Envelope, int], bool] | None) -> bool:
-        """See :meth:`Splicing.pass_through`. This stand-in: ``False``, not supported."""
-        return False
-
-    async def take_passing(self, passing: Passing) -> Frame:
-        """See :meth:`Splicing.take_passing`; never called on a link that does not splice."""
-        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
-
-    async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
-        """See :meth:`Splicing.send_passing`; never called on a link that does not splice."""
-        raise NotImplementedError(f"{type(self).__name__} does not pass frames through")
-
 
 @runtime_checkable
 class PushDelivery(Protocol):

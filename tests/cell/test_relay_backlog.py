@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from flare_async import Cell, Context, HandlerTable, Payload, errors
@@ -80,7 +81,7 @@ async def _fill(server: Cell, relay: Cell, held: int = 8, limit: int = 2000) -> 
         await server.send_event("server.r.a", "t", "bulk", bytes(EVENT), timeout=60)
         if relay.statistics().backlog >= held:
             return sent
-        await anyio.sleep(0)  # let the relay read what it was sent
+        await anyio.lowlevel.checkpoint()  # let the relay read what it was sent
     raise AssertionError(f"{limit} events of {EVENT} B never filled the link")
 
 
