@@ -12,8 +12,8 @@ Targets, each fed arbitrary bytes:
 * ``stream``: stream headers (tags 20-25) as the cell decodes them (``decode_header`` into the
   ``Envelope`` union), raw or built field by field, then the flow control the cell applies to
   them (``negotiate``, ``ReceiverFlow``, ``SenderFlow``).
-* ``wsframe``: the WebSocket frame-header check (``transport._ws._FrameCheck``), checked against
-  a reference reading of the same bytes.
+* ``wsframe``: the WebSocket frame-header check (``transport._ws_admit._FrameCheck``), checked
+  against a reference reading of the same bytes.
 
 Only :class:`~flare_async.errors.ProtocolError` (and its subclasses) may escape a decoder
 (``LinkBroken`` from an EOF fed mid-frame, ``StreamCorrupted`` from the flow control: both
@@ -73,7 +73,7 @@ def _child(target: str, seconds: int, crashes: Path, memory_mib: int) -> None:
         )
         from flare_async.streaming import ReceiverFlow, SenderFlow, negotiate  # noqa: PLC0415
         from flare_async.streaming._flow import MAX_WINDOW, MIN_CHUNK  # noqa: PLC0415
-        from flare_async.transport import _ws  # noqa: PLC0415
+        from flare_async.transport import _ws_admit  # noqa: PLC0415
         from flare_async.wire import (  # noqa: PLC0415
             HELLO_BUFFER,
             HELLO_LIMITS,
@@ -335,11 +335,11 @@ def _child(target: str, seconds: int, crashes: Path, memory_mib: int) -> None:
                 return None
             length = int.from_bytes(buf[i + 2 : i + 2 + extra], "big") if extra else short
             if not second & 0x80:
-                return i, _ws._UNMASKED
+                return i, _ws_admit._UNMASKED
             if limit is not None and (first & 0x0F) <= 2:
                 message += length
                 if message > limit:
-                    return i, _ws._TOO_BIG
+                    return i, _ws_admit._TOO_BIG
                 if first & 0x80:
                     message = 0
             i += size + length
@@ -353,7 +353,7 @@ def _child(target: str, seconds: int, crashes: Path, memory_mib: int) -> None:
         buf = data[2:]
         parser_ = _Parser()
         admitted = _Admitted(limit)
-        check = _ws._FrameCheck(parser_, admitted)  # type: ignore[arg-type,unused-ignore]
+        check = _ws_admit._FrameCheck(parser_, admitted)  # type: ignore[arg-type,unused-ignore]
         pos = 0
         while pos < len(buf):
             take = rng.choice((1, 2, 3, 5, 9, 14, 64, len(buf)))

@@ -24,10 +24,6 @@ from aiohttp import web
 
 from flare_async.errors import ConfigError, ConnectError
 from flare_async.transport._base import Driver, Link, Listener
-
-# The frame check's fuzzers (tests/wire/test_wire_fuzz.py, benchmarks/fuzz.py) still reach it
-# here, as _ws._FrameCheck with its two stand-in frames; it lives in _ws_admit.
-from flare_async.transport._ws_admit import _TOO_BIG, _UNMASKED, _FrameCheck  # noqa: F401
 from flare_async.transport._ws_ends import ClientLink
 from flare_async.transport._ws_link import WebSocketLink, format_address, max_msg_size
 from flare_async.transport._ws_listen import WebSocketListener

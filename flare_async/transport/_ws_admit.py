@@ -10,16 +10,13 @@ on every accepted connection. See :class:`_FrameCheck` and docs/design.md §3.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 
 from flare_async import _logging
 from flare_async.transport._listening import Pending
 from flare_async.transport._ws_link import max_msg_size
-
-if TYPE_CHECKING:
-    from flare_async.transport._ws_ends import ServerLink
 
 _UNMASKED: Final = b"\x83\x80"
 """A frame aiohttp's reader refuses with 1002 (a reserved opcode): stands in for an unmasked one."""
@@ -44,7 +41,8 @@ class Admitted:
         self.starting: asyncio.Task[None] | None = None
         """Wraps the socket in a transport (and runs the TLS handshake) until it is done."""
         self.transport: asyncio.BaseTransport | None = None
-        self.link: ServerLink | None = None
+        self.upgraded = False
+        """The HTTP upgrade is done: a link was made (the cell counts its refusals from then)."""
         self.violation: str | None = None
 
     def hello_done(self) -> None:
@@ -68,7 +66,7 @@ class Admitted:
         pending = self.pending
         if pending is None:
             return
-        if self.link is None:  # still before the upgrade: the cell never saw it, count it here
+        if not self.upgraded:  # still before the upgrade: the cell never saw it, count it here
             pending.admission.refused["no hello in time"] += 1
             _logging.get_logger().warning(
                 "connection refused before hello", peer=self.peer, reason="no hello in time"

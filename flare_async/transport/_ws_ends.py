@@ -14,17 +14,15 @@ is ``LinkBroken``.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, web
 
 from flare_async.errors import LinkBroken
+from flare_async.transport._ws_admit import Admitted
 from flare_async.transport._ws_link import WebSocketLink
 from flare_async.wire import Limits
-
-if TYPE_CHECKING:
-    from flare_async.transport._ws_admit import Admitted
 
 
 class ServerLink(WebSocketLink):
@@ -42,7 +40,7 @@ class ServerLink(WebSocketLink):
         super().__init__(ws, local_address, peer_address, limits, close_timeout)
         self._close_requested = asyncio.Event()
         self._admitted = admitted
-        admitted.link = self
+        admitted.upgraded = True
 
     def _start_finisher(self) -> None:
         self._close_requested.set()

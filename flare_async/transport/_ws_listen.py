@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import anyio
 from aiohttp import web
@@ -33,16 +33,26 @@ from flare_async.transport._ws_ends import ServerLink
 from flare_async.transport._ws_link import format_address, max_msg_size
 from flare_async.wire import Limits
 
-if TYPE_CHECKING:
-    from flare_async.transport._ws import WebSocketDriver
-
 _BACKLOG: Final = 128
 _ACCEPT_RETRY: Final = 0.1
 
 
+class Settings(Protocol):
+    """What a listener takes from its driver (``WebSocketDriver``'s options)."""
+
+    @property
+    def max_queue(self) -> int: ...
+
+    @property
+    def close_timeout(self) -> float: ...
+
+    @property
+    def heartbeat(self) -> float | None: ...
+
+
 class WebSocketListener(Listener):
     def __init__(
-        self, url: str, scheme: str, limits: Limits, driver: WebSocketDriver, runner: web.AppRunner
+        self, url: str, scheme: str, limits: Limits, driver: Settings, runner: web.AppRunner
     ) -> None:
         self.url = url
         self._scheme = scheme

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from flare_async.errors import FrameTooLarge, LinkBroken, ProtocolError
 from flare_async.streaming import MAX_WINDOW, negotiate
 from flare_async.streaming._flow import MIN_CHUNK
-from flare_async.transport import _ws
+from flare_async.transport import _ws_admit
 from flare_async.wire import (
     EOF,
     HELLO_LIMITS,
@@ -725,11 +725,11 @@ def _ws_reference(buf: bytes, limit: int | None) -> tuple[int, bytes] | None:
             return None
         length = int.from_bytes(buf[i + 2 : i + 2 + extra], "big") if extra else second & 0x7F
         if not second & 0x80:
-            return i, _ws._UNMASKED
+            return i, _ws_admit._UNMASKED
         if limit is not None and first & 0x0F <= 2:
             message += length
             if message > limit:
-                return i, _ws._TOO_BIG
+                return i, _ws_admit._TOO_BIG
             if first & 0x80:
                 message = 0
         i += size + length
@@ -770,7 +770,7 @@ def test_ws_frame_check_agrees_with_a_plain_reading(
     reader = _Reader()
     admitted = typing.cast(typing.Any, type("Admitted", (), {"violation": None}))()
     admitted.max_message = limit
-    check = _ws._FrameCheck(reader, admitted)
+    check = _ws_admit._FrameCheck(reader, admitted)
     pos = 0
     i = 0
     while pos < len(buf):  # split at arbitrary points: the check never raises
