@@ -13,6 +13,13 @@ the iteration ends only after the whole object matched its SHA-256, and raises
 :class:`~flare_async.errors.StreamCorrupted` otherwise. The sender may send at most a window
 ahead of what the handler took, so a handler that reads slowly holds the sender back, never
 the cell's memory. Whatever the handler returns goes back to the sender as the stream's reply.
+
+Each incoming stream holds one :class:`~flare_async.streaming.ReceiverMachine`: the hub turns
+the sender's frames into its events and its ``Ack``/``AskResend``/``StreamFail`` into frames;
+the stream queues what it ``Deliver``s and turns ``next_read`` into the handler's chunks, waits
+(``StreamWait``, then ``on_tick``: a stall) and end (``ReceiverComplete``: the digest checked).
+Past ~500 lines because the two carry out one machine together and ``IncomingStream`` is the
+handlers' API (imported from here by ``cell/__init__`` and ``_system``).
 """
 
 from __future__ import annotations
@@ -41,18 +48,22 @@ from flare_async.errors import (
     Status,
     StreamAborted,
     StreamCorrupted,
-    StreamStalled,
     error_for_status,
 )
 from flare_async.streaming import (
+    Ack,
+    AskResend,
+    Deliver,
     Digest,
-    EndVerdict,
     Progress,
     ProgressMeter,
-    ReceiverFlow,
-    Verdict,
+    ReceiverComplete,
+    ReceiverMachine,
+    ReceiverState,
+    StreamFail,
+    StreamWait,
     checksum,
-    negotiate,
+    receiver_idle,
 )
 from flare_async.wire import (
     Frame,
@@ -71,7 +82,6 @@ FANOUT_TOPIC = "fanout"
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
-_MAX_IDLE = 3600.0
 _FINISHED_KEPT = 256
 """Finished streams remembered per cell, to answer a sender whose final answer was lost."""
 
@@ -90,15 +100,10 @@ class IncomingStream:
     """
 
     def __init__(
-        self,
-        hub: StreamHub,
-        open_: StreamOpen,
-        chunk: int,
-        window: int,
-        digest: bool,
-        idle: float,
+        self, hub: StreamHub, open_: StreamOpen, machine: ReceiverMachine, digest: bool
     ) -> None:
         self._hub = hub
+        self._machine = machine
         self.src = open_.src
         self.sid = open_.sid
         self.channel = open_.channel
@@ -106,19 +111,14 @@ class IncomingStream:
         self.size = open_.size if open_.size >= 0 else None
         self.codec = open_.codec
         self.headers = dict(open_.headers)
-        self.chunk = chunk
-        self.window = window
-        self.idle = idle
-        self._flow = ReceiverFlow(window)
-        self._chunks: deque[memoryview] = deque()
-        self._max_chunks = window // 1024 + 64
-        """Chunks held at most: a peer sending tiny chunks must not turn a byte window into
-        a flood of Python objects (each costs hundreds of bytes)."""
+        self.chunk = machine.chunk
+        self.window = machine.window
+        self.idle = machine.idle
+        self._chunks: deque[memoryview] = deque()  # delivered, not taken yet (see max_chunks)
         self._wakeup: SignalLike | None = None
-        self._error: BaseException | None = None
         self._expected_sha = open_.sha256
         self.digest_requested = open_.digest
-        self._digest = Digest.for_chunks(chunk) if digest else None
+        self._digest = Digest.for_chunks(machine.chunk) if digest else None
         self._digest_started = False
         self.sha256 = ""
         """The digest of the bytes taken, once the stream ended (verified against the
@@ -127,8 +127,9 @@ class IncomingStream:
         self.trailer: dict[str, str] = {}
         """Headers the sender put in the stream's end message (``seal``: a signature over
         the digest); complete once the stream ended."""
-        self.damaged_seen = 0
         self.finished = False
+        """The handler took the whole object and its digest matched (from then on, reading
+        gives ``None``)."""
         self._meter = ProgressMeter(hub.port.clock, self.src, self.sid, self.size)
 
     # ------------------------------------------------------------------ reading
@@ -152,30 +153,36 @@ class IncomingStream:
         if self._digest is not None and not self._digest_started:
             self._digest_started = True
             self._hub.port.spawn(self._digest.run, name=f"stream {self.src}/{self.sid} digest")
+        machine = self._machine
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 if self._digest is not None:
                     await self._digest.update(chunk)
                 self.received += chunk.nbytes
-                if self._flow.on_consumed(chunk.nbytes):
-                    self._hub.ack(self)
+                for ack in machine.on_consumed(chunk.nbytes):  # credit grew by a quarter
+                    self._hub.ack(self, ack)
                 return chunk
-            if self._error is not None:
-                raise self._error
-            if self._flow.complete:
+            if self.finished:
+                return None
+            action = machine.next_read(self._hub.port.clock())
+            if isinstance(action, StreamWait):
+                signal = self._wakeup = Signal()
+                deadline = math.inf if action.deadline is None else action.deadline
+                with anyio.CancelScope(deadline=deadline):
+                    await signal.wait()
+                if self._wakeup is signal:  # nobody woke us: the deadline passed
+                    self._wakeup = None
+                    for fail in machine.on_tick(self._hub.port.clock()):  # stalled
+                        if fail.abort is not None:
+                            self._hub.abort(self, fail.abort, fail.message)
+            elif isinstance(action, ReceiverComplete):
                 await self._finish()
                 return None
-            signal = self._wakeup = Signal()
-            with anyio.move_on_after(self.idle) as scope:
-                await signal.wait()
-            if scope.cancelled_caught and self._wakeup is signal:
-                self.fail(StreamStalled(f"nothing arrived from {self.src} for {self.idle} s"))
-                self._hub.abort(self, Status.STREAM_STALLED, "the receiver saw no progress")
+            else:  # StreamFail
+                raise action.error
 
     async def _finish(self) -> None:
-        if self.finished:
-            return
         if self._digest is not None:
             self.sha256 = await self._digest.hexdigest()
             if self._expected_sha and self.sha256 != self._expected_sha:
@@ -259,7 +266,7 @@ class IncomingStream:
 
     def progress(self) -> Progress:
         """Bytes received so far, rate and ETA."""
-        return self._meter.update(self._flow.committed)
+        return self._meter.update(self._machine.committed)
 
     # ------------------------------------------------------------------ fed by the hub
     def _wake(self) -> None:
@@ -267,57 +274,27 @@ class IncomingStream:
         if signal is not None:
             signal.set()
 
-    def on_data(self, h: StreamData, payload: memoryview) -> Verdict:
-        intact = checksum(payload) == h.crc
-        if not intact:
-            self.damaged_seen += 1
-        verdict = self._flow.on_data(h.offset, payload.nbytes, intact)
-        if verdict is Verdict.ACCEPT and payload.nbytes:
-            if len(self._chunks) >= self._max_chunks:
-                raise ProtocolError(
-                    f"more than {self._max_chunks} chunks held for stream {self.sid}: "
-                    "chunks too small for the window"
-                )
-            self._chunks.append(payload)
-            self._wake()
-        return verdict
-
-    def on_end(self, h: StreamEnd) -> EndVerdict:
-        if h.sha256:
-            self._expected_sha = h.sha256
-        if h.headers:
-            self.trailer = dict(h.headers)
-        verdict = self._flow.on_end(h.size)
-        if verdict is EndVerdict.COMPLETE:
-            self._wake()
-        return verdict
+    def _deliver(self, payload: memoryview) -> None:
+        """The machine's ``Deliver``: the chunk is the handler's to take."""
+        self._chunks.append(payload)
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if self._error is None and not self.finished:
-            self._error = error
+        """The stream failed here (the machine keeps the first failure; what the sender is
+        told is the hub's to send): drop what is queued, wake the handler."""
+        self._machine.fail(error, None)
+        self._release()
+
+    def close(self) -> None:
+        """The handler returned: the stream is over here."""
+        self._machine.close()
+        self._release()
+
+    def _release(self) -> None:
         self._chunks.clear()
         if self._digest is not None:
             self._digest.close()
         self._wake()
-
-    def ack_frame(self, hub_name: str, msg_id: int, *, first: bool, resend: bool) -> Frame:
-        flow = self._flow
-        if resend:
-            flow.resend_asked = True
-        return Frame(
-            originate(
-                StreamAck,
-                msg_id,
-                hub_name,
-                self.src,
-                sid=self.sid,
-                committed=flow.committed,
-                limit=flow.acked(),
-                chunk=self.chunk if first else 0,
-                window=self.window if first else 0,
-                resend=resend,
-            )
-        )
 
 
 _RELEASED = memoryview(b"")
@@ -389,7 +366,8 @@ class StreamHub:
         stream = self.incoming.get(key)
         if stream is not None:  # a resume (or a duplicate open): say where we stand
             self.counters["resumes"] += 1
-            self._post(stream.ack_frame(self.port.name, self._id(), first=True, resend=True))
+            for ask in stream._machine.on_open():
+                self.ack(stream, ask)
             return
         if key in self._finished:
             done = self._finished[key]
@@ -407,23 +385,28 @@ class StreamHub:
             msg = f"{self.port.name} receives {self.max_incoming} streams already"
             self._abort_to(h.src, h.src, h.sid, Status.OVERLOADED, msg)
             return
-        chunk, window = negotiate(h.chunk, h.window, self.port.limits.max_frame)
-        # The sender's idle limit, if longer than ours, but never more than an hour: a peer
-        # must not hold a receiving slot for ever by going silent.
-        idle = max(self.idle, min(h.idle, _MAX_IDLE) if h.idle > 0 else 0.0)
+        machine = ReceiverMachine(  # raises ProtocolError for a proposal of no size
+            h.src,
+            chunk=h.chunk,
+            window=h.window,
+            max_chunk=self.port.limits.max_frame,
+            idle=receiver_idle(self.idle, h.idle),
+            sid=h.sid,
+        )
         # A fan-out relay passes the sender's digest on and lets the final receivers check it:
         # hashing here too would cost the relay a core for nothing.
         digest = (h.digest or (h.channel, h.topic) in self.digest_always) and (
             h.channel,
             h.topic,
         ) != (FANOUT_CHANNEL, FANOUT_TOPIC)
-        stream = IncomingStream(self, h, chunk, window, digest, idle)
+        stream = IncomingStream(self, h, machine, digest)
         self.incoming[key] = stream
         self.counters["received"] += 1
         if not self.port.spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
             return
-        self._post(stream.ack_frame(self.port.name, self._id(), first=True, resend=False))
+        for first in machine.accept():  # the first window
+            self.ack(stream, first)
 
     def _on_data(self, h: StreamData, frame: Frame) -> None:
         stream = self.incoming.get((h.src, h.sid))
@@ -431,21 +414,33 @@ class StreamHub:
             if (h.src, h.sid) not in self._finished:
                 self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
-        payload = frame.parts[0] if frame.parts else _RELEASED
-        verdict = stream.on_data(h, memoryview(payload))
-        if stream.damaged_seen:
-            self.counters["damaged_chunks"] += stream.damaged_seen
-            stream.damaged_seen = 0
-        if verdict is Verdict.RESEND:
-            self.counters["resends_asked"] += 1
-            self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=True))
+        payload = memoryview(frame.parts[0] if frame.parts else _RELEASED)
+        intact = checksum(payload) == h.crc
+        actions = stream._machine.on_data(h.offset, payload.nbytes, intact)
+        if not intact:
+            self.counters["damaged_chunks"] += 1
+        for action in actions:
+            if isinstance(action, Deliver):
+                stream._deliver(payload)
+            elif isinstance(action, AskResend):
+                self.counters["resends_asked"] += 1
+                self.ack(stream, action)
+            else:  # StreamFail: the chunk kept arriving damaged
+                self._drop(h, action)
 
     def _on_end(self, h: StreamEnd) -> None:
         stream = self.incoming.get((h.src, h.sid))
         if stream is None:
             return
-        if stream.on_end(h) is EndVerdict.RESEND:
-            self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=True))
+        if h.sha256:
+            stream._expected_sha = h.sha256
+        if h.headers:
+            stream.trailer = dict(h.headers)
+        machine = stream._machine
+        for ask in machine.on_end(h.size):  # AskResend: bytes are missing at the end
+            self.ack(stream, ask)
+        if machine.state is ReceiverState.COMPLETE:
+            stream._wake()  # the handler finishes (checks the digest)
 
     def _on_abort(self, h: StreamAbort) -> None:
         if h.sender == self.port.name:  # about a stream we send
@@ -459,26 +454,31 @@ class StreamHub:
             return
         stream = self.incoming.pop((h.src, h.sid), None)
         if stream is not None:
-            stream.fail(
-                StreamAborted(f"{h.src} aborted the stream: {h.message}", reported_by=h.src)
-            )
+            stream._machine.on_abort(h.message, h.src)  # StreamFail, nothing to send back
+            stream._release()
 
     def _stream_error(self, h: object, exc: ProtocolError | StreamCorrupted) -> None:
         """A peer broke the stream protocol, or its bytes kept arriving damaged: that stream
         fails (both ends learn why), not the link."""
         if isinstance(h, StreamData | StreamEnd | StreamOpen):
-            stream = self.incoming.pop((h.src, h.sid), None)
-            if stream is not None:
-                stream.fail(exc)
             status = (
                 Status.STREAM_CORRUPTED if isinstance(exc, StreamCorrupted) else Status.BAD_REQUEST
             )
-            self._finished_put((h.src, h.sid), None)
-            self._abort_to(h.src, h.src, h.sid, status, str(exc))
+            self._drop(h, StreamFail(exc, status, str(exc)))
         elif isinstance(h, StreamAck | StreamDone):
             sender = self.outgoing.get(h.sid)
             if sender is not None:
                 sender.fail(exc)
+
+    def _drop(self, h: StreamData | StreamEnd | StreamOpen, fail: StreamFail) -> None:
+        """The stream of ``h`` failed for what its sender sent: it fails here and the sender
+        is told (once: a later probe gets nothing, the sender already knows)."""
+        stream = self.incoming.pop((h.src, h.sid), None)
+        if stream is not None:
+            stream.fail(fail.error)
+        self._finished_put((h.src, h.sid), None)
+        if fail.abort is not None:
+            self._abort_to(h.src, h.src, h.sid, fail.abort, fail.message)
 
     # ------------------------------------------------------------------ handlers
     async def _run_handler(self, stream: IncomingStream, fn: StreamHandler, h: StreamOpen) -> None:
@@ -514,7 +514,7 @@ class StreamHub:
             port.log.info("stream answer could not be sent", dst=stream.src, error=str(exc))
         finally:
             self.incoming.pop(key, None)
-            stream.fail(StreamAborted("the stream handler returned"))
+            stream.close()
 
     def _finished_put(self, key: tuple[str, int], done: Frame | None) -> None:
         self._finished[key] = done
@@ -528,8 +528,21 @@ class StreamHub:
     def _post(self, frame: Frame) -> None:
         self.port.post(frame)
 
-    def ack(self, stream: IncomingStream) -> None:
-        self._post(stream.ack_frame(self.port.name, self._id(), first=False, resend=False))
+    def ack(self, stream: IncomingStream, ack: Ack | AskResend) -> None:
+        """Carry out the machine's ``Ack`` or ``AskResend``: a ``StreamAck`` to the sender."""
+        h = originate(
+            StreamAck,
+            self._id(),
+            self.port.name,
+            stream.src,
+            sid=stream.sid,
+            committed=ack.committed,
+            limit=ack.limit,
+            chunk=ack.chunk,
+            window=ack.window,
+            resend=type(ack) is AskResend,
+        )
+        self._post(Frame(h))
 
     def abort(self, stream: IncomingStream, status: Status, message: str) -> None:
         """Give up an incoming stream and tell its sender (again, if it probes later: the

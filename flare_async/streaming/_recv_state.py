@@ -15,47 +15,37 @@ States (:class:`ReceiverState`)::
   failing its CRC asks once for everything from ``committed`` again (go-back-N); duplicates
   and chunks after such a request are dropped; credit is what the consumer took + window.
 * COMPLETE: the ``StreamEnd`` came and every byte below its size is committed; the consumer
-  may still be taking the last chunks, then gets :class:`ReceiverComplete` (and checks the digest).
+  may still be taking the last chunks, then gets :class:`ReceiverComplete` (checks the digest).
 * FAILED / CLOSED: terminal. Later frames are the hub's to answer from its finished streams
   (the ``StreamDone`` or the abort it sent); the machine ignores them.
 
-The consumer's stall timer runs only while it waits with nothing delivered (today's
-``move_on_after(idle)`` in ``read_chunk``): :meth:`ReceiverMachine.next_read` starts it,
-a chunk or the end stops it, and :meth:`ReceiverMachine.on_tick` fails the stream once it
-ran ``idle`` seconds (``StreamStalled``, ``StreamAbort`` ``STREAM_STALLED``).
+The consumer's stall timer runs only while it waits with nothing delivered:
+:meth:`ReceiverMachine.next_read` starts it, a chunk or the end stops it, and
+:meth:`ReceiverMachine.on_tick` fails the stream once it ran ``idle`` seconds
+(``StreamStalled``, ``StreamAbort`` ``STREAM_STALLED``).
 
-The transition table is :data:`RECEIVER_TRANSITIONS`. Actions, and what the cell does for
-each today (``flare_async/cell/_stream_in.py``):
+The transition table is :data:`RECEIVER_TRANSITIONS`. What the cell does for each action
+(``flare_async/cell/_stream_in.py``: ``StreamHub`` turns frames into events, ``IncomingStream``
+serves the handler; ``StreamStatistics`` counters in brackets):
 
-=================================  =======================================================
-action                             today
-=================================  =======================================================
-``Ack(committed, limit, c, w)``    ``StreamAck(resend=False)`` from ``IncomingStream.
-                                   ack_frame``: the first one (``chunk``/``window`` set) in
-                                   ``StreamHub._on_open`` for a new stream; later ones
-                                   (0, 0) via ``StreamHub.ack`` from ``read_chunk`` when
-                                   ``ReceiverFlow.on_consumed`` says so
-``AskResend(committed, ...)``      ``StreamAck(resend=True)``: ``_on_open`` for a stream
-                                   it holds (resume or duplicate open, ``chunk``/``window``
-                                   set, ``resumes``); ``_on_data`` on ``Verdict.RESEND``
-                                   (``resends_asked``); ``_on_end`` on ``EndVerdict.RESEND``
-``Deliver(offset, size)``          ``IncomingStream.on_data``: the payload appended to
-                                   ``_chunks`` and the reader woken
-``ReceiverComplete(size)``                 ``read_chunk`` with nothing queued and
-                                   ``_flow.complete``: ``_finish`` (digest), then ``None``
-``StreamWait(deadline)``                 ``read_chunk``'s ``move_on_after(self.idle)``
-``StreamFail(error, status, message)``   ``IncomingStream.fail`` + ``StreamHub.abort`` (stall,
-                                   digest mismatch, handler failure) or ``_stream_error``
-                                   (``BAD_REQUEST``/``STREAM_CORRUPTED``); ``status`` None:
-                                   ``_on_abort`` (the sender gave up: nothing is sent back)
-=================================  =======================================================
+================================  ========================================================
+``Ack(committed, limit, c, w)``   ``StreamAck(resend=False)`` (``StreamHub.ack``): from
+                                  ``accept`` (``chunk``/``window`` set), then from
+                                  ``on_consumed`` as the handler reads
+``AskResend(committed, ...)``     ``StreamAck(resend=True)``: from ``on_open`` (resumes),
+                                  ``on_data`` (resends_asked), ``on_end``
+``Deliver(offset, size)``         the chunk queued for the handler, which is woken
+``ReceiverComplete(size)``        the handler's read checks the digest, then gives ``None``
+``StreamWait(deadline)``          the handler's read waits for a chunk or the deadline
+``StreamFail(error, status, m)``  the stream fails (the handler's read raises ``error``);
+                                  ``StreamAbort(status, m)`` to the sender unless ``status``
+                                  is None (its own abort); kept for its probes after a stall
+================================  ========================================================
 
-Flags this replaces: ``IncomingStream._error`` (FAILED), ``finished`` and ``_flow.complete``
-(COMPLETE, then CLOSED once the handler returned), the ``_max_chunks`` count (:attr:`queued`
-against :attr:`max_chunks`), and the stall timer in ``read_chunk``.
-
-One deliberate tightening: a second ``StreamEnd`` announcing another size than the first is a
-protocol error (today ``ReceiverFlow.on_end`` took the new size if not below ``committed``).
+The hub decides the failures that are not the protocol's (a digest mismatch, the handler
+failing, the cell stopping) and tells the machine with :meth:`~ReceiverMachine.fail`; the
+handler returning is :meth:`~ReceiverMachine.close`. A second ``StreamEnd`` announcing another
+size than the first is a protocol error (before this machine the cell took the new size).
 """
 
 from __future__ import annotations
@@ -390,7 +380,7 @@ class ReceiverMachine(Machine[ReceiverState]):
     def _fail(self, error: BaseException, status: Status | None, message: str) -> StreamFail:
         self.failure = StreamFail(error, status, message)
         self.state = ReceiverState.FAILED
-        self.queued = 0  # today: fail() clears the queued chunks
+        self.queued = 0  # the cell drops the queued chunks
         self._waiting_since = None
         return self.failure
 

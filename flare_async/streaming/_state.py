@@ -2,8 +2,8 @@
 
 The two ends live in :mod:`~flare_async.streaming._send_state` (:class:`SenderMachine`) and
 :mod:`~flare_async.streaming._recv_state` (:class:`ReceiverMachine`); each module holds its
-states, its actions, its transition table and the map from each action to the frame the
-cell sends today. Modelled on h11's ``_state.py``:
+states, its actions, its transition table and the map from each action to what the cell
+(which executes them) does. Modelled on h11's ``_state.py``:
 
 * **Pure.** No I/O, no clock, no randomness, no logging: time comes in as ``now`` (seconds on
   any monotonic clock), and what to do comes out as actions, small frozen dataclasses the

@@ -312,7 +312,7 @@ async def test_a_receiver_that_stops_reading_holds_the_sender_within_the_window(
         (incoming,) = edge._streams.incoming.values()
         # The consumer took one chunk: the sender may be at most a window beyond it.
         assert sender.machine.next_offset <= CHUNK + WINDOW
-        assert incoming._flow.held <= WINDOW
+        assert incoming._machine.held <= WINDOW
         assert sender.log.held <= WINDOW
         sink.release.set()
     assert list(sink.data.values()) == [data]
