@@ -61,7 +61,7 @@ def link_bytes_sent(cell: Cell) -> int:
         *cell._router.children.values(),
         *([cell._router.parent] if cell._router.parent else []),
     ]
-    return sum(p.link.statistics().get("bytes_sent", 0) for p in peers)
+    return sum(p.link.statistics().bytes_sent for p in peers)
 
 
 def make_object(size: int) -> list[memoryview]:

@@ -99,12 +99,12 @@ async def run_case(cells: int, tiers: tuple[int, int], rounds: int, size: int) -
     linked: dict[str, float] = {}
 
     def on_round(result: RoundResult) -> None:
-        marks.append((time.perf_counter(), net.statistics()["frames_sent"]))
+        marks.append((time.perf_counter(), net.statistics().frames_sent))
 
     async def workflow(server: FLServer) -> FLModel:
         linked["at"] = time.perf_counter()
         linked["rss"] = current_rss()
-        marks.append((time.perf_counter(), net.statistics()["frames_sent"]))
+        marks.append((time.perf_counter(), net.statistics().frames_sent))
         return await fedavg(
             server,
             {"w": np.zeros(size, np.float32)},

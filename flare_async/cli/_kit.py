@@ -52,7 +52,7 @@ def kit_verifier(kit: Kit, admins: dict[str, Identity] | None = None) -> PeerVer
     """
 
     def verify(link: Link, session: Session) -> None:
-        der = link.extra().get("peer_certificate")
+        der = link.extra().peer_certificate
         if not der:
             raise IdentityError(f"{session.peer!r} presented no certificate on {link.peer_address}")
         identity = identity_from_certificate(der)

@@ -11,9 +11,18 @@ frame exactly once and may count).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from flare_async.transport import Admission, Driver, Link, Listener, PushDelivery
+import msgspec
+
+from flare_async.transport import (
+    Admission,
+    Driver,
+    Link,
+    LinkFacts,
+    LinkStatistics,
+    Listener,
+    PushDelivery,
+)
 from flare_async.wire import Frame, Limits
 
 FramePredicate = Callable[[Frame], bool]
@@ -95,11 +104,12 @@ class _FaultyLink(Link):
     def hello_done(self) -> None:
         self._inner.hello_done()
 
-    def extra(self) -> dict[str, Any]:
+    def extra(self) -> LinkFacts:
         return self._inner.extra()
 
-    def statistics(self) -> dict[str, int]:
-        return {**self._inner.statistics(), "damaged": self.damaged, "dropped": self.dropped}
+    def statistics(self) -> LinkStatistics:
+        inner = self._inner.statistics()
+        return msgspec.structs.replace(inner, damaged=self.damaged, dropped=self.dropped)
 
 
 class _FaultyListener(Listener):

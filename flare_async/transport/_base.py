@@ -29,7 +29,9 @@ import abc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+import msgspec
 
 from flare_async.wire import HELLO_LIMITS, Envelope, Frame, Limits, Passing
 
@@ -58,6 +60,39 @@ class Admission:
     max_pending: int = 512
     max_pending_per_source: int = 64
     refused: Counter[str] = field(default_factory=Counter, compare=False)
+
+
+class LinkFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a link knows of its peer (:meth:`Link.extra`)."""
+
+    peer_address: str = ""
+    """As :attr:`Link.peer_address`."""
+    peer_certificate: bytes | None = None
+    """The peer's DER certificate (``tls://`` and ``wss://``; else ``None``)."""
+    socket_peer: str | None = None
+    """``ws``/``wss``: the TCP peer as ``HOST:PORT`` (the proxy, when the link goes through
+    one); ``None`` for the other drivers."""
+
+
+class LinkStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters of a link (:meth:`Link.statistics`); a driver sets those it keeps."""
+
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    buffered: int = 0
+    """Bytes read and not yet handed out as frames (``tcp``/``tls``)."""
+    read_buffer: int = 0
+    """Size of the read buffer (``tcp``/``tls``: 16 KiB before the hello, then the limits')."""
+    frames_passed: int = 0
+    """Frames whose payload passed through unread (``Splicing``)."""
+    send_queue_used: int = 0
+    """``memory``: frames waiting in the send queue, and its size."""
+    send_queue_size: int = 0
+    damaged: int = 0
+    """``testing.FaultyDriver``: frames it damaged, and dropped."""
+    dropped: int = 0
 
 
 class Link(abc.ABC):
@@ -138,13 +173,13 @@ class Link(abc.ABC):
         :class:`Admission`) and stop counting the link as pending. Optional (a no-op)."""
         return
 
-    def extra(self) -> dict[str, Any]:
-        """Driver-specific facts about the link (TLS peer certificate, socket options...)."""
-        return {}
+    def extra(self) -> LinkFacts:
+        """What the link knows of its peer (its TLS certificate...)."""
+        return LinkFacts(peer_address=getattr(self, "peer_address", ""))
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> LinkStatistics:
         """Queue and byte counters of the link."""
-        return {}
+        return LinkStatistics()
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ from flare_async.errors import (
     ProtocolError,
     TransportError,
 )
-from flare_async.transport._base import Driver, Link, Listener
+from flare_async.transport._base import Driver, Link, LinkStatistics, Listener
 from flare_async.wire import (
     Buffer,
     Frame,
@@ -173,15 +173,15 @@ class MemoryLink(Link):
         self._tx.break_()
         self._rx.break_()
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "frames_sent": self._frames_out,
-            "frames_received": self._frames_in,
-            "bytes_sent": self._bytes_out,
-            "bytes_received": self._bytes_in,
-            "send_queue_used": len(self._tx.queue),
-            "send_queue_size": self._tx.queue.size,
-        }
+    def statistics(self) -> LinkStatistics:
+        return LinkStatistics(
+            frames_sent=self._frames_out,
+            frames_received=self._frames_in,
+            bytes_sent=self._bytes_out,
+            bytes_received=self._bytes_in,
+            send_queue_used=len(self._tx.queue),
+            send_queue_size=self._tx.queue.size,
+        )
 
 
 class _MemoryListener(Listener):
@@ -238,9 +238,9 @@ class MemoryNetwork(Driver):
         self._ids = itertools.count(1)
         self._totals = _Totals()
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> LinkStatistics:
         """Frames and bytes sent on every link of this network so far."""
-        return {"frames_sent": self._totals.frames, "bytes_sent": self._totals.bytes}
+        return LinkStatistics(frames_sent=self._totals.frames, bytes_sent=self._totals.bytes)
 
     @staticmethod
     def _address(url: str) -> str:

@@ -31,7 +31,7 @@ from anyio.lowlevel import checkpoint
 
 from flare_async._concurrency import Lock
 from flare_async.errors import LinkBroken, LinkClosed
-from flare_async.transport._base import Link
+from flare_async.transport._base import Link, LinkFacts, LinkStatistics
 from flare_async.wire import EOF, HELLO_BUFFER, Buffer, Connection, Frame, Limits
 
 FINISH_WITHIN = 30.0
@@ -211,20 +211,20 @@ class TcpLink(Link):
         self._close_socket(reset=True, crash=True)
 
     # ------------------------------------------------------------------ facts
-    def extra(self) -> dict[str, Any]:
-        return {"peer_certificate": None, "peer_address": self.peer_address}
+    def extra(self) -> LinkFacts:
+        return LinkFacts(peer_address=self.peer_address)
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> LinkStatistics:
         s = self._conn.statistics()
-        return {
-            "frames_sent": s.frames_sent,
-            "frames_received": s.frames_received,
-            "bytes_sent": s.bytes_sent,
-            "bytes_received": s.bytes_received,
-            "buffered": s.buffered,
-            "frames_passed": self._passed,
-            "read_buffer": self._conn.buffer_size,
-        }
+        return LinkStatistics(
+            frames_sent=s.frames_sent,
+            frames_received=s.frames_received,
+            bytes_sent=s.bytes_sent,
+            bytes_received=s.bytes_received,
+            buffered=s.buffered,
+            frames_passed=self._passed,
+            read_buffer=self._conn.buffer_size,
+        )
 
 
 def raw_link_class() -> type[TcpLink]:

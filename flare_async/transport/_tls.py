@@ -13,7 +13,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 from anyio.abc import SocketStream
@@ -21,6 +20,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from flare_async._concurrency import Lock
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
+from flare_async.transport._base import LinkFacts
 from flare_async.transport._tcp_base import TcpLink, error_reason
 from flare_async.wire import HELLO_BUFFER, Buffer, Frame, Limits, payload_size
 
@@ -171,11 +171,11 @@ class TlsLink(TcpLink):
         if self._stream is not None:  # abort() cannot await the stream's aclose()
             _close_stream_now(self._stream)
 
-    def extra(self) -> dict[str, Any]:
+    def extra(self) -> LinkFacts:
         cert = None
         if self._tls is not None:
             cert = self._tls.extra(TLSAttribute.peer_certificate_binary, None)
-        return {"peer_certificate": cert, "peer_address": self.peer_address}
+        return LinkFacts(peer_address=self.peer_address, peer_certificate=cert)
 
 
 def _close_stream_now(stream: SocketStream) -> None:

@@ -41,7 +41,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from anyio.lowlevel import checkpoint
 
 from flare_async.errors import FrameTooLarge, LinkBroken, LinkClosed, ProtocolError, TransportError
-from flare_async.transport._base import Link
+from flare_async.transport._base import Link, LinkFacts, LinkStatistics
 from flare_async.wire import PREFIX_SIZE, Frame, Limits, decode_frame, encode_head, payload_size
 
 _ORDERLY_CLOSE_CODES: Final = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
@@ -97,11 +97,11 @@ class WebSocketLink(Link):
         self.peer_address = peer_address
         self.limits = limits
         self.peer_limits = limits
-        self._extra: dict[str, Any] = {
-            "peer_certificate": _peer_certificate(ws),
-            "peer_address": peer_address,
-            "socket_peer": format_address(self._peername),
-        }
+        self._facts = LinkFacts(
+            peer_address=peer_address,
+            peer_certificate=_peer_certificate(ws),
+            socket_peer=format_address(self._peername),
+        )
         self._send_lock = asyncio.Lock()
         self._receive_lock = asyncio.Lock()  # aiohttp refuses concurrent receive() calls
         self._failure: tuple[type[TransportError], str] | None = None
@@ -360,19 +360,18 @@ class WebSocketLink(Link):
         await self._finished.wait()
 
     # ------------------------------------------------------------------ facts
-    def extra(self) -> dict[str, Any]:
-        """``peer_certificate``: the peer's DER certificate (``wss`` only, else ``None``);
-        ``peer_address``: as the attribute; ``socket_peer``: the TCP peer as ``HOST:PORT``
-        (the proxy, when the link goes through one)."""
-        return dict(self._extra)
+    def extra(self) -> LinkFacts:
+        """The peer's certificate (``wss`` only), address, and TCP peer (``socket_peer``: the
+        proxy, when the link goes through one)."""
+        return self._facts
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "frames_sent": self._frames_out,
-            "frames_received": self._frames_in,
-            "bytes_sent": self._bytes_out,
-            "bytes_received": self._bytes_in,
-        }
+    def statistics(self) -> LinkStatistics:
+        return LinkStatistics(
+            frames_sent=self._frames_out,
+            frames_received=self._frames_in,
+            bytes_sent=self._bytes_out,
+            bytes_received=self._bytes_in,
+        )
 
 
 def _release_after(task: asyncio.Task[None], lock: asyncio.Lock) -> None:

@@ -95,10 +95,10 @@ async def test_an_accepted_link_reads_a_hello_sized_frame_in_a_small_buffer_unti
         for said_hello in (False, True):
             client = await driver.connect(listener.url, limits=Limits())
             accepted = await listener.accept()
-            assert accepted.statistics()["read_buffer"] <= HELLO_BUFFER
+            assert accepted.statistics().read_buffer <= HELLO_BUFFER
             if said_hello:
                 accepted.hello_done()
-                assert accepted.statistics()["read_buffer"] >= 256 * 1024
+                assert accepted.statistics().read_buffer >= 256 * 1024
             frame = Frame(make_hello("server.x", "child", Limits()), (bytes(1 << 20),))
             async with anyio.create_task_group() as tg:
 

@@ -437,7 +437,7 @@ async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
             )
             await cell.wait_parent()
         (link,) = [p.link for p in server._router.children.values()]
-        before = link.statistics()["bytes_sent"]
+        before = link.statistics().bytes_sent
         results = await server.stream_many(
             [f"server.r.e{i}" for i in range(4)],
             "t",
@@ -446,7 +446,7 @@ async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
             chunk=CHUNK,
             window=WINDOW,
         )
-        upstream = link.statistics()["bytes_sent"] - before
+        upstream = link.statistics().bytes_sent - before
         direct = await server.stream_many(
             ["server.r.e0", "server.r.e1"],
             "t",

@@ -108,7 +108,7 @@ async def test_three_hops_over_tcp(tmp_path: Path) -> None:
         # Both relays passed the chunks on unread (os.splice), from their parent's link.
         for relay in cells[1:3]:
             assert relay._router.parent is not None
-            assert relay._router.parent.link.statistics()["frames_passed"] >= 10
+            assert relay._router.parent.link.statistics().frames_passed >= 10
     assert int(reply.tobytes()) == len(data)
     assert state["path"].read_bytes() == data
 
@@ -127,7 +127,7 @@ async def test_a_relay_link_killed_mid_stream_resumes(tmp_path: Path) -> None:
         assert state["dropped"]
         assert edge.statistics().streams.resumes >= 1
         assert relay._router.parent is not None
-        assert relay._router.parent.link.statistics()["frames_passed"] >= 1
+        assert relay._router.parent.link.statistics().frames_passed >= 1
 
 
 async def test_a_connection_killed_mid_stream_resumes(tmp_path: Path) -> None:

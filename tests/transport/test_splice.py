@@ -155,8 +155,8 @@ async def test_a_frame_passes_between_links_unread_and_both_links_go_on() -> Non
         nxt = await b.receive()
         assert nxt.header.id == 2
         assert bytes(nxt.parts[0]) == b"next"
-        assert b.statistics()["frames_passed"] == 1
-        assert b.statistics()["bytes_received"] == a.statistics()["bytes_sent"]
+        assert b.statistics().frames_passed == 1
+        assert b.statistics().bytes_received == a.statistics().bytes_sent
 
 
 @pytest.mark.anyio

@@ -142,8 +142,8 @@ async def test_frames_are_counted_once_whichever_send_path_takes_them() -> None:
                 await a.send(frame)
             await b.receive()
         assert fast >= 1
-        assert a.statistics()["frames_sent"] == 5
-        assert b.statistics()["frames_received"] == 5
+        assert a.statistics().frames_sent == 5
+        assert b.statistics().frames_received == 5
 
 
 def _numbered(i: int) -> Frame:
@@ -189,7 +189,7 @@ async def test_try_send_finishes_a_partly_written_frame_before_any_other(
             assert bytes(frame.parts[0]) == bytes([i % 251]) * 3000
         assert a._tail is None
         assert not a._send_lock.locked()
-        assert a.statistics()["frames_sent"] == 2
+        assert a.statistics().frames_sent == 2
 
 
 async def test_closing_with_a_partly_written_frame_breaks_the_link_for_the_peer(

@@ -172,14 +172,14 @@ async def test_a_send_cancelled_on_backpressure_leaves_later_sends_working(
 
 async def test_addresses_and_extra_without_tls() -> None:
     async with pair_factory(WebSocketDriver())() as (client, server):
-        assert client.extra()["peer_certificate"] is None
-        assert server.extra()["peer_certificate"] is None
+        assert client.extra().peer_certificate is None
+        assert server.extra().peer_certificate is None
         assert client.local_address.startswith("ws://127.0.0.1:")
         assert server.peer_address == client.local_address
-        assert server.extra()["peer_address"] == server.peer_address
-        assert server.extra()["socket_peer"] == client.local_address.removeprefix("ws://")
+        assert server.extra().peer_address == server.peer_address
+        assert server.extra().socket_peer == client.local_address.removeprefix("ws://")
         assert client.peer_address == server.local_address
-        assert client.extra()["socket_peer"] == server.local_address.split("/")[2]
+        assert client.extra().socket_peer == server.local_address.split("/")[2]
 
 
 # ---------------------------------------------------------------------- wss:// with mutual TLS
@@ -319,8 +319,8 @@ async def test_wss_conformance(check, pki: Pki) -> None:
 
 async def test_wss_peer_certificates(pki: Pki) -> None:
     async with pair_factory(tls_driver(pki), WSS_URL)() as (client, server):
-        assert client.extra()["peer_certificate"] == pki.server_der
-        assert server.extra()["peer_certificate"] == pki.client_der
+        assert client.extra().peer_certificate == pki.server_der
+        assert server.extra().peer_certificate == pki.client_der
         assert client.peer_address.startswith("wss://127.0.0.1:")
         await client.send(_frame(1, b"over tls"))
         assert _body(await server.receive()) == b"over tls"
@@ -335,7 +335,7 @@ async def test_wss_refuses_a_client_certificate_from_another_ca(pki: Pki) -> Non
             await rogue.connect(listener.url, limits=Limits())
         client = await good.connect(listener.url, limits=Limits())
         server = await listener.accept()
-        assert server.extra()["peer_certificate"] == pki.client_der
+        assert server.extra().peer_certificate == pki.client_der
         await client.send(_frame(7, b"still serving"))
         frame = await server.receive()
         assert _seq(frame) == 7
@@ -400,8 +400,8 @@ async def test_wss_through_a_connect_proxy(pki: Pki) -> None:
             assert _body(await server.receive()) == b"through the proxy"
             await server.send(_frame(2, b"and back"))
             assert _body(await client.receive()) == b"and back"
-            assert client.extra()["peer_certificate"] == pki.server_der
-            assert client.extra()["socket_peer"] == proxy.split("//")[1]
+            assert client.extra().peer_certificate == pki.server_der
+            assert client.extra().socket_peer == proxy.split("//")[1]
             port = server.local_address.split(":")[2].split("/")[0]
             assert requests == [f"CONNECT 127.0.0.1:{port} HTTP/1.1"]
 
