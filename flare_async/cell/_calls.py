@@ -57,6 +57,41 @@ class CallsMixin:
             raise ConfigError(f"timeout must be a number of seconds or None, not {value!r}")
         return value
 
+    def _call(
+        self,
+        kind: type[Request] | type[Event],
+        dst: str,
+        channel: str,
+        topic: str,
+        payload: Body,
+        timeout: float | object | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[Frame, int, float]:
+        """The sealed frame of a request or event this cell originates, its id, and its
+        deadline on this cell's clock (``inf``: none)."""
+        self._check_running()
+        validate_name(dst)
+        body = as_payload(payload)
+        budget = self._timeout(timeout)
+        if kind is Request and budget is not None and budget <= 0:
+            raise DeadlineExceeded(f"request to {dst} has no time left (timeout {budget})")
+        router = self._router
+        msg_id = router.next_id()
+        header = originate(
+            kind,
+            msg_id,
+            self.name,
+            dst,
+            budget=budget,
+            headers=dict(headers) if headers is not None else dict(body.headers),
+            channel=channel,
+            topic=topic,
+            codec=body.codec,
+        )
+        deadline = math.inf if budget is None else router.clock() + budget
+        frame = Frame(header, body.parts, None if budget is None else deadline)
+        return router.seal(frame), msg_id, deadline
+
     async def request(
         self,
         dst: str,
@@ -91,35 +126,15 @@ class CallsMixin:
 
         Cancelling the caller abandons the request; a reply arriving later is dropped.
         """
-        self._check_running()
-        validate_name(dst)
-        body = as_payload(payload)
-        budget = self._timeout(timeout)
-        if budget is not None and budget <= 0:
-            raise DeadlineExceeded(f"request to {dst} has no time left (timeout {budget})")
+        call = self._call(Request, dst, channel, topic, payload, timeout, headers)
+        frame, msg_id, deadline = call
         router = self._router
-        msg_id = router.next_id()
-        header = originate(
-            Request,
-            msg_id,
-            self.name,
-            dst,
-            budget=budget,
-            headers=dict(headers) if headers is not None else dict(body.headers),
-            channel=channel,
-            topic=topic,
-            codec=body.codec,
-        )
         waiter = Waiter(dst, f"{channel}/{topic}")
         router.pending.add(msg_id, waiter)
         try:
-            if budget is None:
-                deadline = math.inf
-            else:
-                deadline = router.clock() + budget
+            if deadline != math.inf:
                 router.timer.add(deadline, waiter)
-            frame = Frame(header, body.parts, None if budget is None else deadline)
-            await router.send(router.seal(frame), deadline, waiter)
+            await router.send(frame, deadline, waiter)
             await waiter.done.wait()
         finally:
             router.pending.pop(msg_id)
@@ -152,25 +167,8 @@ class CallsMixin:
             CellClosed: this cell is not running.
             InvalidName: ``dst`` is not a valid cell name.
         """
-        self._check_running()
-        validate_name(dst)
-        body = as_payload(payload)
-        budget = self._timeout(timeout)
-        router = self._router
-        header = originate(
-            Event,
-            router.next_id(),
-            self.name,
-            dst,
-            budget=budget,
-            headers=dict(headers) if headers is not None else dict(body.headers),
-            channel=channel,
-            topic=topic,
-            codec=body.codec,
-        )
-        deadline = math.inf if budget is None else router.clock() + budget
-        frame = Frame(header, body.parts, None if budget is None else deadline)
-        await router.send(router.seal(frame), deadline)
+        frame, _, deadline = self._call(Event, dst, channel, topic, payload, timeout, headers)
+        await self._router.send(frame, deadline)
 
     async def broadcast(
         self,

@@ -35,7 +35,7 @@ from flare_async.security import (
     server_context,
 )
 from flare_async.security._kits import _toml
-from flare_async.transport import Link
+from flare_async.transport import Link, LinkFacts
 from flare_async.wire import Limits, Session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,8 +199,8 @@ class _TlsLink:
     def __init__(self, kit: Kit) -> None:
         self.der = _cert(kit.cert).public_bytes(serialization.Encoding.DER)
 
-    def extra(self) -> dict[str, object]:
-        return {"peer_certificate": self.der}
+    def extra(self) -> LinkFacts:
+        return LinkFacts(peer_certificate=self.der)
 
 
 def _accept_child(at: Kit, child: Kit, claimed: str | None = None) -> None:
