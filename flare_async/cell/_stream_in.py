@@ -416,17 +416,17 @@ class StreamHub:
             return
         payload = memoryview(frame.parts[0] if frame.parts else _RELEASED)
         intact = checksum(payload) == h.crc
-        actions = stream._machine.on_data(h.offset, payload.nbytes, intact)
-        if not intact:
-            self.counters["damaged_chunks"] += 1
-        for action in actions:
+        for action in stream._machine.on_data(h.offset, payload.nbytes, intact):
             if isinstance(action, Deliver):
                 stream._deliver(payload)
             elif isinstance(action, AskResend):
                 self.counters["resends_asked"] += 1
                 self.ack(stream, action)
-            else:  # StreamFail: the chunk kept arriving damaged
+            else:  # StreamFail: the chunk kept arriving damaged (not asked again)
                 self._drop(h, action)
+                return
+        if not intact:
+            self.counters["damaged_chunks"] += 1
 
     def _on_end(self, h: StreamEnd) -> None:
         stream = self.incoming.get((h.src, h.sid))

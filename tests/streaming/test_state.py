@@ -3,6 +3,7 @@ allows (and where it leads), every event it refuses, and the behaviour behind ea
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ from flare_async.streaming._send_state import (
     SenderState,
     SendOpen,
 )
-from flare_async.streaming._state import StreamFail, StreamWait, events_of
+from flare_async.streaming._state import Machine, StreamFail, StreamWait, event, events_of
 
 DST, ME, RELAY, STRANGER = "server.r", "server.s", "server", "other.x"
 S = SenderState
@@ -367,6 +368,18 @@ def test_local_failure_and_what_the_receiver_is_told() -> None:
     assert fail.abort is None
     assert m.fail(RuntimeError("again")) == ()
     assert m.failure is fail
+
+
+def test_an_event_keeps_its_methods_signature_and_refuses_what_it_cannot_write() -> None:
+    for name in ("on_ack", "next_action", "sent"):
+        wrapped = getattr(SenderMachine, name)
+        assert inspect.signature(wrapped) == inspect.signature(wrapped.__wrapped__)
+    m = sending()
+    assert m.on_ack(now=2.0, committed=0, limit=W, resend=False) == ()
+    with pytest.raises(TypeError, match="variadic positional"):
+
+        @event("anything")
+        def varargs(self: Machine[Any], *parts: int) -> None: ...
 
 
 # ---------------------------------------------------------------------- receiver, by state
