@@ -5,6 +5,7 @@ from flare_async.cell._cell import BroadcastResults, Cell, Outcome
 from flare_async.cell._handlers import Context, HandlerTable, Kind
 from flare_async.cell._links import Backoff, PeerVerifier
 from flare_async.cell._payload import Payload
+from flare_async.cell._sources import StreamSource
 from flare_async.cell._stream_in import IncomingStream
 from flare_async.cell._system import CellInfo, system_handlers
 
@@ -22,6 +23,7 @@ __all__ = [
     "Outcome",
     "Payload",
     "PeerVerifier",
+    "StreamSource",
     "StreamStatistics",
     "system_handlers",
 ]

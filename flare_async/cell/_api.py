@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import msgspec
 
 from flare_async.cell._payload import Payload
+from flare_async.cell._sources import StreamSource
 from flare_async.errors import FlareError
-from flare_async.streaming import Progress, StreamSource
+from flare_async.streaming import Progress
 from flare_async.wire import Buffer
 
 ProgressCallback = Callable[[Progress], None]

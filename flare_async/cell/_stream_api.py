@@ -11,18 +11,12 @@ import msgspec
 from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
+from flare_async.cell._sources import ChunkLog, Digest, StreamSource, open_source
 from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, StreamHub
 from flare_async.cell._stream_out import StreamOptions, send_streams
 from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError
 from flare_async.routing import validate_name
-from flare_async.streaming import (
-    DEFAULT_WINDOW,
-    ChunkLog,
-    Digest,
-    StreamSource,
-    open_source,
-    pick_chunk,
-)
+from flare_async.streaming import DEFAULT_WINDOW, pick_chunk
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):

@@ -41,6 +41,7 @@ from flare_async.cell._dispatch import handler_failure
 from flare_async.cell._handlers import Context, Kind
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._port import Port
+from flare_async.cell._sources import Digest
 from flare_async.cell._stream_out import StreamSender
 from flare_async.errors import (
     FlareError,
@@ -54,7 +55,6 @@ from flare_async.streaming import (
     Ack,
     AskResend,
     Deliver,
-    Digest,
     Progress,
     ProgressMeter,
     ReceiverComplete,

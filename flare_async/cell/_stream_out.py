@@ -27,11 +27,10 @@ from flare_async._concurrency import Signal, SignalLike
 from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
 from flare_async.cell._port import Port
+from flare_async.cell._sources import ChunkLog, Digest
 from flare_async.errors import DeadlineExceeded, ProtocolError, TransportError, Unreachable
 from flare_async.streaming import (
-    ChunkLog,
     Committed,
-    Digest,
     Probe,
     ProgressMeter,
     SendData,

@@ -3,10 +3,11 @@
 ``_flow`` holds the two ends' credit arithmetic and verdicts, sans-IO (pure, like ``wire``);
 ``_send_state`` and ``_recv_state`` the protocol around it as explicit state machines, with
 their transition tables (``SenderMachine``, ``ReceiverMachine``; shared parts in ``_state``),
-also pure; ``_io`` the sources, the shared chunk log fan-out sends from, and the SHA-256
-computed off the event loop; ``_progress`` the progress reports. The cell
-(``flare_async.cell``: ``_stream_out``, ``_stream_in``) executes the machines: it turns
-frames into their events and their actions into frames, waits and errors.
+also pure; ``_progress`` the progress reports. The whole package is pure (no I/O, no threads,
+no waiting, no clock: time comes in as an argument). The cell (``flare_async.cell``:
+``_stream_out``, ``_stream_in``) executes the machines: it turns frames into their events and
+their actions into frames, waits and errors; the I/O half (sources, the shared chunk log
+fan-out sends from, the SHA-256 computed off the event loop) is ``cell/_sources.py``.
 
 The actions' names say whose they are where a bare word would be ambiguous: ``Sender*`` and
 ``Receiver*`` for one end's, ``Stream*`` for those both ends return (``StreamWait``,
@@ -23,16 +24,9 @@ from flare_async.streaming._flow import (
     ReceiverFlow,
     SenderFlow,
     Verdict,
+    checksum,
     negotiate,
     pick_chunk,
-)
-from flare_async.streaming._io import (
-    ChunkLog,
-    ChunkSource,
-    Digest,
-    StreamSource,
-    checksum,
-    open_source,
 )
 from flare_async.streaming._progress import Progress, ProgressMeter
 from flare_async.streaming._recv_state import (
@@ -83,24 +77,19 @@ __all__ = [
     "StreamWait",
     "StreamFail",
     "receiver_idle",
-    # credit arithmetic, sources, the chunk log, digests, progress
+    # credit arithmetic, chunk checksums, progress
     "DEFAULT_CHUNK",
     "DEFAULT_WINDOW",
     "LARGE_CHUNK",
     "LARGE_FROM",
     "MAX_WINDOW",
-    "ChunkLog",
-    "ChunkSource",
-    "Digest",
     "EndVerdict",
     "Progress",
     "ProgressMeter",
     "ReceiverFlow",
     "SenderFlow",
-    "StreamSource",
     "Verdict",
     "checksum",
     "negotiate",
-    "open_source",
     "pick_chunk",
 ]

@@ -40,7 +40,7 @@ from flare_async.security import (
     payload_digest,
     provision,
 )
-from flare_async.streaming._io import checksum
+from flare_async.streaming import checksum
 from flare_async.testing import FaultyDriver
 from flare_async.transport import MemoryNetwork
 from flare_async.wire import Frame, Request, StreamData, StreamEnd, StreamOpen

@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
+from flare_async.cell._sources import ChunkLog, open_source
 from flare_async.cell._stream_out import StreamOptions, StreamSender
-from flare_async.streaming import ChunkLog, open_source
 from flare_async.wire import Frame, StreamAck, StreamData, StreamDone, StreamEnd, originate
 
 pytestmark = pytest.mark.anyio

@@ -22,6 +22,7 @@ from flare_async import (
     Payload,
     system_handlers,
 )
+from flare_async.cell._sources import ChunkLog, open_source
 from flare_async.errors import (
     BadRequest,
     ConfigError,
@@ -31,15 +32,7 @@ from flare_async.errors import (
     StreamCorrupted,
     Unreachable,
 )
-from flare_async.streaming import (
-    DEFAULT_CHUNK,
-    LARGE_CHUNK,
-    LARGE_FROM,
-    ChunkLog,
-    Progress,
-    checksum,
-    open_source,
-)
+from flare_async.streaming import DEFAULT_CHUNK, LARGE_CHUNK, LARGE_FROM, Progress, checksum
 from flare_async.testing import FaultyDriver
 from flare_async.transport import Driver, TcpDriver
 from flare_async.wire import Frame, StreamAbort, StreamData, StreamEnd
@@ -770,7 +763,7 @@ async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: 
 
 
 def test_a_digest_queue_holds_about_8_mib_whatever_the_chunk() -> None:
-    from flare_async.streaming import Digest  # noqa: PLC0415
+    from flare_async.cell._sources import Digest  # noqa: PLC0415
 
     assert Digest.for_chunks(1 << 20)._queue.size == 8
     assert Digest.for_chunks(LARGE_CHUNK)._queue.size == 2

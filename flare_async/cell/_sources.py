@@ -1,6 +1,9 @@
 """What a stream reads from and how its bytes are checked: sources, the shared chunk log that
 fan-out sends from, and the whole-object SHA-256 computed off the event loop.
 
+The I/O half of streaming, so it lives with the cell that executes the protocol (the sans-IO
+half, ``flare_async.streaming``, has no threads, no waiting and no clock).
+
 Sources (:func:`open_source`) turn bytes-like objects, sequences of buffers (a codec's output),
 file paths and async iterables into chunks of at most the negotiated size, read once. Chunks
 of a bytes-like source are views (never copied); a file is read in a worker thread, up to
@@ -24,22 +27,16 @@ from typing import Any, Protocol, cast
 
 import anyio
 import anyio.to_thread
-import crc32c
 import numpy as np
 
 from flare_async._concurrency import Channel, ChannelClosed, Signal, SignalLike
 from flare_async.errors import ConfigError
+from flare_async.streaming import checksum
 from flare_async.wire import Buffer
 
 StreamSource = Buffer | Sequence[Buffer] | str | os.PathLike[str] | AsyncIterable[Buffer]
 """What ``Cell.stream`` accepts: bytes-like, a sequence of buffers, a file path, or an async
 iterable of buffers."""
-
-
-def checksum(data: Buffer) -> int:
-    """The per-chunk CRC-32C (hardware-accelerated: ~17 GB/s here, against 3.8 for zlib's
-    CRC-32, which would cost most of a core at the transfer rates we aim for)."""
-    return int(crc32c.crc32c(data))
 
 
 class ChunkSource(Protocol):
