@@ -308,7 +308,7 @@ class Cell(CallsMixin, StreamingMixin):
             errors_returned=router.errors_returned,
             undeliverable=router.undeliverable,
             bad_signatures=router.bad_signatures,
-            backlog=router.backlog_frames,
+            backlog=router.backlogs.frames,
             streams=self._streams.statistics(),
         )
 

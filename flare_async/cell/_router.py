@@ -13,9 +13,10 @@ waits for room on the link (until the frame's deadline), :meth:`Router.post` nev
 stream hub reach the router only through :class:`~flare_async.cell._port.Port`; the link
 upkeep (``_upkeep.py``) feeds it the frames each link reads.
 
-(About 500 lines: inbound, forwarding and outbound routing are one state — the peers and the
-requests in flight over them — and splitting them would put that state behind yet another
-interface.)
+(About 600 lines, past the house's 500: inbound, forwarding and outbound routing share one
+state — the peers and the requests in flight over them — and splitting them would put that
+state behind yet another interface. What could leave without it went: the link upkeep
+(``_upkeep.py``), the backlogs of full links (``_backlog.py``), the calls (``_calls.py``).)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from flare_async import _logging
-from flare_async._concurrency import Signal
+from flare_async.cell._backlog import DEFAULT_BACKLOG, Backlogs
 from flare_async.cell._deadlines import DeadlineTimer, Expirable
 from flare_async.cell._dispatch import Job, Workers
 from flare_async.cell._handlers import AnyHandler, Dispatch, Kind
@@ -82,11 +83,6 @@ _ROUTED: Final = ROUTED_KINDS
 _TO_RECEIVER: Final = (StreamOpen, StreamData, StreamEnd)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
-DEFAULT_BACKLOG: Final = 16 << 20
-"""Bytes of payload a relay holds for one peer whose link is full before the link's reader
-waits (backpressure)."""
-BACKLOG_PEERS: Final = 16
-"""All backlogs of a cell together hold at most this many peers' worth (``backlog_limit``)."""
 MAX_ANSWER_TASKS: Final = 1024
 """Most tasks waiting to send error reports at once; beyond, reports are dropped and counted."""
 
@@ -153,10 +149,9 @@ class Router:
         self.undeliverable = 0
         self.bad_signatures = 0
         self.answer_tasks = 0
-        self.backlog_limit = backlog_limit
-        self.backlog_frames = 0
-        self.backlog_bytes = 0
-        self.backlog_total = BACKLOG_PEERS * backlog_limit
+        self.backlogs = Backlogs(
+            name, self._now, self.spawn, self._send_via, self._backlog_failed, backlog_limit
+        )
 
     def attach(self, workers: Workers, streams: StreamHub) -> None:
         """Where messages for this cell go: calls to the workers, stream frames to the hub."""
@@ -454,7 +449,7 @@ class Router:
             if passing is not None:
                 await self._send_via(hop, sent, deadline, passing, came.link)
             elif hop.backlog or not hop.link.try_send(sent):
-                await self._enqueue(hop, sent, deadline)
+                await self.backlogs.put(hop, sent, deadline)
             self.forwarded += 1
             if fwd is not None and deadline != math.inf:
                 self.timer.add(deadline, fwd)
@@ -476,64 +471,13 @@ class Router:
         else:
             raise exc
 
-    async def _enqueue(self, hop: Peer, frame: Frame, deadline: float) -> None:
-        """Put a frame in ``hop``'s backlog, waiting (until ``deadline``) while the backlog is
-        past its limit; start the task that sends it.
-
-        Raises:
-            DeadlineExceeded: no room before the deadline.
-        """
-        size = frame.payload_len
-        while hop.backlog and (
-            hop.backlog_bytes + size > self.backlog_limit
-            or self.backlog_bytes + size > self.backlog_total
-        ):
-            if hop.room is None:
-                hop.room = Signal()
-            room = hop.room
-            with anyio.move_on_after(max(0.0, deadline - self.clock())):
-                await room.wait()
-            if not room.is_set:
-                raise DeadlineExceeded(f"the backlog to {hop.name} stayed full until the deadline")
-        hop.backlog.append((frame, deadline))
-        hop.backlog_bytes += size
-        self.backlog_bytes += size
-        self.backlog_frames += 1
-        if not hop.draining:
-            hop.draining = self.spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
-
-    async def _drain(self, hop: Peer) -> None:
-        """Send ``hop``'s backlog in order, each frame until its deadline; one that cannot be
-        sent is reported to its origin as if it had failed in ``_forward``."""
-        try:
-            while hop.backlog:
-                frame, deadline = hop.backlog[0]
-                h = frame.header
-                assert isinstance(h, _ROUTED)
-                failed: Exception | None = None
-                try:
-                    if deadline <= self.clock():
-                        failed = DeadlineExceeded(f"deadline passed at {self.name}")
-                    else:
-                        await self._send_via(hop, frame, deadline)
-                except (DeadlineExceeded, TransportError, ProtocolError) as exc:
-                    failed = exc
-                finally:
-                    if hop.backlog and hop.backlog[0][0] is frame:
-                        hop.backlog.popleft()
-                        hop.backlog_bytes -= frame.payload_len
-                        self.backlog_bytes -= frame.payload_len
-                        self.backlog_frames -= 1
-                    room, hop.room = hop.room, None
-                    if room is not None:
-                        room.set()
-                # A request's origin hears once: from here, or from drop_peer.
-                if failed is not None:
-                    asked = isinstance(h, Request)
-                    if not asked or hop.inflight.pop((h.src, h.id), None) is not None:
-                        self._forward_failed(h, failed)
-        finally:
-            hop.draining = False
+    def _backlog_failed(self, hop: Peer, frame: Frame, exc: Exception) -> None:
+        """A frame from ``hop``'s backlog could not be sent: its origin hears of it once (a
+        request's from here or from ``drop_peer``, whichever comes first)."""
+        h = frame.header
+        assert isinstance(h, _ROUTED)
+        if not isinstance(h, Request) or hop.inflight.pop((h.src, h.id), None) is not None:
+            self._forward_failed(h, exc)
 
     # ------------------------------------------------------------------ error reports
     def answer_error(self, h: Routed, status: Status, message: str) -> None:
@@ -669,4 +613,4 @@ class Router:
             await peer.link.aclose()
 
 
-__all__ = ["DEFAULT_BACKLOG", "MAX_ANSWER_TASKS", "Router"]
+__all__ = ["MAX_ANSWER_TASKS", "Router"]

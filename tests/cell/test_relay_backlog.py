@@ -110,9 +110,9 @@ async def test_a_backlog_past_its_limit_makes_the_reader_wait_and_holds_no_more(
     async with tree(a, b) as (server, relay, proxy):
         router = relay._router
         if limit == "per_link":
-            router.backlog_limit = 4 * EVENT
+            router.backlogs.limit = 4 * EVENT
         else:
-            router.backlog_total = 4 * EVENT
+            router.backlogs.total = 4 * EVENT
         proxy.pause("down")
         sent = await _fill(server, relay, held=3)
         # More events than the backlog takes: the relay stops reading its parent link instead
@@ -123,7 +123,7 @@ async def test_a_backlog_past_its_limit_makes_the_reader_wait_and_holds_no_more(
             await anyio.sleep(0.5)  # the fault lasts this long; nothing is checked by time
             (peer,) = [p for p in router.children.values() if p.name == "server.r.a"]
             assert peer.backlog_bytes <= 4 * EVENT
-            assert router.backlog_bytes <= 4 * EVENT
+            assert router.backlogs.bytes <= 4 * EVENT
             a.expected = sent + 20
             proxy.resume("down")
         with anyio.fail_after(20):
