@@ -8,7 +8,7 @@ link's send lock is held by the event); it is resumed after ``HOLD`` seconds."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -81,12 +81,20 @@ async def chain(handler: Handler) -> AsyncIterator[tuple[Cell, Cell, FaultProxy,
         yield server, relay, p1, p2
 
 
+def _queued_at(cell: Cell) -> Callable[[], bool]:
+    """Whether ``cell`` holds the probe: in a link's backlog (a relay), or in its own send
+    (the caller: the request's waiter knows the link it leaves on once the send began)."""
+    if cell.name == "server":
+        return lambda: any(w.via is not None for w in cell._router.pending.all())
+    return lambda: cell.statistics().backlog >= 1
+
+
 async def _held(
     sender: Cell, dst: str, proxy: FaultProxy, server: Cell, hold: float
 ) -> tuple[Any, float]:
     """Block ``sender``'s link towards ``dst`` behind a big event (``proxy`` paused that way),
-    ask ``server.r.h`` with ``TIMEOUT`` meanwhile, resume after ``hold``: the outcome (reply
-    or error) and how long the caller waited for it."""
+    ask ``server.r.h`` with ``TIMEOUT`` meanwhile, resume ``hold`` after ``sender`` holds the
+    request: the outcome (reply or error) and how long the caller waited for it."""
     proxy.pause("down")
     outcome: list[Any] = []
     async with anyio.create_task_group() as tg:
@@ -106,6 +114,13 @@ async def _held(
             outcome.append(anyio.current_time() - start)
 
         tg.start_soon(ask)
+        queued = _queued_at(sender)
+        for _ in range(1000):  # on a loaded machine the probe may take a while to get there
+            if queued():
+                break
+            await anyio.sleep(0.005)
+        else:
+            raise AssertionError(f"{sender.name} never held the probe")
         await anyio.sleep(hold)  # the fault: the link stays blocked this long
         proxy.resume("down")
     return outcome[0], outcome[1]
