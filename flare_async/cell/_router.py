@@ -83,6 +83,8 @@ _ROUTED: Final = ROUTED_KINDS
 _TO_RECEIVER: Final = (StreamOpen, StreamData, StreamEnd)
 _CALLS: Final = (Request, Event)
 _ANSWERS: Final = (Reply, Error)
+_FORWARD_ERRORS: Final = (DeadlineExceeded, Unreachable, TransportError, ProtocolError)
+"""What a relay reports to the origin when it cannot pass a frame on."""
 MAX_ANSWER_TASKS: Final = 1024
 """Most tasks waiting to send error reports at once; beyond, reports are dropped and counted."""
 
@@ -418,8 +420,8 @@ class Router:
     async def _forward(self, frame: Frame, came: Peer) -> None:
         """Pass a frame one hop on. It never waits behind another link's frames: when the next
         hop's link is full it joins that link's backlog (sent in order by a task of its own)
-        and the reader goes on; only a backlog past ``backlog_limit`` makes it wait, until the
-        frame's deadline."""
+        and the reader goes on; only a backlog past its limits (``Backlogs``) makes it wait,
+        until the frame's deadline."""
         h = frame.header
         assert isinstance(h, _ROUTED)
         fwd = None
@@ -453,23 +455,23 @@ class Router:
             self.forwarded += 1
             if fwd is not None and deadline != math.inf:
                 self.timer.add(deadline, fwd)
-        except BaseException as exc:
+        except _FORWARD_ERRORS as exc:
             if fwd is not None:
                 fwd.expire()
-            if isinstance(exc, Exception):
-                self._forward_failed(h, exc)
-            else:
-                raise
+            self._forward_failed(h, exc)
+        except BaseException:
+            if fwd is not None:
+                fwd.expire()
+            raise
 
     def _forward_failed(self, h: Routed, exc: Exception) -> None:
+        """Tell the origin why its frame could not be passed on (one of ``_FORWARD_ERRORS``)."""
         if isinstance(exc, DeadlineExceeded):
             self.answer_error(h, Status.DEADLINE_EXCEEDED, f"deadline passed at {self.name}")
         elif isinstance(exc, Unreachable):
             self.answer_error(h, Status.UNREACHABLE, str(exc))
-        elif isinstance(exc, TransportError | ProtocolError):
-            self.answer_error(h, Status.LINK_BROKEN, f"{self.name} could not forward: {exc}")
         else:
-            raise exc
+            self.answer_error(h, Status.LINK_BROKEN, f"{self.name} could not forward: {exc}")
 
     def _backlog_failed(self, hop: Peer, frame: Frame, exc: Exception) -> None:
         """A frame from ``hop``'s backlog could not be sent: its origin hears of it once (a
