@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 
 from flare_async import Cell, Driver, HandlerTable, system_handlers
 from flare_async.cli import RoleCell
-from flare_async.errors import ConfigError
 from flare_async.security import Kit, Role
 
 
@@ -41,10 +40,9 @@ def from_kit(
     Raises:
         ConfigError: not a site's (client's) kit.
     """
-    if kit.role is not Role.CLIENT:
-        raise ConfigError(f"{kit.name!r} is a {kit.role.value}'s kit, not a site's")
     return RoleCell(
         kit,
+        role=Role.CLIENT,
         jobs=jobs,
         handlers=handlers,
         on_event=on_event,

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 from flare_async import Cell, Driver, HandlerTable, system_handlers
 from flare_async.cli import RoleCell
-from flare_async.errors import ConfigError
 from flare_async.security import Kit, Role
 
 
@@ -47,10 +46,9 @@ def from_kit(
     Raises:
         ConfigError: not a relay's kit.
     """
-    if kit.role is not Role.RELAY:
-        raise ConfigError(f"{kit.name!r} is a {kit.role.value}'s kit, not a relay's")
     return RoleCell(
         kit,
+        role=Role.RELAY,
         jobs=jobs,
         handlers=handlers,
         on_event=on_event,

@@ -30,6 +30,7 @@ import anyio
 
 from flare_async.cell import HandlerTable
 from flare_async.cli._kit import cell_from_kit
+from flare_async.errors import ConfigError
 from flare_async.fl import (
     AdminRights,
     JobManager,
@@ -61,9 +62,11 @@ class RoleCell:
         on_event: called with each job event (``on_event("job-started", job=...)``);
             ``flare-async run`` writes them as JSON lines.
         handshake_timeout, heartbeat: see :class:`~flare_async.Cell`.
+        role: the role the kit must have (``cells/``' ``from_kit`` of each role).
 
     Raises:
         IdentityError: an admin kit (admins are not cells).
+        ConfigError: a kit of another role than ``role``.
         ConfigError: the role's files (``admins.toml``, ``policy.toml``, the CA) do not load.
     """
 
@@ -76,7 +79,10 @@ class RoleCell:
         on_event: Callable[..., None] | None = None,
         handshake_timeout: float = 10.0,
         heartbeat: float | None = 15.0,
+        role: Role | None = None,
     ) -> None:
+        if role is not None and kit.role is not role:
+            raise ConfigError(f"{kit.name!r} is a {kit.role.value}'s kit, not a {role.value}'s")
         self.kit = kit
         self.folder = Path(jobs) if jobs is not None else None
         self.on_event = on_event
