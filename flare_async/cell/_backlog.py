@@ -15,9 +15,17 @@ from typing import Final
 
 import anyio
 
+from flare_async import _logging
 from flare_async._concurrency import Signal
 from flare_async.cell._links import Peer
-from flare_async.errors import DeadlineExceeded, ProtocolError, TransportError
+from flare_async.errors import (
+    CellClosed,
+    ConfigError,
+    DeadlineExceeded,
+    LinkBroken,
+    ProtocolError,
+    TransportError,
+)
 from flare_async.wire import Frame
 
 DEFAULT_BACKLOG: Final = 16 << 20
@@ -27,6 +35,7 @@ BACKLOG_PEERS: Final = 16
 """All backlogs of a cell together hold at most this many peers' worth (``limit``)."""
 
 Failed = Callable[[Peer, Frame, Exception], None]
+_log = _logging.get_logger()
 
 
 class Backlogs:
@@ -38,7 +47,10 @@ class Backlogs:
         spawn: starts a task in the cell's group (False once it stops).
         send: sends a frame on a peer's link, waiting for room until a deadline.
         failed: told of a frame that could not be sent (deadline passed, link broke).
-        limit: bytes of payload one peer's backlog holds before a forward waits.
+        limit: bytes of payload one peer's backlog holds before a forward waits (> 0).
+
+    Raises:
+        ConfigError: a limit of 0 or less.
     """
 
     def __init__(
@@ -55,6 +67,8 @@ class Backlogs:
         self._spawn = spawn
         self._send = send
         self._failed = failed
+        if not limit > 0:
+            raise ConfigError(f"a backlog limit must be a positive number of bytes, not {limit}")
         self.limit = limit
         self.total = BACKLOG_PEERS * limit
         """Bytes of payload all backlogs together hold before a forward waits."""
@@ -63,10 +77,13 @@ class Backlogs:
 
     async def put(self, hop: Peer, frame: Frame, deadline: float) -> None:
         """Put a frame in ``hop``'s backlog, waiting (until ``deadline``) while the backlog is
-        past its limit; start the task that sends it.
+        past its limits; start the task that sends it. A peer with an empty backlog always
+        takes one frame (so ``total`` may be passed by one frame per peer, and a wait is
+        always ended by that peer's own drain).
 
         Raises:
             DeadlineExceeded: no room before the deadline.
+            CellClosed: the cell is stopping (nothing would send the frame).
         """
         size = frame.payload_len
         while hop.backlog and (
@@ -79,18 +96,39 @@ class Backlogs:
                 await room.wait()
             if not room.is_set:
                 raise DeadlineExceeded(f"the backlog to {hop.name} stayed full until the deadline")
-        hop.backlog.append((frame, deadline))
+        if not hop.draining:
+            hop.draining = self._spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
+            if not hop.draining:
+                raise CellClosed(f"cell {self.name} is stopping")
+        hop.backlog.append((frame, deadline, size))
         hop.backlog_bytes += size
         self.bytes += size
         self.frames += 1
-        if not hop.draining:
-            hop.draining = self._spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
+
+    def discard(self, hop: Peer, error: TransportError) -> None:
+        """``hop``'s link went down: what waits for it will never be sent. Each frame is
+        reported as failed (but the one being sent, which its send reports)."""
+        keep = 1 if hop.draining and hop.backlog else 0
+        while len(hop.backlog) > keep:
+            frame, _, _ = self._take(hop, -1)
+            self._failed(hop, frame, error)
+
+    def _take(self, hop: Peer, index: int) -> tuple[Frame, float, int]:
+        entry = hop.backlog.popleft() if index == 0 else hop.backlog.pop()
+        size = entry[2]
+        hop.backlog_bytes -= size
+        self.bytes -= size
+        self.frames -= 1
+        room, hop.room = hop.room, None
+        if room is not None:
+            room.set()
+        return entry
 
     async def _drain(self, hop: Peer) -> None:
         """Send ``hop``'s backlog in order, each frame until its deadline."""
         try:
             while hop.backlog:
-                frame, deadline = hop.backlog[0]
+                frame, deadline, _ = hop.backlog[0]
                 failed: Exception | None = None
                 try:
                     if deadline <= self._clock():
@@ -99,15 +137,11 @@ class Backlogs:
                         await self._send(hop, frame, deadline)
                 except (DeadlineExceeded, TransportError, ProtocolError) as exc:
                     failed = exc
+                except Exception as exc:  # a bug below must cost this frame, not the cell
+                    _log.exception("forwarding from a backlog failed", peer=hop.name)
+                    failed = LinkBroken(f"{self.name} could not forward: {exc!r}")
                 finally:
-                    if hop.backlog and hop.backlog[0][0] is frame:
-                        hop.backlog.popleft()
-                        hop.backlog_bytes -= frame.payload_len
-                        self.bytes -= frame.payload_len
-                        self.frames -= 1
-                    room, hop.room = hop.room, None
-                    if room is not None:
-                        room.set()
+                    self._take(hop, 0)
                 if failed is not None:
                     self._failed(hop, frame, failed)
         finally:

@@ -93,9 +93,9 @@ class Peer:
         """A pong waits for room on the link (see ``Cell._on_frame``)."""
         self.orderly = False
         """A goodbye was said on the link (by either side): its end is a close, not a break."""
-        self.backlog: deque[tuple[Frame, float]] = deque()
-        """Frames forwarded to this peer while its link was full, with their deadlines, in
-        order; a task of the router sends them (see ``Router._forward``)."""
+        self.backlog: deque[tuple[Frame, float, int]] = deque()
+        """Frames forwarded to this peer while its link was full, with their deadlines and
+        payload sizes, in order; a task of the router sends them (see ``Router._forward``)."""
         self.backlog_bytes = 0
         self.draining = False
         self.room: SignalLike | None = None

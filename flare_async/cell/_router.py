@@ -256,6 +256,7 @@ class Router:
         for waiter in self.pending.via(peer):
             waiter.fail(type(error)(f"link to {peer.name} went down: {error}"))
         inflight, peer.inflight = peer.inflight, {}
+        self.backlogs.discard(peer, error)
         for fwd in inflight.values():
             self.answer_error_to(
                 fwd.src,
@@ -316,7 +317,7 @@ class Router:
 
     async def _pong(self, peer: Peer, pong: Frame) -> None:
         try:
-            await peer.send_within(pong, self.dead_after)
+            await peer.send_within(pong, self.send_cap)
         finally:
             peer.ponging = False
 
@@ -456,9 +457,12 @@ class Router:
             if fwd is not None and deadline != math.inf:
                 self.timer.add(deadline, fwd)
         except _FORWARD_ERRORS as exc:
+            # A request whose link went down meanwhile was reported by drop_peer already.
+            live = fwd is None or fwd.live
             if fwd is not None:
                 fwd.expire()
-            self._forward_failed(h, exc)
+            if live:
+                self._forward_failed(h, exc)
         except BaseException:
             if fwd is not None:
                 fwd.expire()
@@ -475,7 +479,8 @@ class Router:
 
     def _backlog_failed(self, hop: Peer, frame: Frame, exc: Exception) -> None:
         """A frame from ``hop``'s backlog could not be sent: its origin hears of it once (a
-        request's from here or from ``drop_peer``, whichever comes first)."""
+        request's from here or from ``drop_peer``, whichever comes first; one whose deadline
+        passed is not reported: its caller's own deadline has passed too)."""
         h = frame.header
         assert isinstance(h, _ROUTED)
         if not isinstance(h, Request) or hop.inflight.pop((h.src, h.id), None) is not None:

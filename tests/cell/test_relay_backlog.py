@@ -144,3 +144,20 @@ async def test_a_frame_whose_deadline_passes_in_the_backlog_is_reported_not_sent
         assert reply.tobytes() == b"pong"
         assert a.pings == 2  # the warm-up and this one: the late request was dropped
         assert relay.statistics().backlog == 0
+
+
+async def test_a_link_that_goes_down_takes_its_backlog_with_it() -> None:
+    """Frames that waited for a link that then broke are reported and forgotten at once: the
+    relay's counters go back to zero and its other links are not held."""
+    a, b = Leaf(), Leaf()
+    async with tree(a, b) as (server, relay, proxy):
+        proxy.pause("down")
+        await _fill(server, relay)
+        assert proxy.reset() >= 1  # the link to server.r.a breaks with frames waiting for it
+        with anyio.fail_after(10):
+            while relay.statistics().backlog:
+                await anyio.lowlevel.checkpoint()  # the relay's reader handles the drop
+        backlogs = relay._router.backlogs
+        assert (backlogs.frames, backlogs.bytes) == (0, 0)
+        reply = await server.request("server.r.b", "t", "ping", b"", timeout=5)
+        assert reply.tobytes() == b"pong"
