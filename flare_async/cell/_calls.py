@@ -53,7 +53,9 @@ class CallsMixin:
 
     def _timeout(self, timeout: float | object | None) -> float | None:
         value = self.default_timeout if timeout is DEFAULT else timeout
-        if value is not None and not isinstance(value, int | float):
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
+        ):
             raise ConfigError(f"timeout must be a number of seconds or None, not {value!r}")
         return value
 

@@ -401,10 +401,10 @@ class StreamHub:
         ) != (FANOUT_CHANNEL, FANOUT_TOPIC)
         stream = IncomingStream(self, h, machine, digest)
         self.incoming[key] = stream
-        self.counters["received"] += 1
         if not self.port.spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
             return
+        self.counters["received"] += 1
         for first in machine.accept():  # the first window
             self.ack(stream, first)
 
