@@ -32,12 +32,12 @@ from flare_async.fl._model import FLModel, ParamsType
 WEIGHT_KEY = "flare.partial_weight"
 COUNT_KEY = "flare.partial_count"
 TENSOR_WEIGHTS_KEY = "flare.partial_tensor_weights"
-DTYPES_KEY = "flare.partial_dtypes"
-"""In a partial sum's meta: the updates' own dtypes where they differ from the accumulator's
-(safetensors names), so the tier above averages back into them."""
 """In a partial sum's meta: ``{name: total weight}`` for the tensors whose total weight is not
 ``WEIGHT_KEY``'s (some of the subtree's updates did not carry them); absent when none is (a
 partial sum without it, from an older relay, weighs every tensor ``WEIGHT_KEY``)."""
+DTYPES_KEY = "flare.partial_dtypes"
+"""In a partial sum's meta: the updates' own dtypes where they differ from the accumulator's
+(safetensors names), so the tier above averages back into them."""
 NUM_SAMPLES_KEY = "num_samples"
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
 """NVIDIA FLARE's ``FLMetaKey.NUM_STEPS_CURRENT_ROUND``: the weight when ``num_samples`` is not

@@ -67,7 +67,7 @@ class AsyncioTcpLink(RawTcpLink):
 
     def _park_tail(self, segments: list[Buffer], written: int) -> None:
         self._send_lock.acquire_nowait()  # free: try_send checked; released once flushed
-        self._tail = memoryview(b"".join(segments)[written:])
+        self._tail = memoryview(b"".join(segments))[written:]  # one copy, not two
         self._loop.add_writer(self._sock.fileno(), self._flush_tail)
 
     def _flush_tail(self) -> None:

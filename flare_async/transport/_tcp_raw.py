@@ -65,10 +65,11 @@ class RawTcpLink(TcpLink):
         views = [memoryview(s).cast("B") for s in segments]
         total = sum(v.nbytes for v in views)
         written = 0
+        first = 0  # views before it are written (an index: popping the front is O(parts))
         try:
-            while views:
+            while first < len(views):
                 try:
-                    n = self._sock.sendmsg(views[:_IOV_MAX])
+                    n = self._sock.sendmsg(views[first : first + _IOV_MAX])
                 except BlockingIOError:
                     if written or begun:
                         await self._wait_to_finish()
@@ -76,11 +77,11 @@ class RawTcpLink(TcpLink):
                         await self._wait(anyio.wait_writable)
                     continue
                 written += n
-                while views and n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
+                while first < len(views) and n >= views[first].nbytes:
+                    n -= views[first].nbytes
+                    first += 1
                 if n:
-                    views[0] = views[0][n:]
+                    views[first] = views[first][n:]
         except BaseException:
             if 0 < written < total:
                 self._cut_short()
