@@ -6,7 +6,7 @@ one thing a stream adds on the wire that the raw-socket baseline lacks and no im
 drop (the issue asks for a per-chunk checksum). Blocking sockets, ``TCP_NODELAY``, no event
 loop, no flow control, routing, headers or Python beyond a loop per frame: what this machine
 allows for the stream's work itself, so that ``stream.py`` can tell how far the library is
-from it. ``stream.py`` (``Ceiling``) starts them.
+from it. ``stream.py`` (``Ceiling``) starts them, and the raw relay below (``Baseline``).
 
 Roles (``config["role"]``):
 
@@ -26,6 +26,11 @@ The two below serve one connection after another until they are killed:
   forwards each frame: the header read and written, the payload spliced socket -> pipe ->
   socket unread (as the library's relays do), then passes the receiver's answer back.
   Prints ``{"port": P}``.
+- ``raw_relay``: the raw relay baseline, no frames at all: for each inbound connection, dials
+  ``next`` (the baseline's ``raw_recv`` port, see ``_streambench.py``) and splices ``size``
+  bytes socket -> pipe -> socket as they come (each ``splice`` takes what the 1 MiB pipe holds),
+  then passes the receiver's answer back. With ``stream.py`` sending, three processes: the
+  most a relay can do with these sockets on this machine. Prints ``{"port": P}``.
 """
 
 from __future__ import annotations
@@ -87,9 +92,7 @@ def framed_recv(size: int) -> None:
 
 def framed_relay(size: int, next_port: int) -> None:
     head = memoryview(bytearray(HEADER.size))
-    r, w = os.pipe()
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    r, w = pipe_pair()
     with listen() as srv:
         while True:
             up, _ = srv.accept()
@@ -108,6 +111,32 @@ def framed_relay(size: int, next_port: int) -> None:
                         while moved:
                             moved -= os.splice(r, down.fileno(), moved)
                     got += n
+                up.sendall(down.recv(1))
+
+
+def pipe_pair() -> tuple[int, int]:
+    """A blocking pipe as large as the system allows an unprivileged process (1 MiB)."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    return r, w
+
+
+def raw_relay(size: int, next_port: int) -> None:
+    r, w = pipe_pair()
+    most = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    with listen() as srv:
+        while True:
+            up, _ = srv.accept()
+            with nodelay(up), nodelay(socket.create_connection(("127.0.0.1", next_port))) as down:
+                left = size
+                while left:
+                    moved = os.splice(up.fileno(), w, min(left, most))
+                    if not moved:
+                        raise EOFError("sender closed the connection early")
+                    left -= moved
+                    while moved:
+                        moved -= os.splice(r, down.fileno(), moved)
                 up.sendall(down.recv(1))
 
 
@@ -142,6 +171,8 @@ def main(argv: list[str]) -> int:
         framed_send(cfg["size"], cfg["chunk"], cfg["port"])
     elif role == "framed_relay":
         framed_relay(cfg["size"], cfg["next"])
+    elif role == "raw_relay":
+        raw_relay(cfg["size"], cfg["next"])
     else:
         framed_recv(cfg["size"])
     return 0

@@ -28,6 +28,14 @@ ceiling a file-to-file transfer meets. The fan-out case also reports ``upstream_
 the sender put on its link per run, with the object's size as ``baseline`` (ratio 1.0 means
 the object crossed the sender's link once, not once per receiver).
 
+Cases through one relay (``relay-mem``, ``relay-file``) have a second baseline, the raw
+relay: the same blocking sockets between three processes (this process sends, a ``raw_relay``
+child of ``_framed.py`` splices socket -> pipe -> socket as the bytes come, the baseline's
+receiver takes them), measured just after the two-process baseline before each run, median of
+those. It is reported as ``case:raw-relay`` (``baseline`` the two-process one) and as
+``baseline_relay`` and ``ratio_relay`` (``value / baseline_relay``) on the case's throughput
+line and its ``framed-ceiling`` line, beside ``baseline`` and ``ratio``.
+
 ``mem`` cases without the digest (direct and relay) also report ``case:framed-ceiling``: the
 throughput of the same frames in the plainest code (``_framed.py``: blocking sockets, each
 chunk's CRC-32C computed by the sender and checked by the receiver, a splicing relay for relay
@@ -53,7 +61,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from _report import emit, log, median, parser
+from _report import emit, line, log, median, parser
 
 from flare_async.streaming import pick_chunk
 
@@ -121,9 +129,22 @@ class Baseline:
         self.child = Child({"role": "raw_recv", "size": size})
         self.port = self.child.line()["port"]
         self.block = memoryview(bytes(1 << 20))
+        self.relay: Child | None = None  # started by the first relayed measurement
+        self.relay_port = 0
 
     def once(self) -> float:
-        with socket.create_connection(("127.0.0.1", self.port)) as s:
+        return self._send(self.port)
+
+    def once_relayed(self) -> float:
+        """One transfer through the raw relay (``_framed.py``'s ``raw_relay``) to the same
+        receiver: the relay cases' second baseline."""
+        if self.relay is None:
+            self.relay = Child({"role": "raw_relay", "size": self.size, "next": self.port}, FRAMED)
+            self.relay_port = self.relay.line()["port"]
+        return self._send(self.relay_port)
+
+    def _send(self, port: int) -> float:
+        with socket.create_connection(("127.0.0.1", port)) as s:
             start = time.perf_counter()
             left = self.size
             while left > 0:
@@ -135,7 +156,28 @@ class Baseline:
             return self.size / (time.perf_counter() - start)
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.kill()
         self.child.kill()
+
+
+def emit_relayed(case: str, value: float, base: float, relay_base: float | None) -> None:
+    """A throughput line with the two-process ``baseline`` and, for a case through one relay,
+    the raw relay's too (``baseline_relay``, ``ratio_relay``)."""
+    if relay_base is None:
+        emit("stream", case, "throughput", value, "B/s", base)
+        return
+    line(
+        bench="stream",
+        case=case,
+        metric="throughput",
+        value=float(f"{value:.6g}"),
+        unit="B/s",
+        baseline=float(f"{base:.6g}"),
+        ratio=round(value / base, 4),
+        baseline_relay=float(f"{relay_base:.6g}"),
+        ratio_relay=round(value / relay_base, 4),
+    )
 
 
 class Ceiling:
@@ -255,9 +297,11 @@ def run_case(
             if c.role == "receiver":
                 c.line()
         sender.line()  # linked to every target
-        runs, bases, ceilings = [], [], []
+        runs, bases, ceilings, relay_bases = [], [], [], []
         for i in range(repeat):
             bases.append(base.once())
+            if relay and not fanout:
+                relay_bases.append(base.once_relayed())
             assert sender.proc.stdin is not None
             sender.proc.stdin.write("go\n")
             sender.proc.stdin.flush()
@@ -269,6 +313,7 @@ def run_case(
             log(
                 f"{case} run {i + 1}/{repeat}: {rate / 1e9:.2f} GB/s"
                 f" (baseline just before: {bases[-1] / 1e9:.2f}"
+                + (f", raw relay: {relay_bases[-1] / 1e9:.2f}" if relay_bases else "")
                 + (f", framed ceiling just after: {ceilings[-1] / 1e9:.2f})" if ceilings else ")")
             )
         # Leaves first, then the relay, then the sender: a cell whose parent went away
@@ -284,18 +329,12 @@ def run_case(
                 rss[c.role] = max(rss.get(c.role, 0), c.line()["peak_rss"])
         sender.stop()
         rss = {"sender": sender.line()["peak_rss"], **rss}
-    emit(
-        "stream",
-        case,
-        "throughput",
-        median([size / r["seconds"] for r in runs]),
-        "B/s",
-        median(bases),
-    )
+    relay_base = median(relay_bases) if relay_bases else None
+    emit_relayed(case, median([size / r["seconds"] for r in runs]), median(bases), relay_base)
     if ceilings:
-        emit(
-            "stream", f"{case}:framed-ceiling", "throughput", median(ceilings), "B/s", median(bases)
-        )
+        emit_relayed(f"{case}:framed-ceiling", median(ceilings), median(bases), relay_base)
+    if relay_base is not None:
+        emit("stream", f"{case}:raw-relay", "throughput", relay_base, "B/s", median(bases))
     for role, value in rss.items():
         emit("stream", f"{case}:{role}", "peak_rss", value, "B")
     if fanout:
