@@ -1,9 +1,10 @@
 """The ``tcp://`` and ``tls://`` driver: its listener, and connecting.
 
 Its links are ``TcpLink`` objects (``_tcp_base``): for ``tcp``, the raw-socket link of the
-running backend (``_tcp_asyncio``, ``_tcp_trio``); for ``tls``, a ``TlsLink`` (``_tls``). An
-accepted ``tls`` link does its TLS handshake later, on first use, so the accept loop never waits
-on a client.
+running backend (``_tcp_asyncio``, ``_tcp_trio``); for ``tls``, on asyncio an ``AsyncioTlsLink``
+(``_tls_asyncio``: the raw link's reader callback with an ``SSLObject``), on any other backend a
+``TlsLink`` (``_tls``: anyio's ``TLSStream``). An accepted ``tls`` link does its TLS handshake
+later, on first use, so the accept loop never waits on a client.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from flare_async import _logging
 from flare_async.errors import ConfigError, ConnectError, LinkClosed
 from flare_async.transport._base import Admission, Driver, Link, Listener
 from flare_async.transport._listening import ACCEPT_SKIP, Pending, listening_socket
-from flare_async.transport._tcp_base import TcpLink, error_reason
+from flare_async.transport._tcp_base import TcpLink, error_reason, on_asyncio
 from flare_async.transport._tls import TlsLink
+from flare_async.transport._tls_asyncio import AsyncioTlsLink
 from flare_async.wire import Limits
 
 
@@ -70,9 +72,13 @@ class TcpListener(Listener):
         self._scheme = scheme
         self._limits = limits
         # The link class is the listener's to choose, once: TLS or the backend's raw link.
-        self._make_link: Callable[..., TcpLink] = (
-            TcpLink if server_tls is None else functools.partial(TlsLink, server_tls=server_tls)
-        )
+        self._make_link: Callable[..., TcpLink] = TcpLink
+        if server_tls is not None and on_asyncio():
+            self._make_link = functools.partial(
+                AsyncioTlsLink, context=server_tls, server_side=True
+            )
+        elif server_tls is not None:
+            self._make_link = functools.partial(TlsLink, server_tls=server_tls)
         host, port = sock.getsockname()[:2]
         self.url = _format_url(scheme, host, port)
         self._closed = False
@@ -199,6 +205,19 @@ class TcpDriver(Driver):
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))  # noqa: TRY301 - one error path below
+            if scheme == "tls" and on_asyncio():
+                assert self.client_tls is not None
+                link = AsyncioTlsLink(
+                    sock,
+                    limits,
+                    local_address=_format_url(scheme, *sock.getsockname()[:2]),
+                    peer_address=_format_url(scheme, host, port),
+                    context=self.client_tls,
+                    server_side=False,
+                    server_hostname=host,
+                )
+                await link.handshake()  # a refused certificate may still come late (see below)
+                return link
             if scheme == "tls":
                 stream = await SocketStream.from_socket(sock)
                 tls = await TLSStream.wrap(

@@ -153,10 +153,7 @@ class AsyncioTcpLink(RawTcpLink):
     def _on_readable(self) -> None:
         conn = self._conn
         try:
-            n = self._sock.recv_into(conn.get_buffer())
-            if n:
-                conn.buffer_updated(n)
-                self._set_lowat(conn.owed)
+            if self._read_socket():
                 if self._check_error:
                     _raise_pending_error(self._sock)
             else:
@@ -180,6 +177,16 @@ class AsyncioTcpLink(RawTcpLink):
             elif conn.pending_bytes >= _READ_AHEAD:
                 self._pause_reading()
         self._wake_receiver()
+
+    def _read_socket(self) -> bool:
+        """Read what the socket has into the connection: ``False`` at its end;
+        ``BlockingIOError`` when nothing came after all. (A TLS link decrypts here.)"""
+        conn = self._conn
+        n = self._sock.recv_into(conn.get_buffer())
+        if n:
+            conn.buffer_updated(n)
+            self._set_lowat(conn.owed)
+        return n > 0
 
     def _set_lowat(self, owed: int) -> None:
         """Wake up for a large payload only once a good part of it is there.

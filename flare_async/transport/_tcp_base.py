@@ -1,14 +1,17 @@
 """What every ``tcp://`` and ``tls://`` link shares: a socket, the sans-IO framing, the send lock,
 the link's state and how it ends.
 
-Three classes build on :class:`TcpLink`, and the one a link is made as decides how it does its
+Four classes build on :class:`TcpLink`, and the one a link is made as decides how it does its
 I/O; no method asks which it is:
 
 * :class:`~flare_async.transport._tcp_asyncio.AsyncioTcpLink`: the raw socket on asyncio (and
   uvloop), read ahead in loop callbacks, with push delivery and splicing;
 * :class:`~flare_async.transport._tcp_trio.TrioTcpLink`: the raw socket on any other backend,
   waiting for the socket before each read or write;
-* :class:`~flare_async.transport._tls.TlsLink`: mutual TLS through anyio's ``TLSStream``.
+* :class:`~flare_async.transport._tls_asyncio.AsyncioTlsLink`: mutual TLS on asyncio, the
+  asyncio link with an ``SSLObject`` between its reads and writes and the socket;
+* :class:`~flare_async.transport._tls.TlsLink`: mutual TLS on any other backend, through
+  anyio's ``TLSStream``.
 
 ``TcpLink(sock, ...)`` itself makes the raw-socket link of the running backend.
 
@@ -234,10 +237,11 @@ def raw_link_class() -> type[TcpLink]:
     from flare_async.transport._tcp_asyncio import AsyncioTcpLink  # noqa: PLC0415
     from flare_async.transport._tcp_trio import TrioTcpLink  # noqa: PLC0415
 
-    return AsyncioTcpLink if _on_asyncio() else TrioTcpLink
+    return AsyncioTcpLink if on_asyncio() else TrioTcpLink
 
 
-def _on_asyncio() -> bool:
+def on_asyncio() -> bool:
+    """Whether the running backend is asyncio (or uvloop)."""
     try:
         return sniffio.current_async_library() == "asyncio"
     except sniffio.AsyncLibraryNotFoundError:

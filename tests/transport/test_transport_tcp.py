@@ -16,6 +16,7 @@ from flare_async.transport import Link, TcpDriver, TcpLink
 from flare_async.transport._tcp_asyncio import AsyncioTcpLink
 from flare_async.transport._tcp_trio import TrioTcpLink
 from flare_async.transport._tls import TlsLink
+from flare_async.transport._tls_asyncio import AsyncioTlsLink
 from flare_async.wire import Connection, Event, Frame, Limits
 from tests.transport.test_transport_ws import client_context, make_pki, server_context
 
@@ -49,7 +50,7 @@ def tls_pair(pki: Any) -> Any:
 
         async def accept() -> None:
             link = await listener.accept()
-            assert isinstance(link, TlsLink)
+            assert isinstance(link, (TlsLink, AsyncioTlsLink))
             await link._ensure_tls()
             accepted.append(link)
 
@@ -212,14 +213,15 @@ async def test_each_link_is_made_as_the_class_of_its_backend_and_scheme(
 ) -> None:
     """The class chosen when a link is made decides its I/O: the driver's links, and a
     ``TcpLink(sock, ...)`` made of a socket pair (a job's worker channel), are the raw link of
-    the running backend; tls:// links are TlsLinks."""
+    the running backend; tls:// links are its TLS link."""
     raw = AsyncioTcpLink if anyio_backend_name == "asyncio" else TrioTcpLink
+    tls = AsyncioTlsLink if anyio_backend_name == "asyncio" else TlsLink
     async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
         assert type(a) is raw
         assert type(b) is raw
     async with tls_pair(tls_pki)() as (a, b):
-        assert type(a) is TlsLink
-        assert type(b) is TlsLink
+        assert type(a) is tls
+        assert type(b) is tls
     left, right = socket.socketpair()
     left.setblocking(False)
     link = TcpLink(left, Limits(), local_address="pipe:a", peer_address="pipe:b")
