@@ -23,7 +23,8 @@ ProgressCallback = Callable[[Progress], None]
 """Called with a stream's :class:`~flare_async.streaming.Progress` as the receiver commits."""
 
 Seal = Callable[[str, str], Mapping[str, str]]
-"""``(dst, sha256) -> headers`` for a stream's end message (a signature over the digest)."""
+"""``(dst, digest) -> headers`` for a stream's end message (a signature over the digest,
+which comes in text form: ``"blake3:<hex>"``)."""
 
 Body = Payload | Buffer | None
 
@@ -156,7 +157,7 @@ class CellAPI(Protocol):
         size: int | None = None,
         chunk: int | None = None,
         window: int = ...,
-        digest: bool = True,
+        digest: bool | str = True,
         sha256: str = "",
         idle: float = 60.0,
         probe: float | None = None,
@@ -178,7 +179,7 @@ class CellAPI(Protocol):
         size: int | None = None,
         chunk: int | None = None,
         window: int = ...,
-        digest: bool = True,
+        digest: bool | str = True,
         sha256: str = "",
         idle: float = 60.0,
         probe: float | None = None,

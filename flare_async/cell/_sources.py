@@ -27,11 +27,20 @@ from typing import Any, Protocol, cast
 
 import anyio
 import anyio.to_thread
+import blake3
 import numpy as np
 
 from flare_async._concurrency import Channel, ChannelClosed, Signal, SignalLike
 from flare_async.errors import ConfigError
 from flare_async.streaming import checksum
+from flare_async.streaming._digest import (
+    ALGORITHMS,
+    BLAKE3,
+    CRC32C,
+    CRYPTOGRAPHIC,
+    CrcDigest,
+    format_digest,
+)
 from flare_async.wire import Buffer
 
 StreamSource = Buffer | Sequence[Buffer] | str | os.PathLike[str] | AsyncIterable[Buffer]
@@ -186,26 +195,45 @@ _HASH_INLINE_BELOW = 64 * 1024
 
 DIGEST_QUEUE = 8 << 20
 """Bytes a digest's queue holds at most (beside the stream's window): see
-:meth:`Digest.for_chunks`."""
+:meth:`HashDigest.for_chunks`."""
 
 
-class Digest:
-    """SHA-256 of a byte sequence, computed in a worker thread beside the transfer.
+class _Hasher(Protocol):
+    def update(self, data: Buffer, /) -> object: ...
 
-    ``hashlib`` releases the GIL while it hashes, so the digest runs on another core while the
+    def hexdigest(self) -> str: ...
+
+
+def _hasher(algorithm: str) -> _Hasher:
+    if algorithm == BLAKE3:
+        return cast(_Hasher, blake3.blake3())
+    return hashlib.sha256()
+
+
+class HashDigest:
+    """A cryptographic digest (BLAKE3 or SHA-256) of a byte sequence, computed in a worker
+    thread beside the transfer.
+
+    Both hashes release the GIL while they hash, so the digest runs on another core while the
     event loop moves the next chunks. :meth:`update` waits only when ``depth`` chunks are
-    queued (the hash is slower than the wire: ~1.2 GB/s here), which bounds the memory it
-    holds. :meth:`run` must run in a task while the digest is fed.
+    queued (the hash is slower than the wire: BLAKE3 ~3 GB/s, SHA-256 ~1.3 GB/s here), which
+    bounds the memory it holds. :meth:`run` must run in a task while the digest is fed.
     """
 
+    hashes_bytes = True
+    """:meth:`update` needs the bytes (and :meth:`run` a task)."""
+
     @classmethod
-    def for_chunks(cls, chunk: int) -> Digest:
+    def for_chunks(cls, chunk: int, algorithm: str = BLAKE3) -> HashDigest:
         """A digest whose queue holds about :data:`DIGEST_QUEUE` bytes of ``chunk``-sized
         chunks (at least two): 8 chunks of 1 MiB, 2 of 4 MiB."""
-        return cls(depth=max(2, DIGEST_QUEUE // max(1, chunk)))
+        return cls(algorithm, depth=max(2, DIGEST_QUEUE // max(1, chunk)))
 
-    def __init__(self, depth: int = 8) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, algorithm: str = BLAKE3, depth: int = 8) -> None:
+        if algorithm not in CRYPTOGRAPHIC:
+            raise ConfigError(f"{algorithm!r} is not a hash (use {sorted(CRYPTOGRAPHIC)})")
+        self.algorithm = algorithm
+        self._hash = _hasher(algorithm)
         self._queue: Channel[Buffer] = Channel(depth)
         self._done: SignalLike | None = None
         self.nbytes = 0
@@ -216,6 +244,9 @@ class Digest:
             # Closed because the stream failed: the caller learns that next.
             with contextlib.suppress(ChannelClosed):
                 await self._queue.put(data)
+
+    def add(self, offset: int, length: int, crc: int) -> None:
+        """A chunk's CRC (used by :class:`CombinedDigest`; a hash reads the bytes instead)."""
 
     async def run(self) -> None:
         self._done = Signal()
@@ -238,7 +269,8 @@ class Digest:
         self._queue.clear()
 
     async def hexdigest(self) -> str:
-        """Wait for every queued byte to be hashed; the hex digest."""
+        """Wait for every queued byte to be hashed; the digest in text form
+        (``"blake3:<hex>"``, ``"sha256:<hex>"``)."""
         self._queue.close()
         if self._done is not None:
             await self._done.wait()
@@ -246,7 +278,56 @@ class Digest:
             # run() never got to start (everything was fed without a pause): hash here.
             for data in self._queue.clear():
                 await anyio.to_thread.run_sync(self._hash.update, data)
-        return self._hash.hexdigest()
+        return format_digest(self.algorithm, self._hash.hexdigest())
+
+
+class CombinedDigest:
+    """The default digest: the whole object's CRC-32C combined from the chunk CRCs the
+    stream computes anyway (no pass over the bytes, no task: see
+    :mod:`flare_async.streaming._digest`)."""
+
+    hashes_bytes = False
+    algorithm = CRC32C
+
+    def __init__(self) -> None:
+        self._crc = CrcDigest()
+
+    @property
+    def nbytes(self) -> int:
+        return self._crc.nbytes
+
+    async def update(self, data: Buffer) -> None:
+        """Nothing: the chunk's CRC comes through :meth:`add`."""
+
+    def add(self, offset: int, length: int, crc: int) -> None:
+        self._crc.add(offset, length, crc)
+
+    async def run(self) -> None:
+        """Nothing to run."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    async def hexdigest(self) -> str:
+        """``"crc32c:<8 hex>"``."""
+        return self._crc.hexdigest()
+
+
+Digest = HashDigest | CombinedDigest
+"""A stream's whole-object digest while it is computed."""
+
+
+def open_digest(algorithm: str, chunk: int) -> Digest:
+    """The digest named ``algorithm`` (one of ``streaming.DIGESTS``) for ``chunk``-sized chunks.
+
+    Raises:
+        ConfigError: an unknown algorithm.
+    """
+    if algorithm == CRC32C:
+        return CombinedDigest()
+    if algorithm not in CRYPTOGRAPHIC:
+        raise ConfigError(f"unknown stream digest {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+    return HashDigest.for_chunks(chunk, algorithm)
 
 
 class Watcher(Protocol):
@@ -260,18 +341,23 @@ READ_BATCH = 4
 class HeldChunk:
     """A chunk in the log: its offset, bytes, and CRC-32C once computed (:attr:`crc`)."""
 
-    __slots__ = ("_crc", "data", "offset")
+    __slots__ = ("_crc", "_digest", "data", "offset")
 
-    def __init__(self, offset: int, data: Buffer, crc: int | None) -> None:
+    def __init__(self, offset: int, data: Buffer, crc: int | None, digest: Digest | None) -> None:
         self.offset = offset
         self.data = data
         self._crc = crc
+        self._digest = digest  # told the CRC once known (a CombinedDigest folds it in)
+        if crc is not None and digest is not None:
+            digest.add(offset, len(data), crc)
 
     @property
     def crc(self) -> int:
         """Computed once, however many destinations and resends send the chunk."""
         if self._crc is None:
             self._crc = checksum(self.data)
+            if self._digest is not None:
+                self._digest.add(self.offset, len(self.data), self._crc)
         return self._crc
 
 
@@ -356,10 +442,11 @@ class ChunkLog:
             if not chunks:
                 self.eof = True
                 return False
+            digest = self._digest
             for data, crc in chunks:
-                if self._digest is not None:
-                    await self._digest.update(data)
-                self._chunks.append(HeldChunk(self.end, data, crc))
+                if digest is not None and digest.hashes_bytes:
+                    await digest.update(data)
+                self._chunks.append(HeldChunk(self.end, data, crc, digest))
                 self.end += len(data)
             return True
         finally:

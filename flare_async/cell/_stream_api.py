@@ -11,12 +11,19 @@ import msgspec
 from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
-from flare_async.cell._sources import ChunkLog, Digest, StreamSource, open_source
+from flare_async.cell._sources import ChunkLog, StreamSource, open_digest, open_source
 from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, StreamHub
 from flare_async.cell._stream_out import StreamOptions, send_streams
-from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError
+from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError, ProtocolError
 from flare_async.routing import validate_name
-from flare_async.streaming import DEFAULT_WINDOW, pick_chunk
+from flare_async.streaming import (
+    CRYPTOGRAPHIC,
+    DEFAULT_WINDOW,
+    DIGESTS,
+    normalize_digest,
+    pick_chunk,
+)
+from flare_async.streaming._digest import BLAKE3, CRC32C
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):
@@ -48,9 +55,10 @@ class StreamingMixin:
     _streams: StreamHub
 
     def require_digest(self, channel: str, topic: str) -> None:
-        """Compute the SHA-256 of every stream received on ``channel``/``topic``, even when
-        the sender (or a relay on the way) does not ask for it: for handlers that check a
-        signed digest (``IncomingStream.sha256`` is then always set once the stream ended)."""
+        """Compute a cryptographic digest of every stream received on ``channel``/``topic``,
+        even when the sender (or a relay on the way) does not ask for it, and refuse streams
+        that announce a non-cryptographic one (``crc32c``): for handlers that check a signed
+        digest (``IncomingStream.digest`` is then always set once the stream ended)."""
         self._streams.digest_always.add((channel, topic))
 
     async def stream(
@@ -63,7 +71,7 @@ class StreamingMixin:
         size: int | None = None,
         chunk: int | None = None,
         window: int = DEFAULT_WINDOW,
-        digest: bool = True,
+        digest: bool | str = True,
         sha256: str = "",
         idle: float = 60.0,
         probe: float | None = None,
@@ -83,20 +91,25 @@ class StreamingMixin:
                 within the window. Without ``chunk``: 4 MiB for objects in memory of 64 MiB
                 or more where the window holds four such chunks, else 1 MiB
                 (:func:`~flare_async.streaming.pick_chunk`).
-            digest: compute the whole object's SHA-256 on both ends (in a worker thread,
-                beside the transfer) and fail on a mismatch. Chunks always carry a CRC-32C.
-            sha256: the object's digest when the caller knows it (then it is not recomputed
-                here; the receiver still checks).
+            digest: the whole-object digest both ends compute and compare (a mismatch fails
+                the stream); chunks always carry their own CRC-32C. ``True`` (the default):
+                ``"crc32c"``, the object's CRC-32C combined from the chunks' (no extra pass
+                over the bytes), or ``"blake3"`` when the digest is signed (``seal``).
+                ``"blake3"`` / ``"sha256"``: that hash, computed in a worker thread beside
+                the transfer. ``False``: none (``seal`` still implies one).
+            sha256: the object's digest when the caller knows it, in text form
+                (``"blake3:<hex>"``; a bare 64-digit hex is SHA-256): not recomputed here,
+                the receiver still checks.
             idle: seconds without progress after which the stream fails. Link drops in
                 between are survived: the sender resumes where the receiver stands.
             probe: seconds between resume probes while the path is down (default
                 ``min(5, idle / 4)``).
             progress: called with a :class:`~flare_async.streaming.Progress` as the receiver
                 commits bytes.
-            seal: called with ``(dst, sha256)`` once the whole object was read and digested;
-                the headers it returns travel in the stream's end message (the receiver reads
-                them as ``IncomingStream.trailer``): a signature over the digest without a
-                second pass over the bytes. Implies ``digest``.
+            seal: called with ``(dst, digest)`` (text form) once the whole object was read
+                and digested; the headers it returns travel in the stream's end message (the
+                receiver reads them as ``IncomingStream.trailer``): a signature over the digest
+                without a second pass over the bytes. Implies a cryptographic ``digest``.
 
         Raises:
             Unreachable: no route to ``dst`` when the stream starts.
@@ -139,7 +152,7 @@ class StreamingMixin:
         size: int | None = None,
         chunk: int | None = None,
         window: int = DEFAULT_WINDOW,
-        digest: bool = True,
+        digest: bool | str = True,
         sha256: str = "",
         idle: float = 60.0,
         probe: float | None = None,
@@ -173,8 +186,8 @@ class StreamingMixin:
             topic,
             chunk=chunk or 0,  # 0: picked for the object's size once the source is open
             window=window,
-            digest=digest or seal is not None,
-            sha256=sha256,
+            digest=stream_digest(digest, sealed=seal is not None, known=sha256),
+            sha256=normalize_known(sha256),
             idle=idle,
             probe=probe,
             codec=codec,
@@ -269,7 +282,7 @@ class StreamingMixin:
             for o in (opts, *(per_dst or {}).values()):
                 o.chunk = o.chunk or chunk
         wants_digest = opts.digest and not opts.sha256 and sha_from is None
-        digest = Digest.for_chunks(opts.chunk) if wants_digest else None
+        digest = open_digest(opts.digest, opts.chunk) if wants_digest else None
         log = ChunkLog(src, opts.chunk, opts.window, digest)
         hub = self._streams
         senders = await send_streams(
@@ -284,6 +297,46 @@ class StreamingMixin:
             else:
                 out[dst] = InternalError(f"stream to {dst} failed: {sender.error!r}")
         return out
+
+
+def stream_digest(digest: bool | str, *, sealed: bool, known: str = "") -> str:
+    """The algorithm of a stream's whole-object digest ("" for none), from ``Cell.stream``'s
+    ``digest``, whether it is signed (``seal``) and the digest the caller knows.
+
+    Raises:
+        ConfigError: an unknown algorithm, a signed stream with a non-cryptographic one, or a
+            known digest of another algorithm than ``digest`` names.
+    """
+    if isinstance(digest, bool):
+        algorithm = (BLAKE3 if sealed else CRC32C) if digest or sealed else ""
+    elif digest in DIGESTS:
+        algorithm = digest
+    else:
+        raise ConfigError(f"unknown stream digest {digest!r} (known: {', '.join(DIGESTS)})")
+    if known:
+        named = _known_algorithm(known)
+        if isinstance(digest, str) and digest != named:
+            raise ConfigError(f"the known digest is {named}, not {digest}")
+        algorithm = named
+    if sealed and algorithm not in CRYPTOGRAPHIC:
+        raise ConfigError(f"a signed stream needs a cryptographic digest, not {algorithm!r}")
+    return algorithm
+
+
+def normalize_known(text: str) -> str:
+    """A caller's known digest in text form (``sha256=`` of ``Cell.stream``).
+
+    Raises:
+        ConfigError: not a digest in text form or a bare SHA-256.
+    """
+    try:
+        return normalize_digest(text)
+    except ProtocolError as exc:
+        raise ConfigError(f"sha256= is not a digest: {exc}") from None
+
+
+def _known_algorithm(text: str) -> str:
+    return normalize_known(text).partition(":")[0]
 
 
 def _child_below(me: str, dst: str) -> str | None:

@@ -41,7 +41,7 @@ from flare_async.cell._dispatch import handler_failure
 from flare_async.cell._handlers import Context, Kind
 from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._port import Port
-from flare_async.cell._sources import Digest
+from flare_async.cell._sources import open_digest
 from flare_async.cell._stream_out import StreamSender
 from flare_async.errors import (
     FlareError,
@@ -63,8 +63,11 @@ from flare_async.streaming import (
     StreamFail,
     StreamWait,
     checksum,
+    normalize_digest,
+    parse_digest,
     receiver_idle,
 )
+from flare_async.streaming._digest import BLAKE3, CRYPTOGRAPHIC, check_algorithm
 from flare_async.wire import (
     Frame,
     StreamAbort,
@@ -100,7 +103,7 @@ class IncomingStream:
     """
 
     def __init__(
-        self, hub: StreamHub, open_: StreamOpen, machine: ReceiverMachine, digest: bool
+        self, hub: StreamHub, open_: StreamOpen, machine: ReceiverMachine, algorithm: str
     ) -> None:
         self._hub = hub
         self._machine = machine
@@ -116,13 +119,15 @@ class IncomingStream:
         self.idle = machine.idle
         self._chunks: deque[memoryview] = deque()  # delivered, not taken yet (see max_chunks)
         self._wakeup: SignalLike | None = None
-        self._expected_sha = open_.sha256
-        self.digest_requested = open_.digest
-        self._digest = Digest.for_chunks(machine.chunk) if digest else None
+        self._expected_sha = normalize_digest(open_.sha256)  # checked by the hub
+        self.digest_requested: bool | str = open_.digest_alg if open_.digest else False
+        """The sender's digest algorithm, or False (a fan-out relay asks the same)."""
+        self._digest = open_digest(algorithm, machine.chunk) if algorithm else None
         self._digest_started = False
-        self.sha256 = ""
-        """The digest of the bytes taken, once the stream ended (verified against the
-        sender's when both computed one)."""
+        self.digest = ""
+        """The digest of the bytes taken, in text form (``"crc32c:<hex>"``, ``"blake3:<hex>"``,
+        ``"sha256:<hex>"``), once the stream ended (verified against the sender's when both
+        computed one); else the sender's, if it announced one."""
         self.received = 0
         self.trailer: dict[str, str] = {}
         """Headers the sender put in the stream's end message (``seal``: a signature over
@@ -150,15 +155,18 @@ class IncomingStream:
             StreamStalled: nothing arrived for the stream's idle limit.
             StreamAborted: the sender gave the stream up.
         """
-        if self._digest is not None and not self._digest_started:
+        digest = self._digest
+        if digest is not None and not digest.hashes_bytes:
+            digest = None  # the CRCs were folded in as the chunks arrived
+        elif digest is not None and not self._digest_started:
             self._digest_started = True
-            self._hub.port.spawn(self._digest.run, name=f"stream {self.src}/{self.sid} digest")
+            self._hub.port.spawn(digest.run, name=f"stream {self.src}/{self.sid} digest")
         machine = self._machine
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
-                if self._digest is not None:
-                    await self._digest.update(chunk)
+                if digest is not None:
+                    await digest.update(chunk)
                 self.received += chunk.nbytes
                 for ack in machine.on_consumed(chunk.nbytes):  # credit grew by a quarter
                     self._hub.ack(self, ack)
@@ -184,18 +192,23 @@ class IncomingStream:
 
     async def _finish(self) -> None:
         if self._digest is not None:
-            self.sha256 = await self._digest.hexdigest()
-            if self._expected_sha and self.sha256 != self._expected_sha:
+            self.digest = await self._digest.hexdigest()
+            if self._expected_sha and self.digest != self._expected_sha:
                 error = StreamCorrupted(
-                    f"stream {self.sid} from {self.src} does not match its SHA-256 "
-                    f"(expected {self._expected_sha[:16]}..., got {self.sha256[:16]}...)"
+                    f"stream {self.sid} from {self.src} does not match its digest "
+                    f"(expected {self._expected_sha[:23]}..., got {self.digest[:23]}...)"
                 )
                 self.fail(error)
                 self._hub.abort(self, Status.STREAM_CORRUPTED, str(error))
                 raise error
         else:
-            self.sha256 = self._expected_sha
+            self.digest = self._expected_sha
         self.finished = True
+
+    @property
+    def sha256(self) -> str:
+        """:attr:`digest` (its name from when SHA-256 was the only algorithm)."""
+        return self.digest
 
     async def read_joined(self) -> memoryview:
         """The whole object as one buffer, each chunk copied in as it arrives (and then
@@ -260,9 +273,10 @@ class IncomingStream:
         return written
 
     def final_sha256(self) -> str:
-        """The whole object's SHA-256 once the stream ended: the one computed here, else the
-        one the sender announced ("" if neither). A relay passes it on when it fans out."""
-        return self.sha256
+        """The whole object's digest (text form) once the stream ended: the one computed
+        here, else the one the sender announced ("" if neither). A relay passes it on when it
+        fans out."""
+        return self.digest
 
     def progress(self) -> Progress:
         """Bytes received so far, rate and ETA."""
@@ -274,8 +288,10 @@ class IncomingStream:
         if signal is not None:
             signal.set()
 
-    def _deliver(self, payload: memoryview) -> None:
-        """The machine's ``Deliver``: the chunk is the handler's to take."""
+    def _deliver(self, payload: memoryview, offset: int, crc: int) -> None:
+        """The machine's ``Deliver``: the chunk (its CRC checked) is the handler's to take."""
+        if self._digest is not None:
+            self._digest.add(offset, payload.nbytes, crc)  # a CombinedDigest folds it in
         self._chunks.append(payload)
         self._wake()
 
@@ -393,13 +409,8 @@ class StreamHub:
             idle=receiver_idle(self.idle, h.idle),
             sid=h.sid,
         )
-        # A fan-out relay passes the sender's digest on and lets the final receivers check it:
-        # hashing here too would cost the relay a core for nothing.
-        digest = (h.digest or (h.channel, h.topic) in self.digest_always) and (
-            h.channel,
-            h.topic,
-        ) != (FANOUT_CHANNEL, FANOUT_TOPIC)
-        stream = IncomingStream(self, h, machine, digest)
+        algorithm = self._digest_to_compute(h)  # raises ProtocolError: refused
+        stream = IncomingStream(self, h, machine, algorithm)
         self.incoming[key] = stream
         if not self.port.spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
@@ -408,6 +419,33 @@ class StreamHub:
         for first in machine.accept():  # the first window
             self.ack(stream, first)
 
+    def _digest_to_compute(self, h: StreamOpen) -> str:
+        """The digest this cell computes of stream ``h`` ("" for none).
+
+        A fan-out relay passes the sender's digest on and lets the final receivers check it:
+        hashing there too would cost the relay a core for nothing. A topic that requires a
+        digest (``require_digest``) gets a cryptographic one whatever the sender asked.
+
+        Raises:
+            ProtocolError: an unknown algorithm or a malformed digest; or a non-cryptographic
+                one where a digest is required.
+        """
+        algorithm = check_algorithm(h.digest_alg) if h.digest else ""
+        if h.sha256:
+            known = parse_digest(h.sha256)[0]
+            if h.digest and known != algorithm:
+                raise ProtocolError(f"the stream announces {algorithm} but a {known} digest")
+            algorithm = known
+        if (h.channel, h.topic) == (FANOUT_CHANNEL, FANOUT_TOPIC):
+            return ""
+        if (h.channel, h.topic) in self.digest_always:
+            if algorithm and algorithm not in CRYPTOGRAPHIC:
+                raise ProtocolError(
+                    f"{h.channel}/{h.topic} requires a cryptographic digest, not {algorithm}"
+                )
+            return algorithm or BLAKE3
+        return algorithm
+
     def _on_data(self, h: StreamData, frame: Frame) -> None:
         stream = self.incoming.get((h.src, h.sid))
         if stream is None:
@@ -415,10 +453,11 @@ class StreamHub:
                 self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
         payload = memoryview(frame.parts[0] if frame.parts else _RELEASED)
-        intact = checksum(payload) == h.crc
+        crc = checksum(payload)
+        intact = crc == h.crc
         for action in stream._machine.on_data(h.offset, payload.nbytes, intact):
             if isinstance(action, Deliver):
-                stream._deliver(payload)
+                stream._deliver(payload, action.offset, crc)
             elif isinstance(action, AskResend):
                 self.counters["resends_asked"] += 1
                 self.ack(stream, action)
@@ -433,7 +472,7 @@ class StreamHub:
         if stream is None:
             return
         if h.sha256:
-            stream._expected_sha = h.sha256
+            stream._expected_sha = normalize_digest(h.sha256)  # ProtocolError: the stream fails
         if h.headers:
             stream.trailer = dict(h.headers)
         machine = stream._machine

@@ -43,6 +43,7 @@ from flare_async.streaming import (
     StreamFail,
     StreamWait,
 )
+from flare_async.streaming._digest import SHA256
 from flare_async.wire import (
     Frame,
     Routed,
@@ -85,7 +86,7 @@ class StreamOptions:
         *,
         chunk: int,
         window: int,
-        digest: bool,
+        digest: str,
         sha256: str,
         idle: float,
         probe: float | None,
@@ -100,6 +101,7 @@ class StreamOptions:
         self.chunk = chunk
         self.window = window
         self.digest = digest
+        """The whole-object digest's algorithm ("" for none: see ``stream_digest``)."""
         self.sha256 = sha256
         self.idle = idle
         self.probe = probe if probe is not None else min(5.0, idle / 4)
@@ -351,8 +353,9 @@ class StreamSender:
                 chunk=o.chunk,
                 window=o.window,
                 resume=resume,
-                digest=o.digest or bool(o.sha256),
+                digest=bool(o.digest),
                 idle=o.idle,
+                digest_alg=o.digest or SHA256,
             )
         )
 
@@ -430,7 +433,7 @@ async def send_streams(
 
     try:
         async with anyio.create_task_group() as tg:
-            if digest is not None:
+            if digest is not None and digest.hashes_bytes:
                 tg.start_soon(digest.run)
             tg.start_soon(read_ahead)
             async with anyio.create_task_group() as pumps:

@@ -34,7 +34,8 @@ class Stored(msgspec.Struct, frozen=True):
 
     name: str
     size: int
-    sha256: str
+    digest: str
+    """The file's digest as checked on arrival, text form (``"crc32c:<hex>"``...)."""
 
 
 def safe_name(name: str) -> str:
@@ -67,13 +68,13 @@ def inbox_handlers(folder: Path) -> HandlerTable:
         name = safe_name(stream.headers.get("name", ""))
         size = await stream.save(folder / name, durable=True)
         emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src)
-        return msgspec.json.encode(Stored(name, size, stream.sha256))
+        return msgspec.json.encode(Stored(name, size, stream.digest))
 
     return table
 
 
 async def send(
-    kit_path: Path, file: Path, size: int, dst: str, name: str, idle: float, digest: bool
+    kit_path: Path, file: Path, size: int, dst: str, name: str, idle: float, digest: bool | str
 ) -> dict[str, Any]:
     kit = load_kit(kit_path, now=datetime.now(UTC))
     async with cell_from_kit(kit) as cell:
@@ -100,7 +101,7 @@ async def send(
         "name": stored.name,
         "size": size,
         "stored": stored.size,
-        "sha256": stored.sha256,
+        "digest": stored.digest,
         "seconds": round(seconds, 3),
         "rate": round(size / seconds) if seconds > 0 else None,
     }
@@ -114,7 +115,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--name", default=None, help="the name at the inbox (default: the file's)")
     p.add_argument("--idle", type=float, default=60.0, help="seconds without progress to fail")
     p.add_argument(
-        "--no-digest", action="store_true", help="skip the whole-file SHA-256 (CRCs stay)"
+        "--digest",
+        choices=["crc32c", "blake3", "sha256"],
+        default=None,
+        help="the whole-file digest checked on arrival (default: crc32c, combined from the "
+        "chunks' CRCs at no cost; blake3 or sha256 hash every byte once more at both ends)",
+    )
+    p.add_argument(
+        "--no-digest", action="store_true", help="skip the whole-file digest (CRCs stay)"
     )
 
 
@@ -133,7 +141,7 @@ def run(args: Any) -> int:
             args.to,
             name,
             args.idle,
-            not args.no_digest,
+            False if args.no_digest else (args.digest or True),
             backend_options={"use_uvloop": True},
         )
     except FlareError as exc:

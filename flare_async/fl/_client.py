@@ -285,7 +285,7 @@ class ClientRuntime:
         if self.task_verifier is not None:
             expect = {
                 "task": stream.headers.get("task", ""),
-                "sha256": stream.sha256,
+                "sha256": stream.digest,
                 "topic": "task",
             }
             self.task_verifier.verify(

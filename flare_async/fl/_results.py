@@ -4,7 +4,6 @@ stream, in memory or through a spill file, with its signature checked and its se
 
 from __future__ import annotations
 
-import hashlib
 import math
 import mmap
 import secrets
@@ -17,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import blake3
 import msgspec
 import numpy as np
 
@@ -32,6 +32,7 @@ from flare_async.fl._aggregate import (
 from flare_async.fl._model import FLModel, model_from_parts
 from flare_async.fl._signed import CHANNEL, E2E, check_signed
 from flare_async.security import Decryptor, SignatureVerifier
+from flare_async.streaming import format_digest
 
 
 class RoundFailed(FlareError):
@@ -271,11 +272,13 @@ async def receive_result(
         await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
 
 
-def sha256_of(parts: Any) -> str:
-    h = hashlib.sha256()
+def digest_of(parts: Any) -> str:
+    """The BLAKE3 digest of ``parts`` in a stream's text form (``"blake3:<hex>"``): what a
+    signed task's stream announces and its signature covers."""
+    h = blake3.blake3()
     for p in parts:
         h.update(p)
-    return h.hexdigest()
+    return format_digest("blake3", h.hexdigest())
 
 
 def _opened(decryptor: Decryptor, parts: Any) -> list[bytes]:
@@ -367,5 +370,5 @@ __all__ = [
     "arm_relays_below",
     "child_on_path",
     "receive_result",
-    "sha256_of",
+    "digest_of",
 ]

@@ -52,8 +52,8 @@ from flare_async.fl._results import (
     RoundFailed,
     RoundResult,
     arm_relays_below,
+    digest_of,
     receive_result,
-    sha256_of,
 )
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._signed import CHANNEL
@@ -333,7 +333,7 @@ class FLServer:
             parts = model_parts(model, self.cell.codecs, self.codec, self.params_format)
             sha = ""
             if self.signer is not None:  # one digest, one signature, for every destination
-                sha = await anyio.to_thread.run_sync(sha256_of, parts)
+                sha = await anyio.to_thread.run_sync(digest_of, parts)
                 fields = {"src": self.cell.name, "task": task_id, "sha256": sha, "topic": "task"}
                 task_headers.update(self.signer.sign(fields))
             if self.hierarchical:

@@ -9,6 +9,7 @@ from typing import Any
 from flare_async.cell import Cell, IncomingStream, Payload
 from flare_async.errors import IntegrityError
 from flare_async.security import SignatureVerifier, Signer
+from flare_async.streaming import CRYPTOGRAPHIC
 
 CHANNEL = "fl"
 E2E = "e2e1"
@@ -27,15 +28,16 @@ async def stream_signed(
     task: str,
     *,
     codec: str,
-    digest: bool,
+    digest: bool | str,
     headers: dict[str, str] | None = None,
 ) -> Payload:
     """Stream a result (or a relay's partial sum) for ``task`` to ``dst`` on the FL channel;
     return the receiver's answer (``taken``, ``late``...).
 
-    With ``signer``, the stream's end message carries a signature over the SHA-256 of the
-    bytes (computed while they stream: no second pass), the task and both ends; the receiver
-    computes the digest itself and checks the signature (:func:`check_signed`)."""
+    With ``signer``, the stream's end message carries a signature over the BLAKE3 digest of
+    the bytes (computed while they stream: no second pass; the signed text names the
+    algorithm), the task and both ends; the receiver computes the digest itself and checks the
+    signature (:func:`check_signed`)."""
 
     def seal(to: str, sha: str) -> dict[str, str]:
         assert signer is not None
@@ -62,15 +64,17 @@ def check_signed(verifier: SignatureVerifier, stream: IncomingStream, receiver: 
         IntegrityError: unsigned, signed by another cell, for another task or receiver, or
             bytes other than the ones signed.
     """
-    if not stream.sha256:
+    if not stream.digest:
         raise IntegrityError(f"a result from {stream.src} came without a digest to check")
+    if stream.digest.partition(":")[0] not in CRYPTOGRAPHIC:
+        raise IntegrityError(f"a result from {stream.src} has no cryptographic digest to check")
     verifier.verify(
         stream.trailer,
         src=stream.src,
         expect={
             "dst": receiver,
             "task": stream.headers.get("task", ""),
-            "sha256": stream.sha256,
+            "sha256": stream.digest,
             "topic": stream.topic,
         },
         now=datetime.now(UTC),

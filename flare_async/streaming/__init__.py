@@ -14,6 +14,15 @@ The actions' names say whose they are where a bare word would be ambiguous: ``Se
 ``StreamFail``).
 """
 
+from flare_async.streaming._digest import ALGORITHMS as DIGESTS
+from flare_async.streaming._digest import (
+    CRYPTOGRAPHIC,
+    CrcDigest,
+    crc32c_combine,
+    format_digest,
+    normalize_digest,
+    parse_digest,
+)
 from flare_async.streaming._flow import (
     DEFAULT_CHUNK,
     DEFAULT_WINDOW,
@@ -92,4 +101,12 @@ __all__ = [
     "checksum",
     "negotiate",
     "pick_chunk",
+    # whole-object digests: names, text form, CRC-32C combined from the chunks'
+    "CRYPTOGRAPHIC",
+    "DIGESTS",
+    "CrcDigest",
+    "crc32c_combine",
+    "format_digest",
+    "normalize_digest",
+    "parse_digest",
 ]

@@ -156,15 +156,18 @@ class StreamOpen(Routed, tag=20):
 
     Attributes:
         size: the object's size in bytes, or -1 when not known in advance.
-        sha256: hex digest of the whole object when known in advance ("" otherwise: it then
-            comes with :class:`StreamEnd`).
+        sha256: the whole object's digest in text form (``"<algorithm>:<hex>"``; a bare
+            64-digit hex is SHA-256) when known in advance ("" otherwise: it then comes with
+            :class:`StreamEnd`). Named for the one algorithm there was at first.
         chunk: the chunk size the sender proposes (the receiver may lower it).
         window: the flow-control window the sender proposes, in bytes (may be lowered).
         resume: a re-open of a stream the receiver may still hold: it answers with its
             committed offset, and the sender continues from there.
-        digest: the sender computes the whole-object SHA-256; the receiver checks against it.
+        digest: the sender computes the whole-object digest; the receiver checks against it.
         idle: seconds without progress after which the sender gives up (the receiver waits
             at least as long for a resume).
+        digest_alg: the digest's algorithm: ``crc32c`` (combined from the chunks' CRCs),
+            ``blake3`` or ``sha256`` (the default, for senders from before it was named).
     """
 
     channel: str
@@ -178,6 +181,7 @@ class StreamOpen(Routed, tag=20):
     resume: bool = False
     digest: bool = True
     idle: float = 60.0
+    digest_alg: str = "sha256"
 
 
 class StreamData(Routed, tag=21):
@@ -207,7 +211,8 @@ class StreamAck(Routed, tag=22):
 
 
 class StreamEnd(Routed, tag=23):
-    """Sender -> receiver: every byte was sent; the object is ``size`` bytes, ``sha256``."""
+    """Sender -> receiver: every byte was sent; the object is ``size`` bytes, of digest
+    ``sha256`` (text form, as in :class:`StreamOpen`; "" when none was computed)."""
 
     sid: int
     size: int
@@ -229,7 +234,8 @@ class StreamDone(Routed, tag=25):
     """Receiver -> sender: the receiving handler finished; its reply is the payload.
 
     Attributes:
-        sha256: the digest of the bytes the receiver took ("" if the handler stopped early).
+        sha256: the digest of the bytes the receiver took, text form ("" if the handler
+            stopped early or none was computed).
         received: bytes the receiver took.
     """
 

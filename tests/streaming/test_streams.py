@@ -11,6 +11,8 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import blake3
+import crc32c
 import pytest
 
 from flare_async import (
@@ -155,7 +157,7 @@ async def test_round_trip_of_every_size(size: int) -> None:
     assert sink.headers == {"model": "v7"}
     received, sha = reply.tobytes().decode().split()
     assert int(received) == size
-    assert sha == hashlib.sha256(data).hexdigest()
+    assert sha == f"crc32c:{crc32c.crc32c(data):08x}"  # the default: combined from the chunks'
     assert list(sink.data.values()) == [data]
     dones = [p.done for p in seen]
     assert dones == sorted(dones)
@@ -202,7 +204,7 @@ async def test_save_writes_the_file_atomically_and_only_when_verified(tmp_path: 
         assert not (tmp_path / "model.bin.part").exists()
         # A wrong announced digest: the receiver refuses the object, no file appears.
         target.unlink()
-        with pytest.raises(StreamCorrupted, match="SHA-256"):
+        with pytest.raises(StreamCorrupted, match="does not match its digest"):
             await server.stream(
                 "server.e", "t", "save", data, chunk=CHUNK, window=WINDOW, sha256="00" * 32
             )
@@ -450,7 +452,7 @@ async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
             via_relays=False,
         )
     assert all(isinstance(r, Payload) for r in results.values()), results
-    sha = hashlib.sha256(data).hexdigest()
+    sha = f"crc32c:{crc32c.crc32c(data):08x}"  # passed on by the relay, checked at the ends
     for r in results.values():
         assert isinstance(r, Payload)
         assert r.tobytes().decode() == f"{len(data)} {sha}"
@@ -689,7 +691,7 @@ async def test_a_seal_travels_in_the_end_message_over_the_digest() -> None:
             seal=lambda dst, sha: {"sig": f"{dst}:{sha}"},
         )
     ((trailer, sha),) = seen
-    assert sha == hashlib.sha256(data).hexdigest()
+    assert sha == f"blake3:{blake3.blake3(data).hexdigest()}"  # signed: cryptographic
     assert trailer == {"sig": f"server.r.e:{sha}"}  # through a relay, untouched
 
 
@@ -763,9 +765,9 @@ async def test_a_file_is_read_several_chunks_a_trip_each_with_its_crc(tmp_path: 
 
 
 def test_a_digest_queue_holds_about_8_mib_whatever_the_chunk() -> None:
-    from flare_async.cell._sources import Digest  # noqa: PLC0415
+    from flare_async.cell._sources import HashDigest  # noqa: PLC0415
 
-    assert Digest.for_chunks(1 << 20)._queue.size == 8
-    assert Digest.for_chunks(LARGE_CHUNK)._queue.size == 2
-    assert Digest.for_chunks(64 << 20)._queue.size == 2  # two at least: one hashed, one queued
-    assert Digest.for_chunks(CHUNK)._queue.size == (8 << 20) // CHUNK
+    assert HashDigest.for_chunks(1 << 20)._queue.size == 8
+    assert HashDigest.for_chunks(LARGE_CHUNK)._queue.size == 2
+    assert HashDigest.for_chunks(64 << 20)._queue.size == 2  # at least one hashed, one queued
+    assert HashDigest.for_chunks(CHUNK)._queue.size == (8 << 20) // CHUNK

@@ -120,7 +120,7 @@ SITE_ID = 0x1F3A5C7E9B01  # a cell's message ids count up from a random 48-bit s
 SERVER_ID = 0xA0C42E186D33
 SID = SITE_ID + 3
 DATA = b"hello world"
-SHA = hashlib.sha256(DATA).hexdigest()
+SHA = "sha256:" + hashlib.sha256(DATA).hexdigest()  # a digest travels in text form
 CRC = 0xC99465AA  # CRC-32C of DATA
 AT = 1767225600.125  # when the signed request was signed (2026-01-01T00:00:00.125Z)
 
@@ -192,6 +192,7 @@ def messages() -> dict[str, tuple[Envelope, bytes]]:
                 sha256=SHA,
                 chunk=1 << 20,
                 window=16 << 20,
+                digest_alg="sha256",
             ),
             b"",
         ),
@@ -411,7 +412,21 @@ def test_the_chunk_crc_is_crc32c_of_the_payload_alone() -> None:
     assert crc32c_reference(b"123456789") == 0xE3069283  # the standard check value
     [end] = receive(golden("stream_end"))
     assert isinstance(end.header, StreamEnd)
-    assert end.header.sha256 == hashlib.sha256(payload).hexdigest()
+    assert end.header.sha256 == "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
+def test_the_whole_object_crc32c_of_the_spec_combines_the_chunk_crcs() -> None:
+    from flare_async.streaming import CrcDigest, crc32c_combine  # noqa: PLC0415
+
+    assert f"{crc32c_reference(DATA):08x}" == "c99465aa"  # the spec's value for DATA
+    for cut in range(len(DATA) + 1):
+        a, b = DATA[:cut], DATA[cut:]
+        assert crc32c_combine(crc32c_reference(a), crc32c_reference(b), len(b)) == CRC
+    digest = CrcDigest()
+    assert digest.hexdigest() == "crc32c:00000000"  # the empty object
+    digest.add(5, 6, crc32c_reference(DATA[5:]))  # out of order: held until the gap fills
+    digest.add(0, 5, crc32c_reference(DATA[:5]))
+    assert digest.hexdigest() == "crc32c:c99465aa"
 
 
 def crc32c_reference(data: bytes) -> int:
