@@ -35,6 +35,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import anyio
 
@@ -284,15 +285,30 @@ class AsyncioTlsLink(AsyncioTcpLink):
             incoming.write(view[:n])
         conn = self._conn
         tls = self._tls
-        try:
-            while True:
-                buf = conn.get_buffer()
-                got: int = tls.read(buf.nbytes, buf)  # type: ignore[assignment]  # typeshed: bytes
-                if not got:
-                    return False  # the peer's close_notify
+        ended = False
+        more = True
+        while more:
+            # Whole records into the buffer the connection hands out, then one parse: many
+            # small frames read at once are parsed together, not one record at a time.
+            buf = conn.get_buffer()
+            size = buf.nbytes
+            got = 0
+            try:
+                while got < size:
+                    k = cast(int, tls.read(size - got, buf[got:]))  # with a buffer: a count
+                    if not k:  # the peer's close_notify
+                        ended, more = True, False
+                        break
+                    got += k
+                    if not (incoming.pending or tls.pending()):
+                        more = False  # saves the SSLWantReadError that would say so
+                        break
+            except ssl.SSLWantReadError:
+                more = False  # every whole record is read; a partial one waits
+            if got:
                 conn.buffer_updated(got)
-        except ssl.SSLWantReadError:
-            pass  # every whole record is read; a partial one waits in the BIO
+        if ended:
+            return False
         # The peer still owes at least this much ciphertext for the frame in progress: what
         # the frame still lacks, less what waits undecrypted (in the BIO, or a partial record
         # OpenSSL took out of it).
