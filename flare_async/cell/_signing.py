@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from flare_async.errors import IntegrityError
-from flare_async.security._messages import message_fields, payload_digest
-from flare_async.security._signing import CERT, FIELDS, VALUE
+from flare_async.security._messages import payload_digest
+from flare_async.security._signing import SIGNATURE_HEADERS
 from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
-SIGNATURE_HEADERS = frozenset({FIELDS, VALUE, CERT})
-"""The signature's own headers: the only ones its ``meta`` leaves out."""
+_BARE_META = hashlib.sha256(b'[{},""]').hexdigest()
+"""The ``meta`` of a message without application headers and with the raw codec."""
 
 
 class MessageSigner(Protocol):
@@ -30,43 +30,50 @@ class MessageSigner(Protocol):
 
 
 def _meta(h: Request | Event | Reply | Error) -> str:
-    """SHA-256 of what else a handler acts on: the application headers (the signature's own
-    excepted, exactly those three: any other header, ``sig.`` or not, is covered) and the
-    codec; a relay that re-addresses a message by a header is caught."""
+    """SHA-256 of what else a handler acts on: the application headers (the signature's or
+    MAC's own excepted, exactly those five: any other header, ``sig.`` or not, is covered) and
+    the codec; a relay that re-addresses a message by a header is caught."""
+    codec = getattr(h, "codec", "")
+    if not codec and SIGNATURE_HEADERS.issuperset(h.headers):
+        return _BARE_META  # the common case, without building a dict and its JSON
     headers = {k: v for k, v in h.headers.items() if k not in SIGNATURE_HEADERS}
-    text = json.dumps([headers, getattr(h, "codec", "")], sort_keys=True, separators=(",", ":"))
+    text = json.dumps([headers, codec], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def fields_of(frame: Frame) -> dict[str, Any]:
-    """What is signed of a request, event, reply or error (``security.message_fields``)."""
+    """What is signed of a request, event, reply or error (``security.message_fields``, built
+    here directly: this runs twice per message)."""
     h = frame.header
+    assert isinstance(h, Request | Event | Reply | Error)
     parts: Sequence[Buffer] = frame.parts
-    corr: int | None = None
+    fields: dict[str, Any] = {"cell": h.src, "dst": h.dst}
     if isinstance(h, Request | Event):
-        kind, topic = type(h).__name__.lower(), f"{h.channel}/{h.topic}"
+        fields["kind"] = "request" if type(h) is Request else "event"
+        fields["topic"] = f"{h.channel}/{h.topic}"
     elif isinstance(h, Reply):
-        kind, topic, corr = "reply", "reply", h.corr
+        fields["kind"], fields["topic"], fields["corr"] = "reply", "reply", h.corr
     else:
         assert isinstance(h, Error)
-        kind, topic, corr = "error", f"error/{h.status}", h.corr
+        fields["kind"], fields["topic"], fields["corr"] = "error", f"error/{h.status}", h.corr
         parts = (h.message.encode(),)
-    return message_fields(
-        cell=h.src,
-        dst=h.dst,
-        kind=kind,
-        topic=topic,
-        corr=corr,
-        digest=payload_digest(parts),
-        meta=_meta(h),
-    )
+    if len(parts) == 1:
+        fields["sha256"] = hashlib.sha256(parts[0]).hexdigest()
+    else:
+        fields["sha256"] = payload_digest(parts)
+    fields["meta"] = _meta(h)
+    return fields
 
 
 def seal(signing: MessageSigner, frame: Frame) -> None:
     """Add the signature headers to a message this cell originates (in place)."""
     h = frame.header
     if isinstance(h, SIGNED_KINDS):
-        h.headers.update(signing.sign(fields_of(frame)))
+        headers = h.headers
+        if not SIGNATURE_HEADERS.isdisjoint(headers):  # sealed before: a MAC now, a signature then
+            for key in SIGNATURE_HEADERS:
+                headers.pop(key, None)
+        headers.update(signing.sign(fields_of(frame)))
 
 
 def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:

@@ -23,30 +23,95 @@ Layer L1: no clock (``now`` is an argument), no I/O besides reading the kit.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from flare_async.errors import ConfigError, IntegrityError
+from flare_async.errors import ConfigError, IdentityError, IntegrityError
 from flare_async.security._identity import Identity, identity_from_certificate
 from flare_async.security._kits import Kit
 
 FIELDS, VALUE, CERT = "sig.fields", "sig.value", "sig.cert"
+MAC, TO = "sig.mac", "sig.to"
+"""A message authenticated by a session MAC (:mod:`flare_async.security._sessions`) carries
+``sig.mac`` instead of ``sig.value``, and ``sig.to``: which receiver certificate its key was
+derived with."""
+SIGNATURE_HEADERS = frozenset({FIELDS, VALUE, CERT, MAC, TO})
+"""The headers of a signature or MAC themselves: the only ones a message's ``meta`` leaves out."""
+MAX_CERT_CHARS = 16384
+"""A ``sig.cert`` longer than this is refused before it is decoded (ours are about 700)."""
+MAX_FIELDS_CHARS = 65536
+"""A ``sig.fields`` longer than this is refused before it is parsed (ours are about 300)."""
 
 
 _CACHED_CERTIFICATES = 4096
 """Certificates whose CA signature was checked, kept (every message carries its sender's)."""
 
 
+_decode = msgspec.json.Decoder().decode
+
+
 def canonical(fields: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(fields), sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint(der: bytes) -> str:
+    """A certificate's SHA-256 over its DER bytes, lowercase hex (``sig.to``)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def header_text(headers: Mapping[str, object], key: str, most: int, src: str) -> str:
+    """The header ``key``, if it is text of at most ``most`` characters.
+
+    Raises:
+        IntegrityError: missing ("not signed"), not text, or longer.
+    """
+    value = headers.get(key)
+    if not isinstance(value, str) or len(value) > most:
+        shown = (
+            "missing"
+            if value is None
+            else f"{len(value)} characters"
+            if isinstance(value, str)
+            else "not text"
+        )
+        raise IntegrityError(f"a message from {src} is not signed ({key}: {shown})")
+    return value
+
+
+def check_fields(
+    data: bytes | str, *, identity: str, src: str, expect: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fields of ``data`` (authenticated as ``identity``'s already), if they are a JSON
+    object whose ``src`` is ``identity`` and whose every ``expect`` key has that value.
+
+    Raises:
+        IntegrityError: otherwise (a field that differs was changed on the way).
+    """
+    try:
+        fields = _decode(data)
+    except (ValueError, RecursionError):
+        raise IntegrityError(f"the signed fields of {src} are not JSON") from None
+    if not isinstance(fields, dict):
+        raise IntegrityError(f"the signed fields of {src} are not a JSON object")
+    if fields.get("src") != identity:
+        raise IntegrityError(f"{identity} signed for {fields.get('src')!r:.80}")
+    for key, value in expect.items():
+        if fields.get(key) != value:
+            raise IntegrityError(
+                f"{src} signed {key}={fields.get(key)!r:.80} but the message says "
+                f"{value!r:.80}: changed on the way"
+            )
+    return fields
 
 
 class Signer:
@@ -60,9 +125,25 @@ class Signer:
             raise ConfigError(f"cannot load the signing key of kit {kit.name!r}: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"kit {kit.name!r}: the key is not an elliptic-curve key")
+        der = cert.public_bytes(serialization.Encoding.DER)
         self.name = kit.name
         self._key = key
-        self._cert = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        self._cert = base64.b64encode(der).decode()
+        self.certificate = self._cert
+        """This participant's certificate, DER, base64 (``sig.cert``)."""
+        self.fingerprint = fingerprint(der)
+        """SHA-256 of the certificate's DER, hex (what ``sig.to`` names)."""
+        self.sessions = isinstance(key.curve, ec.SECP256R1)
+        """Whether the key can agree session MAC keys with peers (a P-256 key, as kits have)."""
+
+    def agree(self, peer: ec.EllipticCurvePublicKey) -> bytes:
+        """The ECDH shared secret of this participant's key and ``peer`` (static-static: the
+        same on both sides, for as long as both keep their certificates).
+
+        Raises:
+            ValueError: ``peer`` is on another curve.
+        """
+        return self._key.exchange(ec.ECDH(), peer)
 
     def sign(self, fields: Mapping[str, Any]) -> dict[str, str]:
         """The headers that carry ``fields`` signed (``src`` must be this participant)."""
@@ -107,12 +188,15 @@ class SignatureVerifier:
             IntegrityError: unsigned, a certificate not from the CA (or expired, or naming
                 another cell), a bad signature, or a signed field that differs.
         """
+        text = header_text(headers, FIELDS, MAX_FIELDS_CHARS, src)
+        value = header_text(headers, VALUE, 512, src)
+        cert_text = header_text(headers, CERT, MAX_CERT_CHARS, src)
         try:
-            data = headers[FIELDS].encode()
-            signature = base64.b64decode(headers[VALUE], validate=True)
-            der = base64.b64decode(headers[CERT], validate=True)
-        except (KeyError, ValueError) as exc:
-            raise IntegrityError(f"a message from {src} is not signed ({exc!r})") from None
+            data = text.encode()
+            signature = base64.b64decode(value, validate=True)
+            der = base64.b64decode(cert_text, validate=True)
+        except (ValueError, UnicodeError) as exc:
+            raise IntegrityError(f"a message from {src} is not signed ({exc!r:.200})") from None
         identity, cert = self._check_certificate(der, src, now)
         public = cert.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
@@ -121,16 +205,7 @@ class SignatureVerifier:
             public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise IntegrityError(f"the signature of {src} does not match what it signed") from None
-        fields: dict[str, Any] = json.loads(data)
-        if fields.get("src") != identity.name:
-            raise IntegrityError(f"{identity.name} signed for {fields.get('src')!r}")
-        for key, value in expect.items():
-            if fields.get(key) != value:
-                raise IntegrityError(
-                    f"{src} signed {key}={fields.get(key)!r:.80} but the message says "
-                    f"{value!r:.80}: changed on the way"
-                )
-        return fields
+        return check_fields(data, identity=identity.name, src=src, expect=expect)
 
     def check_certificate(self, der: bytes, name: str, now: datetime) -> Identity:
         """The identity in ``der`` if it is this CA's, valid ``now`` and names ``name``.
@@ -139,6 +214,16 @@ class SignatureVerifier:
             IntegrityError: otherwise.
         """
         return self._check_certificate(der, name, now)[0]
+
+    def checked_certificate(
+        self, der: bytes, name: str, now: datetime
+    ) -> tuple[Identity, x509.Certificate]:
+        """:meth:`check_certificate`, and the certificate itself (for its key and dates).
+
+        Raises:
+            IntegrityError: see :meth:`check_certificate`.
+        """
+        return self._check_certificate(der, name, now)
 
     def _check_certificate(
         self, der: bytes, src: str, now: datetime
@@ -152,10 +237,14 @@ class SignatureVerifier:
                 raise IntegrityError(
                     f"{src}'s certificate is not from this project's CA: {exc}"
                 ) from None
+            try:
+                identity = identity_from_certificate(cert)
+            except IdentityError as exc:
+                raise IntegrityError(f"{src}'s certificate names no identity: {exc}") from None
             if len(self._issued) >= _CACHED_CERTIFICATES:
                 self._issued.pop(next(iter(self._issued)))
             # The CA's check holds for good; the validity period is checked every time.
-            known = self._issued[der] = (cert, identity_from_certificate(cert))
+            known = self._issued[der] = (cert, identity)
         cert, identity = known
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise IntegrityError(f"{src}'s certificate is not valid at {now.isoformat()}")
@@ -166,4 +255,17 @@ class SignatureVerifier:
         return identity, cert
 
 
-__all__ = ["CERT", "FIELDS", "VALUE", "SignatureVerifier", "Signer", "canonical"]
+__all__ = [
+    "CERT",
+    "FIELDS",
+    "MAC",
+    "SIGNATURE_HEADERS",
+    "TO",
+    "VALUE",
+    "SignatureVerifier",
+    "Signer",
+    "canonical",
+    "check_fields",
+    "fingerprint",
+    "header_text",
+]
