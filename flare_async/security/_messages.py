@@ -51,6 +51,10 @@ from flare_async.security._signing import (
 
 MAX_AGE = 300.0
 """Seconds a signed message stays acceptable after it was signed (either way: clock skew)."""
+MAC_SCHEME = "hmac-sha256"
+"""The signed field ``mac`` of a cell that takes session MACs: only to a peer that said so (in a
+signature it verified, or by MAC'ing itself) does a cell MAC, so a peer that predates them (and
+ignores the extra field, as receivers must) keeps getting signatures."""
 AUDITED_CHANNELS = frozenset({"job"})
 """Channels whose requests and events are always signed, never MAC'd: the job service's
 (``flare_async.fl``'s ``CHANNEL``), whose commands (an admin's to the server, the server's to a
@@ -223,9 +227,11 @@ class MessageSigning:
         """The signature (or MAC) headers of a message this cell sends (``fields``: see
         :func:`message_fields`)."""
         now = self.clock()
-        signed = {**fields, "src": self.signer.name, "at": round(now, 3)}
         sessions = self.sessions
-        if sessions is not None and not self.must_sign(fields):
+        if sessions is None:
+            return self.signer.sign({**fields, "src": self.signer.name, "at": round(now, 3)})
+        signed = {**fields, "src": self.signer.name, "at": round(now, 3), "mac": MAC_SCHEME}
+        if not self.must_sign(fields):
             peer = sessions.for_sending(fields["dst"], now)
             if peer is not None:
                 return sessions.mac(peer, signed)
@@ -246,10 +252,10 @@ class MessageSigning:
             if MAC in headers:
                 self._verify_mac(headers, fields, cell, identity, now)
             else:
-                expect = {**fields, "src": identity}
                 when = datetime.fromtimestamp(now, UTC)
-                verify_message(self.verifier, headers, expect, now=when, max_age=self.max_age)
-                if self.sessions is not None:
+                signed = self.verifier.verify(headers, src=identity, expect=fields, now=when)
+                _check_age(signed, fields, now, self.max_age)
+                if self.sessions is not None and signed.get("mac") == MAC_SCHEME:
                     self._learn(cell, headers.get(CERT), identity, now)
         except IntegrityError as exc:
             if self.on_refused is not None:
@@ -287,6 +293,7 @@ class MessageSigning:
 
 __all__ = [
     "AUDITED_CHANNELS",
+    "MAC_SCHEME",
     "MAX_AGE",
     "MessageSigning",
     "check_command",

@@ -676,3 +676,20 @@ def test_a_known_certificate_that_expired_is_refused(folder: Path) -> None:
     fields = {**fields_of_frame(frame), "src": A, "at": round(clock.now, 3)}
     late = with_headers(frame, **site.sessions.mac(peer, fields))  # MAC'd all the same
     assert "not valid" in refused(server, late)
+
+
+def test_only_a_peer_that_takes_macs_is_macd_to(folder: Path) -> None:
+    """A cell says it takes MACs in what it signs (``"mac": "hmac-sha256"``, a field a receiver
+    that predates MACs ignores); to a peer that never said so, every message stays signed."""
+    clock = Clock()
+    old = signing(folder, A, clock, session_macs=False)  # as a cell before issue 20 signs
+    server = signing(folder, S, clock)
+    first = sealed(old, request(A, S))
+    assert "mac" not in json.loads(first.header.headers["sig.fields"])
+    assert check(server, first) is None
+    answer = sealed(server, reply(S, A, 1))
+    assert "sig.value" in answer.header.headers  # not MAC'd: the old cell could not check it
+    assert json.loads(answer.header.headers["sig.fields"])["mac"] == "hmac-sha256"
+    assert check(old, answer) is None  # the extra field is ignored
+    assert "sig.value" in sealed(old, request(A, S, id=2)).header.headers
+    assert "sig.value" in sealed(server, reply(S, A, 2)).header.headers
