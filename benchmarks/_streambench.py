@@ -16,6 +16,8 @@ Roles (``config["role"]``):
   and drops it (the bytes arrive in this process's memory and are checked, CRC-32C and, unless
   disabled, SHA-256); ``file`` saves the object (``IncomingStream.save``) and deletes it after.
   Prints ``{"ready": true}`` once linked.
+- With ``config["tls"]`` (a folder of startup kits), ``sender`` and ``receiver`` link over
+  mutual TLS (``tls://``, the kits' certificates) instead of ``tcp://``.
 - ``raw_recv``: the baseline's receiving end: a blocking socket that ``recv_into``'s a
   preallocated 1 MiB buffer until ``size`` bytes came, then answers one byte; once per
   connection, until it is killed.
@@ -42,10 +44,27 @@ import numpy as np
 from _report import line
 
 from flare_async import Cell, Context, HandlerTable, IncomingStream, system_handlers
-from flare_async.security import SignatureVerifier, Signer, load_kit
+from flare_async.security import (
+    SignatureVerifier,
+    Signer,
+    client_context,
+    load_kit,
+    server_context,
+)
 from flare_async.transport import TcpDriver
 
 _BLOCK = 256 << 20
+
+
+def transport(cfg: dict[str, Any], name: str, *, serve: bool) -> tuple[str, list[TcpDriver]]:
+    """The scheme and drivers of cell ``name`` (``serve``: it listens): ``tls`` with its kit's
+    certificates when ``cfg["tls"]`` names the kits (``stream.py``'s ``tls-`` cases), else
+    ``tcp``."""
+    if not cfg.get("tls"):
+        return "tcp", [TcpDriver()]
+    kit = load_kit(Path(cfg["tls"]) / name)
+    server_tls = server_context(kit) if serve else None
+    return "tls", [TcpDriver(server_tls=server_tls, client_tls=client_context(kit))]
 
 
 def peak_rss() -> int:
@@ -85,7 +104,8 @@ def make_file(path: Path, size: int) -> None:
 
 async def sender(cfg: dict[str, Any]) -> None:
     size, mode, targets = cfg["size"], cfg["mode"], cfg["targets"]
-    async with Cell("server", listen=["tcp://127.0.0.1:0"], drivers=[TcpDriver()]) as cell:
+    scheme, drivers = transport(cfg, "server", serve=True)
+    async with Cell("server", listen=[f"{scheme}://127.0.0.1:0"], drivers=drivers) as cell:
         line(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
         with anyio.fail_after(120):
             for dst in targets:
@@ -189,11 +209,12 @@ async def member(cfg: dict[str, Any]) -> None:
                 else None
             )
             handlers.append(receiver_table(cfg["mode"], tmp, verifier))
+        scheme, drivers = transport(cfg, cfg["name"], serve=relay)
         cell = Cell(
             cfg["name"],
             parent=cfg["parent"],
-            listen=["tcp://127.0.0.1:0"] if relay else [],
-            drivers=[TcpDriver()],
+            listen=[f"{scheme}://127.0.0.1:0"] if relay else [],
+            drivers=drivers,
             handlers=handlers,
         )
         async with cell:

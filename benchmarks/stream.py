@@ -1,6 +1,9 @@
 """Streaming throughput and memory: one object from one process to another over tcp on loopback.
 
-Cases are named ``tcp-<path>-<size>-<mode>[-nodigest|-signed]``:
+Cases are named ``tcp-<path>-<size>-<mode>[-nodigest|-signed]``, and
+``tls-direct-<size>-mem[-nodigest]``: the direct in-memory case over mutual TLS (``tls://``,
+certificates from startup kits provisioned in a temporary folder), against the same raw tcp
+baseline (blocking sockets, no TLS):
 
 - ``path``: ``direct`` (sender ``server`` -> receiver ``server.e``, two processes) or
   ``relay`` (``server`` -> relay ``server.r`` -> receiver ``server.r.e``, three processes);
@@ -69,7 +72,14 @@ CHILD = str(Path(__file__).with_name("_streambench.py"))
 FRAMED = str(Path(__file__).with_name("_framed.py"))
 FULL_SIZE = 1 << 30
 QUICK_SIZE = 64 << 20
-CASES = ("direct-mem", "direct-file", "relay-mem", "relay-file", "fanout8-relay-mem")
+CASES = (
+    "direct-mem",
+    "direct-file",
+    "relay-mem",
+    "relay-file",
+    "fanout8-relay-mem",
+    "tls-direct-mem",
+)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -225,7 +235,8 @@ def disk_write(tmp: str, size: int) -> float:
 
 
 def make_kits(tmp: str, relay: bool) -> str:
-    """Startup kits (a real CA and keys) for the signed cases: the sender is ``server``."""
+    """Startup kits (a real CA and keys) for the signed and ``tls-`` cases: the sender is
+    ``server``."""
     from datetime import UTC, datetime  # noqa: PLC0415
 
     from flare_async.security import provision  # noqa: PLC0415
@@ -255,7 +266,10 @@ def run_case(
     tmp: str,
     chunk: int,
     kits: str = "",
+    tls: str = "",
 ) -> None:
+    """``kits``: sign the digest with these kits; ``tls``: link over mutual TLS with them
+    (direct cases only)."""
     fanout = 8 if path.startswith("fanout") else 0
     relay = "relay" in path
     window = max(16 << 20, 4 * (chunk or 0))
@@ -273,16 +287,17 @@ def run_case(
         "chunk": chunk,
         "window": window,
         "kits": kits,
+        "tls": tls,
     }
     with ExitStack() as stack:
         ceiling = None
-        if mode == "mem" and not digest and not fanout and not kits:
+        if mode == "mem" and not digest and not fanout and not kits and not tls:
             picked = chunk or pick_chunk(size, window, in_memory=True)  # what the library picks
             ceiling = Ceiling(size, picked, relay)
             stack.callback(ceiling.close)
         sender = Child({**common, "role": "sender", "targets": receivers, "fanout": bool(fanout)})
         stack.callback(sender.kill)
-        parent = f"tcp://127.0.0.1:{sender.line()['port']}"
+        parent = f"{'tls' if tls else 'tcp'}://127.0.0.1:{sender.line()['port']}"
         members: list[Child] = []
         if relay:
             r = Child({**common, "role": "relay", "name": "server.r", "parent": parent})
@@ -379,11 +394,16 @@ def main() -> None:
         stack.callback(base.close)
         for c in cases:
             path, mode = c.rsplit("-", 1)
+            scheme, tls = "tcp", ""
+            if path.startswith("tls-"):  # a direct case over mutual TLS
+                scheme, path, tls = "tls", path[4:], make_kits(tmp, relay=False)
             for digest in digests:
-                case = f"tcp-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
+                case = f"{scheme}-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
                 log(f"{case}: {args.repeat} runs")
-                run_case(case, path, mode, size, digest, args.repeat, base, tmp, args.chunk)
-                if args.sign and digest and not path.startswith("fanout"):
+                run_case(
+                    case, path, mode, size, digest, args.repeat, base, tmp, args.chunk, tls=tls
+                )
+                if args.sign and digest and not path.startswith("fanout") and not tls:
                     kits = make_kits(tmp, "relay" in path)
                     run_case(
                         f"{case}-signed",

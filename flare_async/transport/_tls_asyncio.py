@@ -311,8 +311,9 @@ class AsyncioTlsLink(AsyncioTcpLink):
             return False
         # The peer still owes at least this much ciphertext for the frame in progress: what
         # the frame still lacks, less what waits undecrypted (in the BIO, or a partial record
-        # OpenSSL took out of it).
-        self._set_lowat(conn.owed - incoming.pending - _RECORD_MAX)
+        # OpenSSL took out of it). At most half a read: a wakeup then takes all it waited for
+        # and more, where a wait for more than one read holds would leave bytes unread.
+        self._set_lowat(min(conn.owed - incoming.pending - _RECORD_MAX, _TLS_READ // 2))
         return True
 
     def _follow_records(self, data: memoryview, n: int) -> None:
