@@ -14,6 +14,7 @@ a transport would not allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -32,6 +33,9 @@ _LOWAT_FROM = 64 * 1024
 _LOWAT_MAX = 512 * 1024
 _READ_AHEAD = 1 << 20
 """Bytes of complete frames read ahead of receive() before reading pauses."""
+_OUT_MAX = 256 * 1024
+_OUT_FRAMES = 512
+"""Small frames held for one write: at most this many bytes and frames (``IOV_MAX`` is 1024)."""
 
 
 class AsyncioTcpLink(RawTcpLink):
@@ -42,6 +46,10 @@ class AsyncioTcpLink(RawTcpLink):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loop = asyncio.get_running_loop()
+        self._clock = self._loop.time
+        self._out: list[Buffer] = []  # small frames try_send took, written together (see _hold)
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
         # See _raise_pending_error: asyncio's selector calls the reader again, other loops not.
         self._check_error = not isinstance(self._loop, asyncio.SelectorEventLoop)
         self._started = False
@@ -57,13 +65,71 @@ class AsyncioTcpLink(RawTcpLink):
 
     # ------------------------------------------------------------------ sending
     def _write_small(self, segments: list[Buffer], total: int) -> bool:
-        """One ``sendmsg`` usually takes the whole frame; if the kernel takes only part, the
-        rest (a few KiB at most, copied) is written by a writer callback that holds the send
-        lock meanwhile, so no other frame can slip in between."""
-        n = self._sock.sendmsg(segments)
-        if n != total:
-            self._park_tail(segments, n)
+        """Hold the frame (copied: at most 4 KiB) to be written with the other small frames of
+        this turn of the loop in one ``sendmsg`` (:meth:`_flush_out`, soon after): with many
+        callers, one system call carries dozens of requests or replies instead of one each
+        (``sendmsg`` per frame was a third of both processes' time at 64 callers)."""
+        self._out.append(b"".join(segments))
+        self._out_bytes += total
+        if self._out_bytes >= _OUT_MAX or len(self._out) >= _OUT_FRAMES:
+            self._flush_out(raising=True)  # enough for one write: now
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_out)
         return True
+
+    def _flush_out(self, *, raising: bool = False) -> None:
+        """Write the held frames: one ``sendmsg``; if the kernel takes only part, the rest is
+        written by a writer callback that holds the send lock meanwhile (:meth:`_park_tail`),
+        so no other frame can slip in between. While :meth:`send` holds the lock, the frames
+        wait for it: its write puts them first (:meth:`_write`)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._out or self._send_lock.locked() or self._sock.fileno() < 0:
+            return
+        out, total = self._out, self._out_bytes
+        self._out, self._out_bytes = [], 0
+        try:
+            n = self._sock.sendmsg(out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._mark_broken(f"send failed: {error_reason(exc)}")
+            if raising:
+                raise
+            return
+        if n != total:
+            self._park_tail(out, n)
+
+    def _take_out(self) -> list[Buffer]:
+        out = self._out
+        if out:
+            self._out, self._out_bytes = [], 0
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+        return out
+
+    async def send(self, frame: Frame) -> None:
+        try:
+            await super().send(frame)
+        finally:
+            # Frames held while this send had the lock, if it never wrote them (an error
+            # before its write): written soon, as any.
+            if self._out and self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush_out)
+
+    async def _write(self, segments: list[Buffer], *, begun: bool = False) -> None:
+        held = self._take_out()  # small frames taken before this one: they go first
+        await super()._write([*held, *segments] if held else segments, begun=begun)
+
+    def _close_socket(self, *, reset: bool, crash: bool = False) -> None:
+        if reset or self._broken is not None:
+            self._take_out()  # a crash (or a reset) loses what was not written, as the kernel's
+        elif self._out:
+            with contextlib.suppress(OSError):
+                self._flush_out()  # a closing frame (Bye) held this turn goes before the FIN
+        super()._close_socket(reset=reset, crash=crash)
 
     def _park_tail(self, segments: list[Buffer], written: int) -> None:
         self._send_lock.acquire_nowait()  # free: try_send checked; released once flushed
@@ -288,7 +354,7 @@ class AsyncioTcpLink(RawTcpLink):
             async with self._send_lock:
                 self._check_usable()
                 if frame.expires is not None:  # the budget left now that the link is ours
-                    head = self._conn.head(frame.stamp(anyio.current_time), size)
+                    head = self._conn.head(frame.stamp(self._clock), size)
                 await self._write_passing([head, *frame.parts], chain, rest)
             self._conn.count_frame(len(head) + size)
             src._passed += 1

@@ -86,6 +86,7 @@ class TcpLink(Link):
         self._closed = False
         self._broken: str | None = None
         self._passed = 0  # frames whose payload went through unread (splicing links)
+        self._clock: Callable[[], float] = anyio.current_time  # bound to the loop's by subclasses
 
     @property
     def peer_limits(self) -> Limits:
@@ -132,7 +133,7 @@ class TcpLink(Link):
         async with self._send_lock:
             self._check_usable()
             if segments is None:
-                segments = self._conn.send(frame.stamp(anyio.current_time), frame.parts)
+                segments = self._conn.send(frame.stamp(self._clock), frame.parts)
             try:
                 await self._write(segments)
             except OSError as exc:

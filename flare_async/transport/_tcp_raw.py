@@ -40,7 +40,7 @@ class RawTcpLink(TcpLink):
         body = payload_size(parts)
         if body > _TRY_SEND_MAX:
             return False
-        head = self._conn.head(frame.stamp(anyio.current_time), body)
+        head = self._conn.head(frame.stamp(self._clock), body)
         total = len(head) + body
         if total > _TRY_SEND_MAX:
             return False  # send() encodes it again; rare (a header of kilobytes)

@@ -9,8 +9,9 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.lowlevel import checkpoint
 
-from flare_async.errors import ConfigError, ConnectError, LinkBroken, ProtocolError
+from flare_async.errors import ConfigError, ConnectError, LinkBroken, LinkClosed, ProtocolError
 from flare_async.testing import CONFORMANCE_CHECKS, driver_pair, run_check
 from flare_async.transport import Link, TcpDriver, TcpLink
 from flare_async.transport._tcp_asyncio import AsyncioTcpLink
@@ -147,11 +148,11 @@ async def test_frames_are_counted_once_whichever_send_path_takes_them() -> None:
         assert b.statistics().frames_received == 5
 
 
-def _numbered(i: int) -> Frame:
+def _numbered(i: int, size: int = 3000) -> Frame:
     header = Event(
         id=i, src="a", dst="b", route=["a"], budget=None, headers={}, channel="c", topic="t"
     )
-    return Frame(header, (bytes([i % 251]) * 3000,))
+    return Frame(header, (bytes([i % 251]) * size,))
 
 
 class _ShortWriteSocket(socket.socket):
@@ -181,6 +182,7 @@ async def test_try_send_finishes_a_partly_written_frame_before_any_other(
         _short_writes(a)
         assert a.try_send(_numbered(0))
         assert isinstance(a, AsyncioTcpLink)
+        await checkpoint()  # the loop writes what try_send held this turn
         assert a._tail is not None  # 100 bytes went out; the rest waits for the writer callback
         assert not a.try_send(_numbered(1)), "a frame slipped in behind a partly written one"
         await a.send(_numbered(1))  # waits for the lock the tail holds, then follows it
@@ -200,11 +202,66 @@ async def test_closing_with_a_partly_written_frame_breaks_the_link_for_the_peer(
         pytest.skip("on trio try_send writes only into an empty send queue, never in part")
     async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
         assert a.try_send(_numbered(0))
+        await checkpoint()  # written whole
         _short_writes(a)
         assert a.try_send(_numbered(1))
-        await a.aclose()  # before the writer callback could finish frame 1
+        await a.aclose()  # writes it in part: the writer callback never gets to finish it
         assert (await b.receive()).header.id == 0
         with pytest.raises(LinkBroken):  # the cut frame is never taken for a whole one
+            await b.receive()
+
+
+async def test_small_frames_of_one_turn_go_out_in_one_write_in_order(
+    anyio_backend_name: str,
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("the trio link writes each frame at once")
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert isinstance(a, AsyncioTcpLink)
+        calls: list[int] = []
+        sock = a._sock
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sock, name)
+
+            def sendmsg(self, buffers: list[Any]) -> int:
+                calls.append(len(buffers))
+                return sock.sendmsg(buffers)
+
+        a._sock = Counting()  # type: ignore[assignment]
+        for i in range(40):
+            assert a.try_send(_numbered(i, size=50))
+        assert calls == []  # held until this turn of the loop ends
+        big = _numbered(40, size=8000)  # too big for try_send: send() writes the held ones first
+        await a.send(big)
+        assert calls == [40 + 2]  # the 40 held (a buffer each), then its head and payload
+        for i in range(41):
+            assert (await b.receive()).header.id == i
+        for i in range(41, 45):
+            assert a.try_send(_numbered(i, size=50))
+        await checkpoint()
+        assert calls[1:] == [4]
+        for i in range(41, 45):
+            assert (await b.receive()).header.id == i
+        assert a.statistics().frames_sent == 45
+
+
+async def test_a_frame_held_at_close_goes_before_the_end_and_is_lost_on_an_abort(
+    anyio_backend_name: str,
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("the trio link writes each frame at once")
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert a.try_send(_numbered(0, size=10))
+        await a.aclose()  # the frame held this turn (a Bye, say) is written before the FIN
+        assert (await b.receive()).header.id == 0
+        with pytest.raises(LinkClosed):
+            await b.receive()
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert a.try_send(_numbered(1, size=10))
+        a.abort()  # a crash: what was not written is gone
+        with pytest.raises(LinkBroken):
             await b.receive()
 
 
