@@ -12,10 +12,12 @@ baseline (blocking sockets, no TLS):
 - ``mode``: ``mem`` (the sender streams views of a buffer in memory; the receiver takes each
   chunk in memory and drops it) or ``file`` (file to file: the sender reads a file a chunk at a
   time, the receiver writes ``<path>.part`` and renames it once verified).
-- ``-nodigest``: without the whole-object SHA-256 (``digest=False``); chunks still carry
-  their CRC-32C. With it, both ends hash the object in a worker thread beside the transfer.
+- no suffix: the default whole-object digest (``digest=True``: ``crc32c``, combined from the
+  chunk CRCs at no extra pass); ``-nodigest``: none (``digest=False``; chunks still carry
+  their CRC-32C); ``-blake3`` / ``-sha256`` (``--digest all``): that hash on both ends, in a
+  worker thread beside the transfer.
 - ``-signed`` (with ``--sign``): the digest signed end to end as the FL layer signs results
-  (``seal``: the sender signs the SHA-256 it computed while streaming, ECDSA P-256 with a
+  (``seal``: the sender signs the BLAKE3 digest it computed while streaming, with a
   provisioned kit, in the stream's end message; the receiver checks it against the CA and its
   own digest). Compare with the same case with the digest and no signature.
 
@@ -39,13 +41,13 @@ those. It is reported as ``case:raw-relay`` (``baseline`` the two-process one) a
 ``baseline_relay`` and ``ratio_relay`` (``value / baseline_relay``) on the case's throughput
 line and its ``framed-ceiling`` line, beside ``baseline`` and ``ratio``.
 
-``mem`` cases without the digest (direct and relay) also report ``case:framed-ceiling``: the
-throughput of the same frames in the plainest code (``_framed.py``: blocking sockets, each
-chunk's CRC-32C computed by the sender and checked by the receiver, a splicing relay for relay
-cases; no event loop, flow control, routing or headers), with the same ``baseline``, measured
-once after each run of the case. Its ratio is what any implementation keeping the per-chunk
-checksum can reach on this machine; the case's ``value`` over it is how far the library is
-from that.
+``mem`` cases with the default digest or none (direct and relay) also report
+``case:framed-ceiling``: the throughput of the same frames in the plainest code
+(``_framed.py``: blocking sockets, each chunk's CRC-32C computed by the sender and checked by
+the receiver, a splicing relay for relay cases; no event loop, flow control, routing or
+headers), with the same ``baseline``, measured once after each run of the case. Its ratio is
+what any implementation keeping the per-chunk checksum can reach on this machine; the case's
+``value`` over it is how far the library is from that.
 
 Run: ``python benchmarks/stream.py [--quick] [--repeat N] [--size BYTES] [--cases ...]``.
 Full size: 1 GiB objects (``--size 8GiB`` for the large run); ``--quick``: 64 MiB.
@@ -260,7 +262,7 @@ def run_case(
     path: str,
     mode: str,
     size: int,
-    digest: bool,
+    digest: bool | str,
     repeat: int,
     base: Baseline,
     tmp: str,
@@ -291,7 +293,7 @@ def run_case(
     }
     with ExitStack() as stack:
         ceiling = None
-        if mode == "mem" and not digest and not fanout and not kits and not tls:
+        if mode == "mem" and not isinstance(digest, str) and not fanout and not kits and not tls:
             picked = chunk or pick_chunk(size, window, in_memory=True)  # what the library picks
             ceiling = Ceiling(size, picked, relay)
             stack.callback(ceiling.close)
@@ -372,9 +374,10 @@ def main() -> None:
     )
     p.add_argument(
         "--digest",
-        choices=("both", "on", "off"),
+        choices=("both", "on", "off", "all"),
         default="both",
-        help="run cases with the whole-object SHA-256 (on), without (off), or both",
+        help="run cases with the default whole-object digest (on: crc32c combined from the "
+        "chunks'), without one (off), both, or all (both, and with BLAKE3 and SHA-256)",
     )
     p.add_argument(
         "--sign",
@@ -387,7 +390,12 @@ def main() -> None:
     for c in cases:
         if c not in CASES:
             p.error(f"unknown case {c!r}")
-    digests = {"both": (True, False), "on": (True,), "off": (False,)}[args.digest]
+    digests: tuple[bool | str, ...] = {
+        "both": (True, False),
+        "on": (True,),
+        "off": (False,),
+        "all": (True, False, "blake3", "sha256"),
+    }[args.digest]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp, ExitStack() as stack:
         base = Baseline(size)
@@ -398,12 +406,13 @@ def main() -> None:
             if path.startswith("tls-"):  # a direct case over mutual TLS
                 scheme, path, tls = "tls", path[4:], make_kits(tmp, relay=False)
             for digest in digests:
-                case = f"{scheme}-{path}-{size_name(size)}-{mode}{'' if digest else '-nodigest'}"
+                suffix = f"-{digest}" if isinstance(digest, str) else "" if digest else "-nodigest"
+                case = f"{scheme}-{path}-{size_name(size)}-{mode}{suffix}"
                 log(f"{case}: {args.repeat} runs")
                 run_case(
                     case, path, mode, size, digest, args.repeat, base, tmp, args.chunk, tls=tls
                 )
-                if args.sign and digest and not path.startswith("fanout") and not tls:
+                if args.sign and digest is True and not path.startswith("fanout") and not tls:
                     kits = make_kits(tmp, "relay" in path)
                     run_case(
                         f"{case}-signed",
