@@ -11,9 +11,9 @@ HKDF-SHA256 derives one key per direction, bound to both identities and both cer
                                                 "to": B, "to_cert": fp(B)}), length = 32)
 
 (``fp``: SHA-256 of the certificate's DER, hex). A MAC'd message carries the same
-``sig.fields`` and ``sig.cert`` as a signed one, ``sig.mac`` (HMAC-SHA256 of the ``sig.fields``
-bytes under ``key(sender -> receiver)``, base64) instead of ``sig.value``, and ``sig.to``: the
-fingerprint of the receiver certificate the key was derived with.
+``sig.fields`` and ``sig.cert`` as a signed one, ``sig.mac`` (HMAC-SHA256 of the
+``sig.fields`` bytes under ``key(sender -> receiver)``, lowercase hex) instead of ``sig.value``,
+and ``sig.to``: the fingerprint of the receiver certificate the key was derived with.
 
 Only the two ends hold the key: a relay can neither forge nor change a MAC'd message, and a MAC
 made for one pair or direction does not verify for another. Unlike a signature, a MAC convinces
@@ -41,7 +41,6 @@ Layer L1: no clock (``now`` is an argument), no I/O.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections import OrderedDict
@@ -79,7 +78,7 @@ a cell that hears nothing from a peer for longer signs again (a one-way flow of 
 peer that changed its certificate is not lost for longer than this)."""
 _encode = partial(msgspec.json.encode, order="sorted")
 _decode = msgspec.json.Decoder().decode
-_MAC_CHARS = 44  # base64 of 32 bytes, padded
+_MAC_CHARS = 64  # hex of 32 bytes
 _FP_CHARS = 64  # hex of 32 bytes
 
 
@@ -90,6 +89,7 @@ class Peer:
     __slots__ = (
         "_receive",
         "_send",
+        "cert",
         "fingerprint",
         "identity",
         "not_after",
@@ -99,12 +99,14 @@ class Peer:
 
     def __init__(
         self,
+        cert: str,
         identity: str,
         fp: str,
         public: ec.EllipticCurvePublicKey,
         not_before: float,
         not_after: float,
     ) -> None:
+        self.cert = cert
         self.identity = identity
         self.fingerprint = fp
         self.public = public
@@ -171,7 +173,7 @@ class SessionKeys:
         self.capacity = capacity
         self.fresh = fresh
         self._certs: OrderedDict[str, Peer] = OrderedDict()
-        self._peers: OrderedDict[str, tuple[Peer, float]] = OrderedDict()
+        self._peers: OrderedDict[str, _Heard] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -220,6 +222,7 @@ class SessionKeys:
         ):
             raise IntegrityError(f"{identity}'s certificate holds no key to agree a MAC key with")
         peer = Peer(
+            cert,
             checked.name,
             fingerprint(der),
             public,
@@ -235,11 +238,14 @@ class SessionKeys:
         """A message from ``cell`` verified with ``peer``'s certificate at ``now``: MAC to it
         with that certificate from now on (for :attr:`fresh` seconds)."""
         peers = self._peers
-        if cell in peers:
+        entry = peers.get(cell)
+        if entry is not None:
+            entry.peer, entry.at = peer, now
             peers.move_to_end(cell)
-        elif len(peers) >= self.capacity:
+            return
+        if len(peers) >= self.capacity:
             peers.popitem(last=False)
-        peers[cell] = (peer, now)
+        peers[cell] = _Heard(peer, now)
 
     def forget(self, cell: str) -> None:
         """Sign to ``cell`` again until it is heard from."""
@@ -250,8 +256,8 @@ class SessionKeys:
         entry = self._peers.get(dst)
         if entry is None:
             return None
-        peer, heard = entry
-        if now - heard > self.fresh or not peer.valid(now):
+        peer = entry.peer
+        if now - entry.at > self.fresh or not peer.valid(now):
             return None
         return peer
 
@@ -268,7 +274,7 @@ class SessionKeys:
         h.update(data)
         return {
             FIELDS: data.decode(),
-            MAC: binascii.b2a_base64(h.digest(), newline=False).decode(),
+            MAC: h.hexdigest(),
             CERT: self.signer.certificate,
             TO: peer.fingerprint,
         }
@@ -311,19 +317,16 @@ class SessionKeys:
                 "again"
             )
         cert = headers.get(CERT)
-        peer = self._certs.get(cert) if type(cert) is str else None
-        if peer is None or peer.identity != identity or not peer.valid(now):
-            peer = self.peer(cert, identity, now)  # the slow path: checks, raises, says why
-        else:
-            self._certs.move_to_end(cert)  # type: ignore[arg-type]  # a str, as checked
+        entry = self._peers.get(src)
+        peer = entry.peer if entry is not None else None
+        # The usual case: the certificate this cell's last message came with (a string compare,
+        # not a hash of 700 characters); else the certificate cache, which checks and says why.
+        if peer is None or peer.cert != cert or peer.identity != identity or not peer.valid(now):
+            peer = self.peer(cert, identity, now)
         data = text.encode()
         h = peer.receiver(self.signer).copy()
         h.update(data)
-        try:
-            received = binascii.a2b_base64(tag, strict_mode=True)
-        except (ValueError, binascii.Error):
-            raise IntegrityError(f"a message from {src} carries a malformed sig.mac") from None
-        if not hmac.compare_digest(h.digest(), received):
+        if not tag.isascii() or not hmac.compare_digest(h.hexdigest(), tag):
             raise IntegrityError(f"the MAC of {src} does not match what it sent")
         try:
             signed = _decode(data)
@@ -348,6 +351,16 @@ class SessionKeys:
         self.learn(src, peer, now)
 
 
+class _Heard:
+    """A peer's certificate as the last message verified from it showed it, and when."""
+
+    __slots__ = ("at", "peer")
+
+    def __init__(self, peer: Peer, at: float) -> None:
+        self.peer = peer
+        self.at = at
+
+
 def _malformed(headers: Mapping[str, object], src: str) -> str:
     """Why the MAC headers of a message from ``src`` are malformed (the slow path)."""
     for key, most in ((FIELDS, MAX_FIELDS_CHARS), (MAC, _MAC_CHARS), (TO, _FP_CHARS)):
@@ -355,7 +368,7 @@ def _malformed(headers: Mapping[str, object], src: str) -> str:
             header_text(headers, key, most, src)
         except IntegrityError as exc:
             return str(exc)
-    return f"a message from {src} carries a malformed sig.mac (not {_MAC_CHARS} characters)"
+    return f"a message from {src} carries a malformed sig.mac (not {_MAC_CHARS} hex digits)"
 
 
 __all__ = ["CAPACITY", "FRESH", "SALT", "Peer", "SessionKeys", "mac_key"]
