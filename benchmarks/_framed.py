@@ -17,7 +17,7 @@ Roles (``config["role"]``):
   benchmark process, so that the benchmark process stays small: a child inherits its
   parent's peak RSS (``ru_maxrss`` survives ``exec``), which would spoil every ``peak_rss``.
 
-The two below serve one connection after another until they are killed:
+The three below serve one connection after another until they are killed:
 
 - ``framed_recv``: reads frames until ``size`` payload bytes came, each payload into a fresh
   ``numpy.empty`` buffer as the library's receiver does, checks each CRC-32C, then answers one
