@@ -111,6 +111,41 @@ async def test_many_small_frames_are_pushed_from_few_reads(
         assert b.statistics().frames_received == count
 
 
+class _CountingSocket(socket.socket):
+    """The link's own socket, counting its ``send`` calls."""
+
+    sends = 0
+
+    def send(self, data, *args):  # type: ignore[no-untyped-def, override]
+        self.sends += 1
+        return super().send(data, *args)
+
+
+async def test_small_frames_of_one_turn_are_sealed_and_sent_together(
+    anyio_backend_name: str, pki: Pki
+) -> None:
+    """try_send holds small frames for the rest of the loop turn, as the raw link does; they
+    leave sealed together in one send, before a large frame sent after them, and a frame held
+    at an orderly close goes before the FIN."""
+    _asyncio_only(anyio_backend_name)
+    async with tls_pair(pki)() as (a, b):
+        assert isinstance(a, AsyncioTlsLink)
+        counting = _CountingSocket(fileno=a._sock.detach())
+        a._sock = counting
+        for i in range(40):
+            assert a.try_send(_frame(i))
+        await a.send(_frame(40, 300_000))  # takes the held frames first
+        assert counting.sends <= 3, counting.sends
+        for i in range(41):
+            with anyio.fail_after(10):
+                assert (await b.receive()).header.id == i
+        assert a.try_send(_frame(41))
+        await a.aclose()
+        assert (await b.receive()).header.id == 41
+        with pytest.raises(LinkClosed):
+            await b.receive()
+
+
 @pytest.mark.parametrize("size", [17 * 1024, _SEAL + 1, 3 * _SEAL + 12345, 5 << 20])
 async def test_a_frame_larger_than_a_record_arrives_whole(
     anyio_backend_name: str, pki: Pki, size: int
