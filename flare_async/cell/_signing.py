@@ -16,6 +16,7 @@ from flare_async.security._signing import SIGNATURE_HEADERS
 from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
+_CALLS = (Request, Event)
 _BARE_META = hashlib.sha256(b'[{},""]').hexdigest()
 """The ``meta`` of a message without application headers and with the raw codec."""
 
@@ -45,10 +46,10 @@ def fields_of(frame: Frame) -> dict[str, Any]:
     """What is signed of a request, event, reply or error (``security.message_fields``, built
     here directly: this runs twice per message)."""
     h = frame.header
-    assert isinstance(h, Request | Event | Reply | Error)
+    assert isinstance(h, SIGNED_KINDS)
     parts: Sequence[Buffer] = frame.parts
     fields: dict[str, Any] = {"cell": h.src, "dst": h.dst}
-    if isinstance(h, Request | Event):
+    if isinstance(h, _CALLS):
         fields["kind"] = "request" if type(h) is Request else "event"
         fields["topic"] = f"{h.channel}/{h.topic}"
     elif isinstance(h, Reply):

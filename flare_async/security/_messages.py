@@ -211,7 +211,7 @@ class MessageSigning:
         self.signed_channels = frozenset(signed_channels)
         self.sessions: SessionKeys | None = (
             SessionKeys(signer, verifier, fresh=fresh)
-            if session_macs and getattr(signer, "sessions", False)
+            if session_macs and getattr(signer, "agrees", False)
             else None
         )
 
@@ -255,8 +255,11 @@ class MessageSigning:
                 when = datetime.fromtimestamp(now, UTC)
                 signed = self.verifier.verify(headers, src=identity, expect=fields, now=when)
                 _check_age(signed, fields, now, self.max_age)
-                if self.sessions is not None and signed.get("mac") == MAC_SCHEME:
-                    self._learn(cell, headers.get(CERT), identity, now)
+                if self.sessions is not None:
+                    if signed.get("mac") == MAC_SCHEME:
+                        self._learn(cell, headers.get(CERT), identity, now)
+                    else:  # it does not (or no longer) take MACs: sign to it
+                        self.sessions.forget(cell)
         except IntegrityError as exc:
             if self.on_refused is not None:
                 self.on_refused(identity, cell, fields["topic"], str(exc))

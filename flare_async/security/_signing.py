@@ -133,7 +133,7 @@ class Signer:
         """This participant's certificate, DER, base64 (``sig.cert``)."""
         self.fingerprint = fingerprint(der)
         """SHA-256 of the certificate's DER, hex (what ``sig.to`` names)."""
-        self.sessions = isinstance(key.curve, ec.SECP256R1)
+        self.agrees = isinstance(key.curve, ec.SECP256R1)
         """Whether the key can agree session MAC keys with peers (a P-256 key, as kits have)."""
 
     def agree(self, peer: ec.EllipticCurvePublicKey) -> bytes:

@@ -695,3 +695,19 @@ def test_only_a_peer_that_takes_macs_is_macd_to(folder: Path) -> None:
     assert check(old, answer) is None  # the extra field is ignored
     assert "sig.value" in sealed(old, request(A, S, id=2)).header.headers
     assert "sig.value" in sealed(server, reply(S, A, 2)).header.headers
+
+
+def test_a_peer_that_stops_taking_macs_is_signed_to_again(folder: Path) -> None:
+    """B restarts with MACs off: A's next MAC is refused ("signatures only"); B's signed error
+    says nothing of MACs, so A forgets B's key and signs again."""
+    clock = Clock()
+    site, b = signing(folder, A, clock), signing(folder, B, clock)
+    warm(site, b, A, B)
+    strict = signing(folder, B, clock, session_macs=False)
+    frame = sealed(site, request(A, B, id=40))
+    assert "signatures only" in refused(strict, frame)
+    err = sealed(strict, Frame(Error(6, B, A, [B], None, {}, corr=40, status=9, message="no")))
+    assert check(site, err) is None
+    again = sealed(site, request(A, B, id=41))
+    assert "sig.value" in again.header.headers
+    assert check(strict, again) is None
