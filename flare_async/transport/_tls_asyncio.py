@@ -14,12 +14,11 @@ by OpenSSL into full 16 KiB records) and one send per slice. What the socket doe
 sealed bytes is never given back: a small tail goes to the writer callback, a large one is
 finished within FINISH_WITHIN.
 
-Chosen by measurement (uvloop and asyncio, 64 callers doing request/reply of 72-byte messages
-over one loopback connection, one process, three rounds interleaved): this design made 42-44k
-round trips/s on uvloop and 37-43k on asyncio; the loop's own SSL transport
-(``create_connection(ssl=...)`` with a protocol) made 34-37k and 32-33k; bare sockets 56-66k.
-The loop's transport also writes through its own buffer, which would lose the link's vectored
-writes, its send lock's backpressure and the close and reset it controls on the socket.
+Chosen by measurement (64 callers, request/reply of 72-byte messages over one loopback
+connection, one process, three rounds interleaved): this design made 42-44k round trips/s on
+uvloop, 37-43k on asyncio; the loop's own SSL transport (``create_connection(ssl=...)``, a
+protocol) 34-37k and 32-33k; bare sockets 56-66k. That transport also writes through its own
+buffer: no send lock backpressure, no say over the close and reset on the socket.
 
 What the link keeps from the TLS link on other backends (:mod:`~flare_async.transport._tls`):
 an accepted socket owes its handshake until first used, inside the cell's handshake timeout, so
@@ -33,6 +32,7 @@ Payloads cannot pass through a TLS link unread: it does not splice.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -57,8 +57,7 @@ _SEAL = 256 * 1024
 
 
 class _ReadBuffer(threading.local):
-    """Where a reader callback reads ciphertext before the incoming BIO copies it: one per
-    thread, as callbacks of one loop never run at once."""
+    """Ciphertext read for the BIO: one buffer per thread (a loop's callbacks never overlap)."""
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray(_TLS_READ))
@@ -327,14 +326,12 @@ class AsyncioTlsLink(AsyncioTcpLink):
             return False
         # The peer still owes at least this much ciphertext for the frame in progress: what
         # the frame still lacks, less what waits undecrypted (in the BIO, or a partial record
-        # OpenSSL took out of it). At most half a read: a wakeup then takes all it waited for
-        # and more, where a wait for more than one read holds would leave bytes unread.
+        # OpenSSL took out of it). At most half a read, so a wakeup takes all it waited for.
         self._set_lowat(min(conn.owed - incoming.pending - _RECORD_MAX, _TLS_READ // 2))
         return True
 
     def _follow_records(self, data: memoryview, n: int) -> None:
-        """Follow the record boundaries through ``n`` more bytes of ciphertext, ``data[:n]``
-        (a record: a 5-byte header whose last two bytes are the length of what follows)."""
+        """Follow the record boundaries (5-byte headers ending in a length) through ``data[:n]``."""
         left = self._record_left
         if self._header:
             need = 5 - len(self._header)
@@ -362,12 +359,17 @@ class AsyncioTlsLink(AsyncioTcpLink):
         return False
 
     async def send_passing(self, frame: Frame, passing: Passing, src: Link) -> None:
-        """Never splices (see :attr:`splices`): the payload is read from ``src``, then sent
-        sealed like any frame."""
+        """Never splices (see :attr:`splices`): reads the payload from ``src``, then seals it."""
         if not isinstance(src, Splicing):
             raise TypeError("send_passing needs the passing frame of a splicing link")
         whole = await src.take_passing(passing)
         await self.send(Frame(frame.header, whole.parts, frame.expires))
+
+    def _end_connection(self, *, reset: bool, crash: bool) -> None:
+        if reset and not crash:  # as TlsLink: a FIN before the reset (a silent client that
+            with contextlib.suppress(OSError):  # timed out reads the end, not only a reset)
+                self._sock.shutdown(socket.SHUT_RDWR)
+        super()._end_connection(reset=reset, crash=crash)
 
     # ------------------------------------------------------------------ facts
     def extra(self) -> LinkFacts:

@@ -237,6 +237,10 @@ async def test_a_handshake_cut_by_cancellation_breaks_the_link(pki: Pki) -> None
         raw.setblocking(False)
         with pytest.raises(BlockingIOError):  # the refused frame was not written in clear
             raw.recv(100)
+        await server.aclose()
+        raw.setblocking(True)
+        raw.settimeout(5)
+        assert raw.recv(100) == b"", "the client reads the end (a FIN, then the reset)"
 
 
 def _seal(link: AsyncioTlsLink, frame: Frame) -> bytes:
