@@ -32,13 +32,13 @@ import numpy as np
 
 from flare_async._concurrency import Channel, ChannelClosed, Signal, SignalLike
 from flare_async.errors import ConfigError
-from flare_async.streaming import checksum
-from flare_async.streaming._digest import (
-    ALGORITHMS,
+from flare_async.streaming import (
     BLAKE3,
     CRC32C,
     CRYPTOGRAPHIC,
+    DIGESTS,
     CrcDigest,
+    checksum,
     format_digest,
 )
 from flare_async.wire import Buffer
@@ -326,7 +326,7 @@ def open_digest(algorithm: str, chunk: int) -> Digest:
     if algorithm == CRC32C:
         return CombinedDigest()
     if algorithm not in CRYPTOGRAPHIC:
-        raise ConfigError(f"unknown stream digest {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+        raise ConfigError(f"unknown stream digest {algorithm!r} (known: {', '.join(DIGESTS)})")
     return HashDigest.for_chunks(chunk, algorithm)
 
 

@@ -17,13 +17,14 @@ from flare_async.cell._stream_out import StreamOptions, send_streams
 from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError, ProtocolError
 from flare_async.routing import validate_name
 from flare_async.streaming import (
+    BLAKE3,
+    CRC32C,
     CRYPTOGRAPHIC,
     DEFAULT_WINDOW,
     DIGESTS,
     normalize_digest,
     pick_chunk,
 )
-from flare_async.streaming._digest import BLAKE3, CRC32C
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):

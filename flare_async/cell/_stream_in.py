@@ -52,6 +52,8 @@ from flare_async.errors import (
     error_for_status,
 )
 from flare_async.streaming import (
+    BLAKE3,
+    CRYPTOGRAPHIC,
     Ack,
     AskResend,
     Deliver,
@@ -62,12 +64,12 @@ from flare_async.streaming import (
     ReceiverState,
     StreamFail,
     StreamWait,
+    check_algorithm,
     checksum,
     normalize_digest,
     parse_digest,
     receiver_idle,
 )
-from flare_async.streaming._digest import BLAKE3, CRYPTOGRAPHIC, check_algorithm
 from flare_async.wire import (
     Frame,
     StreamAbort,

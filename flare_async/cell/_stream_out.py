@@ -30,6 +30,7 @@ from flare_async.cell._port import Port
 from flare_async.cell._sources import ChunkLog, Digest
 from flare_async.errors import DeadlineExceeded, ProtocolError, TransportError, Unreachable
 from flare_async.streaming import (
+    SHA256,
     Committed,
     Probe,
     ProgressMeter,
@@ -43,7 +44,6 @@ from flare_async.streaming import (
     StreamFail,
     StreamWait,
 )
-from flare_async.streaming._digest import SHA256
 from flare_async.wire import (
     Frame,
     Routed,

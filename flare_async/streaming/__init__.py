@@ -16,8 +16,12 @@ The actions' names say whose they are where a bare word would be ambiguous: ``Se
 
 from flare_async.streaming._digest import ALGORITHMS as DIGESTS
 from flare_async.streaming._digest import (
+    BLAKE3,
+    CRC32C,
     CRYPTOGRAPHIC,
+    SHA256,
     CrcDigest,
+    check_algorithm,
     crc32c_combine,
     format_digest,
     normalize_digest,
@@ -102,9 +106,13 @@ __all__ = [
     "negotiate",
     "pick_chunk",
     # whole-object digests: names, text form, CRC-32C combined from the chunks'
+    "BLAKE3",
+    "CRC32C",
     "CRYPTOGRAPHIC",
     "DIGESTS",
+    "SHA256",
     "CrcDigest",
+    "check_algorithm",
     "crc32c_combine",
     "format_digest",
     "normalize_digest",
