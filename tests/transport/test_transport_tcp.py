@@ -232,16 +232,17 @@ async def test_small_frames_of_one_turn_go_out_in_one_write_in_order(
         a._sock = Counting()  # type: ignore[assignment]
         for i in range(40):
             assert a.try_send(_numbered(i, size=50))
-        assert calls == []  # held until this turn of the loop ends
+        assert calls == [1]  # the turn's first frame at once; the rest held to the turn's end
         big = _numbered(40, size=8000)  # too big for try_send: send() writes the held ones first
         await a.send(big)
-        assert calls == [40 + 2]  # the 40 held (a buffer each), then its head and payload
+        assert calls == [1, 39 + 2]  # the 39 held (a buffer each), then its head and payload
         for i in range(41):
             assert (await b.receive()).header.id == i
+        await checkpoint()  # a new turn
         for i in range(41, 45):
             assert a.try_send(_numbered(i, size=50))
         await checkpoint()
-        assert calls[1:] == [4]
+        assert calls[2:] == [1, 3]
         for i in range(41, 45):
             assert (await b.receive()).header.id == i
         assert a.statistics().frames_sent == 45
@@ -253,16 +254,29 @@ async def test_a_frame_held_at_close_goes_before_the_end_and_is_lost_on_an_abort
     if anyio_backend_name != "asyncio":
         pytest.skip("the trio link writes each frame at once")
     async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
-        assert a.try_send(_numbered(0, size=10))
-        await a.aclose()  # the frame held this turn (a Bye, say) is written before the FIN
-        assert (await b.receive()).header.id == 0
+        assert isinstance(a, AsyncioTcpLink)
+        assert a.try_send(_numbered(0, size=10))  # written at once
+        assert a.try_send(_numbered(1, size=10))  # held to the end of the turn
+        assert a._out
+        await a.aclose()  # the held frame (a Bye, say) is written before the FIN
+        assert [(await b.receive()).header.id for _ in range(2)] == [0, 1]
         with pytest.raises(LinkClosed):
             await b.receive()
     async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
-        assert a.try_send(_numbered(1, size=10))
+        assert isinstance(a, AsyncioTcpLink)
+        assert a.try_send(_numbered(2, size=10))
+        assert a.try_send(_numbered(3, size=10))
+        assert a._out
         a.abort()  # a crash: what was not written is gone
+        seen: list[int] = []
+
+        async def read_all() -> None:
+            while True:
+                seen.append((await b.receive()).header.id)
+
         with pytest.raises(LinkBroken):
-            await b.receive()
+            await read_all()
+        assert 3 not in seen
 
 
 async def test_each_link_is_made_as_the_class_of_its_backend_and_scheme(
