@@ -36,7 +36,12 @@ class Expirable(Protocol):
 class DeadlineTimer:
     """The per-cell deadline heap and the task that serves it (:meth:`run`)."""
 
-    _COMPACT_AT = 4096
+    _COMPACT_AT = 256
+    """Dead entries are dropped once the heap holds this many (or twice the live ones). Each
+    keeps its finished request's waiter, signal and future alive: at 4,096 the collector
+    traversed thousands of them on every pass (the cycle GC's share of a 64-caller round trip
+    was ~7% in ``perf``); at 256 ``fabric.py`` tcp-1hop-c64 went from 0.23 to 0.29 of the raw
+    echo (medians of 7 alternated runs, load ~1). The rebuild stays amortised O(1) an entry."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
