@@ -33,7 +33,7 @@ from flare_async.cell._api import CellStatistics
 from flare_async.cell._calls import BroadcastResults, CallsMixin, Outcome
 from flare_async.cell._dispatch import Workers
 from flare_async.cell._handlers import Dispatch, HandlerTable
-from flare_async.cell._links import Backoff, HelloFactory, PeerVerifier
+from flare_async.cell._links import LINK_VOUCHES, Backoff, HelloFactory, PeerVerifier
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
 from flare_async.cell._signing import MessageSigner
@@ -149,7 +149,14 @@ class Cell(CallsMixin, StreamingMixin):
         self._workers = Workers(router, self, max_concurrency, queue_size)
         self._streams = StreamHub(router, self, max_incoming=max_streams, idle=stream_idle)
         router.attach(self._workers, self._streams)
-        hello = HelloFactory(self.name, self.limits, self.codecs.capabilities(), heartbeat or 0.0)
+        vouching = frozenset({LINK_VOUCHES}) if verify_peer is not None else frozenset()
+        hello = HelloFactory(
+            self.name,
+            self.limits,
+            self.codecs.capabilities(),
+            heartbeat or 0.0,
+            extra=lambda: vouching if self._router.signing is not None else frozenset(),
+        )
         self._links = LinkKeeper(
             router,
             DriverRegistry(drivers),

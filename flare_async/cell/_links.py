@@ -47,6 +47,14 @@ class Forwarded:
             del self.inflight[(self.src, self.id)]
 
 
+LINK_VOUCHES = "sig:link"
+"""Hello capability of a cell with message signing whose links are verified (mutual TLS and a
+``verify_peer``): it takes a request, event, reply or error **unsigned** from the cell at the
+other end of such a link when that cell is the message's origin (``src``). Mutual TLS already
+authenticates the origin and protects the bytes end to end there: there is no relay in between.
+Requests and events on the signing's audited channels (the job channel) stay signed."""
+
+
 class Peer:
     """A live, handshaken link to one neighbouring cell.
 
@@ -75,10 +83,19 @@ class Peer:
         "serving",
         "session",
         "splicing",
+        "verified",
+        "vouches",
     )
 
-    def __init__(self, link: Link, session: Session, now: float) -> None:
+    def __init__(self, link: Link, session: Session, now: float, *, verified: bool = False) -> None:
         self.link = link
+        self.verified = verified
+        """The peer's certificate was checked against its name at the handshake (mTLS and a
+        ``verify_peer``): a message from the peer itself needs no signature (see
+        :data:`LINK_VOUCHES`)."""
+        self.vouches = verified and LINK_VOUCHES in session.capabilities
+        """Messages from this cell to the peer itself go unsigned: the link is verified and the
+        peer said (in its hello) that it takes such messages."""
         # A link's optional capabilities, found once (a protocol check is slow per frame).
         self.push = link if isinstance(link, PushDelivery) else None
         self.splicing = link if isinstance(link, Splicing) else None
@@ -179,15 +196,23 @@ class HelloFactory:
     """Builds this cell's hello for a given role."""
 
     def __init__(
-        self, name: str, limits: Limits, capabilities: frozenset[str], heartbeat: float
+        self,
+        name: str,
+        limits: Limits,
+        capabilities: frozenset[str],
+        heartbeat: float,
+        extra: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
         self.capabilities = capabilities
         self.heartbeat = heartbeat
+        self.extra = extra
+        """Capabilities that depend on the cell's state at each handshake (:data:`LINK_VOUCHES`)."""
 
     def __call__(self, role: Role) -> Hello:
-        return make_hello(self.name, role, self.limits, self.capabilities, self.heartbeat)
+        caps = self.capabilities if self.extra is None else self.capabilities | self.extra()
+        return make_hello(self.name, role, self.limits, caps, self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from flare_async.cell._handlers import AnyHandler, Dispatch, Kind
 from flare_async.cell._links import DISPLACED, Displaced, Forwarded, Peer
 from flare_async.cell._payload import Payload
 from flare_async.cell._rpc import PendingTable, Waiter
-from flare_async.cell._signing import MessageSigner
+from flare_async.cell._signing import MessageSigner, came_unsigned, goes_unsigned
 from flare_async.cell._signing import check as check_signature
 from flare_async.cell._signing import seal as seal_message
 from flare_async.cell._stream_in import StreamHub
@@ -206,8 +206,16 @@ class Router:
         self.timer.add(deadline, item)
 
     def seal(self, frame: Frame) -> Frame:
-        if self.signing is not None:
-            seal_message(self.signing, frame)
+        """Sign (or MAC) a message this cell originates, unless it goes straight to a peer
+        whose verified link vouches for it (``LINK_VOUCHES``)."""
+        signing = self.signing
+        if signing is not None:
+            h = frame.header
+            parent = self.parent
+            dst = getattr(h, "dst", "")
+            peer = parent if parent is not None and parent.name == dst else self.children.get(dst)
+            if not goes_unsigned(signing, h, peer):
+                seal_message(signing, frame)
         return frame
 
     def admit(
@@ -277,7 +285,7 @@ class Router:
         peer.last_rx = self.clock()
         if isinstance(h, _ANSWERS) and peer.inflight:
             peer.inflight.pop((h.dst, h.corr), None)
-        self.deliver(frame)
+        self.deliver(frame, peer)
         return True
 
     async def on_frame(self, peer: Peer, frame: Frame) -> None:
@@ -297,7 +305,7 @@ class Router:
             if isinstance(h, _ANSWERS) and peer.inflight:
                 peer.inflight.pop((h.dst, h.corr), None)
             if h.dst == self.name:
-                self.deliver(frame)
+                self.deliver(frame, peer)
             else:
                 await self._forward(frame, peer)
         elif isinstance(h, Ping):
@@ -343,14 +351,20 @@ class Router:
         me = self.name
         return src != me and not src.startswith(me + ".")
 
-    def deliver(self, frame: Frame) -> None:
-        """A frame addressed to this cell: to the stream hub, a waiting request, or a handler."""
+    def deliver(self, frame: Frame, via: Peer | None = None) -> None:
+        """A frame addressed to this cell (``via``: the peer it came from, None from this
+        cell): to the stream hub, a waiting request, or a handler."""
         h = frame.header
         if isinstance(h, STREAM_KINDS):
             assert self.streams is not None
             self.streams.on_frame(frame)
             return
-        if self.signing is not None and isinstance(h, _ROUTED) and h.src != self.name:
+        if (
+            self.signing is not None
+            and isinstance(h, _ROUTED)
+            and h.src != self.name
+            and not came_unsigned(self.signing, h, via)
+        ):
             bad = check_signature(self.signing, frame)
             if bad is not None:
                 self._refuse_unsigned(frame, bad)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from flare_async.errors import IntegrityError
 from flare_async.security._messages import payload_digest
 from flare_async.security._signing import SIGNATURE_HEADERS
-from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request
+from flare_async.wire import Buffer, Error, Event, Frame, Reply, Request, Routed
 
 SIGNED_KINDS = (Request, Event, Reply, Error)
 _CALLS = (Request, Event)
@@ -87,3 +87,43 @@ def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
     except IntegrityError as exc:
         return exc
     return None
+
+
+class LinkPeer(Protocol):
+    """What the checks below need of a peer (``cell._links.Peer``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def verified(self) -> bool: ...
+
+    @property
+    def vouches(self) -> bool: ...
+
+
+def _audited(signing: MessageSigner, h: object) -> bool:
+    """A request or event on a channel the signing always signs (the job channel; every
+    channel for a signing that does not say)."""
+    channels = getattr(signing, "signed_channels", None)
+    return isinstance(h, _CALLS) and (channels is None or h.channel in channels)
+
+
+def goes_unsigned(signing: MessageSigner, h: object, peer: LinkPeer | None) -> bool:
+    """Whether a message this cell originates goes without a signature or MAC: its
+    destination is ``peer`` itself, whose verified link vouches for it (``LINK_VOUCHES``), and
+    it is not on an audited channel."""
+    return peer is not None and peer.vouches and not _audited(signing, h)
+
+
+def came_unsigned(signing: MessageSigner, h: Routed, via: LinkPeer | None) -> bool:
+    """Whether a message addressed to this cell is taken without a signature: it carries none
+    and came from its origin itself over a verified link (this cell then said
+    ``LINK_VOUCHES`` in its hello), not on an audited channel. Anything else is checked."""
+    return (
+        via is not None
+        and via.verified
+        and via.name == h.src
+        and SIGNATURE_HEADERS.isdisjoint(h.headers)
+        and not _audited(signing, h)
+    )

@@ -110,7 +110,7 @@ class LinkKeeper:
             with anyio.CancelScope(shield=True):
                 await link.aclose()
             return
-        peer = Peer(link, session, router.clock())
+        peer = Peer(link, session, router.clock(), verified=self.verify_peer is not None)
         old = router.children.get(peer.name)
         if old is not None:
             # Last one wins: a reconnecting cell's old link is usually half-dead. If it is not
@@ -150,7 +150,7 @@ class LinkKeeper:
                 await anyio.sleep(delay)
                 continue
             up_since = router.clock()
-            peer = Peer(link, session, up_since)
+            peer = Peer(link, session, up_since, verified=self.verify_peer is not None)
             router.set_parent(peer)
             if not started:
                 started = True
