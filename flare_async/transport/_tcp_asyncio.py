@@ -89,19 +89,23 @@ class AsyncioTcpLink(PassingTcpLink):
             self._flush_handle = None
         if not self._out or self._send_lock.locked() or self._sock.fileno() < 0:
             return
-        out, total = self._out, self._out_bytes
-        self._out, self._out_bytes = [], 0
         try:
-            n = self._sock.sendmsg(out)
-        except BlockingIOError:
-            n = 0
+            written, n = self._write_held(self._take_out())
         except OSError as exc:
             self._mark_broken(f"send failed: {error_reason(exc)}")
             if raising:
                 raise
             return
-        if n != total:
-            self._park_tail(out, n)
+        if n != sum(len(b) for b in written):
+            self._park_tail(written, n)
+
+    def _write_held(self, out: list[Buffer]) -> tuple[list[Buffer], int]:
+        """Write the held frames with one system call, without waiting: what went to the
+        socket, and how many bytes of it the kernel took (the rest is parked)."""
+        try:
+            return out, self._sock.sendmsg(out)
+        except BlockingIOError:
+            return out, 0
 
     def _take_out(self) -> list[Buffer]:
         out = self._out

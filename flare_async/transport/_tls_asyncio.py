@@ -207,31 +207,18 @@ class AsyncioTlsLink(AsyncioTcpLink):
             await self._ensure_tls()
         await super().send(frame)
 
-    def _flush_out(self, *, raising: bool = False) -> None:
+    def _write_held(self, out: list[Buffer]) -> tuple[list[Buffer], int]:
         """Seal the small frames try_send held this turn (see the raw link's ``_write_small``)
         together, one record for many frames, and write them with one ``send``. Sealed, they
         are begun (records carry sequence numbers): what the socket does not take now is
-        parked for the writer callback, never given back."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        if not self._out or self._send_lock.locked() or self._sock.fileno() < 0:
-            return  # a send() holding the lock writes them first
-        out = self._take_out()
+        parked for the writer callback, never given back. (Overriding this is what keeps the
+        raw link's flush from writing held frames unsealed.)"""
+        self._tls.write(b"".join(out))
+        data = self._outgoing.read()
         try:
-            self._tls.write(b"".join(out))
-            data = self._outgoing.read()
-            try:
-                n = self._sock.send(data)
-            except BlockingIOError:
-                n = 0
-        except OSError as exc:
-            self._mark_broken(f"send failed: {error_reason(exc)}")
-            if raising:
-                raise
-            return
-        if n != len(data):
-            self._park_tail([data], n)
+            return [data], self._sock.send(data)
+        except BlockingIOError:
+            return [data], 0
 
     async def _write(self, segments: list[Buffer], *, begun: bool = False) -> None:
         held = self._take_out()  # small frames try_send took before this one go first
