@@ -89,11 +89,12 @@ class Peer:
 
     def __init__(self, link: Link, session: Session, now: float, *, verified: bool = False) -> None:
         self.link = link
-        self.verified = verified
-        """The peer's certificate was checked against its name at the handshake (mTLS and a
-        ``verify_peer``): a message from the peer itself needs no signature (see
-        :data:`LINK_VOUCHES`)."""
-        self.vouches = verified and LINK_VOUCHES in session.capabilities
+        self.verified = verified and bool(link.extra().peer_certificate)
+        """The peer's certificate was checked against its name at the handshake (``verified``:
+        a ``verify_peer`` passed) and the link carries one (mutual TLS): a message from the
+        peer itself needs no signature (see :data:`LINK_VOUCHES`). A verifier on a link
+        without a certificate (plain tcp, memory) vouches for nothing."""
+        self.vouches = self.verified and LINK_VOUCHES in session.capabilities
         """Messages from this cell to the peer itself go unsigned: the link is verified and the
         peer said (in its hello) that it takes such messages."""
         # A link's optional capabilities, found once (a protocol check is slow per frame).

@@ -15,7 +15,6 @@ a transport would not allow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -133,8 +132,7 @@ class AsyncioTcpLink(PassingTcpLink):
         if reset or self._broken is not None:
             self._take_out()  # a crash (or a reset) loses what was not written, as the kernel's
         elif self._out:
-            with contextlib.suppress(OSError):
-                self._flush_out()  # a closing frame (Bye) held this turn goes before the FIN
+            self._flush_out()  # a closing frame (Bye) held this turn goes before the FIN
         super()._close_socket(reset=reset, crash=crash)
 
     def _park_tail(self, segments: list[Buffer], written: int) -> None:

@@ -20,8 +20,9 @@ from flare_async import Cell, Context, HandlerTable, Payload
 from flare_async.cell import system_handlers
 from flare_async.cli._kit import cell_from_kit, kit_drivers, kit_verifier
 from flare_async.errors import IntegrityError
-from flare_async.security import load_kit, provision
+from flare_async.security import MessageSigning, SignatureVerifier, Signer, load_kit, provision
 from flare_async.testing import FaultyDriver
+from flare_async.transport import MemoryNetwork
 from flare_async.wire import Frame, Request
 
 pytestmark = pytest.mark.anyio
@@ -150,3 +151,36 @@ async def test_a_relay_that_strips_a_signature_gets_the_message_refused(kits: Pa
         with pytest.raises(IntegrityError):
             await server.request(BEHIND, "t", "echo", b"stripped")
         assert behind.statistics().bad_signatures == 1
+
+
+async def test_a_verifier_on_a_link_without_certificates_vouches_for_nothing(kits: Path) -> None:
+    """A ``verify_peer`` that checks something else (here: nothing) over links that carry no
+    certificate (memory, plain tcp) does not make messages go unsigned: only mutual TLS
+    authenticates the origin."""
+    seen: list[tuple[str, str, bool]] = []
+    now = datetime.now(UTC)
+
+    def signing(name: str) -> MessageSigning:
+        kit = load_kit(kits / name, now=now)
+        return MessageSigning(Signer(kit), SignatureVerifier.from_kit(kit))
+
+    def anyone(link: Any, session: Any) -> None:
+        return None
+
+    net = MemoryNetwork()
+    server = Cell(
+        SERVER, listen=["memory://s"], drivers=[net], signing=signing(SERVER), verify_peer=anyone
+    )
+    site = Cell(
+        DIRECT,
+        parent="memory://s",
+        drivers=[net],
+        handlers=[recording_table(seen)],
+        signing=signing(DIRECT),
+        verify_peer=anyone,
+    )
+    async with server, site:
+        await site.wait_parent()
+        for i in range(3):
+            assert (await server.request(DIRECT, "t", "echo", b"%d" % i)).tobytes() == b"%d" % i
+    assert seen == [(SERVER, "t", True)] * 3  # signed, then MAC'd: never bare
