@@ -248,6 +248,49 @@ async def test_small_frames_of_one_turn_go_out_in_one_write_in_order(
         assert a.statistics().frames_sent == 45
 
 
+async def test_a_turn_holds_at_most_512_frames_or_256_kib(
+    anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held frames of one turn are written as soon as they reach ``_OUT_FRAMES`` (512;
+    ``IOV_MAX`` is 1024) or ``_OUT_MAX`` bytes, not only when the turn ends."""
+    if anyio_backend_name != "asyncio":
+        pytest.skip("the trio link writes each frame at once")
+    from flare_async.transport import _tcp_asyncio  # noqa: PLC0415
+
+    assert (_tcp_asyncio._OUT_FRAMES, _tcp_asyncio._OUT_MAX) == (512, 256 * 1024)
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, b):
+        assert isinstance(a, AsyncioTcpLink)
+        calls: list[int] = []
+        sock = a._sock
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sock, name)
+
+            def sendmsg(self, buffers: list[Any]) -> int:
+                calls.append(len(buffers))
+                return sock.sendmsg(buffers)
+
+        a._sock = Counting()  # type: ignore[assignment]
+        for i in range(600):
+            assert a.try_send(_numbered(i, size=10))
+        await checkpoint()
+        # the first at once, 512 held then written, the next at once, 86 at the turn's end
+        assert calls == [1, 512, 1, 86]
+        for i in range(600):
+            assert (await b.receive()).header.id == i
+        calls.clear()
+        monkeypatch.setattr(_tcp_asyncio, "_OUT_MAX", 1000)  # bytes bound the turn too
+        await checkpoint()
+        for i in range(600, 610):
+            assert a.try_send(_numbered(i, size=300))
+        await checkpoint()
+        # frames of ~360 bytes: the first at once, then three held reach 1,000 bytes, twice
+        assert calls == [1, 3, 1, 3, 1, 1]
+        for i in range(600, 610):
+            assert (await b.receive()).header.id == i
+
+
 async def test_a_frame_held_at_close_goes_before_the_end_and_is_lost_on_an_abort(
     anyio_backend_name: str,
 ) -> None:
