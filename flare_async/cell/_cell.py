@@ -37,6 +37,7 @@ from flare_async.cell._links import LINK_VOUCHES, Backoff, HelloFactory, PeerVer
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
 from flare_async.cell._signing import MessageSigner
+from flare_async.cell._signing import vouching as signing_vouches
 from flare_async.cell._stream_api import StreamingMixin
 from flare_async.cell._stream_in import StreamHub
 from flare_async.cell._upkeep import LinkKeeper
@@ -155,7 +156,7 @@ class Cell(CallsMixin, StreamingMixin):
             self.limits,
             self.codecs.capabilities(),
             heartbeat or 0.0,
-            extra=lambda: vouching if self._router.signing is not None else frozenset(),
+            extra=lambda: vouching if signing_vouches(self._router.signing) else frozenset(),
         )
         self._links = LinkKeeper(
             router,

@@ -214,8 +214,7 @@ class Router:
             parent = self.parent
             dst = getattr(h, "dst", "")
             peer = parent if parent is not None and parent.name == dst else self.children.get(dst)
-            if not goes_unsigned(signing, h, peer):
-                seal_message(signing, frame)
+            seal_message(signing, frame, bare=goes_unsigned(signing, h, peer))
         return frame
 
     def admit(

@@ -66,15 +66,17 @@ def fields_of(frame: Frame) -> dict[str, Any]:
     return fields
 
 
-def seal(signing: MessageSigner, frame: Frame) -> None:
-    """Add the signature headers to a message this cell originates (in place)."""
+def seal(signing: MessageSigner, frame: Frame, *, bare: bool = False) -> None:
+    """Add the signature headers to a message this cell originates (in place); ``bare``: none
+    (the link vouches, see :func:`goes_unsigned`). Headers of an earlier seal go either way."""
     h = frame.header
     if isinstance(h, SIGNED_KINDS):
         headers = h.headers
         if not SIGNATURE_HEADERS.isdisjoint(headers):  # sealed before: a MAC now, a signature then
             for key in SIGNATURE_HEADERS:
                 headers.pop(key, None)
-        headers.update(signing.sign(fields_of(frame)))
+        if not bare:
+            headers.update(signing.sign(fields_of(frame)))
 
 
 def check(signing: MessageSigner, frame: Frame) -> IntegrityError | None:
@@ -102,18 +104,24 @@ class LinkPeer(Protocol):
     def vouches(self) -> bool: ...
 
 
+def vouching(signing: MessageSigner | None) -> bool:
+    """Whether this cell's signing leaves messages to the link where it can
+    (``MessageSigning(link_vouches=)``; a signer that does not say never does)."""
+    return signing is not None and getattr(signing, "link_vouches", False) is True
+
+
 def _audited(signing: MessageSigner, h: object) -> bool:
-    """A request or event on a channel the signing always signs (the job channel; every
-    channel for a signing that does not say)."""
-    channels = getattr(signing, "signed_channels", None)
-    return isinstance(h, _CALLS) and (channels is None or h.channel in channels)
+    """A request or event on a channel the signing always signs (``MessageSigning.audited``:
+    the job channel; every channel for a signing that does not say)."""
+    audited = getattr(signing, "audited", None)
+    return isinstance(h, _CALLS) and (audited is None or audited(h.channel))
 
 
 def goes_unsigned(signing: MessageSigner, h: object, peer: LinkPeer | None) -> bool:
     """Whether a message this cell originates goes without a signature or MAC: its
-    destination is ``peer`` itself, whose verified link vouches for it (``LINK_VOUCHES``), and
-    it is not on an audited channel."""
-    return peer is not None and peer.vouches and not _audited(signing, h)
+    destination is ``peer`` itself, whose verified link vouches for it (``LINK_VOUCHES``),
+    this cell's signing allows it, and it is not on an audited channel."""
+    return peer is not None and peer.vouches and vouching(signing) and not _audited(signing, h)
 
 
 def came_unsigned(signing: MessageSigner, h: Routed, via: LinkPeer | None) -> bool:
@@ -123,6 +131,7 @@ def came_unsigned(signing: MessageSigner, h: Routed, via: LinkPeer | None) -> bo
     return (
         via is not None
         and via.verified
+        and vouching(signing)
         and via.name == h.src
         and SIGNATURE_HEADERS.isdisjoint(h.headers)
         and not _audited(signing, h)

@@ -47,6 +47,7 @@ from flare_async.security._signing import (
     VALUE,
     SignatureVerifier,
     Signer,
+    check_age,
 )
 
 MAX_AGE = 300.0
@@ -120,19 +121,8 @@ def verify_message(
     signed = verifier.verify(
         headers, src=identity, expect={k: v for k, v in expect.items() if k != "src"}, now=now
     )
-    _check_age(signed, expect, now.timestamp(), max_age)
+    check_age(signed, expect, now.timestamp(), max_age)
     return headers.get(VALUE, "")
-
-
-def _check_age(
-    signed: Mapping[str, Any], expect: Mapping[str, Any], now: float, max_age: float
-) -> None:
-    at = signed.get("at")
-    if not isinstance(at, int | float) or isinstance(at, bool) or abs(now - at) > max_age:
-        raise IntegrityError(
-            f"{expect.get('topic')} from {expect.get('cell')} was signed at {at!r:.40}, not "
-            f"within {max_age:g} s of now: a replay, or a clock far off"
-        )
 
 
 def check_command(
@@ -187,6 +177,7 @@ class MessageSigning:
             MAC'd (default :data:`AUDITED_CHANNELS`).
         fresh: seconds a peer's certificate is used for MACs after the last message verified
             from it.
+        link_vouches: see :attr:`link_vouches`.
     """
 
     def __init__(
@@ -201,7 +192,11 @@ class MessageSigning:
         session_macs: bool = True,
         signed_channels: Collection[str] = AUDITED_CHANNELS,
         fresh: float = FRESH,
+        link_vouches: bool = True,
     ) -> None:
+        self.link_vouches = link_vouches
+        """Leave messages between two cells on one verified mutual-TLS link unsigned, and take
+        them so (``docs/wire.md`` §8.5); False: sign (or MAC) those too, and refuse them bare."""
         self.on_refused = on_refused
         self.signer = signer
         self.verifier = verifier
@@ -215,12 +210,16 @@ class MessageSigning:
             else None
         )
 
+    def audited(self, channel: str) -> bool:
+        """Whether requests and events on ``channel`` are always signed (one of
+        :attr:`signed_channels`): never MAC'd, never left to the link (``cell._signing``)."""
+        return channel in self.signed_channels
+
     def must_sign(self, fields: Mapping[str, Any]) -> bool:
-        """Whether a message needs a signature rather than a MAC: a request or event on one
-        of :attr:`signed_channels`."""
-        return (
-            fields["kind"] in ("request", "event")
-            and fields["topic"].partition("/")[0] in self.signed_channels
+        """Whether a message needs a signature rather than a MAC: a request or event on an
+        audited channel."""
+        return fields["kind"] in ("request", "event") and self.audited(
+            fields["topic"].partition("/")[0]
         )
 
     def sign(self, fields: Mapping[str, Any]) -> dict[str, str]:
@@ -254,7 +253,7 @@ class MessageSigning:
             else:
                 when = datetime.fromtimestamp(now, UTC)
                 signed = self.verifier.verify(headers, src=identity, expect=fields, now=when)
-                _check_age(signed, fields, now, self.max_age)
+                check_age(signed, fields, now, self.max_age)
                 if self.sessions is not None:
                     if signed.get("mac") == MAC_SCHEME:
                         self._learn(cell, headers.get(CERT), identity, now)

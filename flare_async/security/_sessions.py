@@ -65,6 +65,8 @@ from flare_async.security._signing import (
     SignatureVerifier,
     Signer,
     canonical,
+    check_age,
+    check_fields,
     fingerprint,
     header_text,
 )
@@ -77,7 +79,6 @@ FRESH = 60.0
 a cell that hears nothing from a peer for longer signs again (a one-way flow of events to a
 peer that changed its certificate is not lost for longer than this)."""
 _encode = partial(msgspec.json.encode, order="sorted")
-_decode = msgspec.json.Decoder().decode
 _MAC_CHARS = 64  # hex of 32 bytes
 _FP_CHARS = 64  # hex of 32 bytes
 
@@ -328,26 +329,8 @@ class SessionKeys:
         h.update(data)
         if not tag.isascii() or not hmac.compare_digest(h.hexdigest(), tag):
             raise IntegrityError(f"the MAC of {src} does not match what it sent")
-        try:
-            signed = _decode(data)
-        except (ValueError, RecursionError):
-            raise IntegrityError(f"the MAC'd fields of {src} are not JSON") from None
-        if type(signed) is not dict:
-            raise IntegrityError(f"the MAC'd fields of {src} are not a JSON object")
-        for key, value in fields.items():
-            if signed.get(key) != value:
-                raise IntegrityError(
-                    f"{src} MAC'd {key}={signed.get(key)!r:.80} but the message says "
-                    f"{value!r:.80}: changed on the way"
-                )
-        if signed.get("src") != identity:
-            raise IntegrityError(f"{identity} MAC'd for {signed.get('src')!r:.80}")
-        at = signed.get("at")
-        if not isinstance(at, int | float) or isinstance(at, bool) or abs(now - at) > max_age:
-            raise IntegrityError(
-                f"{fields.get('topic')} from {src} was MAC'd at {at!r:.40}, not within "
-                f"{max_age:g} s of now: a replay, or a clock far off"
-            )
+        signed = check_fields(data, identity=identity, src=src, expect=fields, how="MAC'd")
+        check_age(signed, fields, now, max_age, how="MAC'd")
         self.learn(src, peer, now)
 
 

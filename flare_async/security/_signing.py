@@ -89,10 +89,16 @@ def header_text(headers: Mapping[str, object], key: str, most: int, src: str) ->
 
 
 def check_fields(
-    data: bytes | str, *, identity: str, src: str, expect: Mapping[str, Any]
+    data: bytes | str,
+    *,
+    identity: str,
+    src: str,
+    expect: Mapping[str, Any],
+    how: str = "signed",
 ) -> dict[str, Any]:
-    """The fields of ``data`` (authenticated as ``identity``'s already), if they are a JSON
-    object whose ``src`` is ``identity`` and whose every ``expect`` key has that value.
+    """The fields of ``data`` (authenticated as ``identity``'s already: ``how``, signed or
+    MAC'd), if they are a JSON object whose ``src`` is ``identity`` and whose every ``expect``
+    key has that value.
 
     Raises:
         IntegrityError: otherwise (a field that differs was changed on the way).
@@ -100,18 +106,39 @@ def check_fields(
     try:
         fields = _decode(data)
     except (ValueError, RecursionError):
-        raise IntegrityError(f"the signed fields of {src} are not JSON") from None
+        raise IntegrityError(f"the {how} fields of {src} are not JSON") from None
     if not isinstance(fields, dict):
-        raise IntegrityError(f"the signed fields of {src} are not a JSON object")
+        raise IntegrityError(f"the {how} fields of {src} are not a JSON object")
     if fields.get("src") != identity:
-        raise IntegrityError(f"{identity} signed for {fields.get('src')!r:.80}")
+        raise IntegrityError(f"{identity} {how} for {fields.get('src')!r:.80}")
     for key, value in expect.items():
         if fields.get(key) != value:
             raise IntegrityError(
-                f"{src} signed {key}={fields.get(key)!r:.80} but the message says "
+                f"{src} {how} {key}={fields.get(key)!r:.80} but the message says "
                 f"{value!r:.80}: changed on the way"
             )
     return fields
+
+
+def check_age(
+    signed: Mapping[str, Any],
+    expect: Mapping[str, Any],
+    now: float,
+    max_age: float,
+    how: str = "signed",
+) -> None:
+    """Refuse fields whose ``at`` is not a number within ``max_age`` seconds of ``now``
+    (either way: a replay, or a clock far off).
+
+    Raises:
+        IntegrityError: otherwise.
+    """
+    at = signed.get("at")
+    if not isinstance(at, int | float) or isinstance(at, bool) or abs(now - at) > max_age:
+        raise IntegrityError(
+            f"{expect.get('topic')} from {expect.get('cell')} was {how} at {at!r:.40}, not "
+            f"within {max_age:g} s of now: a replay, or a clock far off"
+        )
 
 
 class Signer:

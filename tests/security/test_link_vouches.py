@@ -84,7 +84,9 @@ def recording_table(seen: list[tuple[str, str, bool]]) -> HandlerTable:
 
 
 @asynccontextmanager
-async def tree(kits: Path, relay_rewrite: Any = None) -> AsyncIterator[dict[str, Cell]]:
+async def tree(
+    kits: Path, relay_rewrite: Any = None, *, vouch: bool = True
+) -> AsyncIterator[dict[str, Cell]]:
     seen: list[tuple[str, str, bool]] = []
     now = datetime.now(UTC)
     cells: dict[str, Cell] = {}
@@ -102,6 +104,8 @@ async def tree(kits: Path, relay_rewrite: Any = None) -> AsyncIterator[dict[str,
                 )
             else:
                 cell = cell_from_kit(kit, handlers=[recording_table(seen)], heartbeat=None)
+                assert isinstance(cell.signing, MessageSigning)
+                cell.signing.link_vouches = vouch
             cell.on_link = None
             await stack.enter_async_context(cell)
             if name != SERVER:
@@ -184,3 +188,38 @@ async def test_a_verifier_on_a_link_without_certificates_vouches_for_nothing(kit
         for i in range(3):
             assert (await server.request(DIRECT, "t", "echo", b"%d" % i)).tobytes() == b"%d" % i
     assert seen == [(SERVER, "t", True)] * 3  # signed, then MAC'd: never bare
+
+
+async def test_a_signing_that_does_not_leave_messages_to_the_link_signs_them(kits: Path) -> None:
+    """``MessageSigning(link_vouches=False)``: the direct link's messages are signed (then
+    MAC'd) too, both ways."""
+    async with tree(kits, vouch=False) as cells:
+        server, direct = cells[SERVER], cells[DIRECT]
+        seen: list[tuple[str, str, bool]] = cells["seen"]  # type: ignore[assignment]
+        assert (await server.request(DIRECT, "t", "echo", b"1")).tobytes() == b"1"
+        assert (await direct.request(SERVER, "t", "echo", b"2")).tobytes() == b"2"
+        assert seen == [(SERVER, "t", True), (DIRECT, "t", True)]
+
+
+def test_a_frame_sealed_again_for_the_link_loses_its_old_signature(kits: Path) -> None:
+    """Sealing is idempotent in what it leaves: a frame sealed once (a signature) and then
+    left to the link carries no stale ``sig.*`` header a receiver would check."""
+    from flare_async.cell._signing import seal  # noqa: PLC0415
+
+    kit = load_kit(kits / SERVER, now=datetime.now(UTC))
+    signing = MessageSigning(Signer(kit), SignatureVerifier.from_kit(kit))
+    header = Request(
+        id=1,
+        src=SERVER,
+        dst=DIRECT,
+        route=[SERVER],
+        budget=None,
+        headers={"a": "b"},
+        channel="t",
+        topic="echo",
+    )
+    frame = Frame(header, (b"x",))
+    seal(signing, frame)
+    assert "sig.value" in header.headers
+    seal(signing, frame, bare=True)
+    assert header.headers == {"a": "b"}

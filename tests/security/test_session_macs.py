@@ -472,6 +472,34 @@ def test_the_caches_are_bounded_and_hold_only_verified_peers(folder: Path) -> No
     assert server.sessions.certificates() == before
 
 
+def test_a_macd_message_holds_300_s_and_not_a_moment_longer(folder: Path) -> None:
+    """MAX_AGE at its edge, either way: a replay later than 300 s, or from a clock that far
+    ahead, is refused; at exactly 300 s it holds."""
+    clock = Clock()
+    site, server = signing(folder, A, clock), signing(folder, S, clock)
+    warm(site, server, A, S)
+    frame = sealed(site, request(A, S, id=30))
+    assert "sig.mac" in frame.header.headers
+    at = json.loads(frame.header.headers["sig.fields"])["at"]  # T0 to the millisecond
+    for offset, holds in [(300.0, True), (300.001, False), (-300.0, True), (-300.001, False)]:
+        clock.now = at + offset
+        if holds:
+            assert check(server, frame) is None, offset
+        else:
+            assert "not within 300 s" in refused(server, frame), offset
+
+
+def test_a_peer_is_macd_to_for_exactly_60_s_after_it_was_heard(folder: Path) -> None:
+    clock = Clock()
+    site, server = signing(folder, A, clock), signing(folder, S, clock)
+    warm(site, server, A, S)
+    heard = clock.now
+    clock.now = heard + 60.0  # FRESH, at its edge: still MAC'd
+    assert "sig.mac" in sealed(site, request(A, S, id=31)).header.headers
+    clock.now = heard + 60.001
+    assert "sig.value" in sealed(site, request(A, S, id=32)).header.headers
+
+
 def test_a_peer_not_heard_from_is_signed_to_again(folder: Path) -> None:
     clock = Clock()
     site, server = signing(folder, A, clock), signing(folder, S, clock)
