@@ -23,6 +23,7 @@ from typing import Any
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
 from flare_async.transport._tcp_base import error_reason
 from flare_async.transport._tcp_passing import PassingTcpLink
+from flare_async.transport._tcp_raw import _IOV_MAX
 from flare_async.wire import EOF, Buffer, Frame, Passing
 
 _LOWAT_FROM = 64 * 1024
@@ -30,7 +31,7 @@ _LOWAT_MAX = 512 * 1024
 _READ_AHEAD = 1 << 20
 """Bytes of complete frames read ahead of receive() before reading pauses."""
 _OUT_MAX = 256 * 1024
-_OUT_FRAMES = 512
+_OUT_FRAMES = _IOV_MAX // 2
 """Small frames held for one write: at most this many bytes and frames (``IOV_MAX`` is 1024)."""
 
 
@@ -43,7 +44,9 @@ class AsyncioTcpLink(PassingTcpLink):
         super().__init__(*args, **kwargs)
         self._loop = asyncio.get_running_loop()
         self._clock = self._loop.time
-        self._out: list[Buffer] = []  # small frames try_send took, written together (see _hold)
+        self._out: list[
+            Buffer
+        ] = []  # small frames try_send took, written together (see _write_small)
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         # See _raise_pending_error: asyncio's selector calls the reader again, other loops not.

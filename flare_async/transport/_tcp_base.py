@@ -249,6 +249,13 @@ def on_asyncio() -> bool:
         return False
 
 
+def cut_reason(exc: BaseException) -> tuple[str, ...]:
+    """Why a frame begun was cut short by ``exc``, for ``TcpLink._cut_short``: the socket's
+    error when it failed (its default, cancellation, otherwise): the first reason a link
+    records is the one it keeps."""
+    return (f"send failed: {error_reason(exc)}",) if isinstance(exc, OSError) else ()
+
+
 def error_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)

@@ -17,7 +17,7 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 from flare_async.errors import LinkBroken, LinkClosed
-from flare_async.transport._tcp_base import TcpLink, error_reason
+from flare_async.transport._tcp_base import TcpLink, cut_reason, error_reason
 from flare_async.wire import Buffer, Frame, payload_size
 
 _IOV_MAX = 1024
@@ -82,9 +82,9 @@ class RawTcpLink(TcpLink):
                     first += 1
                 if n:
                     views[first] = views[first][n:]
-        except BaseException:
+        except BaseException as exc:
             if 0 < written < total:
-                self._cut_short()
+                self._cut_short(*cut_reason(exc))
             raise
         if not total:
             await checkpoint()

@@ -45,7 +45,7 @@ from flare_async._concurrency import Lock
 from flare_async.errors import LinkBroken, ProtocolError
 from flare_async.transport._base import Link, LinkFacts, Splicing
 from flare_async.transport._tcp_asyncio import AsyncioTcpLink
-from flare_async.transport._tcp_base import error_reason
+from flare_async.transport._tcp_base import cut_reason, error_reason
 from flare_async.wire import HELLO_BUFFER, Buffer, Envelope, Frame, Limits, Passing, payload_size
 
 _TLS_READ = 256 * 1024
@@ -238,9 +238,9 @@ class AsyncioTlsLink(AsyncioTcpLink):
                     # FINISH_WITHIN).
                     await self._finish(self._write_rest(data[n:], chunks))
                     return
-        except BaseException:
+        except BaseException as exc:
             if sealed and self._sock.fileno() >= 0:
-                self._cut_short()
+                self._cut_short(*cut_reason(exc))
             raise
 
     async def _write_rest(self, data: memoryview, chunks: Iterator[Buffer]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.lowlevel import checkpoint
 
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError
 from flare_async.transport import PushDelivery, Splicing, TcpDriver, TcpLink
@@ -99,7 +100,9 @@ async def test_many_small_frames_are_pushed_from_few_reads(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(receive)
-            await anyio.sleep(0.05)  # b's receiver waits: frames from now on are pushed
+            with anyio.fail_after(10):
+                while b._rx_wakeup is None:  # until b's receiver waits: then frames are pushed
+                    await checkpoint()
             for i in range(count):  # no checkpoint in between: they pile up in the socket
                 if not a.try_send(_frame(i)):
                     await a.send(_frame(i))

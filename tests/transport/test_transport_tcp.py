@@ -173,6 +173,26 @@ def _short_writes(link: Link) -> None:
     link._sock = _ShortWriteSocket(fileno=link._sock.detach())
 
 
+class _FailingSocket(_ShortWriteSocket):
+    """100 bytes of a frame go out, then the socket fails (a reset under the write)."""
+
+    def sendmsg(self, buffers, *args):  # type: ignore[no-untyped-def]
+        if self.short_next:
+            return super().sendmsg(buffers, *args)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+async def test_a_frame_cut_by_a_failing_socket_says_so_not_cancellation() -> None:
+    """The first reason a link records is the one it keeps: a frame cut short because the
+    socket failed must not be recorded as cut by cancellation (review)."""
+    async with driver_pair(TcpDriver(), "tcp://127.0.0.1:0")() as (a, _):
+        assert isinstance(a, TcpLink)
+        a._sock = _FailingSocket(fileno=a._sock.detach())
+        with pytest.raises(LinkBroken, match="send failed") as caught:
+            await a.send(_numbered(0, size=100_000))  # too big for try_send: send() writes it
+        assert "cancellation" not in str(caught.value)
+
+
 async def test_try_send_finishes_a_partly_written_frame_before_any_other(
     anyio_backend_name: str,
 ) -> None:
