@@ -307,8 +307,9 @@ class AsyncioTlsLink(AsyncioTcpLink):
                         break
             except ssl.SSLWantReadError:
                 more = False  # every whole record is read; a partial one waits
-            if got:
-                conn.buffer_updated(got)
+            finally:
+                if got:  # records before a bad one are frames the receiver still gets
+                    conn.buffer_updated(got)
         if ended:
             return False
         # The peer still owes at least this much ciphertext for the frame in progress: what

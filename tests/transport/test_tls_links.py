@@ -272,6 +272,44 @@ async def test_a_peer_that_closes_in_the_middle_of_a_record_breaks_the_link(
             await b.receive()
 
 
+async def test_a_record_changed_on_the_way_breaks_the_link(
+    anyio_backend_name: str, pki: Pki
+) -> None:
+    """A verified peer (or a middlebox) whose record fails its authentication tag: the link
+    breaks by name; nothing of the record is taken for a frame."""
+    _asyncio_only(anyio_backend_name)
+    async with tls_pair(pki)() as (a, b):
+        assert isinstance(a, AsyncioTlsLink)
+        await a.send(_frame(0))
+        records = bytearray(_seal(a, _frame(1, 3000)))
+        records[40] ^= 0x01  # a ciphertext byte of the record
+        a._sock.sendall(records)
+        assert (await b.receive()).header.id == 0
+        with anyio.fail_after(10), pytest.raises(LinkBroken):
+            await b.receive()
+
+
+async def test_a_record_header_split_across_reads_is_followed(
+    anyio_backend_name: str, pki: Pki
+) -> None:
+    """The link follows the record boundaries itself: a 5-byte record header that arrives in
+    two reads, then its body, gives the frame whole."""
+    _asyncio_only(anyio_backend_name)
+    async with tls_pair(pki)() as (a, b):
+        assert isinstance(a, AsyncioTlsLink)
+        await a.send(_frame(0))
+        assert (await b.receive()).header.id == 0
+        records = _seal(a, _frame(1, 3000))
+        a._sock.sendall(records[:3])  # part of the header
+        for _ in range(20):  # b reads what came (whatever the loop turns take)
+            await checkpoint()
+        a._sock.sendall(records[3:])
+        with anyio.fail_after(10):
+            frame = await b.receive()
+        assert frame.header.id == 1
+        assert bytes(frame.parts[0]) == bytes(_frame(1, 3000).parts[0])
+
+
 async def test_a_peer_that_closes_between_records_closes_the_link(
     anyio_backend_name: str, pki: Pki
 ) -> None:
