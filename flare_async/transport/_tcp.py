@@ -205,13 +205,15 @@ class TcpDriver(Driver):
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))  # noqa: TRY301 - one error path below
+            local = _format_url(scheme, *sock.getsockname()[:2])
+            peer = _format_url(scheme, host, port)
             if scheme == "tls" and on_asyncio():
                 assert self.client_tls is not None
                 link = AsyncioTlsLink(
                     sock,
                     limits,
-                    local_address=_format_url(scheme, *sock.getsockname()[:2]),
-                    peer_address=_format_url(scheme, host, port),
+                    local_address=local,
+                    peer_address=peer,
                     context=self.client_tls,
                     server_side=False,
                     server_hostname=host,
@@ -236,8 +238,6 @@ class TcpDriver(Driver):
             else:
                 sock.close()
             raise
-        local = _format_url(scheme, *sock.getsockname()[:2])
-        peer = _format_url(scheme, host, port)
         if tls is None:
             return TcpLink(sock, limits, local_address=local, peer_address=peer)
         return TlsLink(sock, limits, local_address=local, peer_address=peer, tls=tls, stream=stream)
