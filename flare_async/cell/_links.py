@@ -52,7 +52,10 @@ LINK_VOUCHES = "sig:link"
 ``verify_peer``): it takes a request, event, reply or error **unsigned** from the cell at the
 other end of such a link when that cell is the message's origin (``src``). Mutual TLS already
 authenticates the origin and protects the bytes end to end there: there is no relay in between.
-Requests and events on the signing's audited channels (the job channel) stay signed."""
+Requests and events on the signing's audited channels (the job channel) stay signed. It
+rests on the ``verify_peer`` tying the name in the peer's hello to its certificate, as
+``kit_verifier`` does; a verifier that checks only the CA must not be used with signing, or
+the signing must say ``link_vouches=False``."""
 
 
 class Peer:
