@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -66,7 +67,16 @@ class Cell(CallsMixin, StreamingMixin):
         listen: URLs to accept links on (children and peers connect here).
         parent: URL of the parent cell to connect to (``None`` for a root).
         handlers: handler tables to mount (frozen at start).
-        drivers: transports, e.g. a shared :class:`~flare_async.MemoryNetwork`.
+        drivers: transports, e.g. a shared :class:`~flare_async.MemoryNetwork`. A scheme of
+            ``listen`` or ``parent`` that none of them serves gets its built-in driver:
+            ``tcp://``/``tls://`` a :class:`~flare_async.transport.TcpDriver`, ``ws://``/
+            ``wss://`` a :class:`~flare_async.transport.WebSocketDriver`, with the contexts
+            below; any other scheme (``memory://`` too: it needs its network) must be served
+            here, else :class:`~flare_async.errors.UnsupportedScheme`, naming what exists.
+        server_tls: the TLS context the built-in drivers listen on ``tls://`` and ``wss://``
+            with (mutual TLS: require client certificates; ``security.server_context(kit)``).
+        client_tls: the TLS context they dial ``tls://`` and ``wss://`` with
+            (``security.client_context(kit)``).
         limits: wire limits (max header, max frame, max route).
         default_timeout: deadline of a request when the caller gives none (``None``: none).
         max_concurrency: most handlers running at once.
@@ -123,6 +133,8 @@ class Cell(CallsMixin, StreamingMixin):
         codecs: CodecRegistry | None = None,
         signing: MessageSigner | None = None,
         admission: Admission | None = None,
+        server_tls: ssl.SSLContext | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name = validate_name(name)
         self.limits = limits or Limits()
@@ -134,6 +146,13 @@ class Cell(CallsMixin, StreamingMixin):
         self.heartbeat = heartbeat
         self.dead_after = dead_after or (3 * heartbeat if heartbeat else math.inf)
         self.admission = admission or Admission(timeout=handshake_timeout)
+        registry = DriverRegistry.for_cell(
+            drivers,
+            listen=listen,
+            dial=() if parent is None else (parent,),
+            server_tls=server_tls,
+            client_tls=client_tls,
+        )
         self.codecs = codecs or CodecRegistry()
         """The codecs this cell encodes and decodes; advertised in its hello."""
         self._tables = list(handlers)
@@ -160,7 +179,7 @@ class Cell(CallsMixin, StreamingMixin):
         )
         self._links = LinkKeeper(
             router,
-            DriverRegistry(drivers),
+            registry,
             hello,
             listen=listen,
             parent=parent,
