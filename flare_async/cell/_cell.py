@@ -41,6 +41,7 @@ from flare_async.cell._signing import MessageSigner
 from flare_async.cell._signing import vouching as signing_vouches
 from flare_async.cell._stream_api import StreamingMixin
 from flare_async.cell._stream_in import StreamHub
+from flare_async.cell._system import routing_handlers as _routing_handlers
 from flare_async.cell._upkeep import LinkKeeper
 from flare_async.codecs import CodecRegistry
 from flare_async.errors import ConfigError
@@ -67,6 +68,10 @@ class Cell(CallsMixin, StreamingMixin):
         listen: URLs to accept links on (children and peers connect here).
         parent: URL of the parent cell to connect to (``None`` for a root).
         handlers: handler tables to mount (frozen at start).
+        routing_handlers: also serve what the fabric's routing features need of every cell
+            (``sys/fanout``: a relay's part of :meth:`stream_many`); a handler in
+            ``handlers`` for the same kind, channel and topic (or its channel's ``*``) wins.
+            ``False``: only ``handlers``.
         drivers: transports, e.g. a shared :class:`~flare_async.MemoryNetwork`. A scheme of
             ``listen`` or ``parent`` that none of them serves gets its built-in driver:
             ``tcp://``/``tls://`` a :class:`~flare_async.transport.TcpDriver`, ``ws://``/
@@ -135,6 +140,7 @@ class Cell(CallsMixin, StreamingMixin):
         admission: Admission | None = None,
         server_tls: ssl.SSLContext | None = None,
         client_tls: ssl.SSLContext | None = None,
+        routing_handlers: bool = True,
     ) -> None:
         self.name = validate_name(name)
         self.limits = limits or Limits()
@@ -156,6 +162,7 @@ class Cell(CallsMixin, StreamingMixin):
         self.codecs = codecs or CodecRegistry()
         """The codecs this cell encodes and decodes; advertised in its hello."""
         self._tables = list(handlers)
+        self._routing_handlers = routing_handlers
         self._router = router = Router(
             self.name,
             self.limits,
@@ -206,7 +213,8 @@ class Cell(CallsMixin, StreamingMixin):
     async def __aenter__(self) -> Self:
         if self._router.dispatch is not None:
             raise ConfigError("a Cell can be started only once")
-        dispatch = Dispatch(self._tables)
+        defaults = [_routing_handlers()] if self._routing_handlers else []
+        dispatch = Dispatch(self._tables, defaults)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._router.start(tg, backend_clock(), dispatch)

@@ -188,11 +188,18 @@ class HandlerTable:
 
 
 class Dispatch:
-    """The frozen dispatch map a cell builds from its tables at start."""
+    """The frozen dispatch map a cell builds from its tables at start.
+
+    ``defaults`` are the cell's own tables (``sys/fanout``, :func:`~flare_async.cell._system.
+    routing_handlers`): each of their handlers is added only where the ``tables`` have none
+    for that kind, channel and topic, exactly or by a ``*`` topic, so a user's handler wins.
+    """
 
     __slots__ = ("_map",)
 
-    def __init__(self, tables: Iterable[HandlerTable]) -> None:
+    def __init__(
+        self, tables: Iterable[HandlerTable], defaults: Iterable[HandlerTable] = ()
+    ) -> None:
         found: dict[tuple[Kind, str, str], HandlerDef] = {}
         for table in tables:
             for d in table:
@@ -202,6 +209,11 @@ class Dispatch:
                         f"{found[d.key]!r} and {d!r}"
                     )
                 found[d.key] = d
+        given = set(found)
+        for table in defaults:
+            for d in table:
+                if d.key not in given and (d.kind, d.channel, WILDCARD) not in given:
+                    found.setdefault(d.key, d)
         self._map = {key: d.fn for key, d in found.items()}
 
     def lookup(self, kind: Kind, channel: str, topic: str) -> AnyHandler | None:

@@ -167,8 +167,9 @@ class StreamingMixin:
 
         With ``via_relays``, destinations behind the same child relay get one stream to that
         relay, which feeds it to them (recursively, tier by tier): the object crosses each
-        link once, not once per destination. The relays must mount ``system_handlers()``
-        (every role in ``cells/`` does), which holds the fan-out stream handler.
+        link once, not once per destination. Every cell serves the relays' part, the
+        ``sys/fanout`` stream handler, unless it was built with ``routing_handlers=False``
+        (or mounts a handler of its own there); such a relay answers ``NoHandler``.
 
         ``progress`` is called per destination streamed to directly (``Progress.peer`` says
         which). The other options are :meth:`stream`'s.

@@ -1,4 +1,6 @@
-"""The built-in ``sys`` handlers every role mounts: liveness and introspection for operators."""
+"""The built-in ``sys`` handlers: what every cell serves for the fabric's own features
+(:func:`routing_handlers`: ``sys/fanout``), and what every role mounts for operators
+(:func:`system_handlers`: liveness and introspection, and the routing ones)."""
 
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ def system_handlers() -> HandlerTable:
     * ``sys/info``: JSON :class:`CellInfo` (links and counters).
     * ``sys/reach``: the payload names a destination; this cell pings it and answers JSON
       :class:`Reach` (used by health checks and ``flare-async up`` to test paths end to end).
-    * ``sys/fanout`` (stream): feeds one incoming stream to several cells below this one
-      (``Cell.stream_many`` through relays); answers JSON ``{dst: FanoutOutcome}``.
+    * ``sys/fanout`` (stream): as :func:`routing_handlers` (which every cell serves unless
+      built with ``routing_handlers=False``; mounted here too for those).
     """
     table = HandlerTable("system")
 
@@ -69,6 +71,24 @@ def system_handlers() -> HandlerTable:
             return _json.encode(Reach(dst, ok=False, error=f"{type(exc).__name__}: {exc}"))
         return _json.encode(Reach(dst, ok=True, rtt=time.perf_counter() - start))
 
+    _add_fanout(table)
+    return table
+
+
+def routing_handlers() -> HandlerTable:
+    """What a cell serves for the fabric's routing features, mounted by every cell unless it
+    is built with ``Cell(routing_handlers=False)``; a table the user mounts with a handler for
+    the same address wins (``Dispatch(defaults=)``).
+
+    * ``sys/fanout`` (stream): feeds one incoming stream to several cells below this one
+      (``Cell.stream_many`` through relays); answers JSON ``{dst: FanoutOutcome}``.
+    """
+    table = HandlerTable("routing")
+    _add_fanout(table)
+    return table
+
+
+def _add_fanout(table: HandlerTable) -> None:
     @table.stream(FANOUT_CHANNEL, FANOUT_TOPIC)
     async def fanout(ctx: Context, stream: IncomingStream) -> bytes:
         try:
@@ -105,5 +125,3 @@ def system_handlers() -> HandlerTable:
             for dst, r in results.items()
         }
         return _json.encode(outcomes)
-
-    return table
