@@ -2,7 +2,8 @@
 
 Exit status 0 and ``ok: N entries, head HASH`` when every line holds together (and, with
 ``--head``, the last line's hash is the one expected: nothing was cut off the end); 1 and the
-first bad line with the reason otherwise.
+first bad line with the reason otherwise; a log that cannot be read is one line on stderr and
+1 as well (``flare-async audit verify: error: no such file or directory: FILE``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: Any) -> int:
     path = Path(args.file)
-    try:
-        with path.open(encoding="utf-8") as f:
-            report = verify_audit(f)
-    except OSError as exc:
-        sys.stderr.write(f"flare-async audit verify: {exc}\n")
-        return 2
+    with path.open(encoding="utf-8") as f:  # OSError: one line and status 1 (cli._main)
+        report = verify_audit(f)
     if not report.ok:
         sys.stdout.write(f"BAD: {path}: line {report.bad_line}: {report.reason}\n")
         return 1

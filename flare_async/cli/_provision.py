@@ -8,6 +8,7 @@ flare-async provision --add-site NAME --parent URL [--org ORG] [--role client|re
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from flare_async.security import (
     provision,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "as_flags", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             args.project, out, now=now, days=args.days, ca_days=args.ca_days, force=args.force
         )
     except ConfigError as exc:
-        sys.stderr.write(f"flare-async provision: error: {exc}\n")
+        sys.stderr.write(f"flare-async provision: error: {as_flags(str(exc))}\n")
         return 1
     sys.stdout.write(f"provisioned {len(kits)} kits of project {kits[0].project!r} in {out}:\n")
     sys.stdout.write(
@@ -121,6 +122,22 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(_line(kit))
     sys.stdout.write("send each participant its own folder; key.pem in it is secret\n")
     return 0
+
+
+# The library's messages name its Python arguments; on the command line they are flags.
+_FLAGS = (
+    (re.compile(r"\buse add_site to add a participant\b"), "use --add-site NAME to add one"),
+    (re.compile(r"\badd_site\b"), "--add-site"),
+    (re.compile(r"(?<![-\w])force\b"), "--force"),
+)
+
+
+def as_flags(message: str) -> str:
+    """``message`` with the Python names of provisioning's options (``add_site``,
+    ``force``) replaced by the command's flags (``--add-site``, ``--force``)."""
+    for pattern, flag in _FLAGS:
+        message = pattern.sub(flag, message)
+    return message
 
 
 def _line(kit: Kit) -> str:

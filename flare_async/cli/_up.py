@@ -5,7 +5,10 @@ For trying a deployment on one machine: the topology file is a project file (see
 ``--workdir`` is given), then each cell runs as ``python -m flare_async run KIT --jobs
 jobs/NAME`` (ready for ``flare-async job submit`` with an admin kit from ``kits/``) with its
 stdout and stderr in ``logs/NAME.log``. Parents start before children. Ctrl-C (or SIGTERM) stops
-them all: SIGTERM to each, then SIGKILL to any still running after ``--grace`` seconds.
+them all: SIGTERM to each, then SIGKILL to any still running after ``--grace`` seconds, and
+``up`` exits 0 (its normal way to end). A cell that exits on its own stops the rest; ``up``
+then names it with the last line it wrote (its own one-line error) and exits 1. A topology
+that does not provision is one line on stderr and exit status 1 (see ``_main``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,22 @@ def start_cells(
         ).start()
 
 
+def last_error(log: Path, tail: int = 16384) -> str | None:
+    """The last line a cell wrote to its log other than its JSON event lines (a cell that
+    fails says why in one line on stderr), or ``None`` when there is none."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        text = line.strip()
+        if text and not text.startswith("{"):
+            return text
+    return None
+
+
 def stop_cells(procs: list[tuple[Kit, Popen[bytes]]], grace: float) -> None:
     """SIGTERM every process (children first), SIGKILL what is left after ``grace`` seconds."""
     for _, proc in reversed(procs):
@@ -145,7 +164,13 @@ def up(topology: str, *, workdir: str | None, grace: float) -> int:
             dead = [(k, p) for k, p in procs if p.poll() is not None]
             if dead:
                 for kit, proc in dead:
-                    print(f"{kit.name} exited with status {proc.returncode}; stopping the rest")
+                    log = work / "logs" / f"{kit.name}.log"
+                    said = last_error(log)
+                    sys.stderr.write(
+                        f"flare-async up: error: {kit.name} exited with status {proc.returncode}"
+                        f"{': ' + said if said else ''} (its log: {log}); stopping the rest\n"
+                    )
+                    sys.stderr.flush()
                 status = 1
                 break
             with linked.lock:
