@@ -1,28 +1,65 @@
-"""``flare-async simulate MODULE:RECIPE --clients N``: run a job in the simulator, printing each
-round's progress and metrics as it finishes (JSON lines; other lines are the training scripts'
-own output). A recipe whose script is ``"MODULE:FUNCTION"`` runs each site's script in its own
-process."""
+"""``flare-async simulate RECIPE --clients N``: run a job in the simulator.
+
+``RECIPE`` is ``MODULE:NAME`` (the current folder is on the import path, as with ``python
+-m``) or ``path/to/file.py:NAME`` (the file is loaded as a module, its folder on the import
+path so that its sibling imports work, and in the sites' processes too); ``NAME`` defaults to
+``recipe``. It names a ``FedAvgRecipe`` or a function declared to return one; ``--rounds`` and
+``--codec`` override the recipe's, and are passed to such a function too when it takes
+parameters of those names (so what it prints agrees with what runs).
+
+Progress, for a person, goes to stderr: on a terminal one bar (round k of n, sites that
+answered of those asked, elapsed and remaining time, the latest metrics) with log lines above
+it; elsewhere one plain line per round. Results go to stdout as JSON lines (one per round, then
+``done``) with ``--json`` or when stdout is not a terminal; on a terminal a last summary line
+instead. Other lines are the training scripts' own output. A recipe whose script is
+``"MODULE:FUNCTION"`` runs each site's script in its own process. Ctrl-C stops the simulation:
+one line, exit status 130.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import inspect
 import json
+import os
+import signal
 import sys
 import time
-from typing import Any
+import typing
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TextIO
 
 import anyio
+import numpy as np
 
 from flare_async import _logging
-from flare_async.errors import FlareError
-from flare_async.fl import FedAvgRecipe, RoundResult
+from flare_async._spec import load_object
+from flare_async.cli._progress import AboveBar, RoundProgress, human_seconds, logging_above_bars
+from flare_async.errors import ConfigError
+from flare_async.fl import FedAvgRecipe, FLModel, RoundResult
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="run a job in the simulator (one process)")
-    p.add_argument("recipe", help="MODULE:NAME of a FedAvgRecipe (or a function returning one)")
-    p.add_argument("--clients", type=int, default=2, help="simulated sites (default 2)")
+    p = sub.add_parser(
+        "simulate",
+        help="run a job in the simulator (one process)",
+        description="Run a job in the simulator. RECIPE is MODULE:NAME or path/to/file.py:NAME "
+        "(NAME defaults to recipe): a FedAvgRecipe, or a function declared to return one.",
+    )
+    p.add_argument("recipe", help="MODULE:NAME or path/to/file.py:NAME of a FedAvgRecipe")
+    p.add_argument("--clients", type=_positive, default=2, help="simulated sites (default 2)")
     p.add_argument("--relays", type=int, default=0, help="relays aggregating their sites")
-    p.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
+    p.add_argument("--rounds", type=_positive, default=None, help="override the recipe's rounds")
     p.add_argument("--codec", default=None, help="override how models travel (q8, nf4...)")
     p.add_argument(
         "--processes",
@@ -30,45 +67,227 @@ def add_parser(sub: Any) -> None:
         help="run each site as its own process connected over tcp (the script must be "
         "importable by name)",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines on stdout only (one per round, then done), no progress display "
+        "(the default when stdout is not a terminal, progress then in plain lines on stderr)",
+    )
 
 
 def run(args: Any) -> int:
-    _logging.configure(json=False, level=30)
-    try:
-        recipe = FedAvgRecipe.load(args.recipe)
-        if args.rounds is not None:
-            recipe.rounds = args.rounds
-        if args.codec is not None:
-            recipe.codec = args.codec
-        start = time.monotonic()
+    debug = bool(getattr(args, "debug", False))
+    logs = AboveBar(sys.stderr)
+    _logging.configure(json=False, level=30, stream=typing.cast(TextIO, logs))
+    overrides = {k: getattr(args, k) for k in ("rounds", "codec") if getattr(args, k) is not None}
+    recipe = load_recipe(args.recipe, overrides)
+    json_out = bool(args.json) or not _isatty(sys.stdout)
+    with ExitStack() as stack:
+        progress: RoundProgress | None = None
+        if not args.json:
+            progress = stack.enter_context(RoundProgress(recipe.rounds, out=sys.stderr))
+            if progress.tty:
+                stack.enter_context(logging_above_bars())
+                if _isatty(sys.stdout):  # prints to the same terminal go above the bar too
+                    stdout = sys.stdout
+                    sys.stdout = typing.cast(TextIO, AboveBar(stdout, bars=sys.stderr))
+                    stack.callback(setattr, sys, "stdout", stdout)
+        report = _Report(recipe, progress, json_out)
+        interrupted: list[int] = []
 
-        def progress(result: RoundResult) -> None:
+        async def main() -> FLModel | None:
+            final: FLModel | None = None
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                async with anyio.create_task_group() as tg:
+
+                    async def watch() -> None:
+                        async for signo in signals:
+                            interrupted.append(signo)
+                            logs.muted = not debug  # the stop's own warnings say nothing new
+                            tg.cancel_scope.cancel()
+                            return
+
+                    tg.start_soon(watch)
+                    final = await recipe.simulate(
+                        args.clients,
+                        relays=args.relays,
+                        on_round=report.on_round,
+                        processes=args.processes,
+                    )
+                    tg.cancel_scope.cancel()
+            return final
+
+        final = anyio.run(main, backend_options={"use_uvloop": True})
+    if interrupted or final is None:
+        raise KeyboardInterrupt  # the CLI's handler: "interrupted", exit status 130
+    report.done(final)
+    return 0
+
+
+class _Report:
+    """Each round as a JSON line (stdout) and on the progress display (stderr). A recipe that
+    validates on the server reports its round once that is done, with its scores."""
+
+    def __init__(self, recipe: FedAvgRecipe, progress: RoundProgress | None, json_out: bool):
+        self.recipe = recipe
+        self.progress = progress
+        self.json_out = json_out
+        self.start = time.monotonic()
+        self.pending: RoundResult | None = None
+        if recipe.evaluate is not None:
+            recipe.evaluate = self._evaluating(recipe.evaluate)
+
+    def on_round(self, result: RoundResult) -> None:
+        if self.pending is not None:  # its validation never came (the round was not used)
+            self._emit(self.pending, {})
+        if self.recipe.evaluate is None:
+            self._emit(result, {})
+        else:
+            self.pending = result
+
+    def _evaluating(
+        self, evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]]
+    ) -> Callable[[int, dict[str, np.ndarray]], Mapping[str, float]]:
+        def scored(rnd: int, params: dict[str, np.ndarray]) -> Mapping[str, float]:
+            scores = evaluate(rnd, params)
+            pending, self.pending = self.pending, None
+            if pending is not None:
+                self._emit(pending, {str(k): float(v) for k, v in scores.items()})
+            return scores
+
+        return scored
+
+    def _emit(self, result: RoundResult, validation: dict[str, float]) -> None:
+        metrics = result.mean_metrics()
+        seconds = time.monotonic() - self.start
+        if self.json_out:
             line = {
                 "event": "round",
                 "round": result.round + 1,
-                "of": recipe.rounds,
+                "of": self.recipe.rounds,
                 "responded": len(result.responded),
                 "failed": sorted(result.failed),
-                "metrics": result.mean_metrics(),
-                "seconds": round(time.monotonic() - start, 3),
+                "metrics": metrics,
+                "validation": validation,
+                "seconds": round(seconds, 3),
             }
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
+        if self.progress is not None:
+            self.progress.update(
+                result.round + 1,
+                responded=len(result.responded),
+                expected=len(result.responded) + len(result.failed),
+                metrics={**validation, **metrics},
+                failed=sorted(result.failed),
+            )
 
-        final = anyio.run(
-            lambda: recipe.simulate(
-                args.clients, relays=args.relays, on_round=progress, processes=args.processes
-            ),
-            backend_options={"use_uvloop": True},
+    def done(self, final: FLModel) -> None:
+        if self.pending is not None:
+            self._emit(self.pending, {})
+            self.pending = None
+        if self.progress is not None:
+            self.progress.close()
+        seconds = time.monotonic() - self.start
+        best = final.meta.get("best")
+        if self.json_out:
+            done = {
+                "event": "done",
+                "seconds": round(seconds, 3),
+                "metrics": final.metrics,
+                "best": best,
+            }
+            sys.stdout.write(json.dumps(done) + "\n")
+            sys.stdout.flush()
+            return
+        summary = f"done: {self.recipe.rounds} rounds in {human_seconds(seconds)}"
+        if final.metrics:
+            summary += "; " + " ".join(f"{k}={v:.4g}" for k, v in final.metrics.items())
+        if isinstance(best, dict) and "round" in best:
+            score = {k: v for k, v in best.items() if k != "round"}
+            scores = " ".join(f"{k}={v:.4g}" for k, v in score.items() if isinstance(v, float))
+            summary += f"; best round {int(best['round']) + 1}" + (f" ({scores})" if scores else "")
+        sys.stdout.write(summary + "\n")
+        sys.stdout.flush()
+
+
+def load_recipe(spec: str, overrides: Mapping[str, Any]) -> FedAvgRecipe:
+    """The recipe ``spec`` names (``MODULE:NAME`` or ``path/to/file.py:NAME``) with
+    ``overrides`` applied, passed to a recipe function that takes them as parameters too.
+
+    Raises:
+        ConfigError: a file that does not exist or load, a spec that does not name a recipe.
+    """
+    spec = _importable(spec)
+    obj = load_object(spec, "recipe", "recipe")
+    passed = {k: v for k, v in overrides.items() if _declares_recipe(obj) and k in _parameters(obj)}
+    if passed:
+        recipe = obj(**passed)
+        if not isinstance(recipe, FedAvgRecipe):
+            raise ConfigError(f"{spec} returned a {type(recipe).__name__}, not a recipe")
+    else:
+        recipe = FedAvgRecipe.load(spec)
+    for key, value in overrides.items():
+        setattr(recipe, key, value)
+    return recipe
+
+
+def _importable(spec: str) -> str:
+    """``spec`` as ``MODULE:NAME``, its module importable here and in the sites' processes:
+    the current folder on the path (as with ``python -m``); for ``path/to/file.py[:NAME]``,
+    the file's folder, and the module named after the file."""
+    _on_path(Path.cwd())
+    where, colon, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not where.endswith(".py"):
+        return spec
+    file = Path(where)
+    if not file.is_file():
+        raise ConfigError(f"no such file: {file} (in recipe {spec!r})")
+    file = file.resolve()
+    module = file.stem
+    if not module.isidentifier():
+        raise ConfigError(f"{file.name}: a recipe file's name must be a Python identifier")
+    _on_path(file.parent)
+    try:
+        loaded = sys.modules.get(module) or importlib.import_module(module)
+    except (ImportError, SyntaxError) as exc:
+        raise ConfigError(f"cannot load the recipe file {file}: {exc}") from exc
+    origin = getattr(loaded, "__file__", None)
+    if origin is None or Path(origin).resolve() != file:
+        raise ConfigError(
+            f"{file.name}: the module name {module!r} is already another module's "
+            f"({origin or 'built in'}); rename the file"
         )
-    except (FlareError, ValueError) as exc:
-        sys.stderr.write(f"flare-async simulate: {type(exc).__name__}: {exc}\n")
-        return 1
-    done = {
-        "event": "done",
-        "seconds": round(time.monotonic() - start, 3),
-        "metrics": final.metrics,
-        "best": final.meta.get("best"),
-    }
-    sys.stdout.write(json.dumps(done) + "\n")
-    return 0
+    return f"{module}{colon}{name}"
+
+
+def _on_path(folder: Path) -> None:
+    """``folder`` first on this process's import path and its children's (PYTHONPATH)."""
+    text = str(folder)
+    if text not in sys.path:
+        sys.path.insert(0, text)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if text not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([text, *parts])
+
+
+def _declares_recipe(obj: object) -> bool:
+    """As ``FedAvgRecipe.load`` decides: a plain function annotated ``-> FedAvgRecipe``."""
+    if not inspect.isfunction(obj):
+        return False
+    try:
+        returns = typing.get_type_hints(obj).get("return")
+    except Exception:
+        return False
+    return isinstance(returns, type) and issubclass(returns, FedAvgRecipe)
+
+
+def _parameters(obj: Any) -> set[str]:
+    return set(inspect.signature(obj).parameters)
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
