@@ -3,9 +3,14 @@
 The kit says who the cell is (name, role), where it listens and which parent it dials; its
 certificate, key and CA make the mutual-TLS contexts. Every link is checked against the
 certificate presented on it (:func:`kit_verifier`). The process writes one JSON line per event to
-stdout (``ready``, ``link-up``, ``link-down``, ``stopped``) so supervisors and tests can follow it
-without parsing logs; logs go to stderr. SIGINT and SIGTERM stop it cleanly (goodbyes on every
-link, exit status 0).
+stdout (``ready``, ``link-up``, ``link-down``, ``stored``, ``stopped``) so supervisors and tests
+can follow it without parsing logs; logs go to stderr.
+
+A site (a client kit) run with ``--jobs JOBS`` takes files sent with ``flare-async send`` into
+``JOBS/inbox`` (:func:`inbox_for`), as every site of ``flare-async up`` does; ``--inbox DIR``
+puts the inbox elsewhere (on any kit), ``--no-inbox`` takes none.
+
+SIGINT and SIGTERM stop it cleanly (goodbyes on every link, exit status 0).
 """
 
 from __future__ import annotations
@@ -24,7 +29,25 @@ from flare_async.cli._kit import emit, load_handlers
 from flare_async.cli._roles import RoleCell
 from flare_async.cli._send import inbox_handlers
 from flare_async.errors import ConfigError
-from flare_async.security import load_kit
+from flare_async.security import Kit, Role, load_kit
+
+INBOX = "inbox"
+"""The inbox's folder in a site's jobs folder (job folders are named by date and a random
+suffix, so none is called that)."""
+
+
+def inbox_for(
+    kit: Kit, inbox: Path | None, jobs: Path | None, *, none: bool = False
+) -> Path | None:
+    """Where the cell takes files sent to it: ``inbox`` if given; for a site with a jobs
+    folder ``jobs/inbox``; else (and with ``none``) nowhere."""
+    if none:
+        return None
+    if inbox is not None:
+        return inbox
+    if kit.role is Role.CLIENT and jobs is not None:
+        return jobs / INBOX
+    return None
 
 
 async def serve(
@@ -33,11 +56,13 @@ async def serve(
     handshake_timeout: float,
     inbox: Path | None = None,
     jobs: Path | None = None,
+    no_inbox: bool = False,
 ) -> None:
     """Run the kit's cell until SIGINT or SIGTERM (with ``jobs``, its part in FL jobs: the
     role is built by :class:`RoleCell`, as the repo's ``cells/`` build it)."""
     kit = load_kit(kit_path, now=datetime.now(UTC))
     tables = [load_handlers(spec) for spec in handlers]
+    inbox = inbox_for(kit, inbox, jobs, none=no_inbox)
     if inbox is not None:
         tables.append(inbox_handlers(inbox))
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -51,6 +76,7 @@ async def serve(
                 role=kit.role.value,
                 listen=role.cell.listen_urls,
                 parent=kit.parent,
+                inbox=None if inbox is None else str(inbox),
             )
             async for signum in signals:
                 emit("stopping", cell=role.cell.name, signal=signal.Signals(signum).name)
@@ -73,7 +99,13 @@ def add_parser(sub: Any) -> None:
         "--inbox",
         default=None,
         metavar="DIR",
-        help="accept files streamed with `flare-async send` into DIR (files/put)",
+        help="accept files streamed with `flare-async send` into DIR (files/put); a site "
+        "run with --jobs JOBS has JOBS/inbox unless told otherwise",
+    )
+    p.add_argument(
+        "--no-inbox",
+        action="store_true",
+        help="accept no files (a site with --jobs otherwise takes them into JOBS/inbox)",
     )
     p.add_argument(
         "--jobs",
@@ -103,6 +135,7 @@ def run(args: Any) -> int:
             args.handshake_timeout,
             Path(args.inbox) if args.inbox else None,
             Path(args.jobs) if args.jobs else None,
+            args.no_inbox,
             backend_options={"use_uvloop": True},
         )
     except ConfigError as exc:

@@ -1,16 +1,23 @@
 """``flare-async send KIT FILE --to CELL``: stream a file to a cell's inbox with a progress bar,
-and ``flare-async run KIT --inbox DIR``'s receiving side.
+and the inbox's side (``files/put``), which ``flare-async run`` mounts on a site
+(``JOBS/inbox`` with ``--jobs JOBS``, or ``--inbox DIR``).
 
-The sending process joins the fabric as the kit's cell for the length of the transfer, so use a
-kit whose cell is not running elsewhere (an operator's own site kit, ``provision --add-site``):
-two cells claiming one name displace each other.
+The sending process joins the fabric for the length of the transfer: with an admin's kit as the
+admin's session below the server (``server._admin-...``, as ``flare-async job`` does), with a
+cell's kit as that cell, so use one whose cell is not running elsewhere (an operator's own site
+kit, ``provision --add-site``): two cells claiming one name displace each other (and so do two
+sessions of one admin at once).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,11 +26,11 @@ import anyio
 import msgspec
 
 from flare_async import _logging
-from flare_async.cell import Context, HandlerTable, IncomingStream
+from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import cell_from_kit, emit
 from flare_async.cli._progress import ProgressBar
 from flare_async.errors import BadRequest, ConfigError, FlareError
-from flare_async.security import load_kit
+from flare_async.security import Role, load_kit
 
 INBOX_CHANNEL = "files"
 INBOX_TOPIC = "put"
@@ -57,42 +64,118 @@ def safe_name(name: str) -> str:
     return plain
 
 
+INCOMING = ".incoming-"
+"""How the inbox names a file while it arrives (then ``.part``): hidden, so no name the inbox
+accepts (:func:`safe_name`) can be one."""
+
+
 def inbox_handlers(folder: Path) -> HandlerTable:
     """``files/put`` (stream): saves the object as ``folder/<name>`` (the ``name`` header),
-    atomically and only once verified; answers JSON :class:`Stored`."""
+    atomically and only once verified; answers JSON :class:`Stored`.
+
+    A name already in the inbox is refused (``BadRequest``, the file untouched) unless the
+    sender says ``overwrite: 1`` (``send --overwrite``): checked when the stream opens, so
+    nothing is sent in vain, and again when the file is put in place (a hard link, which
+    fails if the name appeared meanwhile), so two senders of one name never overwrite each
+    other by accident."""
     folder.mkdir(parents=True, exist_ok=True)
     table = HandlerTable("inbox")
 
     @table.stream(INBOX_CHANNEL, INBOX_TOPIC)
     async def put(ctx: Context, stream: IncomingStream) -> bytes:
         name = safe_name(stream.headers.get("name", ""))
-        size = await stream.save(folder / name, durable=True)
-        emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src)
+        overwrite = stream.headers.get("overwrite", "") == "1"
+        final = folder / name
+
+        def taken() -> BadRequest:
+            return BadRequest(
+                f"{name} is already in {ctx.cell.name}'s inbox; send it with --overwrite to "
+                "replace it"
+            )
+
+        if not overwrite and await anyio.to_thread.run_sync(os.path.lexists, final):
+            raise taken()
+        incoming = folder / f"{INCOMING}{secrets.token_hex(8)}"
+        try:
+            size = await stream.save(incoming, durable=True)
+            replaced = await anyio.to_thread.run_sync(_place, incoming, final, overwrite)
+        except FileExistsError:
+            raise taken() from None
+        finally:
+            await anyio.to_thread.run_sync(lambda: incoming.unlink(missing_ok=True))
+        emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src, replaced=replaced)
         return msgspec.json.encode(Stored(name, size, stream.digest))
 
     return table
 
 
-async def send(
-    kit_path: Path, file: Path, size: int, dst: str, name: str, idle: float, digest: bool | str
-) -> dict[str, Any]:
+def _place(incoming: Path, final: Path, overwrite: bool) -> bool:
+    """Put the arrived file in place; whether it replaced one.
+
+    Raises:
+        FileExistsError: ``final`` exists and ``overwrite`` is false (nothing changed).
+    """
+    if overwrite:
+        existed = os.path.lexists(final)
+        os.replace(incoming, final)
+        return existed
+    try:
+        os.link(incoming, final)  # never replaces: fails if the name was taken meanwhile
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then fill it
+        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(incoming, final)
+    return False
+
+
+@asynccontextmanager
+async def sender_cell(kit_path: Path, connect_timeout: float = 30.0) -> AsyncIterator[Cell]:
+    """The cell a transfer is sent from, linked to its parent: an admin kit's session below
+    the server (``server._admin-...``, as ``flare-async job`` opens it), or a cell kit's own
+    cell (which must not be running elsewhere)."""
     kit = load_kit(kit_path, now=datetime.now(UTC))
+    if kit.role is Role.ADMIN:
+        from flare_async.cli._job import admin_session  # noqa: PLC0415 - admins only
+
+        async with admin_session(kit_path, connect_timeout=connect_timeout) as session:
+            yield session.cell
+        return
     async with cell_from_kit(kit) as cell:
-        with anyio.fail_after(30):
+        with anyio.move_on_after(connect_timeout) as waited:
             await cell.wait_parent()
+        if waited.cancelled_caught:
+            raise FlareError(f"cannot reach the parent at {kit.parent} ({connect_timeout:g} s)")
+        yield cell
+
+
+async def send(
+    kit_path: Path,
+    file: Path,
+    size: int,
+    dst: str,
+    name: str,
+    idle: float,
+    digest: bool | str,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    headers = {"name": name, **({"overwrite": "1"} if overwrite else {})}
+    async with sender_cell(kit_path) as cell:
         bar = ProgressBar(sys.stderr, name)
         start = time.monotonic()
-        reply = await cell.stream(
-            dst,
-            INBOX_CHANNEL,
-            INBOX_TOPIC,
-            file,
-            headers={"name": name},
-            progress=bar.update,
-            idle=idle,
-            digest=digest,
-        )
-        bar.finish()
+        try:
+            reply = await cell.stream(
+                dst,
+                INBOX_CHANNEL,
+                INBOX_TOPIC,
+                file,
+                headers=headers,
+                progress=bar.update,
+                idle=idle,
+                digest=digest,
+            )
+        finally:
+            bar.finish()  # the bar's line ends before anything else is written
         seconds = time.monotonic() - start
     stored = msgspec.json.decode(reply.tobytes(), type=Stored)
     return {
@@ -109,10 +192,19 @@ async def send(
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("send", help="stream a file to a cell's inbox, with a progress bar")
-    p.add_argument("kit", help="the kit to join as (its cell must not be running elsewhere)")
+    p.add_argument(
+        "kit",
+        help="the kit to send with: an admin's (a session below the server, as `job` opens), "
+        "or a cell's that is not running elsewhere",
+    )
     p.add_argument("file", help="the file to send")
     p.add_argument("--to", required=True, metavar="CELL", help="the receiving cell")
     p.add_argument("--name", default=None, help="the name at the inbox (default: the file's)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a file of that name in the inbox (default: refuse, the file untouched)",
+    )
     p.add_argument("--idle", type=float, default=60.0, help="seconds without progress to fail")
     p.add_argument(
         "--digest",
@@ -142,10 +234,11 @@ def run(args: Any) -> int:
             name,
             args.idle,
             False if args.no_digest else (args.digest or True),
+            args.overwrite,
             backend_options={"use_uvloop": True},
         )
     except FlareError as exc:
-        sys.stderr.write(f"\nflare-async send: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"flare-async send: {type(exc).__name__}: {exc}\n")
         return 1
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
