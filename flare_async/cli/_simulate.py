@@ -13,7 +13,7 @@ it; elsewhere one plain line per round. Results go to stdout as JSON lines (one 
 ``done``) with ``--json`` or when stdout is not a terminal; on a terminal a last summary line
 instead. Other lines are the training scripts' own output. A recipe whose script is
 ``"MODULE:FUNCTION"`` runs each site's script in its own process. Ctrl-C stops the simulation:
-one line, exit status 130.
+one line, exit status 130 (a second Ctrl-C while it stops: at once).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from flare_async._spec import load_object
 from flare_async.cli._progress import AboveBar, RoundProgress, human_seconds, logging_above_bars
 from flare_async.errors import ConfigError
 from flare_async.fl import FedAvgRecipe, FLModel, RoundResult
+
+EXIT_INTERRUPTED = 130  # as cli._main's
 
 
 def _positive(text: str) -> int:
@@ -99,21 +101,26 @@ def run(args: Any) -> int:
             final: FLModel | None = None
             with anyio.open_signal_receiver(signal.SIGINT) as signals:
                 async with anyio.create_task_group() as tg:
+                    running = anyio.CancelScope()
 
                     async def watch() -> None:
                         async for signo in signals:
+                            if interrupted:  # a second Ctrl-C: stop now, not cleanly
+                                sys.stderr.write("flare-async simulate: interrupted\n")
+                                sys.stderr.flush()
+                                os._exit(EXIT_INTERRUPTED)
                             interrupted.append(signo)
                             logs.muted = not debug  # the stop's own warnings say nothing new
-                            tg.cancel_scope.cancel()
-                            return
+                            running.cancel()
 
                     tg.start_soon(watch)
-                    final = await recipe.simulate(
-                        args.clients,
-                        relays=args.relays,
-                        on_round=report.on_round,
-                        processes=args.processes,
-                    )
+                    with running:
+                        final = await recipe.simulate(
+                            args.clients,
+                            relays=args.relays,
+                            on_round=report.on_round,
+                            processes=args.processes,
+                        )
                     tg.cancel_scope.cancel()
             return final
 
