@@ -333,6 +333,9 @@ class AboveBar:
     def encoding(self) -> str:
         return getattr(self.out, "encoding", "utf-8")
 
+    def __getattr__(self, name: str) -> Any:  # the rest of a text stream (buffer, errors...)
+        return getattr(self.out, name)
+
 
 @contextmanager
 def logging_above_bars() -> Iterator[None]:
