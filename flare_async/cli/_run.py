@@ -29,6 +29,7 @@ from flare_async.cli._kit import emit, load_handlers
 from flare_async.cli._roles import RoleCell
 from flare_async.cli._send import inbox_handlers
 from flare_async.errors import ConfigError
+from flare_async.fl import load_policy
 from flare_async.security import Kit, Role, load_kit
 
 INBOX = "inbox"
@@ -64,7 +65,14 @@ async def serve(
     tables = [load_handlers(spec) for spec in handlers]
     inbox = inbox_for(kit, inbox, jobs, none=no_inbox)
     if inbox is not None:
-        tables.append(inbox_handlers(inbox))
+        # A site's policy decides who may send it files, with or without --jobs (with them
+        # the cell applies it to everything, audited; without, nothing else reads it).
+        policy = (
+            load_policy(Path(kit.cert).with_name("policy.toml"))
+            if kit.role is Role.CLIENT
+            else None
+        )
+        tables.append(inbox_handlers(inbox, accepts=None if policy is None else policy.accepts))
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         role = RoleCell(
             kit, jobs=jobs, handlers=tables, on_event=emit, handshake_timeout=handshake_timeout

@@ -16,7 +16,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -29,7 +29,7 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import cell_from_kit, emit
 from flare_async.cli._progress import ProgressBar
-from flare_async.errors import BadRequest, ConfigError, FlareError
+from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
 from flare_async.security import Role, load_kit
 
 INBOX_CHANNEL = "files"
@@ -69,9 +69,15 @@ INCOMING = ".incoming-"
 accepts (:func:`safe_name`) can be one."""
 
 
-def inbox_handlers(folder: Path) -> HandlerTable:
+def inbox_handlers(
+    folder: Path, *, accepts: Callable[[str, str, str], bool] | None = None
+) -> HandlerTable:
     """``files/put`` (stream): saves the object as ``folder/<name>`` (the ``name`` header),
     atomically and only once verified; answers JSON :class:`Stored`.
+
+    ``accepts(src, "files", "put")`` (a site's policy, ``SitePolicy.accepts``) decides who may
+    send; a sender it refuses gets ``Unauthorized`` before anything is written (a cell built
+    with the same ``accept=`` refuses it earlier still).
 
     A name already in the inbox is refused (``BadRequest``, the file untouched) unless the
     sender says ``overwrite: 1`` (``send --overwrite``): checked when the stream opens, so
@@ -83,6 +89,8 @@ def inbox_handlers(folder: Path) -> HandlerTable:
 
     @table.stream(INBOX_CHANNEL, INBOX_TOPIC)
     async def put(ctx: Context, stream: IncomingStream) -> bytes:
+        if accepts is not None and not accepts(ctx.src, INBOX_CHANNEL, INBOX_TOPIC):
+            raise Unauthorized(f"{ctx.cell.name}'s policy does not accept files from {ctx.src}")
         name = safe_name(stream.headers.get("name", ""))
         overwrite = stream.headers.get("overwrite", "") == "1"
         final = folder / name

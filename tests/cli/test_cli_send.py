@@ -23,10 +23,12 @@ from tests._procs import Proc
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def send(kits: Path, file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def send(
+    kits: Path, file: Path, *extra: str, kit: str = "server.ops"
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "flare_async", "send", str(kits / "server.ops"), str(file), *extra],
+        [sys.executable, "-m", "flare_async", "send", str(kits / kit), str(file), *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -50,9 +52,14 @@ parent = "tls://127.0.0.1:{port}"
 [[clients]]
 name = "server.ops"
 parent = "tls://127.0.0.1:{port}"
+[[clients]]
+name = "server.other"
+parent = "tls://127.0.0.1:{port}"
 """)
     kits = tmp_path / "kits"
     provision(project, kits, now=datetime.now(UTC))
+    # The site's policy holds for its inbox also when it runs without --jobs.
+    (kits / "server.site-1" / "policy.toml").write_text('[accept]\n"files/*" = ["server.ops"]\n')
     inbox = tmp_path / "inbox"
     data = os.urandom(3 << 20) + b"end"
     src = tmp_path / "round-7.bin"
@@ -81,6 +88,13 @@ parent = "tls://127.0.0.1:{port}"
         nobody = send(kits, src, "--to", "server.nobody")
         assert nobody.returncode == 1
         assert "Unreachable" in nobody.stderr
+        other = send(kits, src, "--to", "server.site-1", "--name", "o.bin", kit="server.other")
+        assert other.returncode == 1
+        assert other.stderr.strip().splitlines()[-1] == (
+            "flare-async send: Unauthorized: server.site-1's policy does not accept files from "
+            "server.other (reported by server.site-1)"
+        )
+        assert sorted(p.name for p in inbox.iterdir()) == ["round-7.bin"]
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -4,19 +4,22 @@ is refused unless the sender says overwrite, also when it appears while the file
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flare_async import Cell, MemoryNetwork
 from flare_async.cli import _send
 from flare_async.cli._send import INBOX_CHANNEL, INBOX_TOPIC, inbox_handlers
-from flare_async.errors import BadRequest
+from flare_async.errors import BadRequest, Unauthorized
 
 pytestmark = pytest.mark.anyio
 CHUNK = 64 << 10
 
 
-async def put(folder: Path, name: str, data: bytes, **headers: str) -> bytes:
+async def put(
+    folder: Path, name: str, data: bytes, *, accepts: Any = None, **headers: str
+) -> bytes:
     net = MemoryNetwork()
     async with (
         Cell("server", listen=["memory://server"], drivers=[net]) as server,
@@ -24,7 +27,7 @@ async def put(folder: Path, name: str, data: bytes, **headers: str) -> bytes:
             "server.site-1",
             parent="memory://server",
             drivers=[net],
-            handlers=[inbox_handlers(folder)],
+            handlers=[inbox_handlers(folder, accepts=accepts)],
         ) as site,
     ):
         await site.wait_parent()
@@ -84,3 +87,16 @@ async def test_overwrite_replaces_a_name_taken_while_the_file_arrives(
     await put(inbox, "model.bin", b"x" * 3 * CHUNK, overwrite="1")
     assert (inbox / "model.bin").read_bytes() == b"x" * 3 * CHUNK
     assert sorted(p.name for p in inbox.iterdir()) == ["model.bin"]
+
+
+async def test_the_inbox_asks_the_sites_policy(tmp_path: Path) -> None:
+    asked: list[tuple[str, str, str]] = []
+
+    def only_admins(src: str, channel: str, topic: str) -> bool:
+        asked.append((src, channel, topic))
+        return src.startswith("server._admin-")
+
+    with pytest.raises(Unauthorized, match=r"policy does not accept files from server \(reported"):
+        await put(tmp_path / "inbox", "model.bin", b"x" * CHUNK, accepts=only_admins)
+    assert asked == [("server", "files", "put")]
+    assert list((tmp_path / "inbox").iterdir()) == []
