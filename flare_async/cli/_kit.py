@@ -5,6 +5,7 @@ run`` (``_run``), ``send`` and ``job`` (the admin's cell)."""
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,7 +30,7 @@ from flare_async.security import (
     identity_from_certificate,
     server_context,
 )
-from flare_async.transport import Driver, Link, TcpDriver, WebSocketDriver
+from flare_async.transport import Driver, Link, TcpDriver
 from flare_async.wire import Session
 
 
@@ -86,11 +87,19 @@ def kit_verifier(kit: Kit, admins: dict[str, Identity] | None = None) -> PeerVer
     return verify
 
 
+def kit_contexts(kit: Kit) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """A kit's TLS contexts: to listen with (a kit that listens: a server's or relay's) and to
+    dial with (``Cell(server_tls=, client_tls=)``)."""
+    return (server_context(kit) if kit.listen else None), client_context(kit)
+
+
 def kit_drivers(kit: Kit) -> list[Driver]:
     """The network drivers of a kit's cell: tls:// and wss:// with the kit's TLS contexts
-    (plain tcp:// and ws:// stay available for closed test networks)."""
-    client_tls = client_context(kit)
-    server_tls = server_context(kit) if kit.listen else None
+    (plain tcp:// and ws:// stay available for closed test networks). A :class:`Cell` needs
+    none of them given: with :func:`kit_contexts` it makes those its URLs need."""
+    from flare_async.transport import WebSocketDriver  # noqa: PLC0415 - aiohttp: on use
+
+    server_tls, client_tls = kit_contexts(kit)
     return [
         TcpDriver(server_tls=server_tls, client_tls=client_tls),
         WebSocketDriver(server_ssl=server_tls, client_ssl=client_tls),
@@ -147,11 +156,13 @@ def cell_from_kit(
         admin = admins.get(cell) if admins is not None else None
         return admin.name if admin is not None else cell
 
+    server_tls, client_tls = kit_contexts(kit)
     return Cell(
         kit.name,
         listen=list(kit.listen),
         parent=kit.parent,
-        drivers=kit_drivers(kit),
+        server_tls=server_tls,  # the drivers its URLs need, built in (ws only where used)
+        client_tls=client_tls,
         handlers=[system_handlers(), *handlers],
         verify_peer=kit_verifier(kit, admins),
         heartbeat=heartbeat,
