@@ -110,7 +110,7 @@ def inbox_handlers(
         except FileExistsError:
             raise taken() from None
         finally:
-            await anyio.to_thread.run_sync(lambda: incoming.unlink(missing_ok=True))
+            incoming.unlink(missing_ok=True)  # gone once placed; here also when cancelled
         emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src, replaced=replaced)
         return msgspec.json.encode(Stored(name, size, stream.digest))
 
