@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from flare_async import _logging
 from flare_async.cli._kit import emit, load_handlers
 from flare_async.cli._roles import RoleCell
 from flare_async.cli._send import inbox_handlers
-from flare_async.errors import ConfigError
 from flare_async.fl import load_policy
 from flare_async.security import Kit, Role, load_kit
 
@@ -133,20 +131,17 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: Any) -> int:
-    """Entry of ``flare-async run``; returns the exit status."""
+    """Entry of ``flare-async run``; returns the exit status. A kit or handler table that does
+    not load, like any failure, is ``cli._main``'s to report (one line, status 1)."""
     _logging.configure(json=args.json_logs, level=getattr(logging, args.log_level.upper()))
-    try:
-        anyio.run(
-            serve,
-            Path(args.kit),
-            args.handlers,
-            args.handshake_timeout,
-            Path(args.inbox) if args.inbox else None,
-            Path(args.jobs) if args.jobs else None,
-            args.no_inbox,
-            backend_options={"use_uvloop": True},
-        )
-    except ConfigError as exc:
-        sys.stderr.write(f"flare-async run: {exc}\n")
-        return 2
+    anyio.run(
+        serve,
+        Path(args.kit),
+        args.handlers,
+        args.handshake_timeout,
+        Path(args.inbox) if args.inbox else None,
+        Path(args.jobs) if args.jobs else None,
+        args.no_inbox,
+        backend_options={"use_uvloop": True},
+    )
     return 0

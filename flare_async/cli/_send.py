@@ -227,26 +227,25 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: Any) -> int:
+    """Entry of ``flare-async send``: the ``sent`` line on stdout, status 0. A refusal or
+    failure (a name already in the inbox, the site's policy, no route, a stalled transfer) is
+    ``cli._main``'s to report: one line, ``flare-async send: error: BadRequest: ...``, status 1."""
     _logging.configure(json=False, level=30)
     file = Path(args.file)
     name = args.name or file.name
-    try:
-        if not file.is_file():
-            raise ConfigError(f"{file} is not a file")
-        result = anyio.run(
-            send,
-            Path(args.kit),
-            file,
-            file.stat().st_size,
-            args.to,
-            name,
-            args.idle,
-            False if args.no_digest else (args.digest or True),
-            args.overwrite,
-            backend_options={"use_uvloop": True},
-        )
-    except FlareError as exc:
-        sys.stderr.write(f"flare-async send: {type(exc).__name__}: {exc}\n")
-        return 1
+    if not file.is_file():
+        raise ConfigError(f"{file} is not a file")
+    result = anyio.run(
+        send,
+        Path(args.kit),
+        file,
+        file.stat().st_size,
+        args.to,
+        name,
+        args.idle,
+        False if args.no_digest else (args.digest or True),
+        args.overwrite,
+        backend_options={"use_uvloop": True},
+    )
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -91,8 +91,9 @@ parent = "tls://127.0.0.1:{port}"
         other = send(kits, src, "--to", "server.site-1", "--name", "o.bin", kit="server.other")
         assert other.returncode == 1
         assert other.stderr.strip().splitlines()[-1] == (
-            "flare-async send: Unauthorized: server.site-1's policy does not accept files from "
-            "server.other (reported by server.site-1)"
+            "flare-async send: error: Unauthorized: server.site-1's policy does not accept files "
+            "from server.other (reported by server.site-1); its admins.toml or policy.toml "
+            "decides who may"
         )
         assert sorted(p.name for p in inbox.iterdir()) == ["round-7.bin"]
     finally:

@@ -97,7 +97,7 @@ name = "admin@example.org"
         assert again.returncode == 1
         last = again.stderr.strip().splitlines()[-1]
         assert last == (
-            "flare-async send: BadRequest: round-7.bin is already in server.site-1's inbox; "
+            "flare-async send: error: BadRequest: round-7.bin is already in server.site-1's inbox; "
             "send it with --overwrite to replace it (reported by server.site-1)"
         )
         assert (inbox / "round-7.bin").read_bytes() == (first / "round-7.bin").read_bytes()
