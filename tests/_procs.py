@@ -21,18 +21,31 @@ class Proc:
     """One cell process; its stdout events are read by a thread into a queue."""
 
     def __init__(
-        self, name: str, kit: Path, log: Path, extra: list[str], prefix: Sequence[str] = ()
+        self,
+        name: str,
+        kit: Path,
+        log: Path,
+        extra: list[str],
+        prefix: Sequence[str] = (),
+        *,
+        cwd: Path | None = None,
+        repo_on_path: bool = True,
     ) -> None:
         self.name = name
         self.kit = kit
         self.log = log
         self.extra = extra
         self.prefix = list(prefix)  # e.g. ``ip netns exec NS``: where the process runs
+        self.cwd = cwd  # where it runs (default: here)
+        self.repo_on_path = repo_on_path  # the repo's folder on PYTHONPATH (else: only what
+        # the environment installed, as on a site that never saw the repo)
         self.events: Queue[dict[str, Any]] = Queue()
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if not self.repo_on_path:
+            del env["PYTHONPATH"]
         with self.log.open("ab") as err:
             proc = subprocess.Popen(
                 [
@@ -50,6 +63,7 @@ class Proc:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=self.cwd,
             )
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
         return proc

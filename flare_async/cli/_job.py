@@ -5,7 +5,9 @@ Every command opens a short session to the server with the admin's startup kit (
 expects for that admin (``server._admin-...``); the server refuses job commands from anyone
 else. Commands::
 
-    flare-async job submit MODULE:RECIPE [--rounds N] [--codec C] [--sites A,B] [--wait]
+    flare-async job export MODULE:RECIPE DIR [--include PATH ...]
+    flare-async job submit MODULE:RECIPE|DIR [--include PATH ...] [--installed]
+                                         [--rounds N] [--codec C] [--sites A,B] [--wait]
     flare-async job list
     flare-async job status JOB
     flare-async job wait JOB [--timeout S]
@@ -13,6 +15,12 @@ else. Commands::
     flare-async job logs JOB [--site SITE]
     flare-async job metrics JOB [--site SITE] [--key KEY] [--json]
     flare-async job download JOB [-o DIR]
+
+``export`` packs the job's own code (the recipe's package, its script's, ``--include``d files)
+into DIR, signed with the admin's key (``fl/_artifact.py``); ``submit`` sends such a folder, or
+packs ``MODULE:RECIPE`` (or ``path/to/file.py:RECIPE``) the same way when its module is the
+user's own, with the current folder first on the path as ``python -m`` has it. A recipe from an
+installed package (or with ``--installed``) is sent by name: the server and sites must have it.
 
 ``submit``, ``status``, ``wait`` and ``abort`` print the job's record as JSON; ``wait`` (and
 ``submit --wait``) exit 0 when the job finished, 1 when it failed or was aborted.
@@ -36,7 +44,7 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import kit_drivers, kit_verifier
 from flare_async.errors import BadRequest, ConfigError, FlareError
-from flare_async.fl import JOB_CHANNEL
+from flare_async.fl import JOB_CHANNEL, JobCode, is_own_code, pack_job
 from flare_async.security import (
     MessageSigning,
     Role,
@@ -182,7 +190,40 @@ def secure_knobs(args: Any) -> dict[str, Any]:
     return {k: v for k, v in knobs.items() if v is not None}
 
 
+def job_code(args: Any, signer: Signer) -> tuple[str, JobCode | None]:
+    """The recipe to submit and the code to ship with it: an exported folder as it is, the
+    user's own module packed now, an installed one (or ``--installed``) by name only.
+
+    Raises:
+        ConfigError: the folder or the recipe does not load, or the code breaks a limit.
+        BadRequest, IntegrityError: an exported folder edited after its export.
+    """
+    folder = Path(args.recipe)
+    if folder.is_dir():
+        code = JobCode.read(folder)
+        if code.admin != signer.name:
+            raise ConfigError(f"{folder} was signed by {code.admin}, not by {signer.name}")
+        return code.recipe, code
+    if args.installed:
+        return args.recipe, None
+    if not is_own_code(args.recipe, Path.cwd()):
+        return args.recipe, None
+    code = pack_job(args.recipe, signer, include=args.include or ())
+    return code.recipe, code
+
+
 async def main_async(args: Any) -> int:
+    if args.action == "export":
+        kit = load_kit(Path(args.kit), now=datetime.now(UTC))
+        if kit.role is not Role.ADMIN:
+            raise ConfigError(f"{args.kit} is not an admin kit: a job is signed by an admin")
+        code = pack_job(args.recipe, Signer(kit), include=args.include or ())
+        code.write(Path(args.dir))
+        sys.stdout.write(
+            f"{args.dir}: {code.recipe}, {len(code.files)} files ({code.size} bytes), "
+            f"packages {', '.join(code.packages)}, signed by {code.admin}\n"
+        )
+        return 0
     downloads = Path(args.out) if args.action == "download" else None
     async with admin_session(args.kit, downloads=downloads) as session:
         if args.action == "submit":
@@ -204,7 +245,10 @@ async def main_async(args: Any) -> int:
             if knobs:
                 overrides["secure"] = knobs
             sites = [s for s in (args.sites or "").split(",") if s]
-            body = {"recipe": args.recipe, "overrides": overrides, "sites": sites}
+            recipe, shipped = job_code(args, session.signer)
+            body: dict[str, Any] = {"recipe": recipe, "overrides": overrides, "sites": sites}
+            if shipped is not None:
+                body["code"] = shipped.to_wire()
             rec = await session.call("submit", body)
             _print_line(rec)
             if not args.wait:
@@ -257,8 +301,27 @@ def add_parser(sub: Any) -> None:
         help="the admin's startup kit (default: $FLARE_ASYNC_KIT)",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = actions.add_parser("submit", help="submit MODULE:RECIPE as a job")
-    s.add_argument("recipe", help="MODULE:NAME of a recipe, importable on server and sites")
+    e = actions.add_parser("export", help="pack a job with its own code, signed, into DIR")
+    e.add_argument("recipe", help="MODULE:NAME (or path/to/file.py:NAME) of a recipe")
+    e.add_argument("dir", help="the folder to write (must not exist, or be empty)")
+    s = actions.add_parser("submit", help="submit a job: MODULE:RECIPE or an exported DIR")
+    s.add_argument(
+        "recipe",
+        help="MODULE:NAME (or path/to/file.py:NAME) of a recipe, or a folder job export wrote",
+    )
+    s.add_argument(
+        "--installed",
+        action="store_true",
+        help="the recipe is installed on the server and every site: send its name only",
+    )
+    for parser in (e, s):
+        parser.add_argument(
+            "--include",
+            action="append",
+            metavar="PATH",
+            help="a file or folder (relative to here) the job's code needs besides the "
+            "recipe's and script's packages (repeatable)",
+        )
     s.add_argument("--rounds", type=int)
     s.add_argument("--codec")
     s.add_argument("--min-clients", dest="min_clients", type=int)

@@ -1,7 +1,8 @@
 """Federated learning on the fabric (layer L4): models, streaming aggregation, the server's
 round API, workflows, the client runtime behind the Client API, the simulator, and the
 deployed roles' services: the server's job service (:class:`JobManager`, with
-:class:`AdminRights` and the admin protocol's channel :data:`JOB_CHANNEL`), a relay's
+:class:`AdminRights` and the admin protocol's channel :data:`JOB_CHANNEL`; a job's own code,
+signed, :class:`JobCode`, made by :func:`pack_job`), a relay's
 :class:`RelayAggregator`, a site's :class:`SiteJobs` under its :class:`SitePolicy`.
 
 This is the face for people who run FL jobs and write workflows (see docs/design.md, "Public
@@ -11,6 +12,7 @@ staleness weight) stays in the private modules; other packages (the command line
 """
 
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
+from flare_async.fl._artifact import JobCode, is_own_code, pack_job
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._edge import EdgeClient, EdgeStats
 from flare_async.fl._fedbuff import FedBuffStats, fedbuff
@@ -37,6 +39,7 @@ __all__ = [
     "FedBuffStats",
     "FedAvgRecipe",
     "JOB_CHANNEL",
+    "JobCode",
     "JobManager",
     "ParamsType",
     "RelayAggregator",
@@ -52,7 +55,9 @@ __all__ = [
     "fedavg",
     "fedavg_step",
     "fedbuff",
+    "is_own_code",
     "load_policy",
+    "pack_job",
     "secure_round",
     "simulate",
 ]

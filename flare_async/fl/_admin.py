@@ -3,7 +3,9 @@
 A body that does not fit its struct (not JSON, a field of the wrong type, an unknown field) is a
 ``BadRequest`` that names the field, before the job service acts on any of it::
 
-    submit    {"recipe": "MODULE:NAME", "overrides": {...}, "sites": ["server.site-1", ...]}
+    submit    {"recipe": "MODULE:NAME", "overrides": {...}, "sites": ["server.site-1", ...],
+               "code": {...}}   the job's own code, signed (fl/_artifact.py); absent: the
+                                recipe is installed on the server and the sites
     status    {"id": JOB}            abort, download: the same
     logs      {"id": JOB, "site": ""}   a site's training logs, or (no site) the job's events
     metrics   {"id": JOB, "site": "", "key": "", "limit": 10000}   limit clamped to 1..100,000
@@ -28,6 +30,7 @@ class Submit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     recipe: str
     overrides: dict[str, Any] = msgspec.field(default_factory=dict)
     sites: list[str] = msgspec.field(default_factory=list)
+    code: dict[str, Any] | None = None
 
 
 class JobRef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

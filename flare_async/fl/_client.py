@@ -24,11 +24,11 @@ import os
 import queue
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -46,6 +46,7 @@ from flare_async.errors import (
     TransportError,
     Unauthorized,
 )
+from flare_async.fl._artifact import code_path_env, python
 from flare_async.fl._model import (
     NUMPY,
     FLModel,
@@ -611,9 +612,11 @@ class ClientRuntime:
         log: str | os.PathLike[str] | None = None,
         on_start: Callable[[int], None] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        code: Path | None = None,
     ) -> None:
         """Run the training script ``MODULE:FUNCTION`` in its own Python process
-        (``flare_async.fl.worker``), passing tasks and results over a socket pair.
+        (``flare_async.fl.worker``), passing tasks and results over a socket pair; with
+        ``code`` (the job's own code, ``fl/_artifact.py``) first on its path.
 
         A script process that exits or breaks its pipe while holding a task is reported to the
         server as a failure of that task, at once. Cancelled (the job aborted), the process gets
@@ -627,7 +630,7 @@ class ClientRuntime:
         self._waiter = anyio.CapacityLimiter(1)
         parent, child = socket.socketpair()
         env = {
-            **os.environ,
+            **code_path_env(code),
             "FLARE_ASYNC_FD": str(child.fileno()),
             "FLARE_ASYNC_SITE": self.site,
             "FLARE_ASYNC_CONFIG": json.dumps(self.config),
@@ -640,7 +643,7 @@ class ClientRuntime:
             # socket pair) behind; the abort takes effect at the next wait, below.
             with anyio.CancelScope(shield=True):
                 proc = await anyio.open_process(
-                    [sys.executable, "-m", "flare_async.fl.worker", spec],
+                    [*python(code), "-m", "flare_async.fl.worker", spec],
                     env=env,
                     pass_fds=(child.fileno(),),
                     stdin=subprocess.DEVNULL,

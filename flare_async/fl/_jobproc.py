@@ -38,7 +38,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ import anyio.lowlevel
 from flare_async import _logging
 from flare_async.codecs import CodecRegistry
 from flare_async.errors import ConfigError, DecodeError, FlareError
+from flare_async.fl._artifact import code_path_env, python
 from flare_async.fl._jobchannel import (
     HEAD_MAX,
     MAX_PARTS,
@@ -146,14 +146,16 @@ class JobProcess:
         max_bytes: int = 32 * 2**30,
         hang_after: float = 60.0,
         resolve_timeout: float = RESOLVE_TIMEOUT,
+        code: Path | None = None,
     ) -> AsyncIterator[JobProcess]:
-        """Start the job's process and wait for its recipe to load.
+        """Start the job's process and wait for its recipe to load (from ``code``, the job's
+        own code, when it ships some: first on its path, see ``fl/_artifact.py``).
 
         Raises:
             JobProcessError: it did not load (its reason), or ended, within ``resolve_timeout``.
         """
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-m", "flare_async.fl.job_process", "run", str(theirs.fileno())]
+        argv = [*python(code), "-m", "flare_async.fl.job_process", "run", str(theirs.fileno())]
         argv += [spec, json.dumps(dict(overrides))]
         try:
             with log.open("ab") as out:
@@ -165,10 +167,14 @@ class JobProcess:
                     stderr=out,
                     pass_fds=[theirs.fileno()],
                     start_new_session=True,
+                    env=code_path_env(code),
                 )
         except OSError as exc:
             ours.close()
             raise JobProcessError(f"the job process could not start: {exc}") from None
+        except BaseException:  # cancelled while starting it (the job aborted): no socket left
+            ours.close()
+            raise
         finally:
             theirs.close()
         channel = Channel(
@@ -379,17 +385,22 @@ CODECS = CodecRegistry()
 
 
 async def check_recipe(
-    spec: str, overrides: Mapping[str, Any] | None = None, timeout: float | None = None
+    spec: str,
+    overrides: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    *,
+    code: Path | None = None,
 ) -> None:
     """Load ``spec`` with ``overrides`` in a child Python process (``python -m
-    flare_async.fl.job_process check SPEC OVERRIDES``), as a submission is checked: a module
-    whose import crashes, exits or hangs takes that process down, not the server.
+    flare_async.fl.job_process check SPEC OVERRIDES``; with ``code``, the job's own code first
+    on its path), as a submission is checked: a module whose import crashes, exits or hangs
+    takes that process down, not the server.
 
     Raises:
         ConfigError: the child did not load a recipe within ``timeout`` (its words, if any).
     """
     timeout = RESOLVE_TIMEOUT if timeout is None else timeout
-    argv = [sys.executable, "-m", "flare_async.fl.job_process", "check", spec]
+    argv = [*python(code), "-m", "flare_async.fl.job_process", "check", spec]
     argv.append(json.dumps(dict(overrides or {})))
     with tempfile.TemporaryFile() as err:  # whatever it prints: on disk, not in the server
         try:
@@ -399,6 +410,7 @@ async def check_recipe(
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,
+                env=code_path_env(code),
             )
         except OSError as exc:
             raise ConfigError(f"the recipe {spec} could not be checked: {exc}") from None

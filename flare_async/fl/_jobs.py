@@ -34,6 +34,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -48,6 +49,7 @@ from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._admin import JobRef, Logs, Metrics, Submit, decode_as
+from flare_async.fl._artifact import CODE, JobCode, load_wire
 from flare_async.fl._jobchannel import JobProcessError
 from flare_async.fl._jobproc import BEAT, JobFacts, JobProcess, check_recipe
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
@@ -63,9 +65,14 @@ from flare_async.security import (
 from flare_async.security._signing import CERT as SIG_CERT
 
 CHANNEL = "job"
+ARTIFACT = "artifact"
+"""Where a job's own code is kept in its folder (``manifest.json``, ``signature.json``,
+``code/``)."""
 
 
-RIGHTS = frozenset({"submit", "abort", "abort-any", "view"})
+RIGHTS = frozenset({"submit", "code", "abort", "abort-any", "view"})
+"""``code``: submit a job that brings its own code (which runs in the job's process on the
+server, and on the sites whose policy allows it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +80,9 @@ class AdminRights:
     """Who may do what with jobs on this server (``admins.toml`` in the server's kit)::
 
         [rights]
-        "alice@example.org" = ["submit", "abort-any", "view"]
-        "bob@example.org" = ["submit", "abort", "view"]   # abort: his own jobs only
+        "alice@example.org" = ["submit", "code", "abort-any", "view"]
+        "bob@example.org" = ["submit", "abort", "view"]   # abort: his own jobs only;
+                                                            # only recipes installed here
         "org:hospital-a" = ["submit", "abort", "view"]    # admins of that organisation
         "*" = ["view"]                                      # every other admin
 
@@ -140,6 +148,9 @@ class JobRecord:
     rounds_done: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str = ""
+    code: str = ""
+    """The SHA-256 of the job's signed manifest when it brings its own code (kept in
+    ``<store>/<job>/artifact``), else empty: the recipe is installed here and on the sites."""
     site_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     """Why each site that failed a round failed it, as it said (its script's exception)."""
 
@@ -355,8 +366,17 @@ class JobManager:
         async def submit(ctx: Context, msg: Payload) -> bytes:
             admin = self._admin(ctx, "submit", msg)
             req = decode_as(msg, Submit)
+            code = load_wire(req.code, "the job's code")
+            if code is not None and "code" not in self.rights.of(admin, self.org_of(admin)):
+                why = f"{admin} may not submit a job with its own code (the right 'code')"
+                self._audit("refused", admin=admin, command=ctx.topic, why=why)
+                raise Unauthorized(why)
             rec = await self.submit(
-                req.recipe, admin, overrides=dict(req.overrides), sites=list(req.sites)
+                req.recipe,
+                admin,
+                overrides=dict(req.overrides),
+                sites=list(req.sites),
+                code=code,
             )
             return json.dumps(rec.to_json()).encode()
 
@@ -555,26 +575,45 @@ class JobManager:
         *,
         overrides: dict[str, Any] | None = None,
         sites: list[str] | None = None,
+        code: JobCode | None = None,
     ) -> JobRecord:
-        """Check and queue a job.
+        """Check and queue a job (with ``code``: the job's own, signed by ``submitter``,
+        kept in the job's folder and loaded from there).
 
         Raises:
-            BadRequest: the recipe does not load here, or an override is not allowed.
+            BadRequest: the recipe does not load here, or an override is not allowed; the
+                code is malformed or names another recipe.
+            IntegrityError: the code is not signed by the submitter, or changed.
         """
+        job = f"{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}"
+        where = None
+        if code is not None and code.recipe != recipe:
+            why = f"the job's code is for {code.recipe!r:.200}, not {recipe!r:.200}"
+            self._audit("job-refused", recipe=recipe, by=submitter, why=why)
+            raise BadRequest(f"job refused: {why}")
         try:
+            if code is not None:
+                code.verify(self.verifier, now=datetime.now(UTC), admin=submitter)
+                where = self.store.folder(job) / ARTIFACT
+                await anyio.to_thread.run_sync(code.write, where)
             # In a child process: the server never imports a job's code (a module that
             # crashes or hangs as it loads takes that process down, not the server).
-            await check_recipe(recipe, dict(overrides or {}))
-        except ConfigError as exc:
+            await check_recipe(recipe, dict(overrides or {}), code=where and where / CODE)
+        except (ConfigError, BadRequest, IntegrityError) as exc:
+            if where is not None:
+                await anyio.to_thread.run_sync(_remove, self.store.folder(job))
             self._audit("job-refused", recipe=recipe, by=submitter, why=str(exc))
+            if isinstance(exc, IntegrityError):
+                raise
             raise BadRequest(f"job refused: {exc}") from None
         rec = JobRecord(
-            id=f"{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}",
+            id=job,
             recipe=recipe,
             submitter=submitter,
             overrides=dict(overrides or {}),
             sites=list(sites or []),
             submitted=time.time(),
+            code=code.digest if code is not None else "",
         )
         self.jobs[rec.id] = rec
         self._audit(
@@ -644,6 +683,7 @@ class JobManager:
 
     async def _attempt(self, rec: JobRecord) -> None:
         folder = self.store.folder(rec.id)
+        code = await anyio.to_thread.run_sync(self._code, rec)
         async with JobProcess.start(
             rec.id,
             rec.recipe,
@@ -651,6 +691,7 @@ class JobManager:
             log=folder / "job_process.log",
             max_bytes=self.max_model_bytes,
             hang_after=self.hang_after,
+            code=folder / ARTIFACT / CODE if code is not None else None,
         ) as proc:
             facts = proc.facts
             sites = await self._wait_for_sites(rec, facts.min_clients)
@@ -664,7 +705,7 @@ class JobManager:
             )
             if resumed:
                 self.store.event(rec.id, "resumed", attempt=rec.attempt)
-            started = await self._start_sites(rec, facts)
+            started = await self._start_sites(rec, facts, code)
             server = FLServer(
                 self.cell,
                 started,
@@ -729,11 +770,37 @@ class JobManager:
             )
         return rec.sites or ready
 
-    async def _start_sites(self, rec: JobRecord, facts: JobFacts) -> list[str]:
-        """Tell each site to start the job's training process; the ones that fail to are left
-        out (and logged)."""
+    def _code(self, rec: JobRecord) -> JobCode | None:
+        """The job's own code as it was submitted (``None``: the recipe is installed).
+
+        Raises:
+            IntegrityError: the kept copy changed since (the sites would refuse it anyway).
+        """
+        if not rec.code:
+            return None
+        try:
+            code = JobCode.read(self.store.folder(rec.id) / ARTIFACT)
+        except (ConfigError, BadRequest) as exc:
+            raise IntegrityError(f"the job's code is gone or damaged: {exc}") from None
+        if code.digest != rec.code:
+            raise IntegrityError("the job's code changed since it was submitted")
+        return code
+
+    async def _start_sites(
+        self, rec: JobRecord, facts: JobFacts, code: JobCode | None = None
+    ) -> list[str]:
+        """Tell each site to start the job's training process (with the job's own code, if it
+        brings some); the ones that fail to (a policy that refuses the job, a site gone) are
+        left out of the job's sites, each with its reason in ``site_errors``.
+
+        Raises:
+            FlareError: fewer sites started than the recipe's ``min_clients`` (each one's
+                reason named).
+        """
         script = facts.script
         started: list[str] = []
+        refused: dict[str, str] = {}
+        wire = code.to_wire() if code is not None else None
 
         async def one(i: int, site: str) -> None:
             body = {
@@ -746,6 +813,8 @@ class JobManager:
                 "digest": self.digest,
                 "config": {**facts.config, "site_index": i, "sites": len(rec.sites)},
             }
+            if wire is not None:
+                body["code"] = wire
             if facts.encrypt:
                 if self.certificate is None:
                     raise FlareError("the job seals results but this server has no certificate")
@@ -755,10 +824,22 @@ class JobManager:
                 started.append(site)
             except FlareError as exc:
                 self.store.event(rec.id, "site-not-started", site=site, error=str(exc))
+                refused[site] = f"not started: {exc}"
 
         async with anyio.create_task_group() as tg:
             for i, site in enumerate(rec.sites):
                 tg.start_soon(one, i, site)
+        if refused:
+            rec.site_errors.update(refused)
+            rec.sites = sorted(started)
+            self.store.save(rec)
+        need = max(1, facts.min_clients)
+        if len(started) < need:
+            reasons = "; ".join(f"{site}: {why}" for site, why in sorted(refused.items()))
+            raise FlareError(
+                f"{len(started)} of {len(started) + len(refused)} sites started the job, "
+                f"{need} needed ({reasons})"
+            )
         return sorted(started)
 
     async def _finish(self, rec: JobRecord, *, aborted: bool) -> None:
@@ -785,6 +866,10 @@ class JobManager:
         site with a kit refuses it unsigned (``SiteJobs``), so no relay on the way can forge,
         change or replay a job start, abort or log request."""
         return await self.cell.request(site, CHANNEL, topic, body, timeout=timeout)
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 __all__ = ["CHANNEL", "JobManager", "JobRecord", "JobState", "JobStore"]

@@ -7,6 +7,9 @@ restriction)::
     [jobs]
     submitters = ["alice@example.org"]      # admins whose jobs may run here ("*": any)
     scripts = ["examples.*", "ours.train:*"] # training scripts allowed (fnmatch on MODULE:FN)
+    custom_code = true                      # jobs may bring their own code (job export/submit)
+    code_from = ["alice@example.org"]       # ... signed by these admins only ("*": any)
+    packages = ["examples", "lab_*"]        # ... holding only these top-level names (fnmatch)
 
     [accept]                                # who may send what here: "channel/topic" pattern
     "job/*" = ["server"]                    # -> origins (fnmatch); the first matching
@@ -72,6 +75,9 @@ class SitePolicy:
 
     submitters: tuple[str, ...] = ("*",)
     scripts: tuple[str, ...] = ("*",)
+    custom_code: bool = True
+    code_from: tuple[str, ...] = ("*",)
+    packages: tuple[str, ...] = ("*",)
     accept_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     exclude: tuple[str, ...] = ()
     codec: str | None = None
@@ -88,6 +94,20 @@ class SitePolicy:
 
     def may_run(self, script: str) -> bool:
         return any(fnmatch.fnmatchcase(script, p) for p in self.scripts)
+
+    def refuses_code(self, admin: str, packages: list[str]) -> str | None:
+        """Why a job's own code (signed by ``admin``, shipping these top-level names) may not
+        run here, or ``None`` when it may."""
+        if not self.custom_code:
+            return "this site runs no code shipped with a job (custom_code = false)"
+        if "*" not in self.code_from and admin not in self.code_from:
+            return f"this site runs no code shipped by {admin!r}"
+        for name in packages:
+            if not any(fnmatch.fnmatchcase(name, p) for p in self.packages):
+                return (
+                    f"this site runs no shipped package {name!r} (allowed: {list(self.packages)})"
+                )
+        return None
 
     def accepts(self, src: str, channel: str, topic: str) -> bool:
         """Whether ``src`` may send ``channel/topic`` here (the first matching rule)."""
@@ -121,7 +141,8 @@ def policy_from_dict(doc: Mapping[str, Any], where: str = "policy") -> SitePolic
     """Build and check a :class:`SitePolicy` from parsed TOML."""
     unknown = set(doc) - {"jobs", "privacy", "accept"}
     jobs, privacy = dict(doc.get("jobs", {})), dict(doc.get("privacy", {}))
-    unknown |= {f"jobs.{k}" for k in set(jobs) - {"submitters", "scripts"}}
+    job_keys = {"submitters", "scripts", "custom_code", "code_from", "packages"}
+    unknown |= {f"jobs.{k}" for k in set(jobs) - job_keys}
     unknown |= {f"privacy.{k}" for k in set(privacy) - {"exclude", "codec", "dp", "percentile"}}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
@@ -147,6 +168,13 @@ def policy_from_dict(doc: Mapping[str, Any], where: str = "policy") -> SitePolic
         raise ConfigError(f"{where}: dp needs clip > 0, noise_multiplier > 0, 0 < delta < 1")
     if pc_config is not None and not (0 <= pc_config.percentile < 100 and pc_config.gamma > 0):
         raise ConfigError(f"{where}: percentile needs 0 <= percentile < 100 and gamma > 0")
+    custom_code = jobs.get("custom_code", True)
+    if not isinstance(custom_code, bool):
+        raise ConfigError(f"{where}: jobs.custom_code is true or false, not {custom_code!r:.40}")
+    for key in ("submitters", "scripts", "code_from", "packages"):
+        value = jobs.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}: jobs.{key} is a list of strings")
     accept = doc.get("accept", {})
     if not isinstance(accept, dict) or not all(isinstance(v, list) for v in accept.values()):
         raise ConfigError(f"{where}: [accept] maps 'channel/topic' patterns to lists of origins")
@@ -154,6 +182,9 @@ def policy_from_dict(doc: Mapping[str, Any], where: str = "policy") -> SitePolic
         accept_rules=tuple((str(k), tuple(str(o) for o in v)) for k, v in accept.items()),
         submitters=tuple(str(x) for x in jobs.get("submitters", ["*"])),
         scripts=tuple(str(x) for x in jobs.get("scripts", ["*"])),
+        custom_code=custom_code,
+        code_from=tuple(jobs.get("code_from", ["*"])),
+        packages=tuple(jobs.get("packages", ["*"])),
         exclude=tuple(p.pattern for p in patterns),
         codec=str(privacy["codec"]) if "codec" in privacy else None,
         dp=dp_config,

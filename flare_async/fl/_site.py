@@ -32,6 +32,7 @@ import base64
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -44,6 +45,7 @@ import anyio.to_thread
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
+from flare_async.fl._artifact import CODE, JobCode, load_wire
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
 from flare_async.fl._privacy import SitePolicy
@@ -149,11 +151,14 @@ class SiteJobs:
             _check_job_id(job)
             submitter = str(spec.get("submitter", ""))
             encrypt_to = self._server_certificate(spec.get("encrypt_to"))
+            code = self._job_code(spec.get("code"), job, submitter)
             why = None
             if not self.policy.may_submit(submitter):
                 why = f"{submitter!r} may not run jobs on this site"
             elif not self.policy.may_run(script):
                 why = f"the script {script!r} is not allowed on this site"
+            elif code is not None:
+                why = self.policy.refuses_code(code.admin, code.packages)
             if why is not None:
                 self._audit("job-refused", job=job, submitter=submitter, script=script, why=why)
                 raise Unauthorized(f"{self.cell.name}: {why}")
@@ -168,10 +173,18 @@ class SiteJobs:
                 submitter=submitter,
                 by=ctx.src,
                 filters=self.policy.filters,
+                code=code.digest if code is not None else "",
             )
             try:
                 await self.start(
-                    job, attempt, script, config, codec=codec, digest=digest, encrypt_to=encrypt_to
+                    job,
+                    attempt,
+                    script,
+                    config,
+                    codec=codec,
+                    digest=digest,
+                    encrypt_to=encrypt_to,
+                    code=code,
                 )
             except BaseException as exc:
                 self._ended(job, attempt, f"not started: {type(exc).__name__}: {exc}", "failed")
@@ -290,6 +303,23 @@ class SiteJobs:
             self._save_starts()
         except OSError as exc:
             self._log.error("cannot record the end of a job", job=job, error=str(exc))
+
+    def _job_code(self, doc: object, job: str, submitter: str) -> JobCode | None:
+        """The job's own code in a start, checked here (never trusting the server for it):
+        well formed, every file as its manifest says, signed by the submitting admin.
+
+        Raises:
+            BadRequest: malformed (audited).
+            IntegrityError: changed, or not signed by the submitter (audited).
+        """
+        try:
+            code = load_wire(doc, "the job's code")
+            if code is not None:
+                code.verify(self.verifier, now=datetime.now(UTC), admin=submitter)
+        except (BadRequest, IntegrityError) as exc:
+            self._audit("job-refused", job=job, submitter=submitter, why=str(exc))
+            raise
+        return code
 
     def _server_certificate(self, value: object) -> bytes | None:
         """The server certificate a job seals results for, checked against the CA."""
@@ -428,9 +458,12 @@ class SiteJobs:
         codec: str = "tensors",
         digest: bool = True,
         encrypt_to: bytes | None = None,
+        code: JobCode | None = None,
     ) -> None:
         """Start the job's training process (idempotent for the same attempt; a new attempt
-        replaces the old process)."""
+        replaces the old process). With ``code`` (checked by the caller) the process runs in
+        the job's folder with the code in ``code/`` first on its path; that folder is removed
+        when the process ends."""
         old = self.jobs.get(job)
         if old is not None and old.attempt == attempt and not old.done.is_set():
             return
@@ -455,9 +488,11 @@ class SiteJobs:
         self.jobs[job] = running
         folder = self.workdir / job
         await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
-        self._tg.start_soon(self._run, running, script, folder)
+        if code is not None:
+            await anyio.to_thread.run_sync(code.install, folder / CODE)
+        self._tg.start_soon(self._run, running, script, folder, code is not None)
 
-    async def _run(self, running: _SiteJob, script: str, folder: Path) -> None:
+    async def _run(self, running: _SiteJob, script: str, folder: Path, shipped: bool) -> None:
         job = running.job
 
         def started(pid: int) -> None:
@@ -472,6 +507,8 @@ class SiteJobs:
                     stop_timeout=self.grace,
                     log=folder / "worker.log",
                     on_start=started,
+                    code=folder / CODE if shipped else None,
+                    cwd=folder if shipped else None,
                 )
             if running.runtime.failed is not None:  # even if the job's abort came after
                 outcome = f"failed: {running.runtime.failed}"
@@ -482,6 +519,9 @@ class SiteJobs:
             self._log.warning("job process failed", job=job, error=str(exc))
             await running.runtime.fail(f"training process failed: {type(exc).__name__}: {exc}")
         finally:
+            if shipped:  # the job's code goes with it (its log stays for ``job logs``)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_remove_code, folder / CODE)
             if self.jobs.get(job) is running:
                 del self.jobs[job]
             self._ended(job, running.attempt, outcome)
@@ -515,6 +555,10 @@ def _job_id(msg: Payload) -> str:
 def _check_job_id(job: str) -> None:
     if not job or "/" in job or "\\" in job or job.startswith(".") or "\x00" in job:
         raise BadRequest(f"bad job id {job!r:.80}")
+
+
+def _remove_code(code: Path) -> None:
+    shutil.rmtree(code, ignore_errors=True)
 
 
 def _tail(path: Path, n: int) -> bytes:

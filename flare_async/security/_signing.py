@@ -215,6 +215,16 @@ class SignatureVerifier:
             IntegrityError: unsigned, a certificate not from the CA (or expired, or naming
                 another cell), a bad signature, or a signed field that differs.
         """
+        return self.verify_signer(headers, src=src, expect=expect, now=now)[0]
+
+    def verify_signer(
+        self, headers: Mapping[str, str], *, src: str, expect: Mapping[str, Any], now: datetime
+    ) -> tuple[dict[str, Any], Identity]:
+        """:meth:`verify`, and the signer's identity (its role) from its certificate.
+
+        Raises:
+            IntegrityError: see :meth:`verify`.
+        """
         text = header_text(headers, FIELDS, MAX_FIELDS_CHARS, src)
         value = header_text(headers, VALUE, 512, src)
         cert_text = header_text(headers, CERT, MAX_CERT_CHARS, src)
@@ -232,7 +242,7 @@ class SignatureVerifier:
             public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise IntegrityError(f"the signature of {src} does not match what it signed") from None
-        return check_fields(data, identity=identity.name, src=src, expect=expect)
+        return check_fields(data, identity=identity.name, src=src, expect=expect), identity
 
     def check_certificate(self, der: bytes, name: str, now: datetime) -> Identity:
         """The identity in ``der`` if it is this CA's, valid ``now`` and names ``name``.

@@ -327,6 +327,7 @@ def test_admin_rights_by_name_then_organisation_then_everyone(tmp_path: Path) ->
     assert rights.of("mallory@example.org", "elsewhere") == frozenset()
     assert AdminRights.load(tmp_path / "none.toml").of("anyone") == {
         "submit",
+        "code",
         "abort",
         "abort-any",
         "view",

@@ -1,0 +1,141 @@
+"""A job that brings its own code, on a real deployment (issue 21): the server and two sites are
+OS processes started in a folder of their own, with nothing of the repo or of the job on their
+path (only the installed environment), over mutual TLS; the admin packs the job from its own
+folder with the CLI (``job export``, ``job submit``), as a user ships a job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flare_async.codecs import decode
+from flare_async.security import provision
+from flare_async.testing import free_ports
+from tests._procs import Proc
+
+pytestmark = pytest.mark.slow  # every cell an OS process
+
+ADMIN = "alice@example.org"
+SITES = ["server.site-1", "server.site-2"]
+LAB = """
+import numpy as np
+import flare_async.client as flare
+from flare_async.fl import FedAvgRecipe, FLModel
+from deploylab.steps import STEP
+
+
+def train() -> None:
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        params = {k: np.asarray(v) + STEP for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": 1}))
+
+
+def recipe() -> FedAvgRecipe:
+    return FedAvgRecipe(initial={"w": np.zeros(4)}, script="deploylab:train", rounds=2)
+"""
+
+
+class Shipped:
+    def __init__(self, root: Path) -> None:
+        (port,) = free_ports(1)
+        clients = "".join(
+            f'[[clients]]\nname = "{s}"\nparent = "tls://127.0.0.1:{port}"\n' for s in SITES
+        )
+        (root / "project.toml").write_text(
+            f'project = "shipped"\norg = "example.org"\n'
+            f'[server]\nlisten = ["tls://127.0.0.1:{port}"]\n{clients}'
+            f'[[admins]]\nname = "{ADMIN}"\nparent = "tls://127.0.0.1:{port}"\n'
+        )
+        self.kits = root / "kits"
+        provision(root / "project.toml", self.kits, now=datetime.now(UTC))
+        self.lab = root / "lab"  # the admin's own folder, the only place the code is
+        (self.lab / "deploylab").mkdir(parents=True)
+        (self.lab / "deploylab" / "__init__.py").write_text(LAB)
+        (self.lab / "deploylab" / "steps.py").write_text("STEP = 0.5\n")
+        self.root = root
+        elsewhere = root / "elsewhere"  # where the cells run: no repo, no job code
+        elsewhere.mkdir()
+        self.procs = {
+            name: Proc(
+                name,
+                self.kits / name,
+                root / f"{name}.log",
+                ["--jobs", str(root / "jobs" / name)],
+                cwd=elsewhere,
+                repo_on_path=False,
+            )
+            for name in ["server", *SITES]
+        }
+        self.procs["server"].wait_all("site-registered", "site", SITES)
+
+    def job(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        return subprocess.run(
+            [sys.executable, "-m", "flare_async", "job", "--kit", str(self.kits / ADMIN), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+            check=False,
+            cwd=self.lab,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs.values()):
+            proc.stop()
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Iterator[Shipped]:
+    d = Shipped(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_sites_that_never_saw_the_code_run_a_job_that_ships_it(shipped: Shipped) -> None:
+    done = shipped.job("submit", "deploylab:recipe", "--wait", "--timeout", "120")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec = json.loads(done.stdout.splitlines()[-1])
+    assert rec["state"] == "finished"
+    assert rec["sites"] == SITES
+    assert rec["code"]
+    job = shipped.root / "jobs" / "server" / rec["id"]
+    tensors, _ = decode((job / "checkpoints" / "last.safetensors").read_bytes())
+    assert np.allclose(tensors["w"], 1.0)  # two rounds of the shipped STEP
+    for site in SITES:
+        shipped.procs[site].wait_for("job-ended", job=rec["id"])
+        assert not (shipped.root / "jobs" / site / rec["id"] / "code").exists()
+
+
+def test_an_exported_job_is_submitted_as_exported_and_refused_once_edited(
+    shipped: Shipped,
+) -> None:
+    out = shipped.root / "exported"
+    exported = shipped.job("export", "deploylab:recipe", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert f"signed by {ADMIN}" in exported.stdout
+    assert json.loads((out / "manifest.json").read_text())["admin"] == ADMIN
+    shutil.rmtree(shipped.lab / "deploylab")  # the export stands on its own
+    done = shipped.job("submit", str(out), "--wait", "--timeout", "120")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["state"] == "finished"
+    (out / "code" / "deploylab" / "steps.py").write_text("STEP = 1000\n")
+    edited = shipped.job("submit", str(out))
+    assert edited.returncode != 0
+    assert "changed after signing" in edited.stderr
+    assert len(edited.stderr.strip().splitlines()) == 1
