@@ -43,6 +43,7 @@ import anyio
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import kit_drivers, kit_verifier
+from flare_async.cli._progress import RoundProgress
 from flare_async.errors import BadRequest, ConfigError, FlareError
 from flare_async.fl import JOB_CHANNEL, JobCode, is_own_code, pack_job
 from flare_async.security import (
@@ -156,20 +157,52 @@ def download_target(folder: Path, job: str, name: str) -> Path:
     return target
 
 
-async def _wait(session: AdminSession, job: str, timeout: float | None) -> dict[str, Any]:
-    seen = -1
-    with anyio.fail_after(timeout):
-        while True:
-            rec: dict[str, Any] = await session.call("status", {"id": job})
-            if rec["rounds_done"] != seen:
-                seen = rec["rounds_done"]
-                _print_line(
-                    {"job": job, "state": rec["state"], "rounds": seen, "metrics": rec["metrics"]},
-                    err=True,
-                )
-            if rec["state"] in ("finished", "failed", "aborted"):
-                return rec
-            await anyio.sleep(1.0)
+ENDED = ("finished", "failed", "aborted")
+
+
+async def _wait(
+    session: AdminSession, job: str, timeout: float | None, *, as_json: bool = False
+) -> dict[str, Any]:
+    """Poll the job's record until it ends (its last record). On stderr meanwhile: the
+    rounds as a person follows them (round k of n, sites answered, elapsed and remaining
+    time, the latest metrics: :class:`RoundProgress`), or with ``as_json`` one JSON line per
+    change; at the end, why it failed and each site's own error."""
+    seen: tuple[Any, ...] = ()
+    progress: RoundProgress | None = None
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                rec: dict[str, Any] = await session.call("status", {"id": job})
+                now = (rec["state"], rec["rounds_done"], rec.get("rounds", 0))
+                if now != seen:
+                    seen = now
+                    if as_json:
+                        line = {"job": job, "state": rec["state"], "rounds": rec["rounds_done"]}
+                        _print_line({**line, "metrics": rec["metrics"]}, err=True)
+                    elif progress is None:
+                        if rec["state"] == "running" and rec.get("rounds"):
+                            progress = RoundProgress(
+                                rec["rounds"], out=sys.stderr, first=rec["rounds_done"]
+                            )
+                    elif rec["rounds_done"] > progress.done:
+                        progress.update(
+                            rec["rounds_done"],
+                            responded=rec.get("responded", 0),
+                            expected=len(rec["sites"]) or None,
+                            metrics=rec["metrics"],
+                            rounds=rec["rounds"],
+                        )
+                if rec["state"] in ENDED:
+                    break
+                await anyio.sleep(1.0)
+    finally:
+        if progress is not None:
+            progress.close()
+    if rec["state"] != "finished" and not as_json:
+        sys.stderr.write(f"job {job} {rec['state']}: {rec.get('error') or 'no reason given'}\n")
+        for site, why in sorted(rec.get("site_errors", {}).items()):
+            sys.stderr.write(f"  {site}: {why}\n")
+    return rec
 
 
 def _print_line(doc: Any, *, err: bool = False) -> None:
@@ -253,7 +286,7 @@ async def main_async(args: Any) -> int:
             _print_line(rec)
             if not args.wait:
                 return 0
-            rec = await _wait(session, rec["id"], args.timeout)
+            rec = await _wait(session, rec["id"], args.timeout, as_json=args.json)
             _print_line(rec)
             return 0 if rec["state"] == "finished" else 1
         if args.action == "list":
@@ -267,7 +300,7 @@ async def main_async(args: Any) -> int:
             _print_line(await session.call("status", {"id": args.job}))
             return 0
         if args.action == "wait":
-            rec = await _wait(session, args.job, args.timeout)
+            rec = await _wait(session, args.job, args.timeout, as_json=args.json)
             _print_line(rec)
             return 0 if rec["state"] == "finished" else 1
         if args.action == "abort":
@@ -377,12 +410,16 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--sites", help="comma-separated site names (default: every registered one)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")
     s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after")
+    s.add_argument(
+        "--json", action="store_true", help="with --wait: a JSON line per change, no progress"
+    )
     actions.add_parser("list", help="every job on the server")
     for name, text in (("status", "a job's record"), ("abort", "abort a job")):
         actions.add_parser(name, help=text).add_argument("job")
     w = actions.add_parser("wait", help="wait until a job ends")
     w.add_argument("job")
     w.add_argument("--timeout", type=float, default=None)
+    w.add_argument("--json", action="store_true", help="a JSON line per change, no progress")
     lg = actions.add_parser("logs", help="a job's event log, or a site's training log")
     lg.add_argument("job")
     lg.add_argument("--site", help="the site whose training process log to show")

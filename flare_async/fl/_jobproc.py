@@ -84,10 +84,13 @@ class JobFacts:
     config: dict[str, Any]
     encrypt: bool
     relay_aggregation: bool
+    rounds: int = 0
+    """The rounds the workflow runs (what ``job wait`` counts towards)."""
 
     @classmethod
     def of(cls, recipe: FedAvgRecipe) -> JobFacts:
         return cls(
+            rounds=recipe.rounds,
             min_clients=recipe.min_clients,
             script=recipe.script_spec(),
             codec=recipe.codec,
@@ -103,7 +106,7 @@ class JobFacts:
             json.dumps(facts.config)  # it goes to the sites as JSON
         except (KeyError, TypeError, ValueError) as exc:
             raise JobProcessError(f"the job process described its recipe wrongly: {exc}") from None
-        types = {"min_clients": int, "script": str, "codec": str, "config": dict}
+        types = {"min_clients": int, "script": str, "codec": str, "config": dict, "rounds": int}
         types |= {"encrypt": bool, "relay_aggregation": bool}
         for name, kind in types.items():
             if type(getattr(facts, name)) is not kind:

@@ -5,11 +5,13 @@ overrides (rounds, codec, sites...). An admin submits it to the server (``flare-
 submit``); the server keeps every job in a folder of its own and runs it when it can::
 
     SUBMITTED -> RUNNING -> FINISHED | FAILED | ABORTED
+                         -> INTERRUPTED (the server stopped) -> RUNNING when it starts again
 
 Each state change is written to ``<store>/<job>/job.json`` (atomically) before anything acts on
 it, with a line in ``<store>/<job>/events.jsonl`` (state changes, every round's outcome). The
 global model is checkpointed after every round in ``<store>/<job>/checkpoints``. A server that
-dies mid-job finds the job ``RUNNING`` when it starts again and runs it again: the workflow
+is stopped mid-job marks it ``INTERRUPTED``; one that dies finds it ``RUNNING``: either way,
+when it starts again it runs the job again: the workflow
 resumes after the last checkpointed round, and the sites start a fresh training process for the
 new attempt. Aborting a job cancels its workflow and tells every site to stop the job's training
 process (SIGTERM, then SIGKILL), freeing everything it held.
@@ -125,6 +127,8 @@ class JobState(enum.StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+    """The server stopped while the job ran: it resumes when the server starts again."""
 
     @property
     def done(self) -> bool:
@@ -146,6 +150,10 @@ class JobRecord:
     started: float | None = None
     ended: float | None = None
     rounds_done: int = 0
+    rounds: int = 0
+    """The rounds the job's workflow runs (known once its recipe loaded; 0 before)."""
+    responded: int = 0
+    """Sites that answered the last round."""
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str = ""
     code: str = ""
@@ -395,6 +403,8 @@ class JobManager:
             ref = decode_as(msg, JobRef)
             found = self.jobs.get(ref.id)
             admin = self._admin(ctx, "abort", msg, job=found)  # before saying whether it exists
+            if found is not None and found.state.done:
+                raise BadRequest(f"job {found.id} already {found.state.value}: nothing to abort")
             rec = await self.abort(self._job(ref).id, by=admin)
             return json.dumps(rec.to_json()).encode()
 
@@ -585,6 +595,15 @@ class JobManager:
                 code is malformed or names another recipe.
             IntegrityError: the code is not signed by the submitter, or changed.
         """
+        known = self.sites | set(self.store.known_sites())
+        unknown = [s for s in sites or [] if s not in known]
+        if unknown:
+            why = (
+                f"no site {', '.join(repr(s) for s in unknown)} ever registered here "
+                f"(known: {', '.join(sorted(known)) or 'none yet'})"
+            )
+            self._audit("job-refused", recipe=recipe, by=submitter, why=why)
+            raise BadRequest(f"job refused: {why}")
         job = f"{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}"
         where = None
         if code is not None and code.recipe != recipe:
@@ -651,9 +670,11 @@ class JobManager:
                 for rec in sorted(self.jobs.values(), key=lambda r: (r.state, r.submitted)):
                     if running >= self.max_running:
                         break
-                    if rec.state in (JobState.RUNNING, JobState.SUBMITTED) and (
-                        rec.id not in self._scopes
-                    ):
+                    if rec.state in (
+                        JobState.RUNNING,
+                        JobState.SUBMITTED,
+                        JobState.INTERRUPTED,
+                    ) and (rec.id not in self._scopes):
                         self._scopes[rec.id] = anyio.CancelScope()
                         self._done[rec.id] = anyio.Event()
                         tg.start_soon(self._run_job, rec)
@@ -663,9 +684,13 @@ class JobManager:
 
     async def _run_job(self, rec: JobRecord) -> None:
         scope = self._scopes[rec.id]
+        interrupted = False
         try:
             with scope:
                 await self._attempt(rec)
+        except anyio.get_cancelled_exc_class():
+            interrupted = not scope.cancel_called  # the server stops (an abort ends here)
+            raise
         except Exception as exc:  # any failure of a job fails that job, never the server
             self._log.error("job failed", job=rec.id, exc_info=exc)
             # A job process's failure already names what its workflow raised.
@@ -675,7 +700,10 @@ class JobManager:
                 rec.site_errors.update(exc.failed)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._finish(rec, aborted=scope.cancel_called)
+                if interrupted:
+                    self._set(rec, JobState.INTERRUPTED, error="the server stopped during the job")
+                else:
+                    await self._finish(rec, aborted=scope.cancel_called)
             self._scopes.pop(rec.id, None)
             self._servers.pop(rec.id, None)
             self._wake.set()
@@ -695,13 +723,15 @@ class JobManager:
         ) as proc:
             facts = proc.facts
             sites = await self._wait_for_sites(rec, facts.min_clients)
-            resumed = rec.state is JobState.RUNNING
+            resumed = rec.state in (JobState.RUNNING, JobState.INTERRUPTED)
             self._set(
                 rec,
                 JobState.RUNNING,
                 sites=sites,
                 attempt=rec.attempt + 1,
                 started=rec.started or time.time(),
+                rounds=facts.rounds,
+                error="",
             )
             if resumed:
                 self.store.event(rec.id, "resumed", attempt=rec.attempt)
@@ -735,6 +765,7 @@ class JobManager:
 
     def _round(self, rec: JobRecord, result: RoundResult) -> None:
         rec.rounds_done = result.round + 1
+        rec.responded = len(result.responded)
         rec.metrics = result.mean_metrics()
         rec.site_errors.update(result.failed)
         self.store.save(rec)

@@ -32,6 +32,7 @@ import base64
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -552,8 +553,14 @@ def _job_id(msg: Payload) -> str:
     return job
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+INBOX = "inbox"
+"""The name a site's inbox has in its jobs folder (``flare-async run --jobs``): no job's."""
+
+
 def _check_job_id(job: str) -> None:
-    if not job or "/" in job or "\\" in job or job.startswith(".") or "\x00" in job:
+    """A job id names a folder of the jobs folder: a plain name, and not the inbox's."""
+    if not _JOB_ID.fullmatch(job) or job == INBOX:
         raise BadRequest(f"bad job id {job!r:.80}")
 
 

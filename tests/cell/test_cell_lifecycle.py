@@ -89,9 +89,9 @@ async def test_wildcard_topic_and_exact_topic_priority() -> None:
         assert (await cell.request("server", "t", "other")).tobytes() == b"wild:other"
 
 
-async def test_unknown_scheme_fails_at_start() -> None:
+async def test_unknown_scheme_fails_when_the_cell_is_made() -> None:
     with pytest.raises(errors.UnsupportedScheme):
-        async with Cell("server", listen=["tcp://127.0.0.1:0"]):
+        async with Cell("server", listen=["gopher://127.0.0.1:70"]):
             pass
 
 

@@ -314,3 +314,12 @@ def test_a_sites_policy_decides_whether_whose_and_which_code_runs() -> None:
 def test_a_policy_with_a_wrong_code_setting_does_not_load(jobs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         policy_from_dict({"jobs": jobs})
+
+
+@pytest.mark.parametrize("job", ["inbox", "", ".x", "a/b", "a\\b", "x\x00", "-x", "a" * 101])
+def test_a_job_id_that_is_not_a_plain_folder_of_the_sites_own_is_refused(job: str) -> None:
+    from flare_async.fl._site import _check_job_id  # noqa: PLC0415 - a site's own rule
+
+    with pytest.raises(BadRequest, match="bad job id"):
+        _check_job_id(job)
+    _check_job_id("20261207-0a1b2c3d")
