@@ -19,8 +19,6 @@ one line, exit status 130 (a second Ctrl-C while it stops: at once).
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import signal
@@ -29,16 +27,14 @@ import time
 import typing
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 import numpy as np
 
 from flare_async import _logging
-from flare_async._spec import load_object
+from flare_async._spec import importable
 from flare_async.cli._progress import AboveBar, RoundProgress, human_seconds, logging_above_bars
-from flare_async.errors import ConfigError
 from flare_async.fl import FedAvgRecipe, FLModel, RoundResult
 
 EXIT_INTERRUPTED = 130  # as cli._main's
@@ -219,78 +215,13 @@ class _Report:
 
 
 def load_recipe(spec: str, overrides: Mapping[str, Any]) -> FedAvgRecipe:
-    """The recipe ``spec`` names (``MODULE:NAME`` or ``path/to/file.py:NAME``) with
-    ``overrides`` applied, passed to a recipe function that takes them as parameters too.
+    """The recipe ``spec`` names (``MODULE:NAME`` or ``path/to/file.py:NAME``, importable here
+    and in the sites' processes) with ``overrides`` (see ``FedAvgRecipe.load``).
 
     Raises:
         ConfigError: a file that does not exist or load, a spec that does not name a recipe.
     """
-    spec = _importable(spec)
-    obj = load_object(spec, "recipe", "recipe")
-    passed = {k: v for k, v in overrides.items() if _declares_recipe(obj) and k in _parameters(obj)}
-    if passed:
-        recipe = obj(**passed)
-        if not isinstance(recipe, FedAvgRecipe):
-            raise ConfigError(f"{spec} returned a {type(recipe).__name__}, not a recipe")
-    else:
-        recipe = FedAvgRecipe.load(spec)
-    for key, value in overrides.items():
-        setattr(recipe, key, value)
-    return recipe
-
-
-def _importable(spec: str) -> str:
-    """``spec`` as ``MODULE:NAME``, its module importable here and in the sites' processes:
-    the current folder on the path (as with ``python -m``); for ``path/to/file.py[:NAME]``,
-    the file's folder, and the module named after the file."""
-    _on_path(Path.cwd())
-    where, colon, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if not where.endswith(".py"):
-        return spec
-    file = Path(where)
-    if not file.is_file():
-        raise ConfigError(f"no such file: {file} (in recipe {spec!r})")
-    file = file.resolve()
-    module = file.stem
-    if not module.isidentifier():
-        raise ConfigError(f"{file.name}: a recipe file's name must be a Python identifier")
-    _on_path(file.parent)
-    try:
-        loaded = sys.modules.get(module) or importlib.import_module(module)
-    except (ImportError, SyntaxError) as exc:
-        raise ConfigError(f"cannot load the recipe file {file}: {exc}") from exc
-    origin = getattr(loaded, "__file__", None)
-    if origin is None or Path(origin).resolve() != file:
-        raise ConfigError(
-            f"{file.name}: the module name {module!r} is already another module's "
-            f"({origin or 'built in'}); rename the file"
-        )
-    return f"{module}{colon}{name}"
-
-
-def _on_path(folder: Path) -> None:
-    """``folder`` first on this process's import path and its children's (PYTHONPATH)."""
-    text = str(folder)
-    if text not in sys.path:
-        sys.path.insert(0, text)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if text not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([text, *parts])
-
-
-def _declares_recipe(obj: object) -> bool:
-    """As ``FedAvgRecipe.load`` decides: a plain function annotated ``-> FedAvgRecipe``."""
-    if not inspect.isfunction(obj):
-        return False
-    try:
-        returns = typing.get_type_hints(obj).get("return")
-    except Exception:
-        return False
-    return isinstance(returns, type) and issubclass(returns, FedAvgRecipe)
-
-
-def _parameters(obj: Any) -> set[str]:
-    return set(inspect.signature(obj).parameters)
+    return FedAvgRecipe.load(importable(spec), overrides)
 
 
 def _isatty(out: TextIO) -> bool:

@@ -54,6 +54,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from flare_async._spec import importable
 from flare_async.errors import BadRequest, ConfigError, IntegrityError
 from flare_async.security import Role, SignatureVerifier, Signer
 
@@ -300,7 +301,7 @@ def pack_job(
     from flare_async.fl._recipe import load_recipe  # noqa: PLC0415 - the recipe imports fl
 
     root = (root or Path.cwd()).resolve()
-    spec = with_path(spec, root)
+    spec = importable(spec, root)
     module = spec.partition(":")[0]
     if _local_origin(module.split(".", 1)[0]) is None:
         raise ConfigError(
@@ -350,29 +351,6 @@ def pack_job(
         raise ConfigError(str(exc)) from None
 
 
-def with_path(spec: str, root: Path) -> str:
-    """``spec`` as ``MODULE:NAME``, with ``root`` first on ``sys.path`` (as ``python -m`` puts
-    the current folder); ``path/to/file.py:NAME`` becomes ``file:NAME`` with the file's folder
-    first on the path instead.
-
-    Raises:
-        ConfigError: a ``.py`` file that does not exist.
-    """
-    module, sep, name = spec.partition(":")
-    if module.endswith(".py"):
-        path = (root / module).resolve()
-        if not path.is_file():
-            raise ConfigError(f"no file {module}")
-        folder, module = str(path.parent), path.stem
-    else:
-        folder = str(root)
-    if folder in sys.path:
-        sys.path.remove(folder)
-    sys.path.insert(0, folder)
-    importlib.invalidate_caches()
-    return f"{module}{sep}{name}"
-
-
 def is_own_code(spec: str, root: Path) -> bool:
     """Whether the recipe ``spec`` names lives in the user's own code (shipped with the job)
     rather than in the environment (sent by name); ``root`` goes first on the path.
@@ -380,7 +358,7 @@ def is_own_code(spec: str, root: Path) -> bool:
     Raises:
         ConfigError: no such module or file.
     """
-    module = with_path(spec, root).partition(":")[0]
+    module = importable(spec, root).partition(":")[0]
     return _local_origin(module.split(".", 1)[0]) is not None
 
 
@@ -520,5 +498,4 @@ __all__ = [
     "pack_job",
     "python",
     "top_level_names",
-    "with_path",
 ]

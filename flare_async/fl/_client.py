@@ -735,9 +735,15 @@ class ClientRuntime:
         self, link: TcpLink, results: anyio.abc.ObjectReceiveStream[Frame]
     ) -> None:
         while True:
-            item = await anyio.to_thread.run_sync(
-                self._inbox.get, abandon_on_cancel=True, limiter=self._waiter
-            )
+            try:
+                item = await anyio.to_thread.run_sync(
+                    self._inbox.get, abandon_on_cancel=True, limiter=self._waiter
+                )
+            except anyio.get_cancelled_exc_class():
+                # The abandoned get still blocks its worker thread: a stop word releases it,
+                # or the thread outlives the event loop and the process never exits.
+                self._inbox.put(_STOP)
+                raise
             if item is _STOP:
                 self._inbox.put(_STOP)
                 with contextlib.suppress(FlareError):

@@ -68,16 +68,14 @@ class FedAvgRecipe:
         SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: at submission
 
     @staticmethod
-    def load(spec: str) -> FedAvgRecipe:
+    def load(spec: str, overrides: Mapping[str, Any] | None = None) -> FedAvgRecipe:
         """The recipe ``MODULE:NAME`` names (what ``flare-async simulate`` and ``job submit``
-        take): a recipe, or a function *declared* to return one, called with no arguments.
-        Nothing else named is ever called.
+        take), with ``overrides``: see :func:`load_recipe`.
 
         Raises:
-            ConfigError: it does not load, is neither a recipe nor a declared recipe factory,
-                or the factory returned something else.
+            ConfigError: see :func:`load_recipe`.
         """
-        return load_recipe(spec)
+        return load_recipe(spec, overrides)
 
     async def run(
         self,
@@ -139,28 +137,32 @@ class FedAvgRecipe:
         return result
 
 
-def load_recipe(spec: str) -> FedAvgRecipe:
+def load_recipe(spec: str, overrides: Mapping[str, Any] | None = None) -> FedAvgRecipe:
     """The recipe ``MODULE:NAME`` names: a :class:`FedAvgRecipe`, or a function *declared* to
-    return one (``def recipe(...) -> FedAvgRecipe``), which is called with no arguments.
-    Nothing else named is ever called: a job's spec comes from an admin, and ``os:abort`` or
-    ``signal:pause`` must not run in the server.
+    return one (``def recipe(...) -> FedAvgRecipe``), which is called with those of the
+    ``overrides`` it takes as parameters (so that what it builds from them, an ``evaluate``
+    that counts rounds, agrees), and no other arguments; then every override is applied
+    (:func:`apply_overrides`). Nothing else named is ever called: a job's spec comes from an
+    admin, and ``os:abort`` or ``signal:pause`` must not run in the server.
 
     Raises:
-        ConfigError: it does not load, is neither a recipe nor a declared recipe factory, or
-            the factory returned something else.
+        ConfigError: it does not load, is neither a recipe nor a declared recipe factory, the
+            factory returned something else, or an override is not allowed.
     """
+    overrides = dict(overrides or {})
     obj = load_object(spec, "recipe", "recipe")
     if isinstance(obj, FedAvgRecipe):
-        return obj
+        return apply_overrides(obj, overrides)
     if not declares_recipe(obj):
         raise ConfigError(
             f"{spec} is a {type(obj).__name__}, neither a recipe nor a function declared to "
             "return one (-> FedAvgRecipe); it was not called"
         )
-    recipe = obj()
+    takes = set(inspect.signature(obj).parameters)
+    recipe = obj(**{k: v for k, v in overrides.items() if k in takes and k in OVERRIDES})
     if not isinstance(recipe, FedAvgRecipe):
         raise ConfigError(f"{spec} returned a {type(recipe).__name__}, not a recipe")
-    return recipe
+    return apply_overrides(recipe, overrides)
 
 
 def declares_recipe(obj: object) -> bool:

@@ -520,9 +520,9 @@ class SiteJobs:
             self._log.warning("job process failed", job=job, error=str(exc))
             await running.runtime.fail(f"training process failed: {type(exc).__name__}: {exc}")
         finally:
-            if shipped:  # the job's code goes with it (its log stays for ``job logs``)
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(_remove_code, folder / CODE)
+            if shipped:  # the job's code goes with it (its log stays for ``job logs``);
+                # here, not in a worker thread: this also runs as the site shuts down
+                _remove_code(folder / CODE)
             if self.jobs.get(job) is running:
                 del self.jobs[job]
             self._ended(job, running.attempt, outcome)

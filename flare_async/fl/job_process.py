@@ -29,7 +29,7 @@ from flare_async.fl._aggregate import WeightedSum
 from flare_async.fl._jobchannel import Channel, JobProcessError
 from flare_async.fl._jobproc import BEAT, CODECS, JobFacts, strings
 from flare_async.fl._model import FLModel, model_from_parts, model_parts
-from flare_async.fl._recipe import FedAvgRecipe, apply_overrides, load_recipe
+from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._results import RoundResult
 from flare_async.fl._secagg import SecAggRangeError
 from flare_async.fl._secure import SecureAggregation
@@ -139,7 +139,7 @@ async def child_main(fd: int, spec: str, overrides: Mapping[str, Any]) -> int:
     """The job process (``python -m flare_async.fl.job_process run FD SPEC OVERRIDES``)."""
     channel = Channel(socket.socket(fileno=fd))
     try:
-        recipe = apply_overrides(load_recipe(spec), overrides)
+        recipe = load_recipe(spec, overrides)
         facts = JobFacts.of(recipe)
     except ConfigError as exc:
         await channel.send({"op": "failed", "kind": "ConfigError", "why": str(exc)})
@@ -183,7 +183,7 @@ async def _workflow(
 def main(argv: list[str]) -> int:
     if len(argv) == 4 and argv[1] == "check":
         try:
-            JobFacts.of(apply_overrides(load_recipe(argv[2]), json.loads(argv[3])))
+            JobFacts.of(load_recipe(argv[2], json.loads(argv[3])))
         except ConfigError as exc:
             sys.stderr.write(f"ConfigError: {exc}\n")
             return 2

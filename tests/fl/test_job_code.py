@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -63,7 +64,7 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Iterator[Path]:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A user's folder holding the package ``labjob`` (found nowhere else)."""
     pkg = tmp_path / "labjob"
     pkg.mkdir()
@@ -74,6 +75,7 @@ def project(tmp_path: Path) -> Iterator[Path]:
     (pkg / ".secret").write_text("not shipped")
     (tmp_path / "data.json").write_text('{"lr": 0.1}')
     saved = list(sys.path)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # packing adds to it
     yield tmp_path
     sys.path[:] = saved
     for name in [m for m in sys.modules if m == "labjob" or m.startswith("labjob.")]:

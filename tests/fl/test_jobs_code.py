@@ -6,6 +6,7 @@ site's policy or the admin's rights can refuse it, saying why."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,13 +53,14 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Path]:
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The admin's folder with the package ``shippedlab``, on no other process's path."""
     folder = tmp_path / "lab"
     (folder / "shippedlab").mkdir(parents=True)
     (folder / "shippedlab" / "__init__.py").write_text(SCRIPT)
     (folder / "shippedlab" / "steps.py").write_text("STEP = 0.25\n")
     saved = list(sys.path)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # packing adds to it
     yield folder
     sys.path[:] = saved
     for name in [m for m in sys.modules if m.split(".")[0] == "shippedlab"]:

@@ -5,6 +5,7 @@ refused, and a job the server's stop interrupted resumes when it starts again.""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from tests.fl.test_jobs import SITES, deployment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # real job and training processes
 
-FAILING = '''
+FAILING = """
 import numpy as np
 import flare_async.client as flare
 from flare_async.fl import FedAvgRecipe
@@ -37,7 +38,7 @@ def recipe() -> FedAvgRecipe:
 
 def missing() -> FedAvgRecipe:
     return FedAvgRecipe(initial={"w": np.zeros(2)}, script="truthlab.nowhere:train", rounds=1)
-'''
+"""
 
 
 @pytest.fixture
@@ -46,11 +47,12 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Path]:
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder = tmp_path / "lab"
     (folder / "truthlab").mkdir(parents=True)
     (folder / "truthlab" / "__init__.py").write_text(FAILING)
     saved = list(sys.path)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # packing adds to it
     yield folder
     sys.path[:] = saved
     for name in [m for m in sys.modules if m.split(".")[0] == "truthlab"]:
@@ -89,7 +91,7 @@ async def test_an_unknown_site_is_named_at_once_and_an_ended_job_is_not_aborted(
 ) -> None:
     async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
         body = {"recipe": "tests._fl_scripts:small_recipe", "sites": [SITES[0], "server.sitee-2"]}
-        with pytest.raises(errors.BadRequest, match="no site 'server.sitee-2' ever registered"):
+        with pytest.raises(errors.BadRequest, match=r"no site 'server\.sitee-2' ever registered"):
             await d.call("submit", body)
         assert not d.server.jobs  # nothing was queued
         rec = await d.call("submit", {"recipe": "tests._fl_scripts:small_recipe"})

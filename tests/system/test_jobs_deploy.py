@@ -401,8 +401,8 @@ def test_admin_rights_and_a_sites_mandatory_dp_filter_in_a_deployment(
     d = Deployment(
         tmp_path,
         files={
-            "server/admins.toml": '[rights]\n"alice@example.org" = ["submit", "abort", "view"]\n'
-            '"*" = ["view"]\n',
+            "server/admins.toml": "[rights]\n"
+            '"alice@example.org" = ["submit", "code", "abort", "view"]\n"*" = ["view"]\n',
             f"{SITES[0]}/policy.toml": "[privacy.dp]\nclip = 0.5\nnoise_multiplier = 0.8\n",
         },
     )
