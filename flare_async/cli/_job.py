@@ -441,7 +441,8 @@ def run(args: Any) -> int:
         return 2
     try:
         status: int = anyio.run(main_async, args, backend_options={"use_uvloop": True})
-    except (FlareError, TimeoutError) as exc:
-        sys.stderr.write(f"flare-async job {args.action}: {type(exc).__name__}: {exc}\n")
-        return 1
-    return status
+    except TimeoutError:  # --timeout of submit --wait or wait: the job itself goes on
+        raise FlareError(
+            f"gave up waiting after {args.timeout:g} s; the job goes on (job wait JOB)"
+        ) from None
+    return status  # a FlareError is cli._main's to report: one line, status 1

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO, cast
 
 import anyio
 import msgspec
@@ -28,7 +28,7 @@ import msgspec
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import cell_from_kit, emit
-from flare_async.cli._progress import ProgressBar
+from flare_async.cli._progress import AboveBar, ProgressBar
 from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
 from flare_async.security import Role, load_kit
 
@@ -230,7 +230,7 @@ def run(args: Any) -> int:
     """Entry of ``flare-async send``: the ``sent`` line on stdout, status 0. A refusal or
     failure (a name already in the inbox, the site's policy, no route, a stalled transfer) is
     ``cli._main``'s to report: one line, ``flare-async send: error: BadRequest: ...``, status 1."""
-    _logging.configure(json=False, level=30)
+    _logging.configure(json=False, level=30, stream=cast(TextIO, AboveBar(sys.stderr)))
     file = Path(args.file)
     name = args.name or file.name
     if not file.is_file():

@@ -240,7 +240,10 @@ def main(argv: list[str]) -> int:
     if len(argv) == 6 and argv[1] == "--site" and argv[3] == "--parent":
         import anyio  # noqa: PLC0415
 
-        anyio.run(serve_site, argv[2], argv[4], argv[5], backend_options={"use_uvloop": True})
+        try:
+            anyio.run(serve_site, argv[2], argv[4], argv[5], backend_options={"use_uvloop": True})
+        except KeyboardInterrupt:  # the terminal's Ctrl-C reached the whole group: the
+            return 130  # simulator that started us says so, once
         return 0
     sock = socket.socket(fileno=int(os.environ["FLARE_ASYNC_FD"]))
     runtime = PipeRuntime(
@@ -257,6 +260,8 @@ def main(argv: list[str]) -> int:
         with contextlib.suppress(OSError):
             runtime.flush()
         runtime.report(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130  # the terminal's Ctrl-C: whoever started us reports it, once
         raise
     with contextlib.suppress(OSError):
         runtime.flush()

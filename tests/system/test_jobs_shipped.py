@@ -45,6 +45,27 @@ def train() -> None:
 
 def recipe() -> FedAvgRecipe:
     return FedAvgRecipe(initial={"w": np.zeros(4)}, script="deploylab:train", rounds=2)
+
+
+def gated() -> None:
+    # As train, but from round 1 on only once the file FLARE_TEST_GATE names exists.
+    import os, time
+    from pathlib import Path
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        while model.current_round > 0 and not Path(os.environ["FLARE_TEST_GATE"]).exists():
+            time.sleep(0.05)
+        params = {k: np.asarray(v) + STEP for k, v in model.params.items()}
+        flare.send(FLModel(params=params, meta={"num_samples": 1}))
+
+
+def gated_recipe() -> FedAvgRecipe:
+    return FedAvgRecipe(
+        initial={"w": np.zeros(4)}, script="deploylab:gated", rounds=3, deadline=120
+    )
 """
 
 
@@ -66,6 +87,8 @@ class Shipped:
         (self.lab / "deploylab" / "__init__.py").write_text(LAB)
         (self.lab / "deploylab" / "steps.py").write_text("STEP = 0.5\n")
         self.root = root
+        self.gate = root / "gate"
+        os.environ["FLARE_TEST_GATE"] = str(self.gate)  # the cells inherit it (see fixture)
         elsewhere = root / "elsewhere"  # where the cells run: no repo, no job code
         elsewhere.mkdir()
         self.procs = {
@@ -99,7 +122,8 @@ class Shipped:
 
 
 @pytest.fixture
-def shipped(tmp_path: Path) -> Iterator[Shipped]:
+def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shipped]:
+    monkeypatch.setenv("FLARE_TEST_GATE", "")  # restored afterwards; Shipped sets it
     d = Shipped(tmp_path)
     try:
         yield d
@@ -114,6 +138,9 @@ def test_sites_that_never_saw_the_code_run_a_job_that_ships_it(shipped: Shipped)
     assert rec["state"] == "finished"
     assert rec["sites"] == SITES
     assert rec["code"]
+    # What a person follows meanwhile (stderr is no terminal here: one line a round).
+    assert "round 2/2" in done.stderr
+    assert "sites 2/2" in done.stderr
     job = shipped.root / "jobs" / "server" / rec["id"]
     tensors, _ = decode((job / "checkpoints" / "last.safetensors").read_bytes())
     assert np.allclose(tensors["w"], 1.0)  # two rounds of the shipped STEP
@@ -139,3 +166,27 @@ def test_an_exported_job_is_submitted_as_exported_and_refused_once_edited(
     assert edited.returncode != 0
     assert "changed after signing" in edited.stderr
     assert len(edited.stderr.strip().splitlines()) == 1
+
+
+def test_a_job_running_when_everything_stops_is_interrupted_then_resumed(
+    shipped: Shipped,
+) -> None:
+    """As ``up`` stops a deployment (SIGTERM to every cell) while a job runs: every process
+    exits promptly (a site with a job in hand too), the job is kept ``interrupted``, and the
+    next start resumes it from its checkpoint to its end."""
+    submitted = shipped.job("submit", "deploylab:gated_recipe")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout.splitlines()[-1])["id"]
+    shipped.procs["server"].wait_for("job-round", job=job, round=0, timeout=120)
+    for name in ["server", *SITES]:
+        assert shipped.procs[name].stop() == 0, shipped.procs[name].log.read_text()[-2000:]
+    kept = json.loads((shipped.root / "jobs" / "server" / job / "job.json").read_text())
+    assert kept["state"] == "interrupted"
+    assert kept["rounds_done"] == 1
+    shipped.gate.write_text("open")
+    for proc in shipped.procs.values():
+        proc.restart()
+    shipped.procs["server"].wait_for("job-state", job=job, state="finished", timeout=120)
+    done = json.loads(shipped.job("status", job).stdout)
+    assert done["attempt"] == 2
+    assert done["rounds_done"] == 3
