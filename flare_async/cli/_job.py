@@ -232,7 +232,7 @@ def job_code(args: Any, signer: Signer) -> tuple[str, JobCode | None]:
         BadRequest, IntegrityError: an exported folder edited after its export.
     """
     folder = Path(args.recipe)
-    if folder.is_dir():
+    if (folder / "manifest.json").is_file():
         code = JobCode.read(folder)
         if code.admin != signer.name:
             raise ConfigError(f"{folder} was signed by {code.admin}, not by {signer.name}")
@@ -242,6 +242,10 @@ def job_code(args: Any, signer: Signer) -> tuple[str, JobCode | None]:
     if not is_own_code(args.recipe, Path.cwd()):
         return args.recipe, None
     code = pack_job(args.recipe, signer, include=args.include or ())
+    sys.stderr.write(
+        f"shipping {len(code.files)} files ({code.size} bytes) with the job: "
+        f"{', '.join(code.packages)}\n"
+    )
     return code.recipe, code
 
 

@@ -11,7 +11,8 @@ processes only (never installed anywhere, removed when the job ends on a site).
 On disk (``job export``'s folder, and ``<store>/<job>/code`` on the server)::
 
     manifest.json   {"format": "flare-async-job/1", "recipe": "MODULE:RECIPE",
-                     "admin": NAME, "files": {"PATH": SHA256_HEX, ...}, "packages": [NAME, ...]}
+                     "script": "MODULE:FUNCTION", "admin": NAME,
+                     "files": {"PATH": SHA256_HEX, ...}, "packages": [NAME, ...]}
     signature.json  {"sig.fields": ..., "sig.value": ..., "sig.cert": ...}: the admin's
                     signature over {"src": NAME, "kind": "job-code", "manifest": SHA256_HEX
                     of manifest.json's exact bytes, "at": UNIX_TIME}
@@ -26,9 +27,12 @@ is missing, is refused); ship it as someone else (the signer must be the submitt
 certificate must be the CA's and name an admin); write outside the job's folder (paths are plain
 relative names, no ``..``, no hidden or control characters, written into a fresh folder);
 replace a module of the site's own environment (a shipped top-level name that is a standard
-library module or belongs to an installed distribution is refused, so the job's code cannot
-stand in for ``flare_async`` and its privacy filters, or for ``numpy``); grow without bound
-(:data:`MAX_FILES`, :data:`MAX_BYTES`).
+library module, belongs to an installed distribution, is imported by a ``.pth`` file or is a
+start-up hook such as ``sitecustomize`` is refused, so the job's code cannot stand in for
+``flare_async`` and its privacy filters, or for ``numpy``); ship code other than what a reviewer
+reads (Python source only: no bytecode, no native module); run it under another training script
+than it was packed for (the manifest names the script, and a site runs no other with it); grow
+without bound (:data:`MAX_FILES`, :data:`MAX_BYTES`).
 
 What a site may refuse on top (its ``policy.toml``, :class:`~flare_async.fl._privacy.SitePolicy`):
 any shipped code, code from admins not listed, top-level names not listed.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -45,7 +50,9 @@ import importlib.util
 import json
 import os
 import shutil
+import site
 import sys
+import sysconfig
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,7 +79,10 @@ CODE = "code"
 
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SKIP_SUFFIXES = (".pyc", ".pyo")
-_NATIVE_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+_COMPILED_SUFFIXES = (*importlib.machinery.EXTENSION_SUFFIXES, ".so", ".pyd", *_SKIP_SUFFIXES)
+_MODULE_SUFFIXES = tuple(importlib.machinery.all_suffixes())
+_STARTUP = frozenset({"sitecustomize", "usercustomize"})
+"""Modules the interpreter imports at start, before any job code is asked for."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,12 @@ class JobCode:
     @property
     def recipe(self) -> str:
         return str(self.meta["recipe"])
+
+    @property
+    def script(self) -> str:
+        """The training script the code was packed for (``MODULE:FUNCTION``): the only one a
+        site runs with it."""
+        return str(self.meta["script"])
 
     @property
     def admin(self) -> str:
@@ -122,11 +138,18 @@ class JobCode:
         """
         try:
             meta = json.loads(self.manifest)
-        except (ValueError, UnicodeError) as exc:
+        except (ValueError, UnicodeError, RecursionError) as exc:
             raise BadRequest(f"the job's manifest is not JSON: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BadRequest(f"the job's manifest is not a {FORMAT} manifest")
-        for key, kind in (("recipe", str), ("admin", str), ("files", dict), ("packages", list)):
+        keys = (
+            ("recipe", str),
+            ("script", str),
+            ("admin", str),
+            ("files", dict),
+            ("packages", list),
+        )
+        for key, kind in keys:
             if not isinstance(meta.get(key), kind):
                 raise BadRequest(f"the job's manifest has no {key} ({kind.__name__})")
         listed: dict[str, Any] = meta["files"]
@@ -136,6 +159,11 @@ class JobCode:
             raise BadRequest(f"a job ships at most {MAX_BYTES} bytes of code, not {self.size}")
         for path in listed:
             check_path(path)
+        folders = {path.rsplit("/", 1)[0] for path in listed if "/" in path}
+        folders |= {f.rsplit("/", i)[0] for f in folders for i in range(1, f.count("/") + 1)}
+        clash = sorted(folders & set(listed))
+        if clash:
+            raise BadRequest(f"the shipped path {clash[0]!r:.200} is both a file and a folder")
         unlisted = sorted(set(self.files) - set(listed))
         missing = sorted(set(listed) - set(self.files))
         if unlisted or missing:
@@ -145,8 +173,8 @@ class JobCode:
             if hashlib.sha256(data).hexdigest() != listed[path]:
                 raise IntegrityError(f"the job's file {path!r:.200} was changed after signing")
         packages = meta["packages"]
-        if sorted(packages) != top_level_names(listed) or not all(
-            isinstance(p, str) for p in packages
+        if not all(isinstance(p, str) for p in packages) or sorted(packages) != top_level_names(
+            listed
         ):
             raise BadRequest("the job's manifest names other packages than its files hold")
         module = str(meta["recipe"]).partition(":")[0]
@@ -203,7 +231,7 @@ class JobCode:
         if not isinstance(doc, dict) or set(doc) != {"manifest", "signature", "files"}:
             raise BadRequest("a job's code is {'manifest', 'signature', 'files'}")
         manifest, signature, files = doc["manifest"], doc["signature"], doc["files"]
-        if not isinstance(manifest, str) or len(manifest) > MAX_FILES * (MAX_PATH + 80) + 4096:
+        if not isinstance(manifest, str) or len(manifest) > MAX_FILES * (6 * MAX_PATH + 80) + 4096:
             raise BadRequest("a job's manifest is text of bounded size")
         if not isinstance(signature, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in signature.items()
@@ -216,8 +244,8 @@ class JobCode:
         for path, text in files.items():
             if not isinstance(path, str) or not isinstance(text, str):
                 raise BadRequest("a job's files are PATH: BASE64 entries")
-            total += len(text) * 3 // 4
-            if total > MAX_BYTES + 4:
+            total += len(text) * 3 // 4 - text[-2:].count("=")
+            if total > MAX_BYTES:
                 raise BadRequest(f"a job ships at most {MAX_BYTES} bytes of code")
             try:
                 decoded[path] = base64.b64decode(text, validate=True)
@@ -271,7 +299,7 @@ class JobCode:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{folder} is not an exported job ({exc})") from None
         code = folder / CODE
-        files = dict(_walk(code, code)) if code.is_dir() else {}
+        files = dict(_walk(code, code, everything=True)) if code.is_dir() else {}
         if not isinstance(signature, dict):
             raise ConfigError(f"{folder / SIGNATURE} is not a signature")
         return cls(manifest, {str(k): str(v) for k, v in signature.items()}, files).checked()
@@ -308,7 +336,8 @@ def pack_job(
             f"{module} is installed here (not your own code): submit it by name "
             "(--installed) on a deployment where every site has it"
         )
-    script = load_recipe(spec).script_spec().partition(":")[0]
+    script_spec = load_recipe(spec).script_spec()
+    script = script_spec.partition(":")[0]
     files: dict[str, bytes] = {}
     for top in dict.fromkeys(m.split(".", 1)[0] for m in (module, script)):
         where = _local_origin(top)
@@ -329,6 +358,7 @@ def pack_job(
         {
             "format": FORMAT,
             "recipe": spec,
+            "script": script_spec,
             "admin": admin,
             "files": {p: hashlib.sha256(d).hexdigest() for p, d in sorted(files.items())},
             "packages": packages,
@@ -371,20 +401,28 @@ def _local_origin(top: str) -> Path | None:
     if spec is None:
         raise ConfigError(f"no module {top} to ship")
     if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
+        if spec.origin is None or not spec.origin.endswith("__init__.py"):
+            raise ConfigError(
+                f"{top} is a folder without __init__.py (a namespace package): it is not "
+                "shipped whole, as it could be any folder; make it a package"
+            )
+        return Path(spec.origin).parent
     if spec.origin is None or not spec.origin.endswith(".py"):
         raise ConfigError(f"{top} is not Python source ({spec.origin}): it cannot be shipped")
     return Path(spec.origin)
 
 
-def _walk(path: Path, base: Path) -> Iterable[tuple[str, bytes]]:
+def _walk(path: Path, base: Path, *, everything: bool = False) -> Iterable[tuple[str, bytes]]:
     """Every file under ``path`` as (its path relative to ``base``, its bytes): no caches,
-    nothing hidden, no symbolic links."""
+    nothing hidden, no symbolic links (``everything``: all of them, symbolic links as their
+    targets' bytes, for a check that no file was added)."""
     for here, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        if not everything:
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(names):
             full = Path(here) / name
-            if name.startswith(".") or name.endswith(_SKIP_SUFFIXES) or full.is_symlink():
+            skip = name.startswith(".") or name.endswith(_SKIP_SUFFIXES) or full.is_symlink()
+            if skip and not everything:
                 continue
             yield _rel(full, base), full.read_bytes()
 
@@ -396,8 +434,9 @@ def _rel(path: Path, base: Path) -> str:
 # ---------------------------------------------------------------------------- rules
 def check_path(path: object) -> str:
     """``path`` if it is a plain relative file path: ``/``-separated names, none empty, ``.``,
-    ``..`` or hidden, no backslash, NUL or other control character, at most :data:`MAX_PATH`
-    characters, no native extension module.
+    ``..`` or hidden, none longer than 255 bytes, no backslash, NUL or other control character,
+    at most :data:`MAX_PATH` characters; Python source, not compiled code (no native extension
+    module, no bytecode, nothing in ``__pycache__``: what runs is what a reviewer reads).
 
     Raises:
         BadRequest: otherwise.
@@ -409,23 +448,27 @@ def check_path(path: object) -> str:
             not part
             or part.startswith(".")
             or "\\" in part
+            or len(part.encode()) > 255
             or any(ord(c) < 32 or ord(c) == 127 for c in part)
         ):
             raise BadRequest(f"the shipped path {path!r:.200} is not a plain relative path")
-    if path.endswith(_NATIVE_SUFFIXES):
-        raise BadRequest(f"a job ships Python source, not a native module ({path!r:.200})")
+    if path.endswith(_COMPILED_SUFFIXES) or "__pycache__" in path.split("/"):
+        raise BadRequest(f"a job ships Python source, not compiled code ({path!r:.200})")
     return path
 
 
 def top_level_names(paths: Iterable[str]) -> list[str]:
-    """The importable top-level names the files make: ``X`` of ``X/...`` and of ``X.py``."""
+    """The importable top-level names the files make: ``X`` of ``X/...`` and of ``X.py`` (or
+    any other suffix the importer loads)."""
     names = set()
     for path in paths:
         first, sep, _ = path.partition("/")
         if sep:
             names.add(first)
-        elif first.endswith(".py"):
-            names.add(first[:-3])
+        else:
+            for suffix in _MODULE_SUFFIXES:
+                if first.endswith(suffix):
+                    names.add(first[: -len(suffix)])
     return sorted(names)
 
 
@@ -448,10 +491,22 @@ def check_shippable(packages: Iterable[str]) -> None:
 
 @cache
 def _environment() -> frozenset[str]:
-    """Top-level module names of the standard library, the built-ins and every installed
-    distribution (editable installs included)."""
-    names = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    """Top-level module names of the standard library (its folder's too: ``test``), the
+    built-ins, every installed distribution (editable installs included), what the site
+    folders' ``.pth`` files import, and the interpreter's start-up hooks."""
+    names = set(sys.stdlib_module_names) | set(sys.builtin_module_names) | set(_STARTUP)
     names |= set(importlib.metadata.packages_distributions())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if stdlib.is_dir():
+        names |= {p.name.removesuffix(".py") for p in stdlib.iterdir()}
+    for folder in {*site.getsitepackages(), site.getusersitepackages()}:
+        for pth in Path(folder).glob("*.pth") if Path(folder).is_dir() else ():
+            with contextlib.suppress(OSError, UnicodeError):
+                for line in pth.read_text().splitlines():
+                    if line.startswith(("import ", "import\t")):
+                        names |= {
+                            m.strip().split(".")[0] for m in line[7:].split(";")[0].split(",")
+                        }
     return frozenset(n for n in names if n.isidentifier())
 
 

@@ -112,6 +112,8 @@ class JobFacts:
             if type(getattr(facts, name)) is not kind:
                 why = f"the job process sent a {name} that is not a {kind.__name__}"
                 raise JobProcessError(why)
+        if facts.rounds < 0:
+            raise JobProcessError(f"the job process sent rounds {facts.rounds}, below 0")
         try:
             CODECS.get(facts.codec)
         except DecodeError:

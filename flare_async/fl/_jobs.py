@@ -70,6 +70,8 @@ CHANNEL = "job"
 ARTIFACT = "artifact"
 """Where a job's own code is kept in its folder (``manifest.json``, ``signature.json``,
 ``code/``)."""
+RUN_CODE = "code"
+"""Where each attempt's job process loads it from: written anew from the checked copy."""
 
 
 RIGHTS = frozenset({"submit", "code", "abort", "abort-any", "view"})
@@ -374,11 +376,11 @@ class JobManager:
         async def submit(ctx: Context, msg: Payload) -> bytes:
             admin = self._admin(ctx, "submit", msg)
             req = decode_as(msg, Submit)
-            code = load_wire(req.code, "the job's code")
-            if code is not None and "code" not in self.rights.of(admin, self.org_of(admin)):
+            if req.code is not None and "code" not in self.rights.of(admin, self.org_of(admin)):
                 why = f"{admin} may not submit a job with its own code (the right 'code')"
                 self._audit("refused", admin=admin, command=ctx.topic, why=why)
                 raise Unauthorized(why)
+            code = load_wire(req.code, "the job's code")
             rec = await self.submit(
                 req.recipe,
                 admin,
@@ -618,13 +620,14 @@ class JobManager:
             # In a child process: the server never imports a job's code (a module that
             # crashes or hangs as it loads takes that process down, not the server).
             await check_recipe(recipe, dict(overrides or {}), code=where and where / CODE)
-        except (ConfigError, BadRequest, IntegrityError) as exc:
+        except (ConfigError, BadRequest, IntegrityError, OSError) as exc:
             if where is not None:
                 await anyio.to_thread.run_sync(_remove, self.store.folder(job))
-            self._audit("job-refused", recipe=recipe, by=submitter, why=str(exc))
+            why = str(exc) if not isinstance(exc, OSError) else f"cannot keep its code: {exc}"
+            self._audit("job-refused", recipe=recipe, by=submitter, why=why)
             if isinstance(exc, IntegrityError):
                 raise
-            raise BadRequest(f"job refused: {exc}") from None
+            raise BadRequest(f"job refused: {why}") from None
         rec = JobRecord(
             id=job,
             recipe=recipe,
@@ -712,6 +715,8 @@ class JobManager:
     async def _attempt(self, rec: JobRecord) -> None:
         folder = self.store.folder(rec.id)
         code = await anyio.to_thread.run_sync(self._code, rec)
+        if code is not None:  # what was checked runs: a fresh copy for each attempt
+            await anyio.to_thread.run_sync(code.install, folder / RUN_CODE)
         async with JobProcess.start(
             rec.id,
             rec.recipe,
@@ -719,9 +724,14 @@ class JobManager:
             log=folder / "job_process.log",
             max_bytes=self.max_model_bytes,
             hang_after=self.hang_after,
-            code=folder / ARTIFACT / CODE if code is not None else None,
+            code=folder / RUN_CODE if code is not None else None,
         ) as proc:
             facts = proc.facts
+            if code is not None and facts.script != code.script:
+                raise FlareError(
+                    f"the recipe names the script {facts.script!r:.200}, its code was packed "
+                    f"for {code.script!r:.200}"
+                )
             sites = await self._wait_for_sites(rec, facts.min_clients)
             resumed = rec.state in (JobState.RUNNING, JobState.INTERRUPTED)
             self._set(
@@ -831,7 +841,8 @@ class JobManager:
         script = facts.script
         started: list[str] = []
         refused: dict[str, str] = {}
-        wire = code.to_wire() if code is not None else None
+        # The code, encoded once for every site (up to ~22 MB of base64 each otherwise).
+        code_json = json.dumps(code.to_wire()) if code is not None else None
 
         async def one(i: int, site: str) -> None:
             body = {
@@ -844,14 +855,15 @@ class JobManager:
                 "digest": self.digest,
                 "config": {**facts.config, "site_index": i, "sites": len(rec.sites)},
             }
-            if wire is not None:
-                body["code"] = wire
             if facts.encrypt:
                 if self.certificate is None:
                     raise FlareError("the job seals results but this server has no certificate")
                 body["encrypt_to"] = base64.b64encode(self.certificate).decode()
+            text = json.dumps(body)
+            if code_json is not None:
+                text = f'{text[:-1]}, "code": {code_json}}}'
             try:
-                await self._to_site(site, "start", json.dumps(body).encode(), timeout=60)
+                await self._to_site(site, "start", text.encode(), timeout=60)
                 started.append(site)
             except FlareError as exc:
                 self.store.event(rec.id, "site-not-started", site=site, error=str(exc))

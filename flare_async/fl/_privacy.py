@@ -100,6 +100,10 @@ class SitePolicy:
         run here, or ``None`` when it may."""
         if not self.custom_code:
             return "this site runs no code shipped with a job (custom_code = false)"
+        own = {p.split(":")[0].split(".")[0] for p in self.scripts} - {"*"}
+        taken = sorted(own & set(packages))
+        if taken:  # the site's own scripts live there: shipped code may not stand in for them
+            return f"shipped code may not bring {taken[0]!r}, the package of this site's scripts"
         if "*" not in self.code_from and admin not in self.code_from:
             return f"this site runs no code shipped by {admin!r}"
         for name in packages:

@@ -158,6 +158,8 @@ class SiteJobs:
                 why = f"{submitter!r} may not run jobs on this site"
             elif not self.policy.may_run(script):
                 why = f"the script {script!r} is not allowed on this site"
+            elif code is not None and code.script != script:
+                why = f"the job's code was packed for {code.script!r:.200}, not {script!r:.200}"
             elif code is not None:
                 why = self.policy.refuses_code(code.admin, code.packages)
             if why is not None:
@@ -488,9 +490,14 @@ class SiteJobs:
         running = _SiteJob(job, attempt, runtime)
         self.jobs[job] = running
         folder = self.workdir / job
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise BadRequest(f"{job} names something else than a job's folder here")
         await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
         if code is not None:
-            await anyio.to_thread.run_sync(code.install, folder / CODE)
+            try:
+                await anyio.to_thread.run_sync(code.install, folder / CODE)
+            except OSError as exc:
+                raise BadRequest(f"cannot write the job's code here: {exc}") from None
         self._tg.start_soon(self._run, running, script, folder, code is not None)
 
     async def _run(self, running: _SiteJob, script: str, folder: Path, shipped: bool) -> None:

@@ -120,6 +120,8 @@ def test_the_scripts_run_as_jobs_with_their_metrics_at_the_server(deployment: De
     assert "ModuleNotFoundError" in why
     assert "missing_module_for_the_test" in why
     assert "missing_module_for_the_test" in rec["error"]
+    assert f"job {rec['id']} failed: " in broken.stderr  # job wait says why, site by site
+    assert f"  {SITES[1]}: " in broken.stderr
     ended = d.procs[SITES[1]].wait_for("job-ended", job=rec["id"])
     assert ended["outcome"].startswith("failed: training script failed: ModuleNotFoundError")
 

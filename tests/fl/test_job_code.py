@@ -109,6 +109,7 @@ def resigned(code: JobCode, kits: Path, files: dict[str, bytes], *, extra: str =
 def test_a_recipe_of_ones_own_package_ships_that_package_signed(project: Path, kits: Path) -> None:
     code = pack_job("labjob:recipe", signer(kits), root=project, include=["data.json"])
     assert sorted(code.files) == ["data.json", "labjob/__init__.py", "labjob/helpers.py"]
+    assert code.script == "labjob:train"
     assert code.packages == ["labjob"]
     assert code.recipe == "labjob:recipe"
     assert code.admin == ADMIN
@@ -215,6 +216,11 @@ def test_code_signed_by_another_admin_or_a_site_or_nobody_is_refused(
         "labjob/x\x00.py",
         "labjob/x\n.py",
         "labjob/native" + ".cpython-311-x86_64-linux-gnu.so",
+        "labjob/mod.pyc",
+        "numpy.pyc",
+        "labjob/__pycache__/mod.cpython-311.pyc",
+        "labjob/__pycache__/notes.txt",
+        "a/" + "b" * 256,
         "a" * 513,
         "",
     ],
@@ -224,11 +230,17 @@ def test_a_path_that_is_not_plain_and_relative_is_refused(path: str) -> None:
         check_path(path)
 
 
-def test_a_path_at_the_length_limit_is_taken() -> None:
-    assert check_path("a/" + "b" * 510) == "a/" + "b" * 510
+def test_a_path_at_the_length_limits_is_taken() -> None:
+    longest = "/".join(["b" * 255, "c" * 254, "d"])  # MAX_PATH (512), a part of 255 bytes
+    assert check_path(longest) == longest
+    with pytest.raises(BadRequest):
+        check_path(longest + "e")
 
 
-@pytest.mark.parametrize("name", ["numpy", "flare_async", "os", "json", "sys"])
+@pytest.mark.parametrize(
+    "name",
+    ["numpy", "flare_async", "os", "json", "sys", "test", "sitecustomize", "usercustomize"],
+)
 def test_code_that_would_stand_in_for_the_environment_is_refused(
     project: Path, kits: Path, name: str
 ) -> None:
@@ -277,6 +289,43 @@ def test_a_malformed_artifact_on_the_wire_is_a_bad_request(doc: object) -> None:
         JobCode.from_wire(doc)
 
 
+def test_a_path_that_is_both_a_file_and_a_folder_is_refused(project: Path, kits: Path) -> None:
+    code = pack_job("labjob:recipe", signer(kits), root=project)
+    files = {**code.files, "labjob/z": b"", "labjob/z/q.py": b""}
+    with pytest.raises(BadRequest, match="both a file and a folder"):
+        resigned(code, kits, files).checked()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[" * 100_000,
+        '{"format": "flare-async-job/1", "recipe": "a:b", "script": "a:c", '
+        '"admin": "", "packages": [1, "a"], "files": {"a.py": '
+        f'"{hashlib.sha256(b"").hexdigest()}"}}',
+    ],
+)
+def test_a_manifest_too_deep_or_of_wrong_types_is_a_bad_request(manifest: str) -> None:
+    with pytest.raises(BadRequest):
+        JobCode.from_wire({"manifest": manifest, "signature": {}, "files": {"a.py": ""}})
+
+
+def test_the_byte_limit_counts_decoded_bytes_over_many_files(project: Path, kits: Path) -> None:
+    code = pack_job("labjob:recipe", signer(kits), root=project)
+    left = MAX_BYTES - code.size
+    quarter = left // 4
+    files = {**code.files, **{f"labjob/b{i}.bin": b"x" * quarter for i in range(3)}}
+    files["labjob/b3.bin"] = b"x" * (left - 3 * quarter)
+    assert JobCode.from_wire(resigned(code, kits, files).to_wire()).size == MAX_BYTES
+
+
+def test_a_namespace_package_is_not_shipped(project: Path, kits: Path) -> None:
+    (project / "loose").mkdir()
+    (project / "loose" / "job.py").write_text(RECIPE.replace("labjob:train", "loose.job:train"))
+    with pytest.raises(ConfigError, match="namespace package"):
+        pack_job("loose.job:recipe", signer(kits), root=project)
+
+
 def test_the_recipe_must_be_in_the_shipped_code(project: Path, kits: Path) -> None:
     code = pack_job("labjob:recipe", signer(kits), root=project)
     meta = code.meta
@@ -307,6 +356,9 @@ def test_a_sites_policy_decides_whether_whose_and_which_code_runs() -> None:
     assert only.refuses_code(ADMIN, ["labjob"]) is None
     assert OTHER in (only.refuses_code(OTHER, ["labjob"]) or "")
     assert "'tools'" in (only.refuses_code(ADMIN, ["labjob", "tools"]) or "")
+    own = policy_from_dict({"jobs": {"scripts": ["ours.train:*"]}})
+    assert "this site's scripts" in (own.refuses_code(ADMIN, ["ours"]) or "")
+    assert own.refuses_code(ADMIN, ["labjob"]) is None
 
 
 @pytest.mark.parametrize(

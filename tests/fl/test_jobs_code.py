@@ -6,8 +6,6 @@ site's policy or the admin's rights can refuse it, saying why."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,30 +19,10 @@ from flare_async.codecs import decode
 from flare_async.fl._artifact import JobCode, pack_job
 from flare_async.fl._jobs import AdminRights
 from flare_async.fl._privacy import policy_from_dict
+from tests._labs import own_package, train_package
 from tests.fl.test_jobs import SITES, audit_entries, deployment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # real job and training processes
-
-SCRIPT = """
-import numpy as np
-import flare_async.client as flare
-from flare_async.fl import FedAvgRecipe, FLModel
-from shippedlab.steps import STEP
-
-
-def train() -> None:
-    flare.init()
-    while flare.is_running():
-        model = flare.receive()
-        if model is None:
-            break
-        params = {k: np.asarray(v) + STEP for k, v in model.params.items()}
-        flare.send(FLModel(params=params, meta={"num_samples": 1}))
-
-
-def recipe() -> FedAvgRecipe:
-    return FedAvgRecipe(initial={"w": np.zeros(3)}, script="shippedlab:train", rounds=2)
-"""
 
 
 @pytest.fixture
@@ -55,16 +33,9 @@ def anyio_backend() -> str:
 @pytest.fixture
 def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The admin's folder with the package ``shippedlab``, on no other process's path."""
-    folder = tmp_path / "lab"
-    (folder / "shippedlab").mkdir(parents=True)
-    (folder / "shippedlab" / "__init__.py").write_text(SCRIPT)
-    (folder / "shippedlab" / "steps.py").write_text("STEP = 0.25\n")
-    saved = list(sys.path)
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # packing adds to it
-    yield folder
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m.split(".")[0] == "shippedlab"]:
-        del sys.modules[name]
+    files = train_package("shippedlab", step=0.25, size=3)
+    with own_package(tmp_path / "lab", files, monkeypatch) as folder:
+        yield folder
 
 
 def submit_body(code: JobCode) -> dict[str, Any]:
@@ -119,6 +90,28 @@ async def test_a_site_refuses_code_changed_on_the_way_to_it(
     assert refused
     assert "steps.py" in refused[0]["why"]
     assert not (tmp_path / "sites" / SITES[0] / rec["id"] / "code").exists()
+
+
+async def test_a_site_runs_shipped_code_only_under_the_script_it_was_packed_for(
+    tmp_path: Path, lab: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code = pack_job("shippedlab:recipe", None, root=lab)
+    async with deployment(tmp_path / "jobs", tmp_path / "sites", monkeypatch) as d:
+        to_site = d.server._to_site
+
+        async def other_script(site: str, topic: str, body: bytes, *, timeout: float) -> Payload:
+            if topic == "start" and site == SITES[0]:
+                doc = json.loads(body)
+                doc["script"] = "tests._fl_scripts:add_site_weight"  # allowed by the policy
+                body = json.dumps(doc).encode()
+            return await to_site(site, topic, body, timeout=timeout)
+
+        monkeypatch.setattr(d.server, "_to_site", other_script)
+        rec = await d.call("submit", submit_body(code))
+        await d.events.wait("job-state", job=rec["id"], state="finished")
+        done = await d.call("status", {"id": rec["id"]})
+    assert done["sites"] == [SITES[1]]
+    assert "packed for 'shippedlab:train'" in done["site_errors"][SITES[0]]
 
 
 async def test_a_sites_policy_refuses_shipped_code_and_the_job_says_why(

@@ -299,14 +299,18 @@ def test_job_facts_refuse_what_is_not_a_recipe_s() -> None:
         "config": {},
         "encrypt": False,
         "relay_aggregation": True,
+        "rounds": 2,
     }
     assert JobFacts.checked(good).min_clients == 1
+    assert JobFacts.checked(good).rounds == 2
     for field, bad in [
         ("min_clients", "1"),
         ("min_clients", True),
         ("script", 3),
         ("config", []),
         ("encrypt", 1),
+        ("rounds", "2"),
+        ("rounds", -1),
     ]:
         with pytest.raises(JobProcessError, match=field):
             JobFacts.checked({**good, field: bad})

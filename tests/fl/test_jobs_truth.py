@@ -5,8 +5,6 @@ refused, and a job the server's stop interrupted resumes when it starts again.""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from flare_async import errors
 from flare_async.fl._artifact import pack_job
+from tests._labs import own_package
 from tests.fl.test_jobs import SITES, deployment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # real job and training processes
@@ -48,15 +47,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "lab"
-    (folder / "truthlab").mkdir(parents=True)
-    (folder / "truthlab" / "__init__.py").write_text(FAILING)
-    saved = list(sys.path)
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # packing adds to it
-    yield folder
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m.split(".")[0] == "truthlab"]:
-        del sys.modules[name]
+    with own_package(tmp_path / "lab", {"truthlab/__init__.py": FAILING}, monkeypatch) as folder:
+        yield folder
 
 
 async def test_the_admin_sees_each_sites_own_error(

@@ -20,32 +20,14 @@ import pytest
 from flare_async.codecs import decode
 from flare_async.security import provision
 from flare_async.testing import free_ports
+from tests._labs import train_package
 from tests._procs import Proc
 
 pytestmark = pytest.mark.slow  # every cell an OS process
 
 ADMIN = "alice@example.org"
 SITES = ["server.site-1", "server.site-2"]
-LAB = """
-import numpy as np
-import flare_async.client as flare
-from flare_async.fl import FedAvgRecipe, FLModel
-from deploylab.steps import STEP
-
-
-def train() -> None:
-    flare.init()
-    while flare.is_running():
-        model = flare.receive()
-        if model is None:
-            break
-        params = {k: np.asarray(v) + STEP for k, v in model.params.items()}
-        flare.send(FLModel(params=params, meta={"num_samples": 1}))
-
-
-def recipe() -> FedAvgRecipe:
-    return FedAvgRecipe(initial={"w": np.zeros(4)}, script="deploylab:train", rounds=2)
-
+GATED = """
 
 def gated() -> None:
     # As train, but from round 1 on only once the file FLARE_TEST_GATE names exists.
@@ -83,9 +65,9 @@ class Shipped:
         self.kits = root / "kits"
         provision(root / "project.toml", self.kits, now=datetime.now(UTC))
         self.lab = root / "lab"  # the admin's own folder, the only place the code is
-        (self.lab / "deploylab").mkdir(parents=True)
-        (self.lab / "deploylab" / "__init__.py").write_text(LAB)
-        (self.lab / "deploylab" / "steps.py").write_text("STEP = 0.5\n")
+        for name, text in train_package("deploylab", more=GATED).items():
+            (self.lab / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.lab / name).write_text(text)
         self.root = root
         self.gate = root / "gate"
         os.environ["FLARE_TEST_GATE"] = str(self.gate)  # the cells inherit it (see fixture)
@@ -147,6 +129,19 @@ def test_sites_that_never_saw_the_code_run_a_job_that_ships_it(shipped: Shipped)
     for site in SITES:
         shipped.procs[site].wait_for("job-ended", job=rec["id"])
         assert not (shipped.root / "jobs" / site / rec["id"] / "code").exists()
+    # What the CLI says when there is nothing to do: one line, the cause, status 1.
+    aborted = shipped.job("abort", rec["id"])
+    assert aborted.returncode == 1
+    assert aborted.stderr.strip().splitlines() == [
+        f"flare-async job abort: error: BadRequest: job {rec['id']} already finished: "
+        "nothing to abort (reported by server)"
+    ]
+    typo = shipped.job("submit", "deploylab:recipe", "--sites", "server.sitee-1")
+    assert typo.returncode == 1
+    shipping, error = typo.stderr.strip().splitlines()  # what it packed, then why not
+    assert shipping.startswith("shipping 2 files")
+    assert error.startswith("flare-async job submit: error: BadRequest: job refused: ")
+    assert "no site 'server.sitee-1' ever registered" in error
 
 
 def test_an_exported_job_is_submitted_as_exported_and_refused_once_edited(
