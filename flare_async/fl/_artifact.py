@@ -344,7 +344,13 @@ def pack_job(
         if where is None:
             continue  # an installed script's package: the sites have it
         base = where.parent
-        files.update(_walk(where, base) if where.is_dir() else {where.name: where.read_bytes()})
+        if where.is_dir():
+            # A folder without __init__.py (a namespace package) could be any folder (a kit's
+            # key beside the scripts): only its Python source goes; other files by --include.
+            source_only = not (where / "__init__.py").is_file()
+            files.update(_walk(where, base, source_only=source_only))
+        else:
+            files[where.name] = where.read_bytes()
     for item in include:
         path = (root / item).resolve()
         if not path.is_relative_to(root) or not path.exists():
@@ -401,28 +407,25 @@ def _local_origin(top: str) -> Path | None:
     if spec is None:
         raise ConfigError(f"no module {top} to ship")
     if spec.submodule_search_locations:
-        if spec.origin is None or not spec.origin.endswith("__init__.py"):
-            raise ConfigError(
-                f"{top} is a folder without __init__.py (a namespace package): it is not "
-                "shipped whole, as it could be any folder; make it a package"
-            )
-        return Path(spec.origin).parent
+        return Path(next(iter(spec.submodule_search_locations)))
     if spec.origin is None or not spec.origin.endswith(".py"):
         raise ConfigError(f"{top} is not Python source ({spec.origin}): it cannot be shipped")
     return Path(spec.origin)
 
 
-def _walk(path: Path, base: Path, *, everything: bool = False) -> Iterable[tuple[str, bytes]]:
+def _walk(
+    path: Path, base: Path, *, everything: bool = False, source_only: bool = False
+) -> Iterable[tuple[str, bytes]]:
     """Every file under ``path`` as (its path relative to ``base``, its bytes): no caches,
     nothing hidden, no symbolic links (``everything``: all of them, symbolic links as their
-    targets' bytes, for a check that no file was added)."""
+    targets' bytes, for a check that no file was added; ``source_only``: ``.py`` files only)."""
     for here, dirs, names in os.walk(path):
         if not everything:
             dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(names):
             full = Path(here) / name
             skip = name.startswith(".") or name.endswith(_SKIP_SUFFIXES) or full.is_symlink()
-            if skip and not everything:
+            if (skip and not everything) or (source_only and not name.endswith(".py")):
                 continue
             yield _rel(full, base), full.read_bytes()
 

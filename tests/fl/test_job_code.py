@@ -319,11 +319,15 @@ def test_the_byte_limit_counts_decoded_bytes_over_many_files(project: Path, kits
     assert JobCode.from_wire(resigned(code, kits, files).to_wire()).size == MAX_BYTES
 
 
-def test_a_namespace_package_is_not_shipped(project: Path, kits: Path) -> None:
-    (project / "loose").mkdir()
+def test_a_folder_without_init_ships_its_python_source_only(project: Path, kits: Path) -> None:
+    (project / "loose" / "sub").mkdir(parents=True)
     (project / "loose" / "job.py").write_text(RECIPE.replace("labjob:train", "loose.job:train"))
-    with pytest.raises(ConfigError, match="namespace package"):
-        pack_job("loose.job:recipe", signer(kits), root=project)
+    (project / "loose" / "sub" / "util.py").write_text("X = 1\n")
+    (project / "loose" / "key.pem").write_text("-----BEGIN PRIVATE KEY-----")
+    code = pack_job("loose.job:recipe", signer(kits), root=project)
+    assert "loose/key.pem" not in code.files  # a namespace folder could be any folder
+    assert {"loose/job.py", "loose/sub/util.py"} <= set(code.files)
+    del sys.modules["loose.job"], sys.modules["loose"]
 
 
 def test_the_recipe_must_be_in_the_shipped_code(project: Path, kits: Path) -> None:
