@@ -36,6 +36,8 @@ from pathlib import Path
 from _report import emit, log, median, parser
 from stream import parse_size, size_name
 
+from flare_async.security import create_ca, issue_certificate, write_private_key
+
 MODES = ("raw", "tls-socket", "tls-bio")
 WRITE = 4 << 20
 SEAL = 256 << 10
@@ -45,36 +47,15 @@ API (a TLS record of 16 KiB costs OpenSSL no key setup of its own)."""
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for ``localhost`` (the handshake is not measured)."""
-    from cryptography import x509  # noqa: PLC0415 - only this benchmark needs it
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    """A server certificate for ``localhost`` from a throwaway project CA (the project's own
+    PKI), written as a chain (certificate, then the CA: what clients trust) and its key."""
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    ca = create_ca("tls_ceiling CA", now=now)
+    server = issue_certificate(ca, "server", "server", now=now, hosts=["localhost"])
+    chain, key = folder / "chain.pem", folder / "key.pem"
+    chain.write_bytes(server.certificate_pem() + ca.certificate_pem())
+    write_private_key(key, server.private_key)
+    return chain, key
 
 
 def _bio_handshake(
