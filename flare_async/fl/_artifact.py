@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -96,27 +97,33 @@ class JobCode:
     # ------------------------------------------------------------------ reading it
     @property
     def meta(self) -> dict[str, Any]:
-        """The manifest, parsed (its shape checked by :meth:`checked`)."""
+        """The manifest, parsed anew (the caller's to change; its shape checked by
+        :meth:`checked`)."""
         doc: dict[str, Any] = json.loads(self.manifest)
         return doc
 
+    @functools.cached_property
+    def _meta(self) -> dict[str, Any]:
+        """The manifest, parsed once, for the properties below (never handed out)."""
+        return self.meta
+
     @property
     def recipe(self) -> str:
-        return str(self.meta["recipe"])
+        return str(self._meta["recipe"])
 
     @property
     def script(self) -> str:
         """The training script the code was packed for (``MODULE:FUNCTION``): the only one a
         site runs with it."""
-        return str(self.meta["script"])
+        return str(self._meta["script"])
 
     @property
     def admin(self) -> str:
-        return str(self.meta["admin"])
+        return str(self._meta["admin"])
 
     @property
     def packages(self) -> list[str]:
-        return [str(p) for p in self.meta["packages"]]
+        return [str(p) for p in self._meta["packages"]]
 
     @property
     def digest(self) -> str:
@@ -136,8 +143,10 @@ class JobCode:
             BadRequest: malformed, over a limit, or a path that is not a plain relative one.
             IntegrityError: a file differs from its manifest entry, is missing or unlisted.
         """
+        if self.__dict__.get("_valid"):
+            return self  # checked once already (an artifact is not changed once made)
         try:
-            meta = json.loads(self.manifest)
+            meta = self._meta
         except (ValueError, UnicodeError, RecursionError) as exc:
             raise BadRequest(f"the job's manifest is not JSON: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -181,6 +190,7 @@ class JobCode:
         if not module or module.split(".", 1)[0] not in packages:
             raise BadRequest(f"the job's recipe {meta['recipe']!r:.200} is not in its code")
         check_shippable(packages)
+        self.__dict__["_valid"] = True  # frozen: as functools.cached_property stores
         return self
 
     def verify(
