@@ -27,12 +27,8 @@ from flare_async import _logging
 from flare_async.cli._kit import emit, load_handlers
 from flare_async.cli._roles import RoleCell
 from flare_async.cli._send import inbox_handlers
-from flare_async.fl import load_policy
+from flare_async.fl import SiteJobs, load_policy
 from flare_async.security import Kit, Role, load_kit
-
-INBOX = "inbox"
-"""The inbox's folder in a site's jobs folder (job folders are named by date and a random
-suffix, so none is called that)."""
 
 
 def inbox_for(
@@ -45,7 +41,7 @@ def inbox_for(
     if inbox is not None:
         return inbox
     if kit.role is Role.CLIENT and jobs is not None:
-        return jobs / INBOX
+        return jobs / SiteJobs.INBOX  # a name no job may take
     return None
 
 

@@ -53,6 +53,9 @@ from flare_async.fl._privacy import SitePolicy
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import AuditLog, SignatureVerifier, Signer, check_command
 
+INBOX = "inbox"
+"""The name a site's inbox has in its jobs folder (``flare-async run --jobs``): no job's."""
+
 LOG_TAIL = 64 * 1024
 """How much of a job's worker log ``job logs --site`` returns (its end)."""
 
@@ -80,6 +83,9 @@ class _SiteJob:
 class SiteJobs:
     """A site's job runner. Mount :meth:`handlers` and run :meth:`run` beside the cell.
 
+    ``SiteJobs.INBOX`` is the one name in the jobs folder that is no job's (the site's inbox
+    under ``flare-async run --jobs``): a start naming it is refused.
+
     Args:
         cell: the site's cell.
         workdir: where each job's folder (its worker log) goes.
@@ -96,6 +102,8 @@ class SiteJobs:
             runs at that attempt (asked every quarter lease, and on every link-up); then it is
             stopped.
     """
+
+    INBOX = INBOX
 
     def __init__(
         self,
@@ -561,8 +569,6 @@ def _job_id(msg: Payload) -> str:
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-INBOX = "inbox"
-"""The name a site's inbox has in its jobs folder (``flare-async run --jobs``): no job's."""
 
 
 def _check_job_id(job: str) -> None:
