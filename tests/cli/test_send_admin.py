@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,20 +15,7 @@ import pytest
 from flare_async.security import admin_cell_name, provision
 from flare_async.testing import free_ports
 from tests._procs import Proc
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def send(kit: Path, file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "flare_async", "send", str(kit), str(file), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+from tests.cli.test_cli_send import send
 
 
 def sent(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
@@ -59,7 +45,7 @@ name = "admin@example.org"
 """)
     kits = tmp_path / "kits"
     provision(project, kits, now=datetime.now(UTC))
-    admin = kits / "admin@example.org"
+    admin = "admin@example.org"
     # The site takes files from admins only (their sessions' names), not from other cells.
     session = admin_cell_name("server", "admin@example.org")
     (kits / "server.site-1" / "policy.toml").write_text(
@@ -86,14 +72,14 @@ name = "admin@example.org"
         procs.append(site)
         site.wait_for("link-up", role="parent")  # (before or after "ready": not waited for)
 
-        done = send(admin, first / "round-7.bin", "--to", "server.site-1")
+        done = send(kits, first / "round-7.bin", "--to", "server.site-1", kit=admin)
         assert sent(done)["stored"] == 3 << 20
         assert (inbox / "round-7.bin").read_bytes() == (first / "round-7.bin").read_bytes()
         stored = site.wait_for("stored", name="round-7.bin")
         assert (stored["src"], stored["replaced"]) == (session, False)
 
         # The same name again: refused in one line at the sender, the file there untouched.
-        again = send(admin, second / "round-7.bin", "--to", "server.site-1")
+        again = send(kits, second / "round-7.bin", "--to", "server.site-1", kit=admin)
         assert again.returncode == 1
         last = again.stderr.strip().splitlines()[-1]
         assert last == (
@@ -103,15 +89,13 @@ name = "admin@example.org"
         assert (inbox / "round-7.bin").read_bytes() == (first / "round-7.bin").read_bytes()
 
         # With --overwrite it replaces the file.
-        done = send(admin, third / "round-7.bin", "--to", "server.site-1", "--overwrite")
+        done = send(kits, third / "round-7.bin", "--to", "server.site-1", "--overwrite", kit=admin)
         assert sent(done)["stored"] == 2 << 20
         assert (inbox / "round-7.bin").read_bytes() == (third / "round-7.bin").read_bytes()
         assert site.wait_for("stored", name="round-7.bin")["replaced"] is True
 
         # A cell the site's policy does not name for files is refused, and writes nothing.
-        ops = send(
-            kits / "server.ops", first / "round-7.bin", "--to", "server.site-1", "--name", "x.bin"
-        )
+        ops = send(kits, first / "round-7.bin", "--to", "server.site-1", "--name", "x.bin")
         assert ops.returncode == 1
         assert "Unauthorized" in ops.stderr.strip().splitlines()[-1]
         assert sorted(p.name for p in inbox.iterdir()) == ["round-7.bin"]
