@@ -31,13 +31,9 @@ from collections.abc import Sequence
 
 from flare_async import __version__
 from flare_async.cli import _audit, _job, _provision, _run, _send, _simulate, _up
+from flare_async.cli._status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from flare_async.errors import ConfigError, ConnectError, FlareError, Unauthorized
 from flare_async.wire import PROTOCOL_VERSION
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 _ADDRESS_IN_USE = "address already in use"
 _HINT_ADDRESS_IN_USE = "another process listens there: stop it, or choose another port"
@@ -142,5 +138,5 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _os_reason(exc: OSError) -> str:
-    reason = (exc.strerror or str(exc)).lower() if exc.strerror else str(exc)
+    reason = exc.strerror.lower() if exc.strerror else str(exc)
     return f"{reason}: {exc.filename}" if exc.filename is not None else reason

@@ -31,6 +31,7 @@ __all__ = [
     "human_bytes",
     "human_seconds",
     "render",
+    "render_metrics",
     "render_round",
 ]
 
@@ -115,7 +116,6 @@ class ProgressBar:
                 unit_scale=True,
                 unit_divisor=1024,
                 file=self.out,
-                mininterval=self.every,
                 dynamic_ncols=True,
                 leave=True,
             )
@@ -146,19 +146,20 @@ def render_round(
 ) -> str:
     """One plain line for a finished round: ``round 3/15  sites 4/4  00:02 elapsed  00:10
     left  accuracy=0.91 loss=0.2`` (``failed: NAME ...`` when some site failed)."""
-    of = f"/{rounds}" if rounds else ""
+    of = f"/{rounds}" if rounds is not None else ""
     sites = f"{responded}/{expected}" if expected is not None else str(responded)
     line = f"{label} {done}{of}  sites {sites}  {human_seconds(elapsed)} elapsed"
     if remaining is not None:
         line += f"  {human_seconds(remaining)} left"
     if metrics:
-        line += "  " + _metrics(metrics)
+        line += "  " + render_metrics(metrics)
     if failed:
         line += f"  failed: {' '.join(failed)}"
     return line
 
 
-def _metrics(metrics: Mapping[str, float]) -> str:
+def render_metrics(metrics: Mapping[str, object]) -> str:
+    """``k=v`` pairs, floats to 4 significant digits, anything else as it prints."""
     return " ".join(f"{k}={_number(v)}" for k, v in metrics.items())
 
 
@@ -263,7 +264,7 @@ class RoundProgress:
             sites = f"{responded}/{expected}" if expected is not None else str(responded)
             postfix = f"sites {sites}"
             if metrics:
-                postfix += "  " + _metrics(metrics)
+                postfix += "  " + render_metrics(metrics)
             if failed:
                 postfix += f"  failed: {' '.join(failed)}"
             self._bar.set_postfix_str(postfix, refresh=False)
@@ -322,6 +323,15 @@ class AboveBar:
     def flush(self) -> None:
         # A partial line stays pending: written now, the next redraw would overwrite it.
         self.out.flush()
+
+    def close(self) -> None:
+        """Write what waits of a last partial line (the bars are gone by now); the stream
+        itself stays open (it is ``out``'s)."""
+        with self._lock:
+            pending, self._pending = self._pending, ""
+            if pending and not self.muted:
+                self.out.write(pending)
+                self.out.flush()
 
     def isatty(self) -> bool:
         return _isatty(self.out)

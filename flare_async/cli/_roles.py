@@ -97,7 +97,7 @@ class RoleCell:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.audit = AuditLog(self.folder / "audit.jsonl")
             if kit.role is Role.CLIENT:
-                self.policy = load_policy(_beside_cert(kit, "policy.toml"))
+                self.policy = load_policy(beside_cert(kit, "policy.toml"))
         self.cell = cell_from_kit(
             kit,
             handlers=handlers,
@@ -144,7 +144,7 @@ class RoleCell:
             on_event=self.on_event,
             audit=self.audit,
             verifier=SignatureVerifier.from_kit(kit),
-            rights=AdminRights.load(_beside_cert(kit, "admins.toml")),
+            rights=AdminRights.load(beside_cert(kit, "admins.toml")),
             org_of=org_of,
             certificate=ssl.PEM_cert_to_DER_cert(Path(kit.cert).read_text()),
             decryptor=Decryptor(kit),
@@ -225,7 +225,7 @@ class RoleCell:
         return await stack.__aexit__(exc_type, exc, tb)
 
 
-def _beside_cert(kit: Kit, name: str) -> Path:
+def beside_cert(kit: Kit, name: str) -> Path:
     """A role's file kept in the kit's folder (where its certificate is)."""
     return Path(kit.cert).parent / name
 

@@ -25,7 +25,7 @@ import anyio
 
 from flare_async import _logging
 from flare_async.cli._kit import emit, load_handlers
-from flare_async.cli._roles import RoleCell
+from flare_async.cli._roles import RoleCell, beside_cert
 from flare_async.cli._send import inbox_handlers
 from flare_async.fl import SiteJobs, load_policy
 from flare_async.security import Kit, Role, load_kit
@@ -62,7 +62,7 @@ async def serve(
         # A site's policy decides who may send it files, with or without --jobs (with them
         # the cell applies it to everything, audited; without, nothing else reads it).
         policy = (
-            load_policy(Path(kit.cert).with_name("policy.toml"))
+            load_policy(beside_cert(kit, "policy.toml"))
             if kit.role is Role.CLIENT
             else None
         )

@@ -34,10 +34,16 @@ import numpy as np
 
 from flare_async import _logging
 from flare_async._spec import importable
-from flare_async.cli._progress import AboveBar, RoundProgress, human_seconds, logging_above_bars
+from flare_async.cli._progress import (
+    AboveBar,
+    RoundProgress,
+    _isatty,
+    human_seconds,
+    logging_above_bars,
+    render_metrics,
+)
+from flare_async.cli._status import EXIT_INTERRUPTED
 from flare_async.fl import FedAvgRecipe, FLModel, RoundResult
-
-EXIT_INTERRUPTED = 130  # as cli._main's
 
 
 def _positive(text: str) -> int:
@@ -88,8 +94,10 @@ def run(args: Any) -> int:
                 stack.enter_context(logging_above_bars())
                 if _isatty(sys.stdout):  # prints to the same terminal go above the bar too
                     stdout = sys.stdout
-                    sys.stdout = typing.cast(TextIO, AboveBar(stdout, bars=sys.stderr))
+                    above = AboveBar(stdout, bars=sys.stderr)
+                    sys.stdout = typing.cast(TextIO, above)
                     stack.callback(setattr, sys, "stdout", stdout)
+                    stack.callback(above.close)  # first: a last partial line still goes out
         report = _Report(recipe, progress, json_out)
         interrupted: list[int] = []
 
@@ -104,6 +112,7 @@ def run(args: Any) -> int:
                             if interrupted:  # a second Ctrl-C: stop now, not cleanly
                                 sys.stderr.write("flare-async simulate: interrupted\n")
                                 sys.stderr.flush()
+                                sys.stdout.flush()  # the JSON lines written so far
                                 os._exit(EXIT_INTERRUPTED)
                             interrupted.append(signo)
                             logs.muted = not debug  # the stop's own warnings say nothing new
@@ -205,10 +214,9 @@ class _Report:
             return
         summary = f"done: {self.recipe.rounds} rounds in {human_seconds(seconds)}"
         if final.metrics:
-            summary += "; " + " ".join(f"{k}={v:.4g}" for k, v in final.metrics.items())
+            summary += "; " + render_metrics(final.metrics)
         if isinstance(best, dict) and "round" in best:
-            score = {k: v for k, v in best.items() if k != "round"}
-            scores = " ".join(f"{k}={v:.4g}" for k, v in score.items() if isinstance(v, float))
+            scores = render_metrics({k: v for k, v in best.items() if k != "round"})
             summary += f"; best round {int(best['round']) + 1}" + (f" ({scores})" if scores else "")
         sys.stdout.write(summary + "\n")
         sys.stdout.flush()
@@ -222,10 +230,3 @@ def load_recipe(spec: str, overrides: Mapping[str, Any]) -> FedAvgRecipe:
         ConfigError: a file that does not exist or load, a spec that does not name a recipe.
     """
     return FedAvgRecipe.load(importable(spec), overrides)
-
-
-def _isatty(out: TextIO) -> bool:
-    try:
-        return out.isatty()
-    except (AttributeError, ValueError):
-        return False

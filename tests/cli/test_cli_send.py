@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from flare_async.cli._progress import ProgressBar, render
+from flare_async.cli._run import inbox_for
 from flare_async.cli._send import safe_name
 from flare_async.errors import BadRequest
-from flare_async.security import provision
+from flare_async.security import load_kit, provision
 from flare_async.streaming import Progress
 from flare_async.testing import free_ports
 from tests._procs import Proc
@@ -101,10 +102,33 @@ parent = "tls://127.0.0.1:{port}"
             proc.stop()
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "x.part", "", "..", "a\\b", "a\x00"])
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", ".hidden", "x.part", "", "..", "a\\b", "a\x00", "x" * 256]
+)
 def test_inbox_names_that_are_refused(name: str) -> None:
     with pytest.raises(BadRequest):
         safe_name(name)
+
+
+def test_an_inbox_name_at_the_length_limit_is_taken() -> None:
+    assert safe_name("x" * 255) == "x" * 255
+
+
+def test_where_a_cell_takes_files(tmp_path: Path) -> None:
+    (tmp_path / "project.toml").write_text(
+        'project = "inbox"\norg = "example.org"\n[server]\nlisten = ["tls://127.0.0.1:1"]\n'
+        '[[clients]]\nname = "server.site-1"\nparent = "tls://127.0.0.1:1"\n'
+    )
+    kits = tmp_path / "kits"
+    provision(tmp_path / "project.toml", kits, now=datetime.now(UTC))
+    site, server = (load_kit(kits / n, now=datetime.now(UTC)) for n in ("server.site-1", "server"))
+    jobs, elsewhere = Path("/j"), Path("/in")
+    assert inbox_for(site, None, jobs) == jobs / "inbox"  # a site with a jobs folder
+    assert inbox_for(site, elsewhere, jobs) == elsewhere  # --inbox wins
+    assert inbox_for(site, elsewhere, jobs, none=True) is None  # --no-inbox wins over all
+    assert inbox_for(site, None, None) is None  # no jobs folder: none unless asked
+    assert inbox_for(server, None, jobs) is None  # only a site takes files by default
+    assert inbox_for(server, elsewhere, jobs) == elsewhere
 
 
 def test_progress_lines() -> None:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from flare_async.cli._progress import AboveBar, ProgressBar, RoundProgress, render_round
+from flare_async.cli._progress import (
+    AboveBar,
+    ProgressBar,
+    RoundProgress,
+    render_metrics,
+    render_round,
+)
 from flare_async.streaming import Progress
 
 RECIPE = """
@@ -222,3 +228,26 @@ def test_a_stream_bar_on_a_terminal_is_tqdm() -> None:
     assert "model.bin" in text
     assert "50%" in text
     assert "512M/1.00G" in text
+
+
+def test_a_last_partial_line_goes_out_when_the_stream_above_the_bars_closes() -> None:
+    out = io.StringIO()
+    above = AboveBar(out)
+    above.write("whole\npart")
+    assert out.getvalue() == "whole\n"  # a partial line waits for its end
+    above.close()
+    assert out.getvalue() == "whole\npart"
+    above.close()
+    assert out.getvalue() == "whole\npart"  # once
+
+
+def test_metrics_of_any_kind_render_and_a_resumed_job_estimates_from_its_own_rounds() -> None:
+    assert render_metrics({"acc": 0.912345, "note": "best", "n": 3, "x": None}) == (
+        "acc=0.9123 note=best n=3 x=None"
+    )
+    now = [0.0]
+    out = io.StringIO()
+    progress = RoundProgress(10, out=out, first=6, clock=lambda: now[0])  # 6 done before
+    now[0] = 20.0
+    progress.update(8, responded=1, expected=1)  # 2 rounds here in 20 s: 2 left, 20 s
+    assert out.getvalue() == "round 8/10  sites 1/1  00:20 elapsed  00:20 left\n"
