@@ -61,11 +61,7 @@ async def serve(
     if inbox is not None:
         # A site's policy decides who may send it files, with or without --jobs (with them
         # the cell applies it to everything, audited; without, nothing else reads it).
-        policy = (
-            load_policy(beside_cert(kit, "policy.toml"))
-            if kit.role is Role.CLIENT
-            else None
-        )
+        policy = load_policy(beside_cert(kit, "policy.toml")) if kit.role is Role.CLIENT else None
         tables.append(inbox_handlers(inbox, accepts=None if policy is None else policy.accepts))
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         role = RoleCell(

@@ -10,7 +10,6 @@ renamed into place: a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from flare_async._files import write_atomic
 from flare_async.codecs import decode, encode
 from flare_async.errors import DecodeError
 
@@ -35,14 +35,7 @@ class Checkpoint:
 
 
 def _write(path: Path, params: dict[str, np.ndarray], state: dict[str, Any]) -> None:
-    part = path.with_name(path.name + ".part")
-    parts = encode(params, {STATE_KEY: json.dumps(state)})
-    with part.open("wb") as f:
-        for p in parts:
-            f.write(p)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    write_atomic(path, encode(params, {STATE_KEY: json.dumps(state)}))
 
 
 async def save(

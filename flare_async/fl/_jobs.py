@@ -48,6 +48,7 @@ import anyio
 import anyio.to_thread
 
 from flare_async import _logging
+from flare_async._files import write_atomic
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._admin import JobRef, Logs, Metrics, Submit, decode_as
@@ -191,9 +192,7 @@ class JobStore:
         """Write ``job.json`` atomically (a crash leaves the previous state)."""
         folder = self.folder(rec.id)
         folder.mkdir(exist_ok=True)
-        part = folder / "job.json.part"
-        part.write_text(json.dumps(rec.to_json(), indent=1))
-        os.replace(part, folder / "job.json")
+        write_atomic(folder / "job.json", json.dumps(rec.to_json(), indent=1).encode())
 
     def event(self, job: str, event: str, **fields: Any) -> None:
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
@@ -216,9 +215,7 @@ class JobStore:
 
     def add_known_site(self, site: str) -> None:
         sites = sorted({*self.known_sites(), site})
-        part = self.root / "sites.json.part"
-        part.write_text(json.dumps(sites))
-        os.replace(part, self.root / "sites.json")
+        write_atomic(self.root / "sites.json", json.dumps(sites).encode())
 
     def add_metrics(self, job: str, recs: list[dict[str, Any]]) -> None:
         """Append tracked values to ``<job>/metrics.jsonl``, one record a line."""

@@ -44,6 +44,7 @@ import anyio
 import anyio.to_thread
 
 from flare_async import _logging
+from flare_async._files import write_atomic
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._artifact import CODE, JobCode, load_wire
@@ -279,9 +280,7 @@ class SiteJobs:
             if float(self._starts[job].get("time", 0)) < old:
                 del self._starts[job]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        part = self.workdir / (STARTS + ".part")
-        part.write_text(json.dumps(self._starts, indent=1))
-        os.replace(part, self.workdir / STARTS)
+        write_atomic(self.workdir / STARTS, json.dumps(self._starts, indent=1).encode())
 
     def _first_start(self, job: str, attempt: int) -> bool:
         """Whether this start of ``job`` is new, recorded on disk if it is (no await between
