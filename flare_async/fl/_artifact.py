@@ -243,10 +243,15 @@ class JobCode:
         manifest, signature, files = doc["manifest"], doc["signature"], doc["files"]
         if not isinstance(manifest, str) or len(manifest) > MAX_FILES * (6 * MAX_PATH + 80) + 4096:
             raise BadRequest("a job's manifest is text of bounded size")
-        if not isinstance(signature, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in signature.items()
+        if (
+            not isinstance(signature, dict)
+            or len(signature) > 3
+            or not all(
+                isinstance(k, str) and k.startswith("sig.") and isinstance(v, str)
+                for k, v in signature.items()
+            )
         ):
-            raise BadRequest("a job's signature maps header names to text")
+            raise BadRequest("a job's signature is the sig.* headers (text) of one signature")
         if not isinstance(files, dict) or len(files) > MAX_FILES:
             raise BadRequest(f"a job's files are at most {MAX_FILES} PATH: BASE64 entries")
         decoded: dict[str, bytes] = {}
@@ -261,8 +266,6 @@ class JobCode:
                 decoded[path] = base64.b64decode(text, validate=True)
             except (ValueError, binascii.Error):
                 raise BadRequest(f"the job's file {path!r:.200} is not base64") from None
-        if len(signature) > 3 or not all(k.startswith("sig.") for k in signature):
-            raise BadRequest("a job's signature is the sig.* headers of one signature")
         return cls(manifest.encode(), dict(signature), decoded).checked()
 
     def write(self, folder: Path) -> Path:

@@ -279,6 +279,8 @@ def test_the_file_count_and_size_limits_hold_at_their_edges(project: Path, kits:
         {"manifest": "{}", "signature": {}, "files": {}, "more": 1},
         {"manifest": 3, "signature": {}, "files": {}},
         {"manifest": "{}", "signature": {"a": 1}, "files": {}},
+        {"manifest": "{}", "signature": {"other": "x"}, "files": {}},
+        {"manifest": "{}", "signature": {f"sig.{i}": "x" for i in range(4)}, "files": {}},
         {"manifest": "{}", "signature": {}, "files": {"x.py": "not base64!"}},
         {"manifest": "not json", "signature": {}, "files": {}},
         {"manifest": '{"format": "other/1"}', "signature": {}, "files": {}},
