@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -146,23 +147,31 @@ class _Report:
         self.json_out = json_out
         self.start = time.monotonic()
         self.pending: RoundResult | None = None
+        # on_round runs on the event loop, the wrapped evaluate in a worker thread: the hand
+        # over of the pending round is one swap under this lock.
+        self._lock = threading.Lock()
         if recipe.evaluate is not None:
             recipe.evaluate = self._evaluating(recipe.evaluate)
 
+    def _take(self, new: RoundResult | None) -> RoundResult | None:
+        with self._lock:
+            pending, self.pending = self.pending, new
+        return pending
+
     def on_round(self, result: RoundResult) -> None:
-        if self.pending is not None:  # its validation never came (the round was not used)
-            self._emit(self.pending, {})
         if self.recipe.evaluate is None:
             self._emit(result, {})
-        else:
-            self.pending = result
+            return
+        unscored = self._take(result)
+        if unscored is not None:  # its validation never came (the round was not used)
+            self._emit(unscored, {})
 
     def _evaluating(
         self, evaluate: Callable[[int, dict[str, np.ndarray]], Mapping[str, float]]
     ) -> Callable[[int, dict[str, np.ndarray]], Mapping[str, float]]:
         def scored(rnd: int, params: dict[str, np.ndarray]) -> Mapping[str, float]:
             scores = evaluate(rnd, params)
-            pending, self.pending = self.pending, None
+            pending = self._take(None)
             if pending is not None:
                 self._emit(pending, {str(k): float(v) for k, v in scores.items()})
             return scores
@@ -195,9 +204,9 @@ class _Report:
             )
 
     def done(self, final: FLModel) -> None:
-        if self.pending is not None:
-            self._emit(self.pending, {})
-            self.pending = None
+        pending = self._take(None)
+        if pending is not None:
+            self._emit(pending, {})
         if self.progress is not None:
             self.progress.close()
         seconds = time.monotonic() - self.start
