@@ -51,6 +51,7 @@ from flare_async import _logging
 from flare_async.codecs import CodecRegistry
 from flare_async.errors import ConfigError, DecodeError, FlareError
 from flare_async.fl._artifact import code_path_env, python
+from flare_async.fl._crosssite import checked_report
 from flare_async.fl._jobchannel import (
     HEAD_MAX,
     MAX_PARTS,
@@ -62,6 +63,7 @@ from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._secagg import SecAggRangeError
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import FLServer, RoundFailed
+from flare_async.fl._updates import pack
 
 BEAT = 2.0
 """Seconds between a job process's heartbeats."""
@@ -137,6 +139,8 @@ class JobProcess:
         self.channel = channel
         self.facts = facts
         self.job = job
+        self.report: dict[str, Any] = {}
+        """What the workflow reported at its end (checked: see ``checked_report``)."""
         self._log = _logging.get_logger(job=job)
 
     @classmethod
@@ -251,6 +255,7 @@ class JobProcess:
                 if on_checkpoint is not None:
                     on_checkpoint(head["round"])
             elif op == "done":
+                self.report = checked_report(head.get("report"))
                 metrics = _floats(head.get("metrics"), "")
                 return metrics | _floats(head.get("validation"), "validation_")
             elif op == "failed":
@@ -299,7 +304,10 @@ class JobProcess:
             )
             return
         del model
-        out = result.sum.partial() if result.sum.count else None
+        if result.updates is not None:
+            out = pack(result.updates) if len(result.updates) else None
+        else:
+            out = result.sum.partial() if result.sum.count else None
         head = {
             "op": "result",
             "id": rid,
@@ -355,7 +363,16 @@ def _round_request(
     task = head.get("task", "train")
     if secure is not None and task != "train":
         raise JobProcessError("a secure round trains: no other task")
-    kw = {"min_responses": need, "deadline": float(deadline), "secure": secure, "task": task}
+    collect = head.get("collect", "sum")
+    if collect not in ("sum", "each") or (secure is not None and collect != "sum"):
+        raise JobProcessError("a round collects 'sum' or 'each' (a secure round: 'sum')")
+    kw = {
+        "min_responses": need,
+        "deadline": float(deadline),
+        "secure": secure,
+        "task": task,
+        "collect": collect,
+    }
     return model, targets, kw
 
 

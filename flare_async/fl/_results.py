@@ -31,6 +31,7 @@ from flare_async.fl._aggregate import (
 )
 from flare_async.fl._model import FLModel, model_from_parts
 from flare_async.fl._signed import CHANNEL, E2E, check_signed
+from flare_async.fl._updates import Updates
 from flare_async.security import Decryptor, SignatureVerifier
 from flare_async.streaming import format_digest
 
@@ -58,6 +59,7 @@ class RoundResult:
         metrics: each responding client's metrics.
         late: results that arrived after the round closed (so far).
         partials: partial sums merged (from relays aggregating their sites).
+        updates: see below.
     """
 
     round: int
@@ -67,6 +69,9 @@ class RoundResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     late: int = 0
     partials: int = 0
+    updates: Updates | None = None
+    """Each site's result itself, when the round collected them one by one
+    (``run_round(collect="each")``); then :attr:`sum` stays empty."""
 
     def mean_metrics(self) -> dict[str, float]:
         """Each metric averaged over the clients that reported it."""

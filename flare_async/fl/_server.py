@@ -29,7 +29,7 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
@@ -58,10 +58,15 @@ from flare_async.fl._results import (
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._signed import CHANNEL
 from flare_async.fl._tracking import MAX_PER_SITE, check_batch
+from flare_async.fl._updates import Updates
 from flare_async.security import Decryptor, SignatureVerifier, Signer
 
 PULL_WAIT = 5.0
 """Seconds an edge client is told to stay away when no workflow hands out tasks to pull."""
+
+Collect = Literal["sum", "each"]
+"""How a round gathers its results: folded into one weighted sum as they arrive (``sum``), or
+kept one by one (``each``: :attr:`RoundResult.updates`, for rules that need them all)."""
 
 Grant = Callable[[str], Awaitable[dict[str, Any]]]
 """What answers a pull (``fl/pull``): the site's name in, the reply out (see ``fedbuff``)."""
@@ -94,6 +99,7 @@ class Rounds(Protocol):
         deadline: float = 60.0,
         task: str = "train",
         secure: SecureAggregation | None = None,
+        collect: Collect = "sum",
     ) -> RoundResult: ...
 
 
@@ -109,7 +115,8 @@ class FLServer:
             simulator turns it off, its bytes never leave the process.
         hierarchical: clients below a relay send their results to it; the relay (running a
             :class:`RelayAggregator`) folds them and sends the server one partial sum.
-        on_round: called with each finished round (progress output, metrics).
+        on_round: called with each finished training round (progress output, metrics):
+            ``train`` tasks only; a cross-site evaluation's rounds are not the job's rounds.
         spill: where large results wait, complete, before they are folded (default: the
             system's temporary folder).
         on_reject: called with ``(site, task, reason)`` for every result refused (unusable,
@@ -299,10 +306,13 @@ class FLServer:
         headers: Mapping[str, str] | None = None,
         on_delivered: Callable[[str, Mapping[str, Any]], None] | None = None,
         secure: SecureAggregation | None = None,
+        collect: Collect = "sum",
     ) -> RoundResult:
         """Send ``model`` to ``targets`` and fold their results in as they arrive, until all
         answered or ``deadline`` seconds passed (with ``secure``, under secure aggregation:
-        ``secure_round``).
+        ``secure_round``). With ``collect="each"`` the results are kept one by one instead
+        (:attr:`RoundResult.updates`, in memory up to a bound, then in spill files); relays
+        then forward every site's result rather than fold them.
 
         ``fold_with`` replaces the weighted sum for this round (each result goes to it; see
         ``secure_round``), ``headers`` go with every task. ``on_delivered`` is called with the
@@ -313,10 +323,13 @@ class FLServer:
             RoundFailed: fewer than ``min_responses`` (default: all targets) results.
             SecAggRangeError: ``secure``, and the round's sum could wrap.
             ConfigError: ``secure`` with another task than ``train``, or with ``fold_with``,
-                ``headers`` or ``on_delivered`` (a secure round has its own).
+                ``headers``, ``on_delivered`` or ``collect="each"`` (a secure round has its
+                own folding); ``collect="each"`` with ``fold_with``.
         """
+        if collect not in ("sum", "each"):
+            raise ConfigError(f"a round collects 'sum' or 'each', not {collect!r}")
         if secure is not None:
-            if task != "train" or fold_with or headers or on_delivered:
+            if task != "train" or fold_with or headers or on_delivered or collect != "sum":
                 raise ConfigError("a secure round trains, with secure aggregation's own folding")
             return await secure_round(
                 self, model, targets, config=secure, min_responses=min_responses, deadline=deadline
@@ -326,7 +339,14 @@ class FLServer:
         # A fresh random part: after a restart the same round must not reuse a task id (a
         # result signed for the old one could be replayed into the new one).
         task_id = f"{self.job}:{model.current_round}:{self._tasks}:{secrets.token_hex(4)}"
+        updates = None
+        if collect == "each":
+            if fold_with is not None:
+                raise ConfigError("a round that keeps each result folds nothing: no fold_with")
+            updates = Updates(self.spill)
+            fold_with = updates.add
         collector = Collector(task_id, model.current_round or 0, targets, fold_with)
+        collector.result.updates = updates
         self._open[task_id] = collector
         task_headers = {**(headers or {}), "job": self.job, "task": task_id, "kind": task}
         try:
@@ -336,7 +356,7 @@ class FLServer:
                 sha = await anyio.to_thread.run_sync(digest_of, parts)
                 fields = {"src": self.cell.name, "task": task_id, "sha256": sha, "topic": "task"}
                 task_headers.update(self.signer.sign(fields))
-            if self.hierarchical:
+            if self.hierarchical and updates is None:
                 task_headers["aggregate"] = "parent"
                 session = task_headers.get("secagg", "")
                 await self._arm_relays(collector, list(targets), task_id, deadline, session)
@@ -374,7 +394,7 @@ class FLServer:
             responded=len(result.responded),
             failed=len(result.failed),
         )
-        if self.on_round is not None:
+        if self.on_round is not None and task == "train":
             self.on_round(result)
         return result
 
@@ -429,4 +449,4 @@ class FLServer:
         )
 
 
-__all__ = ["PULL_WAIT", "FLServer", "Grant", "RoundFailed", "RoundResult", "Rounds"]
+__all__ = ["PULL_WAIT", "Collect", "FLServer", "Grant", "RoundFailed", "RoundResult", "Rounds"]

@@ -33,7 +33,8 @@ from flare_async.fl._recipe import FedAvgRecipe, load_recipe
 from flare_async.fl._results import RoundResult
 from flare_async.fl._secagg import SecAggRangeError
 from flare_async.fl._secure import SecureAggregation
-from flare_async.fl._server import RoundFailed, sample
+from flare_async.fl._server import Collect, RoundFailed, sample
+from flare_async.fl._updates import Updates, unpack
 
 
 class RemoteRounds:
@@ -68,8 +69,10 @@ class RemoteRounds:
         deadline: float = 60.0,
         task: str = "train",
         secure: SecureAggregation | None = None,
+        collect: Collect = "sum",
     ) -> RoundResult:
-        """Run one round in the server's process (see ``FLServer.run_round``).
+        """Run one round in the server's process (see ``FLServer.run_round``; with
+        ``collect="each"`` every site's result comes back, in this process's memory).
 
         Raises:
             RoundFailed, SecAggRangeError: as ``FLServer.run_round``.
@@ -87,6 +90,7 @@ class RemoteRounds:
             "deadline": float(deadline),
             "task": task,
             "secure": dataclasses.asdict(secure) if secure is not None else None,
+            "collect": collect,
         }
         try:
             await self.flush()
@@ -106,9 +110,13 @@ class RemoteRounds:
                 raise SecAggRangeError(why)
             raise JobProcessError(why)
         total = WeightedSum()
-        if body.nbytes:  # the received buffer becomes the sum: decoded and adopted, uncopied
+        updates = None
+        if collect == "each":
+            updates = unpack(model_from_parts(body)) if body.nbytes else Updates()
+        elif body.nbytes:  # the received buffer becomes the sum: decoded and adopted, uncopied
             total.merge(model_from_parts(body), adopt=True)
         return RoundResult(
+            updates=updates,
             round=int(answer["round"]),
             sum=total,
             responded=list(answer["responded"]),
@@ -175,6 +183,9 @@ async def _workflow(
             "op": "done",
             "metrics": {str(k): float(v) for k, v in final.metrics.items()},
             "validation": {str(k): float(v) for k, v in history[-1].get("validation", {}).items()},
+            "report": {"cross_site": final.meta["cross_site"]}
+            if "cross_site" in final.meta
+            else {},
         }
     except Exception as exc:
         return exc

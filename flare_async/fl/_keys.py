@@ -1,0 +1,22 @@
+"""What the algorithms' server and client halves agree on: the keys a task carries.
+
+A workflow puts them into the task it sends (an :class:`FLModel`'s ``meta``, or tensors beside
+the model's); the client helpers of :mod:`flare_async.client.algorithms` read them. They are
+part of the wire (docs/fl.md, "Algorithms"): a client written from the docs alone uses them.
+"""
+
+from __future__ import annotations
+
+FEDPROX_MU = "fedprox_mu"
+"""``meta[FEDPROX_MU]``: FedProx's proximal weight μ (a float >= 0), sent with every task."""
+
+DITTO_LAMBDA = "ditto_lambda"
+"""``meta[DITTO_LAMBDA]``: Ditto's weight λ (a float >= 0) pulling each site's personal model
+towards the global one, sent with every task."""
+
+SCAFFOLD_CONTROL = "scaffold.c/"
+"""SCAFFOLD's control variates travel as tensors beside the model's: the server's control ``c``
+for tensor ``NAME`` is the task's tensor ``SCAFFOLD_CONTROL + NAME`` (float32, ``NAME``'s
+shape); a site's result carries its control's change ``Δc_i`` under the same names."""
+
+__all__ = ["DITTO_LAMBDA", "FEDPROX_MU", "SCAFFOLD_CONTROL"]
