@@ -14,50 +14,69 @@ staleness weight) stays in the private modules; other packages (the command line
 from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._artifact import JobCode, is_own_code, pack_job
 from flare_async.fl._client import ClientRuntime
+from flare_async.fl._crosssite import cross_site_eval, render_matrix
 from flare_async.fl._edge import EdgeClient, EdgeStats
 from flare_async.fl._fedbuff import FedBuffStats, fedbuff
+from flare_async.fl._fedopt import ServerOptimizer
 from flare_async.fl._jobs import CHANNEL as JOB_CHANNEL
 from flare_async.fl._jobs import AdminRights, JobManager
+from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._privacy import SitePolicy, load_policy
 from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._relay import RelayAggregator
+from flare_async.fl._robust import NotEnoughUpdates, RobustAggregation
 from flare_async.fl._secagg import SecAggError, SecAggRangeError
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._site import SiteJobs
+from flare_async.fl._strategies import Ditto, FedAvg, FedOpt, FedProx, Robust, Scaffold
 from flare_async.fl._workflows import fedavg
 
 __all__ = [
     "AdminRights",
     "ClientRuntime",
+    "DITTO_LAMBDA",
+    "Ditto",
     "EdgeClient",
     "EdgeStats",
+    "FEDPROX_MU",
     "FLModel",
     "FLServer",
-    "FedBuffStats",
+    "FedAvg",
     "FedAvgRecipe",
+    "FedBuffStats",
+    "FedOpt",
+    "FedProx",
     "JOB_CHANNEL",
     "JobCode",
     "JobManager",
+    "NotEnoughUpdates",
     "ParamsType",
     "RelayAggregator",
+    "Robust",
+    "RobustAggregation",
     "RoundFailed",
     "RoundMismatch",
     "RoundResult",
+    "SCAFFOLD_CONTROL",
+    "Scaffold",
     "SecAggError",
     "SecAggRangeError",
     "SecureAggregation",
+    "ServerOptimizer",
     "SiteJobs",
     "SitePolicy",
     "WeightedSum",
+    "cross_site_eval",
     "fedavg",
     "fedavg_step",
     "fedbuff",
     "is_own_code",
     "load_policy",
     "pack_job",
+    "render_matrix",
     "secure_round",
     "simulate",
 ]

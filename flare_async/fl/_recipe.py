@@ -16,11 +16,13 @@ import numpy as np
 
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
+from flare_async.fl._crosssite import cross_site_eval
 from flare_async.fl._model import FLModel
 from flare_async.fl._scripts import script_spec
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
 from flare_async.fl._simulator import simulate
+from flare_async.fl._strategies import FedAvg
 from flare_async.fl._workflows import fedavg
 
 
@@ -46,6 +48,12 @@ class FedAvgRecipe:
             of those fields (what ``job submit --secure-clip ...`` sends).
         encrypt: on a deployment, results are sealed for the server's key: relays forward
             what they cannot read (relay aggregation is then off).
+        strategy: the algorithm on FedAvg's loop (default FedAvg): ``FedProx(mu=)``,
+            ``FedOpt(optimizer=, lr=)``, ``Scaffold(lr=)``, ``Robust(rule=)``, ``Ditto(lam=)``
+            (see docs/fl.md, "Algorithms").
+        cross_site_eval: after the last round, every site's model and the global one are
+            evaluated on every site (``validate`` / ``submit_model`` tasks); the matrix is
+            the final model's ``meta["cross_site"]`` and the job's report.
     """
 
     initial: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
@@ -63,9 +71,17 @@ class FedAvgRecipe:
     relay_aggregation: bool = True
     secure: bool | SecureAggregation | Mapping[str, Any] = False
     encrypt: bool = False
+    strategy: FedAvg = field(default_factory=FedAvg)
+    cross_site_eval: bool = False
 
     def __post_init__(self) -> None:
-        SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: at submission
+        secure = SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: now
+        if not isinstance(self.strategy, FedAvg):
+            raise ConfigError(
+                f"a recipe's strategy is a FedAvg, FedProx..., not {self.strategy!r:.80}"
+            )
+        if secure is not None and not self.strategy.secure_ok:
+            raise ConfigError(f"{self.strategy.name} does not run under secure aggregation")
 
     @staticmethod
     def load(spec: str, overrides: Mapping[str, Any] | None = None) -> FedAvgRecipe:
@@ -90,7 +106,7 @@ class FedAvgRecipe:
         initial = (
             await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
         )
-        return await fedavg(
+        final = await fedavg(
             server,
             initial,
             rounds=self.rounds,
@@ -103,7 +119,13 @@ class FedAvgRecipe:
             checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
             on_checkpoint=on_checkpoint,
             secure=SecureAggregation.of(self.secure) or False,
+            strategy=self.strategy,
         )
+        if self.cross_site_eval:
+            final.meta["cross_site"] = await cross_site_eval(
+                server, final.params, deadline=self.deadline
+            )
+        return final
 
     def script_spec(self) -> str:
         """The script as ``MODULE:FUNCTION``, for a site that runs it in its own process.

@@ -12,11 +12,12 @@ import anyio.to_thread
 import numpy as np
 
 from flare_async.codecs import as_numpy
+from flare_async.errors import ConfigError
 from flare_async.fl import _checkpoint as checkpoint
-from flare_async.fl._aggregate import fedavg_step
 from flare_async.fl._model import FLModel, params_format_of
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
+from flare_async.fl._strategies import FedAvg
 
 
 async def fedavg(
@@ -33,6 +34,7 @@ async def fedavg(
     checkpoints: str | os.PathLike[str] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     secure: bool | SecureAggregation = False,
+    strategy: FedAvg | None = None,
 ) -> FLModel:
     """Federated averaging.
 
@@ -61,6 +63,11 @@ async def fedavg(
     the declared range counts as failed (it refuses to encode rather than wrap). Metrics are
     not sent in clear: the declared ones are averaged inside the masked sum.
 
+    ``strategy`` picks the algorithm on this loop (default :class:`FedAvg`): ``FedProx``,
+    ``Ditto``, ``FedOpt``, ``Scaffold``, ``Robust`` (see ``fl/_strategies.py``); its state
+    (a server optimizer's moments, a control variate) is checkpointed and resumed with the
+    model.
+
     Returns:
         the final model; ``meta["history"]`` holds each round's averaged client metrics, the
         validation metrics and who answered; ``meta["best"]`` the best round by
@@ -71,7 +78,11 @@ async def fedavg(
         server.params_format = params_format_of(initial)
     params = {k: np.asarray(as_numpy(v)) for k, v in initial.items()}
     del initial
+    algo = strategy if strategy is not None else FedAvg()
     config = SecureAggregation.of(secure)
+    if config is not None and not algo.secure_ok:
+        raise ConfigError(f"{algo.name} does not run under secure aggregation")
+    state: dict[str, np.ndarray] = {}
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     best_params: dict[str, np.ndarray] = {}
@@ -82,6 +93,7 @@ async def fedavg(
         last = await anyio.to_thread.run_sync(checkpoint.load, folder, "last")
         if last is not None:
             params, history, first = last.params, last.history, last.round + 1
+            state = last.state
             saved_best = await anyio.to_thread.run_sync(checkpoint.load, folder, "best")
             if saved_best is not None and saved_best.best is not None:
                 # The best file's own mark: consistent with its params even if the job died
@@ -90,16 +102,27 @@ async def fedavg(
                 best_params = saved_best.params
     for rnd in range(first, rounds):
         targets = server.sample(fraction, min_clients)
-        task = FLModel(params=params, current_round=rnd, total_rounds=rounds)
+        task = FLModel(
+            params=algo.task_params(params, state),
+            meta=algo.meta(),
+            current_round=rnd,
+            total_rounds=rounds,
+        )
         need = None if min_responses is None else min(min_responses, len(targets))
         result: RoundResult = await server.run_round(
-            task, targets, min_responses=need, deadline=deadline, secure=config
+            task,
+            targets,
+            min_responses=need,
+            deadline=deadline,
+            secure=config,
+            collect=algo.collect,
         )
         del task
         # In worker threads: a large model's step, or a long validation, never blocks the
         # event loop (in a job's own process, its heartbeat to the server runs there).
-        step = partial(fedavg_step, consume=True)
-        params = await anyio.to_thread.run_sync(step, params, result.sum)
+        step = partial(algo.step, clients=len(server.clients))
+        params, note = await anyio.to_thread.run_sync(step, params, result, state)
+        result.updates = None  # spilled updates' mappings go
         metrics = result.mean_metrics()
         scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}
         validation = {str(k): float(v) for k, v in scores.items()}
@@ -111,6 +134,7 @@ async def fedavg(
                 "responded": result.responded,
                 "failed": sorted(result.failed),
                 "why": dict(result.failed),  # each failed client's reason, as it said
+                **note,
             }
         )
         improved = False
@@ -122,13 +146,15 @@ async def fedavg(
                 improved = True
         if folder is not None:
             mark = {"round": best[1], "score": best[0]} if best is not None else None
-            state = checkpoint.Checkpoint(rnd, params, history, mark)
+            saved = checkpoint.Checkpoint(rnd, params, history, mark, state)
             if improved:
-                await checkpoint.save(folder, "best", state)
-            await checkpoint.save(folder, "last", state)
+                await checkpoint.save(
+                    folder, "best", checkpoint.Checkpoint(rnd, params, history, mark)
+                )
+            await checkpoint.save(folder, "last", saved)
             if on_checkpoint is not None:
                 on_checkpoint(rnd)
-    meta: dict[str, Any] = {"history": history}
+    meta: dict[str, Any] = {"history": history, "strategy": algo.describe()}
     if best is not None:
         meta["best"] = {"round": best[1], validation_key or "": best[0]}
         meta["best_params"] = best_params

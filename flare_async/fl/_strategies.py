@@ -1,0 +1,291 @@
+"""The server halves of the FL algorithms: what a round sends and how its results step the model.
+
+FedAvg's loop (``fl/_workflows.fedavg``) is the same for all of them; a *strategy* says what
+goes into each task beside the model (FedProx's μ, SCAFFOLD's control variate) and how the
+round's results become the next model (a weighted mean, a server optimizer's step, a robust
+rule over every update). A strategy is configuration only (frozen, a recipe's field): what
+it carries from round to round is its ``state``, a dict of tensors the workflow keeps and
+checkpoints with the model, so a restarted server resumes it exactly.
+
+=========  =====================================================  ========  ==========
+strategy   the next model                                          collects  relays fold
+=========  =====================================================  ========  ==========
+FedAvg     the weighted mean of the results                        sum       yes
+FedProx    as FedAvg; μ goes to the sites (their proximal term)    sum       yes
+Ditto      as FedAvg; λ goes to the sites (their personal model)   sum       yes
+FedOpt     a server optimizer steps on mean - model                sum       yes
+Scaffold   model + lr·(mean - model); c += (|S|/N)·mean(Δc)        sum       yes
+Robust     model + a robust rule over every site's update          each      no
+=========  =====================================================  ========  ==========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from flare_async.errors import ConfigError
+from flare_async.fl._aggregate import fedavg_step, to_dtype
+from flare_async.fl._fedopt import ServerOptimizer
+from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
+from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._results import RoundResult
+from flare_async.fl._robust import RobustAggregation
+from flare_async.fl._server import Collect
+
+Params = dict[str, np.ndarray]
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Federated averaging (McMahan et al. 2017): the next model is the results' weighted mean
+    (see ``fedavg_step``: FULL or DIFF results, some tensors or all)."""
+
+    name: ClassVar[str] = "fedavg"
+    collect: ClassVar[Collect] = "sum"
+    secure_ok: ClassVar[bool] = True
+    """Whether it runs under secure aggregation (it needs only the sum of the results)."""
+
+    def meta(self) -> dict[str, Any]:
+        """What every task's ``meta`` carries for the sites' scripts."""
+        return {}
+
+    def task_params(self, params: Params, state: State) -> Params:
+        """What the task's params are: the model (and whatever travels beside it)."""
+        return params
+
+    def step(
+        self, params: Params, result: RoundResult, state: State, clients: int
+    ) -> tuple[Params, dict[str, Any]]:
+        """The next model from the round's ``result`` (``state`` updated in place); and what
+        to note in the round's history. ``clients``: the number of the job's sites."""
+        return fedavg_step(params, result.sum, consume=True), {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg on the server; each site adds ``mu/2·||w - w_g||²``
+    to its loss (``flare_async.client.algorithms.prox_term``), ``mu`` sent with every task
+    (``meta["fedprox_mu"]``)."""
+
+    name: ClassVar[str] = "fedprox"
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        _non_negative("FedProx's mu", self.mu)
+
+    def meta(self) -> dict[str, Any]:
+        return {FEDPROX_MU: float(self.mu)}
+
+
+@dataclass(frozen=True)
+class Ditto(FedAvg):
+    """Ditto (Li et al. 2021): FedAvg of the sites' global-model updates; each site also keeps
+    a personal model trained with ``lam/2·||v - w_g||²`` (``client.algorithms.Ditto``),
+    ``lam`` sent with every task (``meta["ditto_lambda"]``). Personal models never leave."""
+
+    name: ClassVar[str] = "ditto"
+    lam: float = 0.1
+
+    def __post_init__(self) -> None:
+        _non_negative("Ditto's lam", self.lam)
+
+    def meta(self) -> dict[str, Any]:
+        return {DITTO_LAMBDA: float(self.lam)}
+
+
+@dataclass(frozen=True)
+class FedOpt(FedAvg):
+    """FedOpt (Reddi et al. 2021): a server optimizer steps on the pseudo-gradient ``mean -
+    model``: ``optimizer`` is ``adam``, ``yogi``, ``adagrad``, ``avgm`` (FedAvgM, Hsu et al.
+    2019) or ``sgd`` (``lr=1``: FedAvg). Its moments are the strategy's state: checkpointed
+    with the model, resumed with the job."""
+
+    name: ClassVar[str] = "fedopt"
+    optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = "adam"
+    lr: float = 0.01
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self._optimizer()  # ConfigError now, at the recipe
+
+    def _optimizer(self) -> ServerOptimizer:
+        return ServerOptimizer(
+            self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+        )
+
+    def step(
+        self, params: Params, result: RoundResult, state: State, clients: int
+    ) -> tuple[Params, dict[str, Any]]:
+        target = fedavg_step(params, result.sum, consume=True)
+        opt = self._optimizer()
+        opt.load_state(state)
+        out = opt.step(params, target)
+        state.clear()
+        state.update(opt.state())
+        return out, {}
+
+
+@dataclass(frozen=True)
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020): every task carries the server's control variate
+    ``c`` beside the model (tensor ``scaffold.c/NAME`` for each floating tensor ``NAME``);
+    each site corrects its steps with it and sends its model's change and its control's
+    change (``client.algorithms.Scaffold``). The next model is ``x + lr·(mean - x)`` (the
+    results' weighted mean, as FedAvg); ``c += (|S|/N)·mean(Δc)``, the same weights, ``|S|``
+    the sites that answered, ``N`` the job's sites. ``c`` is the strategy's state."""
+
+    name: ClassVar[str] = "scaffold"
+    secure_ok: ClassVar[bool] = False
+    lr: float = 1.0
+    """The server's learning rate η_g."""
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"SCAFFOLD's server lr must be a finite number > 0, not {self.lr!r}")
+
+    def task_params(self, params: Params, state: State) -> Params:
+        out = dict(params)
+        for name, value in params.items():
+            if value.dtype.kind == "f":
+                key = SCAFFOLD_CONTROL + name
+                control = state.get(key)
+                if control is None or control.shape != value.shape:
+                    control = state[key] = np.zeros(value.shape, np.float32)
+                out[key] = control
+        return out
+
+    def step(
+        self, params: Params, result: RoundResult, state: State, clients: int
+    ) -> tuple[Params, dict[str, Any]]:
+        answered = len(result.responded)
+        mean = fedavg_step(params, result.sum, consume=True)
+        out: Params = {}
+        for name, value in mean.items():
+            if name.startswith(SCAFFOLD_CONTROL):
+                if name[len(SCAFFOLD_CONTROL) :] not in params:
+                    continue  # a control for no tensor of the model: ignored
+                # Not a tensor of ``params``: fedavg_step gave its mean as it is, mean(Δc).
+                c = state.get(name, np.zeros(value.shape, np.float32))
+                state[name] = (c + (answered / max(clients, 1)) * value).astype(np.float32)
+                continue
+            x = params.get(name)
+            if x is None or x.dtype.kind != "f" or self.lr == 1.0:
+                out[name] = value
+            else:
+                step = x.astype(value.dtype) + self.lr * (value - x)
+                out[name] = to_dtype(step, x.dtype)
+        return out, {}
+
+
+@dataclass(frozen=True)
+class Robust(FedAvg):
+    """Robust aggregation: every site's update (its DIFF, or its FULL model minus the global
+    one) is kept and a robust rule combines them: ``rule`` is a ``RobustAggregation``
+    (median, trimmed_mean, krum, multi_krum, bulyan, clipped_mean). Unlike FedAvg's running
+    sum, this needs every update of the round at once: in memory up to a bound, then in
+    spill files, one tensor's slices at a time; relays forward rather than fold. An update
+    must carry every tensor of the model and no other (no partial updates); one that does
+    not, or holds a non-finite value, is dropped and named in the round's history."""
+
+    name: ClassVar[str] = "robust"
+    collect: ClassVar[Collect] = "each"
+    secure_ok: ClassVar[bool] = False
+    rule: RobustAggregation = field(default_factory=lambda: RobustAggregation("median"))
+
+    def step(
+        self, params: Params, result: RoundResult, state: State, clients: int
+    ) -> tuple[Params, dict[str, Any]]:
+        updates = result.updates
+        assert updates is not None, "a robust round keeps each update"
+        # The model is the template: an update that does not fit it is dropped here, so no
+        # site (the first to answer, say) decides what the others' updates must look like.
+        dropped: dict[str, str] = {}
+        kept: list[int] = []
+        for i, model in enumerate(updates.models):
+            why = _misfit(params, model)
+            if why:
+                dropped[updates.sites[i]] = why
+            else:
+                kept.append(i)
+        weights = updates.weights()
+        diffs = [_Diff(params, updates.models[i]) for i in kept]
+        change, report = self.rule.aggregate_with_report(diffs, [weights[i] for i in kept])
+        out = dict(params)
+        for name, delta in change.items():
+            g = params[name]
+            out[name] = to_dtype(g.astype(delta.dtype) + delta, g.dtype)
+        sites = [updates.sites[i] for i in kept]
+        dropped.update({sites[i]: why for i, why in report.dropped.items()})
+        note = {"selected": [sites[i] for i in report.selected], "dropped": dropped}
+        return out, {"robust": note}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self.rule)}
+
+
+def _misfit(params: Params, model: FLModel) -> str:
+    """Why ``model`` cannot be one of a robust round's updates ("" if it can): it must carry
+    every tensor of the model, no other, each of its shape."""
+    if set(model.params) != set(params):
+        extra = sorted(set(model.params) - set(params))[:3]
+        missing = sorted(set(params) - set(model.params))[:3]
+        return f"does not carry the model's tensors (missing {missing}, extra {extra})"
+    for name, value in model.params.items():
+        if np.shape(value) != params[name].shape:
+            return f"tensor {name!r:.80} has shape {np.shape(value)}, not {params[name].shape}"
+    return ""
+
+
+class _Diff(Mapping[str, np.ndarray]):
+    """A result as a change to the global model, one tensor when asked (FULL: minus it)."""
+
+    def __init__(self, params: Params, model: FLModel) -> None:
+        self.params = params
+        self.model = model
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = np.asarray(self.model.params[name])
+        if self.model.params_type is ParamsType.DIFF:
+            return value
+        g = self.params.get(name)
+        if g is None:
+            return value
+        kind = np.float64 if np.float64 in (value.dtype, g.dtype) else np.float32
+        out: np.ndarray = value.astype(kind) - g.astype(kind)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.model.params)
+
+    def __len__(self) -> int:
+        return len(self.model.params)
+
+
+Strategy = FedAvg
+"""Every strategy is a :class:`FedAvg` (the others refine it)."""
+
+
+def _non_negative(what: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"{what} must be a number >= 0, not {value!r}")
+    if not np.isfinite(value):
+        raise ConfigError(f"{what} must be finite, not {value!r}")
+
+
+__all__ = ["Ditto", "FedAvg", "FedOpt", "FedProx", "Robust", "Scaffold", "Strategy"]
