@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 import flare_async.client as flare
-from flare_async.fl import FedAvgRecipe, FLModel
+from flare_async.fl import FedAvgRecipe, FedOpt, FLModel, Robust, RobustAggregation
 
 
 def add_site_weight() -> None:
@@ -179,3 +179,46 @@ def garbles_its_metrics() -> None:
         runtime._write("metrics", [b'[{"key": "", "value": "x"}]'])  # the server refuses it
         flare.log("good", 1.0, step=model.current_round)
         flare.send(FLModel(params=dict(model.params)))
+
+
+def gated_fedopt_recipe() -> FedAvgRecipe:
+    """``gated_recipe`` under FedOpt (Adam): its moments must survive a server restart."""
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)},
+        script="tests._fl_scripts:gated",
+        rounds=3,
+        deadline=120,
+        strategy=FedOpt(optimizer="adam", lr=0.5),
+    )
+
+
+def evaluating() -> None:
+    """``add_site_weight`` for training; for ``validate`` site i scores a model ``sum(w) + i``;
+    for ``submit_model`` it sends its own model (the last it trained: the received one + i + 1)."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    mine: dict[str, Any] | None = None
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if flare.is_evaluate():
+            score = float(sum(np.asarray(v).sum() for v in model.params.values())) + i
+            flare.send(FLModel(metrics={"score": score}))
+            continue
+        if flare.is_submit_model():
+            flare.send(FLModel(params=mine if mine is not None else dict(model.params)))
+            continue
+        mine = {k: np.asarray(v) + (i + 1) for k, v in model.params.items()}
+        flare.send(FLModel(params=mine, meta={"num_samples": i + 1}))
+
+
+def robust_eval_recipe() -> FedAvgRecipe:
+    """Two rounds under the coordinate-wise median, then cross-site evaluation."""
+    return FedAvgRecipe(
+        initial={"w": np.zeros(3)},
+        script="tests._fl_scripts:evaluating",
+        rounds=2,
+        strategy=Robust(RobustAggregation("median")),
+        cross_site_eval=True,
+    )

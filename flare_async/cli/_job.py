@@ -45,7 +45,7 @@ from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
 from flare_async.cli._kit import kit_drivers, kit_verifier
 from flare_async.cli._progress import RoundProgress
 from flare_async.errors import BadRequest, ConfigError, FlareError
-from flare_async.fl import JOB_CHANNEL, JobCode, is_own_code, pack_job
+from flare_async.fl import JOB_CHANNEL, JobCode, is_own_code, pack_job, render_matrix
 from flare_async.security import (
     MessageSigning,
     Role,
@@ -301,7 +301,15 @@ async def main_async(args: Any) -> int:
                 )
             return 0
         if args.action == "status":
-            _print_line(await session.call("status", {"id": args.job}))
+            rec = await session.call("status", {"id": args.job})
+            if args.matrix is None:
+                _print_line(rec)
+                return 0
+            cross = rec.get("report", {}).get("cross_site")
+            if not cross:
+                sys.stderr.write(f"job {args.job} has no cross-site evaluation (yet)\n")
+                return 1
+            sys.stdout.write(render_matrix(cross, args.matrix or None) + "\n")
             return 0
         if args.action == "wait":
             rec = await _wait(session, args.job, args.timeout, as_json=args.json)
@@ -418,8 +426,16 @@ def add_parser(sub: Any) -> None:
         "--json", action="store_true", help="with --wait: a JSON line per change, no progress"
     )
     actions.add_parser("list", help="every job on the server")
-    for name, text in (("status", "a job's record"), ("abort", "abort a job")):
-        actions.add_parser(name, help=text).add_argument("job")
+    st = actions.add_parser("status", help="a job's record")
+    st.add_argument("job")
+    st.add_argument(
+        "--matrix",
+        nargs="?",
+        const="",
+        metavar="METRIC",
+        help="print the cross-site evaluation's matrix (one metric: the first, or METRIC)",
+    )
+    actions.add_parser("abort", help="abort a job").add_argument("job")
     w = actions.add_parser("wait", help="wait until a job ends")
     w.add_argument("job")
     w.add_argument("--timeout", type=float, default=None)

@@ -164,6 +164,9 @@ class JobRecord:
     ``<store>/<job>/artifact``), else empty: the recipe is installed here and on the sites."""
     site_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     """Why each site that failed a round failed it, as it said (its script's exception)."""
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the workflow reported at its end beyond metrics: ``cross_site``, the cross-site
+    evaluation's matrix (``job status JOB --matrix`` prints it)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -767,6 +770,7 @@ class JobManager:
                 checkpoints=str(folder / "checkpoints"),
                 on_checkpoint=lambda rnd: self.on_event("job-checkpoint", job=rec.id, round=rnd),
             )
+            rec.report = proc.report
         await server.stop_clients()
         self._set(rec, JobState.FINISHED, ended=time.time())
 
