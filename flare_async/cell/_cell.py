@@ -67,6 +67,9 @@ class Cell(CallsMixin, StreamingMixin):
         name: this cell's place in the tree, e.g. ``server.eu.site-3``.
         listen: URLs to accept links on (children and peers connect here).
         parent: URL of the parent cell to connect to (``None`` for a root).
+        peers: URLs of peer cells (of other branches: another site) to keep direct links
+            to; a message for a peer (or a cell below it) takes its link instead of going up
+            the tree (swarm and cyclic training pass models site to site over them).
         handlers: handler tables to mount (frozen at start).
         routing_handlers: also serve what the fabric's routing features need of every cell
             (``sys/fanout``: a relay's part of :meth:`stream_many`); a handler in
@@ -119,6 +122,7 @@ class Cell(CallsMixin, StreamingMixin):
         *,
         listen: Sequence[str] = (),
         parent: str | None = None,
+        peers: Sequence[str] = (),
         handlers: Iterable[HandlerTable] = (),
         drivers: Iterable[Driver] = (),
         limits: Limits | None = None,
@@ -155,7 +159,7 @@ class Cell(CallsMixin, StreamingMixin):
         registry = DriverRegistry.for_cell(
             drivers,
             listen=listen,
-            dial=() if parent is None else (parent,),
+            dial=((parent,) if parent is not None else ()) + tuple(peers),
             server_tls=server_tls,
             client_tls=client_tls,
         )
@@ -190,6 +194,7 @@ class Cell(CallsMixin, StreamingMixin):
             hello,
             listen=listen,
             parent=parent,
+            peers=peers,
             handshake_timeout=handshake_timeout,
             admission=self.admission,
             backoff=backoff or Backoff(),

@@ -43,6 +43,7 @@ class LinkKeeper:
         listen: Sequence[str],
         parent: str | None,
         handshake_timeout: float,
+        peers: Sequence[str] = (),
         admission: Admission,
         backoff: Backoff,
         verify_peer: PeerVerifier | None,
@@ -53,6 +54,7 @@ class LinkKeeper:
         self.hello = hello
         self.listen = list(listen)
         self.parent_url = parent
+        self.peer_urls = list(peers)
         self.handshake_timeout = handshake_timeout
         self.admission = admission
         self.backoff = backoff
@@ -76,6 +78,8 @@ class LinkKeeper:
             tg.start_soon(self._accept_loop, listener, name=f"{name} accept {url}")
         if self.parent_url is not None:
             await tg.start(self._parent_loop, self.parent_url, name=f"{name} parent")
+        for url in self.peer_urls:
+            await tg.start(self._peer_loop, url, name=f"{name} peer {url}")
 
     async def close(self) -> None:
         """Stop listening and say goodbye on every link, at once (1 s at most in all)."""
@@ -173,6 +177,53 @@ class LinkKeeper:
                 delay = self.backoff.delay(attempt, router.rng)
                 attempt += 1
                 await anyio.sleep(delay)
+
+    # ------------------------------------------------------------------ peers
+    async def _peer_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
+        """Keep a direct link to a peer (a cell of another branch, e.g. another site: swarm
+        and cyclic training pass models over it): dial, say hello as ``peer``, serve it as a
+        connected entry (messages for that cell, or below it, take it), redial with backoff
+        when it ends. Returns to the caller after the first attempt, as the parent's loop."""
+        router = self.router
+        attempt = 0
+        started = False
+        driver = self.drivers.for_url(url)
+        while True:
+            try:
+                link = await driver.connect(url, limits=router.limits)
+                try:
+                    with anyio.fail_after(self.handshake_timeout):
+                        session = await handshake_connector(
+                            link, self.hello("peer"), self.verify_peer
+                        )
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await link.aclose()
+                    raise
+            except (ProtocolError, TransportError, TimeoutError) as exc:
+                delay = self.backoff.delay(attempt, router.rng)
+                attempt += 1
+                router.log.warning("cannot reach peer", url=url, error=str(exc), retry_in=delay)
+                if not started:
+                    started = True
+                    task_status.started()
+                await anyio.sleep(delay)
+                continue
+            attempt = 0
+            peer = Peer(link, session, router.clock(), verified=self.verify_peer is not None)
+            old = router.children.get(peer.name)
+            if old is not None:  # it dialled us too: one link is enough, the newest serves
+                router.drop_peer(old, LinkClosed(f"{peer.name}: a newer link replaced this one"))
+            router.children[peer.name] = peer
+            router.notify(peer, True)
+            if not started:
+                started = True
+                task_status.started()
+            ended = await self._serve(peer)
+            if not router.running or isinstance(ended, Displaced):
+                return
+            await anyio.sleep(self.backoff.delay(attempt, router.rng))
+            attempt += 1
 
     # ------------------------------------------------------------------ reading
     async def _serve(self, peer: Peer) -> TransportError:
