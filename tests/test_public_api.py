@@ -56,6 +56,7 @@ PINNED: dict[str, list[str]] = {
     "flare_async.fl": [
         "AdminRights",
         "ClientRuntime",
+        "CyclicRecipe",
         "DITTO_LAMBDA",
         "Ditto",
         "EdgeClient",
@@ -89,6 +90,7 @@ PINNED: dict[str, list[str]] = {
         "SitePolicy",
         "WeightedSum",
         "cross_site_eval",
+        "cyclic",
         "fedavg",
         "fedavg_step",
         "fedbuff",

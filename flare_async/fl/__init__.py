@@ -15,6 +15,7 @@ from flare_async.fl._aggregate import RoundMismatch, WeightedSum, fedavg_step
 from flare_async.fl._artifact import JobCode, is_own_code, pack_job
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._crosssite import cross_site_eval, render_matrix
+from flare_async.fl._cyclic import cyclic
 from flare_async.fl._edge import EdgeClient, EdgeStats
 from flare_async.fl._fedbuff import FedBuffStats, fedbuff
 from flare_async.fl._fedopt import ServerOptimizer
@@ -23,7 +24,7 @@ from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._privacy import SitePolicy, load_policy
-from flare_async.fl._recipe import FedAvgRecipe
+from flare_async.fl._recipe import CyclicRecipe, FedAvgRecipe
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._robust import NotEnoughUpdates, RobustAggregation
 from flare_async.fl._secagg import SecAggError, SecAggRangeError
@@ -37,6 +38,7 @@ from flare_async.fl._workflows import fedavg
 __all__ = [
     "AdminRights",
     "ClientRuntime",
+    "CyclicRecipe",
     "DITTO_LAMBDA",
     "Ditto",
     "EdgeClient",
@@ -70,6 +72,7 @@ __all__ = [
     "SitePolicy",
     "WeightedSum",
     "cross_site_eval",
+    "cyclic",
     "fedavg",
     "fedavg_step",
     "fedbuff",

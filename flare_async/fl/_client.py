@@ -47,6 +47,15 @@ from flare_async.errors import (
     Unauthorized,
 )
 from flare_async.fl._artifact import code_path_env, python
+from flare_async.fl._handoff import (
+    PASS_TO,
+    ROUTE_FIELDS,
+    TAKE_FROM,
+    TAKE_SHA,
+    Handoffs,
+    hand_over,
+    handed,
+)
 from flare_async.fl._model import (
     NUMPY,
     FLModel,
@@ -80,6 +89,8 @@ class _Task:
     """The task's name: ``train``, ``validate``, ``submit_model`` (FLARE's names)."""
     format: str = NUMPY
     """The framework the server's model came in (``numpy`` or ``torch``)."""
+    pass_to: str = ""
+    """The site the result is handed over to (see ``fl/_handoff.py``), if any."""
 
 
 def log_records(
@@ -225,6 +236,9 @@ class ClientRuntime:
         self._peeked: FLModel | None = None  # taken by is_running(), returned by receive()
         self.task_name: str | None = None
         self._reply_to = server
+        self._pass_to = ""
+        self.handoffs = Handoffs(job)
+        """Models other sites handed over to this one (cyclic training)."""
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._sent_format: str | None = None  # what the script sent last (numpy or torch)
         self.metrics = MetricsBuffer()
@@ -246,6 +260,10 @@ class ClientRuntime:
         @table.stream(CHANNEL, "task")
         async def task(ctx: Context, stream: IncomingStream) -> bytes:
             return await self.take_task(stream)
+
+        @table.stream(CHANNEL, "handoff")
+        async def handoff(ctx: Context, stream: IncomingStream) -> bytes:
+            return await self.handoffs.take_stream(stream)
 
         @table.request(CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
@@ -283,16 +301,22 @@ class ClientRuntime:
         if self.failed is not None:
             raise BadRequest(f"{self.site} cannot train: {self.failed}")
         data = await stream.read_joined()
+        route = {k: stream.headers.get(k, "") for k in ROUTE_FIELDS}
         if self.task_verifier is not None:
             expect = {
                 "task": stream.headers.get("task", ""),
                 "sha256": stream.digest,
                 "topic": "task",
+                **route,
             }
             self.task_verifier.verify(
                 stream.headers, src=self.server, expect=expect, now=datetime.now(UTC)
             )
         model = model_from_parts(data)
+        fmt = wire_format(data)
+        if route[TAKE_FROM]:  # the model another site handed over, as the server named it
+            given = self.handoffs.pop(route[TAKE_FROM], route[TAKE_SHA])
+            model.params, fmt = model_from_parts(given).params, wire_format(given)
         reply_to = self.server
         if stream.headers.get("aggregate") == "parent" and self.cell.parent_name:
             reply_to = self.cell.parent_name  # the relay folds its children's results
@@ -302,7 +326,7 @@ class ClientRuntime:
         if self._filter is not None:
             self._received[task] = dict(model.params)  # the filters need what was sent
         kind = stream.headers.get("kind", "train")
-        self._put(_Task(task, model, reply_to, kind, wire_format(data)))
+        self._put(_Task(task, model, reply_to, kind, fmt, route[PASS_TO]))
         return b"accepted"
 
     def stop(self) -> None:
@@ -374,6 +398,7 @@ class ClientRuntime:
         assert isinstance(item, _Task)
         self._task = item.id
         self._reply_to = item.reply_to
+        self._pass_to = item.pass_to
         self.task_name = item.kind
         model = item.model
         # Shared with the received bytes unless a filter keeps them.
@@ -395,7 +420,7 @@ class ClientRuntime:
         assert self._portal is not None, "the script must run under ClientRuntime.run_script"
         task, self._task = self._task, None
         try:
-            self._portal.call(self._send, model, task, self._reply_to)
+            self._portal.call(self._send, model, task, self._reply_to, self._pass_to)
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
         except (concurrent.futures.CancelledError, RuntimeError) as exc:
@@ -410,17 +435,31 @@ class ClientRuntime:
             raise RuntimeError("send() before receive(): no task to answer")
         task, self._task = self._task, None
         try:
-            await self._send(model, task, self._reply_to)
+            await self._send(model, task, self._reply_to, self._pass_to)
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
-    async def _send(self, model: FLModel, task: str, dst: str) -> Payload:
+    async def _send(self, model: FLModel, task: str, dst: str, pass_to: str = "") -> Payload:
         self._sent_format = params_format_of(model.params)
         await self.flush_metrics()  # the round's values are stored before its result counts
         codec = self._result_codec(task)  # before _outgoing forgets the task's session
         model = await self._outgoing(model, task)
         parts = model_parts(model, self.cell.codecs, codec)
+        if pass_to:
+            parts = await self._pass(model, parts, task, pass_to, codec)
         return await self._stream_result(parts, task, dst, codec)
+
+    async def _pass(
+        self, model: FLModel, parts: list[Any], task: str, pass_to: str, codec: str
+    ) -> list[Any]:
+        """Hand the result over to ``pass_to`` (see ``fl/_handoff.py``); what the server gets
+        then: where it went, or, if the handover failed, the result itself and why."""
+        try:
+            sha = await hand_over(self.cell, pass_to, parts, self.job, task)
+        except FlareError as exc:
+            model.meta["handoff_failed"] = f"{pass_to}: {type(exc).__name__}: {exc}"[:1000]
+            return model_parts(model, self.cell.codecs, codec)
+        return model_parts(handed(model, pass_to, sha), self.cell.codecs, codec)
 
     async def _outgoing(self, model: FLModel, task: str) -> FLModel:
         """The result as it leaves: the site's filters, then masked in a secure round."""
@@ -764,9 +803,13 @@ class ClientRuntime:
             self._task = None
             parts = list(frame.parts)
             codec = self._result_codec(task)
+            result = None
             if self._filter is not None or self.policy.codec or task in self._secure_tasks:
                 result = await self._outgoing(model_from_parts(parts), task)
                 parts = model_parts(result, self.cell.codecs, codec)
+            if item.pass_to:
+                result = result or model_from_parts(parts)
+                parts = await self._pass(result, parts, task, item.pass_to, codec)
             await self.flush_metrics()
             try:
                 await self._stream_result(parts, task, reply_to, codec)

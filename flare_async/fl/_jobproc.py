@@ -52,6 +52,7 @@ from flare_async.codecs import CodecRegistry
 from flare_async.errors import ConfigError, DecodeError, FlareError
 from flare_async.fl._artifact import code_path_env, python
 from flare_async.fl._crosssite import checked_report
+from flare_async.fl._handoff import ROUTE_FIELDS, TAKE_SHA
 from flare_async.fl._jobchannel import (
     HEAD_MAX,
     MAX_PARTS,
@@ -72,6 +73,8 @@ RESOLVE_TIMEOUT = 60.0
 TASK_KINDS = ("train", "validate", "submit_model")
 WHY_MAX = 2000
 """Characters of a job process's own words (its failure) kept in the job's record."""
+MAX_HEADER_VALUE = 512
+"""Characters of a round's route header (a site's name, a digest) a job process may send."""
 MIN_DEADLINE = 0.01
 MAX_DEADLINE = 7 * 86400.0
 
@@ -366,7 +369,16 @@ def _round_request(
     collect = head.get("collect", "sum")
     if collect not in ("sum", "each") or (secure is not None and collect != "sum"):
         raise JobProcessError("a round collects 'sum' or 'each' (a secure round: 'sum')")
+    headers = head.get("headers") or {}
+    if not isinstance(headers, dict) or not set(headers) <= set(ROUTE_FIELDS):
+        raise JobProcessError(f"a round's headers may only be {list(ROUTE_FIELDS)}")
+    for key, value in headers.items():
+        if type(value) is not str or len(value) > MAX_HEADER_VALUE:
+            raise JobProcessError(f"a round's header {key} must be a short text")
+        if key != TAKE_SHA and value and value not in server.clients:
+            raise JobProcessError(f"a round's {key} must name one of the job's sites")
     kw = {
+        "headers": headers,
         "min_responses": need,
         "deadline": float(deadline),
         "secure": secure,

@@ -9,7 +9,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio.to_thread
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
 from flare_async.fl._crosssite import cross_site_eval
+from flare_async.fl._cyclic import cyclic
 from flare_async.fl._model import FLModel
 from flare_async.fl._scripts import script_spec
 from flare_async.fl._secure import SecureAggregation
@@ -73,6 +74,8 @@ class FedAvgRecipe:
     encrypt: bool = False
     strategy: FedAvg = field(default_factory=FedAvg)
     cross_site_eval: bool = False
+    peers_in_simulation: ClassVar[bool] = False
+    """The simulator links the sites to each other directly (cyclic training)."""
 
     def __post_init__(self) -> None:
         secure = SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: now
@@ -152,6 +155,7 @@ class FedAvgRecipe:
             clients=clients,
             relays=relays,
             processes=processes,
+            peers=self.peers_in_simulation and not processes,
             config=self.config,
             codec=self.codec,
             on_round=on_round,
@@ -228,3 +232,48 @@ def apply_overrides(recipe: FedAvgRecipe, overrides: Mapping[str, Any]) -> FedAv
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"the overrides do not fit the recipe: {exc}") from None
+
+
+@dataclass
+class CyclicRecipe(FedAvgRecipe):
+    """Cyclic training as a job (see ``cyclic``): the model walks the sites round after round,
+    handed site to site directly (``direct``; in the simulator over peer links between the
+    sites, on a deployment through the cells between them, which forward it undecoded);
+    ``shuffle`` walks them in a new order each round. FedAvg's ``fraction``, ``strategy``,
+    ``secure`` and relay aggregation do not apply; ``cross_site_eval`` does."""
+
+    direct: bool = True
+    shuffle: bool = False
+    peers_in_simulation: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if SecureAggregation.of(self.secure) is not None:
+            raise ConfigError("cyclic training sums nothing: no secure aggregation")
+
+    async def run(
+        self,
+        server: Rounds,
+        *,
+        checkpoints: str | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+    ) -> FLModel:
+        initial = (
+            await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
+        )
+        final = await cyclic(
+            server,
+            initial,
+            rounds=self.rounds,
+            shuffle=self.shuffle,
+            direct=self.direct,
+            deadline=self.deadline,
+            evaluate=self.evaluate,
+            checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
+            on_checkpoint=on_checkpoint,
+        )
+        if self.cross_site_eval:
+            final.meta["cross_site"] = await cross_site_eval(
+                server, final.params, deadline=self.deadline
+            )
+        return final

@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 
 from flare_async.cell import Cell, system_handlers
-from flare_async.errors import FlareError
+from flare_async.errors import ConfigError, FlareError
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._scripts import script_spec
@@ -48,6 +48,7 @@ async def simulate(
     in_loop: bool = False,
     network: MemoryNetwork | None = None,
     on_metrics: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    peers: bool = False,
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
@@ -75,10 +76,17 @@ async def simulate(
         on_metrics: called with ``(site, records)`` for the values each script tracks
             (``flare.log``, ``flare_async.client.tracking``); without it the server keeps
             them in ``FLServer.tracked``.
+        peers: every site also keeps a direct link to every other site (``Cell(peers=)``:
+            a full mesh, for a few dozen sites), all up before the workflow starts: what
+            cyclic and swarm training pass models over. Not with ``processes``.
 
     Returns:
         what the workflow returns.
     """
+    if peers and processes:
+        raise ConfigError("peer links between sites are simulated in one process only")
+    if peers and clients > LINKING:
+        raise ConfigError(f"a full mesh of peer links is for at most {LINKING} sites")
     net = network or MemoryNetwork()
     drivers: list[Driver] = [TcpDriver()] if processes else [net]
     scheme = "tcp://127.0.0.1:0" if processes else "memory://{}"
@@ -131,7 +139,9 @@ async def simulate(
                 codec=codec,
                 join_timeout=join_timeout,
             )
-        sites = _SiteCells(net, codec, heartbeat=None if in_loop else 15.0, job=job)
+        sites = _SiteCells(
+            net, codec, heartbeat=None if in_loop else 15.0, job=job, mesh=names if peers else []
+        )
         return await sites.run(
             workflow,
             server,
@@ -172,6 +182,27 @@ def relay_tree(tiers: Sequence[int]) -> list[list[str]]:
     return levels
 
 
+class _Meshed:
+    """One site's direct links to the other sites of a mesh: whom it dials (those after it),
+    and an event set once it is linked with all the others."""
+
+    def __init__(self, name: str, mesh: Sequence[str]) -> None:
+        self.others = {s for s in mesh if s != name}
+        after = list(mesh)[list(mesh).index(name) + 1 :] if name in mesh else []
+        self.dials = [f"memory://peer.{s}" for s in after]
+        self.up: set[str] = set()
+        self.linked = anyio.Event()
+        if not self.others:
+            self.linked.set()
+
+    def saw(self, peer: str, role: str, up: bool) -> None:
+        if role != "peer" or peer not in self.others:
+            return
+        (self.up.add if up else self.up.discard)(peer)
+        if self.up == self.others:
+            self.linked.set()
+
+
 LINKING = 128
 """Simulated sites linking to their parents at once: more would overflow a relay's accept
 backlog (128) and send them all into reconnect backoff (100,000 sites did)."""
@@ -183,8 +214,15 @@ class _SiteCells:
     it."""
 
     def __init__(
-        self, net: MemoryNetwork, codec: str, heartbeat: float | None, job: str = "sim"
+        self,
+        net: MemoryNetwork,
+        codec: str,
+        heartbeat: float | None,
+        job: str = "sim",
+        mesh: Sequence[str] = (),
     ) -> None:
+        self.mesh = list(mesh)
+        """Sites that link to each other directly (each dials those after it)."""
         self.job = job
         self.net = net
         self.codec = codec
@@ -197,7 +235,16 @@ class _SiteCells:
         self.linking = anyio.CapacityLimiter(LINKING)
 
     async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
-        cell = Cell(name, parent=parent, drivers=[self.net], heartbeat=self.heartbeat)
+        meshed = _Meshed(name, self.mesh)
+        cell = Cell(
+            name,
+            parent=parent,
+            drivers=[self.net],
+            heartbeat=self.heartbeat,
+            listen=[f"memory://peer.{name}"] if self.mesh else [],
+            peers=meshed.dials,
+            on_link=meshed.saw,
+        )
         runtime = ClientRuntime(
             cell, "server", config=config, codec=self.codec, digest=False, job=self.job
         )
@@ -207,6 +254,7 @@ class _SiteCells:
         try:
             async with cell:
                 await cell.wait_parent()
+                await meshed.linked.wait()
                 self.linking.release()
                 linking = False
                 self.runtimes.append(runtime)

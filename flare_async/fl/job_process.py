@@ -70,6 +70,7 @@ class RemoteRounds:
         task: str = "train",
         secure: SecureAggregation | None = None,
         collect: Collect = "sum",
+        headers: Mapping[str, str] | None = None,
     ) -> RoundResult:
         """Run one round in the server's process (see ``FLServer.run_round``; with
         ``collect="each"`` every site's result comes back, in this process's memory).
@@ -91,6 +92,7 @@ class RemoteRounds:
             "task": task,
             "secure": dataclasses.asdict(secure) if secure is not None else None,
             "collect": collect,
+            "headers": dict(headers or {}),
         }
         try:
             await self.flush()
