@@ -233,7 +233,7 @@ ALGORITHMS: dict[str, FedAvg] = {
     "fedopt-adam": FedOpt(optimizer="adam", lr=0.05),
     "fedavgm": FedOpt(optimizer="avgm", lr=1.0, momentum=0.5),
     "scaffold": Scaffold(),
-    "ditto": Ditto(lam=0.1),
+    "ditto": Ditto(lam=1.0),
     "median": Robust(RobustAggregation("median")),
     "trimmed-mean": Robust(RobustAggregation("trimmed_mean", f=2)),
     "krum": Robust(RobustAggregation("multi_krum", f=2)),
