@@ -311,7 +311,10 @@ class RobustAggregation:
         chosen: list[int] = []
         for _ in range(theta):
             sub = _krum_scores(distances[np.ix_(remaining, remaining)], f)
-            chosen.append(remaining.pop(int(np.argmin(sub))))
+            # Late picks score on no neighbours (all 0): ties go to the score on the whole
+            # set, then the lower index; never to whichever update happened to come first.
+            whole = scores[remaining]
+            chosen.append(remaining.pop(int(np.lexsort((np.arange(len(sub)), whole, sub))[0])))
         beta = theta - 2 * f
         return _bulyan(beta), [kept[r] for r in sorted(chosen)], scores
 

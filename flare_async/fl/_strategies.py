@@ -223,6 +223,7 @@ class Robust(FedAvg):
                 dropped[updates.sites[i]] = why
             else:
                 kept.append(i)
+        kept.sort(key=lambda i: updates.sites[i])  # ties never go by arrival order
         weights = updates.weights()
         diffs = [_Diff(params, updates.models[i]) for i in kept]
         change, report = self.rule.aggregate_with_report(diffs, [weights[i] for i in kept])

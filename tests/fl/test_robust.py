@@ -87,11 +87,13 @@ def _ref_multi_krum_select(updates: list[Arrays], f: int, m: int) -> list[int]:
 
 def _ref_bulyan_select(updates: list[Arrays], f: int) -> list[int]:
     vectors = _ref_vectors(updates)
+    whole = _ref_scores(vectors, f)
     remaining = list(range(len(updates)))
     chosen = []
     for _ in range(len(updates) - 2 * f):
         scores = _ref_scores([vectors[i] for i in remaining], f)
-        best = min(range(len(remaining)), key=lambda k: (scores[k], k))
+        # Ties (late picks have no neighbours to score on): the whole set's score, then index.
+        best = min(range(len(remaining)), key=lambda k: (scores[k], whole[remaining[k]], k))
         chosen.append(remaining.pop(best))
     return sorted(chosen)
 
@@ -533,3 +535,16 @@ def test_working_memory_is_slices_not_models(rule: RuleName, large_memmaps: list
         tracemalloc.stop()
     # About 7 slices (float32 and float64 copies) beside the result; the updates are 112 MiB.
     assert peak < output + (32 << 20)
+
+
+def test_bulyan_does_not_depend_on_the_order_the_updates_arrived_in() -> None:
+    """With n = 4f + 4 the last Krum pick scores every candidate 0: the tie must not go to
+    whichever update came first (it did: the result changed with the order)."""
+    rng = np.random.default_rng(7)
+    updates = [{"w": rng.standard_normal(16).astype(np.float64)} for _ in range(8)]
+    rule = RobustAggregation("bulyan", f=1)
+    first = rule.aggregate(updates, [1.0] * 8)["w"]
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(8)
+        again = rule.aggregate([updates[i] for i in order], [1.0] * 8)["w"]
+        np.testing.assert_allclose(again, first, rtol=1e-12)
