@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 import flare_async.client as flare
-from flare_async.fl import FedAvgRecipe, FedOpt, FLModel, Robust, RobustAggregation
+from flare_async.fl import (
+    CyclicRecipe,
+    FedAvgRecipe,
+    FedOpt,
+    FLModel,
+    Robust,
+    RobustAggregation,
+)
 
 
 def add_site_weight() -> None:
@@ -221,4 +228,24 @@ def robust_eval_recipe() -> FedAvgRecipe:
         rounds=2,
         strategy=Robust(RobustAggregation("median")),
         cross_site_eval=True,
+    )
+
+
+def visits() -> None:
+    """Adds 1 to the counter of its own index (the model's path shows in it)."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        counts = np.array(model.params["visits"], copy=True)
+        counts[i] += 1
+        flare.send(FLModel(params={"visits": counts}))
+
+
+def cyclic_recipe() -> CyclicRecipe:
+    """Two cyclic rounds over two sites: the model handed from one to the other."""
+    return CyclicRecipe(
+        initial={"visits": np.zeros(2)}, script="tests._fl_scripts:visits", rounds=2
     )

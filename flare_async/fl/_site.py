@@ -232,6 +232,13 @@ class SiteJobs:
                 raise BadRequest(f"no job {job!r:.80} runs here")
             return await running.runtime.take_task(stream)
 
+        @table.stream(FL_CHANNEL, "handoff")
+        async def handoff(ctx: Context, stream: IncomingStream) -> bytes:
+            running = self.jobs.get(stream.headers.get("job", ""))
+            if running is None:
+                raise BadRequest(f"no job {stream.headers.get('job', '')!r:.80} runs here")
+            return await running.runtime.handoffs.take_stream(stream)
+
         @table.request(FL_CHANNEL, "secagg")
         async def secagg(ctx: Context, msg: Payload) -> bytes:
             running = self.jobs.get(ctx.headers.get("job", ""))

@@ -88,3 +88,18 @@ def test_a_robust_job_with_cross_site_evaluation(d: Deployment) -> None:
     assert lines[0].split() == ["score", "site-1", "site-2"]
     assert lines[1].split() == ["global", "9", "10"]
     assert lines[2].split() == ["site-1", "7.5", "8.5"]
+
+
+def test_a_cyclic_job_hands_the_model_from_site_to_site(d: Deployment, tmp_path: Path) -> None:
+    """The two sites sit below one relay: the handover goes site -> relay -> site, signed
+    with the task, the server hearing only where it went."""
+    done = d.job("submit", "tests._fl_scripts:cyclic_recipe", "--wait", "--timeout", "120")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout.splitlines()[-1])["id"]
+    folder = tmp_path / "jobs" / "server" / job / "checkpoints"
+    tensors, meta = decode((folder / "last.safetensors").read_bytes())
+    np.testing.assert_array_equal(tensors["visits"], [2, 2])
+    history = json.loads(meta["flare.checkpoint"])["history"]
+    # No handover failed (a failed one sends the model to the server, saying so in "why").
+    assert [h["why"] for h in history] == [{}, {}]
+    assert [h["lost"] for h in history] == [[], []]
