@@ -88,6 +88,7 @@ PINNED: dict[str, list[str]] = {
         "ServerOptimizer",
         "SiteJobs",
         "SitePolicy",
+        "SwarmRecipe",
         "WeightedSum",
         "cross_site_eval",
         "cyclic",
@@ -100,6 +101,7 @@ PINNED: dict[str, list[str]] = {
         "render_matrix",
         "secure_round",
         "simulate",
+        "swarm",
     ],
     "flare_async.client": [
         "AnalyticsDataType",

@@ -24,7 +24,7 @@ from flare_async.fl._jobs import AdminRights, JobManager
 from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._privacy import SitePolicy, load_policy
-from flare_async.fl._recipe import CyclicRecipe, FedAvgRecipe
+from flare_async.fl._recipe import CyclicRecipe, FedAvgRecipe, SwarmRecipe
 from flare_async.fl._relay import RelayAggregator
 from flare_async.fl._robust import NotEnoughUpdates, RobustAggregation
 from flare_async.fl._secagg import SecAggError, SecAggRangeError
@@ -33,6 +33,7 @@ from flare_async.fl._server import FLServer, RoundFailed, RoundResult
 from flare_async.fl._simulator import simulate
 from flare_async.fl._site import SiteJobs
 from flare_async.fl._strategies import Ditto, FedAvg, FedOpt, FedProx, Robust, Scaffold
+from flare_async.fl._swarm import swarm
 from flare_async.fl._workflows import fedavg
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "SecureAggregation",
     "ServerOptimizer",
     "SiteJobs",
+    "SwarmRecipe",
     "SitePolicy",
     "WeightedSum",
     "cross_site_eval",
@@ -82,4 +84,5 @@ __all__ = [
     "render_matrix",
     "secure_round",
     "simulate",
+    "swarm",
 ]

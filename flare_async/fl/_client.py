@@ -56,6 +56,7 @@ from flare_async.fl._handoff import (
     hand_over,
     handed,
 )
+from flare_async.fl._keys import SWARM_PLAN
 from flare_async.fl._model import (
     NUMPY,
     FLModel,
@@ -70,6 +71,7 @@ from flare_async.fl._privacy import PrivacyFilter, SitePolicy
 from flare_async.fl._secagg import SecAggError
 from flare_async.fl._secure import SecureSite
 from flare_async.fl._signed import CHANNEL, E2E, stream_signed
+from flare_async.fl._swarm import SwarmMember, SwarmPlan
 from flare_async.fl._tracking import AnalyticsDataType, MetricsBuffer, check_batch, records
 from flare_async.security import SignatureVerifier, Signer, encrypt_for
 from flare_async.transport import TcpLink
@@ -91,6 +93,8 @@ class _Task:
     """The framework the server's model came in (``numpy`` or ``torch``)."""
     pass_to: str = ""
     """The site the result is handed over to (see ``fl/_handoff.py``), if any."""
+    swarm_round: int = -1
+    """A swarm's round (its result goes to the round's aggregator), or -1."""
 
 
 def log_records(
@@ -237,6 +241,9 @@ class ClientRuntime:
         self.task_name: str | None = None
         self._reply_to = server
         self._pass_to = ""
+        self._swarm_round = -1
+        self.swarm: SwarmMember | None = None
+        """This site's part in a swarm, once the server started one (``fl/_swarm.py``)."""
         self.handoffs = Handoffs(job)
         """Models other sites handed over to this one (cyclic training)."""
         self._portal: anyio.from_thread.BlockingPortal | None = None
@@ -265,6 +272,14 @@ class ClientRuntime:
         async def handoff(ctx: Context, stream: IncomingStream) -> bytes:
             return await self.handoffs.take_stream(stream)
 
+        @table.stream(CHANNEL, "swarm_update")
+        async def swarm_update(ctx: Context, stream: IncomingStream) -> bytes:
+            return await self.in_swarm().take_update(stream)
+
+        @table.stream(CHANNEL, "swarm_model")
+        async def swarm_model(ctx: Context, stream: IncomingStream) -> bytes:
+            return await self.in_swarm().take_model(stream)
+
         @table.request(CHANNEL, "stop")
         async def stop(ctx: Context, msg: Payload) -> bytes:
             if ctx.src != self.server:
@@ -277,6 +292,41 @@ class ClientRuntime:
             return await self.secagg_step(ctx.src, msg)
 
         return table
+
+    def in_swarm(self) -> SwarmMember:
+        """This site's part in the job's swarm.
+
+        Raises:
+            BadRequest: the job runs no swarm here.
+        """
+        if self.swarm is None:
+            raise BadRequest(f"no swarm runs on {self.site} for job {self.job!r:.80}")
+        return self.swarm
+
+    def _start_swarm(self, text: str, task: str, model: FLModel, fmt: str) -> None:
+        """The server's task that starts a swarm: its plan, and round 0 for the script."""
+        try:
+            plan = SwarmPlan.decode(text)
+        except ValueError as exc:
+            raise BadRequest(f"not a swarm plan: {exc}") from None
+        if self.site not in plan.members:
+            raise BadRequest(f"{self.site} is not a member of the swarm")
+
+        def deliver(rnd: int, given: FLModel) -> None:
+            if self._filter is not None:  # the site's filters apply to what it sends peers
+                self._received[f"{task}#{rnd}"] = dict(given.params)
+            self._put(_Task(f"{task}#{rnd}", given, self.server, "train", fmt, swarm_round=rnd))
+
+        async def answer(result: FLModel) -> None:
+            codec = self._result_codec(task)
+            await self._stream_result(
+                model_parts(result, self.cell.codecs, codec), task, self.server, codec
+            )
+
+        self.swarm = SwarmMember(
+            self.cell, plan, self.job, task, self.server, deliver, self.stop, answer
+        )
+        self.swarm.start(0, model)
 
     async def secagg_step(self, src: str, msg: Payload) -> bytes:
         """One step of a secure round (see :mod:`flare_async.fl._secure`), from the server."""
@@ -301,7 +351,7 @@ class ClientRuntime:
         if self.failed is not None:
             raise BadRequest(f"{self.site} cannot train: {self.failed}")
         data = await stream.read_joined()
-        route = {k: stream.headers.get(k, "") for k in ROUTE_FIELDS}
+        route = {k: stream.headers.get(k, "") for k in (*ROUTE_FIELDS, SWARM_PLAN)}
         if self.task_verifier is not None:
             expect = {
                 "task": stream.headers.get("task", ""),
@@ -326,6 +376,9 @@ class ClientRuntime:
         if self._filter is not None:
             self._received[task] = dict(model.params)  # the filters need what was sent
         kind = stream.headers.get("kind", "train")
+        if stream.headers.get(SWARM_PLAN):
+            self._start_swarm(stream.headers[SWARM_PLAN], task, model, fmt)
+            return b"accepted"
         self._put(_Task(task, model, reply_to, kind, fmt, route[PASS_TO]))
         return b"accepted"
 
@@ -399,6 +452,7 @@ class ClientRuntime:
         self._task = item.id
         self._reply_to = item.reply_to
         self._pass_to = item.pass_to
+        self._swarm_round = item.swarm_round
         self.task_name = item.kind
         model = item.model
         # Shared with the received bytes unless a filter keeps them.
@@ -420,7 +474,9 @@ class ClientRuntime:
         assert self._portal is not None, "the script must run under ClientRuntime.run_script"
         task, self._task = self._task, None
         try:
-            self._portal.call(self._send, model, task, self._reply_to, self._pass_to)
+            self._portal.call(
+                self._send, model, task, self._reply_to, self._pass_to, self._swarm_round
+            )
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
         except (concurrent.futures.CancelledError, RuntimeError) as exc:
@@ -435,16 +491,21 @@ class ClientRuntime:
             raise RuntimeError("send() before receive(): no task to answer")
         task, self._task = self._task, None
         try:
-            await self._send(model, task, self._reply_to, self._pass_to)
+            await self._send(model, task, self._reply_to, self._pass_to, self._swarm_round)
         except FlareError as exc:
             self.cell._log.warning("result not delivered", task=task, error=str(exc))
 
-    async def _send(self, model: FLModel, task: str, dst: str, pass_to: str = "") -> Payload:
+    async def _send(
+        self, model: FLModel, task: str, dst: str, pass_to: str = "", swarm_round: int = -1
+    ) -> Payload | None:
         self._sent_format = params_format_of(model.params)
         await self.flush_metrics()  # the round's values are stored before its result counts
         codec = self._result_codec(task)  # before _outgoing forgets the task's session
         model = await self._outgoing(model, task)
         parts = model_parts(model, self.cell.codecs, codec)
+        if swarm_round >= 0:
+            await self.in_swarm().submit(swarm_round, parts)
+            return None
         if pass_to:
             parts = await self._pass(model, parts, task, pass_to, codec)
         return await self._stream_result(parts, task, dst, codec)
@@ -811,6 +872,10 @@ class ClientRuntime:
                 result = result or model_from_parts(parts)
                 parts = await self._pass(result, parts, task, item.pass_to, codec)
             await self.flush_metrics()
+            if item.swarm_round >= 0:
+                with contextlib.suppress(FlareError):  # the aggregator counts it missing
+                    await self.in_swarm().submit(item.swarm_round, parts)
+                continue
             try:
                 await self._stream_result(parts, task, reply_to, codec)
             except FlareError as exc:  # this round's result is lost; the script goes on

@@ -59,11 +59,13 @@ from flare_async.fl._jobchannel import (
     Channel,
     JobProcessError,
 )
+from flare_async.fl._keys import SWARM_PLAN
 from flare_async.fl._model import FLModel, model_from_parts, model_parts, wire_format
 from flare_async.fl._recipe import FedAvgRecipe
 from flare_async.fl._secagg import SecAggRangeError
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import FLServer, RoundFailed
+from flare_async.fl._swarm import MAX_PLAN, SwarmPlan
 from flare_async.fl._updates import pack
 
 BEAT = 2.0
@@ -73,8 +75,6 @@ RESOLVE_TIMEOUT = 60.0
 TASK_KINDS = ("train", "validate", "submit_model")
 WHY_MAX = 2000
 """Characters of a job process's own words (its failure) kept in the job's record."""
-MAX_HEADER_VALUE = 512
-"""Characters of a round's route header (a site's name, a digest) a job process may send."""
 MIN_DEADLINE = 0.01
 MAX_DEADLINE = 7 * 86400.0
 
@@ -369,14 +369,7 @@ def _round_request(
     collect = head.get("collect", "sum")
     if collect not in ("sum", "each") or (secure is not None and collect != "sum"):
         raise JobProcessError("a round collects 'sum' or 'each' (a secure round: 'sum')")
-    headers = head.get("headers") or {}
-    if not isinstance(headers, dict) or not set(headers) <= set(ROUTE_FIELDS):
-        raise JobProcessError(f"a round's headers may only be {list(ROUTE_FIELDS)}")
-    for key, value in headers.items():
-        if type(value) is not str or len(value) > MAX_HEADER_VALUE:
-            raise JobProcessError(f"a round's header {key} must be a short text")
-        if key != TAKE_SHA and value and value not in server.clients:
-            raise JobProcessError(f"a round's {key} must name one of the job's sites")
+    headers = _round_headers(server, head.get("headers") or {})
     kw = {
         "headers": headers,
         "min_responses": need,
@@ -386,6 +379,27 @@ def _round_request(
         "collect": collect,
     }
     return model, targets, kw
+
+
+def _round_headers(server: FLServer, headers: Any) -> dict[str, str]:
+    """A job process's round headers, checked: where a model is handed (the job's sites, a
+    digest) or a swarm's plan (over the job's sites)."""
+    allowed = (*ROUTE_FIELDS, SWARM_PLAN)
+    if not isinstance(headers, dict) or not set(headers) <= set(allowed):
+        raise JobProcessError(f"a round's headers may only be {list(allowed)}")
+    for key, value in headers.items():
+        if type(value) is not str or len(value) > (MAX_PLAN if key == SWARM_PLAN else 512):
+            raise JobProcessError(f"a round's header {key} must be a short text")
+        if key == SWARM_PLAN:
+            try:
+                members = SwarmPlan.decode(value).members
+            except ValueError as exc:
+                raise JobProcessError(f"a round's swarm plan does not decode: {exc}") from None
+            if not set(members) <= set(server.clients):
+                raise JobProcessError("a swarm's members must be the job's sites")
+        elif key != TAKE_SHA and value and value not in server.clients:
+            raise JobProcessError(f"a round's {key} must name one of the job's sites")
+    return dict(headers)
 
 
 async def _end(process: anyio.abc.Process, channel: Channel) -> None:

@@ -19,4 +19,9 @@ SCAFFOLD_CONTROL = "scaffold.c/"
 for tensor ``NAME`` is the task's tensor ``SCAFFOLD_CONTROL + NAME`` (float32, ``NAME``'s
 shape); a site's result carries its control's change ``Δc_i`` under the same names."""
 
-__all__ = ["DITTO_LAMBDA", "FEDPROX_MU", "SCAFFOLD_CONTROL"]
+
+SWARM_PLAN = "swarm"
+"""The task header that starts a swarm: its plan, JSON (``fl/_swarm.py``), signed with the
+task."""
+
+__all__ = ["DITTO_LAMBDA", "FEDPROX_MU", "SCAFFOLD_CONTROL", "SWARM_PLAN"]

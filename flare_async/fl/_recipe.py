@@ -24,6 +24,7 @@ from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
 from flare_async.fl._simulator import simulate
 from flare_async.fl._strategies import FedAvg
+from flare_async.fl._swarm import swarm
 from flare_async.fl._workflows import fedavg
 
 
@@ -276,4 +277,45 @@ class CyclicRecipe(FedAvgRecipe):
             final.meta["cross_site"] = await cross_site_eval(
                 server, final.params, deadline=self.deadline
             )
+        return final
+
+
+@dataclass
+class SwarmRecipe(FedAvgRecipe):
+    """Swarm learning as a job (see ``swarm``): the server starts it and records it; the sites
+    run the rounds among themselves, each round aggregated by the next site in turn, models
+    exchanged site to site (in the simulator over peer links). ``min_responses``: results a
+    round needs (default all). FedAvg's ``fraction``, ``strategy``, ``secure`` and relay
+    aggregation do not apply."""
+
+    peers_in_simulation: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if SecureAggregation.of(self.secure) is not None:
+            raise ConfigError("a swarm aggregates at the sites: no secure aggregation")
+
+    async def run(
+        self,
+        server: Rounds,
+        *,
+        checkpoints: str | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+    ) -> FLModel:
+        initial = (
+            await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
+        )
+        final = await swarm(
+            server,
+            initial,
+            rounds=self.rounds,
+            deadline=self.deadline,
+            min_responses=self.min_responses,
+        )
+        scores = (
+            await anyio.to_thread.run_sync(self.evaluate, self.rounds - 1, final.params)
+            if self.evaluate
+            else {}
+        )
+        final.meta["history"] = [{"round": self.rounds - 1, "validation": dict(scores)}]
         return final

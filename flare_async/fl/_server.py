@@ -46,6 +46,7 @@ from flare_async.errors import (
     Unauthorized,
 )
 from flare_async.fl._handoff import ROUTE_FIELDS
+from flare_async.fl._keys import SWARM_PLAN
 from flare_async.fl._model import FLModel, model_parts
 from flare_async.fl._results import (
     Collector,
@@ -357,7 +358,7 @@ class FLServer:
             if self.signer is not None:  # one digest, one signature, for every destination
                 sha = await anyio.to_thread.run_sync(digest_of, parts)
                 fields = {"src": self.cell.name, "task": task_id, "sha256": sha, "topic": "task"}
-                fields |= {k: task_headers.get(k, "") for k in ROUTE_FIELDS}
+                fields |= {k: task_headers.get(k, "") for k in (*ROUTE_FIELDS, SWARM_PLAN)}
                 task_headers.update(self.signer.sign(fields))
             if self.hierarchical and updates is None:
                 task_headers["aggregate"] = "parent"

@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,15 @@ class SiteJobs:
 
         @table.stream(FL_CHANNEL, "handoff")
         async def handoff(ctx: Context, stream: IncomingStream) -> bytes:
-            running = self.jobs.get(stream.headers.get("job", ""))
-            if running is None:
-                raise BadRequest(f"no job {stream.headers.get('job', '')!r:.80} runs here")
-            return await running.runtime.handoffs.take_stream(stream)
+            return await self._job_of(stream.headers).runtime.handoffs.take_stream(stream)
+
+        @table.stream(FL_CHANNEL, "swarm_update")
+        async def swarm_update(ctx: Context, stream: IncomingStream) -> bytes:
+            return await self._job_of(stream.headers).runtime.in_swarm().take_update(stream)
+
+        @table.stream(FL_CHANNEL, "swarm_model")
+        async def swarm_model(ctx: Context, stream: IncomingStream) -> bytes:
+            return await self._job_of(stream.headers).runtime.in_swarm().take_model(stream)
 
         @table.request(FL_CHANNEL, "secagg")
         async def secagg(ctx: Context, msg: Payload) -> bytes:
@@ -256,6 +261,17 @@ class SiteJobs:
             return b"stopping"
 
         return table
+
+    def _job_of(self, headers: Mapping[str, str]) -> _SiteJob:
+        """The running job a message names (its ``job`` header).
+
+        Raises:
+            BadRequest: no such job runs here.
+        """
+        running = self.jobs.get(headers.get("job", ""))
+        if running is None:
+            raise BadRequest(f"no job {headers.get('job', '')!r:.80} runs here")
+        return running
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:

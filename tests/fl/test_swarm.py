@@ -1,0 +1,207 @@
+"""Swarm learning: the sites run the rounds among themselves (a rotating aggregator, models
+site to site over peer links), the server only starting the job; the model is FedAvg's, the
+swarm finishes with the server killed after the start, and members take updates and models
+only from whom the plan says."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import flare_async.client as flare
+from flare_async import Cell, MemoryNetwork
+from flare_async.errors import BadRequest, Unauthorized
+from flare_async.fl import ClientRuntime, FLModel, FLServer, SwarmRecipe, simulate, swarm
+from flare_async.fl._swarm import SwarmMember, SwarmPlan
+
+pytestmark = pytest.mark.anyio
+SITES = 3
+INIT = {"w": np.linspace(-1.0, 1.0, 4)}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def site_result(i: int, w: np.ndarray) -> np.ndarray:
+    return (1.0 - 0.1 * (i + 1)) * w + 0.05 * (i + 1)
+
+
+def reference(rounds: int, sites: int = SITES) -> np.ndarray:
+    w = INIT["w"].copy()
+    total = sum(i + 1 for i in range(sites))
+    for _ in range(rounds):
+        w = sum((i + 1) * site_result(i, w) for i in range(sites)) / total
+    return w
+
+
+started = threading.Barrier(SITES + 1)
+"""Each site's script, once it holds round 0's model, and the test that waits for them."""
+
+
+def affine() -> None:
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        if task.current_round == 0 and flare.get_config().get("barrier"):
+            started.wait(timeout=30)
+        w = site_result(i, np.asarray(task.params["w"]))
+        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}, metrics={"i": i}))
+
+
+async def test_a_swarm_averages_as_fedavg_with_the_aggregator_rotating() -> None:
+    seen: list[list[dict[str, Any]]] = []
+
+    async def workflow(server: FLServer) -> FLModel:
+        out = await swarm(server, INIT, rounds=4, deadline=30)
+        seen.append(list(server.tracked))
+        return out
+
+    out = await simulate(workflow, affine, clients=SITES, peers=True)
+    np.testing.assert_allclose(out.params["w"], reference(4), rtol=1e-12)
+    # Each round's aggregator recorded it at the server: 4 rounds, all 3 answered.
+    rounds = [r for r in seen[0] if r["key"] == "swarm/responded"]
+    assert sorted(r["step"] for r in rounds) == [0, 1, 2, 3]
+    assert {r["value"] for r in rounds} == {3.0}
+    # The aggregators rotate: round r's record comes from members[r % 3].
+    by = {r["step"]: r["site"] for r in rounds}
+    assert by == {r: f"server.site-{r % SITES + 1}" for r in range(4)}
+
+
+async def test_the_swarm_recipe_runs_in_the_simulator() -> None:
+    out = await SwarmRecipe(initial=INIT, script=affine, rounds=2, deadline=30).simulate(SITES)
+    np.testing.assert_allclose(out.params["w"], reference(2), rtol=1e-12)
+
+
+class Mesh:
+    """Set once a site is linked to every other site directly."""
+
+    def __init__(self, others: set[str]) -> None:
+        self.others = others
+        self.up: set[str] = set()
+        self.linked = anyio.Event()
+
+    def __call__(self, peer: str, role: str, up: bool) -> None:
+        if role == "peer" and up:
+            self.up.add(peer)
+            if self.up >= self.others:
+                self.linked.set()
+
+
+async def test_a_swarm_finishes_with_the_server_killed_after_the_start() -> None:
+    """The server starts the swarm and is gone once every site holds round 0: the sites
+    finish all the rounds over their peer links, each keeping the final model."""
+    net = MemoryNetwork()
+    names = [f"server.site-{i + 1}" for i in range(SITES)]
+    runtimes: list[ClientRuntime] = []
+    server_up, meshed, stop_server = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def run_server() -> None:
+        cell = Cell("server", listen=["memory://server"], drivers=[net])
+        server = FLServer(cell, names, job="sim", digest=False)
+        cell.mount(server.handlers())
+        async with cell, anyio.create_task_group() as tg:
+            server_up.set()
+            await meshed.wait()
+            tg.start_soon(partial(swarm, server, INIT, rounds=5, deadline=30.0))
+            await stop_server.wait()
+            tg.cancel_scope.cancel()  # and the cell closes: the server is gone
+
+    async def run_sites() -> None:
+        meshes: list[Mesh] = []
+        async with AsyncExitStack() as sites:
+            for i, name in enumerate(names):
+                mesh = Mesh(set(names) - {name})
+                cell = Cell(
+                    name,
+                    parent="memory://server",
+                    listen=[f"memory://peer.{name}"],
+                    peers=[f"memory://peer.{n}" for n in names[i + 1 :]],
+                    drivers=[net],
+                    on_link=mesh,
+                )
+                config = {"site_index": i, "barrier": True}
+                runtime = ClientRuntime(cell, "server", config=config, digest=False, job="sim")
+                cell.mount(runtime.handlers())
+                await sites.enter_async_context(cell)
+                runtimes.append(runtime)
+                meshes.append(mesh)
+            for mesh in meshes:
+                await mesh.linked.wait()
+            meshed.set()
+            async with anyio.create_task_group() as scripts:  # ends when every script has
+                for runtime in runtimes:
+                    scripts.start_soon(runtime.run_script, affine)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_server)
+            await server_up.wait()
+            tg.start_soon(run_sites)
+            await anyio.to_thread.run_sync(started.wait, 30)  # every site holds round 0
+            stop_server.set()
+    for runtime in runtimes:
+        assert runtime.swarm is not None
+        final = runtime.swarm.final
+        assert final is not None
+        np.testing.assert_allclose(final.params["w"], reference(5), rtol=1e-12)
+
+
+def test_a_plan_out_of_range_is_refused() -> None:
+    SwarmPlan(["a"], 1, 0.5, 1)
+    for bad in (
+        ([], 1, 1.0, 1),
+        (["a", "a"], 1, 1.0, 1),
+        (["a"], 0, 1.0, 1),
+        (["a"], 1, float("nan"), 1),
+        (["a"], 1, 1.0, 2),
+        (["a"], 1, 1.0, 0),
+    ):
+        with pytest.raises(ValueError):
+            SwarmPlan(*bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SwarmPlan.decode(
+            '{"members": ["a"], "rounds": 1, "deadline": 1, "min_responses": 1, "x": 1}'
+        )
+
+
+class FakeStream:
+    def __init__(self, src: str, headers: dict[str, str], data: bytes = b"") -> None:
+        self.src = src
+        self.headers = headers
+        self.data = data
+
+    async def read_joined(self) -> bytes:
+        return self.data
+
+
+async def test_members_take_updates_and_models_only_from_whom_the_plan_says() -> None:
+    net = MemoryNetwork()
+    async with Cell("server.site-1", drivers=[net]) as cell:
+        plan = SwarmPlan(["server.site-1", "server.site-2"], 3, 10.0, 2)
+        member = SwarmMember(cell, plan, "j", "t", "server", lambda r, m: None, lambda: None, _noop)
+        # site-1 aggregates rounds 0 and 2, site-2 round 1.
+        with pytest.raises(Unauthorized, match="not a member"):
+            await member.take_update(FakeStream("server.site-9", {"round": "0"}))  # type: ignore[arg-type]
+        with pytest.raises(Unauthorized, match="does not aggregate"):
+            await member.take_update(FakeStream("server.site-2", {"round": "1"}))  # type: ignore[arg-type]
+        with pytest.raises(Unauthorized, match="did not aggregate"):
+            await member.take_model(FakeStream("server.site-1", {"round": "2"}))  # type: ignore[arg-type]
+        with pytest.raises(BadRequest, match="round"):
+            await member.take_update(FakeStream("server.site-2", {"round": "x"}))  # type: ignore[arg-type]
+        with pytest.raises(BadRequest, match="unusable"):
+            await member.take_update(FakeStream("server.site-2", {"round": "0"}, b"junk"))  # type: ignore[arg-type]
+
+
+async def _noop(model: FLModel) -> None:
+    return None
