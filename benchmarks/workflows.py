@@ -37,10 +37,8 @@ kept mapped from it: at full size every robust update is already mapped, never i
 The spill pair shows the other path, the in-memory bound of ``fl/_updates.Updates``: a 6 MiB
 model (``--quick``: 1 MiB), under ``SPILL_AT``, Robust median with the default bound (every
 update in memory: ``robust-median-small``, the pair's baseline) and with the bound lowered to one
-update's size (``robust-median-small-spill``: the rest go to spill files). There is no hook to
-pass the bound (``FLServer.run_round`` makes ``Updates(self.spill)``, and the default of
-``Updates(memory_bound=)`` is bound when the module loads, so patching ``MEMORY_BOUND`` does
-nothing): the benchmark replaces ``flare_async.fl._server.Updates`` for that case.
+update's size (``robust-median-small-spill``: the rest go to spill files), set with
+``FLServer.memory_bound``.
 
 The machine's load average is recorded before and after (``case: machine``).
 
@@ -50,7 +48,6 @@ Run: ``python benchmarks/workflows.py [--quick] [--repeat N] [--rounds K] [--cas
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import os
 import sys
@@ -75,11 +72,9 @@ from flare_async.fl import (
     Robust,
     RobustAggregation,
     Scaffold,
-    _updates,
     fedavg,
     simulate,
 )
-from flare_async.fl import _server as fl_server
 
 BENCH = "workflows"
 SITES = 8
@@ -217,12 +212,16 @@ def traced_strategy(algo: FedAvg, probe: Probe) -> FedAvg:
     return wrapped_algo
 
 
-async def run_once(algo: FedAvg, params: dict[str, np.ndarray], timed: int) -> dict[str, float]:
+async def run_once(
+    algo: FedAvg, params: dict[str, np.ndarray], timed: int, memory_bound: int | None = None
+) -> dict[str, float]:
     rounds = 1 + timed + 1  # warm-up, timed, traced
     probe = Probe(rounds=rounds, starts=[])
     strategy = traced_strategy(algo, probe)
 
     async def workflow(server: Any) -> FLModel:
+        if memory_bound is not None:
+            server.memory_bound = memory_bound
         run_round = server.run_round
 
         async def timed_round(task: FLModel, *args: Any, **kwargs: Any) -> Any:
@@ -264,12 +263,7 @@ def run_case(case: str, size: int, small: int, timed: int) -> dict[str, float]:
     if not case.endswith("-spill"):
         return anyio.run(run_once, algo, params, timed)
     one = sum(v.nbytes for v in params.values())
-    original = fl_server.Updates
-    fl_server.Updates = functools.partial(_updates.Updates, memory_bound=one)  # type: ignore[misc]
-    try:
-        return anyio.run(run_once, algo, params, timed)
-    finally:
-        fl_server.Updates = original  # type: ignore[misc]
+    return anyio.run(run_once, algo, params, timed, one)
 
 
 # ---------------------------------------------------------------- report

@@ -11,8 +11,8 @@ sign-flipped), to show what robust aggregation is for.
 
     python examples/algorithms_digits.py [--rounds 20] [--only fedavg,scaffold]
 
-prints each algorithm's global test accuracy after the rounds (the tests in
-tests/fl/test_algorithms_converge.py and ``benchmarks/workflows.py`` use this file).
+prints each algorithm's global test accuracy after the rounds (tests/fl/
+test_algorithms_converge.py runs it; docs/algorithms.md quotes its figures).
 """
 
 from __future__ import annotations

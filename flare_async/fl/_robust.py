@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, get_args
 
 import numpy as np
@@ -187,7 +188,10 @@ class RobustAggregation:
         return self.aggregate_with_report(updates, weights)[0]
 
     def aggregate_with_report(
-        self, updates: Sequence[Update], weights: Sequence[float]
+        self,
+        updates: Sequence[Update],
+        weights: Sequence[float],
+        bases: Sequence[Update | None] | None = None,
     ) -> tuple[dict[str, np.ndarray], RobustReport]:
         """Combine one round's updates by the rule and say which ones it used.
 
@@ -196,6 +200,9 @@ class RobustAggregation:
                 ``np.memmap``); the first one fixes the tensor names, shapes, dtypes and order.
             weights: one per update, finite and >= 0; used by ``multi_krum`` and
                 ``clipped_mean`` only.
+            bases: per update, ``None`` (it is a DIFF) or the model it is whole weights of:
+                its update is then ``update - base``, computed a slice at a time (a FULL
+                result never becomes a whole second array).
 
         Returns:
             The combined DIFF and the report of what was selected, dropped and clipped.
@@ -227,10 +234,23 @@ class RobustAggregation:
             if i not in dropped
         }
         float_names = [name for name in names if not _is_integer(np.asarray(first[name]).dtype)]
+        dtypes = {name: _compute_dtype(np.asarray(first[name]).dtype) for name in names}
+        base_of = list(bases) if bases is not None else [None] * len(updates)
+        if len(base_of) != len(updates):
+            raise ValueError(f"expected {len(updates)} bases, got {len(base_of)}")
+
+        def read(i: int, name: str, start: int, stop: int) -> np.ndarray:
+            x = _read(arrays[i][name], start, stop)
+            base = base_of[i]
+            if base is None:
+                return x
+            kind = dtypes[name] if name in float_names else np.float64
+            return x.astype(kind) - _read(np.asarray(base[name]), start, stop).astype(kind)
+
         scales: dict[int, float] = {}
         clipped: dict[int, float] = {}
         for i in list(arrays):
-            reason, norm = _scan(arrays[i], float_names, sizes)
+            reason, norm = _scan(partial(read, i), names, float_names, sizes, dict(arrays[i]))
             if reason is not None:
                 dropped[i] = reason
                 del arrays[i]
@@ -241,14 +261,13 @@ class RobustAggregation:
         if len(kept) < minimum:
             raise NotEnoughUpdates(self.rule, len(kept), minimum, len(dropped))
         dropped = dict(sorted(dropped.items()))
-        dtypes = {name: _compute_dtype(np.asarray(first[name]).dtype) for name in names}
 
         def block(
             name: str, start: int, stop: int, rows: Sequence[int]
         ) -> npt.NDArray[np.floating]:
             x = np.empty((len(rows), stop - start), dtype=dtypes[name])
             for row, i in enumerate(rows):
-                x[row] = _read(arrays[i][name], start, stop)
+                x[row] = read(i, name, start, stop)
                 if i in scales:
                     x[row] *= scales[i]
             return x
@@ -265,7 +284,7 @@ class RobustAggregation:
                 else:
                     x = np.empty((len(kept), stop - start), dtype=np.float64)
                     for row, i in enumerate(kept):
-                        x[row] = _read(arrays[i][name], start, stop)
+                        x[row] = read(i, name, start, stop)
                     flat_out[start:stop] = np.rint(np.median(x, axis=0))
             result[name] = out
         full_scores: list[float] = []
@@ -354,15 +373,20 @@ def _structure_problem(update: Update, first: Update) -> str | None:
 
 
 def _scan(
-    arrays: Mapping[str, np.ndarray], float_names: list[str], sizes: Mapping[str, int]
+    read: Callable[[str, int, int], np.ndarray],
+    names: list[str],
+    float_names: list[str],
+    sizes: Mapping[str, int],
+    arrays: Mapping[str, np.ndarray],
 ) -> tuple[str | None, float]:
-    """Why the update is hostile (a non-finite value), or ``None``; and its L2 norm."""
+    """Why the update is hostile (a non-finite value), or ``None``; and its L2 norm (``read``
+    gives its elements a slice at a time)."""
     total = 0.0
-    for name, array in arrays.items():
-        if name not in float_names and _is_integer(array.dtype):
+    for name in names:
+        if name not in float_names and _is_integer(arrays[name].dtype):
             continue
         for start, stop in _slices(sizes[name]):
-            x = np.asarray(_read(array, start, stop), dtype=np.float64)
+            x = np.asarray(read(name, start, stop), dtype=np.float64)
             if not np.isfinite(x).all():
                 return f"non-finite value in {name!r}", math.nan
             if name in float_names:

@@ -60,7 +60,7 @@ from flare_async.fl._results import (
 from flare_async.fl._secure import SecureAggregation, secure_round
 from flare_async.fl._signed import CHANNEL
 from flare_async.fl._tracking import MAX_PER_SITE, check_batch
-from flare_async.fl._updates import Updates
+from flare_async.fl._updates import MEMORY_BOUND, Updates
 from flare_async.security import Decryptor, SignatureVerifier, Signer
 
 PULL_WAIT = 5.0
@@ -166,6 +166,9 @@ class FLServer:
             cell.require_digest(CHANNEL, "result")  # the signed digest is checked against it
         self.cell = cell
         self.spill = Path(spill) if spill is not None else None
+        self.memory_bound = MEMORY_BOUND
+        """Bytes of a round's kept results (``collect="each"``) held in memory; beyond them
+        each further result is kept in a spill file in ``spill``, mapped."""
         return_large_blocks()  # a new model every round: freed memory goes back
         self.digest = digest
         self.hierarchical = hierarchical
@@ -346,7 +349,7 @@ class FLServer:
         if collect == "each":
             if fold_with is not None:
                 raise ConfigError("a round that keeps each result folds nothing: no fold_with")
-            updates = Updates(self.spill)
+            updates = Updates(self.spill, self.memory_bound)
             fold_with = updates.add
         collector = Collector(task_id, model.current_round or 0, targets, fold_with)
         collector.result.updates = updates

@@ -21,7 +21,6 @@ Robust     model + a robust rule over every site's update          each      no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -181,8 +180,12 @@ class Scaffold(FedAvg):
                 if name[len(SCAFFOLD_CONTROL) :] not in params:
                     continue  # a control for no tensor of the model: ignored
                 # Not a tensor of ``params``: fedavg_step gave its mean as it is, mean(Δc).
-                c = state.get(name, np.zeros(value.shape, np.float32))
-                state[name] = (c + (answered / max(clients, 1)) * value).astype(np.float32)
+                change = value.astype(np.float32, copy=False)
+                change *= np.float32(answered / max(clients, 1))
+                c = state.get(name)
+                if c is not None:
+                    change += c
+                state[name] = change
                 continue
             x = params.get(name)
             if x is None or x.dtype.kind != "f" or self.lr == 1.0:
@@ -225,8 +228,12 @@ class Robust(FedAvg):
                 kept.append(i)
         kept.sort(key=lambda i: updates.sites[i])  # ties never go by arrival order
         weights = updates.weights()
-        diffs = [_Diff(params, updates.models[i]) for i in kept]
-        change, report = self.rule.aggregate_with_report(diffs, [weights[i] for i in kept])
+        models = [updates.models[i] for i in kept]
+        # FULL results are read minus the model a slice at a time (never whole copies).
+        bases = [None if m.params_type is ParamsType.DIFF else params for m in models]
+        change, report = self.rule.aggregate_with_report(
+            [m.params for m in models], [weights[i] for i in kept], bases
+        )
         out = dict(params)
         for name, delta in change.items():
             g = params[name]
@@ -251,31 +258,6 @@ def _misfit(params: Params, model: FLModel) -> str:
         if np.shape(value) != params[name].shape:
             return f"tensor {name!r:.80} has shape {np.shape(value)}, not {params[name].shape}"
     return ""
-
-
-class _Diff(Mapping[str, np.ndarray]):
-    """A result as a change to the global model, one tensor when asked (FULL: minus it)."""
-
-    def __init__(self, params: Params, model: FLModel) -> None:
-        self.params = params
-        self.model = model
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        value = np.asarray(self.model.params[name])
-        if self.model.params_type is ParamsType.DIFF:
-            return value
-        g = self.params.get(name)
-        if g is None:
-            return value
-        kind = np.float64 if np.float64 in (value.dtype, g.dtype) else np.float32
-        out: np.ndarray = value.astype(kind) - g.astype(kind)
-        return out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.model.params)
-
-    def __len__(self) -> int:
-        return len(self.model.params)
 
 
 Strategy = FedAvg

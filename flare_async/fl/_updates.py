@@ -36,9 +36,9 @@ EACH_KEY = "flare.each"
 class Updates:
     """Each site's result of one round, in arrival order (``sites[i]``'s is ``models[i]``)."""
 
-    def __init__(self, spill: str | Path | None = None, memory_bound: int = MEMORY_BOUND) -> None:
+    def __init__(self, spill: str | Path | None = None, memory_bound: int | None = None) -> None:
         self.folder = Path(spill) if spill is not None else Path(tempfile.gettempdir())
-        self.memory_bound = memory_bound
+        self.memory_bound = MEMORY_BOUND if memory_bound is None else memory_bound
         self.sites: list[str] = []
         self.models: list[FLModel] = []
         self.in_memory = 0
@@ -126,7 +126,7 @@ def pack(updates: Updates) -> FLModel:
 
 
 def unpack(
-    model: FLModel, spill: str | Path | None = None, memory_bound: int = MEMORY_BOUND
+    model: FLModel, spill: str | Path | None = None, memory_bound: int | None = None
 ) -> Updates:
     """The updates :func:`pack` packed.
 

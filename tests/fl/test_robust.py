@@ -548,3 +548,31 @@ def test_bulyan_does_not_depend_on_the_order_the_updates_arrived_in() -> None:
         order = np.random.default_rng(seed).permutation(8)
         again = rule.aggregate([updates[i] for i in order], [1.0] * 8)["w"]
         np.testing.assert_allclose(again, first, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["median", "multi_krum", "clipped_mean"])
+def test_full_models_with_their_base_are_their_differences(rule: RuleName) -> None:
+    """``bases``: a FULL model minus the global one, a slice at a time, gives what the
+    difference itself gives (DIFF and FULL updates mixed)."""
+    diffs = _random_updates(7, np.float64, seed=3)
+    base = _random_updates(1, np.float64, seed=4)[0]
+    full = [{k: v + base[k] for k, v in d.items()} for d in diffs]
+    given = [full[i] if i % 2 else diffs[i] for i in range(7)]
+    bases = [base if i % 2 else None for i in range(7)]
+    agg = RobustAggregation(rule, f=1, max_norm=5.0)
+    want = agg.aggregate(diffs, [1.0] * 7)
+    got, _ = agg.aggregate_with_report(given, [1.0] * 7, bases)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_full_models_with_a_base_cost_slices_not_models(large_memmaps: list[Arrays]) -> None:
+    """What the server's robust round does with FULL results: never a whole difference."""
+    base = {k: np.zeros_like(np.asarray(v)) for k, v in large_memmaps[0].items()}
+    tracemalloc.start()
+    try:
+        RobustAggregation("median").aggregate_with_report(large_memmaps, [1.0] * 7, [base] * 7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (16 << 20) + (32 << 20)
