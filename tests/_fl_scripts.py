@@ -17,6 +17,7 @@ from flare_async.fl import (
     FLModel,
     Robust,
     RobustAggregation,
+    SwarmRecipe,
 )
 
 
@@ -248,4 +249,11 @@ def cyclic_recipe() -> CyclicRecipe:
     """Two cyclic rounds over two sites: the model handed from one to the other."""
     return CyclicRecipe(
         initial={"visits": np.zeros(2)}, script="tests._fl_scripts:visits", rounds=2
+    )
+
+
+def swarm_recipe() -> SwarmRecipe:
+    """Three swarm rounds of ``add_site_weight`` over two sites (5/3 a round: w = 5)."""
+    return SwarmRecipe(
+        initial={"w": np.zeros(3)}, script="tests._fl_scripts:add_site_weight", rounds=3
     )

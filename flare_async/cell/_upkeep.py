@@ -27,8 +27,8 @@ from flare_async.cell._links import (
 )
 from flare_async.cell._router import Router
 from flare_async.errors import LinkBroken, LinkClosed, ProtocolError, TransportError
-from flare_async.transport import Admission, DriverRegistry, Link, Listener
-from flare_async.wire import Frame, Ping
+from flare_async.transport import Admission, Driver, DriverRegistry, Link, Listener
+from flare_async.wire import Frame, Ping, Role, Session
 
 
 class LinkKeeper:
@@ -134,16 +134,7 @@ class LinkKeeper:
         driver = self.drivers.for_url(url)
         while True:
             try:
-                link = await driver.connect(url, limits=router.limits)
-                try:
-                    with anyio.fail_after(self.handshake_timeout):
-                        session = await handshake_connector(
-                            link, self.hello("child"), self.verify_peer
-                        )
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await link.aclose()
-                    raise
+                link, session = await self._dial(driver, url, "child")
             except (ProtocolError, TransportError, TimeoutError) as exc:
                 delay = self.backoff.delay(attempt, router.rng)
                 attempt += 1
@@ -178,6 +169,23 @@ class LinkKeeper:
                 attempt += 1
                 await anyio.sleep(delay)
 
+    async def _dial(self, driver: Driver, url: str, role: Role) -> tuple[Link, Session]:
+        """Connect to ``url`` and say hello as ``role`` (``child``: to our parent; ``peer``);
+        the link is closed again if the hello fails.
+
+        Raises:
+            ProtocolError, TransportError, TimeoutError: no link, or no acceptable hello.
+        """
+        link = await driver.connect(url, limits=self.router.limits)
+        try:
+            with anyio.fail_after(self.handshake_timeout):
+                session = await handshake_connector(link, self.hello(role), self.verify_peer)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await link.aclose()
+            raise
+        return link, session
+
     # ------------------------------------------------------------------ peers
     async def _peer_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
         """Keep a direct link to a peer (a cell of another branch, e.g. another site: swarm
@@ -190,16 +198,7 @@ class LinkKeeper:
         driver = self.drivers.for_url(url)
         while True:
             try:
-                link = await driver.connect(url, limits=router.limits)
-                try:
-                    with anyio.fail_after(self.handshake_timeout):
-                        session = await handshake_connector(
-                            link, self.hello("peer"), self.verify_peer
-                        )
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await link.aclose()
-                    raise
+                link, session = await self._dial(driver, url, "peer")
             except (ProtocolError, TransportError, TimeoutError) as exc:
                 delay = self.backoff.delay(attempt, router.rng)
                 attempt += 1

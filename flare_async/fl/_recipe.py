@@ -9,6 +9,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio.to_thread
@@ -16,6 +17,7 @@ import numpy as np
 
 from flare_async._spec import load_object
 from flare_async.errors import ConfigError
+from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._crosssite import cross_site_eval
 from flare_async.fl._cyclic import cyclic
 from flare_async.fl._model import FLModel
@@ -77,6 +79,8 @@ class FedAvgRecipe:
     cross_site_eval: bool = False
     peers_in_simulation: ClassVar[bool] = False
     """The simulator links the sites to each other directly (cyclic training)."""
+    sums: ClassVar[bool] = True
+    """The server sums the sites' results (what secure aggregation protects)."""
 
     def __post_init__(self) -> None:
         secure = SecureAggregation.of(self.secure)  # ConfigError, SecAggRangeError: now
@@ -84,8 +88,9 @@ class FedAvgRecipe:
             raise ConfigError(
                 f"a recipe's strategy is a FedAvg, FedProx..., not {self.strategy!r:.80}"
             )
-        if secure is not None and not self.strategy.secure_ok:
-            raise ConfigError(f"{self.strategy.name} does not run under secure aggregation")
+        if secure is not None and not (self.sums and self.strategy.secure_ok):
+            what = self.strategy.name if self.sums else type(self).__name__
+            raise ConfigError(f"{what} does not run under secure aggregation")
 
     @staticmethod
     def load(spec: str, overrides: Mapping[str, Any] | None = None) -> FedAvgRecipe:
@@ -105,12 +110,29 @@ class FedAvgRecipe:
         on_checkpoint: Callable[[int], None] | None = None,
     ) -> FLModel:
         """Run the job's workflow on ``server`` (its checkpoints in ``checkpoints``, default
-        the recipe's own; ``on_checkpoint(round)`` after each is written). On a deployment
-        this runs in the job's own process (``flare_async.fl._jobproc``), never the server's."""
+        the recipe's own; ``on_checkpoint(round)`` after each is written), then, with
+        ``cross_site_eval``, the evaluation. On a deployment this runs in the job's own
+        process (``flare_async.fl._jobproc``), never the server's."""
         initial = (
             await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
         )
-        final = await fedavg(
+        folder = checkpoints if checkpoints is not None else self.checkpoints
+        final = await self.train(server, initial, folder, on_checkpoint)
+        if self.cross_site_eval:
+            final.meta["cross_site"] = await cross_site_eval(
+                server, final.params, deadline=self.deadline
+            )
+        return final
+
+    async def train(
+        self,
+        server: Rounds,
+        initial: Mapping[str, Any],
+        checkpoints: str | None,
+        on_checkpoint: Callable[[int], None] | None,
+    ) -> FLModel:
+        """The recipe's workflow (FedAvg's loop with the recipe's strategy)."""
+        return await fedavg(
             server,
             initial,
             rounds=self.rounds,
@@ -120,16 +142,11 @@ class FedAvgRecipe:
             deadline=self.deadline,
             evaluate=self.evaluate,
             validation_key=self.validation_key,
-            checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
+            checkpoints=checkpoints,
             on_checkpoint=on_checkpoint,
             secure=SecureAggregation.of(self.secure) or False,
             strategy=self.strategy,
         )
-        if self.cross_site_eval:
-            final.meta["cross_site"] = await cross_site_eval(
-                server, final.params, deadline=self.deadline
-            )
-        return final
 
     def script_spec(self) -> str:
         """The script as ``MODULE:FUNCTION``, for a site that runs it in its own process.
@@ -246,23 +263,16 @@ class CyclicRecipe(FedAvgRecipe):
     direct: bool = True
     shuffle: bool = False
     peers_in_simulation: ClassVar[bool] = True
+    sums: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if SecureAggregation.of(self.secure) is not None:
-            raise ConfigError("cyclic training sums nothing: no secure aggregation")
-
-    async def run(
+    async def train(
         self,
         server: Rounds,
-        *,
-        checkpoints: str | None = None,
-        on_checkpoint: Callable[[int], None] | None = None,
+        initial: Mapping[str, Any],
+        checkpoints: str | None,
+        on_checkpoint: Callable[[int], None] | None,
     ) -> FLModel:
-        initial = (
-            await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
-        )
-        final = await cyclic(
+        return await cyclic(
             server,
             initial,
             rounds=self.rounds,
@@ -270,14 +280,9 @@ class CyclicRecipe(FedAvgRecipe):
             direct=self.direct,
             deadline=self.deadline,
             evaluate=self.evaluate,
-            checkpoints=checkpoints if checkpoints is not None else self.checkpoints,
+            checkpoints=checkpoints,
             on_checkpoint=on_checkpoint,
         )
-        if self.cross_site_eval:
-            final.meta["cross_site"] = await cross_site_eval(
-                server, final.params, deadline=self.deadline
-            )
-        return final
 
 
 @dataclass
@@ -289,22 +294,15 @@ class SwarmRecipe(FedAvgRecipe):
     aggregation do not apply."""
 
     peers_in_simulation: ClassVar[bool] = True
+    sums: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if SecureAggregation.of(self.secure) is not None:
-            raise ConfigError("a swarm aggregates at the sites: no secure aggregation")
-
-    async def run(
+    async def train(
         self,
         server: Rounds,
-        *,
-        checkpoints: str | None = None,
-        on_checkpoint: Callable[[int], None] | None = None,
+        initial: Mapping[str, Any],
+        checkpoints: str | None,
+        on_checkpoint: Callable[[int], None] | None,
     ) -> FLModel:
-        initial = (
-            await anyio.to_thread.run_sync(self.initial) if callable(self.initial) else self.initial
-        )
         final = await swarm(
             server,
             initial,
@@ -317,5 +315,11 @@ class SwarmRecipe(FedAvgRecipe):
             if self.evaluate
             else {}
         )
-        final.meta["history"] = [{"round": self.rounds - 1, "validation": dict(scores)}]
+        history = [{"round": self.rounds - 1, "validation": dict(scores), **final.meta["swarm"]}]
+        final.meta["history"] = history
+        if checkpoints is not None:  # the final model, as the server got it
+            state = checkpoint.Checkpoint(self.rounds - 1, final.params, history)
+            await checkpoint.save(Path(checkpoints), "last", state)
+            if on_checkpoint is not None:
+                on_checkpoint(self.rounds - 1)
         return final

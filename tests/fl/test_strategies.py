@@ -190,14 +190,18 @@ def scaffold_script() -> None:
         flare.send(helper.result(y, steps=K, lr=ETA, meta={"num_samples": weight(i)}))
 
 
-def scaffold_reference(rounds: int, lr_g: float, sites: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def scaffold_reference(
+    rounds: int, lr_g: float, sites: int = 3, taking: list[list[int]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """SCAFFOLD as the paper writes it; ``taking[r]``: the sites sampled in round r (all)."""
     x = np.zeros(3)
     c = np.zeros(3)
     ci = [np.zeros(3) for _ in range(sites)]
-    total = sum(weight(i) for i in range(sites))
-    for _ in range(rounds):
+    for r in range(rounds):
+        chosen = taking[r] if taking is not None else list(range(sites))
+        total = sum(weight(i) for i in chosen)
         dy, dc = np.zeros(3), np.zeros(3)
-        for i in range(sites):
+        for i in chosen:
             y = x.copy()
             for _ in range(K):
                 y = y - ETA * ((y - TARGETS[i]) - ci[i] + c)
@@ -206,19 +210,48 @@ def scaffold_reference(rounds: int, lr_g: float, sites: int = 3) -> tuple[np.nda
             dc += weight(i) * (new_ci - ci[i])
             ci[i] = new_ci
         x = x + lr_g * dy / total
-        c = c + (sites / sites) * dc / total
+        c = c + (len(chosen) / sites) * dc / total
     return x, c
 
 
-@pytest.mark.parametrize("lr", [1.0, 0.5])
-async def test_scaffold_matches_the_paper_both_halves(lr: float) -> None:
+@pytest.mark.parametrize(("lr", "relays"), [(1.0, 0), (0.5, 0), (1.0, 2)])
+async def test_scaffold_matches_the_paper_both_halves(lr: float, relays: int) -> None:
+    """Exact against the paper's update, flat and through relays (which fold the control
+    changes beside the model's: one partial sum each)."""
+
     async def workflow(server: Any) -> FLModel:
         return await fedavg(server, {"w": np.zeros(3, np.float32)}, rounds=3, strategy=Scaffold(lr))
 
-    out = await simulate(workflow, scaffold_script, clients=3)
+    out = await simulate(workflow, scaffold_script, clients=3, relays=relays)
     x, _ = scaffold_reference(3, lr)
     np.testing.assert_allclose(out.params["w"], x, rtol=1e-5, atol=1e-6)
     assert set(out.params) == {"w"}  # the control variate is state, not model
+
+
+async def test_scaffold_with_partial_participation(tmp_path: Path) -> None:
+    """Two of three sites a round: c moves by |S|/N of the sampled sites' mean change, and a
+    site's own control changes only in the rounds it trains."""
+
+    async def workflow(server: Any) -> FLModel:
+        return await fedavg(
+            server,
+            {"w": np.zeros(3, np.float32)},
+            rounds=4,
+            fraction=0.6,
+            strategy=Scaffold(),
+            checkpoints=tmp_path,
+        )
+
+    out = await simulate(workflow, scaffold_script, clients=3)
+    taking = [
+        sorted(int(s.rsplit("-", 1)[1]) - 1 for s in h["responded"]) for h in out.meta["history"]
+    ]
+    assert all(len(t) == 2 for t in taking)
+    x, c = scaffold_reference(4, 1.0, taking=taking)
+    np.testing.assert_allclose(out.params["w"], x, rtol=1e-5, atol=1e-6)
+    saved = load(tmp_path)
+    assert saved is not None
+    np.testing.assert_allclose(saved.state[SCAFFOLD_CONTROL + "w"], c, rtol=1e-5, atol=1e-6)
 
 
 async def test_scaffold_control_variate_is_checkpointed(tmp_path: Path) -> None:

@@ -103,3 +103,20 @@ def test_a_cyclic_job_hands_the_model_from_site_to_site(d: Deployment, tmp_path:
     # No handover failed (a failed one sends the model to the server, saying so in "why").
     assert [h["why"] for h in history] == [{}, {}]
     assert [h["lost"] for h in history] == [[], []]
+
+
+def test_a_swarm_job_runs_its_rounds_among_the_sites(d: Deployment, tmp_path: Path) -> None:
+    """The sites aggregate in turn (through their relay: no peer links here), the server
+    starting the job and keeping what the last aggregator offered it."""
+    done = d.job("submit", "tests._fl_scripts:swarm_recipe", "--wait", "--timeout", "120")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout.splitlines()[-1])["id"]
+    folder = tmp_path / "jobs" / "server" / job / "checkpoints"
+    tensors, meta = decode((folder / "last.safetensors").read_bytes())
+    np.testing.assert_allclose(tensors["w"], 5.0)
+    history = json.loads(meta["flare.checkpoint"])["history"]
+    assert history[-1]["members"] == SITES
+    listed = d.job("metrics", job, "--json").stdout.splitlines()
+    rounds = [json.loads(x) for x in listed if x.strip()]
+    steps = sorted(r["step"] for r in rounds if r.get("key") == "swarm/responded")
+    assert steps == [0, 1, 2]  # each round's aggregator recorded it at the server
