@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flare_async._files import write_atomic
 from flare_async.codecs import as_numpy, decode, encode, to_torch
@@ -408,8 +409,11 @@ class Scaffold:
             if c is None:
                 continue
             work = np.float64 if x.dtype == np.float64 else np.float32
-            progress = x.astype(work) - y.astype(work)
-            delta = np.asarray(progress * scale - c).astype(np.float32)
+            progress: npt.NDArray[np.floating[Any]] = x.astype(work)  # in place: one temporary
+            np.subtract(progress, y, out=progress)  # (x - y) / (K lr) - c
+            np.multiply(progress, scale, out=progress)
+            np.subtract(progress, c, out=progress)
+            delta = progress.astype(np.float32, copy=False)
             out[SCAFFOLD_CONTROL + name] = delta
             own = self._control.get(name)
             updated = delta.copy() if own is None else np.asarray(own + delta)
@@ -419,7 +423,7 @@ class Scaffold:
         self._round = None
         torch_out = any(_is_torch(v) for v in new_params.values())
         return FLModel(
-            params=_framework(out, torch_out),
+            params=to_torch(out) if torch_out else out,  # new arrays: no copy needed
             params_type=ParamsType.DIFF,
             meta=dict(meta or {}),
             metrics=dict(metrics or {}),

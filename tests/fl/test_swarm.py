@@ -205,3 +205,30 @@ async def test_members_take_updates_and_models_only_from_whom_the_plan_says() ->
 
 async def _noop(model: FLModel) -> None:
     return None
+
+
+def fails_in_round_1_at_site_3() -> None:
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        if i == 2 and task.current_round == 1:
+            raise RuntimeError("site 3 breaks in round 1")
+        w = site_result(i, np.asarray(task.params["w"]))
+        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}))
+
+
+async def test_a_member_that_drops_out_is_waited_for_until_the_deadline_only() -> None:
+    """Round 1 goes on with the two members left once its 2 s are up (min_responses 2)."""
+    out = await simulate(
+        lambda s: swarm(s, INIT, rounds=2, deadline=2.0, min_responses=2),
+        fails_in_round_1_at_site_3,
+        clients=SITES,
+        peers=True,
+    )
+    w = INIT["w"].copy()
+    w = sum((i + 1) * site_result(i, w) for i in range(3)) / 6  # round 0: all three
+    w = sum((i + 1) * site_result(i, w) for i in range(2)) / 3  # round 1: sites 1 and 2
+    np.testing.assert_allclose(out.params["w"], w, rtol=1e-12)
