@@ -60,6 +60,7 @@ from flare_async.fl._keys import SWARM_PLAN
 from flare_async.fl._model import (
     NUMPY,
     FLModel,
+    ParamsType,
     model_from_parts,
     model_parts,
     params_format_of,
@@ -311,6 +312,8 @@ class ClientRuntime:
             raise BadRequest(f"not a swarm plan: {exc}") from None
         if self.site not in plan.members:
             raise BadRequest(f"{self.site} is not a member of the swarm")
+        if self.swarm is not None and self.swarm.final is None:
+            raise BadRequest(f"a swarm of job {self.job!r:.80} already runs on {self.site}")
 
         def deliver(rnd: int, given: FLModel) -> None:
             if self._filter is not None:  # the site's filters apply to what it sends peers
@@ -324,7 +327,16 @@ class ClientRuntime:
             )
 
         self.swarm = SwarmMember(
-            self.cell, plan, self.job, task, self.server, deliver, self.stop, answer
+            self.cell,
+            plan,
+            self.job,
+            task,
+            self.server,
+            deliver,
+            self.stop,
+            answer,
+            signer=self.signer,
+            verifier=self.task_verifier,
         )
         self.swarm.start(0, model)
 
@@ -514,7 +526,11 @@ class ClientRuntime:
         self, model: FLModel, parts: list[Any], task: str, pass_to: str, codec: str
     ) -> list[Any]:
         """Hand the result over to ``pass_to`` (see ``fl/_handoff.py``); what the server gets
-        then: where it went, or, if the handover failed, the result itself and why."""
+        then: where it went, or, if the handover failed, the result itself and why. A DIFF
+        is no model to train on: it goes to the server (which holds what it is a change of)."""
+        if model.params_type is ParamsType.DIFF:
+            model.meta["handoff_failed"] = f"{pass_to}: a DIFF result is not handed over"
+            return model_parts(model, self.cell.codecs, codec)
         try:
             sha = await hand_over(self.cell, pass_to, parts, self.job, task)
         except FlareError as exc:

@@ -23,6 +23,7 @@ import numpy as np
 
 from flare_async.codecs import as_numpy
 from flare_async.fl._aggregate import to_dtype
+from flare_async.fl._checks import misfit
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._results import RoundFailed
 from flare_async.fl._server import Rounds
@@ -60,7 +61,9 @@ async def cross_site_eval(
         )
         kept = dict(got.updates or ())
         for site in who:
-            if site in kept:
+            if site in kept and base and (why := misfit(base, kept[site])):
+                failed[site] = {"submit_model": f"a model that does not fit: {why}"}
+            elif site in kept:
                 models[site] = _as_full(base, kept[site])
             else:
                 why = got.failed.get(site, "no model")

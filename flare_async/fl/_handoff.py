@@ -17,7 +17,9 @@ the server signs tasks, so no relay can add, drop or change them):
     and digest, so no other site (and no relay) can slip a model in. A task whose handover is
     not there is refused (``BadRequest``), and the round counts the site as failed.
 
-A site keeps at most :data:`KEEP` models handed over and not yet taken, the oldest dropped.
+A site keeps, per sender, the last model it handed over and no task took yet, and at most
+:data:`KEEP` senders' (the one heard from least recently dropped): a sender cannot push out
+what another handed over, short of posing as many senders.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from flare_async.fl._model import FLModel
 from flare_async.fl._results import digest_of
 from flare_async.fl._signed import CHANNEL
 
-KEEP = 2
-"""Models handed over and not yet taken that a site keeps."""
+KEEP = 16
+"""Senders whose last handover (not yet taken) a site keeps."""
 PASS_TO = "pass_to"
 TAKE_FROM = "take_from"
 TAKE_SHA = "take_sha"
@@ -49,7 +51,8 @@ class Handoffs:
     def __init__(self, job: str, keep: int = KEEP) -> None:
         self.job = job
         self.keep = keep
-        self._held: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._held: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        """Per sender: the digest and bytes of its last handover."""
 
     async def take_stream(self, stream: IncomingStream) -> bytes:
         """A handover (``fl/handoff``) from another cell: kept by its sender and digest.
@@ -61,7 +64,8 @@ class Handoffs:
             raise Unauthorized(f"a handover for job {stream.headers.get('job', '')!r:.80}")
         data = await stream.read_joined()
         sha = await anyio.to_thread.run_sync(digest_of, [data])
-        self._held[(stream.src, sha)] = bytes(data)
+        self._held.pop(stream.src, None)
+        self._held[stream.src] = (sha, bytes(data))
         while len(self._held) > self.keep:
             self._held.popitem(last=False)
         return b"kept"
@@ -72,10 +76,11 @@ class Handoffs:
         Raises:
             BadRequest: none such arrived (or it was dropped for newer ones).
         """
-        data = self._held.pop((sender, sha), None)
-        if data is None:
+        held = self._held.get(sender)
+        if held is None or held[0] != sha:
             raise BadRequest(f"no model handed over by {sender} with digest {sha:.80}")
-        return data
+        del self._held[sender]
+        return held[1]
 
 
 async def hand_over(cell: Cell, dst: str, parts: Sequence[Any], job: str, task: str) -> str:

@@ -369,7 +369,7 @@ def _round_request(
     collect = head.get("collect", "sum")
     if collect not in ("sum", "each") or (secure is not None and collect != "sum"):
         raise JobProcessError("a round collects 'sum' or 'each' (a secure round: 'sum')")
-    headers = _round_headers(server, head.get("headers") or {})
+    headers = _round_headers(server, head.get("headers") or {}, targets)
     kw = {
         "headers": headers,
         "min_responses": need,
@@ -381,7 +381,7 @@ def _round_request(
     return model, targets, kw
 
 
-def _round_headers(server: FLServer, headers: Any) -> dict[str, str]:
+def _round_headers(server: FLServer, headers: Any, targets: list[str]) -> dict[str, str]:
     """A job process's round headers, checked: where a model is handed (the job's sites, a
     digest) or a swarm's plan (over the job's sites)."""
     allowed = (*ROUTE_FIELDS, SWARM_PLAN)
@@ -395,8 +395,8 @@ def _round_headers(server: FLServer, headers: Any) -> dict[str, str]:
                 members = SwarmPlan.decode(value).members
             except ValueError as exc:
                 raise JobProcessError(f"a round's swarm plan does not decode: {exc}") from None
-            if not set(members) <= set(server.clients):
-                raise JobProcessError("a swarm's members must be the job's sites")
+            if set(members) != set(targets):
+                raise JobProcessError("a swarm's members must be the round's targets")
         elif key != TAKE_SHA and value and value not in server.clients:
             raise JobProcessError(f"a round's {key} must name one of the job's sites")
     return dict(headers)

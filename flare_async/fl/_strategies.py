@@ -28,9 +28,10 @@ import numpy as np
 
 from flare_async.errors import ConfigError
 from flare_async.fl._aggregate import fedavg_step, to_dtype
+from flare_async.fl._checks import misfit
 from flare_async.fl._fedopt import ServerOptimizer
 from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
-from flare_async.fl._model import FLModel, ParamsType
+from flare_async.fl._model import ParamsType
 from flare_async.fl._results import RoundResult
 from flare_async.fl._robust import RobustAggregation
 from flare_async.fl._server import Collect
@@ -147,7 +148,8 @@ class Scaffold(FedAvg):
     each site corrects its steps with it and sends its model's change and its control's
     change (``client.algorithms.Scaffold``). The next model is ``x + lr·(mean - x)`` (the
     results' weighted mean, as FedAvg); ``c += (|S|/N)·mean(Δc)``, the same weights, ``|S|``
-    the sites that answered, ``N`` the job's sites. ``c`` is the strategy's state."""
+    the sites that answered, ``N`` the job's sites. ``c`` is the strategy's state. Control
+    changes count from DIFF results only (a FULL result echoing ``c`` back is no change)."""
 
     name: ClassVar[str] = "scaffold"
     secure_ok: ClassVar[bool] = False
@@ -173,12 +175,13 @@ class Scaffold(FedAvg):
         self, params: Params, result: RoundResult, state: State, clients: int
     ) -> tuple[Params, dict[str, Any]]:
         answered = len(result.responded)
+        diff = result.sum.params_type is ParamsType.DIFF
         mean = fedavg_step(params, result.sum, consume=True)
         out: Params = {}
         for name, value in mean.items():
             if name.startswith(SCAFFOLD_CONTROL):
-                if name[len(SCAFFOLD_CONTROL) :] not in params:
-                    continue  # a control for no tensor of the model: ignored
+                if not diff or name[len(SCAFFOLD_CONTROL) :] not in params:
+                    continue  # FULL results (a plain script echoing c back), or no such tensor
                 # Not a tensor of ``params``: fedavg_step gave its mean as it is, mean(Δc).
                 change = value.astype(np.float32, copy=False)
                 change *= np.float32(answered / max(clients, 1))
@@ -210,6 +213,9 @@ class Robust(FedAvg):
     collect: ClassVar[Collect] = "each"
     secure_ok: ClassVar[bool] = False
     rule: RobustAggregation = field(default_factory=lambda: RobustAggregation("median"))
+    weighted: bool = False
+    """Weigh ``multi_krum``'s and ``clipped_mean``'s means by the sites' reported sample
+    counts. Off by default: a hostile site would report a huge count."""
 
     def step(
         self, params: Params, result: RoundResult, state: State, clients: int
@@ -221,13 +227,13 @@ class Robust(FedAvg):
         dropped: dict[str, str] = {}
         kept: list[int] = []
         for i, model in enumerate(updates.models):
-            why = _misfit(params, model)
+            why = misfit(params, model)
             if why:
                 dropped[updates.sites[i]] = why
             else:
                 kept.append(i)
         kept.sort(key=lambda i: updates.sites[i])  # ties never go by arrival order
-        weights = updates.weights()
+        weights = updates.weights() if self.weighted else [1.0] * len(updates)
         models = [updates.models[i] for i in kept]
         # FULL results are read minus the model a slice at a time (never whole copies).
         bases = [None if m.params_type is ParamsType.DIFF else params for m in models]
@@ -244,20 +250,7 @@ class Robust(FedAvg):
         return out, {"robust": note}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self.rule)}
-
-
-def _misfit(params: Params, model: FLModel) -> str:
-    """Why ``model`` cannot be one of a robust round's updates ("" if it can): it must carry
-    every tensor of the model, no other, each of its shape."""
-    if set(model.params) != set(params):
-        extra = sorted(set(model.params) - set(params))[:3]
-        missing = sorted(set(params) - set(model.params))[:3]
-        return f"does not carry the model's tensors (missing {missing}, extra {extra})"
-    for name, value in model.params.items():
-        if np.shape(value) != params[name].shape:
-            return f"tensor {name!r:.80} has shape {np.shape(value)}, not {params[name].shape}"
-    return ""
+        return {"name": self.name, **asdict(self.rule), "weighted": self.weighted}
 
 
 Strategy = FedAvg

@@ -34,15 +34,19 @@ import numpy as np
 from flare_async.cell import Cell, IncomingStream
 from flare_async.errors import BadRequest, FlareError, Unauthorized
 from flare_async.fl._aggregate import WeightedSum, fedavg_step, result_weight
+from flare_async.fl._checks import misfit
 from flare_async.fl._keys import SWARM_PLAN
 from flare_async.fl._model import FLModel, model_from_parts, model_parts, params_format_of
 from flare_async.fl._results import RoundFailed
 from flare_async.fl._server import Rounds
-from flare_async.fl._signed import CHANNEL
+from flare_async.fl._signed import CHANNEL, check_signed, stream_signed
 from flare_async.fl._tracking import records
+from flare_async.security import SignatureVerifier, Signer
 
 SWARM = SWARM_PLAN
 MAX_PLAN = 1 << 16
+MAX_WAIT = 7 * 86400.0
+"""The longest the server's task of a swarm waits for its end."""
 
 
 class SwarmPlan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -65,6 +69,10 @@ class SwarmPlan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def aggregator(self, rnd: int) -> str:
         return self.members[rnd % len(self.members)]
+
+    def backup(self, rnd: int) -> str:
+        """Who takes round ``rnd`` over if its aggregator falls silent: the next in turn."""
+        return self.members[(rnd + 1) % len(self.members)]
 
     @classmethod
     def decode(cls, text: str) -> SwarmPlan:
@@ -92,7 +100,9 @@ async def swarm(
         RoundFailed: no final model came (every member failed, or the swarm stopped short).
     """
     who = list(members) if members is not None else sorted(server.clients)
-    plan = SwarmPlan(who, rounds, float(deadline), min_responses or len(who))
+    plan = SwarmPlan(
+        who, rounds, float(deadline), len(who) if min_responses is None else min_responses
+    )
     if server.params_format is None:
         server.params_format = params_format_of(initial)
     task = FLModel(params=dict(initial), current_round=0, total_rounds=rounds)
@@ -100,12 +110,15 @@ async def swarm(
     result = await server.run_round(
         task,
         who,
-        deadline=deadline * rounds + deadline,
+        deadline=min(deadline * (3 * rounds + 1), MAX_WAIT),  # every round taken over
         min_responses=1,
         headers={SWARM: header},
         collect="each",
     )
-    final = [m for _, m in (result.updates or ()) if m.params]
+    # Only the last round's aggregator (or its backup) brings the final model: a member
+    # that answers its task with a model of its own is not the swarm's result.
+    closing = {plan.aggregator(rounds - 1), plan.backup(rounds - 1)}
+    final = [m for site, m in (result.updates or ()) if m.params and site in closing]
     if not final:
         raise RoundFailed("the swarm ended with no final model", result.failed)
     out = final[0]
@@ -126,6 +139,9 @@ class SwarmMember:
         finish: called once the swarm is over (the script's loop ends).
         answer: sends the server this site's answer to its task (the final model from the
             last round's aggregator, else a result without tensors).
+        signer / verifier: (a deployment) every update and model is signed end to end by its
+            sender and checked by its receiver, the round and whether it ends the swarm
+            included: no relay on the way can change one or make one up.
     """
 
     def __init__(
@@ -138,7 +154,11 @@ class SwarmMember:
         deliver: Callable[[int, FLModel], None],
         finish: Callable[[], None],
         answer: Callable[[FLModel], Awaitable[object]],
+        signer: Signer | None = None,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
+        self.signer = signer
+        self.verifier = verifier
         self.server = server
         self.answer = answer
         self.cell = cell
@@ -150,6 +170,8 @@ class SwarmMember:
         self.final: FLModel | None = None
         """The swarm's final model, once it is over."""
         self.rounds: dict[int, _Round] = {}
+        """The rounds this site takes part in now (at most this one and the next)."""
+        self.current = 0
 
     def _round(self, rnd: int) -> _Round:
         state = self.rounds.get(rnd)
@@ -158,7 +180,15 @@ class SwarmMember:
         return state
 
     def start(self, rnd: int, model: FLModel) -> None:
-        """Round ``rnd``'s model arrived: the round's clock starts, the script gets it."""
+        """Round ``rnd``'s model arrived: the round's clock starts, the script gets it (once:
+        a second copy, from a backup that took the round over too late, is ignored); what
+        earlier rounds held is let go."""
+        if rnd < self.current or (rnd == self.current and self._round(rnd).model is not None):
+            return
+        for old in [r for r in self.rounds if r < rnd]:
+            self.rounds[old].next.set()
+            del self.rounds[old]
+        self.current = rnd
         state = self._round(rnd)
         state.model = model
         state.started = anyio.current_time()
@@ -171,13 +201,25 @@ class SwarmMember:
             Unauthorized: not from a member, or for a round this site does not aggregate.
             BadRequest: a result that cannot be folded, or a second one from the member.
         """
-        rnd = _round_of(stream.headers)
+        rnd, _ = _tag_of(stream.headers, self.job)
         if stream.src not in self.plan.members:
             raise Unauthorized(f"{stream.src} is not a member of this swarm")
-        if self.plan.aggregator(rnd) != self.cell.name:
+        if self.cell.name not in (self.plan.aggregator(rnd), self.plan.backup(rnd)):
             raise Unauthorized(f"{self.cell.name} does not aggregate round {rnd}")
+        if not self.current <= rnd <= self.current + 1 or rnd >= self.plan.rounds:
+            raise BadRequest(f"round {rnd} is not this swarm's now ({self.current})")
         data = await stream.read_joined()
+        self._check(stream)
         return await self._fold(rnd, stream.src, data)
+
+    def _check(self, stream: IncomingStream) -> None:
+        """The sender's signature over what arrived (with a verifier).
+
+        Raises:
+            IntegrityError: unsigned, or not what the sender signed.
+        """
+        if self.verifier is not None:
+            check_signed(self.verifier, stream, self.cell.name)
 
     async def _fold(self, rnd: int, member: str, data: Any) -> bytes:
         state = self._round(rnd)
@@ -188,6 +230,7 @@ class SwarmMember:
                 raise BadRequest(f"a second result from {member} for round {rnd}")
             try:
                 update = model_from_parts(data)
+                _fits(state.model, update)
                 add = state.sum.add
                 await anyio.to_thread.run_sync(
                     add, update.params, result_weight(update.meta), update.params_type
@@ -202,19 +245,47 @@ class SwarmMember:
     async def submit(self, rnd: int, parts: list[Any]) -> None:
         """This site's result for round ``rnd``: to the round's aggregator; if that is this
         site, folded here, and then the round is closed and its model sent on (waiting for
-        the others until the round's time is up)."""
-        agg = self.plan.aggregator(rnd)
-        if agg != self.cell.name:
-            await self.cell.stream(
-                agg, CHANNEL, "swarm_update", parts, headers={"job": self.job, "round": str(rnd)}
-            )
+        the others until the round's time is up).
+
+        A member then waits for the next round's model until twice the round's time has
+        passed since it began; none come, the aggregator counts as gone and the next member
+        in turn (``SwarmPlan.backup``) takes the round over: the member sends it its result
+        again, or, being the backup, aggregates the round itself, a fresh round's time long."""
+        me = self.cell.name
+        if self.plan.aggregator(rnd) == me:
+            await self._aggregate(rnd, parts)
             return
+        state = self._round(rnd)  # before sending: the next round may come meanwhile
+        await self._send_update(self.plan.aggregator(rnd), rnd, parts)
+        with anyio.move_on_after(max(0.0, state.started + 2 * self.plan.deadline - _now())):
+            await state.next.wait()
+            return
+        backup = self.plan.backup(rnd)
+        self.cell._log.warning(
+            "swarm aggregator silent, the next in turn takes the round over",
+            round=rnd,
+            aggregator=self.plan.aggregator(rnd),
+            backup=backup,
+        )
+        if backup == me:
+            state.started = _now()
+            await self._aggregate(rnd, parts)
+        else:
+            await self._send_update(backup, rnd, parts)
+
+    async def _send_update(self, to: str, rnd: int, parts: list[Any]) -> None:
+        try:
+            await self._send(to, "swarm_update", parts, rnd, end=False)
+        except FlareError as exc:
+            self.cell._log.warning("swarm result not delivered", to=to, round=rnd, error=str(exc))
+
+    async def _aggregate(self, rnd: int, parts: list[Any]) -> None:
         await self._fold(rnd, self.cell.name, b"".join(bytes(p) for p in parts))
         await self._close(rnd)
 
     async def _close(self, rnd: int) -> None:
         state = self._round(rnd)
-        left = state.started + self.plan.deadline - anyio.current_time()
+        left = state.started + self.plan.deadline - _now()
         with anyio.move_on_after(max(left, 0.0)):
             while len(state.responded) < len(self.plan.members):
                 state.changed = anyio.Event()
@@ -242,12 +313,35 @@ class SwarmMember:
         self, rnd: int, model: FLModel, *, stopped: bool, last: bool = False
     ) -> None:
         """The next round's model (or the final one) to every member, this site included."""
-        headers = {"job": self.job, "round": str(rnd), "end": "1" if (last or stopped) else ""}
+        end = last or stopped
         parts = model_parts(model, self.cell.codecs)
         others = [m for m in self.plan.members if m != self.cell.name]
-        if others:
-            await self.cell.stream_many(others, CHANNEL, "swarm_model", parts, headers=headers)
-        await self.arrived(rnd, model, ended=bool(headers["end"]), stopped=stopped)
+
+        async def one(member: str) -> None:
+            try:
+                await self._send(member, "swarm_model", parts, rnd, end=end)
+            except FlareError as exc:
+                self.cell._log.warning("swarm model not delivered", to=member, error=str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for member in others:
+                tg.start_soon(one, member)
+        await self.arrived(rnd, model, ended=end, stopped=stopped)
+
+    async def _send(self, to: str, topic: str, parts: list[Any], rnd: int, *, end: bool) -> None:
+        """One update or model, its round (and whether it ends the swarm) in its ``task``
+        header, signed end to end with a signer."""
+        await stream_signed(
+            self.cell,
+            self.signer,
+            to,
+            topic,
+            parts,
+            _tag(self.job, rnd, end),
+            codec="tensors",
+            digest=self.signer is not None,
+            headers={"job": self.job},
+        )
 
     async def take_model(self, stream: IncomingStream) -> bytes:
         """The next round's model (or the final one) from that round's aggregator.
@@ -255,11 +349,25 @@ class SwarmMember:
         Raises:
             Unauthorized: not from the aggregator of the round it closes.
         """
-        rnd = _round_of(stream.headers)
-        if rnd < 1 or stream.src != self.plan.aggregator(rnd - 1):
+        rnd, end = _tag_of(stream.headers, self.job)
+        if rnd < 1 or stream.src not in (self.plan.aggregator(rnd - 1), self.plan.backup(rnd - 1)):
             raise Unauthorized(f"{stream.src} did not aggregate round {rnd - 1}")
-        model = model_from_parts(await stream.read_joined())
-        await self.arrived(rnd, model, ended=bool(stream.headers.get("end")))
+        if not self.current < rnd <= self.plan.rounds or (rnd == self.plan.rounds) != end:
+            return b"late"  # a round this site has (or a backup's second copy)
+        data = await stream.read_joined()
+        self._check(stream)
+        try:
+            model = model_from_parts(data)
+        except (ValueError, TypeError, KeyError, FlareError) as exc:
+            raise BadRequest(f"unusable swarm model: {exc}") from None
+        base = self.rounds.get(self.current)
+        if (
+            base is not None
+            and base.model is not None
+            and (why := misfit(base.model.params, model))
+        ):
+            raise BadRequest(f"a swarm model that does not fit: {why}")
+        await self.arrived(rnd, model, ended=end)
         return b"taken"
 
     async def arrived(
@@ -271,6 +379,11 @@ class SwarmMember:
         if not ended:
             self.start(rnd, model)
             return
+        if self.final is not None:
+            return  # a backup's second copy
+        self.current = rnd
+        for state in self.rounds.values():
+            state.next.set()
         self.final = model
         self.finish()
         mine = self.plan.aggregator(rnd - 1) == self.cell.name and not stopped
@@ -304,11 +417,38 @@ class _Round:
         self.closed = False
         self.lock = anyio.Lock()
         self.changed = anyio.Event()
+        self.next = anyio.Event()
+        """Set once the next round (or the end) has come: the round is over here."""
 
 
-def _round_of(headers: Mapping[str, str]) -> int:
+def _fits(base: FLModel | None, model: FLModel) -> None:
+    """Raises ValueError: ``model`` does not fit the round's model (see ``misfit``)."""
+    why = misfit(base.params, model) if base is not None else ""
+    if why:
+        raise ValueError(why)
+
+
+def _now() -> float:
+    return anyio.current_time()
+
+
+def _tag(job: str, rnd: int, end: bool) -> str:
+    """A swarm message's ``task`` header (signed): its job, round, and whether it ends it."""
+    return f"swarm/{job}/{rnd}/{'end' if end else ''}"
+
+
+def _tag_of(headers: Mapping[str, str], job: str) -> tuple[int, bool]:
+    """The round a swarm message is for, and whether it ends the swarm.
+
+    Raises:
+        BadRequest: no such tag, or one for another job.
+    """
+    head, _, rest = headers.get("task", "").rpartition(f"swarm/{job}/")
+    rnd, _, end = rest.partition("/")
+    if head or not rest or end not in ("", "end"):
+        raise BadRequest("a swarm message without its job and round")
     try:
-        return int(headers.get("round", ""))
+        return int(rnd), end == "end"
     except ValueError:
         raise BadRequest("a swarm message without its round") from None
 

@@ -15,6 +15,7 @@ from flare_async.codecs import as_numpy
 from flare_async.errors import ConfigError
 from flare_async.fl import _checkpoint as checkpoint
 from flare_async.fl._model import FLModel, params_format_of
+from flare_async.fl._robust import NotEnoughUpdates
 from flare_async.fl._secure import SecureAggregation
 from flare_async.fl._server import RoundResult, Rounds
 from flare_async.fl._strategies import FedAvg
@@ -121,7 +122,10 @@ async def fedavg(
         # In worker threads: a large model's step, or a long validation, never blocks the
         # event loop (in a job's own process, its heartbeat to the server runs there).
         step = partial(algo.step, clients=len(server.clients))
-        params, note = await anyio.to_thread.run_sync(step, params, result, state)
+        try:
+            params, note = await anyio.to_thread.run_sync(step, params, result, state)
+        except NotEnoughUpdates as exc:  # too few usable updates: the model stays this round
+            note = {"skipped": str(exc)}
         result.updates = None  # spilled updates' mappings go
         metrics = result.mean_metrics()
         scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}

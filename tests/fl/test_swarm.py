@@ -16,8 +16,10 @@ import pytest
 
 import flare_async.client as flare
 from flare_async import Cell, MemoryNetwork
+from flare_async.codecs import CodecRegistry
 from flare_async.errors import BadRequest, Unauthorized
 from flare_async.fl import ClientRuntime, FLModel, FLServer, SwarmRecipe, simulate, swarm
+from flare_async.fl._model import model_parts
 from flare_async.fl._swarm import SwarmMember, SwarmPlan
 
 pytestmark = pytest.mark.anyio
@@ -188,19 +190,46 @@ class FakeStream:
 async def test_members_take_updates_and_models_only_from_whom_the_plan_says() -> None:
     net = MemoryNetwork()
     async with Cell("server.site-1", drivers=[net]) as cell:
-        plan = SwarmPlan(["server.site-1", "server.site-2"], 3, 10.0, 2)
+        plan = SwarmPlan(["server.site-1", "server.site-2", "server.site-3"], 4, 10.0, 2)
         member = SwarmMember(cell, plan, "j", "t", "server", lambda r, m: None, lambda: None, _noop)
-        # site-1 aggregates rounds 0 and 2, site-2 round 1.
+        # site-1 aggregates round 0 (site-2 its backup) and backs up round 2 (site-3's).
         with pytest.raises(Unauthorized, match="not a member"):
-            await member.take_update(FakeStream("server.site-9", {"round": "0"}))  # type: ignore[arg-type]
+            await member.take_update(FakeStream("server.site-9", {"task": "swarm/j/0/"}))  # type: ignore[arg-type]
         with pytest.raises(Unauthorized, match="does not aggregate"):
-            await member.take_update(FakeStream("server.site-2", {"round": "1"}))  # type: ignore[arg-type]
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/1/"}))  # type: ignore[arg-type]
+        with pytest.raises(BadRequest, match="not this swarm's now"):
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/3/"}))  # type: ignore[arg-type]
         with pytest.raises(Unauthorized, match="did not aggregate"):
-            await member.take_model(FakeStream("server.site-1", {"round": "2"}))  # type: ignore[arg-type]
+            await member.take_model(FakeStream("server.site-1", {"task": "swarm/j/2/"}))  # type: ignore[arg-type]
         with pytest.raises(BadRequest, match="round"):
-            await member.take_update(FakeStream("server.site-2", {"round": "x"}))  # type: ignore[arg-type]
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/x/"}))  # type: ignore[arg-type]
         with pytest.raises(BadRequest, match="unusable"):
-            await member.take_update(FakeStream("server.site-2", {"round": "0"}, b"junk"))  # type: ignore[arg-type]
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/0/"}, b"junk"))  # type: ignore[arg-type]
+
+
+async def test_a_swarm_message_for_another_job_or_of_another_shape_is_refused() -> None:
+    net = MemoryNetwork()
+    async with Cell("server.site-1", drivers=[net]) as cell:
+        plan = SwarmPlan(["server.site-1", "server.site-2", "server.site-3"], 4, 10.0, 2)
+        member = SwarmMember(cell, plan, "j", "t", "server", lambda r, m: None, lambda: None, _noop)
+        member.start(0, FLModel(params={"w": np.zeros(3)}))
+        with pytest.raises(BadRequest, match="job and round"):
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/k/0/"}))  # type: ignore[arg-type]
+        wrong = blob(FLModel(params={"w": np.zeros(4)}, meta={"num_samples": 1}))
+        with pytest.raises(BadRequest, match="shape"):
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/0/"}, wrong))  # type: ignore[arg-type]
+        extra = blob(FLModel(params={"w": np.zeros(3), "x": np.ones(1)}))
+        with pytest.raises(BadRequest, match="extra"):
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/0/"}, extra))  # type: ignore[arg-type]
+        right = blob(FLModel(params={"w": np.ones(3)}, meta={"num_samples": 1}))
+        assert (
+            await member.take_update(FakeStream("server.site-2", {"task": "swarm/j/0/"}, right))
+            == b"taken"
+        )  # type: ignore[arg-type]
+
+
+def blob(model: FLModel) -> bytes:
+    return b"".join(bytes(p) for p in model_parts(model, CodecRegistry()))
 
 
 async def _noop(model: FLModel) -> None:
@@ -231,4 +260,35 @@ async def test_a_member_that_drops_out_is_waited_for_until_the_deadline_only() -
     w = INIT["w"].copy()
     w = sum((i + 1) * site_result(i, w) for i in range(3)) / 6  # round 0: all three
     w = sum((i + 1) * site_result(i, w) for i in range(2)) / 3  # round 1: sites 1 and 2
+    np.testing.assert_allclose(out.params["w"], w, rtol=1e-12)
+
+
+def aggregator_of_round_1_breaks() -> None:
+    """Site 2 aggregates round 1, but its script breaks as round 1 begins: it never closes it."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        if i == 1 and task.current_round == 1:
+            raise RuntimeError("the round-1 aggregator breaks")
+        w = site_result(i, np.asarray(task.params["w"]))
+        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}))
+
+
+async def test_a_silent_aggregator_is_replaced_by_the_next_in_turn() -> None:
+    """Round 1's aggregator (site 2) falls silent: after twice the round's time the members
+    send their results to site 3, which takes the round over; round 2 (site 3's own) goes on
+    without site 2, and the swarm ends with the model of the sites that trained."""
+    out = await simulate(
+        lambda s: swarm(s, INIT, rounds=3, deadline=1.0, min_responses=2),
+        aggregator_of_round_1_breaks,
+        clients=SITES,
+        peers=True,
+    )
+    w = INIT["w"].copy()
+    w = sum((i + 1) * site_result(i, w) for i in range(3)) / 6  # round 0: all three
+    for _ in range(2):  # rounds 1 and 2: sites 1 and 3
+        w = (1 * site_result(0, w) + 3 * site_result(2, w)) / 4
     np.testing.assert_allclose(out.params["w"], w, rtol=1e-12)
