@@ -318,8 +318,10 @@ class SwarmRecipe(FedAvgRecipe):
         history = [{"round": self.rounds - 1, "validation": dict(scores), **final.meta["swarm"]}]
         final.meta["history"] = history
         if checkpoints is not None:  # the final model, as the server got it
+            folder = Path(checkpoints)
+            await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
             state = checkpoint.Checkpoint(self.rounds - 1, final.params, history)
-            await checkpoint.save(Path(checkpoints), "last", state)
+            await checkpoint.save(folder, "last", state)
             if on_checkpoint is not None:
                 on_checkpoint(self.rounds - 1)
         return final

@@ -105,7 +105,8 @@ async def swarm(
     )
     if server.params_format is None:
         server.params_format = params_format_of(initial)
-    task = FLModel(params=dict(initial), current_round=0, total_rounds=rounds)
+    # One task for the whole swarm: it ends with the last round (what the job's record counts).
+    task = FLModel(params=dict(initial), current_round=rounds - 1, total_rounds=rounds)
     header = msgspec.json.encode(plan).decode()
     result = await server.run_round(
         task,
@@ -189,6 +190,7 @@ class SwarmMember:
             self.rounds[old].next.set()
             del self.rounds[old]
         self.current = rnd
+        model.current_round, model.total_rounds = rnd, self.plan.rounds
         state = self._round(rnd)
         state.model = model
         state.started = anyio.current_time()
@@ -402,7 +404,9 @@ class SwarmMember:
         body = json.dumps(recs).encode()
         with anyio.move_on_after(5):
             try:
-                await self.cell.request(self.server, CHANNEL, "metrics", body, timeout=5)
+                await self.cell.request(
+                    self.server, CHANNEL, "metrics", body, headers={"job": self.job}, timeout=5
+                )
             except FlareError as exc:
                 self.cell._log.info("swarm round not recorded", round=rnd, error=str(exc))
 

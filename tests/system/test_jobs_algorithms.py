@@ -110,7 +110,9 @@ def test_a_swarm_job_runs_its_rounds_among_the_sites(d: Deployment, tmp_path: Pa
     starting the job and keeping what the last aggregator offered it."""
     done = d.job("submit", "tests._fl_scripts:swarm_recipe", "--wait", "--timeout", "120")
     assert done.returncode == 0, done.stderr
-    job = json.loads(done.stdout.splitlines()[-1])["id"]
+    final = json.loads(done.stdout.splitlines()[-1])
+    job = final["id"]
+    assert final["rounds_done"] == 3  # the swarm's one task ends with its last round
     folder = tmp_path / "jobs" / "server" / job / "checkpoints"
     tensors, meta = decode((folder / "last.safetensors").read_bytes())
     np.testing.assert_allclose(tensors["w"], 5.0)
