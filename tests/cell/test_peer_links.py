@@ -46,34 +46,36 @@ async def test_a_message_to_a_peer_takes_the_peer_link_not_the_tree() -> None:
     net = MemoryNetwork()
     seen: list[list[str]] = []
     links = Links()
-    async with Cell("server", listen=["memory://server"], drivers=[net]):
-        async with Cell(
+    async with (
+        Cell("server", listen=["memory://server"], drivers=[net]),
+        Cell(
             "server.site-2",
             listen=["memory://site-2"],
             parent="memory://server",
             drivers=[net],
             handlers=[echo_table(seen)],
-        ) as s2:
-            await s2.wait_parent()
-            async with Cell(
-                "server.site-1",
-                parent="memory://server",
-                peers=["memory://site-2"],
-                drivers=[net],
-                on_link=links,
-            ) as s1:
-                await s1.wait_parent()
-                await links.wait("server.site-2", "peer")
-                assert (await s1.request("server.site-2", "t", "echo", b"hi")).tobytes() == b"hi"
-                assert seen[-1] == ["server.site-1"]  # straight over: the server never saw it
-            # site-1 is gone; site-2 still answers what comes up the tree.
-            async with Cell(
-                "server.site-3",
-                parent="memory://server",
-                peers=["memory://nowhere"],
-                drivers=[net],
-            ) as s3:
-                await s3.wait_parent()  # an unreachable peer does not stop the cell
-                echoed = await s3.request("server.site-2", "t", "echo", b"up")
-                assert echoed.tobytes() == b"up"
-                assert seen[-1] == ["server.site-3", "server"]
+        ) as s2,
+    ):
+        await s2.wait_parent()
+        async with Cell(
+            "server.site-1",
+            parent="memory://server",
+            peers=["memory://site-2"],
+            drivers=[net],
+            on_link=links,
+        ) as s1:
+            await s1.wait_parent()
+            await links.wait("server.site-2", "peer")
+            assert (await s1.request("server.site-2", "t", "echo", b"hi")).tobytes() == b"hi"
+            assert seen[-1] == ["server.site-1"]  # straight over: the server never saw it
+        # site-1 is gone; site-2 still answers what comes up the tree.
+        async with Cell(
+            "server.site-3",
+            parent="memory://server",
+            peers=["memory://nowhere"],
+            drivers=[net],
+        ) as s3:
+            await s3.wait_parent()  # an unreachable peer does not stop the cell
+            echoed = await s3.request("server.site-2", "t", "echo", b"up")
+            assert echoed.tobytes() == b"up"
+            assert seen[-1] == ["server.site-3", "server"]
