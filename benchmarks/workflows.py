@@ -63,7 +63,7 @@ from _report import csv_choice, line, log, median, parser, positive_int
 import flare_async.client as flare
 from flare_async.client.algorithms import Scaffold as ScaffoldSite
 from flare_async.fl import (
-    SCAFFOLD_CONTROL,
+    SCAFFOLD_CTRL_GLOBAL,
     Ditto,
     FedAvg,
     FedOpt,
@@ -110,7 +110,7 @@ def perturb() -> None:
         task = flare.receive()
         if task is None:
             break
-        if any(k.startswith(SCAFFOLD_CONTROL) for k in task.params):
+        if SCAFFOLD_CTRL_GLOBAL in task.meta:  # the Client API puts the control there
             base = scaffold.receive(task)
             new = {k: np.asarray(v) + eps for k, v in base.items()}
             result = scaffold.result(new, steps=1, lr=1.0, meta={"num_samples": 1})

@@ -32,7 +32,7 @@ from flare_async.client.algorithms import Ditto as DittoSite
 from flare_async.client.algorithms import Scaffold as ScaffoldSite
 from flare_async.client.algorithms import fedprox_mu, prox_grad
 from flare_async.fl import (
-    SCAFFOLD_CONTROL,
+    SCAFFOLD_CTRL_GLOBAL,
     Ditto,
     FedAvg,
     FedAvgRecipe,
@@ -169,7 +169,7 @@ def train() -> None:
                 mine_or_global = ditto.personal
             flare.send(FLModel(params=dict(mine_or_global)))
             continue
-        with_controls = any(k.startswith(SCAFFOLD_CONTROL) for k in task.params)
+        with_controls = SCAFFOLD_CTRL_GLOBAL in task.meta  # the Client API puts c there
         base = scaffold.receive(task) if with_controls else dict(task.params)
         mu = fedprox_mu(task)
 

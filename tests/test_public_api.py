@@ -81,6 +81,8 @@ PINNED: dict[str, list[str]] = {
         "RoundMismatch",
         "RoundResult",
         "SCAFFOLD_CONTROL",
+        "SCAFFOLD_CTRL_DIFF",
+        "SCAFFOLD_CTRL_GLOBAL",
         "Scaffold",
         "SecAggError",
         "SecAggRangeError",

@@ -41,7 +41,14 @@ import numpy.typing as npt
 
 from flare_async._files import write_atomic
 from flare_async.codecs import as_numpy, decode, encode, to_torch
-from flare_async.fl import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL, FLModel, ParamsType
+from flare_async.fl import (
+    DITTO_LAMBDA,
+    FEDPROX_MU,
+    SCAFFOLD_CONTROL,
+    SCAFFOLD_CTRL_GLOBAL,
+    FLModel,
+    ParamsType,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -286,7 +293,9 @@ class Scaffold:
                 floating.
         """
         params: dict[str, Any] = {}
-        controls: dict[str, Any] = {}
+        # Where the Client API puts them (FLARE's meta["scaffold_c_global"]), or still beside
+        # the model as they travel (a model built by hand).
+        controls: dict[str, Any] = dict(received.meta.get(SCAFFOLD_CTRL_GLOBAL) or {})
         for name, value in received.params.items():
             if name.startswith(SCAFFOLD_CONTROL):
                 controls[name[len(SCAFFOLD_CONTROL) :]] = value

@@ -21,7 +21,13 @@ from flare_async.fl._fedbuff import FedBuffStats, fedbuff
 from flare_async.fl._fedopt import ServerOptimizer
 from flare_async.fl._jobs import CHANNEL as JOB_CHANNEL
 from flare_async.fl._jobs import AdminRights, JobManager
-from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
+from flare_async.fl._keys import (
+    DITTO_LAMBDA,
+    FEDPROX_MU,
+    SCAFFOLD_CONTROL,
+    SCAFFOLD_CTRL_DIFF,
+    SCAFFOLD_CTRL_GLOBAL,
+)
 from flare_async.fl._model import FLModel, ParamsType
 from flare_async.fl._privacy import SitePolicy, load_policy
 from flare_async.fl._recipe import CyclicRecipe, FedAvgRecipe, SwarmRecipe
@@ -64,6 +70,8 @@ __all__ = [
     "RoundMismatch",
     "RoundResult",
     "SCAFFOLD_CONTROL",
+    "SCAFFOLD_CTRL_DIFF",
+    "SCAFFOLD_CTRL_GLOBAL",
     "Scaffold",
     "SecAggError",
     "SecAggRangeError",

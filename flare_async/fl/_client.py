@@ -61,6 +61,8 @@ from flare_async.fl._model import (
     NUMPY,
     FLModel,
     ParamsType,
+    controls_from_meta,
+    controls_to_meta,
     model_from_parts,
     model_parts,
     params_format_of,
@@ -470,7 +472,7 @@ class ClientRuntime:
         # Shared with the received bytes unless a filter keeps them.
         fmt = script_format(self.config, item.format, self._sent_format)
         model.params = to_framework(model.params, fmt, share=self._filter is None)
-        return model
+        return controls_to_meta(model)
 
     def send(self, model: FLModel) -> None:
         """Stream ``model`` to the server as the result of the last task received.
@@ -510,6 +512,7 @@ class ClientRuntime:
     async def _send(
         self, model: FLModel, task: str, dst: str, pass_to: str = "", swarm_round: int = -1
     ) -> Payload | None:
+        model = controls_from_meta(model)  # a FLARE SCAFFOLD script's control change
         self._sent_format = params_format_of(model.params)
         await self.flush_metrics()  # the round's values are stored before its result counts
         codec = self._result_codec(task)  # before _outgoing forgets the task's session

@@ -20,8 +20,23 @@ for tensor ``NAME`` is the task's tensor ``SCAFFOLD_CONTROL + NAME`` (float32, `
 shape); a site's result carries its control's change ``Δc_i`` under the same names."""
 
 
+SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"
+"""NVIDIA FLARE's ``AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL``: where a script finds the task's
+control variate (``model.meta``, by tensor name); the Client API moves it there from the
+wire's ``scaffold.c/NAME`` tensors, so FLARE's SCAFFOLD scripts run unchanged."""
+SCAFFOLD_CTRL_DIFF = "scaffold_c_diff"
+"""NVIDIA FLARE's ``AlgorithmConstants.SCAFFOLD_CTRL_DIFF``: where a script puts its control's
+change (``meta``, by tensor name); the Client API sends it as ``scaffold.c/NAME`` tensors."""
+
 SWARM_PLAN = "swarm"
 """The task header that starts a swarm: its plan, JSON (``fl/_swarm.py``), signed with the
 task."""
 
-__all__ = ["DITTO_LAMBDA", "FEDPROX_MU", "SCAFFOLD_CONTROL", "SWARM_PLAN"]
+__all__ = [
+    "DITTO_LAMBDA",
+    "FEDPROX_MU",
+    "SCAFFOLD_CONTROL",
+    "SCAFFOLD_CTRL_DIFF",
+    "SCAFFOLD_CTRL_GLOBAL",
+    "SWARM_PLAN",
+]

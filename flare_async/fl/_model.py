@@ -8,6 +8,7 @@ metadata under ``flare.model``. So a model on the wire is also a ``.safetensors`
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from flare_async.codecs import CodecRegistry, as_numpy, decode
 from flare_async.codecs._quant import QUANT_KEY, dequantize
 from flare_async.codecs._tensors import Buffer, encode
 from flare_async.errors import DecodeError
+from flare_async.fl._keys import SCAFFOLD_CONTROL, SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL
 
 MODEL_KEY = "flare.model"
 
@@ -244,3 +246,34 @@ __all__ = [
     "to_framework",
     "wire_format",
 ]
+
+
+def controls_to_meta(model: FLModel) -> FLModel:
+    """A task as a script sees it: SCAFFOLD's control tensors (``scaffold.c/NAME`` on the
+    wire) moved into ``meta["scaffold_c_global"]``, as FLARE's scripts read them."""
+    names = [k for k in model.params if k.startswith(SCAFFOLD_CONTROL)]
+    if names:
+        model.meta[SCAFFOLD_CTRL_GLOBAL] = {
+            k[len(SCAFFOLD_CONTROL) :]: model.params.pop(k) for k in names
+        }
+    return model
+
+
+def controls_from_meta(model: FLModel) -> FLModel:
+    """A result as it travels: ``meta["scaffold_c_diff"]`` (a FLARE script's control change,
+    by tensor name; torch or numpy) moved into ``scaffold.c/NAME`` float32 tensors (the meta
+    is JSON on the wire). The script's own model is not changed.
+
+    Raises:
+        TypeError: ``scaffold_c_diff`` is not a mapping of names to arrays.
+    """
+    diff = model.meta.get(SCAFFOLD_CTRL_DIFF)
+    if diff is None:
+        return model
+    if not isinstance(diff, Mapping):
+        raise TypeError(f"meta[{SCAFFOLD_CTRL_DIFF!r}] is not a mapping of tensor names to arrays")
+    params = dict(model.params)
+    for name, value in diff.items():
+        params[SCAFFOLD_CONTROL + str(name)] = np.asarray(as_numpy(value), dtype=np.float32)
+    meta = {k: v for k, v in model.meta.items() if k != SCAFFOLD_CTRL_DIFF}
+    return dataclasses.replace(model, params=params, meta=meta)

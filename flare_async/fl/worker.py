@@ -36,6 +36,8 @@ from flare_async.codecs import CodecRegistry
 from flare_async.fl._client import bind_process_runtime, log_records, run_any
 from flare_async.fl._model import (
     FLModel,
+    controls_from_meta,
+    controls_to_meta,
     model_from_parts,
     model_parts,
     params_format_of,
@@ -127,12 +129,13 @@ class PipeRuntime:
         model = model_from_parts(frame.parts)
         fmt = script_format(self.config, wire_format(frame.parts), self._sent_format)
         model.params = to_framework(model.params, fmt)
-        return model
+        return controls_to_meta(model)
 
     def send(self, model: FLModel) -> None:
         if not self._has_task:
             raise RuntimeError("send() without a task received: one result per task")
         self._has_task = False
+        model = controls_from_meta(model)  # a FLARE SCAFFOLD script's control change
         self._sent_format = params_format_of(model.params)
         self.flush()  # the round's values before its result
         self._write("result", model_parts(model, self.codecs, self.codec), self.codec)

@@ -138,3 +138,29 @@ def test_the_scripts_run_as_jobs_with_their_metrics_at_the_server(deployment: De
     table = d.job("metrics", job["id"], "--site", SITES[0])
     assert table.returncode == 0, table.stderr
     assert f"{SITES[0]}  loss_for_each_batch  " in table.stdout
+
+
+async def test_a_flare_scaffold_script_runs_unchanged_under_the_scaffold_strategy() -> None:
+    """FLARE's SCAFFOLD scripts read the control variate from ``meta["scaffold_c_global"]`` and
+    send their change in ``meta["scaffold_c_diff"]``: the Client API moves them to and from the
+    wire's ``scaffold.c/NAME`` tensors. After round 0 the server's control is the sites' mean
+    change (equal step counts: a plain mean), and round 1's scripts see exactly it."""
+    import torch  # noqa: PLC0415 - only this test needs it
+
+    from flare_async.fl import FedAvgRecipe, Scaffold  # noqa: PLC0415
+    from tests.nvflare_shaped import scaffold_pt  # noqa: PLC0415
+
+    scaffold_pt.SEEN.clear()
+    initial = torch.nn.Linear(3, 1).state_dict()
+    recipe = FedAvgRecipe(initial=initial, script=scaffold_pt.main, rounds=2, strategy=Scaffold())
+    await recipe.simulate(clients=2)
+    first = [s for s in scaffold_pt.SEEN if s["round"] == 0]
+    second = [s for s in scaffold_pt.SEEN if s["round"] == 1]
+    assert len(first) == len(second) == 2
+    for s in first:  # round 0: the control starts at zero
+        assert all(np.allclose(np.asarray(v), 0) for v in s["global"].values())
+    for key in ("weight", "bias"):
+        want = np.mean([s["delta"][key] for s in first], axis=0)
+        for s in second:
+            np.testing.assert_allclose(np.asarray(s["global"][key]), want, rtol=1e-5, atol=1e-6)
+        assert np.abs(want).max() > 1e-3  # a real change, not zeros passing for one
