@@ -151,6 +151,7 @@ PINNED: dict[str, list[str]] = {
     "flare_async.client.algorithms": [
         "Ditto",
         "FedProxLoss",
+        "PTFedProxLoss",
         "Scaffold",
         "fedprox_mu",
         "prox_grad",

@@ -570,9 +570,14 @@ class Ditto:
         return self._lam
 
 
+PTFedProxLoss = FedProxLoss
+"""NVIDIA FLARE's name (``nvflare.app_opt.pt.fedproxloss.PTFedProxLoss``), for scripts whose
+import line is all that changes."""
+
 __all__ = [
     "Ditto",
     "FedProxLoss",
+    "PTFedProxLoss",
     "Scaffold",
     "fedprox_mu",
     "prox_grad",
