@@ -257,3 +257,10 @@ def swarm_recipe() -> SwarmRecipe:
     return SwarmRecipe(
         initial={"w": np.zeros(3)}, script="tests._fl_scripts:add_site_weight", rounds=3
     )
+
+
+def gated_swarm_recipe() -> SwarmRecipe:
+    """``gated`` as a swarm of 4 rounds: from round 1 on the sites wait for the test's gate."""
+    return SwarmRecipe(
+        initial={"w": np.zeros(3)}, script="tests._fl_scripts:gated", rounds=4, deadline=60
+    )

@@ -6,10 +6,12 @@ ends), ``send()`` streams the result to the server from the cell's event loop. T
 touches the event loop's objects: a thread-safe queue brings tasks in, a blocking portal takes
 results out.
 
-Why one file of ~800 lines: the runtime's state (the inbox, the task in hand, where its result
+Why one file of ~930 lines: the runtime's state (the inbox, the task in hand, where its result
 goes, the site's failure, the values waiting for the server) is shared by the three ways a
 script runs (a thread, the cell's loop, a worker process) and by the failure path that must
-see all of them; split apart, each part would reach into the others' privates. The worker
+see all of them; split apart, each part would reach into the others' privates. What the
+algorithms add (handovers, a swarm's rounds) lives in ``_handoff.py`` and ``_swarm.py``; only
+their hooks into that state are here. The worker
 process's side of the pipe is ``worker.py``.
 """
 

@@ -42,14 +42,17 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 
 from flare_async import _logging
 from flare_async._files import write_atomic
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
+from flare_async.codecs import as_numpy, encode
 from flare_async.errors import BadRequest, ConfigError, FlareError, IntegrityError, Unauthorized
 from flare_async.fl._artifact import CODE, JobCode, load_wire
 from flare_async.fl._client import ClientRuntime
 from flare_async.fl._jobs import CHANNEL
+from flare_async.fl._model import FLModel
 from flare_async.fl._privacy import SitePolicy
 from flare_async.fl._signed import CHANNEL as FL_CHANNEL
 from flare_async.security import AuditLog, SignatureVerifier, Signer, check_command
@@ -433,6 +436,9 @@ class SiteJobs:
                 await self._reconcile()
             now = time.monotonic()
             for job, running in list(self.jobs.items()):
+                swarm = running.runtime.swarm
+                if swarm is not None and swarm.final is None:  # no server in its data path:
+                    running.confirmed = max(running.confirmed, swarm.progressed)  # its rounds
                 if not running.retiring and now - running.confirmed > self.lease:
                     fields = {"job": job, "attempt": running.attempt, "lease": self.lease}
                     self._log.warning("job unconfirmed by the server: stopping it", **fields)
@@ -557,6 +563,10 @@ class SiteJobs:
             self._log.warning("job process failed", job=job, error=str(exc))
             await running.runtime.fail(f"training process failed: {type(exc).__name__}: {exc}")
         finally:
+            final = running.runtime.swarm.final if running.runtime.swarm is not None else None
+            if final is not None:  # a swarm's final model stays with every member
+                with anyio.CancelScope(shield=True):
+                    await _keep_final(folder / SWARM_FINAL, final)
             if shipped:  # the job's code goes with it (its log stays for ``job logs``);
                 # here, not in a worker thread: this also runs as the site shuts down
                 _remove_code(folder / CODE)
@@ -597,6 +607,20 @@ def _check_job_id(job: str) -> None:
     """A job id names a folder of the jobs folder: a plain name, and not the inbox's."""
     if not _JOB_ID.fullmatch(job) or job == INBOX:
         raise BadRequest(f"bad job id {job!r:.80}")
+
+
+SWARM_FINAL = "swarm_final.safetensors"
+"""A swarm job's final model, as this site got it, in the job's folder."""
+
+
+async def _keep_final(path: Path, model: FLModel) -> None:
+    params = {k: np.asarray(as_numpy(v)) for k, v in model.params.items()}
+    try:
+        await anyio.to_thread.run_sync(write_atomic, path, encode(params))
+    except OSError as exc:
+        _logging.get_logger().warning(
+            "swarm's final model not kept", path=str(path), error=str(exc)
+        )
 
 
 def _remove_code(code: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -173,6 +174,9 @@ class SwarmMember:
         self.rounds: dict[int, _Round] = {}
         """The rounds this site takes part in now (at most this one and the next)."""
         self.current = 0
+        self.progressed = time.monotonic()
+        """When the last round began here (``time.monotonic()``): a site keeps a swarm's job
+        running without the server while its rounds go on (``SiteJobs``' lease)."""
 
     def _round(self, rnd: int) -> _Round:
         state = self.rounds.get(rnd)
@@ -190,6 +194,7 @@ class SwarmMember:
             self.rounds[old].next.set()
             del self.rounds[old]
         self.current = rnd
+        self.progressed = time.monotonic()
         model.current_round, model.total_rounds = rnd, self.plan.rounds
         state = self._round(rnd)
         state.model = model

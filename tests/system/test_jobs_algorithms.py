@@ -6,6 +6,7 @@ record and ``job status --matrix``."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def d(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
         yield deployment
     finally:
         deployment.stop()
+
+
+def swarm_rounds(d: Deployment, job: str) -> list[int]:
+    """The swarm rounds the server has records of (``job metrics``)."""
+    listed = d.job("metrics", job, "--json").stdout.splitlines()
+    recs = [json.loads(x) for x in listed if x.strip()]
+    return sorted(r["step"] for r in recs if r.get("key") == "swarm/responded")
 
 
 def adam(rounds: int, reset_after: int | None = None) -> np.ndarray:
@@ -118,7 +126,23 @@ def test_a_swarm_job_runs_its_rounds_among_the_sites(d: Deployment, tmp_path: Pa
     np.testing.assert_allclose(tensors["w"], 5.0)
     history = json.loads(meta["flare.checkpoint"])["history"]
     assert history[-1]["members"] == SITES
-    listed = d.job("metrics", job, "--json").stdout.splitlines()
-    rounds = [json.loads(x) for x in listed if x.strip()]
-    steps = sorted(r["step"] for r in rounds if r.get("key") == "swarm/responded")
-    assert steps == [0, 1, 2]  # each round's aggregator recorded it at the server
+    assert swarm_rounds(d, job) == [0, 1, 2]  # each round's aggregator recorded it
+
+
+def test_a_swarm_job_finishes_with_the_server_killed(d: Deployment, tmp_path: Path) -> None:
+    """The server is killed once the sites hold round 1 (gated): they finish the 4 rounds
+    among themselves (through their relay), each keeping the final model in its job folder."""
+    server = d.procs["server"]
+    job = json.loads(d.job("submit", "tests._fl_scripts:gated_swarm_recipe").stdout)["id"]
+    deadline = time.monotonic() + 60
+    while not swarm_rounds(d, job):  # round 0 recorded at the server: round 1 is gated
+        assert time.monotonic() < deadline, "the swarm's round 0 never reached the server"
+        time.sleep(0.2)
+    server.proc.kill()
+    server.proc.wait()
+    (tmp_path / "gate").touch()
+    for site in SITES:
+        assert d.procs[site].wait_for("job-ended", job=job, timeout=120)["outcome"] == "finished"
+        folder = tmp_path / "jobs" / site / job
+        tensors, _ = decode((folder / "swarm_final.safetensors").read_bytes())
+        np.testing.assert_allclose(tensors["w"], 4 * 5 / 3)  # 5/3 a round, 4 rounds
