@@ -533,8 +533,8 @@ class ClientRuntime:
         """Hand the result over to ``pass_to`` (see ``fl/_handoff.py``); what the server gets
         then: where it went, or, if the handover failed, the result itself and why. A DIFF
         is no model to train on: it goes to the server (which holds what it is a change of)."""
-        if model.params_type is ParamsType.DIFF:
-            model.meta["handoff_failed"] = f"{pass_to}: a DIFF result is not handed over"
+        if model.params_type is ParamsType.DIFF:  # the server applies it (no failure)
+            model.meta["handoff_skipped"] = f"{pass_to}: a DIFF result is not handed over"
             return model_parts(model, self.cell.codecs, codec)
         try:
             sha = await hand_over(self.cell, pass_to, parts, self.job, task)

@@ -81,10 +81,11 @@ async def cyclic(
         if last is not None:
             params, history, first = last.params, last.history, last.round + 1
     for rnd in range(first, rounds):
+        order = list(walk)
         if shuffle:  # each round's own order: a resumed job walks as the first one would
             rng.seed(f"{seed}:{rnd}")
-            rng.shuffle(walk)
-        params, note = await _round(server, params, list(walk), rnd, rounds, direct, deadline)
+            rng.shuffle(order)
+        params, note = await _round(server, params, order, rnd, rounds, direct, deadline)
         scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}
         note["validation"] = {str(k): float(v) for k, v in scores.items()}
         history.append(note)

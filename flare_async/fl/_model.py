@@ -268,6 +268,9 @@ def controls_from_meta(model: FLModel) -> FLModel:
         TypeError: ``scaffold_c_diff`` is not a mapping of names to arrays.
     """
     diff = model.meta.get(SCAFFOLD_CTRL_DIFF)
+    if SCAFFOLD_CTRL_GLOBAL in model.meta and diff is None:  # the task's meta sent back as is
+        meta = {k: v for k, v in model.meta.items() if k != SCAFFOLD_CTRL_GLOBAL}
+        return dataclasses.replace(model, meta=meta)
     if diff is None:
         return model
     if not isinstance(diff, Mapping):
@@ -275,5 +278,6 @@ def controls_from_meta(model: FLModel) -> FLModel:
     params = dict(model.params)
     for name, value in diff.items():
         params[SCAFFOLD_CONTROL + str(name)] = np.asarray(as_numpy(value), dtype=np.float32)
-    meta = {k: v for k, v in model.meta.items() if k != SCAFFOLD_CTRL_DIFF}
-    return dataclasses.replace(model, params=params, meta=meta)
+    drop = (SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL)
+    meta = {k: v for k, v in model.meta.items() if k not in drop}
+    return dataclasses.replace(model, params=params, meta=meta, params_type=model.params_type)

@@ -49,7 +49,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -73,12 +73,14 @@ class NotEnoughUpdates(FlareError):
         n: how many updates were usable.
         minimum: how many the rule needs.
         dropped: how many updates were dropped as hostile.
+        note: what the round's history says of it (the strategy fills it: whom it dropped).
     """
 
     rule: str
     n: int
     minimum: int
     dropped: int
+    note: dict[str, Any]
 
     def __init__(self, rule: str, n: int, minimum: int, dropped: int = 0) -> None:
         super().__init__(
@@ -88,6 +90,7 @@ class NotEnoughUpdates(FlareError):
         self.n = n
         self.minimum = minimum
         self.dropped = dropped
+        self.note = {}
 
     def __reduce__(self) -> tuple[type[NotEnoughUpdates], tuple[str, int, int, int]]:
         return type(self), (self.rule, self.n, self.minimum, self.dropped)

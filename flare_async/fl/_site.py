@@ -437,8 +437,8 @@ class SiteJobs:
             now = time.monotonic()
             for job, running in list(self.jobs.items()):
                 swarm = running.runtime.swarm
-                if swarm is not None and swarm.final is None:  # no server in its data path:
-                    running.confirmed = max(running.confirmed, swarm.progressed)  # its rounds
+                if swarm is not None and swarm.final is None and swarm.alive(now):
+                    running.confirmed = now  # no server in its data path: its rounds confirm
                 if not running.retiring and now - running.confirmed > self.lease:
                     fields = {"job": job, "attempt": running.attempt, "lease": self.lease}
                     self._log.warning("job unconfirmed by the server: stopping it", **fields)

@@ -33,8 +33,9 @@ from flare_async.fl._fedopt import ServerOptimizer
 from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
 from flare_async.fl._model import ParamsType
 from flare_async.fl._results import RoundResult
-from flare_async.fl._robust import RobustAggregation
+from flare_async.fl._robust import NotEnoughUpdates, RobustAggregation
 from flare_async.fl._server import Collect
+from flare_async.fl._updates import Updates
 
 Params = dict[str, np.ndarray]
 State = dict[str, np.ndarray]
@@ -148,8 +149,9 @@ class Scaffold(FedAvg):
     each site corrects its steps with it and sends its model's change and its control's
     change (``client.algorithms.Scaffold``). The next model is ``x + lr·(mean - x)`` (the
     results' weighted mean, as FedAvg); ``c += (|S|/N)·mean(Δc)``, the same weights, ``|S|``
-    the sites that answered, ``N`` the job's sites. ``c`` is the strategy's state. Control
-    changes count from DIFF results only (a FULL result echoing ``c`` back is no change)."""
+    the sites that answered, ``N`` the job's sites. ``c`` is the strategy's state. Results
+    may be FULL or DIFF (FLARE's scripts send either); a script never sees ``c`` among its
+    params (the Client API hands it over in ``meta``), so none can echo it back as a change."""
 
     name: ClassVar[str] = "scaffold"
     secure_ok: ClassVar[bool] = False
@@ -175,13 +177,12 @@ class Scaffold(FedAvg):
         self, params: Params, result: RoundResult, state: State, clients: int
     ) -> tuple[Params, dict[str, Any]]:
         answered = len(result.responded)
-        diff = result.sum.params_type is ParamsType.DIFF
         mean = fedavg_step(params, result.sum, consume=True)
         out: Params = {}
         for name, value in mean.items():
             if name.startswith(SCAFFOLD_CONTROL):
-                if not diff or name[len(SCAFFOLD_CONTROL) :] not in params:
-                    continue  # FULL results (a plain script echoing c back), or no such tensor
+                if name[len(SCAFFOLD_CONTROL) :] not in params:
+                    continue  # a control for no tensor of the model: ignored
                 # Not a tensor of ``params``: fedavg_step gave its mean as it is, mean(Δc).
                 change = value.astype(np.float32, copy=False)
                 change *= np.float32(answered / max(clients, 1))
@@ -234,6 +235,22 @@ class Robust(FedAvg):
                 kept.append(i)
         kept.sort(key=lambda i: updates.sites[i])  # ties never go by arrival order
         weights = updates.weights() if self.weighted else [1.0] * len(updates)
+        try:
+            return self._combine(params, updates, kept, weights, dropped)
+        except NotEnoughUpdates as exc:  # the round is skipped: say whom it could not use
+            exc.note = {"robust": {"selected": [], "dropped": dropped}}
+            raise
+
+    def _combine(
+        self,
+        params: Params,
+        updates: Updates,
+        kept: list[int],
+        weights: list[float],
+        dropped: dict[str, str],
+    ) -> tuple[Params, dict[str, Any]]:
+        if not any(weights[i] > 0 for i in kept):  # (weighted) all of them weigh 0
+            raise NotEnoughUpdates(self.rule.rule, 0, self.rule.minimum_updates(), len(kept))
         models = [updates.models[i] for i in kept]
         # FULL results are read minus the model a slice at a time (never whole copies).
         bases = [None if m.params_type is ParamsType.DIFF else params for m in models]

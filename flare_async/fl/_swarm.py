@@ -178,6 +178,11 @@ class SwarmMember:
         """When the last round began here (``time.monotonic()``): a site keeps a swarm's job
         running without the server while its rounds go on (``SiteJobs``' lease)."""
 
+    def alive(self, now: float) -> bool:
+        """Whether the swarm still goes on here (``now``: ``time.monotonic()``): its current
+        round began less than three rounds' time ago (its own, a backup's, and a margin)."""
+        return self.final is None and now < self.progressed + 3 * self.plan.deadline
+
     def _round(self, rnd: int) -> _Round:
         state = self.rounds.get(rnd)
         if state is None:
@@ -229,25 +234,49 @@ class SwarmMember:
             check_signed(self.verifier, stream, self.cell.name)
 
     async def _fold(self, rnd: int, member: str, data: Any) -> bytes:
+        if rnd < self.current or self.final is not None:
+            return b"late"  # that round is over here (a backup closed it, or the swarm ended)
         state = self._round(rnd)
         async with state.lock:
             if state.closed:
                 return b"late"
-            if member in state.responded:
+            if member in state.responded or member in state.early:
                 raise BadRequest(f"a second result from {member} for round {rnd}")
-            try:
-                update = model_from_parts(data)
-                _fits(state.model, update)
-                add = state.sum.add
-                await anyio.to_thread.run_sync(
-                    add, update.params, result_weight(update.meta), update.params_type
-                )
-            except (ValueError, TypeError, KeyError, FlareError) as exc:
-                raise BadRequest(f"unusable swarm result: {exc}") from None
-            state.responded.append(member)
-            state.metrics[member] = dict(update.metrics)
-            state.changed.set()
+            if state.model is None:  # before this site has the round's model: checked then
+                state.early[member] = bytes(data) if not isinstance(data, bytes) else data
+                return b"taken"
+            await self._fold_one(state, member, data)
         return b"taken"
+
+    async def _fold_one(self, state: _Round, member: str, data: Any) -> None:
+        """Fold one member's result into the round (its lock held), checked against the round's
+        model.
+
+        Raises:
+            BadRequest: it does not decode, fit the model, or add up.
+        """
+        try:
+            update = model_from_parts(data)
+            _fits(state.model, update)
+            add = state.sum.add
+            await anyio.to_thread.run_sync(
+                add, update.params, result_weight(update.meta), update.params_type
+            )
+        except (ValueError, TypeError, KeyError, FlareError) as exc:
+            raise BadRequest(f"unusable swarm result: {exc}") from None
+        state.responded.append(member)
+        state.metrics[member] = dict(update.metrics)
+        state.changed.set()
+
+    async def _fold_early(self, state: _Round) -> None:
+        """The results that came before the round's model: folded now, each checked."""
+        async with state.lock:
+            early, state.early = state.early, {}
+            for member, data in early.items():
+                try:
+                    await self._fold_one(state, member, data)
+                except BadRequest as exc:
+                    self.cell._log.warning("swarm result refused", member=member, error=str(exc))
 
     async def submit(self, rnd: int, parts: list[Any]) -> None:
         """This site's result for round ``rnd``: to the round's aggregator; if that is this
@@ -262,7 +291,9 @@ class SwarmMember:
         if self.plan.aggregator(rnd) == me:
             await self._aggregate(rnd, parts)
             return
-        state = self._round(rnd)  # before sending: the next round may come meanwhile
+        state = self.rounds.get(rnd)  # before sending: the next round may come meanwhile
+        if state is None or rnd < self.current or self.final is not None:
+            return  # that round is over here already
         await self._send_update(self.plan.aggregator(rnd), rnd, parts)
         with anyio.move_on_after(max(0.0, state.started + 2 * self.plan.deadline - _now())):
             await state.next.wait()
@@ -287,11 +318,14 @@ class SwarmMember:
             self.cell._log.warning("swarm result not delivered", to=to, round=rnd, error=str(exc))
 
     async def _aggregate(self, rnd: int, parts: list[Any]) -> None:
-        await self._fold(rnd, self.cell.name, b"".join(bytes(p) for p in parts))
-        await self._close(rnd)
+        if await self._fold(rnd, self.cell.name, b"".join(bytes(p) for p in parts)) == b"taken":
+            await self._close(rnd)
 
     async def _close(self, rnd: int) -> None:
-        state = self._round(rnd)
+        state = self.rounds.get(rnd)
+        if state is None or state.model is None or rnd < self.current:
+            return  # another (the backup, or the aggregator after all) closed it meanwhile
+        await self._fold_early(state)
         left = state.started + self.plan.deadline - _now()
         with anyio.move_on_after(max(left, 0.0)):
             while len(state.responded) < len(self.plan.members):
@@ -299,8 +333,9 @@ class SwarmMember:
                 await state.changed.wait()
         async with state.lock:
             state.closed = True
+        if state.next.is_set():
+            return  # the next round came from elsewhere meanwhile: one model per round
         base = state.model
-        assert base is not None
         last = rnd + 1 >= self.plan.rounds
         if len(state.responded) < self.plan.min_responses:
             await self._publish(rnd + 1, base, stopped=True)
@@ -313,27 +348,36 @@ class SwarmMember:
             metrics=_mean(state.metrics),
             meta={"swarm_round": rnd, "responded": state.responded},
         )
-        await self._report(rnd, state)
-        await self._publish(rnd + 1, model, stopped=False, last=last)
+        await self._publish(rnd + 1, model, stopped=False, last=last, report=(rnd, state))
 
     async def _publish(
-        self, rnd: int, model: FLModel, *, stopped: bool, last: bool = False
+        self,
+        rnd: int,
+        model: FLModel,
+        *,
+        stopped: bool,
+        last: bool = False,
+        report: tuple[int, _Round] | None = None,
     ) -> None:
-        """The next round's model (or the final one) to every member, this site included."""
+        """The next round's model (or the final one) to every member (each send bounded by a
+        round's time), this site included; then the round's record to the server."""
         end = last or stopped
         parts = model_parts(model, self.cell.codecs)
         others = [m for m in self.plan.members if m != self.cell.name]
 
         async def one(member: str) -> None:
-            try:
-                await self._send(member, "swarm_model", parts, rnd, end=end)
-            except FlareError as exc:
-                self.cell._log.warning("swarm model not delivered", to=member, error=str(exc))
+            with anyio.move_on_after(self.plan.deadline):
+                try:
+                    await self._send(member, "swarm_model", parts, rnd, end=end)
+                except FlareError as exc:
+                    self.cell._log.warning("swarm model not delivered", to=member, error=str(exc))
 
         async with anyio.create_task_group() as tg:
             for member in others:
                 tg.start_soon(one, member)
-        await self.arrived(rnd, model, ended=end, stopped=stopped)
+        if report is not None:
+            await self._report(*report)
+        await self.arrived(rnd, model, ended=end, stopped=stopped, mine=not stopped)
 
     async def _send(self, to: str, topic: str, parts: list[Any], rnd: int, *, end: bool) -> None:
         """One update or model, its round (and whether it ends the swarm) in its ``task``
@@ -359,7 +403,7 @@ class SwarmMember:
         rnd, end = _tag_of(stream.headers, self.job)
         if rnd < 1 or stream.src not in (self.plan.aggregator(rnd - 1), self.plan.backup(rnd - 1)):
             raise Unauthorized(f"{stream.src} did not aggregate round {rnd - 1}")
-        if not self.current < rnd <= self.plan.rounds or (rnd == self.plan.rounds) != end:
+        if not self.current < rnd <= self.plan.rounds or (rnd == self.plan.rounds and not end):
             return b"late"  # a round this site has (or a backup's second copy)
         data = await stream.read_joined()
         self._check(stream)
@@ -378,11 +422,18 @@ class SwarmMember:
         return b"taken"
 
     async def arrived(
-        self, rnd: int, model: FLModel, *, ended: bool, stopped: bool = False
+        self,
+        rnd: int,
+        model: FLModel,
+        *,
+        ended: bool,
+        stopped: bool = False,
+        mine: bool = False,
     ) -> None:
         """A round's model: the next round starts, or (``ended``) the swarm is over: the
         script stops, and the server is offered this site's answer (the last aggregator's:
-        the final model; the others': none, the round's metrics only)."""
+        the final model; the others': none, the round's metrics only). ``mine``: this site
+        closed the last round (its aggregator, or the backup that took it over)."""
         if not ended:
             self.start(rnd, model)
             return
@@ -393,8 +444,7 @@ class SwarmMember:
             state.next.set()
         self.final = model
         self.finish()
-        mine = self.plan.aggregator(rnd - 1) == self.cell.name and not stopped
-        offer = model if mine else FLModel(metrics=model.metrics, meta=model.meta)
+        offer = model if mine and not stopped else FLModel(metrics=model.metrics, meta=model.meta)
         with anyio.move_on_after(30):
             try:
                 await self.answer(offer)
@@ -423,6 +473,8 @@ class _Round:
         self.sum = WeightedSum()
         self.responded: list[str] = []
         self.metrics: dict[str, dict[str, float]] = {}
+        self.early: dict[str, bytes] = {}
+        """Results that came before this site had the round's model (checked once it has)."""
         self.closed = False
         self.lock = anyio.Lock()
         self.changed = anyio.Event()

@@ -125,7 +125,7 @@ async def fedavg(
         try:
             params, note = await anyio.to_thread.run_sync(step, params, result, state)
         except NotEnoughUpdates as exc:  # too few usable updates: the model stays this round
-            note = {"skipped": str(exc)}
+            note = {"skipped": str(exc), **exc.note}
         result.updates = None  # spilled updates' mappings go
         metrics = result.mean_metrics()
         scores = await anyio.to_thread.run_sync(evaluate, rnd, params) if evaluate else {}

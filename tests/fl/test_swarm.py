@@ -192,6 +192,7 @@ async def test_members_take_updates_and_models_only_from_whom_the_plan_says() ->
     async with Cell("server.site-1", drivers=[net]) as cell:
         plan = SwarmPlan(["server.site-1", "server.site-2", "server.site-3"], 4, 10.0, 2)
         member = SwarmMember(cell, plan, "j", "t", "server", lambda r, m: None, lambda: None, _noop)
+        member.start(0, FLModel(params={"w": np.zeros(3)}))
         # site-1 aggregates round 0 (site-2 its backup) and backs up round 2 (site-3's).
         with pytest.raises(Unauthorized, match="not a member"):
             await member.take_update(FakeStream("server.site-9", {"task": "swarm/j/0/"}))  # type: ignore[arg-type]
@@ -277,18 +278,41 @@ def aggregator_of_round_1_breaks() -> None:
         flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}))
 
 
-async def test_a_silent_aggregator_is_replaced_by_the_next_in_turn() -> None:
+@pytest.mark.parametrize("rounds", [3, 2])
+async def test_a_silent_aggregator_is_replaced_by_the_next_in_turn(rounds: int) -> None:
     """Round 1's aggregator (site 2) falls silent: after twice the round's time the members
     send their results to site 3, which takes the round over; round 2 (site 3's own) goes on
-    without site 2, and the swarm ends with the model of the sites that trained."""
+    without site 2, and the swarm ends with the model of the sites that trained. With 2
+    rounds the backup closes the last round: the final model reaches the server from it."""
     out = await simulate(
-        lambda s: swarm(s, INIT, rounds=3, deadline=1.0, min_responses=2),
+        lambda s: swarm(s, INIT, rounds=rounds, deadline=1.0, min_responses=2),
         aggregator_of_round_1_breaks,
         clients=SITES,
         peers=True,
     )
     w = INIT["w"].copy()
     w = sum((i + 1) * site_result(i, w) for i in range(3)) / 6  # round 0: all three
-    for _ in range(2):  # rounds 1 and 2: sites 1 and 3
+    for _ in range(rounds - 1):  # then: sites 1 and 3
         w = (1 * site_result(0, w) + 3 * site_result(2, w)) / 4
     np.testing.assert_allclose(out.params["w"], w, rtol=1e-12)
+
+
+async def test_a_result_that_comes_before_the_rounds_model_is_checked_when_it_does() -> None:
+    """A fast member's result for round 1 may reach round 1's aggregator before round 1's
+    model does: it is held, and checked against that model once it comes (not taken as the
+    template)."""
+    net = MemoryNetwork()
+    async with Cell("server.site-2", drivers=[net]) as cell:
+        plan = SwarmPlan(["server.site-1", "server.site-2", "server.site-3"], 4, 0.2, 2)
+        member = SwarmMember(cell, plan, "j", "t", "server", lambda r, m: None, lambda: None, _noop)
+        member.start(0, FLModel(params={"w": np.zeros(3)}))
+        wrong = blob(FLModel(params={"w": np.zeros(5)}, meta={"num_samples": 1}))
+        early = FakeStream("server.site-1", {"task": "swarm/j/1/"}, wrong)
+        assert await member.take_update(early) == b"taken"  # type: ignore[arg-type]
+        member.start(1, FLModel(params={"w": np.ones(3)}))
+        right = blob(FLModel(params={"w": np.ones(3)}, meta={"num_samples": 1}))
+        await member.submit(1, [right])  # site-2 aggregates round 1: folds, closes
+        # The early one did not fit: round 1 had 1 of the 2 results it needs, so the swarm
+        # stopped there, every member keeping round 1's model.
+        assert member.final is not None
+        np.testing.assert_array_equal(member.final.params["w"], np.ones(3))
