@@ -126,19 +126,32 @@ class LinkKeeper:
         router.notify(peer, True)
         await self._serve(peer)
 
-    # ------------------------------------------------------------------ the parent
+    # ------------------------------------------------------------------ dialled links
     async def _parent_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
+        await self._link_loop(url, "child", task_status=task_status)
+
+    async def _peer_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
+        """Keep a direct link to a peer (a cell of another branch, e.g. another site: swarm
+        and cyclic training pass models over it), served as a connected entry: messages for
+        that cell, or below it, take it."""
+        await self._link_loop(url, "peer", task_status=task_status)
+
+    async def _link_loop(self, url: str, role: Role, *, task_status: TaskStatus[None]) -> None:
+        """Keep a link we dial: to our parent (saying hello as its ``child``) or to a
+        ``peer``. Dial, serve, and redial with backoff when it ends; returns to the caller
+        after the first attempt, whether it succeeded or not."""
         router = self.router
+        what = "parent" if role == "child" else "peer"
         attempt = 0
         started = False
         driver = self.drivers.for_url(url)
         while True:
             try:
-                link, session = await self._dial(driver, url, "child")
+                link, session = await self._dial(driver, url, role)
             except (ProtocolError, TransportError, TimeoutError) as exc:
                 delay = self.backoff.delay(attempt, router.rng)
                 attempt += 1
-                router.log.warning("cannot reach parent", url=url, error=str(exc), retry_in=delay)
+                router.log.warning(f"cannot reach {what}", url=url, error=str(exc), retry_in=delay)
                 if not started:
                     started = True
                     task_status.started()
@@ -146,7 +159,14 @@ class LinkKeeper:
                 continue
             up_since = router.clock()
             peer = Peer(link, session, up_since, verified=self.verify_peer is not None)
-            router.set_parent(peer)
+            if role == "child":
+                router.set_parent(peer)
+            else:
+                old = router.children.get(peer.name)
+                if old is not None:  # it dialled us too: one link is enough, the newest serves
+                    router.drop_peer(old, LinkClosed(f"{peer.name}: a newer link replaced it"))
+                router.children[peer.name] = peer
+                router.notify(peer, True)
             if not started:
                 started = True
                 task_status.started()
@@ -155,8 +175,8 @@ class LinkKeeper:
                 return
             if isinstance(ended, Displaced):
                 router.log.error(
-                    "displaced by another cell with our name; not reconnecting",
-                    parent=url,
+                    f"displaced by another cell with our name; not redialling our {what}",
+                    url=url,
                     reason=str(ended),
                 )
                 return
@@ -185,44 +205,6 @@ class LinkKeeper:
                 await link.aclose()
             raise
         return link, session
-
-    # ------------------------------------------------------------------ peers
-    async def _peer_loop(self, url: str, *, task_status: TaskStatus[None]) -> None:
-        """Keep a direct link to a peer (a cell of another branch, e.g. another site: swarm
-        and cyclic training pass models over it): dial, say hello as ``peer``, serve it as a
-        connected entry (messages for that cell, or below it, take it), redial with backoff
-        when it ends. Returns to the caller after the first attempt, as the parent's loop."""
-        router = self.router
-        attempt = 0
-        started = False
-        driver = self.drivers.for_url(url)
-        while True:
-            try:
-                link, session = await self._dial(driver, url, "peer")
-            except (ProtocolError, TransportError, TimeoutError) as exc:
-                delay = self.backoff.delay(attempt, router.rng)
-                attempt += 1
-                router.log.warning("cannot reach peer", url=url, error=str(exc), retry_in=delay)
-                if not started:
-                    started = True
-                    task_status.started()
-                await anyio.sleep(delay)
-                continue
-            attempt = 0
-            peer = Peer(link, session, router.clock(), verified=self.verify_peer is not None)
-            old = router.children.get(peer.name)
-            if old is not None:  # it dialled us too: one link is enough, the newest serves
-                router.drop_peer(old, LinkClosed(f"{peer.name}: a newer link replaced this one"))
-            router.children[peer.name] = peer
-            router.notify(peer, True)
-            if not started:
-                started = True
-                task_status.started()
-            ended = await self._serve(peer)
-            if not router.running or isinstance(ended, Displaced):
-                return
-            await anyio.sleep(self.backoff.delay(attempt, router.rng))
-            attempt += 1
 
     # ------------------------------------------------------------------ reading
     async def _serve(self, peer: Peer) -> TransportError:
