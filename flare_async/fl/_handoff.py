@@ -51,7 +51,7 @@ class Handoffs:
     def __init__(self, job: str, keep: int = KEEP) -> None:
         self.job = job
         self.keep = keep
-        self._held: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._held: OrderedDict[str, tuple[str, bytes | memoryview]] = OrderedDict()
         """Per sender: the digest and bytes of its last handover."""
 
     async def take_stream(self, stream: IncomingStream) -> bytes:
@@ -65,12 +65,12 @@ class Handoffs:
         data = await stream.read_joined()
         sha = await anyio.to_thread.run_sync(digest_of, [data])
         self._held.pop(stream.src, None)
-        self._held[stream.src] = (sha, bytes(data))
+        self._held[stream.src] = (sha, data)  # read_joined's own buffer: kept, not copied
         while len(self._held) > self.keep:
             self._held.popitem(last=False)
         return b"kept"
 
-    def pop(self, sender: str, sha: str) -> bytes:
+    def pop(self, sender: str, sha: str) -> bytes | memoryview:
         """The model ``sender`` handed over with digest ``sha`` (forgotten here).
 
         Raises:

@@ -243,7 +243,7 @@ class SwarmMember:
             if member in state.responded or member in state.early:
                 raise BadRequest(f"a second result from {member} for round {rnd}")
             if state.model is None:  # before this site has the round's model: checked then
-                state.early[member] = bytes(data) if not isinstance(data, bytes) else data
+                state.early[member] = data  # read_joined's own buffer: kept, not copied
                 return b"taken"
             await self._fold_one(state, member, data)
         return b"taken"
@@ -318,7 +318,7 @@ class SwarmMember:
             self.cell._log.warning("swarm result not delivered", to=to, round=rnd, error=str(exc))
 
     async def _aggregate(self, rnd: int, parts: list[Any]) -> None:
-        if await self._fold(rnd, self.cell.name, b"".join(bytes(p) for p in parts)) == b"taken":
+        if await self._fold(rnd, self.cell.name, parts) == b"taken":  # the parts, unjoined
             await self._close(rnd)
 
     async def _close(self, rnd: int) -> None:
@@ -473,7 +473,7 @@ class _Round:
         self.sum = WeightedSum()
         self.responded: list[str] = []
         self.metrics: dict[str, dict[str, float]] = {}
-        self.early: dict[str, bytes] = {}
+        self.early: dict[str, Any] = {}
         """Results that came before this site had the round's model (checked once it has)."""
         self.closed = False
         self.lock = anyio.Lock()
