@@ -143,3 +143,14 @@ async def test_cyclic_as_a_recipe_with_cross_site_evaluation_refuses_secure() ->
     np.testing.assert_array_equal(out.params["visits"], [2, 2, 2])
     with pytest.raises(ConfigError, match="secure"):
         CyclicRecipe(initial={"w": np.zeros(1)}, script=count_visits, secure=True)
+
+
+async def test_one_sender_cannot_push_out_what_another_handed_over() -> None:
+    """Each sender keeps one slot (its last handover): a peer flooding handovers replaces only
+    its own, never the model the next task names from another site."""
+    held = Handoffs("j")
+    await held.take_stream(FakeStream("site-1", "j", b"the model"))  # type: ignore[arg-type]
+    for i in range(50):
+        await held.take_stream(FakeStream("site-9", "j", bytes([i])))  # type: ignore[arg-type]
+    assert held.pop("site-1", digest_of([b"the model"])) == b"the model"
+    assert held.pop("site-9", digest_of([bytes([49])])) == bytes([49])

@@ -178,6 +178,13 @@ async def hostile_child(
         await process.aclose()
 
 
+PLAN = (
+    '{"members": ["server.site-1", "server.site-2"], "rounds": 2, "deadline": 5.0,'
+    ' "min_responses": 1}'
+)
+"""A well-formed swarm plan over both of the job's sites."""
+
+
 def task(**head: Any) -> tuple[dict[str, Any], list[Any]]:
     model = FLModel(params={"w": np.zeros(3)}, current_round=0, total_rounds=1)
     base = {"op": "round", "id": 1, "targets": ["server.site-1"], "deadline": 5.0}
@@ -203,6 +210,21 @@ def task(**head: Any) -> tuple[dict[str, Any], list[Any]]:
         ({"task": "rm -rf"}, "task must be one of"),
         ({"targets": [["server.site-1"]]}, "list of distinct sites"),
         ({"deadline": 5e-324}, "deadline must be within"),
+        ({"collect": "all"}, "collects 'sum' or 'each'"),
+        ({"collect": "each", "secure": {"clip": 1.0}}, "collects 'sum' or 'each'"),
+        ({"headers": {"pass_to": "server.admin"}}, "must name one of the job's sites"),
+        ({"headers": {"take_from": "server"}}, "must name one of the job's sites"),
+        ({"headers": {"aggregate": "parent"}}, "headers may only be"),
+        ({"headers": ["pass_to"]}, "headers may only be"),
+        ({"headers": {"take_sha": 7}}, "must be a short text"),
+        ({"headers": {"take_sha": "x" * 513}}, "must be a short text"),
+        ({"headers": {"swarm": "{"}}, "swarm plan does not decode"),
+        (
+            {"headers": {"swarm": PLAN.replace("server.site-1", "server.other")}},
+            "members must be the round's targets",
+        ),
+        ({"headers": {"swarm": PLAN}, "targets": ["server.site-1"]}, "the round's targets"),
+        ({"headers": {"swarm": "x" * (64 * 1024 + 1)}}, "must be a short text"),
         ({"secure": {"clip": -1.0}}, "SecAggRangeError"),
         ({"secure": {"bits": 16}}, "SecAggRangeError"),
         ({"secure": {"max_weight": 2.0**60}}, "SecAggRangeError"),
