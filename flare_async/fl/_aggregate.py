@@ -58,7 +58,7 @@ def result_weight(meta: Mapping[str, Any]) -> float:
             break
     else:
         return 1.0
-    return _checked(value, f"the result's weight meta[{key!r}]")
+    return checked_weight(value, f"the result's weight meta[{key!r}]")
 
 
 Folded = Callable[[str, np.ndarray], None]
@@ -98,7 +98,7 @@ class WeightedSum:
                 params type than the updates folded before (nothing of the update is folded).
             ValueError: a negative or non-finite weight.
         """
-        weight = _checked(weight, "weight")
+        weight = checked_weight(weight, "weight")
         self._fold(params, weight, params_type, None, scale=weight, on_folded=on_folded)
         self.weight += weight
         self.count += 1
@@ -116,7 +116,7 @@ class WeightedSum:
             ValueError: a weight (the partial's, or a tensor's) that is not a number, or is
                 negative or not finite.
         """
-        weight = _checked(partial.meta[WEIGHT_KEY], "partial weight")
+        weight = checked_weight(partial.meta[WEIGHT_KEY], "partial weight")
         own = partial.meta.get(TENSOR_WEIGHTS_KEY) or {}
         if not isinstance(own, Mapping):
             msg = f"a partial sum's per-tensor weights are not a mapping: {own!r}"
@@ -125,7 +125,7 @@ class WeightedSum:
         for name, w in own.items():
             if name not in partial.params:
                 raise ValueError(f"a partial sum weighs tensor {name!r}, which it does not carry")
-            weights[str(name)] = _checked(w, f"partial weight of {name!r}")
+            weights[str(name)] = checked_weight(w, f"partial weight of {name!r}")
         dtypes = _partial_dtypes(partial)
         self._fold(
             partial.params, weight, partial.params_type, weights, 1.0, on_folded, dtypes, adopt
@@ -233,7 +233,12 @@ class WeightedSum:
         }
 
 
-def _checked(value: Any, what: str) -> float:
+def checked_weight(value: Any, what: str) -> float:
+    """``value`` as a float, if it is a finite real number >= 0 (not a bool, not text).
+
+    Raises:
+        ValueError: it is not (``what`` names it in the message).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what} is not a number: {value!r}")  # noqa: TRY004 - a bad meta value
     try:

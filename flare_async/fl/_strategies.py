@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from flare_async.errors import ConfigError
-from flare_async.fl._aggregate import fedavg_step, to_dtype
+from flare_async.fl._aggregate import checked_weight, fedavg_step, to_dtype
 from flare_async.fl._checks import misfit
 from flare_async.fl._fedopt import ServerOptimizer
 from flare_async.fl._keys import DITTO_LAMBDA, FEDPROX_MU, SCAFFOLD_CONTROL
@@ -270,15 +270,12 @@ class Robust(FedAvg):
         return {"name": self.name, **asdict(self.rule), "weighted": self.weighted}
 
 
-Strategy = FedAvg
-"""Every strategy is a :class:`FedAvg` (the others refine it)."""
-
-
 def _non_negative(what: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigError(f"{what} must be a number >= 0, not {value!r}")
-    if not np.isfinite(value):
-        raise ConfigError(f"{what} must be finite, not {value!r}")
+    """Raises ConfigError: ``value`` is not a finite number >= 0 (as a result's weight)."""
+    try:
+        checked_weight(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-__all__ = ["Ditto", "FedAvg", "FedOpt", "FedProx", "Robust", "Scaffold", "Strategy"]
+__all__ = ["Ditto", "FedAvg", "FedOpt", "FedProx", "Robust", "Scaffold"]

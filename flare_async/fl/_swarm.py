@@ -44,7 +44,6 @@ from flare_async.fl._signed import CHANNEL, check_signed, stream_signed
 from flare_async.fl._tracking import records
 from flare_async.security import SignatureVerifier, Signer
 
-SWARM = SWARM_PLAN
 MAX_PLAN = 1 << 16
 MAX_WAIT = 7 * 86400.0
 """The longest the server's task of a swarm waits for its end."""
@@ -114,7 +113,7 @@ async def swarm(
         who,
         deadline=min(deadline * (3 * rounds + 1), MAX_WAIT),  # every round taken over
         min_responses=1,
-        headers={SWARM: header},
+        headers={SWARM_PLAN: header},
         collect="each",
     )
     # Only the last round's aggregator (or its backup) brings the final model: a member
@@ -519,4 +518,4 @@ def _mean(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in metrics.values() if k in m])) for k in sorted(keys)}
 
 
-__all__ = ["SWARM", "SwarmMember", "SwarmPlan", "swarm"]
+__all__ = ["SwarmMember", "SwarmPlan", "swarm"]
