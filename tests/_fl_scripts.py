@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,15 @@ def gated_swarm_recipe() -> SwarmRecipe:
     return SwarmRecipe(
         initial={"w": np.zeros(3)}, script="tests._fl_scripts:gated", rounds=4, deadline=60
     )
+
+
+def answer_tasks(respond: Callable[[int, FLModel], FLModel]) -> None:
+    """A site's script: each task answered with ``respond(site_index, task)`` (which may raise:
+    the script fails, as a training loop that breaks does)."""
+    flare.init()
+    i = int(flare.get_config()["site_index"])
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        flare.send(respond(i, task))

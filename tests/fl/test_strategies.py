@@ -31,6 +31,7 @@ from flare_async.fl import (
     simulate,
 )
 from flare_async.fl._checkpoint import load
+from tests._fl_scripts import answer_tasks
 
 pytestmark = pytest.mark.anyio
 
@@ -56,16 +57,18 @@ def weight(i: int) -> int:
 seen_meta: list[dict[str, Any]] = []
 
 
+def affine(i: int, task: FLModel) -> FLModel:
+    """Site ``i``'s answer: ``site_result`` of what it got, weighed ``weight(i)``."""
+    out = site_result(i, {k: np.asarray(v) for k, v in task.params.items()})
+    return FLModel(params=out, meta={"num_samples": weight(i)})
+
+
 def affine_script() -> None:
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
+    def respond(i: int, task: FLModel) -> FLModel:
         seen_meta.append(dict(task.meta))
-        out = site_result(i, {k: np.asarray(v) for k, v in task.params.items()})
-        flare.send(FLModel(params=out, meta={"num_samples": weight(i)}))
+        return affine(i, task)
+
+    answer_tasks(respond)
 
 
 def mean_of(params: dict[str, np.ndarray], sites: int) -> dict[str, np.ndarray]:
@@ -291,16 +294,14 @@ async def test_robust_median_of_every_sites_update(relays: int) -> None:
 
 def nan_script() -> None:
     """Site 1 (index 0) sends NaN: a hostile or broken update."""
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
-        out = site_result(i, {k: np.asarray(v) for k, v in task.params.items()})
+
+    def respond(i: int, task: FLModel) -> FLModel:
+        out = affine(i, task)
         if i == 0:
-            out = {k: np.full_like(v, np.nan) for k, v in out.items()}
-        flare.send(FLModel(params=out, meta={"num_samples": weight(i)}))
+            out.params = {k: np.full_like(v, np.nan) for k, v in out.params.items()}
+        return out
+
+    answer_tasks(respond)
 
 
 async def test_robust_drops_a_non_finite_update_and_says_so() -> None:
@@ -375,14 +376,12 @@ async def test_a_diff_result_under_a_robust_rule() -> None:
     """DIFF results are the updates themselves (not minus the global model)."""
 
     def diff_script() -> None:
-        flare.init()
-        i = int(flare.get_config()["site_index"])
-        while flare.is_running():
-            task = flare.receive()
-            if task is None:
-                break
-            d = {k: np.full(np.shape(v), float(i)) for k, v in task.params.items()}
-            flare.send(FLModel(params=d, params_type=ParamsType.DIFF))
+        answer_tasks(
+            lambda i, task: FLModel(
+                params={k: np.full(np.shape(v), float(i)) for k, v in task.params.items()},
+                params_type=ParamsType.DIFF,
+            )
+        )
 
     out = await simulate(
         lambda s: fedavg(s, INIT, rounds=1, strategy=Robust(RobustAggregation("median"))),
@@ -396,16 +395,14 @@ async def test_a_diff_result_under_a_robust_rule() -> None:
 def misfit_script() -> None:
     """Site 1 sends a tensor of another shape and one the model lacks (answering first or
     not, it must not decide what the others' updates look like)."""
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
-        out = site_result(i, {k: np.asarray(v) for k, v in task.params.items()})
+
+    def respond(i: int, task: FLModel) -> FLModel:
+        out = affine(i, task)
         if i == 0:
-            out = {"w": np.zeros((3, 2)), "b": out["b"], "extra": np.ones(2)}
-        flare.send(FLModel(params=out, meta={"num_samples": weight(i)}))
+            out.params = {"w": np.zeros((3, 2)), "b": out.params["b"], "extra": np.ones(2)}
+        return out
+
+    answer_tasks(respond)
 
 
 async def test_robust_drops_an_update_that_does_not_fit_the_model() -> None:

@@ -6,6 +6,7 @@ only from whom the plan says."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -21,6 +22,7 @@ from flare_async.errors import BadRequest, Unauthorized
 from flare_async.fl import ClientRuntime, FLModel, FLServer, SwarmRecipe, simulate, swarm
 from flare_async.fl._model import model_parts
 from flare_async.fl._swarm import SwarmMember, SwarmPlan
+from tests._fl_scripts import answer_tasks
 
 pytestmark = pytest.mark.anyio
 SITES = 3
@@ -48,17 +50,30 @@ started = threading.Barrier(SITES + 1)
 """Each site's script, once it holds round 0's model, and the test that waits for them."""
 
 
+def step(i: int, task: FLModel) -> FLModel:
+    """Site ``i``'s answer: ``site_result`` of the model, weighed ``i + 1``."""
+    w = site_result(i, np.asarray(task.params["w"]))
+    return FLModel(params={"w": w}, meta={"num_samples": i + 1}, metrics={"i": i})
+
+
+def breaks(site: int, rnd: int, why: str) -> Callable[[], None]:
+    """A script that answers as ``step`` does, but raises when ``site`` gets round ``rnd``."""
+
+    def respond(i: int, task: FLModel) -> FLModel:
+        if i == site and task.current_round == rnd:
+            raise RuntimeError(why)
+        return step(i, task)
+
+    return lambda: answer_tasks(respond)
+
+
 def affine() -> None:
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
+    def respond(i: int, task: FLModel) -> FLModel:
         if task.current_round == 0 and flare.get_config().get("barrier"):
             started.wait(timeout=30)
-        w = site_result(i, np.asarray(task.params["w"]))
-        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}, metrics={"i": i}))
+        return step(i, task)
+
+    answer_tasks(respond)
 
 
 async def test_a_swarm_averages_as_fedavg_with_the_aggregator_rotating() -> None:
@@ -237,17 +252,7 @@ async def _noop(model: FLModel) -> None:
     return None
 
 
-def fails_in_round_1_at_site_3() -> None:
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
-        if i == 2 and task.current_round == 1:
-            raise RuntimeError("site 3 breaks in round 1")
-        w = site_result(i, np.asarray(task.params["w"]))
-        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}))
+fails_in_round_1_at_site_3 = breaks(2, 1, "site 3 breaks in round 1")
 
 
 async def test_a_member_that_drops_out_is_waited_for_until_the_deadline_only() -> None:
@@ -264,18 +269,8 @@ async def test_a_member_that_drops_out_is_waited_for_until_the_deadline_only() -
     np.testing.assert_allclose(out.params["w"], w, rtol=1e-12)
 
 
-def aggregator_of_round_1_breaks() -> None:
-    """Site 2 aggregates round 1, but its script breaks as round 1 begins: it never closes it."""
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
-        if i == 1 and task.current_round == 1:
-            raise RuntimeError("the round-1 aggregator breaks")
-        w = site_result(i, np.asarray(task.params["w"]))
-        flare.send(FLModel(params={"w": w}, meta={"num_samples": i + 1}))
+aggregator_of_round_1_breaks = breaks(1, 1, "the round-1 aggregator breaks")
+"""Site 2 aggregates round 1, but its script breaks as round 1 begins: it never closes it."""
 
 
 @pytest.mark.parametrize("rounds", [3, 2])
