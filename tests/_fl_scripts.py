@@ -235,15 +235,13 @@ def robust_eval_recipe() -> FedAvgRecipe:
 
 def visits() -> None:
     """Adds 1 to the counter of its own index (the model's path shows in it)."""
-    flare.init()
-    i = int(flare.get_config()["site_index"])
-    while flare.is_running():
-        model = flare.receive()
-        if model is None:
-            break
+
+    def respond(i: int, model: FLModel) -> FLModel:
         counts = np.array(model.params["visits"], copy=True)
         counts[i] += 1
-        flare.send(FLModel(params={"visits": counts}))
+        return FLModel(params={"visits": counts})
+
+    answer_tasks(respond)
 
 
 def cyclic_recipe() -> CyclicRecipe:
