@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import json
 import os
@@ -534,14 +535,17 @@ class ClientRuntime:
         then: where it went, or, if the handover failed, the result itself and why. A DIFF
         is no model to train on: it goes to the server (which holds what it is a change of)."""
         if model.params_type is ParamsType.DIFF:  # the server applies it (no failure)
-            model.meta["handoff_skipped"] = f"{pass_to}: a DIFF result is not handed over"
-            return model_parts(model, self.cell.codecs, codec)
-        try:
-            sha = await hand_over(self.cell, pass_to, parts, self.job, task)
-        except FlareError as exc:
-            model.meta["handoff_failed"] = f"{pass_to}: {type(exc).__name__}: {exc}"[:1000]
-            return model_parts(model, self.cell.codecs, codec)
-        return model_parts(handed(model, pass_to, sha), self.cell.codecs, codec)
+            why = {"handoff_skipped": f"{pass_to}: a DIFF result is not handed over"}
+        else:
+            try:
+                sha = await hand_over(self.cell, pass_to, parts, self.job, task)
+            except FlareError as exc:
+                why = {"handoff_failed": f"{pass_to}: {type(exc).__name__}: {exc}"[:1000]}
+            else:
+                return model_parts(handed(model, pass_to, sha), self.cell.codecs, codec)
+        # The result itself, to the server, saying why (the script's own model untouched).
+        noted = dataclasses.replace(model, meta={**model.meta, **why})
+        return model_parts(noted, self.cell.codecs, codec)
 
     async def _outgoing(self, model: FLModel, task: str) -> FLModel:
         """The result as it leaves: the site's filters, then masked in a secure round."""

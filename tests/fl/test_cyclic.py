@@ -12,9 +12,10 @@ import pytest
 
 import flare_async.client as flare
 from flare_async.errors import BadRequest, ConfigError, Unauthorized
-from flare_async.fl import CyclicRecipe, FLModel, FLServer, cyclic, simulate
+from flare_async.fl import CyclicRecipe, FLModel, FLServer, ParamsType, cyclic, simulate
 from flare_async.fl._handoff import Handoffs
 from flare_async.fl._results import digest_of
+from tests._fl_scripts import answer_tasks
 
 pytestmark = pytest.mark.anyio
 SITES = 3
@@ -155,3 +156,22 @@ async def test_one_sender_cannot_push_out_what_another_handed_over() -> None:
         await held.take_stream(FakeStream("site-9", "j", bytes([i])))  # type: ignore[arg-type]
     assert held.pop("site-1", digest_of([b"the model"])) == b"the model"
     assert held.pop("site-9", digest_of([bytes([49])])) == bytes([49])
+
+
+def count_as_diff() -> None:
+    """``count_visits`` answering with the change (a DIFF), not the model."""
+
+    def respond(i: int, model: FLModel) -> FLModel:
+        change = np.zeros_like(np.asarray(model.params["visits"]))
+        change[i] = 1
+        return FLModel(params={"visits": change}, params_type=ParamsType.DIFF)
+
+    answer_tasks(respond)
+
+
+async def test_a_diff_is_not_handed_over_but_applied_by_the_server() -> None:
+    """A change is no model to train on: the site sends it to the server (which holds the
+    model it changes), the next site gets the model from there; nobody failed, nothing lost."""
+    out, _ = await run(2, peers=True, script=count_as_diff)
+    np.testing.assert_array_equal(out.params["visits"], [2, 2, 2])
+    assert all(h["failed"] == [] and h["lost"] == [] for h in out.meta["history"])
