@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
+import flare_async.client as flare
+from flare_async.fl import FLModel, cross_site_eval, simulate
 from flare_async.fl._crosssite import MAX_ENTRIES, MAX_NAME, checked_report, render_matrix
+from tests._fl_scripts import answer_tasks
 
 
 def good() -> dict[str, Any]:
@@ -67,3 +71,37 @@ def test_the_matrix_prints_a_row_per_scored_model_and_a_dash_where_a_site_gave_n
         "global  " + "0.5".rjust(12) + "-".rjust(12),
     ]
     assert render_matrix({"sites": [], "metrics": {}}) == "(no metrics)"
+
+
+def submits_a_misfit() -> None:
+    """Site 1 submits a model of other shapes; every site scores a model by its sum."""
+
+    def respond(i: int, task: FLModel) -> FLModel:
+        if flare.is_evaluate():
+            return FLModel(metrics={"sum": float(np.asarray(task.params["w"]).sum())})
+        if flare.is_submit_model():
+            w = np.zeros(5) if i == 0 else np.asarray(task.params["w"]) + i
+            return FLModel(params={"w": w})
+        return FLModel(params={"w": np.asarray(task.params["w"]) + 1})
+
+    answer_tasks(respond)
+
+
+@pytest.mark.anyio
+async def test_a_submitted_model_that_does_not_fit_is_refused_not_evaluated() -> None:
+    """Site 1's model would reach every site as a task: it is refused, said why, and the
+    others' models (and the global one) are scored everywhere."""
+    out = await simulate(
+        lambda s: cross_site_eval(s, {"w": np.zeros(3)}), submits_a_misfit, clients=2
+    )
+    assert out["models"] == ["global", "server.site-2"]
+    assert "does not fit" in out["failed"]["server.site-1"]["submit_model"]
+    assert out["metrics"]["server.site-2"] == {
+        "server.site-1": {"sum": 3.0},
+        "server.site-2": {"sum": 3.0},
+    }
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
