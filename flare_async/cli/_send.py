@@ -1,5 +1,6 @@
-"""``flare-async send KIT FILE --to CELL``: stream a file to a cell's inbox with a progress bar,
-and the inbox's side (``files/put``), which ``flare-async run`` mounts on a site
+"""``flare-async send KIT FILE|DIR --to CELL``: stream a file, or a checkpoint folder
+(``flare_async.checkpoints``), to a cell's inbox with a progress bar, and the inbox's side
+(``files/put`` and ``files/ckpt-*``), which ``flare-async run`` mounts on a site
 (``JOBS/inbox`` with ``--jobs JOBS``, or ``--inbox DIR``).
 
 The sending process joins the fabric for the length of the transfer: with an admin's kit as the
@@ -27,10 +28,12 @@ import msgspec
 
 from flare_async import _logging
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream
+from flare_async.checkpoints import SCHEMES, StoredCheckpoint, checkpoint_handlers, send_checkpoint
 from flare_async.cli._kit import cell_from_kit, emit
 from flare_async.cli._progress import AboveBar, ProgressBar
 from flare_async.errors import BadRequest, ConfigError, FlareError, Unauthorized
 from flare_async.security import Role, load_kit
+from flare_async.streaming import ProgressMeter
 
 INBOX_CHANNEL = "files"
 INBOX_TOPIC = "put"
@@ -73,7 +76,9 @@ def inbox_handlers(
     folder: Path, *, accepts: Callable[[str, str, str], bool] | None = None
 ) -> HandlerTable:
     """``files/put`` (stream): saves the object as ``folder/<name>`` (the ``name`` header),
-    atomically and only once verified; answers JSON :class:`Stored`.
+    atomically and only once verified; answers JSON :class:`Stored`. ``files/ckpt-*``
+    (:func:`~flare_async.checkpoints.checkpoint_handlers`): checkpoint folders into
+    ``folder/<name>/``, under the same policy.
 
     ``accepts(src, "files", "put")`` (a site's policy, ``SitePolicy.accepts``) decides who may
     send; a sender it refuses gets ``Unauthorized`` before anything is written (a cell built
@@ -114,6 +119,19 @@ def inbox_handlers(
         emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src, replaced=replaced)
         return msgspec.json.encode(Stored(name, size, stream.digest))
 
+    def stored(ctx: Context, done: StoredCheckpoint) -> None:
+        emit(
+            "stored",
+            cell=ctx.cell.name,
+            name=done.name,
+            size=done.size,
+            files=done.files,
+            src=ctx.src,
+            replaced=done.replaced,
+        )
+
+    for d in checkpoint_handlers(folder, accepts=accepts, on_stored=stored):
+        table.add(d.kind, d.channel, d.topic, d.fn)
     return table
 
 
@@ -198,16 +216,93 @@ async def send(
     }
 
 
+async def send_folder(
+    kit_path: Path,
+    folder: Path,
+    dsts: list[str],
+    name: str,
+    idle: float,
+    quantize: str,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """A checkpoint folder to each of ``dsts``: one ``sent`` line each (or the error).
+
+    Raises:
+        FlareError: the one destination failed (with several: see each line's ``error``).
+    """
+    async with sender_cell(kit_path) as cell:
+        bar = ProgressBar(sys.stderr, name)
+        meter = ProgressMeter(time.monotonic, dsts[0] if len(dsts) == 1 else "*", 0, None)
+        start = time.monotonic()
+
+        def moved(done: int, total: int) -> None:
+            meter.total = total
+            bar.update(meter.update(done))
+
+        try:
+            outcomes = await send_checkpoint(
+                cell,
+                folder,
+                dsts,
+                name=name,
+                quantize=quantize,
+                overwrite=overwrite,
+                idle=idle,
+                progress=moved,
+            )
+        finally:
+            bar.finish()
+        seconds = time.monotonic() - start
+    if len(dsts) == 1 and isinstance(outcomes[dsts[0]], BaseException):
+        raise outcomes[dsts[0]]  # type: ignore[misc]
+    lines: list[dict[str, Any]] = []
+    for dst, outcome in outcomes.items():
+        line: dict[str, Any] = {"event": "sent", "to": dst, "name": name}
+        if isinstance(outcome, StoredCheckpoint):
+            line |= {
+                "files": outcome.files,
+                "size": outcome.size,
+                "quantized": quantize or None,
+                "replaced": outcome.replaced,
+                "seconds": round(seconds, 3),
+                "rate": round(outcome.size / seconds) if seconds > 0 else None,
+            }
+        else:
+            line |= {"event": "failed", "error": f"{type(outcome).__name__}: {outcome}"}
+        lines.append(line)
+    return lines
+
+
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("send", help="stream a file to a cell's inbox, with a progress bar")
+    p = sub.add_parser(
+        "send", help="stream a file or a checkpoint folder to cells' inboxes, with a progress bar"
+    )
     p.add_argument(
         "kit",
         help="the kit to send with: an admin's (a session below the server, as `job` opens), "
         "or a cell's that is not running elsewhere",
     )
-    p.add_argument("file", help="the file to send")
-    p.add_argument("--to", required=True, metavar="CELL", help="the receiving cell")
+    p.add_argument(
+        "file",
+        help="the file to send, or a folder: a checkpoint (a Hugging Face model's folder), "
+        "each file with its SHA-256, stored as INBOX/NAME/ once whole",
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        action="append",
+        metavar="CELL",
+        help="the receiving cell; a folder may go to several (--to A --to B), once through "
+        "each relay",
+    )
     p.add_argument("--name", default=None, help="the name at the inbox (default: the file's)")
+    p.add_argument(
+        "--quantize",
+        choices=SCHEMES,
+        default="",
+        help="a folder's *.safetensors files travel in this codec, a slice of a tensor at a "
+        "time, and are written back in their own dtypes (lossy; default: byte for byte)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -232,15 +327,32 @@ def run(args: Any) -> int:
     ``cli._main``'s to report: one line, ``flare-async send: error: BadRequest: ...``, status 1."""
     _logging.configure(json=False, level=30, stream=cast(TextIO, AboveBar(sys.stderr)))
     file = Path(args.file)
-    name = args.name or file.name
+    name = args.name or file.resolve().name
+    if file.is_dir():
+        lines = anyio.run(
+            send_folder,
+            Path(args.kit),
+            file,
+            args.to,
+            name,
+            args.idle,
+            args.quantize,
+            args.overwrite,
+            backend_options={"use_uvloop": True},
+        )
+        for line in lines:
+            sys.stdout.write(json.dumps(line) + "\n")
+        return 1 if any(line["event"] == "failed" for line in lines) else 0
     if not file.is_file():
-        raise ConfigError(f"{file} is not a file")
+        raise ConfigError(f"{file} is not a file or a folder")
+    if len(args.to) != 1 or args.quantize:
+        raise ConfigError("a file goes to one cell, as it is (--quantize: folders only)")
     result = anyio.run(
         send,
         Path(args.kit),
         file,
         file.stat().st_size,
-        args.to,
+        args.to[0],
         name,
         args.idle,
         False if args.no_digest else (args.digest or True),

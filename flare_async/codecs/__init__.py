@@ -20,13 +20,23 @@ from flare_async.codecs._kernels import (
 )
 from flare_async.codecs._quant import QuantCodec, dequantize
 from flare_async.codecs._registry import Codec, CodecRegistry, TensorCodec, default_codecs
-from flare_async.codecs._tensors import as_numpy, decode, dtype_name, dtype_named, encode, to_torch
+from flare_async.codecs._tensors import (
+    MAX_HEADER,
+    as_numpy,
+    decode,
+    dtype_name,
+    dtype_named,
+    encode,
+    tensor_layout,
+    to_torch,
+)
 
 __all__ = [
     "FP4_BOUND",
     "FP4_STOCHASTIC_BOUND",
     "INT8_BOUND",
     "LUT_RESOLUTION",
+    "MAX_HEADER",
     "NF4_BOUND",
     "NF4_STOCHASTIC_BOUND",
     "Codec",
@@ -40,5 +50,6 @@ __all__ = [
     "dtype_name",
     "dtype_named",
     "encode",
+    "tensor_layout",
     "to_torch",
 ]

@@ -228,6 +228,32 @@ def decode(
     return {name: out[name] for name in header}, dict(meta)
 
 
+def tensor_layout(header: bytes) -> tuple[int, list[tuple[str, np.dtype[Any], int, int, int]]]:
+    """``(data_start, [(name, dtype, count, begin, end)...])`` of a safetensors file's header
+    (its length prefix and JSON, nothing after), in data order, checked as :func:`decode`
+    checks a whole payload: known dtypes, sizes that match shapes, offsets that tile the data
+    with no gap or overlap. ``begin`` / ``end`` are relative to ``data_start``.
+
+    Raises:
+        DecodeError: a header that does not hold together.
+    """
+    table, start = _parse_header(memoryview(header))
+    if start != len(header):
+        raise DecodeError("a safetensors header must be exactly its length prefix and JSON")
+    table.pop("__metadata__", None)
+    entries = sorted(
+        ((name, *_check_entry(name, e)) for name, e in table.items()), key=lambda e: e[3]
+    )
+    out: list[tuple[str, np.dtype[Any], int, int, int]] = []
+    expected = 0
+    for name, dtype, _shape, begin, end in entries:
+        if begin != expected:
+            raise DecodeError(f"tensor {name!r} starts at {begin}, not {expected}")
+        expected = end
+        out.append((name, dtype, (end - begin) // max(dtype.itemsize, 1), begin, end))
+    return start, out
+
+
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Torch tensors (copies, writable) of decoded arrays; BF16 becomes ``torch.bfloat16``."""
     import torch  # noqa: PLC0415 - torch is optional

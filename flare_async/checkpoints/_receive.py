@@ -1,0 +1,197 @@
+"""The receiving side of a checkpoint transfer: ``files/ckpt-open``, ``files/ckpt-file`` (a
+stream per file) and ``files/ckpt-commit`` (docs/llm.md, "The protocol").
+
+Files are kept in a hidden staging folder named by the manifest's id (``.incoming-ckpt-<id>``),
+each put there only once it arrived whole and matched (a lossless file: its SHA-256, announced
+in the manifest; a quantized one: its stream's digest and every tensor written); announcing the
+same manifest again answers which files are already there, so a transfer that failed part way
+resumes with the files it lacks. The commit renames the folder into place in one step.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from flare_async.cell import Context, HandlerTable, IncomingStream, Payload
+from flare_async.checkpoints._manifest import Manifest, check_manifest, check_path
+from flare_async.checkpoints._quantized import ShardWriter
+from flare_async.errors import BadRequest, DecodeError, Unauthorized
+
+CHANNEL = "files"
+OPEN, FILE, COMMIT = "ckpt-open", "ckpt-file", "ckpt-commit"
+STAGING = ".incoming-ckpt-"
+MAX_OPEN = 32
+"""Manifests a receiver remembers between their open and commit (oldest forgotten first)."""
+
+
+class Opened(msgspec.Struct, frozen=True):
+    """The answer to ``ckpt-open`` (JSON)."""
+
+    id: str
+    have: tuple[str, ...]
+    """Files already verified in staging from an earlier attempt: not sent again."""
+
+
+class StoredCheckpoint(msgspec.Struct, frozen=True):
+    """The answer to ``ckpt-commit`` (JSON): the folder is in place."""
+
+    name: str
+    files: int
+    size: int
+    replaced: bool
+
+
+def checkpoint_handlers(
+    folder: Path,
+    *,
+    accepts: Callable[[str, str, str], bool] | None = None,
+    durable: bool = True,
+    on_stored: Callable[[Context, StoredCheckpoint], None] | None = None,
+) -> HandlerTable:
+    """Take checkpoint folders into ``folder/<name>/`` (a site's inbox). ``accepts(src,
+    "files", topic)`` is the site's policy, as for ``files/put``: the same ``files/*`` rules
+    decide who may send files and checkpoints. ``on_stored(ctx, stored)`` is called once a
+    folder is in place (``flare-async run`` writes its ``stored`` event line)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = HandlerTable("checkpoints")
+    opened: OrderedDict[str, Manifest] = OrderedDict()
+
+    def admit(ctx: Context, topic: str) -> None:
+        if accepts is not None and not accepts(ctx.src, CHANNEL, topic):
+            raise Unauthorized(f"{ctx.cell.name}'s policy does not accept files from {ctx.src}")
+
+    def known(mid: str) -> Manifest:
+        manifest = opened.get(mid)
+        if manifest is None:
+            raise BadRequest(f"checkpoint {mid!r} is not open here (send {OPEN} first)")
+        return manifest
+
+    def taken(ctx: Context, name: str) -> BadRequest:
+        return BadRequest(
+            f"{name} is already in {ctx.cell.name}'s inbox; send it with --overwrite to replace it"
+        )
+
+    @table.request(CHANNEL, OPEN)
+    async def open_(ctx: Context, msg: Payload) -> bytes:
+        admit(ctx, OPEN)
+        try:
+            manifest = msgspec.json.decode(msg.tobytes(), type=Manifest)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"not a checkpoint manifest: {exc}") from None
+        check_manifest(manifest)
+        if "/" in manifest.name:
+            raise BadRequest(f"{manifest.name!r} is not a plain folder name")
+        check_path(manifest.name)
+        exists = await anyio.to_thread.run_sync(os.path.lexists, folder / manifest.name)
+        if exists and not manifest.overwrite:
+            raise taken(ctx, manifest.name)
+        mid = manifest.id
+        staging = folder / f"{STAGING}{mid}"
+        await anyio.to_thread.run_sync(lambda: staging.mkdir(exist_ok=True))
+        have = tuple(
+            f.path
+            for f in manifest.files
+            if (p := staging / f.path).is_file() and p.stat().st_size == f.size
+        )
+        opened[mid] = manifest
+        opened.move_to_end(mid)
+        while len(opened) > MAX_OPEN:
+            opened.popitem(last=False)
+        return msgspec.json.encode(Opened(mid, have))
+
+    @table.stream(CHANNEL, FILE)
+    async def file(ctx: Context, stream: IncomingStream) -> bytes:
+        admit(ctx, FILE)
+        manifest = known(stream.headers.get("id", ""))
+        path = stream.headers.get("path", "")
+        entry = next((f for f in manifest.files if f.path == path), None)
+        if entry is None:
+            raise BadRequest(f"{path!r} is not a file of checkpoint {manifest.name}")
+        if stream.codec != entry.quant:
+            raise BadRequest(
+                f"{path!r} is announced in {entry.quant or 'bytes'}, not {stream.codec}"
+            )
+        staging = folder / f"{STAGING}{manifest.id}"
+        incoming = staging / f"{STAGING}{secrets.token_hex(8)}"
+        try:
+            if entry.quant:
+                writer = ShardWriter(incoming, entry.header, entry.quant)
+                try:
+                    async for chunk in stream:
+                        await anyio.to_thread.run_sync(writer.feed, chunk)
+                    await anyio.to_thread.run_sync(writer.finish, durable)
+                except DecodeError as exc:
+                    raise BadRequest(f"{path}: {exc}") from None
+                finally:
+                    writer.close()
+            else:
+                await stream.save(incoming, durable=durable)
+                if stream.digest != f"sha256:{entry.sha256}":
+                    raise BadRequest(f"{path!r} must arrive with its SHA-256, not {stream.digest}")
+            target = staging / path
+            await anyio.to_thread.run_sync(_place, incoming, target)
+        finally:
+            incoming.unlink(missing_ok=True)
+        return msgspec.json.encode({"path": path, "size": entry.size})
+
+    @table.request(CHANNEL, COMMIT)
+    async def commit(ctx: Context, msg: Payload) -> bytes:
+        admit(ctx, COMMIT)
+        manifest = known(msg.tobytes().decode(errors="replace"))
+        staging = folder / f"{STAGING}{manifest.id}"
+        lacking = [
+            f.path
+            for f in manifest.files
+            if not ((p := staging / f.path).is_file() and p.stat().st_size == f.size)
+        ]
+        if lacking:
+            raise BadRequest(f"checkpoint {manifest.name} lacks {', '.join(lacking[:5])}")
+        final = folder / manifest.name
+        try:
+            replaced = await anyio.to_thread.run_sync(_commit, staging, final, manifest.overwrite)
+        except FileExistsError:
+            raise taken(ctx, manifest.name) from None
+        opened.pop(manifest.id, None)
+        stored = StoredCheckpoint(manifest.name, len(manifest.files), manifest.total, replaced)
+        if on_stored is not None:
+            on_stored(ctx, stored)
+        return msgspec.json.encode(stored)
+
+    return table
+
+
+def _place(incoming: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(incoming, target)
+
+
+def _commit(staging: Path, final: Path, overwrite: bool) -> bool:
+    """Rename ``staging`` to ``final``; whether it replaced a folder there.
+
+    Raises:
+        FileExistsError: ``final`` exists and ``overwrite`` is false (nothing changed).
+    """
+    if not os.path.lexists(final):
+        os.rename(staging, final)  # fails (not replaces) if a non-empty final appeared
+        return False
+    if not overwrite:
+        raise FileExistsError(final)
+    old = final.with_name(f"{STAGING}old-{secrets.token_hex(8)}")
+    os.rename(final, old)
+    os.rename(staging, final)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+    return True
+
+
+__all__ = ["CHANNEL", "COMMIT", "FILE", "OPEN", "Opened", "StoredCheckpoint", "checkpoint_handlers"]

@@ -1,0 +1,194 @@
+"""The sending side of a checkpoint transfer: :func:`send_checkpoint`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from flare_async.cell import Cell, Payload
+from flare_async.checkpoints._manifest import FileEntry, Manifest, scan
+from flare_async.checkpoints._quantized import records
+from flare_async.checkpoints._receive import CHANNEL, COMMIT, FILE, OPEN, Opened, StoredCheckpoint
+from flare_async.errors import (
+    ConnectError,
+    FlareError,
+    StreamAborted,
+    StreamError,
+    StreamStalled,
+    Unreachable,
+)
+from flare_async.streaming import DEFAULT_WINDOW
+from flare_async.wire import Buffer
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: source bytes through, of all (the slowest receiver's)."""
+
+RETRY = (StreamStalled, StreamAborted, Unreachable, ConnectError, TimeoutError)
+"""Failures worth another attempt at a file (the link, not the receiver's verdict)."""
+
+
+async def send_checkpoint(
+    cell: Cell,
+    folder: str | Path | Manifest,
+    to: str | Iterable[str],
+    *,
+    source: str | Path | None = None,
+    name: str = "",
+    quantize: str = "",
+    overwrite: bool = False,
+    window: int = DEFAULT_WINDOW,
+    idle: float = 60.0,
+    attempts: int = 3,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+) -> dict[str, StoredCheckpoint | BaseException]:
+    """Send a checkpoint folder to one or many cells' inboxes (``files/ckpt-*``, which
+    ``flare-async run`` mounts beside ``files/put``); return each destination's outcome.
+
+    Every file streams once from here, to all destinations together: those behind one relay
+    get one stream to it, which it forwards chunk by chunk (``Cell.stream_many``). A lossless
+    file travels with its SHA-256 (computed once, here) and arrives byte for byte; with
+    ``quantize`` (``bf16``, ``fp16``, ``q8``, ``nf4``) each ``*.safetensors`` file travels a
+    slice of a tensor at a time in that codec and the receiver writes it back in its original
+    layout and dtypes. A dropped link resumes inside the file (the stream's own resume); a
+    file whose stream failed anyway is sent again to the destinations that lack it, up to
+    ``attempts`` times; and sending the same folder again later skips the files a
+    destination already verified. Memory here and at every hop stays within ``window`` (and
+    one slice, quantized) whatever the checkpoint's size.
+
+    Args:
+        folder: the checkpoint folder, or a manifest already made with :func:`scan` (then
+            ``source`` is the folder).
+        to: the receiving cells.
+        name: the folder's name at the receivers (default: the folder's own).
+        overwrite: replace a folder of that name there (default: refused, ``BadRequest``).
+        idle / window: the streams' (``Cell.stream``).
+        timeout: seconds for the open and commit requests.
+        progress: called with ``(done, total)`` source bytes.
+
+    Returns:
+        ``{cell: StoredCheckpoint}`` for each destination that has the folder in place, or
+        the error it failed with (one failed destination fails nothing else).
+
+    Raises:
+        ConfigError: the folder cannot be sent (no files, not safetensors where quantized).
+    """
+    if isinstance(folder, Manifest):
+        manifest, root = folder, Path(source or ".")
+    else:
+        root = Path(folder)
+        manifest = await anyio.to_thread.run_sync(
+            lambda: scan(root, name=name, quantize=quantize, overwrite=overwrite)
+        )
+    dsts = [to] if isinstance(to, str) else list(dict.fromkeys(to))
+    outcomes: dict[str, StoredCheckpoint | BaseException] = {}
+    have: dict[str, set[str]] = {}
+    body = msgspec.json.encode(manifest)
+
+    async def open_one(dst: str) -> None:
+        try:
+            reply = await cell.request(dst, CHANNEL, OPEN, body, timeout=timeout)
+            opened = msgspec.json.decode(reply.tobytes(), type=Opened)
+        except (FlareError, msgspec.DecodeError, TimeoutError) as exc:
+            outcomes[dst] = exc
+            return
+        have[dst] = set(opened.have)
+
+    async with anyio.create_task_group() as tg:
+        for dst in dsts:
+            tg.start_soon(open_one, dst)
+
+    total, done = manifest.total, 0
+    for entry in manifest.files:
+        base = done
+
+        def moved(n: int, base: int = base) -> None:
+            if progress is not None:
+                progress(base + n, total)
+
+        for _ in range(max(attempts, 1)):
+            lacking = [d for d in dsts if d in have and entry.path not in have[d]]
+            if not lacking:
+                break
+            results = await _send_file(cell, root, manifest, entry, lacking, window, idle, moved)
+            for dst, outcome in results.items():
+                if isinstance(outcome, Payload):
+                    have[dst].add(entry.path)
+                elif not isinstance(outcome, RETRY):
+                    outcomes[dst] = outcome  # the receiver's verdict: not worth a retry
+                    del have[dst]
+        for dst in [d for d in dsts if d in have and entry.path not in have[d]]:
+            outcomes[dst] = StreamError(f"{entry.path}: not sent after {attempts} attempts")
+            del have[dst]
+        done += entry.size
+        if progress is not None:
+            progress(done, total)
+
+    async def commit_one(dst: str) -> None:
+        try:
+            reply = await cell.request(dst, CHANNEL, COMMIT, manifest.id.encode(), timeout=timeout)
+            outcomes[dst] = msgspec.json.decode(reply.tobytes(), type=StoredCheckpoint)
+        except (FlareError, msgspec.DecodeError, TimeoutError) as exc:
+            outcomes[dst] = exc
+
+    async with anyio.create_task_group() as tg:
+        for dst in have:
+            tg.start_soon(commit_one, dst)
+    return {d: outcomes[d] for d in dsts}
+
+
+async def _send_file(
+    cell: Cell,
+    root: Path,
+    manifest: Manifest,
+    entry: FileEntry,
+    dsts: list[str],
+    window: int,
+    idle: float,
+    moved: Callable[[int], None],
+) -> Mapping[str, Payload | BaseException]:
+    headers = {"id": manifest.id, "path": entry.path}
+    path = root / entry.path
+    if not entry.quant:
+        return await cell.stream_many(
+            dsts,
+            CHANNEL,
+            FILE,
+            path,
+            window=window,
+            idle=idle,
+            sha256=f"sha256:{entry.sha256}",
+            headers=headers,
+            progress=lambda p: moved(p.done),
+        )
+    return await cell.stream_many(
+        dsts,
+        CHANNEL,
+        FILE,
+        _quantized(path, entry, moved),
+        window=window,
+        idle=idle,
+        codec=entry.quant,
+        headers=headers,
+    )
+
+
+async def _quantized(
+    path: Path, entry: FileEntry, moved: Callable[[int], None]
+) -> AsyncIterator[Buffer]:
+    """The record stream of a quantized file, each record made in a worker thread."""
+    made = records(path, entry.header, entry.quant)
+    try:
+        while (record := await anyio.to_thread.run_sync(next, made, None)) is not None:
+            parts, through = record
+            for part in parts:
+                yield part
+            moved(through)
+    finally:
+        made.close()
+
+
+__all__ = ["send_checkpoint"]
