@@ -41,6 +41,7 @@ async def send_checkpoint(
     overwrite: bool = False,
     window: int = DEFAULT_WINDOW,
     idle: float = 60.0,
+    probe: float | None = None,
     attempts: int = 3,
     timeout: float = 60.0,
     progress: Progress | None = None,
@@ -65,7 +66,7 @@ async def send_checkpoint(
         to: the receiving cells.
         name: the folder's name at the receivers (default: the folder's own).
         overwrite: replace a folder of that name there (default: refused, ``BadRequest``).
-        idle / window: the streams' (``Cell.stream``).
+        idle / window / probe: the streams' (``Cell.stream``).
         timeout: seconds for the open and commit requests.
         progress: called with ``(done, total)`` source bytes.
 
@@ -113,7 +114,9 @@ async def send_checkpoint(
             lacking = [d for d in dsts if d in have and entry.path not in have[d]]
             if not lacking:
                 break
-            results = await _send_file(cell, root, manifest, entry, lacking, window, idle, moved)
+            results = await _send_file(
+                cell, root, manifest, entry, lacking, (window, idle, probe), moved
+            )
             for dst, outcome in results.items():
                 if isinstance(outcome, Payload):
                     have[dst].add(entry.path)
@@ -146,11 +149,11 @@ async def _send_file(
     manifest: Manifest,
     entry: FileEntry,
     dsts: list[str],
-    window: int,
-    idle: float,
+    flow: tuple[int, float, float | None],
     moved: Callable[[int], None],
 ) -> Mapping[str, Payload | BaseException]:
     headers = {"id": manifest.id, "path": entry.path}
+    window, idle, probe = flow
     path = root / entry.path
     if not entry.quant:
         return await cell.stream_many(
@@ -160,6 +163,7 @@ async def _send_file(
             path,
             window=window,
             idle=idle,
+            probe=probe,
             sha256=f"sha256:{entry.sha256}",
             headers=headers,
             progress=lambda p: moved(p.done),
