@@ -137,9 +137,11 @@ async def test_held_out_perplexity_falls_every_round_and_only_adapters_travel() 
 
 
 async def test_an_nf4_adapter_on_the_wire_converges_too() -> None:
-    """The same job with the adapters quantized to 4 bits (NF4) both ways. Measured: 493.8,
-    425.6, 409.9 (tensors: 493.8, 422.6, 403.8). Asserted: falls every round, the last below
-    0.9x the first, and within 3% of the unquantized run's."""
+    """The same job with the adapters quantized to 4 bits (NF4) both ways. NF4 rounds
+    stochastically and its draws differ from process to process: measured 493.8, then
+    425.6-429.9, then 402.0-409.9 over four processes (tensors: 493.8, 422.6, 403.8).
+    Asserted: falls every round, the last below 0.9x the first, and within 3% of the
+    unquantized run's."""
     final, names = await run("nf4")
     ppl = perplexities(final)
     assert ppl[0] > ppl[1] > ppl[2], ppl
