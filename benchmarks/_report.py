@@ -93,10 +93,12 @@ def emit(
     value: float,
     unit: str,
     baseline: float | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Print one measurement as a JSON line on stdout (flushed) and return it.
 
-    ``ratio`` is ``value / baseline``; both are left out when there is no baseline.
+    ``ratio`` is ``value / baseline``; both are left out when there is no baseline. ``extra``
+    fields (a second baseline, the machine's load...) follow them as given.
     """
     record: dict[str, Any] = {
         "bench": bench,
@@ -108,6 +110,7 @@ def emit(
     if baseline is not None:
         record["baseline"] = _number(baseline)
         record["ratio"] = round(value / baseline, 4) if baseline else None
+    record.update(extra)
     line(**record)
     return record
 

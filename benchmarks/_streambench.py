@@ -23,8 +23,9 @@ Roles (``config["role"]``):
   connection, until it is killed.
 
 Every role except ``raw_recv`` prints ``{"peak_rss": B}`` when its stdin closes
-(``ru_maxrss``); ``stream.py`` closes the receivers' first, then the relay's, then the
-sender's, so that no cell outlives its parent (it would try to reconnect).
+(``ru_maxrss``; ``relay`` and ``receiver`` add ``cpu_seconds``, user + system, since linked);
+``stream.py`` closes the receivers' first, then the relay's, then the sender's, so that no
+cell outlives its parent (it would try to reconnect).
 """
 
 from __future__ import annotations
@@ -71,8 +72,26 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def wait_stdin_eof() -> None:
     await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+async def wait_reachable(cell: Cell, targets: list[str], timeout: float = 120) -> None:
+    """Until every target answers ``sys/ping`` (``TimeoutError`` after ``timeout`` s)."""
+    with anyio.fail_after(timeout):
+        for dst in targets:
+            while True:
+                try:
+                    await cell.request(dst, "sys", "ping", b"", timeout=2)
+                    break
+                except Exception:  # not linked yet
+                    await anyio.sleep(0.05)
 
 
 def link_bytes_sent(cell: Cell) -> int:
@@ -107,14 +126,7 @@ async def sender(cfg: dict[str, Any]) -> None:
     scheme, drivers = transport(cfg, "server", serve=True)
     async with Cell("server", listen=[f"{scheme}://127.0.0.1:0"], drivers=drivers) as cell:
         line(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
-        with anyio.fail_after(120):
-            for dst in targets:
-                while True:
-                    try:
-                        await cell.request(dst, "sys", "ping", b"", timeout=2)
-                        break
-                    except Exception:  # not linked yet
-                        await anyio.sleep(0.05)
+        await wait_reachable(cell, targets)
         line(linked=True)
         with tempfile.TemporaryDirectory(dir=cfg.get("tmp")) as tmp:
             if mode == "file":
@@ -224,8 +236,10 @@ async def member(cfg: dict[str, Any]) -> None:
                 line(port=int(cell.listen_urls[0].rsplit(":", 1)[1]))
             else:
                 line(ready=True)
+            linked = cpu_seconds()
             await wait_stdin_eof()
-    line(peak_rss=peak_rss())
+            cpu = cpu_seconds() - linked
+    line(peak_rss=peak_rss(), cpu_seconds=cpu)
 
 
 def raw_recv(cfg: dict[str, Any]) -> None:
