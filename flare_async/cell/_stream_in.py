@@ -83,6 +83,8 @@ from flare_async.wire import (
 
 FANOUT_CHANNEL = "sys"
 FANOUT_TOPIC = "fanout"
+ORIGIN_HEADER = "fanout-origin"
+"""The header a fan-out relay adds to the streams it feeds: where the stream came from."""
 """The system stream handler on relays that feeds one incoming stream to many children."""
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
@@ -95,7 +97,12 @@ class IncomingStream:
     """One stream arriving at this cell (see the module text).
 
     Attributes:
-        src: the sending cell.
+        src: the sending cell (for a stream a relay fanned out, that relay).
+        origin: the cell the object came from: ``src``, or for a stream that a relay above
+            this cell fanned out (``Cell.stream_many``), the cell that sent it to the relay,
+            as the relay reports it (``fanout-origin``). Decide who may send by this. A relay
+            above this cell could claim any origin, as it could put any ``src`` on what it
+            forwards; the claim is taken from no other cell.
         sid: the stream id, unique per sender.
         channel / topic: what the sender addressed.
         size: the object's size when the sender knew it, else ``None``.
@@ -116,6 +123,9 @@ class IncomingStream:
         self.size = open_.size if open_.size >= 0 else None
         self.codec = open_.codec
         self.headers = dict(open_.headers)
+        claimed = self.headers.get(ORIGIN_HEADER, "")
+        above = hub.port.name.startswith(f"{self.src}.")
+        self.origin = claimed if claimed and above else self.src
         self.chunk = machine.chunk
         self.window = machine.window
         self.idle = machine.idle

@@ -12,7 +12,12 @@ import msgspec
 from flare_async.cell._handlers import Context, HandlerTable
 from flare_async.cell._payload import Payload
 from flare_async.cell._stream_api import FanoutOutcome, FanoutRequest
-from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, IncomingStream
+from flare_async.cell._stream_in import (
+    FANOUT_CHANNEL,
+    FANOUT_TOPIC,
+    ORIGIN_HEADER,
+    IncomingStream,
+)
 from flare_async.errors import BadRequest, FlareError
 
 _json = msgspec.json.Encoder()
@@ -100,6 +105,7 @@ def _add_fanout(table: HandlerTable) -> None:
         if strangers or not request.targets:
             raise BadRequest(f"{me} fans out only to cells below it, not {strangers}")
         headers = {k: v for k, v in stream.headers.items() if k != "fanout"}
+        headers[ORIGIN_HEADER] = stream.origin  # who sent it to this relay (or further up)
         results = await ctx.cell.stream_many(
             request.targets,
             request.channel,

@@ -1,5 +1,7 @@
-"""The receiving side of a checkpoint transfer: ``files/ckpt-open``, ``files/ckpt-file`` (a
-stream per file) and ``files/ckpt-commit`` (docs/llm.md, "The protocol").
+"""The receiving side of a checkpoint transfer: ``files/ckpt-open``, ``files/ckpt-file`` (one
+per file) and ``files/ckpt-commit``, all three streams (docs/llm.md, "The protocol"): a stream
+fans out through relays as one, and takes the same path as ``files/put`` (an admin's session
+sends streams to sites; its requests are the server's alone).
 
 Files are kept in a hidden staging folder named by the manifest's id (``.incoming-ckpt-<id>``),
 each put there only once it arrived whole and matched (a lossless file: its SHA-256, announced
@@ -20,7 +22,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from flare_async.cell import Context, HandlerTable, IncomingStream, Payload
+from flare_async.cell import Context, HandlerTable, IncomingStream
 from flare_async.checkpoints._manifest import Manifest, check_manifest, check_path
 from flare_async.checkpoints._quantized import ShardWriter
 from flare_async.errors import BadRequest, DecodeError, Unauthorized
@@ -30,6 +32,8 @@ OPEN, FILE, COMMIT = "ckpt-open", "ckpt-file", "ckpt-commit"
 STAGING = ".incoming-ckpt-"
 MAX_OPEN = 32
 """Manifests a receiver remembers between their open and commit (oldest forgotten first)."""
+MAX_MANIFEST = 64 << 20
+"""The largest manifest a receiver reads (quantized files carry their headers in it)."""
 
 
 class Opened(msgspec.Struct, frozen=True):
@@ -54,19 +58,22 @@ def checkpoint_handlers(
     *,
     accepts: Callable[[str, str, str], bool] | None = None,
     durable: bool = True,
-    on_stored: Callable[[Context, StoredCheckpoint], None] | None = None,
+    on_stored: Callable[[Context, str, StoredCheckpoint], None] | None = None,
 ) -> HandlerTable:
     """Take checkpoint folders into ``folder/<name>/`` (a site's inbox). ``accepts(src,
     "files", topic)`` is the site's policy, as for ``files/put``: the same ``files/*`` rules
-    decide who may send files and checkpoints. ``on_stored(ctx, stored)`` is called once a
+    decide who may send files and checkpoints. ``on_stored(ctx, origin, stored)`` is called once a
     folder is in place (``flare-async run`` writes its ``stored`` event line)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = HandlerTable("checkpoints")
     opened: OrderedDict[str, Manifest] = OrderedDict()
 
-    def admit(ctx: Context, topic: str) -> None:
-        if accepts is not None and not accepts(ctx.src, CHANNEL, topic):
-            raise Unauthorized(f"{ctx.cell.name}'s policy does not accept files from {ctx.src}")
+    def admit(ctx: Context, stream: IncomingStream) -> None:
+        # By origin: a stream fanned out by a relay above comes from the relay (src).
+        if accepts is not None and not accepts(stream.origin, CHANNEL, stream.topic):
+            raise Unauthorized(
+                f"{ctx.cell.name}'s policy does not accept files from {stream.origin}"
+            )
 
     def known(mid: str) -> Manifest:
         manifest = opened.get(mid)
@@ -79,11 +86,16 @@ def checkpoint_handlers(
             f"{name} is already in {ctx.cell.name}'s inbox; send it with --overwrite to replace it"
         )
 
-    @table.request(CHANNEL, OPEN)
-    async def open_(ctx: Context, msg: Payload) -> bytes:
-        admit(ctx, OPEN)
+    async def body(stream: IncomingStream, limit: int) -> bytes:
+        if stream.size is None or stream.size > limit:
+            raise BadRequest(f"{stream.topic} takes a body of known size up to {limit} B")
+        return (await stream.read_all()).tobytes()
+
+    @table.stream(CHANNEL, OPEN)
+    async def open_(ctx: Context, stream: IncomingStream) -> bytes:
+        admit(ctx, stream)
         try:
-            manifest = msgspec.json.decode(msg.tobytes(), type=Manifest)
+            manifest = msgspec.json.decode(await body(stream, MAX_MANIFEST), type=Manifest)
         except msgspec.DecodeError as exc:
             raise BadRequest(f"not a checkpoint manifest: {exc}") from None
         check_manifest(manifest)
@@ -109,7 +121,7 @@ def checkpoint_handlers(
 
     @table.stream(CHANNEL, FILE)
     async def file(ctx: Context, stream: IncomingStream) -> bytes:
-        admit(ctx, FILE)
+        admit(ctx, stream)
         manifest = known(stream.headers.get("id", ""))
         path = stream.headers.get("path", "")
         entry = next((f for f in manifest.files if f.path == path), None)
@@ -142,10 +154,10 @@ def checkpoint_handlers(
             incoming.unlink(missing_ok=True)
         return msgspec.json.encode({"path": path, "size": entry.size})
 
-    @table.request(CHANNEL, COMMIT)
-    async def commit(ctx: Context, msg: Payload) -> bytes:
-        admit(ctx, COMMIT)
-        manifest = known(msg.tobytes().decode(errors="replace"))
+    @table.stream(CHANNEL, COMMIT)
+    async def commit(ctx: Context, stream: IncomingStream) -> bytes:
+        admit(ctx, stream)
+        manifest = known((await body(stream, 64)).decode(errors="replace"))
         staging = folder / f"{STAGING}{manifest.id}"
         lacking = [
             f.path
@@ -162,7 +174,7 @@ def checkpoint_handlers(
         opened.pop(manifest.id, None)
         stored = StoredCheckpoint(manifest.name, len(manifest.files), manifest.total, replaced)
         if on_stored is not None:
-            on_stored(ctx, stored)
+            on_stored(ctx, stream.origin, stored)
         return msgspec.json.encode(stored)
 
     return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -14,7 +15,7 @@ from flare_async.checkpoints._quantized import records
 from flare_async.checkpoints._receive import CHANNEL, COMMIT, FILE, OPEN, Opened, StoredCheckpoint
 from flare_async.errors import (
     ConnectError,
-    FlareError,
+    DecodeError,
     StreamAborted,
     StreamError,
     StreamStalled,
@@ -23,6 +24,7 @@ from flare_async.errors import (
 from flare_async.streaming import DEFAULT_WINDOW
 from flare_async.wire import Buffer
 
+T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: source bytes through, of all (the slowest receiver's)."""
 
@@ -43,7 +45,6 @@ async def send_checkpoint(
     idle: float = 60.0,
     probe: float | None = None,
     attempts: int = 3,
-    timeout: float = 60.0,
     progress: Progress | None = None,
 ) -> dict[str, StoredCheckpoint | BaseException]:
     """Send a checkpoint folder to one or many cells' inboxes (``files/ckpt-*``, which
@@ -67,7 +68,6 @@ async def send_checkpoint(
         name: the folder's name at the receivers (default: the folder's own).
         overwrite: replace a folder of that name there (default: refused, ``BadRequest``).
         idle / window / probe: the streams' (``Cell.stream``).
-        timeout: seconds for the open and commit requests.
         progress: called with ``(done, total)`` source bytes.
 
     Returns:
@@ -87,20 +87,12 @@ async def send_checkpoint(
     dsts = [to] if isinstance(to, str) else list(dict.fromkeys(to))
     outcomes: dict[str, StoredCheckpoint | BaseException] = {}
     have: dict[str, set[str]] = {}
-    body = msgspec.json.encode(manifest)
-
-    async def open_one(dst: str) -> None:
-        try:
-            reply = await cell.request(dst, CHANNEL, OPEN, body, timeout=timeout)
-            opened = msgspec.json.decode(reply.tobytes(), type=Opened)
-        except (FlareError, msgspec.DecodeError, TimeoutError) as exc:
-            outcomes[dst] = exc
-            return
-        have[dst] = set(opened.have)
-
-    async with anyio.create_task_group() as tg:
-        for dst in dsts:
-            tg.start_soon(open_one, dst)
+    for dst, reply in (await _ask(cell, dsts, OPEN, msgspec.json.encode(manifest), idle)).items():
+        opened = _decoded(reply, Opened)
+        if isinstance(opened, Opened):
+            have[dst] = set(opened.have)
+        else:
+            outcomes[dst] = opened
 
     total, done = manifest.total, 0
     for entry in manifest.files:
@@ -130,17 +122,32 @@ async def send_checkpoint(
         if progress is not None:
             progress(done, total)
 
-    async def commit_one(dst: str) -> None:
-        try:
-            reply = await cell.request(dst, CHANNEL, COMMIT, manifest.id.encode(), timeout=timeout)
-            outcomes[dst] = msgspec.json.decode(reply.tobytes(), type=StoredCheckpoint)
-        except (FlareError, msgspec.DecodeError, TimeoutError) as exc:
-            outcomes[dst] = exc
-
-    async with anyio.create_task_group() as tg:
-        for dst in have:
-            tg.start_soon(commit_one, dst)
+    for dst, reply in (await _ask(cell, list(have), COMMIT, manifest.id.encode(), idle)).items():
+        outcomes[dst] = _decoded(reply, StoredCheckpoint)
     return {d: outcomes[d] for d in dsts}
+
+
+async def _ask(
+    cell: Cell, dsts: list[str], topic: str, body: bytes, idle: float
+) -> dict[str, bytes | BaseException]:
+    """A small stream to each of ``dsts`` (fanned out as one through relays): its reply's
+    bytes, or what it failed with (an answer that is not the expected JSON included)."""
+    if not dsts:
+        return {}
+    results = await cell.stream_many(dsts, CHANNEL, topic, body, idle=idle)
+    out: dict[str, bytes | BaseException] = {}
+    for dst, result in results.items():
+        out[dst] = result if isinstance(result, BaseException) else result.tobytes()
+    return out
+
+
+def _decoded(reply: bytes | BaseException, kind: type[T]) -> T | BaseException:
+    if isinstance(reply, BaseException):
+        return reply
+    try:
+        return msgspec.json.decode(reply, type=kind)
+    except msgspec.DecodeError as exc:
+        return DecodeError(f"not a {kind.__name__} answer: {exc}")
 
 
 async def _send_file(

@@ -119,14 +119,14 @@ def inbox_handlers(
         emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src, replaced=replaced)
         return msgspec.json.encode(Stored(name, size, stream.digest))
 
-    def stored(ctx: Context, done: StoredCheckpoint) -> None:
+    def stored(ctx: Context, origin: str, done: StoredCheckpoint) -> None:
         emit(
             "stored",
             cell=ctx.cell.name,
             name=done.name,
             size=done.size,
             files=done.files,
-            src=ctx.src,
+            src=origin,
             replaced=done.replaced,
         )
 

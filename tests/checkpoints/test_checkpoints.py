@@ -60,8 +60,11 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def tree(tmp: Path, **policy: Any) -> AsyncIterator[Cell]:
-    """server -> server.eu (relay) -> the sites, each with its inbox at ``tmp/<site>``."""
+async def tree(
+    tmp: Path, cells: dict[str, Cell] | None = None, **policy: Any
+) -> AsyncIterator[Cell]:
+    """server -> server.eu (relay) -> the sites, each with its inbox at ``tmp/<site>``; the
+    site cells into ``cells``."""
     net = MemoryNetwork()
     async with contextlib.AsyncExitStack() as stack:
         server = await stack.enter_async_context(
@@ -75,6 +78,8 @@ async def tree(tmp: Path, **policy: Any) -> AsyncIterator[Cell]:
             cell = Cell(site, parent="memory://eu", drivers=[net], handlers=[table])
             await stack.enter_async_context(cell)
             await cell.wait_parent()
+            if cells is not None:
+                cells[site] = cell
         yield server
 
 
@@ -97,7 +102,8 @@ async def test_a_sharded_checkpoint_reaches_every_site_byte_for_byte_once_throug
         assert digests(tmp_path / site / "tiny-llama") == digests(hf)
         assert sorted(p.name for p in (tmp_path / site).iterdir()) == ["tiny-llama"]  # no staging
     assert isinstance(out["server.eu.site-9"], Unreachable)  # failed alone
-    assert streams == len(manifest.files)  # one stream per file, to the relay's fan-out
+    # one stream per file to the relay's fan-out, and the open and the commit
+    assert streams == len(manifest.files) + 2
     assert seen[-1] == (manifest.total, manifest.total)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
@@ -142,7 +148,7 @@ async def test_sending_again_resumes_with_only_the_files_a_site_lacks(
     shard = next(f for f in manifest.files if f.path.endswith(".safetensors"))
     async with tree(tmp_path) as server:
         # A first attempt that got as far as one shard (then, say, the sender died).
-        reply = await server.request(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
+        reply = await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
         assert msgspec.json.decode(reply.tobytes(), type=Opened).have == ()
         await server.stream(
             SITES[0],
@@ -152,11 +158,12 @@ async def test_sending_again_resumes_with_only_the_files_a_site_lacks(
             sha256=f"sha256:{shard.sha256}",
             headers={"id": manifest.id, "path": shard.path},
         )
-        before = server.statistics().streams.sent
-        reply = await server.request(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
+        reply = await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
         assert msgspec.json.decode(reply.tobytes(), type=Opened).have == (shard.path,)
+        before = server.statistics().streams.sent
         out = await send_checkpoint(server, hf, SITES[0])
-        assert server.statistics().streams.sent - before == len(manifest.files) - 1
+        # the open, the files it lacked, the commit
+        assert server.statistics().streams.sent - before == 1 + len(manifest.files) - 1 + 1
     assert isinstance(out[SITES[0]], StoredCheckpoint)
     assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
 
@@ -175,15 +182,39 @@ async def test_a_name_in_the_inbox_is_refused_unless_overwritten(hf: Path, tmp_p
     assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)  # replaced whole
 
 
-async def test_a_site_policy_refuses_checkpoints_like_files(hf: Path, tmp_path: Path) -> None:
-    def accepts(src: str, channel: str, topic: str) -> bool:
-        assert channel == "files"  # the same files/* rules cover both
-        return src != "server"
+async def test_a_site_policy_judges_checkpoints_by_their_origin_through_the_relay(
+    hf: Path, tmp_path: Path
+) -> None:
+    allowed = {"server"}
+    asked: set[tuple[str, str, str]] = set()
 
-    async with tree(tmp_path, accepts=accepts) as server:
-        out = await send_checkpoint(server, hf, SITES)
-    assert all(isinstance(o, Unauthorized) for o in out.values())
-    assert all(list((tmp_path / s).iterdir()) == [] for s in SITES)
+    def accepts(src: str, channel: str, topic: str) -> bool:
+        asked.add((src, channel, topic))
+        return src in allowed
+
+    cells: dict[str, Cell] = {}
+    async with tree(tmp_path, cells, accepts=accepts) as server:
+        # fanned out by server.eu, judged as the server's (the stream's origin)
+        ok = await send_checkpoint(server, hf, SITES)
+        allowed.clear()
+        allowed.add("server.eu")  # a rule for the relay does not admit the server's
+        refused = await send_checkpoint(server, hf, SITES, name="again")
+        # a cell that is not above the site cannot claim an origin
+        allowed.add("server")
+        with pytest.raises(Unauthorized, match=r"from server\.eu\.site-2"):
+            await cells[SITES[1]].stream(
+                SITES[0],
+                "files",
+                "ckpt-open",
+                msgspec.json.encode(Manifest("x", scan(hf).files)),
+                headers={"fanout-origin": "server"},
+            )
+    assert all(isinstance(o, StoredCheckpoint) for o in ok.values()), ok
+    assert all(isinstance(o, Unauthorized) for o in refused.values()), refused
+    assert {c for _, c, _ in asked} == {"files"}  # the same files/* rules as files/put
+    assert {t for _, _, t in asked} == {"ckpt-open", "ckpt-file", "ckpt-commit"}
+    for site in SITES:
+        assert sorted(p.name for p in (tmp_path / site).iterdir()) == ["tiny-llama"]
 
 
 def entry(path: str, **kw: Any) -> FileEntry:
@@ -241,7 +272,7 @@ async def test_hostile_announcements_streams_and_commits_put_nothing_in_place(
 
         async def refused(topic: str, body: bytes, match: str) -> None:
             with pytest.raises(BadRequest, match=match):
-                await server.request(site, "files", topic, body)
+                await server.stream(site, "files", topic, body)
 
         await refused("ckpt-open", b"{not json", "not a checkpoint manifest")
         await refused(
@@ -251,7 +282,8 @@ async def test_hostile_announcements_streams_and_commits_put_nothing_in_place(
             "ckpt-open", msgspec.json.encode(Manifest("a/b", manifest.files)), "plain folder"
         )
         await refused("ckpt-commit", b"0" * 32, "not open here")
-        await server.request(site, "files", "ckpt-open", msgspec.json.encode(manifest))
+        await refused("ckpt-commit", b"0" * 65, "up to 64 B")
+        await server.stream(site, "files", "ckpt-open", msgspec.json.encode(manifest))
         await refused("ckpt-commit", manifest.id.encode(), "lacks")
 
         async def stream(source: Any, match: str, **kw: Any) -> None:
