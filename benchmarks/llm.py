@@ -52,7 +52,10 @@ Part (b): the records of ``_llm_rounds.lora_vs_full(quick)``, as they are (its d
 what they are), imported only when part (b) runs.
 
 Run: ``python benchmarks/llm.py [--quick] [--repeat N] [--cases bf16,q8,nf4] [--part a|b|all]
-[--keep DIR]``. Full size: 2.2 GB, 3 runs a case; ``--quick``: 123 MB, 1 run.
+[--keep DIR] [--window BYTES] [--no-fsync]``. Full size: 2.2 GB, 3 runs a case (about 8
+minutes); ``--quick``: 123 MB, 1 run (about 25 s for part (a), 12 s for part (b)).
+``--no-fsync``: the sites take files without fsync (cases ``...-nofsync``), to see what it
+costs.
 """
 
 from __future__ import annotations
@@ -411,7 +414,12 @@ def main() -> None:
         default=list(WIRE),
         help=f"comma-separated, among {','.join(WIRE)} (default: all)",
     )
-    p.add_argument("--part", choices=("a", "b", "all"), default="all")
+    p.add_argument(
+        "--part",
+        choices=("a", "b", "all"),
+        default="all",
+        help="a: the checkpoint through a relay; b: LoRA against full fine-tuning (default all)",
+    )
     p.add_argument(
         "--keep",
         metavar="DIR",
