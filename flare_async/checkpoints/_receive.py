@@ -4,7 +4,8 @@ fans out through relays as one, and takes the same path as ``files/put`` (an adm
 sends streams to sites; its requests are the server's alone).
 
 Files are kept in a hidden staging folder named by the manifest's id (``.incoming-ckpt-<id>``),
-each put there only once it arrived whole and matched (a lossless file: its SHA-256, announced
+each written beside it (``.incoming-ckpt-<id>-<random>``) and put there only once it arrived
+whole and matched (a lossless file: its SHA-256, announced
 in the manifest; a quantized one: its stream's digest and every tensor written); announcing the
 same manifest again answers which files are already there, so a transfer that failed part way
 resumes with the files it lacks. The commit renames the folder into place in one step.
@@ -12,6 +13,7 @@ resumes with the files it lacks. The commit renames the folder into place in one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -107,12 +109,7 @@ def checkpoint_handlers(
             raise taken(ctx, manifest.name)
         mid = manifest.id
         staging = folder / f"{STAGING}{mid}"
-        await anyio.to_thread.run_sync(lambda: staging.mkdir(exist_ok=True))
-        have = tuple(
-            f.path
-            for f in manifest.files
-            if (p := staging / f.path).is_file() and p.stat().st_size == f.size
-        )
+        have = await anyio.to_thread.run_sync(_staged, staging, manifest, True)
         opened[mid] = manifest
         opened.move_to_end(mid)
         while len(opened) > MAX_OPEN:
@@ -132,7 +129,8 @@ def checkpoint_handlers(
                 f"{path!r} is announced in {entry.quant or 'bytes'}, not {stream.codec}"
             )
         staging = folder / f"{STAGING}{manifest.id}"
-        incoming = staging / f"{STAGING}{secrets.token_hex(8)}"
+        # Beside the staging folder, not in it: what a crash leaves there is never committed.
+        incoming = folder / f"{STAGING}{manifest.id}-{secrets.token_hex(8)}"
         try:
             if entry.quant:
                 writer = ShardWriter(incoming, entry.header, entry.quant)
@@ -159,16 +157,13 @@ def checkpoint_handlers(
         admit(ctx, stream)
         manifest = known((await body(stream, 64)).decode(errors="replace"))
         staging = folder / f"{STAGING}{manifest.id}"
-        lacking = [
-            f.path
-            for f in manifest.files
-            if not ((p := staging / f.path).is_file() and p.stat().st_size == f.size)
-        ]
+        staged = await anyio.to_thread.run_sync(_staged, staging, manifest, False)
+        lacking = [f.path for f in manifest.files if f.path not in staged]
         if lacking:
             raise BadRequest(f"checkpoint {manifest.name} lacks {', '.join(lacking[:5])}")
         final = folder / manifest.name
         try:
-            replaced = await anyio.to_thread.run_sync(_commit, staging, final, manifest.overwrite)
+            replaced = await anyio.to_thread.run_sync(_commit, staging, final, manifest)
         except FileExistsError:
             raise taken(ctx, manifest.name) from None
         opened.pop(manifest.id, None)
@@ -180,17 +175,39 @@ def checkpoint_handlers(
     return table
 
 
+def _staged(staging: Path, manifest: Manifest, make: bool) -> tuple[str, ...]:
+    """The files of ``manifest`` in ``staging`` at their sizes (put there once verified)."""
+    if make:
+        staging.mkdir(exist_ok=True)
+    return tuple(
+        f.path
+        for f in manifest.files
+        if (p := staging / f.path).is_file() and p.stat().st_size == f.size
+    )
+
+
 def _place(incoming: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(incoming, target)
 
 
-def _commit(staging: Path, final: Path, overwrite: bool) -> bool:
-    """Rename ``staging`` to ``final``; whether it replaced a folder there.
+def _commit(staging: Path, final: Path, manifest: Manifest) -> bool:
+    """Rename ``staging`` to ``final``, holding the manifest's files and nothing else (what an
+    older version or a crash left there is removed first); whether it replaced a folder.
 
     Raises:
-        FileExistsError: ``final`` exists and ``overwrite`` is false (nothing changed).
+        FileExistsError: ``final`` exists and the manifest does not overwrite (nothing changed).
     """
+    overwrite = manifest.overwrite
+    keep = {f.path for f in manifest.files}
+    for root, dirs, names in os.walk(staging, topdown=False):
+        for name in names:
+            path = Path(root, name)
+            if path.relative_to(staging).as_posix() not in keep:
+                path.unlink()
+        for name in dirs:
+            with contextlib.suppress(OSError):  # not empty: it holds files to keep
+                Path(root, name).rmdir()
     if not os.path.lexists(final):
         os.rename(staging, final)  # fails (not replaces) if a non-empty final appeared
         return False

@@ -182,6 +182,7 @@ async def _send_file(
         _quantized(path, entry, moved),
         window=window,
         idle=idle,
+        probe=probe,
         codec=entry.quant,
         headers=headers,
     )

@@ -168,6 +168,21 @@ async def test_sending_again_resumes_with_only_the_files_a_site_lacks(
     assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
 
 
+async def test_what_a_crash_left_in_staging_is_not_committed(hf: Path, tmp_path: Path) -> None:
+    """A site killed inside a file (an older version wrote it into staging), or anything else
+    that is not the manifest's: the resumed transfer commits the checkpoint's files only."""
+    manifest = scan(hf)
+    staging = tmp_path / SITES[0] / f".incoming-ckpt-{manifest.id}"
+    (staging / "sub").mkdir(parents=True)
+    (staging / ".incoming-ckpt-0123456789abcdef.part").write_bytes(b"x" * 1000)
+    (staging / "sub" / "junk.bin").write_bytes(b"junk")
+    async with tree(tmp_path) as server:
+        out = await send_checkpoint(server, hf, SITES[0])
+    assert isinstance(out[SITES[0]], StoredCheckpoint)
+    assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
+    assert sorted(p.name for p in (tmp_path / SITES[0]).iterdir()) == ["tiny-llama"]
+
+
 async def test_a_name_in_the_inbox_is_refused_unless_overwritten(hf: Path, tmp_path: Path) -> None:
     async with tree(tmp_path) as server:
         assert isinstance((await send_checkpoint(server, hf, SITES[0]))[SITES[0]], StoredCheckpoint)
