@@ -19,16 +19,21 @@ of one process).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import math
 import sysconfig
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
+
+from flare_async.fl import FedAvgRecipe
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -249,3 +254,76 @@ def lora_initial(seed: int = SEED) -> dict[str, np.ndarray]:
         out[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (r, fan_in)).astype(np.float32)
         out[f"{prefix}.lora_B.weight"] = np.zeros((fan_out, r), np.float32)
     return out
+
+
+Eval = Callable[[int, float], None]
+"""``on_eval(round, perplexity)``: sees the global model's held-out perplexity each round."""
+
+
+def recipe(
+    initial: Callable[[], dict[str, np.ndarray]],
+    script: Callable[[], None],
+    evaluate: Callable[[int, dict[str, np.ndarray]], dict[str, float]],
+    *,
+    rounds: int,
+    codec: str,
+    steps: int,
+    evaluate_here: bool,
+    on_eval: Eval | None,
+) -> FedAvgRecipe:
+    """The job both examples are: FedAvg from ``initial`` with ``script`` on the sites (each
+    gets ``steps``, its ``site_index`` and ``sites``); with ``evaluate_here`` the process
+    running the workflow scores the global model after every round (``validation``)."""
+
+    def validate(rnd: int, params: dict[str, np.ndarray]) -> dict[str, float]:
+        scores = evaluate(rnd, params)
+        if on_eval is not None:
+            on_eval(rnd, scores["perplexity"])
+        return scores
+
+    return FedAvgRecipe(
+        initial=initial,
+        script=script,
+        rounds=rounds,
+        codec=codec,
+        config={"steps": steps},
+        evaluate=validate if evaluate_here else None,
+        deadline=300.0,
+    )
+
+
+async def simulate_printed(
+    make: Callable[[Eval], FedAvgRecipe], base: float, rounds: int, **simulate: Any
+) -> list[float]:
+    """Simulate the job ``make(on_eval)`` builds, printing the held-out perplexity of the
+    base and after each round; return those of the rounds."""
+    start = time.perf_counter()
+    print(f"round  0/{rounds}: held-out perplexity {base:7.2f} (the base model)", flush=True)
+
+    def show(rnd: int, ppl: float) -> None:
+        took = time.perf_counter() - start
+        print(f"round {rnd + 1:2d}/{rounds}: held-out perplexity {ppl:7.2f} ({took:5.1f} s)")
+
+    final = await make(show).simulate(**simulate)
+    return [h["validation"]["perplexity"] for h in final.meta["history"]]
+
+
+def main(
+    doc: str,
+    run: Callable[..., Awaitable[list[float]]],
+    *,
+    rounds: int,
+    sites: int,
+    steps: int,
+    relays: bool = False,
+) -> None:
+    """An example's command line: ``--rounds --codec --sites --steps`` (and ``--relays``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0])
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--codec", default="tensors", help="tensors, q8, nf4, fp16, bf16 ...")
+    p.add_argument("--sites", type=int, default=sites)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per site per round")
+    if relays:
+        p.add_argument("--relays", type=int, default=1, help="relays folding the sites' results")
+    args = vars(p.parse_args())
+    anyio.run(functools.partial(run, **args))

@@ -20,12 +20,9 @@ site 1 reports the held-out perplexity of the global model it received each roun
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import anyio
 import numpy as np
 
 import flare_async.client as flare
@@ -144,50 +141,30 @@ def recipe(
     model: for the simulator, never on a deployment's server. ``on_eval(round, ppl)`` sees
     each value.
     """
-
-    def validate(rnd: int, params: Params) -> dict[str, float]:
-        scores = evaluate(rnd, params)
-        if on_eval is not None:
-            on_eval(rnd, scores["perplexity"])
-        return scores
-
-    return FedAvgRecipe(
-        initial=common.lora_initial,
-        script=train,
+    return common.recipe(
+        common.lora_initial,
+        train,
+        evaluate,
         rounds=rounds,
         codec=codec,
-        config={"steps": steps},  # each site also gets site_index and sites
-        evaluate=validate if evaluate_here else None,
-        deadline=300.0,
+        steps=steps,
+        evaluate_here=evaluate_here,
+        on_eval=on_eval,
     )
 
 
 async def run(rounds: int, codec: str, sites: int, steps: int = STEPS) -> list[float]:
     """Simulate the job; return the held-out perplexity after each round (and print it)."""
-    start = time.perf_counter()
     base = common.perplexity(merged(common.lora_initial()))
-    print(f"round  0/{rounds}: held-out perplexity {base:7.2f} (the base model)", flush=True)
 
-    def show(rnd: int, ppl: float) -> None:
-        print(
-            f"round {rnd + 1:2d}/{rounds}: held-out perplexity {ppl:7.2f} "
-            f"({time.perf_counter() - start:5.1f} s)",
-            flush=True,
-        )
+    def make(on_eval: common.Eval) -> FedAvgRecipe:
+        return recipe(rounds, codec, steps, evaluate_here=True, on_eval=on_eval)
 
-    job = recipe(rounds, codec, steps, evaluate_here=True, on_eval=show)
-    final = await job.simulate(clients=sites)
-    return [h["validation"]["perplexity"] for h in final.meta["history"]]
+    return await common.simulate_printed(make, base, rounds, clients=sites)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--codec", default="tensors", help="tensors, q8, nf4, fp16, bf16 ...")
-    p.add_argument("--sites", type=int, default=SITES)
-    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per site per round")
-    args = p.parse_args()
-    anyio.run(run, args.rounds, args.codec, args.sites, args.steps)
+    common.main(__doc__, run, rounds=5, sites=SITES, steps=STEPS)
 
 
 if __name__ == "__main__":

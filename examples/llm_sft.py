@@ -16,13 +16,11 @@ dict from the config and the seed; it needs torch and transformers). See docs/ll
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import anyio
 import numpy as np
 
 import flare_async.client as flare
@@ -38,6 +36,8 @@ STEPS = 10
 """Optimizer steps per site per round."""
 BATCH = 8
 LR = 3e-3
+TRAINERS = threading.Lock()
+"""One ``Trainer`` at a time in a process (see :func:`train`)."""
 Params = dict[str, np.ndarray]
 
 
@@ -128,14 +128,17 @@ def train() -> None:
                 {"input_ids": torch.from_numpy(r), "labels": torch.from_numpy(r)} for r in rows
             ]
             callback = fl_callback()
-            trainer = Trainer(
-                model=model,
-                args=training_args(folder, steps, lr, seed),
-                train_dataset=dataset,
-                callbacks=[callback],
-            )
-            trainer.remove_callback(PrinterCallback)  # its log lines; the callback keeps them
-            trainer.train()
+            # accelerate keeps one state per process, which each Trainer sets up and resets:
+            # sites that share a process (the simulator's threads) take turns.
+            with TRAINERS:
+                trainer = Trainer(
+                    model=model,
+                    args=training_args(folder, steps, lr, seed),
+                    train_dataset=dataset,
+                    callbacks=[callback],
+                )
+                trainer.remove_callback(PrinterCallback)  # its log lines; the callback keeps them
+                trainer.train()
             state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
             flare.send(callback.result(state))
 
@@ -161,20 +164,15 @@ def recipe(
     after every round (``validation["perplexity"]``); ``on_eval(round, ppl)`` sees each value.
     """
 
-    def validate(rnd: int, params: Params) -> dict[str, float]:
-        scores = evaluate(rnd, params)
-        if on_eval is not None:
-            on_eval(rnd, scores["perplexity"])
-        return scores
-
-    return FedAvgRecipe(
-        initial=common.base_state,
-        script=train,
+    return common.recipe(
+        common.base_state,
+        train,
+        evaluate,
         rounds=rounds,
         codec=codec,
-        config={"steps": steps},  # each site also gets site_index and sites
-        evaluate=validate if evaluate_here else None,
-        deadline=300.0,
+        steps=steps,
+        evaluate_here=evaluate_here,
+        on_eval=on_eval,
     )
 
 
@@ -183,31 +181,16 @@ async def run(
 ) -> list[float]:
     """Simulate the job with ``relays`` folding the sites' results; return the held-out
     perplexity after each round (and print it)."""
-    start = time.perf_counter()
     base = common.perplexity(common.base_model())
-    print(f"round  0/{rounds}: held-out perplexity {base:7.2f} (the base model)", flush=True)
 
-    def show(rnd: int, ppl: float) -> None:
-        print(
-            f"round {rnd + 1:2d}/{rounds}: held-out perplexity {ppl:7.2f} "
-            f"({time.perf_counter() - start:5.1f} s)",
-            flush=True,
-        )
+    def make(on_eval: common.Eval) -> FedAvgRecipe:
+        return recipe(rounds, codec, steps, evaluate_here=True, on_eval=on_eval)
 
-    job = recipe(rounds, codec, steps, evaluate_here=True, on_eval=show)
-    final = await job.simulate(clients=sites, relays=relays)
-    return [h["validation"]["perplexity"] for h in final.meta["history"]]
+    return await common.simulate_printed(make, base, rounds, clients=sites, relays=relays)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--codec", default="tensors", help="tensors, q8, nf4, fp16, bf16 ...")
-    p.add_argument("--sites", type=int, default=SITES)
-    p.add_argument("--relays", type=int, default=1, help="relays folding the sites' results")
-    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per site per round")
-    args = p.parse_args()
-    anyio.run(run, args.rounds, args.codec, args.sites, args.relays, args.steps)
+    common.main(__doc__, run, rounds=3, sites=SITES, steps=STEPS, relays=True)
 
 
 if __name__ == "__main__":
