@@ -23,7 +23,10 @@ streams once to the relay, which forwards it to the four sites (``Cell.stream_ma
 its SHA-256), ``q8`` and ``nf4`` (``send_checkpoint(quantize=...)``: the shards quantized per
 tensor slice on the wire, written back as bf16 in their layout). Per case, ``--repeat`` runs
 (median reported); before each run one raw-socket transfer of the checkpoint's size and one
-through the raw relay (stream.py's ``Baseline``: blocking sockets, the relay splicing).
+through the raw relay (stream.py's ``Baseline``: blocking sockets, the relay splicing), and the
+sites' floor: 4 processes at once writing the checkpoint's size to a file in 1 MiB writes,
+hashing it (SHA-256) and syncing it, with no network at all (what every site must do here, on
+the same 2 cores and the same disk).
 
 Lines (every one carries ``load_start`` and ``load_end``: the 1-minute load average when the
 case started and when it ended, this benchmark's own processes included):
@@ -31,7 +34,8 @@ case started and when it ended, this benchmark's own processes included):
 - ``case`` ``throughput`` (B/s): checkpoint bytes / seconds from the start of
   ``send_checkpoint`` to its return (its ``scan`` of the folder, SHA-256 of every file,
   included; every site has committed its folder), ``baseline``: the raw socket, with
-  ``baseline_relay``/``ratio_relay``: the raw relay; ``verified``: ``pass`` if every site's
+  ``baseline_relay``/``ratio_relay``: the raw relay, ``baseline_sites``/``ratio_sites``: the
+  sites' floor (the fair ceiling of this case); ``verified``: ``pass`` if every site's
   folder matched in every run (lossless: the SHA-256 of every file, computed in the site's
   process; quantized: the same file list and sizes, the SHA-256 of the files not quantized).
 - ``case`` ``seconds`` (s) of the send; ``case:scan`` ``seconds``: ``scan`` alone (the source's
@@ -39,7 +43,8 @@ case started and when it ended, this benchmark's own processes included):
 - ``case`` ``wire_bytes`` (B): bytes the sender put on its link per run, ``baseline`` the
   checkpoint's size (``ratio``: the fraction that travels; 1.0 for bf16 means once, not once
   per site).
-- ``case:raw-relay`` ``throughput`` against the raw socket (as ``stream.py`` reports it).
+- ``case:raw-relay`` ``throughput`` against the raw socket (as ``stream.py`` reports it), and
+  ``case:sites-write`` ``throughput``: the sites' floor.
 - ``case:sender``, ``case:relay``, ``case:sites`` ``cpu_seconds`` (s, user + system) per run,
   beside the run's ``wall_seconds``: the sender's during the send (the scan included), the
   relay's since it linked divided by the runs, the four sites' together from the end of one
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -250,6 +256,41 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _write_like_a_site(path: str, size: int, durable: bool) -> None:
+    """What a site does with the checkpoint's bytes at the least: 1 MiB writes to a file, each
+    hashed (SHA-256), synced at the end (``durable``)."""
+    block = np.random.default_rng(3).bytes(1 << 20)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            piece = block[: min(left, len(block))]
+            f.write(piece)
+            digest.update(piece)
+            left -= len(piece)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.unlink(path)
+
+
+def sites_write(size: int, tmp: Path, durable: bool) -> float:
+    """The sites' floor, B/s of checkpoint: ``SITES`` processes at once, each writing and
+    hashing the checkpoint's size as :func:`_write_like_a_site` (no network, no framing)."""
+    procs = [
+        multiprocessing.Process(
+            target=_write_like_a_site, args=(str(tmp / f"floor-{i}.bin"), size, durable)
+        )
+        for i in range(SITES)
+    ]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return size / (time.perf_counter() - start)
+
+
 def run_case(
     case: str,
     quantize: str,
@@ -296,10 +337,11 @@ def run_case(
         for c in members:
             c.line()  # ready
         sender.line()  # every site answers
-        runs, bases, relay_bases = [], [], []
+        runs, bases, relay_bases, floors = [], [], [], []
         for i in range(repeat):
             bases.append(base.once())
             relay_bases.append(base.once_relayed())
+            floors.append(sites_write(size, tmp, durable))
             assert sender.proc.stdin is not None
             sender.proc.stdin.write(f"go {case}-{i}\n")
             sender.proc.stdin.flush()
@@ -312,7 +354,8 @@ def run_case(
                 f" {rec['seconds']:.1f} s (scan alone {rec['scan_seconds']:.1f} s),"
                 f" {rec['sent'] / 1e6:.0f} MB on the sender's link;"
                 f" raw socket just before: {bases[-1] / 1e9:.2f} GB/s,"
-                f" raw relay: {relay_bases[-1] / 1e9:.2f}; verified: {rec['verified']}"
+                f" raw relay: {relay_bases[-1] / 1e9:.2f}, {SITES} sites writing:"
+                f" {floors[-1] / 1e9:.2f}; verified: {rec['verified']}"
                 f" ({next(iter(rec['details'].values()))})"
             )
             if not rec["verified"]:
@@ -329,7 +372,7 @@ def run_case(
         sender.stop()
         rss = {"sender": sender.line()["peak_rss"], **rss}
     loads = {"load_start": load_start, "load_end": load()}
-    base_med, relay_med = median(bases), median(relay_bases)
+    base_med, relay_med, floor_med = median(bases), median(relay_bases), median(floors)
     value = median([size / r["seconds"] for r in runs])
     verified = all(r["verified"] for r in runs)
     emit(
@@ -341,6 +384,8 @@ def run_case(
         base_med,
         baseline_relay=float(f"{relay_med:.6g}"),
         ratio_relay=round(value / relay_med, 4),
+        baseline_sites=float(f"{floor_med:.6g}"),
+        ratio_sites=round(value / floor_med, 4),
         verified="pass" if verified else "fail",
         check="sha256 per file" if not quantize else "file list and sizes",
         runs=len(runs),
@@ -350,6 +395,7 @@ def run_case(
     emit(BENCH, f"{case}:scan", "seconds", median([r["scan_seconds"] for r in runs]), "s", **loads)
     emit(BENCH, case, "wire_bytes", median([r["sent"] for r in runs]), "B", size, **loads)
     emit(BENCH, f"{case}:raw-relay", "throughput", relay_med, "B/s", base_med, **loads)
+    emit(BENCH, f"{case}:sites-write", "throughput", floor_med, "B/s", base_med, **loads)
     wall = median([r["seconds"] for r in runs])
     for role, cpu in (
         ("sender", median([r["cpu"] for r in runs])),
