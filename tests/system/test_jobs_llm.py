@@ -1,7 +1,8 @@
-"""Federated LoRA (``examples/llm_lora.py``) as a job on a real deployment: every cell its own
-OS process over mTLS, each site's training in a process of its own, submitted with the admin
-CLI. The server's model is the adapter alone: its checkpoint holds peft's adapter tensors and
-nothing of the base model, and the job process never imported torch to build it."""
+"""Federated LoRA (``examples/llm_lora.py``) and federated full fine-tuning with the ``Trainer``
+(``examples/llm_sft.py``) as jobs on one real deployment: every cell its own OS process over
+mTLS, each site's training in a process of its own, submitted with the admin CLI. The LoRA
+job's model is the adapter alone: its checkpoint holds peft's adapter tensors and nothing of the
+base model; the full job's is the whole state dict, folded at the relay."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def d(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
         deployment.stop()
 
 
-@pytest.mark.timeout(300)
-def test_a_federated_lora_job_on_a_deployment(d: Deployment, tmp_path: Path) -> None:
+@pytest.mark.timeout(420)
+def test_federated_lora_then_full_fine_tuning_on_a_deployment(
+    d: Deployment, tmp_path: Path
+) -> None:
     """2 rounds on the 2 sites, adapters quantized to 8 bits on the wire (``--codec q8``).
     The job's checkpoint is the adapter (peft's names and shapes, the base model's tensors
     absent); the held-out perplexity the first site measured on each model it received (the
@@ -67,3 +70,18 @@ def test_a_federated_lora_job_on_a_deployment(d: Deployment, tmp_path: Path) -> 
     assert seen[0] == pytest.approx(base, rel=1e-4)  # every site built the same base
     last = common.perplexity(llm_lora.merged(tensors))
     assert base > seen[1] > last, (base, seen, last)
+
+    # The same deployment, the Trainer's job: the whole state dict both ways, 2 rounds.
+    done = d.job("submit", "examples.llm_sft:recipe", "--rounds", "2", "--wait", "--timeout", "240")
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert (final["state"], final["rounds_done"]) == ("finished", 2), final
+    folder = tmp_path / "jobs" / "server" / final["id"] / "checkpoints"
+    tensors, meta = decode((folder / "last.safetensors").read_bytes())
+    state = common.base_state()
+    assert sorted(tensors) == sorted(state)  # every tensor of the model
+    assert any(not np.array_equal(tensors[k], state[k]) for k in state)  # trained
+    history = json.loads(meta["flare.checkpoint"])["history"]
+    assert [sorted(h["responded"]) for h in history] == [SITES, SITES]
+    losses = [h["metrics"]["loss"] for h in history]  # the sites' mean, as the Trainer logged
+    assert losses[1] < losses[0], losses
