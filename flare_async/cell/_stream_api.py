@@ -235,12 +235,16 @@ class StreamingMixin:
         return out
 
     def _fanout_groups(self, targets: list[str]) -> dict[str | None, list[str]]:
-        """Destinations by the child relay they lie behind (``None``: sent to directly — a
-        child itself, a cell reached through the parent, or a lone one behind its relay)."""
+        """Destinations by the relay they lie behind (``None``: sent to directly — a child
+        itself, or a lone one behind its relay). Those below this cell go by the child on
+        their way; those reached through the parent (two or more) as one group, to the
+        nearest cell above them all (an admin's session sending to sites: one stream up,
+        fanned out where the paths part)."""
         groups: dict[str | None, list[str]] = {}
+        up = _above_all([d for d in targets if _child_below(self.name, d) is None])
         for dst in targets:
             child = _child_below(self.name, dst)
-            key = child if child is not None and child != dst else None
+            key = up if child is None else child if child != dst else None
             groups.setdefault(key, []).append(dst)
         for hop in [
             h
@@ -339,6 +343,21 @@ def normalize_known(text: str) -> str:
 
 def _known_algorithm(text: str) -> str:
     return normalize_known(text).partition(":")[0]
+
+
+def _above_all(names: list[str]) -> str | None:
+    """The nearest cell above every one of ``names`` (``None`` for fewer than two, or when one
+    of them is that cell, or they share no root)."""
+    if len(names) < 2:
+        return None
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    above = ".".join(common)
+    return above if above and above not in names else None
 
 
 def _child_below(me: str, dst: str) -> str | None:

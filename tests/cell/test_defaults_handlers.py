@@ -114,3 +114,47 @@ def test_defaults_fill_only_what_the_tables_leave() -> None:
     # Two tables of the user's for one address still conflict, defaults or not.
     with pytest.raises(ConfigError, match="two handlers for stream sys/fanout"):
         Dispatch([mine, twice], [routing_handlers()])
+
+
+async def test_a_cell_beside_the_tree_fans_out_where_the_paths_part() -> None:
+    """A sender that is not above its destinations (an admin's session below the server, a
+    site sending to other sites) sends one stream up, to the nearest cell above them all,
+    which fans it out; the sites see it come from the sender (its origin), not the relays."""
+    net = MemoryNetwork()
+    origins: dict[str, str] = {}
+    table = HandlerTable()
+
+    @table.stream("models", "global")
+    async def take(ctx: Context, stream: IncomingStream) -> bytes:
+        origins[ctx.cell.name] = stream.origin
+        return str(len((await stream.read_all()).tobytes())).encode()
+
+    sites = ["server.eu.r.s1", "server.eu.r.s2", "server.eu.s3"]
+    async with AsyncExitStack() as stack:
+        for name, url, parent in (
+            ("server", "memory://server", None),
+            ("server.eu", "memory://eu", "memory://server"),
+            ("server.eu.r", "memory://r", "memory://eu"),
+        ):
+            cell = Cell(name, listen=[url], parent=parent, drivers=[net])
+            await stack.enter_async_context(cell)
+            if parent:
+                await cell.wait_parent()
+        for name in sites:
+            parent = "memory://r" if ".r." in name else "memory://eu"
+            site = Cell(name, parent=parent, drivers=[net], handlers=[table])
+            await (await stack.enter_async_context(site)).wait_parent()
+        ops = await stack.enter_async_context(
+            Cell("server.ops", parent="memory://server", drivers=[net])
+        )
+        await ops.wait_parent()
+        results = await ops.stream_many(sites, "models", "global", DATA, idle=10)
+        assert {
+            n: r.tobytes() for n, r in results.items() if isinstance(r, Payload)
+        } == dict.fromkeys(sites, str(len(DATA)).encode())
+        assert ops.statistics().streams.sent == 1  # one stream, to server.eu's sys/fanout
+        assert origins == dict.fromkeys(sites, "server.ops")
+        # a lone destination, or one above the others, is sent to directly
+        alone = await ops.stream_many(["server.eu.s3"], "models", "global", DATA, idle=10)
+        assert isinstance(alone["server.eu.s3"], Payload)
+        assert ops.statistics().streams.sent == 2

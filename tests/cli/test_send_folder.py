@@ -93,13 +93,8 @@ name = "admin@example.org"
         # The same name again: refused in one line, the folder there untouched.
         again = send(kits, model, "--to", SITES[1], kit="admin@example.org")
         assert again.returncode == 1
-        assert (
-            again.stderr.strip()
-            .splitlines()[-1]
-            .startswith(
-                "flare-async send: error: BadRequest: tiny-llama is already in server.eu.site-2's inbox"
-            )
-        )
+        last = again.stderr.strip().splitlines()[-1]
+        assert last.startswith("flare-async send: error: BadRequest: tiny-llama is already in")
         # A file alone goes to one cell, as it is.
         two = send(kits, model / "config.json", *to, kit="admin@example.org")
         assert two.returncode == 1
