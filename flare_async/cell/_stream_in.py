@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,15 @@ ORIGIN_HEADER = "fanout-origin"
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
+
+def stream_origin(me: str, src: str, headers: Mapping[str, str]) -> str:
+    """Where a stream arriving at ``me`` from ``src`` came from: ``src``, or the
+    ``fanout-origin`` a relay above ``me`` names (a relay on the path could put any ``src``
+    on what it forwards anyway; the header from any other cell is ignored)."""
+    claimed = headers.get(ORIGIN_HEADER, "")
+    return claimed if claimed and me.startswith(f"{src}.") else src
+
+
 _FINISHED_KEPT = 256
 """Finished streams remembered per cell, to answer a sender whose final answer was lost."""
 
@@ -123,9 +132,7 @@ class IncomingStream:
         self.size = open_.size if open_.size >= 0 else None
         self.codec = open_.codec
         self.headers = dict(open_.headers)
-        claimed = self.headers.get(ORIGIN_HEADER, "")
-        above = hub.port.name.startswith(f"{self.src}.")
-        self.origin = claimed if claimed and above else self.src
+        self.origin = stream_origin(hub.port.name, self.src, self.headers)
         self.chunk = machine.chunk
         self.window = machine.window
         self.idle = machine.idle
@@ -136,6 +143,10 @@ class IncomingStream:
         """The sender's digest algorithm, or False (a fan-out relay asks the same)."""
         self._digest = open_digest(algorithm, machine.chunk) if algorithm else None
         self._digest_started = False
+        self.digest_computed = False
+        """:attr:`digest` was computed here from the bytes taken (and matched the sender's),
+        not only announced by the sender (who may announce one without asking this cell to
+        compute it): what a handler that trusts the digest checks."""
         self.digest = ""
         """The digest of the bytes taken, in text form (``"crc32c:<hex>"``, ``"blake3:<hex>"``,
         ``"sha256:<hex>"``), once the stream ended (verified against the sender's when both
@@ -213,6 +224,7 @@ class IncomingStream:
                 self.fail(error)
                 self._hub.abort(self, Status.STREAM_CORRUPTED, str(error))
                 raise error
+            self.digest_computed = True
         else:
             self.digest = self._expected_sha
         self.finished = True
@@ -405,7 +417,9 @@ class StreamHub:
         if h.resume:
             self._abort_to(h.src, h.src, h.sid, Status.STREAM_ABORTED, "unknown stream")
             return
-        fn = self.port.admit(Kind.STREAM, h.src, h.channel, h.topic)
+        # judged by origin: a stream a relay above fanned out is the sender's, not the relay's
+        origin = stream_origin(self.port.name, h.src, h.headers)
+        fn = self.port.admit(Kind.STREAM, origin, h.channel, h.topic)
         if isinstance(fn, tuple):
             self._abort_to(h.src, h.src, h.sid, *fn)
             return

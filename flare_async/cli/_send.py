@@ -94,8 +94,10 @@ def inbox_handlers(
 
     @table.stream(INBOX_CHANNEL, INBOX_TOPIC)
     async def put(ctx: Context, stream: IncomingStream) -> bytes:
-        if accepts is not None and not accepts(ctx.src, INBOX_CHANNEL, INBOX_TOPIC):
-            raise Unauthorized(f"{ctx.cell.name}'s policy does not accept files from {ctx.src}")
+        if accepts is not None and not accepts(stream.origin, INBOX_CHANNEL, INBOX_TOPIC):
+            raise Unauthorized(
+                f"{ctx.cell.name}'s policy does not accept files from {stream.origin}"
+            )
         name = safe_name(stream.headers.get("name", ""))
         overwrite = stream.headers.get("overwrite", "") == "1"
         final = folder / name
@@ -116,7 +118,9 @@ def inbox_handlers(
             raise taken() from None
         finally:
             incoming.unlink(missing_ok=True)  # gone once placed; here also when cancelled
-        emit("stored", cell=ctx.cell.name, name=name, size=size, src=ctx.src, replaced=replaced)
+        emit(
+            "stored", cell=ctx.cell.name, name=name, size=size, src=stream.origin, replaced=replaced
+        )
         return msgspec.json.encode(Stored(name, size, stream.digest))
 
     def stored(ctx: Context, origin: str, done: StoredCheckpoint) -> None:

@@ -360,11 +360,11 @@ class ClientRuntime:
         """A task stream from the server: queued for the script's next ``receive()``.
 
         Raises:
-            Unauthorized: the stream comes from neither the server nor a relay above this site
-                (which fans the server's stream out).
+            Unauthorized: the stream does not come from the server (directly, or fanned out
+                by the relays above this site: its origin).
         """
-        if stream.src != self.server and not self.cell.name.startswith(stream.src + "."):
-            raise Unauthorized(f"tasks come from {self.server} or a relay above, not {stream.src}")
+        if stream.origin != self.server:
+            raise Unauthorized(f"tasks come from {self.server}, not {stream.origin}")
         if self.failed is not None:
             raise BadRequest(f"{self.site} cannot train: {self.failed}")
         data = await stream.read_joined()
