@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from pathlib import Path, PurePosixPath
 from typing import Final
@@ -18,6 +19,10 @@ from flare_async.errors import BadRequest, ConfigError, DecodeError
 MAX_FILES: Final = 10_000
 """Files in one checkpoint (a 405B model's folder has under 300)."""
 MAX_PATH: Final = 1024
+"""Bytes of a file's path (UTF-8)."""
+MAX_FILE: Final = 1 << 40
+"""Bytes of one file (1 TiB; a Hugging Face shard is at most a few GB)."""
+_HEX64 = re.compile("[0-9a-f]{64}")
 SCHEMES: Final = ("bf16", "fp16", "q8", "nf4")
 """What a checkpoint's safetensors files may be quantized to on the wire (the codecs')."""
 
@@ -54,16 +59,21 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def id(self) -> str:
         """What the receiver keeps verified files under between attempts: the same folder
-        announced again (same files, same digests, same quantization) resumes."""
+        announced again (same files, digests, quantization and headers) resumes. The first 32
+        hex digits of the SHA-256 over the name (UTF-8), then for each file in order a line
+        ``"\n" + "\0".join([path, str(size), sha256, quant, SHA-256 hex of header or ""])``
+        (UTF-8): docs/llm.md, "The protocol"."""
         h = hashlib.sha256(self.name.encode())
         for f in self.files:
-            h.update(msgspec.json.encode((f.path, f.size, f.sha256, f.quant)))
+            header = hashlib.sha256(f.header).hexdigest() if f.header else ""
+            h.update(("\n" + "\0".join([f.path, str(f.size), f.sha256, f.quant, header])).encode())
         return h.hexdigest()[:32]
 
 
 def check_path(path: str) -> str:
     """A file's path as a receiver accepts it: relative, ``/``-separated, no ``..``, nothing
-    hidden or partial, no empty part.
+    hidden or partial, no empty part, no control character or backslash; each part at most
+    255 bytes and the whole at most 1,024 bytes in UTF-8.
 
     Raises:
         BadRequest: anything else.
@@ -71,10 +81,12 @@ def check_path(path: str) -> str:
     parts = path.split("/")
     if (
         not path
-        or len(path) > MAX_PATH
-        or "\x00" in path
-        or "\\" in path
-        or any(not p or p.startswith(".") or p.endswith(".part") or len(p) > 255 for p in parts)
+        or len(path.encode()) > MAX_PATH
+        or any(ord(c) < 32 or c in "\x7f\\" for c in path)
+        or any(
+            not p or p.startswith(".") or p.endswith(".part") or len(p.encode()) > 255
+            for p in parts
+        )
         or PurePosixPath(path).is_absolute()
     ):
         raise BadRequest(f"{path!r} is not an acceptable file path in a checkpoint")
@@ -82,28 +94,35 @@ def check_path(path: str) -> str:
 
 
 def check_manifest(manifest: Manifest) -> Manifest:
-    """The receiver's checks of an announced manifest (names, sizes, headers).
+    """The receiver's checks of an announced manifest (names, sizes, headers), in time linear
+    in its size.
 
     Raises:
         BadRequest: what is wrong, first found.
     """
     if not 0 < len(manifest.files) <= MAX_FILES:
         raise BadRequest(f"a checkpoint has 1 to {MAX_FILES} files, not {len(manifest.files)}")
-    seen: set[str] = set()
+    files: set[str] = set()
+    folders: set[str] = set()
     for f in manifest.files:
         check_path(f.path)
-        if f.path in seen or any(f"{f.path}/".startswith(f"{s}/") for s in seen):
+        key = f.path.lower()  # a file system that ignores case must not see a clash either
+        parts = key.split("/")
+        above = {"/".join(parts[:i]) for i in range(1, len(parts))}
+        if key in files or key in folders or above & files:
             raise BadRequest(f"{f.path!r} is named twice, or is both a file and a folder")
-        seen.add(f.path)
-        if f.size < 0 or len(f.sha256) != 64 or not all(c in "0123456789abcdef" for c in f.sha256):
+        files.add(key)
+        folders |= above
+        if not 0 <= f.size <= MAX_FILE or not _HEX64.fullmatch(f.sha256):
             raise BadRequest(f"{f.path!r}: bad size or SHA-256")
-        if f.quant:
-            if f.quant not in SCHEMES:
-                raise BadRequest(f"{f.path!r}: unknown quantization {f.quant!r}")
-            if quantized_size(f.header) != f.size:
-                raise BadRequest(f"{f.path!r}: its header does not describe {f.size} B")
-    if len(seen) != len({p.lower() for p in seen}):
-        raise BadRequest("two paths differ only in case")
+        if not f.quant:
+            if f.header:
+                raise BadRequest(f"{f.path!r}: a header for a file sent byte for byte")
+            continue
+        if f.quant not in SCHEMES:
+            raise BadRequest(f"{f.path!r}: unknown quantization {f.quant!r}")
+        if quantized_size(f.header) != f.size:
+            raise BadRequest(f"{f.path!r}: its header does not describe {f.size} B")
     return manifest
 
 

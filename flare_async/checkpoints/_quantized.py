@@ -115,7 +115,9 @@ class ShardWriter:
         if known is None:
             raise DecodeError(f"a record for {head.tensor!r}, which the header does not name")
         dtype, count, begin = known
-        if head.start != self._next[head.tensor] or not 0 < head.count <= count - head.start:
+        if not 0 < head.count <= SLICE:  # what a slice may cost to decode: one slice's worth
+            raise DecodeError(f"{head.tensor!r}: a record of {head.count} values (1 to {SLICE})")
+        if head.start != self._next[head.tensor] or head.count > count - head.start:
             raise DecodeError(
                 f"{head.tensor!r}: values {head.start}+{head.count} out of order (next: "
                 f"{self._next[head.tensor]} of {count})"

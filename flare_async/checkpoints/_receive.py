@@ -14,6 +14,7 @@ resumes with the files it lacks. The commit renames the folder into place in one
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -36,6 +37,8 @@ MAX_OPEN = 32
 """Manifests a receiver remembers between their open and commit (oldest forgotten first)."""
 MAX_MANIFEST = 64 << 20
 """The largest manifest a receiver reads (quantized files carry their headers in it)."""
+MAX_OPEN_BYTES = 256 << 20
+"""Bytes of manifests a receiver remembers in all (oldest forgotten first)."""
 
 
 class Opened(msgspec.Struct, frozen=True):
@@ -69,6 +72,8 @@ def checkpoint_handlers(
     folder.mkdir(parents=True, exist_ok=True)
     table = HandlerTable("checkpoints")
     opened: OrderedDict[str, Manifest] = OrderedDict()
+    sizes: dict[str, int] = {}  # each open manifest's size, for MAX_OPEN_BYTES
+    committing = anyio.Lock()  # one commit at a time: renames of one name never interleave
 
     def admit(ctx: Context, stream: IncomingStream) -> None:
         # By origin: a stream fanned out by a relay above comes from the relay (src).
@@ -96,14 +101,8 @@ def checkpoint_handlers(
     @table.stream(CHANNEL, OPEN)
     async def open_(ctx: Context, stream: IncomingStream) -> bytes:
         admit(ctx, stream)
-        try:
-            manifest = msgspec.json.decode(await body(stream, MAX_MANIFEST), type=Manifest)
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"not a checkpoint manifest: {exc}") from None
-        check_manifest(manifest)
-        if "/" in manifest.name:
-            raise BadRequest(f"{manifest.name!r} is not a plain folder name")
-        check_path(manifest.name)
+        data = await body(stream, MAX_MANIFEST)
+        manifest = await anyio.to_thread.run_sync(_read_manifest, data)  # linear, off the loop
         exists = await anyio.to_thread.run_sync(os.path.lexists, folder / manifest.name)
         if exists and not manifest.overwrite:
             raise taken(ctx, manifest.name)
@@ -112,8 +111,10 @@ def checkpoint_handlers(
         have = await anyio.to_thread.run_sync(_staged, staging, manifest, True)
         opened[mid] = manifest
         opened.move_to_end(mid)
-        while len(opened) > MAX_OPEN:
-            opened.popitem(last=False)
+        sizes[mid] = len(data)
+        while len(opened) > MAX_OPEN or sum(sizes.values()) > MAX_OPEN_BYTES:
+            old, _ = opened.popitem(last=False)
+            sizes.pop(old, None)
         return msgspec.json.encode(Opened(mid, have))
 
     @table.stream(CHANNEL, FILE)
@@ -137,6 +138,8 @@ def checkpoint_handlers(
                 try:
                     async for chunk in stream:
                         await anyio.to_thread.run_sync(writer.feed, chunk)
+                    if not stream.digest_computed:  # (finish writes nothing more)
+                        raise BadRequest(f"{path!r} must arrive with a digest this cell computes")
                     await anyio.to_thread.run_sync(writer.finish, durable)
                 except DecodeError as exc:
                     raise BadRequest(f"{path}: {exc}") from None
@@ -144,8 +147,11 @@ def checkpoint_handlers(
                     writer.close()
             else:
                 await stream.save(incoming, durable=durable)
-                if stream.digest != f"sha256:{entry.sha256}":
-                    raise BadRequest(f"{path!r} must arrive with its SHA-256, not {stream.digest}")
+                if not stream.digest_computed or stream.digest != f"sha256:{entry.sha256}":
+                    raise BadRequest(
+                        f"{path!r} must arrive with its SHA-256 for this cell to compute, not "
+                        f"{stream.digest or 'none'}{'' if stream.digest_computed else ' (claimed)'}"
+                    )
             target = staging / path
             await anyio.to_thread.run_sync(_place, incoming, target)
         finally:
@@ -155,18 +161,23 @@ def checkpoint_handlers(
     @table.stream(CHANNEL, COMMIT)
     async def commit(ctx: Context, stream: IncomingStream) -> bytes:
         admit(ctx, stream)
-        manifest = known((await body(stream, 64)).decode(errors="replace"))
-        staging = folder / f"{STAGING}{manifest.id}"
-        staged = await anyio.to_thread.run_sync(_staged, staging, manifest, False)
-        lacking = [f.path for f in manifest.files if f.path not in staged]
-        if lacking:
-            raise BadRequest(f"checkpoint {manifest.name} lacks {', '.join(lacking[:5])}")
-        final = folder / manifest.name
-        try:
-            replaced = await anyio.to_thread.run_sync(_commit, staging, final, manifest)
-        except FileExistsError:
-            raise taken(ctx, manifest.name) from None
-        opened.pop(manifest.id, None)
+        mid = (await body(stream, 64)).decode(errors="replace")
+        async with committing:
+            manifest = known(mid)  # (again after a commit of the same id: not open any more)
+            staging = folder / f"{STAGING}{manifest.id}"
+            staged = await anyio.to_thread.run_sync(_staged, staging, manifest, False)
+            lacking = [f.path for f in manifest.files if f.path not in staged]
+            if lacking:
+                raise BadRequest(f"checkpoint {manifest.name} lacks {', '.join(lacking[:5])}")
+            final = folder / manifest.name
+            try:
+                replaced = await anyio.to_thread.run_sync(
+                    _commit, staging, final, manifest, durable
+                )
+            except FileExistsError:
+                raise taken(ctx, manifest.name) from None
+            opened.pop(manifest.id, None)
+            sizes.pop(manifest.id, None)
         stored = StoredCheckpoint(manifest.name, len(manifest.files), manifest.total, replaced)
         if on_stored is not None:
             on_stored(ctx, stream.origin, stored)
@@ -191,14 +202,34 @@ def _place(incoming: Path, target: Path) -> None:
     os.replace(incoming, target)
 
 
-def _commit(staging: Path, final: Path, manifest: Manifest) -> bool:
+def _read_manifest(data: bytes) -> Manifest:
+    """The announced manifest, checked.
+
+    Raises:
+        BadRequest: not one, or one a receiver refuses (``check_manifest``).
+    """
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"not a checkpoint manifest: {exc}") from None
+    check_manifest(manifest)
+    if "/" in manifest.name:
+        raise BadRequest(f"{manifest.name!r} is not a plain folder name")
+    check_path(manifest.name)
+    return manifest
+
+
+_TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+
+
+def _commit(staging: Path, final: Path, manifest: Manifest, durable: bool) -> bool:
     """Rename ``staging`` to ``final``, holding the manifest's files and nothing else (what an
     older version or a crash left there is removed first); whether it replaced a folder.
 
     Raises:
-        FileExistsError: ``final`` exists and the manifest does not overwrite (nothing changed).
+        FileExistsError: ``final`` exists (or appeared meanwhile) and the manifest does not
+            overwrite: nothing changed.
     """
-    overwrite = manifest.overwrite
     keep = {f.path for f in manifest.files}
     for root, dirs, names in os.walk(staging, topdown=False):
         for name in names:
@@ -208,19 +239,32 @@ def _commit(staging: Path, final: Path, manifest: Manifest) -> bool:
         for name in dirs:
             with contextlib.suppress(OSError):  # not empty: it holds files to keep
                 Path(root, name).rmdir()
-    if not os.path.lexists(final):
-        os.rename(staging, final)  # fails (not replaces) if a non-empty final appeared
-        return False
-    if not overwrite:
+    replaced = os.path.lexists(final)
+    if replaced and not manifest.overwrite:
         raise FileExistsError(final)
     old = final.with_name(f"{STAGING}old-{secrets.token_hex(8)}")
-    os.rename(final, old)
-    os.rename(staging, final)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-    return True
+    if replaced:
+        os.rename(final, old)
+    try:
+        os.rename(staging, final)  # refuses (not replaces) a non-empty folder or a file there
+    except OSError as exc:
+        if replaced:
+            os.rename(old, final)  # put the folder that was there back
+        if exc.errno in _TAKEN:
+            raise FileExistsError(final) from None
+        raise
+    if durable:
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames themselves survive a crash
+        finally:
+            os.close(fd)
+    if replaced:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    return replaced
 
 
 __all__ = ["CHANNEL", "COMMIT", "FILE", "OPEN", "Opened", "StoredCheckpoint", "checkpoint_handlers"]

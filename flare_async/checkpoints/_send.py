@@ -89,6 +89,8 @@ async def send_checkpoint(
     have: dict[str, set[str]] = {}
     for dst, reply in (await _ask(cell, dsts, OPEN, msgspec.json.encode(manifest), idle)).items():
         opened = _decoded(reply, Opened)
+        if isinstance(opened, Opened) and opened.id != manifest.id:
+            opened = DecodeError(f"{dst} names the checkpoint {opened.id!r}, not {manifest.id!r}")
         if isinstance(opened, Opened):
             have[dst] = set(opened.have)
         else:

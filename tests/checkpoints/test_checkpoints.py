@@ -23,12 +23,12 @@ from flare_async.checkpoints import (
     Opened,
     StoredCheckpoint,
     _quantized,
-    checkpoint_handlers,
     scan,
     send_checkpoint,
 )
 from flare_async.checkpoints._manifest import check_manifest, check_path
 from flare_async.checkpoints._quantized import ShardWriter, records
+from flare_async.cli._send import inbox_handlers
 from flare_async.codecs import encode
 from flare_async.errors import (
     BadRequest,
@@ -74,8 +74,15 @@ async def tree(
             Cell("server.eu", listen=["memory://eu"], parent="memory://s", drivers=[net])
         )
         for site in SITES:
-            table = checkpoint_handlers(tmp / site, **policy)
-            cell = Cell(site, parent="memory://eu", drivers=[net], handlers=[table])
+            # a site's inbox as `flare-async run` mounts it, its policy at the cell as well
+            table = inbox_handlers(tmp / site, **policy)
+            cell = Cell(
+                site,
+                parent="memory://eu",
+                drivers=[net],
+                handlers=[table],
+                accept=policy.get("accepts"),
+            )
             await stack.enter_async_context(cell)
             await cell.wait_parent()
             if cells is not None:
@@ -216,6 +223,11 @@ async def test_a_site_policy_judges_checkpoints_by_their_origin_through_the_rela
         refused = await send_checkpoint(server, hf, SITES, name="again")
         # a cell that is not above the site cannot claim an origin
         allowed.add("server")
+        # nor send a file through the relay's fan-out to pass for the relay (or the server)
+        fanned = await cells[SITES[1]].stream_many(
+            [SITES[0], "server.eu.site-9"], "files", "put", b"evil", headers={"name": "evil.txt"}
+        )
+        assert isinstance(fanned[SITES[0]], Unauthorized), fanned
         with pytest.raises(Unauthorized, match=r"from server\.eu\.site-2"):
             await cells[SITES[1]].stream(
                 SITES[0],
@@ -227,7 +239,7 @@ async def test_a_site_policy_judges_checkpoints_by_their_origin_through_the_rela
     assert all(isinstance(o, StoredCheckpoint) for o in ok.values()), ok
     assert all(isinstance(o, Unauthorized) for o in refused.values()), refused
     assert {c for _, c, _ in asked} == {"files"}  # the same files/* rules as files/put
-    assert {t for _, _, t in asked} == {"ckpt-open", "ckpt-file", "ckpt-commit"}
+    assert {t for _, _, t in asked} >= {"ckpt-open", "ckpt-file", "ckpt-commit", "put"}
     for site in SITES:
         assert sorted(p.name for p in (tmp_path / site).iterdir()) == ["tiny-llama"]
 
@@ -250,6 +262,9 @@ def entry(path: str, **kw: Any) -> FileEntry:
         "",
         "a\x00",
         "x" * 256,
+        "\u00e9" * 128,  # 256 bytes in UTF-8
+        "a\nb",
+        "a\x7f",
         "a/" * 600,
     ],
 )
@@ -268,6 +283,10 @@ def test_paths_a_receiver_refuses(path: str) -> None:
         (entry("a", size=-1),),
         (entry("a", sha256="xyz"),),
         (entry("a", sha256="A" * 64),),
+        (entry("a/b"), entry("a")),  # the folder first
+        (entry("A"), entry("a/b")),  # and in another case
+        (entry("a", size=(1 << 40) + 1),),  # past 1 TiB
+        (entry("a", header=b"\x02\x00\x00\x00\x00\x00\x00\x00{}"),),  # header, not quantized
         (entry("a.safetensors", quant="int3"),),
         (entry("a.safetensors", quant="q8", header=b"\x02\x00\x00\x00\x00\x00\x00\x00{}"),),
     ],
@@ -312,6 +331,8 @@ async def test_hostile_announcements_streams_and_commits_put_nothing_in_place(
         await stream(data, "announced in bytes", codec="q8")
         # the right bytes, without the SHA-256 the manifest announced: not taken
         await stream(data, "must arrive with its SHA-256")
+        # the announced SHA-256 only claimed, not computed here: not taken either
+        await stream(data, "must arrive with its SHA-256", digest=False)
         # other bytes claiming the announced SHA-256: the stream's own check fails them
         with pytest.raises(StreamCorrupted):
             await server.stream(
@@ -389,7 +410,9 @@ def scan_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def test_a_writer_refuses_records_out_of_order_or_of_unknown_tensors(tmp_path: Path) -> None:
+def test_a_writer_refuses_records_out_of_order_or_of_unknown_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     src, header = layout_file(tmp_path, {"w": rng.normal(size=9000).astype(np.float32)})
     (first,) = [parts for parts, _ in records(src, header, "q8")]
@@ -414,6 +437,10 @@ def test_a_writer_refuses_records_out_of_order_or_of_unknown_tensors(tmp_path: P
         body = blob[4 + int.from_bytes(blob[:4], "little") :]
         with pytest.raises(DecodeError, match=match):
             feed(len(bad).to_bytes(4, "little") + bad + body)
+    monkeypatch.setattr(_quantized, "SLICE", 4096)  # a record of more values than a slice
+    with pytest.raises(DecodeError, match="a record of 9000 values"):
+        feed(blob)
+    monkeypatch.undo()
     with pytest.raises(DecodeError, match="at most"):
         feed((1 << 20).to_bytes(4, "little"))
     with pytest.raises(DecodeError, match="not sent whole"):
@@ -474,3 +501,50 @@ async def test_many_files_arrive_under_concurrent_senders(tmp_path: Path) -> Non
     for site in SITES:
         for name in ("a", "b"):
             assert digests(tmp_path / site / name) == digests(folder)
+
+
+async def test_concurrent_commits_of_one_checkpoint_never_lose_the_folder(
+    hf: Path, tmp_path: Path
+) -> None:
+    """Two sends of one folder with overwrite at once: both open the same staging, one commits
+    it, the other is told it is not open any more, and the folder is in place, whole."""
+    async with tree(tmp_path) as server:
+        assert isinstance((await send_checkpoint(server, hf, SITES[0]))[SITES[0]], StoredCheckpoint)
+        outs: list[Any] = []
+
+        async def again() -> None:
+            outs.append((await send_checkpoint(server, hf, SITES[0], overwrite=True))[SITES[0]])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(again)
+            tg.start_soon(again)
+    assert any(isinstance(o, StoredCheckpoint) and o.replaced for o in outs), outs
+    assert all(isinstance(o, StoredCheckpoint | BadRequest) for o in outs), outs
+    assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
+    # beside it at most the loser's hidden staging (kept for a resume), never an old copy
+    names = sorted(p.name for p in (tmp_path / SITES[0]).iterdir())
+    assert [n for n in names if not n.startswith(".incoming-ckpt-")] == ["tiny-llama"]
+    assert not [n for n in names if n.startswith(".incoming-ckpt-old-")]
+
+
+async def test_a_receiver_naming_another_checkpoint_id_fails_that_destination(
+    hf: Path, tmp_path: Path
+) -> None:
+    from flare_async import Context, HandlerTable, IncomingStream  # noqa: PLC0415
+
+    table = HandlerTable()
+
+    @table.stream("files", "ckpt-open")
+    async def other(ctx: Context, stream: IncomingStream) -> bytes:
+        await stream.read_all()
+        return msgspec.json.encode(Opened("0" * 32, ()))
+
+    net = MemoryNetwork()
+    async with (
+        Cell("server", listen=["memory://s"], drivers=[net]) as server,
+        Cell("server.x", parent="memory://s", drivers=[net], handlers=[table]) as x,
+    ):
+        await x.wait_parent()
+        out = await send_checkpoint(server, hf, "server.x")
+    assert isinstance(out["server.x"], DecodeError)
+    assert "names the checkpoint '000" in str(out["server.x"])
