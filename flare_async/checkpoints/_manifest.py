@@ -174,7 +174,13 @@ def scan(folder: Path, *, name: str = "", quantize: str = "", overwrite: bool = 
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder")
     files: list[FileEntry] = []
+    seen: set[tuple[int, int]] = set()  # folders by (device, inode): a symlink loop ends
     for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
             path = Path(root) / n

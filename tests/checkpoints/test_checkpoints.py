@@ -470,6 +470,7 @@ def test_scan_refuses_what_cannot_be_sent(tmp_path: Path) -> None:
     (tmp_path / ".cache" / "x").write_text("hidden")
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)  # a symlink loop
     m = scan(tmp_path)
     assert [f.path for f in m.files] == ["a.txt"]  # hidden folders and files stay home
     assert m.files[0].sha256 == hashlib.sha256(b"a").hexdigest()
