@@ -219,7 +219,10 @@ def test_clipped_mean_matches_reference(dtype: type[np.floating]) -> None:
     updates = _random_updates(5, dtype, 3)
     weights = _weights(5, 3)
     norms = [float(np.linalg.norm(_flat_all(u))) for u in updates]
-    max_norm = float(np.median(norms))
+    # between the 2nd and 3rd largest norms, not on one: a norm at the bound itself is clipped
+    # or not by its last bit, which the summation order decides (it flipped one run in many)
+    high = sorted(norms)
+    max_norm = (high[2] + high[3]) / 2
     result, report = RobustAggregation("clipped_mean", max_norm=max_norm).aggregate_with_report(
         updates, weights
     )
