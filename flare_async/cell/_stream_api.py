@@ -171,8 +171,10 @@ class StreamingMixin:
         ``sys/fanout`` stream handler, unless it was built with ``routing_handlers=False``
         (or mounts a handler of its own there); such a relay answers ``NoHandler``.
 
-        ``progress`` is called per destination streamed to directly (``Progress.peer`` says
-        which). The other options are :meth:`stream`'s.
+        ``progress`` is called per stream this cell sends (``Progress.peer`` says to whom):
+        a destination streamed to directly, or a relay fanning out to those behind it (its
+        window keeps it within reach of the slowest of them). The other options are
+        :meth:`stream`'s.
 
         Returns:
             each destination's reply, or the error it failed with (one failed destination

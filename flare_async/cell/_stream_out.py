@@ -110,8 +110,9 @@ class StreamOptions:
         self.progress = progress
 
     def to_fanout(self, channel: str, topic: str, key: str, value: str) -> StreamOptions:
-        """The same options addressed to a relay's fan-out handler, with one more header
-        (and no progress callback: the relay's answer is not one destination's)."""
+        """The same options addressed to a relay's fan-out handler, with one more header.
+        Progress is the relay's (``Progress.peer`` names it): what it committed, which its
+        own window keeps within reach of the slowest destination behind it."""
         return StreamOptions(
             channel,
             topic,
@@ -123,7 +124,7 @@ class StreamOptions:
             probe=self.probe,
             codec=self.codec,
             headers={**self.headers, key: value},
-            progress=None,
+            progress=self.progress,
         )
 
 

@@ -22,6 +22,7 @@ from flare_async.errors import (
     Unreachable,
 )
 from flare_async.streaming import DEFAULT_WINDOW
+from flare_async.streaming import Progress as StreamProgress
 from flare_async.wire import Buffer
 
 T = TypeVar("T")
@@ -87,7 +88,9 @@ async def send_checkpoint(
     dsts = [to] if isinstance(to, str) else list(dict.fromkeys(to))
     outcomes: dict[str, StoredCheckpoint | BaseException] = {}
     have: dict[str, set[str]] = {}
-    for dst, reply in (await _ask(cell, dsts, OPEN, msgspec.json.encode(manifest), idle)).items():
+    for dst, reply in (
+        await _ask(cell, dsts, OPEN, msgspec.json.encode(manifest), idle, attempts)
+    ).items():
         opened = _decoded(reply, Opened)
         if isinstance(opened, Opened) and opened.id != manifest.id:
             opened = DecodeError(f"{dst} names the checkpoint {opened.id!r}, not {manifest.id!r}")
@@ -96,13 +99,15 @@ async def send_checkpoint(
         else:
             outcomes[dst] = opened
 
-    total, done = manifest.total, 0
+    total, done, shown = manifest.total, 0, 0
     for entry in manifest.files:
         base = done
 
         def moved(n: int, base: int = base) -> None:
-            if progress is not None:
-                progress(base + n, total)
+            nonlocal shown
+            if progress is not None and base + n > shown:  # never backwards
+                shown = base + n
+                progress(shown, total)
 
         for _ in range(max(attempts, 1)):
             lacking = [d for d in dsts if d in have and entry.path not in have[d]]
@@ -121,25 +126,34 @@ async def send_checkpoint(
             outcomes[dst] = StreamError(f"{entry.path}: not sent after {attempts} attempts")
             del have[dst]
         done += entry.size
-        if progress is not None:
+        if progress is not None and done > shown:
+            shown = done
             progress(done, total)
 
-    for dst, reply in (await _ask(cell, list(have), COMMIT, manifest.id.encode(), idle)).items():
+    for dst, reply in (
+        # once: a commit whose answer was lost did commit (the stream's own resume already
+        # asks again for a lost answer); a second one would be told it is not open any more
+        await _ask(cell, list(have), COMMIT, manifest.id.encode(), idle, 1)
+    ).items():
         outcomes[dst] = _decoded(reply, StoredCheckpoint)
     return {d: outcomes[d] for d in dsts}
 
 
 async def _ask(
-    cell: Cell, dsts: list[str], topic: str, body: bytes, idle: float
+    cell: Cell, dsts: list[str], topic: str, body: bytes, idle: float, attempts: int = 3
 ) -> dict[str, bytes | BaseException]:
     """A small stream to each of ``dsts`` (fanned out as one through relays): its reply's
-    bytes, or what it failed with (an answer that is not the expected JSON included)."""
-    if not dsts:
-        return {}
-    results = await cell.stream_many(dsts, CHANNEL, topic, body, idle=idle)
+    bytes, or what it failed with; asked again, up to ``attempts`` times, where the path
+    failed (:data:`RETRY`), not where the receiver answered (for idempotent asks: the open)."""
     out: dict[str, bytes | BaseException] = {}
-    for dst, result in results.items():
-        out[dst] = result if isinstance(result, BaseException) else result.tobytes()
+    ask = list(dsts)
+    for _ in range(max(attempts, 1)):
+        if not ask:
+            break
+        results = await cell.stream_many(ask, CHANNEL, topic, body, idle=idle)
+        for dst, result in results.items():
+            out[dst] = result if isinstance(result, BaseException) else result.tobytes()
+        ask = [d for d in ask if isinstance(out[d], RETRY)]
     return out
 
 
@@ -165,6 +179,12 @@ async def _send_file(
     window, idle, probe = flow
     path = root / entry.path
     if not entry.quant:
+        done: dict[str, int] = {}  # by the peer streamed to (a destination, or a relay)
+
+        def slowest(p: StreamProgress) -> None:
+            done[p.peer] = p.done
+            moved(min(done.values()))
+
         return await cell.stream_many(
             dsts,
             CHANNEL,
@@ -175,7 +195,7 @@ async def _send_file(
             probe=probe,
             sha256=f"sha256:{entry.sha256}",
             headers=headers,
-            progress=lambda p: moved(p.done),
+            progress=slowest,
         )
     return await cell.stream_many(
         dsts,

@@ -66,9 +66,20 @@ async def test_a_cut_link_mid_shard_resumes_and_every_file_arrives_byte_for_byte
         with anyio.fail_after(10):
             await relay.wait_parent()
         out: dict[str, Any] = {}
+        seen: list[tuple[int, int]] = []
 
         async def send() -> None:
-            out.update(await send_checkpoint(server, src, SITES, window=WINDOW, idle=30, probe=0.1))
+            out.update(
+                await send_checkpoint(
+                    server,
+                    src,
+                    SITES,
+                    window=WINDOW,
+                    idle=30,
+                    probe=0.1,
+                    progress=lambda done, of: seen.append((done, of)),
+                )
+            )
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
@@ -79,6 +90,10 @@ async def test_a_cut_link_mid_shard_resumes_and_every_file_arrives_byte_for_byte
 
                 await proxy.wait_until(into_the_last_shard)
                 assert proxy.reset() == 1
+    # progress within each shard, fanned out by the relay (its commits), never backwards
+    assert len(seen) > 3 * 4
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1] == (total, total)
     for site in SITES:
         assert isinstance(out[site], StoredCheckpoint)
         assert digests(tmp_path / site / "ckpt") == digests(src)
