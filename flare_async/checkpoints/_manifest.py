@@ -164,10 +164,11 @@ def scan(folder: Path, *, name: str = "", quantize: str = "", overwrite: bool = 
     """The manifest of ``folder``: every regular file below it (symlinks followed, as in a
     Hugging Face cache snapshot; hidden files and folders left out), sorted, each hashed once
     (SHA-256, which releases the GIL: run this in a worker thread). With ``quantize``, its
-    ``*.safetensors`` files travel in that codec.
+    ``*.safetensors`` files travel in that codec; one whose header the codecs cannot read
+    (FP8 dtypes, say, or not safetensors at all) travels byte for byte.
 
     Raises:
-        ConfigError: not a folder, no files, an unknown scheme, a file that is not safetensors.
+        ConfigError: not a folder, no files, an unknown scheme.
     """
     if quantize and quantize not in SCHEMES:
         raise ConfigError(f"quantize is one of {', '.join(SCHEMES)}, not {quantize!r}")
@@ -187,16 +188,14 @@ def scan(folder: Path, *, name: str = "", quantize: str = "", overwrite: bool = 
             if n.startswith(".") or not path.is_file():
                 continue
             rel = path.relative_to(folder).as_posix()
-            quant = quantize if quantize and n.endswith(".safetensors") else ""
-            files.append(
-                FileEntry(
-                    rel,
-                    path.stat().st_size,
-                    _sha256(path),
-                    quant,
-                    read_header(path) if quant else b"",
-                )
-            )
+            header = b""
+            if quantize and n.endswith(".safetensors"):
+                try:
+                    header = read_header(path)
+                except ConfigError:  # dtypes the codecs do not know (FP8...): byte for byte
+                    header = b""
+            quant = quantize if header else ""
+            files.append(FileEntry(rel, path.stat().st_size, _sha256(path), quant, header))
     if not files:
         raise ConfigError(f"{folder} has no files to send")
     return Manifest(name or folder.resolve().name, tuple(files), overwrite)

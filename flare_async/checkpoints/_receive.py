@@ -18,6 +18,7 @@ import errno
 import os
 import secrets
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -64,11 +65,15 @@ def checkpoint_handlers(
     accepts: Callable[[str, str, str], bool] | None = None,
     durable: bool = True,
     on_stored: Callable[[Context, str, StoredCheckpoint], None] | None = None,
+    stale_after: float = 7 * 86400.0,
 ) -> HandlerTable:
     """Take checkpoint folders into ``folder/<name>/`` (a site's inbox). ``accepts(src,
     "files", topic)`` is the site's policy, as for ``files/put``: the same ``files/*`` rules
-    decide who may send files and checkpoints. ``on_stored(ctx, origin, stored)`` is called once a
-    folder is in place (``flare-async run`` writes its ``stored`` event line)."""
+    decide who may send files and checkpoints. What an abandoned transfer left (its staging
+    folder, a file that was arriving) is removed at the next open once untouched for
+    ``stale_after`` seconds (a week); before that, sending the same folder again resumes it.
+    ``on_stored(ctx, origin, stored)`` is called once a folder is in place (``flare-async
+    run`` writes its ``stored`` event line)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = HandlerTable("checkpoints")
     opened: OrderedDict[str, Manifest] = OrderedDict()
@@ -108,6 +113,7 @@ def checkpoint_handlers(
             raise taken(ctx, manifest.name)
         mid = manifest.id
         staging = folder / f"{STAGING}{mid}"
+        await anyio.to_thread.run_sync(_sweep, folder, staging.name, stale_after)
         have = await anyio.to_thread.run_sync(_staged, staging, manifest, True)
         opened[mid] = manifest
         opened.move_to_end(mid)
@@ -184,6 +190,22 @@ def checkpoint_handlers(
         return msgspec.json.encode(stored)
 
     return table
+
+
+def _sweep(folder: Path, keep: str, older_than: float) -> None:
+    """Remove what abandoned transfers left in ``folder`` (hidden ``.incoming-ckpt-*``
+    folders and files) untouched for ``older_than`` seconds, except ``keep``."""
+    limit = time.time() - older_than
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(STAGING) or entry.name == keep:
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or in use: next time
+            if entry.stat(follow_symlinks=False).st_mtime >= limit:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 def _staged(staging: Path, manifest: Manifest, make: bool) -> tuple[str, ...]:

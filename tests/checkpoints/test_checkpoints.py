@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,27 @@ async def test_what_a_crash_left_in_staging_is_not_committed(hf: Path, tmp_path:
     assert isinstance(out[SITES[0]], StoredCheckpoint)
     assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
     assert sorted(p.name for p in (tmp_path / SITES[0]).iterdir()) == ["tiny-llama"]
+
+
+async def test_what_abandoned_transfers_left_goes_after_a_week(hf: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / SITES[0]
+    inbox.mkdir()
+    old_staging, old_file, fresh = (
+        inbox / ".incoming-ckpt-0123",
+        inbox / ".incoming-ckpt-0123-aa.part",
+        inbox / ".incoming-ckpt-4567",
+    )
+    old_staging.mkdir()
+    (old_staging / "model.safetensors").write_bytes(b"x")
+    old_file.write_bytes(b"x")
+    fresh.mkdir()
+    week = time.time() - 7 * 86400 - 60
+    for path in (old_staging, old_file):
+        os.utime(path, (week, week))
+    async with tree(tmp_path) as server:
+        out = await send_checkpoint(server, hf, SITES[0])
+    assert isinstance(out[SITES[0]], StoredCheckpoint)
+    assert sorted(p.name for p in inbox.iterdir()) == [fresh.name, "tiny-llama"]
 
 
 async def test_a_name_in_the_inbox_is_refused_unless_overwritten(hf: Path, tmp_path: Path) -> None:
@@ -463,8 +486,14 @@ def test_scan_refuses_what_cannot_be_sent(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no files"):
         scan(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
-    with pytest.raises(ConfigError, match="not a safetensors file"):
-        scan(tmp_path, quantize="q8")
+    fp8 = b'{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}'
+    (tmp_path / "fp8.safetensors").write_bytes(len(fp8).to_bytes(8, "little") + fp8 + b"\x01\x02")
+    # what the codecs cannot read travels byte for byte, quantized or not
+    assert [(f.path, f.quant) for f in scan(tmp_path, quantize="q8").files] == [
+        ("fp8.safetensors", ""),
+        ("model.safetensors", ""),
+    ]
+    (tmp_path / "fp8.safetensors").unlink()
     with pytest.raises(ConfigError, match="quantize is one of"):
         scan(tmp_path, quantize="int3")
     (tmp_path / ".cache").mkdir()
