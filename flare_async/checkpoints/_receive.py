@@ -5,7 +5,8 @@ sends streams to sites; its requests are the server's alone).
 
 Files are kept in a hidden staging folder named by the manifest's id (``.incoming-ckpt-<id>``),
 each written beside it (``.incoming-ckpt-<id>-<random>``) and put there only once it arrived
-whole and matched (a lossless file: its SHA-256, announced
+whole and matched; the manifest is kept beside it too (``.incoming-ckpt-<id>.json``), so a
+transfer goes on after this cell restarted (a lossless file: its SHA-256, announced
 in the manifest; a quantized one: its stream's digest and every tensor written); announcing the
 same manifest again answers which files are already there, so a transfer that failed part way
 resumes with the files it lacks. The commit renames the folder into place in one step.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import time
@@ -32,6 +34,7 @@ from flare_async.checkpoints._quantized import ShardWriter
 from flare_async.errors import BadRequest, DecodeError, Unauthorized
 
 CHANNEL = "files"
+_ID = re.compile("[0-9a-f]{32}")
 OPEN, FILE, COMMIT = "ckpt-open", "ckpt-file", "ckpt-commit"
 STAGING = ".incoming-ckpt-"
 MAX_OPEN = 32
@@ -87,11 +90,28 @@ def checkpoint_handlers(
                 f"{ctx.cell.name}'s policy does not accept files from {stream.origin}"
             )
 
-    def known(mid: str) -> Manifest:
+    def remember(mid: str, manifest: Manifest, size: int) -> None:
+        opened[mid] = manifest
+        opened.move_to_end(mid)
+        sizes[mid] = size
+        while len(opened) > MAX_OPEN or sum(sizes.values()) > MAX_OPEN_BYTES:
+            old, _ = opened.popitem(last=False)  # (still on disk: read again when needed)
+            sizes.pop(old, None)
+
+    async def known(mid: str) -> Manifest:
+        """The open manifest ``mid``: remembered, or kept beside its staging folder (by an
+        open before this cell restarted, or before it was forgotten for newer ones)."""
         manifest = opened.get(mid)
-        if manifest is None:
-            raise BadRequest(f"checkpoint {mid!r} is not open here (send {OPEN} first)")
-        return manifest
+        if manifest is not None:
+            return manifest
+        kept = folder / f"{STAGING}{mid}.json"
+        if _ID.fullmatch(mid) is not None and await anyio.to_thread.run_sync(kept.is_file):
+            data = await anyio.to_thread.run_sync(kept.read_bytes)
+            manifest = await anyio.to_thread.run_sync(_read_manifest, data)
+            if manifest.id == mid:
+                remember(mid, manifest, len(data))
+                return manifest
+        raise BadRequest(f"checkpoint {mid!r} is not open here (send {OPEN} first)")
 
     def taken(ctx: Context, name: str) -> BadRequest:
         return BadRequest(
@@ -115,18 +135,15 @@ def checkpoint_handlers(
         staging = folder / f"{STAGING}{mid}"
         await anyio.to_thread.run_sync(_sweep, folder, staging.name, stale_after)
         have = await anyio.to_thread.run_sync(_staged, staging, manifest, True)
-        opened[mid] = manifest
-        opened.move_to_end(mid)
-        sizes[mid] = len(data)
-        while len(opened) > MAX_OPEN or sum(sizes.values()) > MAX_OPEN_BYTES:
-            old, _ = opened.popitem(last=False)
-            sizes.pop(old, None)
+        kept = folder / f"{STAGING}{mid}.json"  # survives a restart of this cell
+        await anyio.to_thread.run_sync(_keep, kept, data)
+        remember(mid, manifest, len(data))
         return msgspec.json.encode(Opened(mid, have))
 
     @table.stream(CHANNEL, FILE)
     async def file(ctx: Context, stream: IncomingStream) -> bytes:
         admit(ctx, stream)
-        manifest = known(stream.headers.get("id", ""))
+        manifest = await known(stream.headers.get("id", ""))
         path = stream.headers.get("path", "")
         entry = next((f for f in manifest.files if f.path == path), None)
         if entry is None:
@@ -169,7 +186,7 @@ def checkpoint_handlers(
         admit(ctx, stream)
         mid = (await body(stream, 64)).decode(errors="replace")
         async with committing:
-            manifest = known(mid)  # (again after a commit of the same id: not open any more)
+            manifest = await known(mid)  # (again after a commit of that id: not open any more)
             staging = folder / f"{STAGING}{manifest.id}"
             staged = await anyio.to_thread.run_sync(_staged, staging, manifest, False)
             lacking = [f.path for f in manifest.files if f.path not in staged]
@@ -184,6 +201,7 @@ def checkpoint_handlers(
                 raise taken(ctx, manifest.name) from None
             opened.pop(manifest.id, None)
             sizes.pop(manifest.id, None)
+            await anyio.to_thread.run_sync((folder / f"{STAGING}{manifest.id}.json").unlink)
         stored = StoredCheckpoint(manifest.name, len(manifest.files), manifest.total, replaced)
         if on_stored is not None:
             on_stored(ctx, stream.origin, stored)
@@ -197,7 +215,7 @@ def _sweep(folder: Path, keep: str, older_than: float) -> None:
     folders and files) untouched for ``older_than`` seconds, except ``keep``."""
     limit = time.time() - older_than
     for entry in os.scandir(folder):
-        if not entry.name.startswith(STAGING) or entry.name == keep:
+        if not entry.name.startswith(STAGING) or entry.name in (keep, f"{keep}.json"):
             continue
         with contextlib.suppress(OSError):  # gone meanwhile, or in use: next time
             if entry.stat(follow_symlinks=False).st_mtime >= limit:
@@ -206,6 +224,17 @@ def _sweep(folder: Path, keep: str, older_than: float) -> None:
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
+
+
+def _keep(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a file of its own (two opens of one manifest at
+    once each write theirs), renamed into place in one step."""
+    part = path.with_name(f"{path.name}-{secrets.token_hex(8)}.part")
+    try:
+        part.write_bytes(data)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _staged(staging: Path, manifest: Manifest, make: bool) -> tuple[str, ...]:

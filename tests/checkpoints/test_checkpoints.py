@@ -193,6 +193,38 @@ async def test_what_a_crash_left_in_staging_is_not_committed(hf: Path, tmp_path:
     assert sorted(p.name for p in (tmp_path / SITES[0]).iterdir()) == ["tiny-llama"]
 
 
+async def test_a_transfer_goes_on_after_the_receiver_restarted(hf: Path, tmp_path: Path) -> None:
+    """The open manifest is kept beside the staging folder: a site that restarted (new cells,
+    new handler tables, the same inbox) takes the next files and the commit without a new
+    open."""
+    manifest = scan(hf)
+    first, *rest = manifest.files
+    async with tree(tmp_path) as server:
+        await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
+        await server.stream(
+            SITES[0],
+            "files",
+            "ckpt-file",
+            hf / first.path,
+            sha256=f"sha256:{first.sha256}",
+            headers={"id": manifest.id, "path": first.path},
+        )
+    async with tree(tmp_path) as server:  # the site again, knowing nothing in memory
+        for f in rest:
+            await server.stream(
+                SITES[0],
+                "files",
+                "ckpt-file",
+                hf / f.path,
+                sha256=f"sha256:{f.sha256}",
+                headers={"id": manifest.id, "path": f.path},
+            )
+        reply = await server.stream(SITES[0], "files", "ckpt-commit", manifest.id.encode())
+    assert msgspec.json.decode(reply.tobytes(), type=StoredCheckpoint).files == len(manifest.files)
+    assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
+    assert sorted(p.name for p in (tmp_path / SITES[0]).iterdir()) == ["tiny-llama"]
+
+
 async def test_what_abandoned_transfers_left_goes_after_a_week(hf: Path, tmp_path: Path) -> None:
     inbox = tmp_path / SITES[0]
     inbox.mkdir()
@@ -367,10 +399,13 @@ async def test_hostile_announcements_streams_and_commits_put_nothing_in_place(
                 sha256=f"sha256:{config.sha256}",
                 headers={"id": manifest.id, "path": "config.json"},
             )
-        staging = list((tmp_path / site).iterdir())
-        assert len(staging) == 1
-        assert staging[0].name.startswith(".incoming-ckpt-")
-        assert list(staging[0].iterdir()) == []  # nothing was put in place
+        staging = tmp_path / site / f".incoming-ckpt-{manifest.id}"
+        # the staging folder and its manifest beside it, and nothing was put in place
+        assert sorted(p.name for p in (tmp_path / site).iterdir()) == [
+            staging.name,
+            f"{staging.name}.json",
+        ]
+        assert list(staging.iterdir()) == []
 
 
 def layout_file(folder: Path, tensors: dict[str, np.ndarray]) -> tuple[Path, bytes]:
