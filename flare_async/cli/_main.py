@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 
 from flare_async import __version__
-from flare_async.cli import _audit, _job, _provision, _run, _send, _simulate, _up
+from flare_async.cli import _audit, _job, _kube, _provision, _run, _send, _simulate, _up
 from flare_async.cli._status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from flare_async.errors import ConfigError, ConnectError, FlareError, Unauthorized
 from flare_async.wire import PROTOCOL_VERSION
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     _simulate.add_parser(sub)
     _job.add_parser(sub)
     _audit.add_parser(sub)
+    _kube.add_parser(sub)
     return parser
 
 
@@ -100,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _job.run(args)
     if args.command == "audit":
         return _audit.run(args)
+    if args.command == "kube":
+        return _kube.run(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands first
 
 
