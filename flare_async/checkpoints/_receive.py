@@ -35,6 +35,8 @@ from flare_async.errors import BadRequest, DecodeError, Unauthorized
 
 CHANNEL = "files"
 _ID = re.compile("[0-9a-f]{32}")
+STRONG = ("blake3:", "sha256:")
+"""The digests a quantized file may arrive with (cryptographic: not the CRC-32C default)."""
 OPEN, FILE, COMMIT = "ckpt-open", "ckpt-file", "ckpt-commit"
 STAGING = ".incoming-ckpt-"
 MAX_OPEN = 32
@@ -161,8 +163,11 @@ def checkpoint_handlers(
                 try:
                     async for chunk in stream:
                         await anyio.to_thread.run_sync(writer.feed, chunk)
-                    if not stream.digest_computed:  # (finish writes nothing more)
-                        raise BadRequest(f"{path!r} must arrive with a digest this cell computes")
+                    if not stream.digest_computed or not stream.digest.startswith(STRONG):
+                        raise BadRequest(  # (finish writes nothing more)
+                            f"{path!r} must arrive with a BLAKE3 or SHA-256 digest this cell "
+                            f"computes, not {stream.digest or 'none'}"
+                        )
                     await anyio.to_thread.run_sync(writer.finish, durable)
                 except DecodeError as exc:
                     raise BadRequest(f"{path}: {exc}") from None

@@ -202,6 +202,7 @@ async def _send_file(
         CHANNEL,
         FILE,
         _quantized(path, entry, moved),
+        digest="blake3",  # cryptographic: the source's SHA-256 cannot apply to lossy bytes
         window=window,
         idle=idle,
         probe=probe,

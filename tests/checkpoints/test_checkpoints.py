@@ -614,3 +614,20 @@ async def test_a_receiver_naming_another_checkpoint_id_fails_that_destination(
         out = await send_checkpoint(server, hf, "server.x")
     assert isinstance(out["server.x"], DecodeError)
     assert "names the checkpoint '000" in str(out["server.x"])
+
+
+async def test_a_quantized_file_needs_a_cryptographic_digest(hf: Path, tmp_path: Path) -> None:
+    manifest = scan(hf, quantize="q8")
+    shard = next(f for f in manifest.files if f.quant)
+    body = b"".join(
+        bytes(p) for parts, _ in records(hf / shard.path, shard.header, "q8") for p in parts
+    )
+    headers = {"id": manifest.id, "path": shard.path}
+    async with tree(tmp_path) as server:
+        await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
+        with pytest.raises(BadRequest, match="BLAKE3 or SHA-256 digest this cell computes"):
+            await server.stream(SITES[0], "files", "ckpt-file", body, codec="q8", headers=headers)
+        reply = await server.stream(
+            SITES[0], "files", "ckpt-file", body, codec="q8", headers=headers, digest="blake3"
+        )
+    assert msgspec.json.decode(reply.tobytes())["path"] == shard.path
