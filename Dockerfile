@@ -7,9 +7,11 @@
 # EXTRAS picks the package's extras (comma-separated: demo, torch, lightning, llm); every one
 # of those brings torch, so give TORCH_INDEX_URL with them to get the CPU wheels (much smaller
 # than the default CUDA ones). Startup kits are never baked in: mount each at run time,
-# read-only, under /kits, and give the cell a writable /work (jobs, inbox, audit log):
+# read-only, under /kits, and give the cell a writable /work (jobs, inbox, audit log); a kit
+# is mode 0700, so run as its owner:
 #
-#   docker run -v "$PWD/kits/server:/kits/server:ro" -v flare-work:/work -p 18010:18010 \
+#   docker run --user "$(id -u):$(id -g)" --read-only --tmpfs /tmp \
+#       -v "$PWD/kits/server:/kits/server:ro" -v "$PWD/work/server:/work" -p 18010:18010 \
 #       flare-async run /kits/server --jobs /work/jobs
 #
 # See docs/deployment.md, "Docker and Kubernetes".
