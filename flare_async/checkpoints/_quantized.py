@@ -30,7 +30,11 @@ from flare_async.errors import DecodeError
 from flare_async.wire import Buffer
 
 SLICE: Final = 1 << 22
-"""Values per record: 8 MiB of bf16, a multiple of every codec's block."""
+"""The most values a receiver takes in one record (8 MiB of bf16), a multiple of every codec's
+block."""
+SENT: Final = 1 << 20
+"""Values per record this sender makes: a quarter of :data:`SLICE` (2 MiB of bf16; what a
+record costs in memory at either end, several times over while it is made and decoded)."""
 MAX_JSON: Final = 4096
 MAX_RECORD: Final = SLICE * 8 + (1 << 16)
 """The largest payload a receiver takes: a slice of float64 and its codec's header."""
@@ -56,8 +60,8 @@ def records(
     with path.open("rb") as f:
         fd = f.fileno()
         for name, dtype, count, begin, _end in layout:
-            for first in range(0, count, SLICE):  # an empty tensor is its header entry only
-                n = min(SLICE, count - first)
+            for first in range(0, count, SENT):  # an empty tensor is its header entry only
+                n = min(SENT, count - first)
                 raw = os.pread(fd, n * dtype.itemsize, start + begin + first * dtype.itemsize)
                 if len(raw) != n * dtype.itemsize:
                     raise DecodeError(f"{path} ended inside tensor {name!r}")
@@ -159,4 +163,4 @@ class ShardWriter:
         self._file.close()
 
 
-__all__ = ["MAX_RECORD", "SLICE", "RecordHead", "ShardWriter", "records"]
+__all__ = ["MAX_RECORD", "SENT", "SLICE", "RecordHead", "ShardWriter", "records"]

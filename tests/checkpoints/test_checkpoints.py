@@ -422,7 +422,7 @@ def test_records_cross_slices_and_keep_every_dtype(
 ) -> None:
     import ml_dtypes  # noqa: PLC0415
 
-    monkeypatch.setattr(_quantized, "SLICE", 4096)  # slices within and across tensors
+    monkeypatch.setattr(_quantized, "SENT", 4096)  # slices within and across tensors
     rng = np.random.default_rng(3)
     tensors = {
         "w": rng.normal(size=(100, 123)).astype(ml_dtypes.bfloat16),  # 4 slices, the last of 12
