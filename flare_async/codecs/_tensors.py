@@ -205,27 +205,42 @@ def decode(
     ):
         raise DecodeError("tensor metadata must map strings to strings")
     body = data[start:]
-    entries = sorted(
-        ((name, *_check_entry(name, entry)) for name, entry in header.items()),
-        key=lambda e: (e[3], e[4]),
-    )
-    expected = 0
     out: dict[str, np.ndarray] = {}
-    for name, dtype, shape, begin, end in entries:
-        if begin != expected:
-            raise DecodeError(
-                f"tensor {name!r} starts at {begin}, not {expected}: a gap or overlap"
-            )
-        expected = end
+    expected = 0
+    for name, dtype, shape, begin, end in _tiled(header):
         if end > body.nbytes:
             raise DecodeError(f"tensor {name!r} ends at {end}, past the {body.nbytes} B of data")
         raw = np.frombuffer(body[begin:end], dtype=np.uint8)
         arr = raw.view(dtype).reshape(shape)
         arr.flags.writeable = False
         out[name] = arr
+        expected = end
     if expected != body.nbytes:
         raise DecodeError(f"tensor data is {body.nbytes} B but the header describes {expected} B")
     return {name: out[name] for name in header}, dict(meta)
+
+
+def _tiled(
+    header: Mapping[str, Any],
+) -> list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]]:
+    """The header's entries (metadata removed), each checked, in data order, their offsets
+    tiling the data from 0 with no gap or overlap.
+
+    Raises:
+        DecodeError: an entry that does not hold together, a gap or an overlap.
+    """
+    entries = sorted(
+        ((name, *_check_entry(name, entry)) for name, entry in header.items()),
+        key=lambda e: (e[3], e[4]),
+    )
+    expected = 0
+    for name, _dtype, _shape, begin, end in entries:
+        if begin != expected:
+            raise DecodeError(
+                f"tensor {name!r} starts at {begin}, not {expected}: a gap or overlap"
+            )
+        expected = end
+    return entries
 
 
 def tensor_layout(header: bytes) -> tuple[int, list[tuple[str, np.dtype[Any], int, int, int]]]:
@@ -240,18 +255,11 @@ def tensor_layout(header: bytes) -> tuple[int, list[tuple[str, np.dtype[Any], in
     table, start = _parse_header(memoryview(header))
     if start != len(header):
         raise DecodeError("a safetensors header must be exactly its length prefix and JSON")
-    table.pop("__metadata__", None)
-    entries = sorted(
-        ((name, *_check_entry(name, e)) for name, e in table.items()), key=lambda e: e[3]
-    )
-    out: list[tuple[str, np.dtype[Any], int, int, int]] = []
-    expected = 0
-    for name, dtype, _shape, begin, end in entries:
-        if begin != expected:
-            raise DecodeError(f"tensor {name!r} starts at {begin}, not {expected}")
-        expected = end
-        out.append((name, dtype, (end - begin) // max(dtype.itemsize, 1), begin, end))
-    return start, out
+    table.pop(METADATA, None)
+    return start, [
+        (name, dtype, math.prod(shape), begin, end)
+        for name, dtype, shape, begin, end in _tiled(table)
+    ]
 
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
