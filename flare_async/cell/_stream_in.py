@@ -83,9 +83,9 @@ from flare_async.wire import (
 
 FANOUT_CHANNEL = "sys"
 FANOUT_TOPIC = "fanout"
+"""The system stream handler on relays that feeds one incoming stream to many children."""
 ORIGIN_HEADER = "fanout-origin"
 """The header a fan-out relay adds to the streams it feeds: where the stream came from."""
-"""The system stream handler on relays that feeds one incoming stream to many children."""
 
 StreamHandler = Callable[[Context, "IncomingStream"], Awaitable[Any]]
 
@@ -121,7 +121,12 @@ class IncomingStream:
     """
 
     def __init__(
-        self, hub: StreamHub, open_: StreamOpen, machine: ReceiverMachine, algorithm: str
+        self,
+        hub: StreamHub,
+        open_: StreamOpen,
+        machine: ReceiverMachine,
+        algorithm: str,
+        origin: str,
     ) -> None:
         self._hub = hub
         self._machine = machine
@@ -132,7 +137,7 @@ class IncomingStream:
         self.size = open_.size if open_.size >= 0 else None
         self.codec = open_.codec
         self.headers = dict(open_.headers)
-        self.origin = stream_origin(hub.port.name, self.src, self.headers)
+        self.origin = origin  # (stream_origin's, as the hub admitted it by)
         self.chunk = machine.chunk
         self.window = machine.window
         self.idle = machine.idle
@@ -436,7 +441,7 @@ class StreamHub:
             sid=h.sid,
         )
         algorithm = self._digest_to_compute(h)  # raises ProtocolError: refused
-        stream = IncomingStream(self, h, machine, algorithm)
+        stream = IncomingStream(self, h, machine, algorithm, origin)
         self.incoming[key] = stream
         if not self.port.spawn(self._run_handler, stream, fn, h):
             del self.incoming[key]
