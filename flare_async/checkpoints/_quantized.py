@@ -81,7 +81,7 @@ class ShardWriter:
         self._start, layout = tensor_layout(header)
         self._tensors = {name: (dtype, count, begin) for name, dtype, count, begin, _ in layout}
         self._next = dict.fromkeys(self._tensors, 0)
-        self._left = sum(1 for _, (_, c, _) in self._tensors.items() if c)
+        self._left = sum(1 for _, count, _ in self._tensors.values() if count)
         self._buf = bytearray()
         self._file = path.open("wb")
         self._file.write(header)

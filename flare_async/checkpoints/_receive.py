@@ -5,11 +5,11 @@ sends streams to sites; its requests are the server's alone).
 
 Files are kept in a hidden staging folder named by the manifest's id (``.incoming-ckpt-<id>``),
 each written beside it (``.incoming-ckpt-<id>-<random>``) and put there only once it arrived
-whole and matched; the manifest is kept beside it too (``.incoming-ckpt-<id>.json``), so a
-transfer goes on after this cell restarted (a lossless file: its SHA-256, announced
-in the manifest; a quantized one: its stream's digest and every tensor written); announcing the
-same manifest again answers which files are already there, so a transfer that failed part way
-resumes with the files it lacks. The commit renames the folder into place in one step.
+whole and matched (a lossless file: the SHA-256 the manifest announced, computed here; a
+quantized one: its stream's BLAKE3, every tensor written). The manifest is kept beside it too
+(``.incoming-ckpt-<id>.json``), so a transfer goes on after this cell restarted; announcing
+the same manifest again answers which files are already there, so a transfer that failed part
+way resumes with the files it lacks. The commit renames the folder into place in one step.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import msgspec
 
 from flare_async.cell import Context, HandlerTable, IncomingStream
-from flare_async.checkpoints._manifest import Manifest, check_manifest, check_path
+from flare_async.checkpoints._manifest import FileEntry, Manifest, check_manifest, check_path
 from flare_async.checkpoints._quantized import ShardWriter
 from flare_async.errors import BadRequest, DecodeError, Unauthorized
 
@@ -45,6 +46,20 @@ MAX_MANIFEST = 64 << 20
 """The largest manifest a receiver reads (quantized files carry their headers in it)."""
 MAX_OPEN_BYTES = 256 << 20
 """Bytes of manifests a receiver remembers in all (oldest forgotten first)."""
+
+
+@dataclass
+class _Open:
+    """A manifest between its open and its commit, as the handlers use it."""
+
+    manifest: Manifest
+    size: int
+    """Its bytes as announced (for :data:`MAX_OPEN_BYTES`)."""
+    files: dict[str, FileEntry] = field(init=False)
+    """Its files by path."""
+
+    def __post_init__(self) -> None:
+        self.files = {f.path: f for f in self.manifest.files}
 
 
 class Opened(msgspec.Struct, frozen=True):
@@ -81,8 +96,7 @@ def checkpoint_handlers(
     run`` writes its ``stored`` event line)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = HandlerTable("checkpoints")
-    opened: OrderedDict[str, Manifest] = OrderedDict()
-    sizes: dict[str, int] = {}  # each open manifest's size, for MAX_OPEN_BYTES
+    opened: OrderedDict[str, _Open] = OrderedDict()  # by id
     committing = anyio.Lock()  # one commit at a time: renames of one name never interleave
 
     def admit(ctx: Context, stream: IncomingStream) -> None:
@@ -92,27 +106,25 @@ def checkpoint_handlers(
                 f"{ctx.cell.name}'s policy does not accept files from {stream.origin}"
             )
 
-    def remember(mid: str, manifest: Manifest, size: int) -> None:
-        opened[mid] = manifest
+    def remember(mid: str, manifest: Manifest, size: int) -> _Open:
+        opened[mid] = entry = _Open(manifest, size)
         opened.move_to_end(mid)
-        sizes[mid] = size
-        while len(opened) > MAX_OPEN or sum(sizes.values()) > MAX_OPEN_BYTES:
-            old, _ = opened.popitem(last=False)  # (still on disk: read again when needed)
-            sizes.pop(old, None)
+        while len(opened) > MAX_OPEN or sum(o.size for o in opened.values()) > MAX_OPEN_BYTES:
+            opened.popitem(last=False)  # (still on disk: read again when needed)
+        return entry
 
-    async def known(mid: str) -> Manifest:
+    async def known(mid: str) -> _Open:
         """The open manifest ``mid``: remembered, or kept beside its staging folder (by an
         open before this cell restarted, or before it was forgotten for newer ones)."""
-        manifest = opened.get(mid)
-        if manifest is not None:
-            return manifest
+        entry = opened.get(mid)
+        if entry is not None:
+            return entry
         kept = folder / f"{STAGING}{mid}.json"
         if _ID.fullmatch(mid) is not None and await anyio.to_thread.run_sync(kept.is_file):
             data = await anyio.to_thread.run_sync(kept.read_bytes)
             manifest = await anyio.to_thread.run_sync(_read_manifest, data)
             if manifest.id == mid:
-                remember(mid, manifest, len(data))
-                return manifest
+                return remember(mid, manifest, len(data))
         raise BadRequest(f"checkpoint {mid!r} is not open here (send {OPEN} first)")
 
     def taken(ctx: Context, name: str) -> BadRequest:
@@ -145,18 +157,19 @@ def checkpoint_handlers(
     @table.stream(CHANNEL, FILE)
     async def file(ctx: Context, stream: IncomingStream) -> bytes:
         admit(ctx, stream)
-        manifest = await known(stream.headers.get("id", ""))
+        mid = stream.headers.get("id", "")
+        announced = await known(mid)
         path = stream.headers.get("path", "")
-        entry = next((f for f in manifest.files if f.path == path), None)
+        entry = announced.files.get(path)
         if entry is None:
-            raise BadRequest(f"{path!r} is not a file of checkpoint {manifest.name}")
+            raise BadRequest(f"{path!r} is not a file of checkpoint {announced.manifest.name}")
         if stream.codec != entry.quant:
             raise BadRequest(
                 f"{path!r} is announced in {entry.quant or 'bytes'}, not {stream.codec}"
             )
-        staging = folder / f"{STAGING}{manifest.id}"
+        staging = folder / f"{STAGING}{mid}"
         # Beside the staging folder, not in it: what a crash leaves there is never committed.
-        incoming = folder / f"{STAGING}{manifest.id}-{secrets.token_hex(8)}"
+        incoming = folder / f"{STAGING}{mid}-{secrets.token_hex(8)}"
         try:
             if entry.quant:
                 writer = ShardWriter(incoming, entry.header, entry.quant)
@@ -191,8 +204,9 @@ def checkpoint_handlers(
         admit(ctx, stream)
         mid = (await body(stream, 64)).decode(errors="replace")
         async with committing:
-            manifest = await known(mid)  # (again after a commit of that id: not open any more)
-            staging = folder / f"{STAGING}{manifest.id}"
+            # (again after a commit of that id: not open any more)
+            manifest = (await known(mid)).manifest
+            staging = folder / f"{STAGING}{mid}"
             staged = await anyio.to_thread.run_sync(_staged, staging, manifest, False)
             lacking = [f.path for f in manifest.files if f.path not in staged]
             if lacking:
@@ -204,9 +218,8 @@ def checkpoint_handlers(
                 )
             except FileExistsError:
                 raise taken(ctx, manifest.name) from None
-            opened.pop(manifest.id, None)
-            sizes.pop(manifest.id, None)
-            await anyio.to_thread.run_sync((folder / f"{STAGING}{manifest.id}.json").unlink)
+            opened.pop(mid, None)
+            await anyio.to_thread.run_sync((folder / f"{STAGING}{mid}.json").unlink)
         stored = StoredCheckpoint(manifest.name, len(manifest.files), manifest.total, replaced)
         if on_stored is not None:
             on_stored(ctx, stream.origin, stored)

@@ -76,7 +76,7 @@ async def send_checkpoint(
         the error it failed with (one failed destination fails nothing else).
 
     Raises:
-        ConfigError: the folder cannot be sent (no files, not safetensors where quantized).
+        ConfigError: the folder cannot be sent (not a folder, no files, an unknown scheme).
     """
     if isinstance(folder, Manifest):
         manifest, root = folder, Path(source or ".")
@@ -85,6 +85,7 @@ async def send_checkpoint(
         manifest = await anyio.to_thread.run_sync(
             lambda: scan(root, name=name, quantize=quantize, overwrite=overwrite)
         )
+    mid = manifest.id  # (a hash over every entry: once)
     dsts = [to] if isinstance(to, str) else list(dict.fromkeys(to))
     outcomes: dict[str, StoredCheckpoint | BaseException] = {}
     have: dict[str, set[str]] = {}
@@ -92,8 +93,8 @@ async def send_checkpoint(
         await _ask(cell, dsts, OPEN, msgspec.json.encode(manifest), idle, attempts)
     ).items():
         opened = _decoded(reply, Opened)
-        if isinstance(opened, Opened) and opened.id != manifest.id:
-            opened = DecodeError(f"{dst} names the checkpoint {opened.id!r}, not {manifest.id!r}")
+        if isinstance(opened, Opened) and opened.id != mid:
+            opened = DecodeError(f"{dst} names the checkpoint {opened.id!r}, not {mid!r}")
         if isinstance(opened, Opened):
             have[dst] = set(opened.have)
         else:
@@ -114,7 +115,7 @@ async def send_checkpoint(
             if not lacking:
                 break
             results = await _send_file(
-                cell, root, manifest, entry, lacking, (window, idle, probe), moved
+                cell, root, mid, entry, lacking, (window, idle, probe), moved
             )
             for dst, outcome in results.items():
                 if isinstance(outcome, Payload):
@@ -133,7 +134,7 @@ async def send_checkpoint(
     for dst, reply in (
         # once: a commit whose answer was lost did commit (the stream's own resume already
         # asks again for a lost answer); a second one would be told it is not open any more
-        await _ask(cell, list(have), COMMIT, manifest.id.encode(), idle, 1)
+        await _ask(cell, list(have), COMMIT, mid.encode(), idle, 1)
     ).items():
         outcomes[dst] = _decoded(reply, StoredCheckpoint)
     return {d: outcomes[d] for d in dsts}
@@ -169,13 +170,13 @@ def _decoded(reply: bytes | BaseException, kind: type[T]) -> T | BaseException:
 async def _send_file(
     cell: Cell,
     root: Path,
-    manifest: Manifest,
+    mid: str,
     entry: FileEntry,
     dsts: list[str],
     flow: tuple[int, float, float | None],
     moved: Callable[[int], None],
 ) -> Mapping[str, Payload | BaseException]:
-    headers = {"id": manifest.id, "path": entry.path}
+    headers = {"id": mid, "path": entry.path}
     window, idle, probe = flow
     path = root / entry.path
     if not entry.quant:
