@@ -333,6 +333,11 @@ def run(args: Any) -> int:
     file = Path(args.file)
     name = args.name or file.resolve().name
     if file.is_dir():
+        if args.digest or args.no_digest:  # not silently ignored
+            raise ConfigError(
+                "a folder's files travel with their SHA-256 (quantized ones with BLAKE3): "
+                "--digest and --no-digest are for a single file"
+            )
         lines = anyio.run(
             send_folder,
             Path(args.kit),

@@ -92,6 +92,19 @@ async def tree(
         yield server
 
 
+async def stream_file(cell: Cell, manifest: Manifest, entry: FileEntry, folder: Path) -> Any:
+    """One ``files/ckpt-file`` stream as the sender makes it (byte for byte, its SHA-256
+    announced): what the tests send by hand to stop a transfer part way."""
+    return await cell.stream(
+        SITES[0],
+        "files",
+        "ckpt-file",
+        folder / entry.path,
+        sha256=f"sha256:{entry.sha256}",
+        headers={"id": manifest.id, "path": entry.path},
+    )
+
+
 async def test_a_sharded_checkpoint_reaches_every_site_byte_for_byte_once_through_the_relay(
     hf: Path, tmp_path: Path
 ) -> None:
@@ -160,14 +173,7 @@ async def test_sending_again_resumes_with_only_the_files_a_site_lacks(
         # A first attempt that got as far as one shard (then, say, the sender died).
         reply = await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
         assert msgspec.json.decode(reply.tobytes(), type=Opened).have == ()
-        await server.stream(
-            SITES[0],
-            "files",
-            "ckpt-file",
-            hf / shard.path,
-            sha256=f"sha256:{shard.sha256}",
-            headers={"id": manifest.id, "path": shard.path},
-        )
+        await stream_file(server, manifest, shard, hf)
         reply = await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
         assert msgspec.json.decode(reply.tobytes(), type=Opened).have == (shard.path,)
         before = server.statistics().streams.sent
@@ -201,24 +207,10 @@ async def test_a_transfer_goes_on_after_the_receiver_restarted(hf: Path, tmp_pat
     first, *rest = manifest.files
     async with tree(tmp_path) as server:
         await server.stream(SITES[0], "files", "ckpt-open", msgspec.json.encode(manifest))
-        await server.stream(
-            SITES[0],
-            "files",
-            "ckpt-file",
-            hf / first.path,
-            sha256=f"sha256:{first.sha256}",
-            headers={"id": manifest.id, "path": first.path},
-        )
+        await stream_file(server, manifest, first, hf)
     async with tree(tmp_path) as server:  # the site again, knowing nothing in memory
         for f in rest:
-            await server.stream(
-                SITES[0],
-                "files",
-                "ckpt-file",
-                hf / f.path,
-                sha256=f"sha256:{f.sha256}",
-                headers={"id": manifest.id, "path": f.path},
-            )
+            await stream_file(server, manifest, f, hf)
         reply = await server.stream(SITES[0], "files", "ckpt-commit", manifest.id.encode())
     assert msgspec.json.decode(reply.tobytes(), type=StoredCheckpoint).files == len(manifest.files)
     assert digests(tmp_path / SITES[0] / "tiny-llama") == digests(hf)
@@ -631,3 +623,21 @@ async def test_a_quantized_file_needs_a_cryptographic_digest(hf: Path, tmp_path:
             SITES[0], "files", "ckpt-file", body, codec="q8", headers=headers, digest="blake3"
         )
     assert msgspec.json.decode(reply.tobytes())["path"] == shard.path
+
+
+def test_the_edges_of_a_manifest_s_ranges() -> None:
+    """Each limit at its edge: taken, and one past it refused."""
+    name = "x" * 255
+    assert check_path(name) == name  # a part of 255 bytes
+    assert check_path("\u00e9" * 127 + "x") == "\u00e9" * 127 + "x"  # 255 bytes of UTF-8
+    deep = "/".join(["y" * 255] * 3 + ["y" * 254, "z"])  # 1,024 bytes
+    assert len(deep.encode()) == 1024
+    assert check_path(deep) == deep
+    with pytest.raises(BadRequest):
+        check_path(deep + "z")  # 1,025
+    files = tuple(entry(f"f{i}") for i in range(10_000))
+    assert check_manifest(Manifest("m", files)) is not None  # 10,000 files
+    with pytest.raises(BadRequest, match="1 to 10000 files"):
+        check_manifest(Manifest("m", (*files, entry("g"))))
+    assert check_manifest(Manifest("m", (entry("a", size=1 << 40),))) is not None  # 1 TiB
+    assert check_manifest(Manifest("m", (entry("a", size=0),))) is not None  # empty file
