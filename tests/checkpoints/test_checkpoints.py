@@ -641,3 +641,29 @@ def test_the_edges_of_a_manifest_s_ranges() -> None:
         check_manifest(Manifest("m", (*files, entry("g"))))
     assert check_manifest(Manifest("m", (entry("a", size=1 << 40),))) is not None  # 1 TiB
     assert check_manifest(Manifest("m", (entry("a", size=0),))) is not None  # empty file
+
+
+def test_a_commit_whose_rename_fails_puts_the_folder_there_back(tmp_path: Path) -> None:
+    """The replacing commit moves the folder there aside first; if the staging folder cannot
+    take its place (gone: a commit of the same id got there first), the old one is put back,
+    nothing is lost, and nothing hidden is left beside it."""
+    from flare_async.checkpoints._receive import _commit  # noqa: PLC0415
+
+    final = tmp_path / "ckpt"
+    final.mkdir()
+    (final / "config.json").write_text("the stored one")
+    manifest = Manifest("ckpt", (entry("config.json"),), overwrite=True)
+    with pytest.raises(FileNotFoundError):
+        _commit(tmp_path / ".incoming-ckpt-gone", final, manifest, False)
+    assert (final / "config.json").read_text() == "the stored one"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    staging = tmp_path / ".incoming-ckpt-new"
+    staging.mkdir()
+    (staging / "config.json").write_text("the new one")
+    (staging / "stray.part").write_text("left by a crash")
+    assert _commit(staging, final, manifest, True) is True  # replaced, synced
+    assert [p.name for p in final.iterdir()] == ["config.json"]
+    assert (final / "config.json").read_text() == "the new one"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with pytest.raises(FileExistsError):  # without overwrite: refused, untouched
+        _commit(staging, final, Manifest("ckpt", (entry("config.json"),)), False)
