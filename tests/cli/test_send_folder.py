@@ -105,15 +105,12 @@ name = "admin@example.org"
 
 
 @pytest.mark.parametrize("flag", [["--digest", "sha256"], ["--no-digest"]])
-def test_a_folder_refuses_the_single_file_digest_flags(
-    tmp_path: Path, flag: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_folder_refuses_the_single_file_digest_flags(tmp_path: Path, flag: list[str]) -> None:
     """A folder's files always travel with their own digests: the flags that choose a file's
-    are refused by name, before any kit is read or any cell joins (not silently ignored)."""
-    from flare_async.cli import main  # noqa: PLC0415
-
+    are refused by name, before any kit is read or any cell joins (not silently ignored).
+    (A process of its own: the CLI sets the process's logging up on its stderr.)"""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    code = main(["send", str(tmp_path / "nokit"), str(tmp_path / "model"), "--to", "x", *flag])
-    assert code == 1
-    assert "--digest and --no-digest are for a single file" in capsys.readouterr().err
+    done = send(tmp_path, tmp_path / "model", "--to", "x", *flag, kit="nokit")
+    assert done.returncode == 1
+    assert "--digest and --no-digest are for a single file" in done.stderr
