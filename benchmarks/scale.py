@@ -21,6 +21,8 @@ Per case:
   ``ratio`` says how many times that floor the fabric takes;
 - ``startup`` (s): building the topology and linking every cell;
 - ``messages_per_s``: frames sent on all links during the measured rounds / their time;
+- ``frames_per_site``: frames sent on all links per measured round, per site (every hop
+  counts: a frame that crosses two relays counts three times);
 - ``peak_rss`` (B): this process's peak resident memory (``ru_maxrss``), and ``rss_per_cell``
   (B): the growth of RSS from before the topology to after it is linked, per edge cell, in the
   case's first run (later runs reuse the memory the first one freed);
@@ -132,6 +134,7 @@ async def run_case(cells: int, tiers: tuple[int, int], rounds: int, size: int) -
         "floor": floor,
         "startup": linked["at"] - started,
         "messages_per_s": frames / sum(times),
+        "frames_per_site": frames / max(1, len(times)) / cells,
         "peak_rss": rss(),
         "rss_per_cell": (linked["rss"] - before) / cells,
     }
@@ -179,6 +182,9 @@ def main() -> None:
         )
         emit("scale", case, "startup", median([r["startup"] for r in runs]), "s")
         emit("scale", case, "messages_per_s", median([r["messages_per_s"] for r in runs]), "msg/s")
+        emit(
+            "scale", case, "frames_per_site", median([r["frames_per_site"] for r in runs]), "frames"
+        )
         emit("scale", case, "peak_rss", max(r["peak_rss"] for r in runs), "B")
         # Later runs in the same process reuse the memory the first one freed: only the
         # first run's growth is the cells' footprint.
