@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -28,13 +29,14 @@ from flare_async.fl._server import FLServer, RoundResult
 from flare_async.transport import Driver, MemoryNetwork, TcpDriver
 
 Workflow = Callable[[FLServer], Awaitable[Any]]
+Script = Callable[[], object] | str | dict[str, Callable[[], object] | str]
 SCRIPT_GRACE = 10.0
 """Seconds the sites' scripts get to end by themselves after the workflow is over."""
 
 
 async def simulate(
     workflow: Workflow,
-    script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+    script: Script,
     *,
     clients: int = 2,
     config: dict[str, Any] | None = None,
@@ -49,6 +51,9 @@ async def simulate(
     network: MemoryNetwork | None = None,
     on_metrics: Callable[[str, list[dict[str, Any]]], None] | None = None,
     peers: bool = False,
+    backend: Literal["local", "ray"] = "local",
+    actors: int | None = None,
+    ray_address: str | None = None,
 ) -> Any:
     """Run ``workflow`` with ``clients`` simulated sites (``server.site-1`` ...; with
     ``relays``, ``server.relay-1.site-1`` ..., sites spread over the relays round-robin, each
@@ -79,10 +84,27 @@ async def simulate(
         peers: every site also keeps a direct link to every other site (``Cell(peers=)``:
             a full mesh, for a few dozen sites), all up before the workflow starts: what
             cyclic and swarm training pass models over. Not with ``processes``.
+        backend: ``"ray"``: the top tier's subtrees (a relay and all below it; without
+            relays, the sites) in Ray actors, each on one event loop, linked to the server here
+            over ``tcp://``; the same result for the same seed (``flare_async.fl._ray``).
+        actors: (``ray``) how many (default: one per subtree, at most the cluster's CPUs).
+        ray_address: (``ray``) the cluster to join; default: the Ray this process initialised,
+            else a local one.
 
     Returns:
         what the workflow returns.
     """
+    lay = Layout.of(clients, relays, config)
+    kw = {"job": job, "codec": codec, "seed": seed, "on_round": on_round, "on_metrics": on_metrics}
+    if backend != "local":
+        if backend != "ray" or processes or peers or network is not None:
+            raise ConfigError(
+                f"backend={backend!r}: it is 'local', or 'ray' (the sites in Ray actors: "
+                "not with processes, peers or network)"
+            )
+        from flare_async.fl._ray import simulate_on_ray  # noqa: PLC0415 (ray only when asked)
+
+        return await simulate_on_ray(workflow, script, lay, kw, in_loop, actors, ray_address)
     if peers and processes:
         raise ConfigError("peer links between sites are simulated in one process only")
     if peers and clients > LINKING:
@@ -90,65 +112,80 @@ async def simulate(
     net = network or MemoryNetwork()
     drivers: list[Driver] = [TcpDriver()] if processes else [net]
     scheme = "tcp://127.0.0.1:0" if processes else "memory://{}"
-    tiers = [relays] if isinstance(relays, int) else list(relays)
-    levels = relay_tree(tiers)
-    leaves = levels[-1] if levels else []
-    parents = [leaves[i % len(leaves)] if leaves else "server" for i in range(clients)]
-    names = [f"{parents[i]}.site-{i + 1}" for i in range(clients)]
     joined = _Joined()
     async with AsyncExitStack() as stack:
         server_cell = Cell(
             "server", listen=[scheme.format("server")], drivers=drivers, on_link=joined.saw
         )
-        # Bytes never leave this machine: chunk CRCs stay, the whole-model SHA-256 goes.
-        server = FLServer(
-            server_cell,
-            names,
-            job=job,
-            codec=codec,
-            seed=seed,
-            on_round=on_round,
-            digest=False,
-            hierarchical=bool(leaves),
-            on_metrics=on_metrics,
-        )
-        server_cell.mount(server.handlers())
+        server = lay.server(server_cell, **kw)
         await stack.enter_async_context(server_cell)
         urls = {"server": server_cell.listen_urls[0]}
-        for relay in (r for level in levels for r in level):
-            relay_cell = Cell(
-                relay,
-                listen=[scheme.format(relay)],
-                parent=urls[relay.rsplit(".", 1)[0]],
-                drivers=drivers,
-                handlers=[system_handlers()],
-                on_link=joined.saw,
-            )
-            relay_cell.mount(RelayAggregator(relay_cell, digest=False).handlers())
-            await stack.enter_async_context(relay_cell)
-            await relay_cell.wait_parent()
-            urls[relay] = relay_cell.listen_urls[0]
-        configs = [{**(config or {}), "site_index": i, "sites": clients} for i in range(clients)]
+        await start_relays(stack, lay.relays(), urls, drivers, scheme, joined.saw)
         if processes:
-            return await _with_site_processes(
-                server,
-                workflow,
-                script,
-                [(name, urls[parents[i]], configs[i]) for i, name in enumerate(names)],
-                joined,
-                codec=codec,
-                join_timeout=join_timeout,
-            )
-        sites = _SiteCells(
-            net, codec, heartbeat=None if in_loop else 15.0, job=job, mesh=names if peers else []
+            args = (server, workflow, script, lay.sites(urls), joined)
+            return await _with_site_processes(*args, codec=codec, join_timeout=join_timeout)
+        mesh = lay.names if peers else []
+        cells = _SiteCells([net], codec, None if in_loop else 15.0, job=job, mesh=mesh)
+        return await cells.run(lambda: workflow(server), script, lay.sites(urls), in_loop=in_loop)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A simulation's topology, whichever backend runs it: relays per tier (top first), each
+    site's name, parent and config (``site_index``, ``sites``)."""
+
+    levels: list[list[str]]
+    names: list[str]
+    parents: list[str]
+    configs: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, clients: int, relays: int | Sequence[int], config: dict[str, Any] | None) -> Layout:
+        levels = relay_tree([relays] if isinstance(relays, int) else list(relays))
+        ups = levels[-1] if levels else ["server"]
+        parents = [ups[i % len(ups)] for i in range(clients)]
+        configs = [{**(config or {}), "site_index": i, "sites": clients} for i in range(clients)]
+        return cls(levels, [f"{p}.site-{i + 1}" for i, p in enumerate(parents)], parents, configs)
+
+    def relays(self) -> list[str]:
+        """Every relay, each after the relay above it."""
+        return [r for level in self.levels for r in level]
+
+    def sites(self, urls: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(name, parent's URL, config)`` per site, given the URLs of the parents."""
+        triples = zip(self.names, self.parents, self.configs, strict=True)
+        return [(name, urls[parent], config) for name, parent, config in triples]
+
+    def server(self, cell: Cell, **kwargs: Any) -> FLServer:
+        """The simulation's server on ``cell``, its handlers mounted."""
+        # Bytes never leave this machine: chunk CRCs stay, the whole-model SHA-256 goes.
+        server = FLServer(cell, self.names, digest=False, hierarchical=bool(self.levels), **kwargs)
+        cell.mount(server.handlers())
+        return server
+
+
+async def start_relays(
+    stack: AsyncExitStack,
+    relays: Sequence[str],
+    urls: dict[str, str],
+    drivers: Sequence[Driver],
+    scheme: str = "memory://{}",
+    on_link: Callable[[str, str, bool], None] | None = None,
+) -> None:
+    """Start ``relays`` on ``stack``, each linked to its parent (in ``urls``), adding theirs."""
+    for relay in relays:
+        relay_cell = Cell(
+            relay,
+            listen=[scheme.format(relay)],
+            parent=urls[relay.rsplit(".", 1)[0]],
+            drivers=drivers,
+            handlers=[system_handlers()],
+            on_link=on_link,
         )
-        return await sites.run(
-            workflow,
-            server,
-            script,
-            [(name, urls[parents[i]], configs[i]) for i, name in enumerate(names)],
-            in_loop=in_loop,
-        )
+        relay_cell.mount(RelayAggregator(relay_cell, digest=False).handlers())
+        await stack.enter_async_context(relay_cell)
+        await relay_cell.wait_parent()
+        urls[relay] = relay_cell.listen_urls[0]
 
 
 @contextmanager
@@ -215,16 +252,17 @@ class _SiteCells:
 
     def __init__(
         self,
-        net: MemoryNetwork,
+        drivers: Sequence[Driver],
         codec: str,
         heartbeat: float | None,
         job: str = "sim",
         mesh: Sequence[str] = (),
+        linking: int = LINKING,
     ) -> None:
         self.mesh = list(mesh)
         """Sites that link to each other directly (each dials those after it)."""
         self.job = job
-        self.net = net
+        self.drivers = list(drivers)
         self.codec = codec
         self.heartbeat = heartbeat
         self.runtimes: list[ClientRuntime] = []
@@ -232,14 +270,14 @@ class _SiteCells:
         self.up = 0
         self.all_up = anyio.Event()
         self.failed: BaseException | None = None
-        self.linking = anyio.CapacityLimiter(LINKING)
+        self.linking = anyio.CapacityLimiter(linking)
 
     async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
         meshed = _Meshed(name, self.mesh)
         cell = Cell(
             name,
             parent=parent,
-            drivers=[self.net],
+            drivers=self.drivers,
             heartbeat=self.heartbeat,
             listen=[f"memory://peer.{name}"] if self.mesh else [],
             peers=meshed.dials,
@@ -271,13 +309,15 @@ class _SiteCells:
 
     async def run(
         self,
-        workflow: Workflow,
-        server: FLServer,
-        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+        main: Callable[[], Awaitable[Any]],
+        script: Script,
         sites: list[tuple[str, str, dict[str, Any]]],
         *,
         in_loop: bool,
+        on_up: Callable[[BaseException | None], None] | None = None,
     ) -> Any:
+        """Start the sites, then run ``main`` (the workflow, or a wait for the end) beside
+        their scripts; ``on_up`` hears once all sites linked (or why one could not)."""
         outcome: Any = None
         error: Exception | None = None
         async with anyio.create_task_group() as cells:
@@ -285,12 +325,14 @@ class _SiteCells:
                 cells.start_soon(self._cell, name, parent, config, len(sites))
             if sites:
                 await self.all_up.wait()
+            if on_up is not None:
+                on_up(self.failed)
             try:
                 if self.failed is not None:  # raised below, outside the group
                     error = FlareError(f"a simulated site did not start: {self.failed!r}")
                 else:
                     with _quiet_gc() if in_loop else nullcontext():
-                        outcome, error = await self._scripts(workflow, server, script, in_loop)
+                        outcome, error = await self._scripts(main, script, in_loop)
             finally:
                 self.stop.set()
         if error is not None:
@@ -298,13 +340,9 @@ class _SiteCells:
         return outcome
 
     async def _scripts(
-        self,
-        workflow: Workflow,
-        server: FLServer,
-        script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
-        in_loop: bool,
+        self, main: Callable[[], Awaitable[Any]], script: Script, in_loop: bool
     ) -> tuple[Any, Exception | None]:
-        """Run every site's script beside the workflow; the workflow's outcome or error."""
+        """Run every site's script beside ``main``; its outcome or error."""
         outcome: Any = None
         error: Exception | None = None
         running = len(self.runtimes)
@@ -324,7 +362,7 @@ class _SiteCells:
                 fn = script[runtime.site] if isinstance(script, dict) else script
                 tg.start_soon(guarded, runtime, fn)
             try:
-                outcome = await workflow(server)
+                outcome = await main()
             except Exception as exc:  # re-raised by the caller, not inside a group
                 error = exc
             finally:
@@ -378,7 +416,7 @@ class _Joined:
 async def _with_site_processes(
     server: FLServer,
     workflow: Workflow,
-    script: Callable[[], object] | str | dict[str, Callable[[], object] | str],
+    script: Script,
     sites: list[tuple[str, str, dict[str, Any]]],
     joined: _Joined,
     *,
