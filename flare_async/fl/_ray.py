@@ -14,7 +14,6 @@ the same seed gives the same result. Ray is imported here only, and this module 
 from __future__ import annotations
 
 import contextlib
-import resource
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -108,14 +107,13 @@ class Host:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._stop: anyio.Event | None = None
 
-    def run(self, share: Share) -> int:
-        """Host ``share`` until stopped; this process's peak RSS (bytes) when it ends."""
+    def run(self, share: Share) -> None:
+        """Host ``share`` until stopped."""
         try:
             anyio.run(_host, self, share, backend="asyncio", backend_options=_loop_options())
         except BaseException as exc:
             self.saw_up(exc)
             raise
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def ready(self) -> str | None:
         """Once every cell of the share is linked: ``None``, or why one could not start."""
@@ -174,6 +172,7 @@ async def simulate_on_ray(
     in_loop: bool,
     actors: int | None,
     ray_address: str | None,
+    join_timeout: float,
 ) -> Any:
     """``simulate(..., backend="ray")``: see there."""
     ray = _import_ray()
@@ -206,26 +205,37 @@ async def simulate_on_ray(
         handles = [actor_class.options(**options).remote() for _ in plan]
         try:
             runs = [h.run.remote(share) for h, share in zip(handles, plan, strict=True)]
-            return await _drive(ray, workflow, server, handles, runs)
+            return await _drive(ray, workflow, server, handles, runs, join_timeout)
         finally:
             for h in handles:
                 ray.kill(h)
 
 
 async def _drive(
-    ray: ModuleType, workflow: Workflow, server: Any, handles: Sequence[Any], runs: list[Any]
+    ray: ModuleType,
+    workflow: Workflow,
+    server: Any,
+    handles: Sequence[Any],
+    runs: list[Any],
+    join_timeout: float,
 ) -> Any:
     """Wait for every actor's cells, run the workflow while watching the actors, stop them."""
     readies = {h.ready.remote(): i for i, h in enumerate(handles)}
     index = {ref: i for i, ref in enumerate(runs)}
-    while readies:
-        ref = await _first_done(ray, [*readies, *runs])
-        if ref in index:  # an actor ended before its cells were up
-            _get(ray, ref, index[ref], "ended before its cells were up")
-            raise FlareError(f"Ray actor {index[ref]} ended before its cells were up")
-        failed = _get(ray, ref, readies.pop(ref), "failed while starting its cells")
-        if failed is not None:
-            raise FlareError(f"a simulated site did not start in a Ray actor: {failed}")
+    with anyio.move_on_after(join_timeout):
+        while readies:
+            ref = await _first_done(ray, [*readies, *runs])
+            if ref in index:  # an actor ended before its cells were up
+                _get(ray, ref, index[ref], "ended before its cells were up")
+                raise FlareError(f"Ray actor {index[ref]} ended before its cells were up")
+            failed = _get(ray, ref, readies.pop(ref), "failed while starting its cells")
+            if failed is not None:
+                raise FlareError(f"a simulated site did not start in a Ray actor: {failed}")
+    if readies:
+        raise FlareError(
+            f"Ray actors {sorted(readies.values())} did not link their cells within "
+            f"{join_timeout:g} s (no room for them in the cluster? a server they cannot reach?)"
+        )
     crashed: str | None = None
     error: Exception | None = None
     outcome: Any = None
@@ -249,7 +259,7 @@ async def _drive(
         finally:
             tg.cancel_scope.cancel()
     if crashed is not None:
-        raise FlareError(crashed)
+        raise FlareError(crashed) from error
     if error is not None:
         raise error
     for h in handles:

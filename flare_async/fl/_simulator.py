@@ -1,6 +1,7 @@
 """The simulator: a server and N client cells in one process over ``memory://``, each client's
 training script in a worker thread, running a workflow to the end; or, with ``processes``, each
-site its own Python process connected over ``tcp://`` on loopback.
+site its own Python process connected over ``tcp://`` on loopback; or, with ``backend="ray"``,
+the sites and relays in Ray actors (``_ray.py``).
 
 The same workflow, script and cells run in a deployment; only the transport and the place the
 script runs differ.
@@ -73,7 +74,7 @@ async def simulate(
             its cell connects to the server (or its relay) over ``tcp://127.0.0.1``, its
             script runs in a thread there. The script must then be ``"MODULE:FUNCTION"`` or a
             module-level function.
-        join_timeout: (``processes``) how long the site processes get to connect.
+        join_timeout: (``processes``, ``ray``) how long the sites' processes (actors) get to link.
         in_loop: ``async def`` scripts run on the simulation's event loop, not in a thread
             each (``ClientRuntime.run_script(in_loop=True)``): thousands of light sites in one
             process. Such scripts must not block.
@@ -98,13 +99,12 @@ async def simulate(
     kw = {"job": job, "codec": codec, "seed": seed, "on_round": on_round, "on_metrics": on_metrics}
     if backend != "local":
         if backend != "ray" or processes or peers or network is not None:
-            raise ConfigError(
-                f"backend={backend!r}: it is 'local', or 'ray' (the sites in Ray actors: "
-                "not with processes, peers or network)"
-            )
+            why = "'local', or 'ray' (sites in Ray actors: no processes, peers or network)"
+            raise ConfigError(f"backend={backend!r}: it is {why}")
         from flare_async.fl._ray import simulate_on_ray  # noqa: PLC0415 (ray only when asked)
 
-        return await simulate_on_ray(workflow, script, lay, kw, in_loop, actors, ray_address)
+        where = (actors, ray_address, join_timeout)
+        return await simulate_on_ray(workflow, script, lay, kw, in_loop, *where)
     if peers and processes:
         raise ConfigError("peer links between sites are simulated in one process only")
     if peers and clients > LINKING:

@@ -45,14 +45,14 @@ def local_ray() -> Iterator[None]:
 
 
 async def weighted_site() -> None:
-    """Site i adds a site-dependent amount and reports i % 7 + 1 samples; site 5 fails its
-    first task (its script's own words reach the server), then goes on."""
+    """Site i adds a site-dependent amount and reports i % 7 + 1 samples; site 5's first
+    result has a negative weight (refused: the site fails that round), then it goes on."""
     i = int(flare.get_config()["site_index"])
     k = i * 37 % 11
     while (model := await flare.receive_async()) is not None:
         params = {n: np.floor(v) + k for n, v in model.params.items()}  # see `exact`
         if i == 5 and model.current_round == 0:
-            await flare.send_async(FLModel(params={"w": np.zeros(3)}))  # another shape: refused
+            await flare.send_async(FLModel(params=params, meta={"num_samples": -1}))  # refused
             continue
         await flare.send_async(FLModel(params=params, meta={"num_samples": i % 7 + 1}))
 
@@ -146,7 +146,8 @@ async def test_a_script_that_fails_is_reported_as_in_process() -> None:
 @pytest.mark.timeout(90)
 async def test_an_actor_that_dies_is_a_flare_error_not_a_hang() -> None:
     async def workflow(server: FLServer) -> FLModel:
-        return await fedavg(server, {"w": np.ones(4)}, rounds=3, deadline=600)
+        # the others go on: the workflow does not fail first, the dead actor is what is reported
+        return await fedavg(server, {"w": np.ones(4)}, rounds=3, min_responses=1, deadline=600)
 
     with pytest.raises(FlareError, match="Ray actor 1"):
         await simulate(workflow, dies_at_site_2, clients=4, backend="ray", actors=2)
@@ -182,3 +183,11 @@ async def test_without_ray_installed_the_error_names_the_extra(
 
     with pytest.raises(ConfigError, match=r"flare_async\[ray\]"):
         await simulate(workflow, threaded_site, clients=2, backend="ray")
+
+
+async def test_at_least_one_actor() -> None:
+    async def workflow(server: FLServer) -> None:
+        raise AssertionError("not reached")
+
+    with pytest.raises(ConfigError, match="actors must be at least 1"):
+        await simulate(workflow, threaded_site, clients=2, backend="ray", actors=0)
