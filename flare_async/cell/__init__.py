@@ -3,6 +3,7 @@
 from flare_async.cell._api import CellAPI, CellStatistics, StreamStatistics
 from flare_async.cell._cell import BroadcastResults, Cell, Outcome
 from flare_async.cell._handlers import Context, HandlerTable, Kind
+from flare_async.cell._inline import INLINE_MAX, InlineStream
 from flare_async.cell._links import Backoff, PeerVerifier
 from flare_async.cell._payload import Payload
 from flare_async.cell._sources import StreamSource
@@ -18,7 +19,9 @@ __all__ = [
     "CellStatistics",
     "Context",
     "HandlerTable",
+    "INLINE_MAX",
     "IncomingStream",
+    "InlineStream",
     "Kind",
     "Outcome",
     "Payload",

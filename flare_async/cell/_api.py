@@ -54,6 +54,10 @@ class StreamStatistics(msgspec.Struct, frozen=True):
     """As a sender: opened again after the receiver had no slot for the stream."""
     failed: int = 0
     """As a sender: gave up after the idle limit without progress."""
+    inline_sent: int = 0
+    """Small objects sent whole in one request instead (one per destination), in all."""
+    inline_received: int = 0
+    """Small objects received whole in one request, admitted to a stream handler, in all."""
 
 
 class CellStatistics(msgspec.Struct, frozen=True):

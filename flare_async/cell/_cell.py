@@ -34,6 +34,7 @@ from flare_async.cell._api import CellStatistics
 from flare_async.cell._calls import BroadcastResults, CallsMixin, Outcome
 from flare_async.cell._dispatch import Workers
 from flare_async.cell._handlers import Dispatch, HandlerTable
+from flare_async.cell._inline import INLINE_MAX
 from flare_async.cell._links import LINK_VOUCHES, Backoff, HelloFactory, PeerVerifier
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
@@ -109,6 +110,12 @@ class Cell(CallsMixin, StreamingMixin):
             the signature of every one addressed to it (``security.MessageSigning`` with the
             cell's kit); one that fails is refused with ``IntegrityError`` (answered to a
             request, logged otherwise). ``None``: nothing signed or checked.
+        inline_max: objects in memory of at most this many bytes that this cell streams go
+            whole in one request instead (:meth:`stream`'s ``inline``; ``0``: never). Default:
+            64 KiB (:data:`INLINE_MAX`), and ``0`` for a cell with ``signing``: its streams
+            keep the end-to-end signatures of the FL layer as they are, and a relay that cannot
+            tell an admin session's identity (only the server maps it) would refuse its
+            signed requests. The attribute of that name may be changed while the cell runs.
 
     Use as an async context manager; the cell runs until the block exits::
 
@@ -139,6 +146,7 @@ class Cell(CallsMixin, StreamingMixin):
         seed: int | None = None,
         max_streams: int = 64,
         stream_idle: float = 60.0,
+        inline_max: int | None = None,
         codecs: CodecRegistry | None = None,
         signing: MessageSigner | None = None,
         admission: Admission | None = None,
@@ -178,6 +186,11 @@ class Cell(CallsMixin, StreamingMixin):
         )
         self._log = router.log
         self._workers = Workers(router, self, max_concurrency, queue_size)
+        if inline_max is None:
+            inline_max = INLINE_MAX if signing is None else 0
+        if inline_max < 0:
+            raise ConfigError("inline_max must not be negative")
+        self.inline_max = inline_max
         self._streams = StreamHub(router, self, max_incoming=max_streams, idle=stream_idle)
         router.attach(self._workers, self._streams)
         vouching = frozenset({LINK_VOUCHES}) if verify_peer is not None else frozenset()

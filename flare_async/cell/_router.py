@@ -27,7 +27,7 @@ import math
 import random
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import msgspec
@@ -38,14 +38,16 @@ from flare_async.cell._backlog import DEFAULT_BACKLOG, Backlogs
 from flare_async.cell._deadlines import DeadlineTimer, Expirable
 from flare_async.cell._dispatch import Job, Workers
 from flare_async.cell._handlers import AnyHandler, Dispatch, Kind
+from flare_async.cell._inline import INLINE_HEADER, inline_handler, read_info
 from flare_async.cell._links import DISPLACED, Displaced, Forwarded, Peer
 from flare_async.cell._payload import Payload
 from flare_async.cell._rpc import PendingTable, Waiter
 from flare_async.cell._signing import MessageSigner, came_unsigned, goes_unsigned
 from flare_async.cell._signing import check as check_signature
 from flare_async.cell._signing import seal as seal_message
-from flare_async.cell._stream_in import StreamHub
+from flare_async.cell._stream_in import StreamHandler, StreamHub, stream_origin
 from flare_async.errors import (
+    BadRequest,
     CellClosed,
     DeadlineExceeded,
     IntegrityError,
@@ -224,6 +226,30 @@ class Router:
             return Status.NO_HANDLER, "no handlers yet"
         return self.dispatch.admit(kind, src, channel, topic, accept=self.accept, me=self.name)
 
+    def _admit_inline(self, h: Request) -> AnyHandler | tuple[Status, str]:
+        """A small object sent whole in one request (``_inline``): admitted as a stream, by
+        its origin, and run by the stream handler."""
+        try:
+            info = read_info(h)
+        except BadRequest as exc:
+            return Status.BAD_REQUEST, str(exc)
+        origin = stream_origin(self.name, h.src, info.headers)
+        fn = self.admit(Kind.STREAM, origin, h.channel, h.topic)
+        if isinstance(fn, tuple):
+            return fn
+        hub = self.streams
+        assert hub is not None
+        hub.counters["inline_received"] += 1
+        return inline_handler(
+            cast(StreamHandler, fn),
+            h,
+            info,
+            origin,
+            required=(h.channel, h.topic) in hub.digest_always,
+            idle=hub.idle,
+            clock=self.clock,
+        )
+
     # ------------------------------------------------------------------ peers
     def peers(self) -> list[Peer]:
         return [*self.children.values(), *([self.parent] if self.parent else [])]
@@ -390,8 +416,14 @@ class Router:
         if h.budget is not None and h.budget <= 0:
             self.answer_error(h, Status.DEADLINE_EXCEEDED, "deadline passed before delivery")
             return
-        kind = Kind.REQUEST if isinstance(h, Request) else Kind.EVENT
-        fn = self.admit(kind, h.src, h.channel, h.topic)
+        if isinstance(h, Request):
+            fn = (
+                self._admit_inline(h)
+                if INLINE_HEADER in h.headers
+                else self.admit(Kind.REQUEST, h.src, h.channel, h.topic)
+            )
+        else:
+            fn = self.admit(Kind.EVENT, h.src, h.channel, h.topic)
         if isinstance(fn, tuple):
             self.answer_error(h, *fn)
             return

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import msgspec
 
 from flare_async.cell._api import ProgressCallback, Seal
+from flare_async.cell._inline import InlineStream, Requester, send_inline
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
 from flare_async.cell._sources import ChunkLog, StreamSource, open_digest, open_source
@@ -25,16 +27,26 @@ from flare_async.streaming import (
     normalize_digest,
     pick_chunk,
 )
+from flare_async.wire import Buffer
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):
     """What a fan-out stream's ``fanout`` header carries (JSON): the targets below the relay
-    and the channel/topic to deliver to."""
+    and the channel/topic to deliver to. A list too long for a header (past
+    :data:`LISTED_MAX` bytes) is parked at the relay first (``sys/fanout-targets``) and
+    named here by the ``ref`` the relay gave it, with ``targets`` empty."""
 
     targets: list[str]
     channel: str
     topic: str
     codec: str = ""
+    ref: str = ""
+
+
+LISTED_MAX = 8 * 1024
+"""Bytes of a fan-out header's JSON past which its targets are parked at the relay instead."""
+PARK_TOPIC = "fanout-targets"
+"""The ``sys`` request that parks a long target list at a relay; the reply is its ref."""
 
 
 class FanoutOutcome(msgspec.Struct, frozen=True):
@@ -52,6 +64,7 @@ class StreamingMixin:
     """The stream-sending methods of :class:`~flare_async.Cell`, which sets what they use."""
 
     name: str
+    inline_max: int
     _router: Router
     _streams: StreamHub
 
@@ -80,6 +93,7 @@ class StreamingMixin:
         headers: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
         seal: Seal | None = None,
+        inline: int | None = None,
     ) -> Payload:
         """Send one object of any size to ``dst``'s stream handler; return its reply.
 
@@ -111,6 +125,11 @@ class StreamingMixin:
                 and digested; the headers it returns travel in the stream's end message (the
                 receiver reads them as ``IncomingStream.trailer``): a signature over the digest
                 without a second pass over the bytes. Implies a cryptographic ``digest``.
+            inline: objects in memory (bytes, buffers) of at most this many bytes go whole in
+                one request to the stream handler, which gets them as an ``InlineStream``
+                (two frames instead of five or more; no resume after a dropped link: see
+                ``docs/streaming.md``); ``0``: always stream. Default: the cell's
+                ``inline_max`` (64 KiB).
 
         Raises:
             Unreachable: no route to ``dst`` when the stream starts.
@@ -136,6 +155,7 @@ class StreamingMixin:
             headers=headers,
             progress=progress,
             seal=seal,
+            inline=inline,
             via_relays=False,
         )
         outcome = results[dst]
@@ -161,6 +181,7 @@ class StreamingMixin:
         headers: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
         seal: Seal | None = None,
+        inline: int | None = None,
         via_relays: bool = True,
     ) -> dict[str, Payload | FlareError]:
         """Send one object to many cells; the source is read and digested once.
@@ -199,22 +220,38 @@ class StreamingMixin:
             progress=progress,
             seal=seal,
         )
+        limit = self.inline_max if inline is None else inline
         if not via_relays:
-            return await self._stream_to(targets, channel, topic, source, size=size, opts=opts)
+            return await self._stream_to(
+                targets, channel, topic, source, size=size, opts=opts, inline=limit
+            )
         groups = self._fanout_groups(targets)
         direct = [dst for hop, members in groups.items() for dst in members if hop is None]
         relayed = {hop: members for hop, members in groups.items() if hop is not None}
-        stream_dsts = direct + list(relayed)
+        out: dict[str, Payload | FlareError] = {}
         per_dst: dict[str, StreamOptions] = {}
-        for hop, members in relayed.items():
-            request = FanoutRequest(members, channel, topic, codec)
-            per_dst[hop] = opts.to_fanout(
-                FANOUT_CHANNEL, FANOUT_TOPIC, "fanout", msgspec.json.encode(request).decode()
-            )
+        for hop, members in list(relayed.items()):
+            value = msgspec.json.encode(FanoutRequest(members, channel, topic, codec))
+            if len(value) > LISTED_MAX:
+                try:
+                    ref = await self._park(hop, members, idle)
+                except FlareError as exc:
+                    out.update(dict.fromkeys(relayed.pop(hop), exc))
+                    continue
+                value = msgspec.json.encode(FanoutRequest([], channel, topic, codec, ref=ref))
+            per_dst[hop] = opts.to_fanout(FANOUT_CHANNEL, FANOUT_TOPIC, "fanout", value.decode())
+        stream_dsts = direct + list(relayed)
         results = await self._stream_to(
-            stream_dsts, channel, topic, source, size=size, opts=opts, per_dst=per_dst
+            stream_dsts,
+            channel,
+            topic,
+            source,
+            size=size,
+            opts=opts,
+            per_dst=per_dst,
+            inline=limit,
         )
-        out: dict[str, Payload | FlareError] = {dst: results[dst] for dst in direct}
+        out.update((dst, results[dst]) for dst in direct)
         for hop, members in relayed.items():
             answer = results[hop]
             if isinstance(answer, FlareError):
@@ -235,6 +272,18 @@ class StreamingMixin:
                 else:
                     out[dst] = _rebuild_error(got)
         return out
+
+    async def _park(self, hop: str, targets: list[str], idle: float) -> str:
+        """Park a long target list at relay ``hop``; the ref its fan-out header names."""
+        reply = await cast(Requester, self).request(
+            hop,
+            FANOUT_CHANNEL,
+            PARK_TOPIC,
+            Payload(msgspec.json.encode(targets)),
+            timeout=idle,
+            headers=None,
+        )
+        return reply.tobytes().decode(errors="replace")
 
     def _fanout_groups(self, targets: list[str]) -> dict[str | None, list[str]]:
         """Destinations by the relay they lie behind (``None``: sent to directly — a child
@@ -268,6 +317,7 @@ class StreamingMixin:
         size: int | None,
         opts: StreamOptions,
         per_dst: Mapping[str, StreamOptions] | None = None,
+        inline: int = 0,
     ) -> dict[str, Payload | FlareError]:
         port = self._router
         if not port.running:
@@ -282,6 +332,19 @@ class StreamingMixin:
             )
         if not opts.idle > 0:
             raise ConfigError("stream idle must be a positive number of seconds")
+        parts = in_memory(source)
+        if parts is not None and inline > 0 and sum(memoryview(p).nbytes for p in parts) <= inline:
+            self._streams.counters["inline_sent"] += len(dsts)
+            return await send_inline(
+                cast(Requester, self),
+                dsts,
+                parts,
+                opts,
+                per_dst or {},
+                random=port.random,
+                clock=port.clock,
+                log_warning=port.log.warning,
+            )
         sha_from = getattr(source, "final_sha256", None)
         src = open_source(source, size)
         if not opts.chunk:
@@ -305,6 +368,19 @@ class StreamingMixin:
             else:
                 out[dst] = InternalError(f"stream to {dst} failed: {sender.error!r}")
         return out
+
+
+def in_memory(source: StreamSource) -> Sequence[Buffer] | None:
+    """The buffers of a source held in memory (bytes, buffers, an inline object), else None."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return (source,)
+    if isinstance(source, InlineStream):
+        return source.parts
+    if isinstance(source, list | tuple) and all(
+        isinstance(p, bytes | bytearray | memoryview) for p in source
+    ):
+        return source
+    return None
 
 
 def stream_digest(digest: bool | str, *, sealed: bool, known: str = "") -> str:
@@ -379,4 +455,12 @@ def _rebuild_error(outcome: FanoutOutcome) -> FlareError:
     return cls(outcome.error, reported_by=outcome.reported_by)
 
 
-__all__ = ["FANOUT_CHANNEL", "FANOUT_TOPIC", "FanoutOutcome", "FanoutRequest", "StreamingMixin"]
+__all__ = [
+    "FANOUT_CHANNEL",
+    "FANOUT_TOPIC",
+    "LISTED_MAX",
+    "PARK_TOPIC",
+    "FanoutOutcome",
+    "FanoutRequest",
+    "StreamingMixin",
+]

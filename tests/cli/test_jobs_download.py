@@ -17,6 +17,14 @@ from flare_async.transport import MemoryNetwork
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    # Real clocks: the download writes in worker threads, which a virtual clock that jumps
+    # when every task waits would overtake (a small file comes whole in one request, whose
+    # deadline the jump would pass).
+    return str(request.param)
+
+
 @asynccontextmanager
 async def download_pair(out: Path) -> AsyncIterator[Cell]:
     """A "server" cell streaming files to an admin session that downloads into ``out``."""

@@ -113,7 +113,10 @@ async def chain(
     **cell_opts: Any,
 ) -> AsyncIterator[list[Cell]]:
     """Cells each the child of the one before, the last one with ``handlers``: on one memory
-    network (or ``driver``), or over loopback TCP with ``tcp``."""
+    network (or ``driver``), or over loopback TCP with ``tcp``. These tests are about the
+    stream protocol: small objects are streamed too, unless ``inline_max`` says otherwise
+    (``test_inline.py`` tests the inline path)."""
+    cell_opts.setdefault("inline_max", 0)
     net = TcpDriver() if tcp else driver or MemoryNetwork()
     async with AsyncExitStack() as stack:
         cells: list[Cell] = []
@@ -409,7 +412,7 @@ async def test_fan_out_through_a_relay_crosses_the_upstream_link_once() -> None:
     data = pattern(20 * CHUNK, seed=8)
     async with AsyncExitStack() as stack:
         server = await stack.enter_async_context(
-            Cell("server", listen=["memory://server"], drivers=[net])
+            Cell("server", listen=["memory://server"], drivers=[net], inline_max=0)
         )
         relay = await stack.enter_async_context(
             Cell(
@@ -560,7 +563,7 @@ async def test_a_cell_off_the_path_cannot_abort_a_stream() -> None:
     net = MemoryNetwork()
     async with AsyncExitStack() as stack:
         server = await stack.enter_async_context(
-            Cell("server", listen=["memory://server"], drivers=[net])
+            Cell("server", listen=["memory://server"], drivers=[net], inline_max=0)
         )
         edge = await stack.enter_async_context(
             Cell(
