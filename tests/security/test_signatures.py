@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 import flare_async.client as flare
 from flare_async import Cell, HandlerTable
 from flare_async.cell import system_handlers
+from flare_async.cell._inline import INLINE_HEADER, InlineInfo
 from flare_async.errors import IntegrityError, Unreachable
 from flare_async.fl import ClientRuntime, FLModel, FLServer, fedavg
 from flare_async.fl._secagg import SecAggClient
@@ -278,6 +279,31 @@ class HostileRelay:
             return Frame(msgspec.structs.replace(h, crc=checksum(data)), (bytes(data),))
         return frame
 
+    def _inline(self, frame: Frame) -> Frame:
+        """The same tampering with a small result sent whole in one request."""
+        h = frame.header
+        assert isinstance(h, Request)
+        if h.topic != "result" or h.src != SITES[0] or self.mode not in ("bytes", "replay"):
+            return frame
+        self.results.append(h.id)
+        info = msgspec.json.decode(h.headers[INLINE_HEADER], type=InlineInfo)
+        if self.mode == "bytes" and len(self.results) == 1:
+            data = bytearray(b"".join(bytes(p) for p in frame.parts))
+            data[-1] ^= 0xFF  # a tensor value; and no digest to compare with on the way
+            info = msgspec.structs.replace(info, sha256="")
+            self.tampered += 1
+        elif self.mode == "replay":
+            if self.first_signature is None:
+                self.first_signature = dict(info.trailer)
+                return frame
+            self.tampered += 1  # round 1: round 0's signature on round 1's result
+            info = msgspec.structs.replace(info, trailer=self.first_signature)
+            data = bytearray(b"".join(bytes(p) for p in frame.parts))
+        else:
+            return frame
+        headers = {**h.headers, INLINE_HEADER: msgspec.json.encode(info).decode()}
+        return Frame(msgspec.structs.replace(h, headers=headers), (bytes(data),))
+
     def __call__(self, frame: Frame) -> Frame:
         h = frame.header
         if self.mode == "task":  # changes the model it passes down to site-1, once
@@ -292,6 +318,8 @@ class HostileRelay:
             if isinstance(h, StreamData) and h.src == SITES[0]:
                 self.seen += b"".join(bytes(p) for p in frame.parts)
             return frame
+        if isinstance(h, Request) and INLINE_HEADER in h.headers:
+            return self._inline(frame)
         if isinstance(h, StreamOpen) and h.topic == "result" and h.src == SITES[0]:
             self.results.append(h.sid)
             if self.mode == "bytes" and len(self.results) == 1:
@@ -320,8 +348,11 @@ class HostileRelay:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("inline_max", [0, None], ids=["streamed", "whole"])
 @pytest.mark.parametrize("mode", ["bytes", "replay"])
-async def test_a_tampering_relay_is_caught_and_the_round_goes_on(tmp_path: Path, mode: str) -> None:
+async def test_a_tampering_relay_is_caught_and_the_round_goes_on(
+    tmp_path: Path, mode: str, inline_max: int | None
+) -> None:
     folder = kits(tmp_path)
     net = MemoryNetwork()
     hostile = HostileRelay(mode)
@@ -346,7 +377,7 @@ async def test_a_tampering_relay_is_caught_and_the_round_goes_on(tmp_path: Path,
     )
     runtimes = []
     for i, name in enumerate(SITES):
-        cell = Cell(name, parent=f"memory://{RELAY}", drivers=[net])
+        cell = Cell(name, parent=f"memory://{RELAY}", drivers=[net], inline_max=inline_max)
         runtime = ClientRuntime(
             cell, "server", config={"site_index": i}, signer=Signer(load_kit(folder / name))
         )
