@@ -238,18 +238,24 @@ async def test_the_receivers_policy_judges_an_inline_object_as_a_stream() -> Non
         assert seen.entered == 0
 
 
+async def server_and_relay(stack: AsyncExitStack, net: MemoryNetwork) -> tuple[Cell, Cell]:
+    """``server`` and a relay ``server.r`` below it, listening on ``memory://r``."""
+    server = await stack.enter_async_context(
+        Cell("server", listen=["memory://server"], drivers=[net])
+    )
+    relay = await stack.enter_async_context(
+        Cell("server.r", listen=["memory://r"], parent="memory://server", drivers=[net])
+    )
+    await relay.wait_parent()
+    return server, relay
+
+
 async def test_fan_out_through_a_relay_goes_inline_hop_by_hop() -> None:
     net = MemoryNetwork()
     seens = [Seen() for _ in range(3)]
     data = pattern(5000, seed=3)
     async with AsyncExitStack() as stack:
-        server = await stack.enter_async_context(
-            Cell("server", listen=["memory://server"], drivers=[net])
-        )
-        relay = await stack.enter_async_context(
-            Cell("server.r", listen=["memory://r"], parent="memory://server", drivers=[net])
-        )
-        await relay.wait_parent()
+        server, relay = await server_and_relay(stack, net)
         for i, seen in enumerate(seens):
             site = await stack.enter_async_context(
                 Cell(f"server.r.s{i}", parent="memory://r", drivers=[net], handlers=[table(seen)])
@@ -320,13 +326,7 @@ async def test_a_target_list_too_long_for_a_header_is_parked_at_the_relay() -> N
         return bytes(await stream.read_joined())
 
     async with AsyncExitStack() as stack:
-        server = await stack.enter_async_context(
-            Cell("server", listen=["memory://server"], drivers=[net])
-        )
-        relay = await stack.enter_async_context(
-            Cell("server.r", listen=["memory://r"], parent="memory://server", drivers=[net])
-        )
-        await relay.wait_parent()
+        server, relay = await server_and_relay(stack, net)
         for name in names:
             await stack.enter_async_context(
                 Cell(name, parent="memory://r", drivers=[net], handlers=[sink])
