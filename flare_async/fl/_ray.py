@@ -143,6 +143,12 @@ class Host:
                 stop.set()
 
 
+QUIET_LOOP = 600.0
+"""Seconds a tcp link between the driver and an actor may stay quiet before it is dropped: an
+actor's loop starting or running 50,000 sites does not answer a ping for a minute at times
+(a link that really dies, the OS reports)."""
+
+
 # Outside the class: Ray makes an actor with any `async def` method an async actor, whose
 # methods all run on one loop (`ready` would block it).
 async def _host(host: Host, share: Share) -> None:
@@ -153,7 +159,7 @@ async def _host(host: Host, share: Share) -> None:
     try:
         async with AsyncExitStack() as stack:
             urls = {"server": share.server_url}
-            await start_relays(stack, share.relays, urls, drivers)
+            await start_relays(stack, share.relays, urls, drivers, dead_after=QUIET_LOOP)
             heartbeat = None if share.in_loop else 15.0
             cells = _SiteCells(drivers, share.codec, heartbeat, share.job, linking=share.linking)
             sites = [(name, urls[parent], config) for name, parent, config in share.sites]
@@ -187,7 +193,7 @@ async def simulate_on_ray(
     # One machine: the server listens on loopback; a cluster: on this node's address.
     alive = [n for n in ray.nodes() if n.get("Alive")]
     host = "127.0.0.1" if len(alive) <= 1 else ray.util.get_node_ip_address()
-    cell = Cell("server", listen=[f"tcp://{host}:0"], drivers=[TcpDriver()])
+    cell = Cell("server", listen=[f"tcp://{host}:0"], drivers=[TcpDriver()], dead_after=QUIET_LOOP)
     server = lay.server(cell, **server_args)
     async with cell:
         common = {

@@ -179,6 +179,7 @@ async def start_relays(
     scheme: str = "memory://{}",
     on_link: Callable[[str, str, bool], None] | None = None,
     heartbeat: float | None = 15.0,
+    dead_after: float | None = None,
 ) -> None:
     """Start ``relays`` on ``stack``, each linked to its parent (in ``urls``), adding theirs."""
     for relay in relays:
@@ -190,6 +191,7 @@ async def start_relays(
             handlers=[system_handlers()],
             on_link=on_link,
             heartbeat=heartbeat,
+            dead_after=dead_after,
         )
         relay_cell.mount(RelayAggregator(relay_cell, digest=False).handlers())
         await stack.enter_async_context(relay_cell)
