@@ -148,7 +148,10 @@ async def run_case(
         return out
 
     where: dict[str, Any] = (
-        {"backend": "ray", "actors": int(backend[3:])} if on_ray else {"network": net}
+        # An actor links its sites 128 at a time on one loop: 50,000 take minutes.
+        {"backend": "ray", "actors": int(backend[3:]), "join_timeout": max(120.0, cells / 100)}
+        if on_ray
+        else {"network": net}
     )
     final = await simulate(
         workflow,
