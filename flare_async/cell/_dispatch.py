@@ -24,6 +24,7 @@ from flare_async.errors import (
     DecodeError,
     IntegrityError,
     Overloaded,
+    ProtocolError,
     Status,
     StreamError,
     Unauthorized,
@@ -214,6 +215,8 @@ def handler_failure(
     traceback is logged here and never leaves this cell."""
     if isinstance(exc, _PASSED_THROUGH):
         return status_for_error(exc), str(exc)
+    if isinstance(exc, ProtocolError):  # the peer broke the protocol (a stream read says so)
+        return Status.BAD_REQUEST, str(exc)
     ref = uuid.uuid4().hex[:12]
     port.log.error("handler failed", ref=ref, channel=channel, topic=topic, src=src, exc_info=exc)
     return Status.INTERNAL, f"internal error in {port.name} handling {channel}/{topic} (ref {ref})"
