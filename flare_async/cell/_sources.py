@@ -170,22 +170,31 @@ class _IterSource(_OneChunkAtATime):
             await close()
 
 
+def in_memory(source: object) -> Sequence[Buffer] | None:
+    """The buffers of a source held in memory (bytes, or a list or tuple of buffers), else
+    None. (An inline object's buffers are its ``parts``: the caller takes those.)"""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return (source,)
+    if isinstance(source, list | tuple) and all(
+        isinstance(p, bytes | bytearray | memoryview) for p in source
+    ):
+        return source
+    return None
+
+
 def open_source(source: StreamSource, size: int | None = None) -> ChunkSource:
     """A :class:`ChunkSource` for what a caller passes to ``Cell.stream``.
 
     Raises:
         ConfigError: a file that cannot be opened, or something that is not a source.
     """
-    if isinstance(source, bytes | bytearray | memoryview):
-        return _BufferSource((source,))
+    buffers = in_memory(source)
+    if buffers is not None:
+        return _BufferSource(buffers)
     if isinstance(source, str | os.PathLike):
         return _FileSource(Path(source))
     if isinstance(source, AsyncIterable):
         return _IterSource(source, size)
-    if isinstance(source, list | tuple) and all(
-        isinstance(p, bytes | bytearray | memoryview) for p in source
-    ):
-        return _BufferSource(source)
     kind = type(source).__name__
     raise ConfigError(f"cannot stream a {kind}: pass bytes, buffers, a path or an async iterable")
 

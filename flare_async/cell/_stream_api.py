@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 import msgspec
@@ -13,7 +13,13 @@ from flare_async.cell._api import ProgressCallback, Seal
 from flare_async.cell._inline import InlineStream, Requester, send_inline
 from flare_async.cell._payload import Payload
 from flare_async.cell._router import Router
-from flare_async.cell._sources import ChunkLog, StreamSource, open_digest, open_source
+from flare_async.cell._sources import (
+    ChunkLog,
+    StreamSource,
+    in_memory,
+    open_digest,
+    open_source,
+)
 from flare_async.cell._stream_in import FANOUT_CHANNEL, FANOUT_TOPIC, StreamHub
 from flare_async.cell._stream_out import StreamOptions, send_streams
 from flare_async.errors import CellClosed, ConfigError, FlareError, InternalError, ProtocolError
@@ -27,7 +33,6 @@ from flare_async.streaming import (
     normalize_digest,
     pick_chunk,
 )
-from flare_async.wire import Buffer
 
 
 class FanoutRequest(msgspec.Struct, frozen=True):
@@ -221,6 +226,8 @@ class StreamingMixin:
             seal=seal,
         )
         limit = self.inline_max if inline is None else inline
+        if limit < 0:
+            raise ConfigError(f"inline must not be negative, not {inline}")
         if not via_relays:
             return await self._stream_to(
                 targets, channel, topic, source, size=size, opts=opts, inline=limit
@@ -332,7 +339,8 @@ class StreamingMixin:
             )
         if not opts.idle > 0:
             raise ConfigError("stream idle must be a positive number of seconds")
-        parts = in_memory(source)
+        parts = source.parts if isinstance(source, InlineStream) else in_memory(source)
+        inline = min(inline, port.limits.max_frame)  # one frame must carry it
         if parts is not None and inline > 0 and sum(memoryview(p).nbytes for p in parts) <= inline:
             self._streams.counters["inline_sent"] += len(dsts)
             return await send_inline(
@@ -368,19 +376,6 @@ class StreamingMixin:
             else:
                 out[dst] = InternalError(f"stream to {dst} failed: {sender.error!r}")
         return out
-
-
-def in_memory(source: StreamSource) -> Sequence[Buffer] | None:
-    """The buffers of a source held in memory (bytes, buffers, an inline object), else None."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        return (source,)
-    if isinstance(source, InlineStream):
-        return source.parts
-    if isinstance(source, list | tuple) and all(
-        isinstance(p, bytes | bytearray | memoryview) for p in source
-    ):
-        return source
-    return None
 
 
 def stream_digest(digest: bool | str, *, sealed: bool, known: str = "") -> str:

@@ -16,6 +16,7 @@ from flare_async import Cell, Context, HandlerTable, IncomingStream, MemoryNetwo
 from flare_async.cell import INLINE_MAX, InlineStream
 from flare_async.cell._inline import INLINE_HEADER, InlineInfo
 from flare_async.cell._stream_api import LISTED_MAX, PARK_TOPIC, FanoutRequest
+from flare_async.cell._system import PARKED_LISTS, PARKED_NAMES
 from flare_async.errors import (
     BadRequest,
     ConfigError,
@@ -24,6 +25,7 @@ from flare_async.errors import (
     StreamCorrupted,
     Unauthorized,
 )
+from flare_async.wire import Limits
 from tests.streaming.test_streams import pattern
 
 pytestmark = pytest.mark.anyio
@@ -354,3 +356,63 @@ async def test_a_target_list_too_long_for_a_header_is_parked_at_the_relay() -> N
         for bad in (b"[]", b"{}", b"not json"):
             with pytest.raises(BadRequest):
                 await server.request("server.r", "sys", PARK_TOPIC, bad)
+
+
+async def test_a_relay_keeps_64_parked_lists_and_a_million_names_at_most() -> None:
+    """The parking's bounds at their edges: the 65th list drops the oldest; a list of
+    1,000,000 names is taken and one more name is refused."""
+    net = MemoryNetwork()
+    async with AsyncExitStack() as stack:
+        server, _ = await server_and_relay(stack, net)
+
+        async def park(names: list[str]) -> str:
+            reply = await server.request("server.r", "sys", PARK_TOPIC, msgspec.json.encode(names))
+            return reply.tobytes().decode()
+
+        refs = [await park([f"server.r.s{i}"]) for i in range(PARKED_LISTS + 1)]
+
+        def fanout(ref: str) -> dict[str, str]:
+            request = FanoutRequest([], "t", "sink", ref=ref)
+            return {"fanout": msgspec.json.encode(request).decode()}
+
+        with pytest.raises(BadRequest, match="no target list"):  # the oldest went first
+            await server.stream("server.r", "sys", "fanout", b"x", headers=fanout(refs[0]))
+        # the newest is there (its site is not: that target fails alone, the fan-out answers)
+        reply = await server.stream("server.r", "sys", "fanout", b"x", headers=fanout(refs[-1]))
+        assert f"server.r.s{PARKED_LISTS}".encode() in reply.tobytes()
+        assert await park(["server.r.a"] * PARKED_NAMES)
+        with pytest.raises(BadRequest, match="1 to 1000000 names"):
+            await park(["server.r.a"] * (PARKED_NAMES + 1))
+
+
+async def test_the_default_limit_the_frame_cap_and_a_negative_limit(tmp_path: Path) -> None:
+    """A cell that signs streams its small objects by default; a limit past what one frame
+    carries is capped by the frame; a negative limit is refused per call as per cell."""
+    from flare_async.security import (  # noqa: PLC0415
+        MessageSigning,
+        SignatureVerifier,
+        Signer,
+        load_kit,
+    )
+    from tests.security.test_signatures import kits  # noqa: PLC0415
+
+    kit = load_kit(kits(tmp_path) / "server")
+    signing = MessageSigning(Signer(kit), SignatureVerifier.from_kit(kit))
+    assert Cell("server", signing=signing).inline_max == 0
+    assert Cell("server").inline_max == INLINE_MAX
+    net, seen = MemoryNetwork(), Seen()
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            Cell("server", listen=["memory://server"], drivers=[net], limits=Limits(max_frame=8192))
+        )
+        site = await stack.enter_async_context(
+            Cell("server.site", parent="memory://server", drivers=[net], handlers=[table(seen)])
+        )
+        await site.wait_parent()
+        with pytest.raises(ConfigError, match="inline must not be negative"):
+            await server.stream("server.site", "t", "sink", b"x", inline=-1)
+        await server.stream("server.site", "t", "sink", b"x" * 8193, inline=10**6)
+        assert not isinstance(seen.streams[-1], InlineStream)  # one frame could not carry it
+        await server.stream("server.site", "t", "sink", b"x" * 8192, inline=10**6)
+        assert isinstance(seen.streams[-1], InlineStream)
+        assert seen.data[-2:] == [b"x" * 8193, b"x" * 8192]
