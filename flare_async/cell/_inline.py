@@ -290,6 +290,9 @@ async def send_inline(
                     log_warning("progress callback failed", dst=dst, error=repr(exc))
             return
 
+    if len(dsts) == 1:  # a site's result: no task group (its scope, task and event)
+        await one(dsts[0])
+        return out
     async with anyio.create_task_group() as tg:
         for dst in dsts:
             tg.start_soon(one, dst)

@@ -7,6 +7,7 @@ it is to the acceptor (``child`` or ``peer``); the acceptor answers ``parent`` o
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Final, Literal
 
 import msgspec
@@ -69,6 +70,13 @@ def make_hello(
     )
 
 
+@lru_cache(maxsize=64)
+def _common(ours: frozenset[str], theirs: frozenset[str]) -> frozenset[str]:
+    """What both sides support: one set per pair of capability sets, not one per link (a relay
+    of thousands of sites held thousands of equal sets)."""
+    return ours & theirs
+
+
 def check_hello(local: Hello, remote: object, *, expect: Role) -> Session:
     """Decide whether to accept the peer's hello.
 
@@ -118,7 +126,7 @@ def check_hello(local: Hello, remote: object, *, expect: Role) -> Session:
         peer=them,
         role=expect,
         version=version,
-        capabilities=frozenset(local.capabilities) & frozenset(remote.capabilities),
+        capabilities=_common(frozenset(local.capabilities), frozenset(remote.capabilities)),
         peer_limits=peer_limits,
         peer_heartbeat=remote.heartbeat,
     )
