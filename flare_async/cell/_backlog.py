@@ -10,6 +10,7 @@ the frames came from) until its deadline.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -17,7 +18,7 @@ import anyio
 
 from flare_async import _logging
 from flare_async._concurrency import Signal
-from flare_async.cell._links import Peer
+from flare_async.cell._links import NO_BACKLOG, Peer
 from flare_async.errors import (
     CellClosed,
     ConfigError,
@@ -100,6 +101,8 @@ class Backlogs:
             hop.draining = self._spawn(self._drain, hop, name=f"{self.name} backlog {hop.name}")
             if not hop.draining:
                 raise CellClosed(f"cell {self.name} is stopping")
+        if hop.backlog is NO_BACKLOG:
+            hop.backlog = deque()
         hop.backlog.append((frame, deadline, size))
         hop.backlog_bytes += size
         self.bytes += size

@@ -89,6 +89,10 @@ class Cell(CallsMixin, StreamingMixin):
         limits: wire limits (max header, max frame, max route).
         default_timeout: deadline of a request when the caller gives none (``None``: none).
         max_concurrency: most handlers running at once.
+        idle_workers: handler tasks kept waiting while there is no work (default
+            ``max_concurrency``: the pool never shrinks, and a burst finds its tasks ready).
+            ``0``: an idle cell holds none, and a request starts one (a simulation's 100,000
+            sites each answer one task a round).
         queue_size: requests waiting for a handler before new ones are refused as overloaded.
         handshake_timeout: how long a new link may take to say hello (with a TLS handshake
             and an HTTP upgrade before it, where the transport has those).
@@ -135,6 +139,7 @@ class Cell(CallsMixin, StreamingMixin):
         limits: Limits | None = None,
         default_timeout: float | None = 30.0,
         max_concurrency: int = 256,
+        idle_workers: int | None = None,
         queue_size: int = 1024,
         handshake_timeout: float = 10.0,
         backoff: Backoff | None = None,
@@ -185,7 +190,7 @@ class Cell(CallsMixin, StreamingMixin):
             dead_after=self.dead_after,
         )
         self._log = router.log
-        self._workers = Workers(router, self, max_concurrency, queue_size)
+        self._workers = Workers(router, self, max_concurrency, queue_size, idle_workers)
         if inline_max is None:
             inline_max = INLINE_MAX if signing is None else 0
         if inline_max < 0:
@@ -342,7 +347,8 @@ class Cell(CallsMixin, StreamingMixin):
         self._check_running()
         router = self._router
         while router.parent is None:
-            assert router.parent_changed is not None
+            if router.parent_changed is None:
+                router.parent_changed = anyio.Event()
             await router.parent_changed.wait()
 
     def statistics(self) -> CellStatistics:

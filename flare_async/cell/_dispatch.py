@@ -21,6 +21,7 @@ from flare_async.cell._payload import Payload, as_payload
 from flare_async.cell._port import Port
 from flare_async.errors import (
     BadRequest,
+    ConfigError,
     DecodeError,
     IntegrityError,
     Overloaded,
@@ -76,12 +77,23 @@ class Workers:
     """The handler pool of one cell: runs handlers with ``face`` as their ``ctx.cell`` and
     sends their answers through ``port``."""
 
-    def __init__(self, port: Port, face: CellAPI, max_concurrency: int, queue_size: int) -> None:
+    def __init__(
+        self,
+        port: Port,
+        face: CellAPI,
+        max_concurrency: int,
+        queue_size: int,
+        idle_workers: int | None = None,
+    ) -> None:
         if max_concurrency < 1 or queue_size < 0:
             raise ValueError("max_concurrency must be >= 1 and queue_size >= 0")
+        if idle_workers is not None and idle_workers < 0:
+            raise ConfigError("idle_workers must be >= 0")
         self._port = port
         self._face = face
         self.max_concurrency = max_concurrency
+        self.idle_workers = max_concurrency if idle_workers is None else idle_workers
+        """Workers that wait when the queue is empty; the others end (one starts on demand)."""
         self.queue_size = queue_size
         self._queue: Channel[Job] = Channel(queue_size + max_concurrency)
         self.count = 0
@@ -116,6 +128,9 @@ class Workers:
             late: Job | None = None
             with anyio.CancelScope() as scope:
                 while late is None:
+                    if not len(self._queue) and self.count > self.idle_workers:
+                        self.count -= 1  # submit() starts another when one is needed
+                        return
                     job = await self._queue.get()
                     try:
                         if job.expired:

@@ -58,6 +58,11 @@ rests on the ``verify_peer`` tying the name in the peer's hello to its certifica
 the signing must say ``link_vouches=False``."""
 
 
+NO_BACKLOG: deque[tuple[Frame, float, int]] = deque(maxlen=0)
+"""The backlog of a link that never filled (never appended to: a full link's peer gets a deque
+of its own first). An empty deque is 600 B, and a relay of 1,000 sites has 1,000 links."""
+
+
 class Peer:
     """A live, handshaken link to one neighbouring cell.
 
@@ -114,7 +119,7 @@ class Peer:
         """A pong waits for room on the link (see ``Cell._on_frame``)."""
         self.orderly = False
         """A goodbye was said on the link (by either side): its end is a close, not a break."""
-        self.backlog: deque[tuple[Frame, float, int]] = deque()
+        self.backlog: deque[tuple[Frame, float, int]] = NO_BACKLOG  # made on first use
         """Frames forwarded to this peer while its link was full, with their deadlines and
         payload sizes, in order; a task of the router sends them (see ``Router._forward``)."""
         self.backlog_bytes = 0

@@ -170,7 +170,6 @@ class Router:
         self.tg = tg
         self.clock = clock
         self.dispatch = dispatch
-        self.parent_changed = anyio.Event()
         self.running = True
         tg.start_soon(self.timer.run, name=f"{self.name} deadlines")
 
@@ -185,9 +184,9 @@ class Router:
     def set_parent(self, peer: Peer) -> None:
         self.parent = peer
         self.notify(peer, True)
-        assert self.parent_changed is not None
-        self.parent_changed.set()
-        self.parent_changed = anyio.Event()
+        if self.parent_changed is not None:  # made by a waiter (600 B a cell otherwise)
+            self.parent_changed.set()
+            self.parent_changed = None
 
     # ------------------------------------------------------------------ the port
     def _now(self) -> float:

@@ -38,6 +38,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
+from flare_async._concurrency import Lock
 from flare_async._memory import return_large_blocks
 from flare_async.cell import Cell, Context, HandlerTable, IncomingStream, Payload
 from flare_async.errors import (
@@ -256,7 +257,7 @@ class ClientRuntime:
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._sent_format: str | None = None  # what the script sent last (numpy or torch)
         self.metrics = MetricsBuffer()
-        self._flushing = anyio.Lock()
+        self._flushing = Lock()  # ours: anyio's was 2.3 KB a simulated site
         self.metrics_sent = 0
         self.metrics_lost = 0
         self.failed: str | None = None

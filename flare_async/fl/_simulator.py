@@ -243,15 +243,14 @@ class _Meshed:
         after = list(mesh)[list(mesh).index(name) + 1 :] if name in mesh else []
         self.dials = [f"memory://peer.{s}" for s in after]
         self.up: set[str] = set()
-        self.linked = anyio.Event()
-        if not self.others:
-            self.linked.set()
+        self.linked = anyio.Event() if self.others else None
+        """Set once linked with all the others (``None``: no others to wait for)."""
 
     def saw(self, peer: str, role: str, up: bool) -> None:
         if role != "peer" or peer not in self.others:
             return
         (self.up.add if up else self.up.discard)(peer)
-        if self.up == self.others:
+        if self.up == self.others and self.linked is not None:
             self.linked.set()
 
 
@@ -297,6 +296,7 @@ class _SiteCells:
             listen=[f"memory://peer.{name}"] if self.mesh else [],
             peers=meshed.dials,
             on_link=meshed.saw,
+            idle_workers=0,  # a site answers a task or two a round: no task waits between
         )
         runtime = ClientRuntime(
             cell, "server", config=config, codec=self.codec, digest=False, job=self.job
@@ -307,7 +307,8 @@ class _SiteCells:
         try:
             async with cell:
                 await cell.wait_parent()
-                await meshed.linked.wait()
+                if meshed.linked is not None:
+                    await meshed.linked.wait()
                 self.linking.release()
                 linking = False
                 self.runtimes.append(runtime)

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from flare_async import Context, HandlerTable, MemoryNetwork, Payload, errors
+from flare_async import Cell, Context, HandlerTable, MemoryNetwork, Payload, errors
 from flare_async.cell._links import handshake_connector
 from flare_async.wire import Error, Frame, Limits, Request, make_hello
 from tests._topo import tree
@@ -210,3 +210,34 @@ async def test_relay_refuses_a_message_whose_budget_ran_out() -> None:
         await anyio.wait_all_tasks_blocked()
         assert probe.ok_calls == 0
         await link.aclose()
+
+
+@pytest.mark.parametrize(("idle", "left"), [(None, 3), (1, 1), (0, 0)])
+async def test_idle_workers_bounds_the_handler_tasks_left_after_a_burst(
+    idle: int | None, left: int
+) -> None:
+    """Three handlers run at once; once they answered, ``idle_workers`` of their tasks wait
+    (default: all: the pool never shrinks), and a later request is served either way."""
+    probe = Probe()
+    net = MemoryNetwork()
+    async with tree(
+        net, ["server", "server.e"], {"server.e": [probe.table]}, idle_workers=idle
+    ) as c:
+        site = c["server.e"]
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(c["server"].request, "server.e", "t", "block")
+            await anyio.wait_all_tasks_blocked()
+            assert (probe.started, site.statistics().workers) == (3, 3)
+            probe.release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert site.statistics().workers == left
+        assert (await c["server"].request("server.e", "t", "ok")).tobytes() == b"ok"
+        await anyio.wait_all_tasks_blocked()
+        assert site.statistics().workers == max(left, 0 if idle == 0 else 1)
+        assert site.statistics().handled == 4
+
+
+async def test_idle_workers_below_zero_is_refused() -> None:
+    with pytest.raises(errors.ConfigError, match="idle_workers"):
+        Cell("server", idle_workers=-1)
