@@ -215,7 +215,7 @@ class LinkKeeper:
         """
         router = self.router
         log = router.log
-        error: TransportError = LinkClosed(f"link to {peer.name} closed")
+        error: TransportError | None = None  # (not made up front: it lived as long as the link)
         clock = router.clock
         if peer.push is not None:
             peer.push.deliver_to(functools.partial(router.on_frame_now, peer))
@@ -252,6 +252,8 @@ class LinkKeeper:
                 peer.push.deliver_to(None)
             if peer.splicing is not None:
                 peer.splicing.pass_through(None)
+            if error is None:
+                error = LinkClosed(f"link to {peer.name} closed")
             router.drop_peer(peer, error)
             with anyio.CancelScope(shield=True):
                 await peer.link.aclose()  # after an abort: only releases what is left

@@ -234,20 +234,25 @@ def relay_tree(tiers: Sequence[int]) -> list[list[str]]:
     return levels
 
 
+_NOBODY: frozenset[str] = frozenset()
+_NOBODY_UP: set[str] = set()
+"""A site of no mesh: nobody to link to, nobody linked (shared by 100,000 such sites)."""
+
+
 class _Meshed:
     """One site's direct links to the other sites of a mesh: whom it dials (those after it),
     and an event set once it is linked with all the others."""
 
     def __init__(self, name: str, mesh: Sequence[str]) -> None:
-        self.others = {s for s in mesh if s != name}
+        self.others = frozenset(s for s in mesh if s != name) if mesh else _NOBODY
         after = list(mesh)[list(mesh).index(name) + 1 :] if name in mesh else []
         self.dials = [f"memory://peer.{s}" for s in after]
-        self.up: set[str] = set()
+        self.up: set[str] = set() if mesh else _NOBODY_UP  # (never added to: see saw)
         self.linked = anyio.Event() if self.others else None
         """Set once linked with all the others (``None``: no others to wait for)."""
 
     def saw(self, peer: str, role: str, up: bool) -> None:
-        if role != "peer" or peer not in self.others:
+        if self.linked is None or role != "peer" or peer not in self.others:
             return
         (self.up.add if up else self.up.discard)(peer)
         if self.up == self.others and self.linked is not None:
