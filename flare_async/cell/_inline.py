@@ -48,11 +48,6 @@ INLINE_HEADER = "inline-stream"
 """The request header that makes a request an inline stream (JSON :class:`InlineInfo`)."""
 FANOUT_IDLES = 4
 """A fan-out relay's inline hop gets this many ``idle`` periods as its deadline."""
-FANOUT_WIDTH = 256
-"""At most this many inline requests of one send are in flight at once (a relay of 1,000
-sites held 1,000 tasks and requests at once, 5 KB a site at 100,000 simulated sites). A site
-that does not answer holds its place until its deadline: it takes this many hung sites behind
-one relay to slow the fan-out down, and :data:`FANOUT_IDLES` times as many to fail its hop."""
 _FIRST_PAUSE = 0.05
 _MOST_PAUSE = 2.0
 
@@ -298,15 +293,9 @@ async def send_inline(
     if len(dsts) == 1:  # a site's result: no task group (its scope, task and event)
         await one(dsts[0])
         return out
-    todo = iter(dsts)
-
-    async def sender() -> None:
-        for dst in todo:  # shared: each sender takes the next destination
-            await one(dst)
-
     async with anyio.create_task_group() as tg:
-        for _ in range(min(len(dsts), FANOUT_WIDTH)):
-            tg.start_soon(sender)
+        for dst in dsts:
+            tg.start_soon(one, dst)
     return out
 
 

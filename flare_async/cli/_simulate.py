@@ -73,6 +73,24 @@ def add_parser(sub: Any) -> None:
         "importable by name)",
     )
     p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: the sites and relays in Ray actors "
+        "(pip install 'flare_async[ray]')",
+    )
+    p.add_argument(
+        "--actors",
+        type=_positive,
+        default=None,
+        help="(ray) how many actors (default: one a subtree)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="(ray) the cluster to join, e.g. ray://head:10001 (default: a local Ray)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="JSON lines on stdout only (one per round, then done), no progress display "
@@ -126,6 +144,9 @@ def run(args: Any) -> int:
                             relays=args.relays,
                             on_round=report.on_round,
                             processes=args.processes,
+                            backend=args.backend,
+                            actors=args.actors,
+                            ray_address=args.ray_address,
                         )
                     tg.cancel_scope.cancel()
             return final

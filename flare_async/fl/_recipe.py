@@ -10,7 +10,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio.to_thread
 import numpy as np
@@ -164,9 +164,13 @@ class FedAvgRecipe:
         relays: int = 0,
         on_round: Callable[[RoundResult], None] | None = None,
         processes: bool = False,
+        backend: Literal["local", "ray"] = "local",
+        actors: int | None = None,
+        ray_address: str | None = None,
     ) -> FLModel:
         """Run the job in the simulator (one process, scripts in threads or their own
-        processes; or, with ``processes``, each site its own process over tcp)."""
+        processes; or, with ``processes``, each site its own process over tcp; or, with
+        ``backend="ray"``, the sites and relays in ``actors`` Ray actors: see ``simulate``)."""
         result: FLModel = await simulate(
             self.run,
             self.script,
@@ -177,6 +181,9 @@ class FedAvgRecipe:
             config=self.config,
             codec=self.codec,
             on_round=on_round,
+            backend=backend,
+            actors=actors,
+            ray_address=ray_address,
         )
         return result
 

@@ -191,3 +191,47 @@ async def test_at_least_one_actor() -> None:
 
     with pytest.raises(ConfigError, match="actors must be at least 1"):
         await simulate(workflow, threaded_site, clients=2, backend="ray", actors=0)
+
+
+def ray_recipe() -> Any:
+    """A recipe for ``flare-async simulate --backend ray`` and ``recipe.simulate``."""
+    from flare_async.fl import FedAvgRecipe  # noqa: PLC0415 (beside the test that uses it)
+
+    return FedAvgRecipe(
+        initial={"w": np.arange(4, dtype=np.float64)}, script=threaded_site, rounds=2
+    )
+
+
+async def test_a_recipe_simulates_on_ray_as_in_process() -> None:
+    recipe = ray_recipe()
+    local = await recipe.simulate(6, relays=2)
+    on_ray = await recipe.simulate(6, relays=2, backend="ray", actors=2)
+    assert np.array_equal(on_ray.params["w"], local.params["w"])
+    # Site i floors the model, adds i, weighs i + 1: a round adds sum(i(i + 1)) / sum(i + 1)
+    # = 70 / 21 to the floored model; two rounds from 0, 1, 2, 3 give w + 3 + 70 / 21.
+    assert np.allclose(local.params["w"], np.arange(4) + 3 + 70 / 21)
+    with pytest.raises(ConfigError, match="backend='ray'"):
+        await recipe.simulate(2, processes=True, backend="ray")
+
+
+ARGS = ("--clients", "6", "--relays", "2", "--backend", "ray", "--actors", "2", "--json")
+
+
+def test_the_cli_simulates_on_ray_in_two_actors() -> None:
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flare_async", "simulate", "tests.fl.test_ray:ray_recipe", *ARGS],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(e["round"], e["of"]) for e in got if e["event"] == "round"] == [(1, 2), (2, 2)]
+    assert got[-1]["event"] == "done"

@@ -416,39 +416,3 @@ async def test_the_default_limit_the_frame_cap_and_a_negative_limit(tmp_path: Pa
         await server.stream("server.site", "t", "sink", b"x" * 8192, inline=10**6)
         assert isinstance(seen.streams[-1], InlineStream)
         assert seen.data[-2:] == [b"x" * 8193, b"x" * 8192]
-
-
-async def test_a_fan_out_keeps_at_most_its_width_of_requests_in_flight(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Five sites whose handlers wait: with a width of 2, two are asked at once; as they answer,
-    the next are, and every site gets the object."""
-    monkeypatch.setattr("flare_async.cell._inline.FANOUT_WIDTH", 2)
-    net = MemoryNetwork()
-    seen = Seen()
-    seen.hold = anyio.Event()  # unset: every handler waits
-    data = pattern(3000, seed=5)
-    names = [f"server.s{i}" for i in range(5)]
-    async with AsyncExitStack() as stack:
-        server = await stack.enter_async_context(
-            Cell("server", listen=["memory://server"], drivers=[net])
-        )
-        for name in names:
-            site = await stack.enter_async_context(
-                Cell(name, parent="memory://server", drivers=[net], handlers=[table(seen)])
-            )
-            await site.wait_parent()
-        out: dict[str, object] = {}
-
-        async def send() -> None:
-            out.update(await server.stream_many(names, "t", "sink", data))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(send)
-            await anyio.wait_all_tasks_blocked()
-            assert seen.entered == 2
-            seen.hold.set()
-        assert seen.entered == 5
-        assert seen.data == [data] * 5
-        assert sorted(out) == names
-        assert all(isinstance(reply, Payload) for reply in out.values())
