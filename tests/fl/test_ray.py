@@ -15,7 +15,7 @@ import pytest
 import flare_async.client as flare
 from flare_async import MemoryNetwork
 from flare_async.errors import ConfigError, FlareError
-from flare_async.fl import FLModel, FLServer, RoundResult, fedavg, simulate
+from flare_async.fl import FedAvgRecipe, FLModel, FLServer, RoundResult, fedavg, simulate
 
 ray = pytest.importorskip("ray")
 
@@ -193,10 +193,8 @@ async def test_at_least_one_actor() -> None:
         await simulate(workflow, threaded_site, clients=2, backend="ray", actors=0)
 
 
-def ray_recipe() -> Any:
+def ray_recipe() -> FedAvgRecipe:
     """A recipe for ``flare-async simulate --backend ray`` and ``recipe.simulate``."""
-    from flare_async.fl import FedAvgRecipe  # noqa: PLC0415 (beside the test that uses it)
-
     return FedAvgRecipe(
         initial={"w": np.arange(4, dtype=np.float64)}, script=threaded_site, rounds=2
     )
