@@ -290,6 +290,12 @@ class _SiteCells:
         self.all_up = anyio.Event()
         self.failed: BaseException | None = None
         self.linking = anyio.CapacityLimiter(linking)
+        # The scripts run in their sites' own tasks (a task of its own each was 3 KB a site):
+        self.go = anyio.Event()  # set once every site is up (or the start failed: see stop)
+        self.script: Script = ""
+        self.in_loop = False
+        self.running = 0
+        self.all_ended = anyio.Event()
 
     async def _cell(self, name: str, parent: str, config: dict[str, Any], total: int) -> None:
         meshed = _Meshed(name, self.mesh)
@@ -320,6 +326,16 @@ class _SiteCells:
                 self.up += 1
                 if self.up == total:
                     self.all_up.set()
+                await self.go.wait()
+                if not self.stop.is_set():  # else the start failed: no scripts
+                    script = self.script
+                    fn = script[runtime.site] if isinstance(script, dict) else script
+                    try:
+                        await _run_guarded(runtime, fn, self.in_loop)
+                    finally:
+                        self.running -= 1
+                        if self.running == 0:
+                            self.all_ended.set()
                 await self.stop.wait()
         except Exception as exc:  # a site that cannot start fails the simulation
             self.failed = exc
@@ -355,47 +371,41 @@ class _SiteCells:
                     if self.failed is not None:  # raised below, outside the group
                         error = FlareError(f"a simulated site did not start: {self.failed!r}")
                     else:
-                        outcome, error = await self._scripts(main, script, in_loop)
+                        self.in_loop = in_loop
+                        outcome, error = await self._scripts(main, script, cells)
                 finally:
                     self.stop.set()
+                    self.go.set()
         if error is not None:
             raise error
         return outcome
 
     async def _scripts(
-        self, main: Callable[[], Awaitable[Any]], script: Script, in_loop: bool
+        self, main: Callable[[], Awaitable[Any]], script: Script, cells: anyio.abc.TaskGroup
     ) -> tuple[Any, Exception | None]:
-        """Run every site's script beside ``main``; its outcome or error."""
+        """Let every site run its script (in its own task) beside ``main``; its outcome or
+        error."""
         outcome: Any = None
         error: Exception | None = None
-        running = len(self.runtimes)
-        all_ended = anyio.Event()
-
-        async def guarded(runtime: ClientRuntime, fn: Callable[[], object] | str) -> None:
-            nonlocal running
-            try:
-                await _run_guarded(runtime, fn, in_loop)
-            finally:
-                running -= 1
-                if running == 0:
-                    all_ended.set()
-
-        async with anyio.create_task_group() as tg:
+        self.script = script
+        self.running = len(self.runtimes)
+        if not self.running:
+            self.all_ended.set()
+        self.go.set()
+        try:
+            outcome = await main()
+        except Exception as exc:  # re-raised by the caller, not inside a group
+            error = exc
+        finally:
             for runtime in self.runtimes:
-                fn = script[runtime.site] if isinstance(script, dict) else script
-                tg.start_soon(guarded, runtime, fn)
-            try:
-                outcome = await main()
-            except Exception as exc:  # re-raised by the caller, not inside a group
-                error = exc
-            finally:
-                for runtime in self.runtimes:
-                    runtime.stop()
-                # Scripts end by themselves once told (their loops end, their last values
-                # reach the server); one still running after the grace period is abandoned.
-                with anyio.move_on_after(SCRIPT_GRACE):
-                    await all_ended.wait()
-                tg.cancel_scope.cancel()
+                runtime.stop()
+            # Scripts end by themselves once told (their loops end, their last values
+            # reach the server); if one still runs after the grace period, it is abandoned:
+            # the sites are cancelled rather than closed.
+            with anyio.move_on_after(SCRIPT_GRACE):
+                await self.all_ended.wait()
+            if not self.all_ended.is_set():
+                cells.cancel_scope.cancel()
         return outcome, error
 
 

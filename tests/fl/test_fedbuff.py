@@ -71,6 +71,11 @@ def test_staleness_discounts_older_updates() -> None:
 
 
 DELAYS = [0.0, 0.0, 0.05, 0.05, 0.4, 0.4]  # seconds per task: fast, medium, slow sites
+FAST_SENT = [0]
+"""Updates the two fast sites sent so far: a slow site's k-th answer waits for 12 k of them
+(at most 1 s), not for a fixed time, so that it lands late but within the run however fast
+the machine trains (with a fixed 0.4 s, a quick run ended before any slow site answered)."""
+FAST = threading.Condition()
 
 
 def train_at_own_speed() -> None:
@@ -81,6 +86,7 @@ def train_at_own_speed() -> None:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    answered = 0
     while (received := flare.receive()) is not None:
         if config.get("offline") and site in config["offline"]:
             continue  # this site never answers: as if it were unreachable
@@ -93,19 +99,30 @@ def train_at_own_speed() -> None:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xt[b]), yt[b]).backward()
             opt.step()
-        time.sleep(DELAYS[site])
+        answered += 1
+        if DELAYS[site] >= 0.4:
+            need = 12 * answered
+            with FAST:
+                FAST.wait_for(lambda: FAST_SENT[0] >= need, timeout=1.0)  # noqa: B023
+        else:
+            time.sleep(DELAYS[site])
         flare.send(
             FLModel(
                 params={k: v.detach().numpy() for k, v in model.state_dict().items()},
                 meta={"num_samples": len(xt)},
             )
         )
+        if DELAYS[site] == 0.0:
+            with FAST:
+                FAST_SENT[0] += 1
+                FAST.notify_all()
 
 
 async def run(
     offline: list[int], updates: int, deadline: float, max_staleness: int = 8
 ) -> tuple[float, FedBuffStats]:
     _, x_test, _, y_test = load()
+    FAST_SENT[0] = 0
 
     async def workflow(server: FLServer) -> FLModel:
         initial = {k: v.numpy() for k, v in make_model().state_dict().items()}
