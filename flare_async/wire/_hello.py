@@ -71,10 +71,11 @@ def make_hello(
 
 
 @lru_cache(maxsize=64)
-def _common(ours: frozenset[str], theirs: frozenset[str]) -> frozenset[str]:
-    """What both sides support: one set per pair of capability sets, not one per link (a relay
-    of thousands of sites held thousands of equal sets)."""
-    return ours & theirs
+def _interned(common: frozenset[str]) -> frozenset[str]:
+    """One object per set of common capabilities, not one per link (a relay of thousands of
+    sites held thousands of equal sets). Keyed by the intersection, a subset of our own
+    capabilities: never by what a peer sent, which may be as long as a header allows."""
+    return common
 
 
 def check_hello(local: Hello, remote: object, *, expect: Role) -> Session:
@@ -126,7 +127,7 @@ def check_hello(local: Hello, remote: object, *, expect: Role) -> Session:
         peer=them,
         role=expect,
         version=version,
-        capabilities=_common(frozenset(local.capabilities), frozenset(remote.capabilities)),
+        capabilities=_interned(frozenset(local.capabilities) & frozenset(remote.capabilities)),
         peer_limits=peer_limits,
         peer_heartbeat=remote.heartbeat,
     )

@@ -129,6 +129,20 @@ def test_duplicate_capabilities_from_a_peer_are_harmless() -> None:
     assert check_hello(local, remote, expect="child").capabilities == frozenset({"a"})
 
 
+def test_links_share_one_common_set_and_a_peers_long_list_is_not_kept() -> None:
+    """Two links that agree on the same capabilities share one set object; a peer that sends
+    10,000 names gets the same set (the cache is keyed by the intersection, bounded)."""
+    from flare_async.wire._hello import _interned  # noqa: PLC0415
+
+    local = make_hello("server", "parent", LIMITS, frozenset({"a", "b"}))
+    first = check_hello(local, hello("server.s1", "child", capabilities=["a", "x"]), expect="child")
+    flood = ["a", *(f"junk-{i}" for i in range(10_000))]
+    second = check_hello(local, hello("server.s2", "child", capabilities=flood), expect="child")
+    assert first.capabilities == second.capabilities == frozenset({"a"})
+    assert first.capabilities is second.capabilities
+    assert _interned.cache_info().currsize <= 64
+
+
 def test_heartbeat_zero_and_default() -> None:
     local = make_hello("server", "parent", LIMITS)
     assert check_hello(local, hello("server.eu", "child"), expect="child").peer_heartbeat == 0.0
