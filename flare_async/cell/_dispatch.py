@@ -86,7 +86,7 @@ class Workers:
         idle_workers: int | None = None,
     ) -> None:
         if max_concurrency < 1 or queue_size < 0:
-            raise ValueError("max_concurrency must be >= 1 and queue_size >= 0")
+            raise ConfigError("max_concurrency must be >= 1 and queue_size >= 0")
         if idle_workers is not None and idle_workers < 0:
             raise ConfigError("idle_workers must be >= 0")
         self._port = port

@@ -255,7 +255,7 @@ class _Meshed:
         if self.linked is None or role != "peer" or peer not in self.others:
             return
         (self.up.add if up else self.up.discard)(peer)
-        if self.up == self.others and self.linked is not None:
+        if self.up == self.others:
             self.linked.set()
 
 

@@ -80,7 +80,9 @@ def project(tmp_path: Path) -> Path:
     return folder
 
 
-def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def simulate(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     # -P: nothing prepended to sys.path, as for the installed `flare-async` script, so the
     # current folder is on the path only if simulate puts it there.
     return subprocess.run(
@@ -90,6 +92,7 @@ def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
         cwd=cwd,
+        env=env,
     )
 
 

@@ -100,3 +100,37 @@ async def test_a_model_past_the_limit_streams_and_a_small_one_does_not_in_the_sa
     big, _, counts = await run(inline_max=4096, size=4096)  # 16 KiB of float32: streamed
     np.testing.assert_allclose(big["w"], expected(4096), rtol=1e-6)
     assert counts["streamed"] > 0
+
+
+@pytest.mark.parametrize("frozen_by_app", [False, True])
+async def test_an_in_loop_simulation_quiets_the_collector_and_gives_it_back(
+    frozen_by_app: bool,
+) -> None:
+    """While the sites run, young collections wait for 25 new objects a site (at least 50,000)
+    and what existed is frozen; afterwards the thresholds are the application's again, and so
+    is the freeze (thawed only if the application had frozen nothing itself)."""
+    import gc  # noqa: PLC0415
+
+    from flare_async.fl import simulate  # noqa: PLC0415
+
+    old = gc.get_threshold()
+    gc.unfreeze()
+    if frozen_by_app:
+        gc.freeze()
+    seen: list[tuple[int, int]] = []
+
+    async def workflow(server: FLServer) -> Any:
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count()))
+        return await fedavg(server, {"w": np.zeros(3)}, rounds=1, deadline=30)
+
+    try:
+        for sites, want in ((4, 50_000), (2_001, 50_025)):
+            seen.clear()
+            await simulate(workflow, script, clients=sites, in_loop=True, relays=(2,))
+            assert seen[0][0] == want  # the edge: 2,000 sites and fewer keep 50,000
+            assert seen[0][1] > 0  # the topology is out of the collector's view
+            assert gc.get_threshold() == old
+            assert (gc.get_freeze_count() > 0) is frozen_by_app
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*old)

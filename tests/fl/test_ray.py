@@ -16,6 +16,8 @@ import flare_async.client as flare
 from flare_async import MemoryNetwork
 from flare_async.errors import ConfigError, FlareError
 from flare_async.fl import FedAvgRecipe, FLModel, FLServer, RoundResult, fedavg, simulate
+from tests.cli.test_cli_simulate import events
+from tests.cli.test_cli_simulate import simulate as cli
 
 ray = pytest.importorskip("ray")
 
@@ -216,20 +218,9 @@ ARGS = ("--clients", "6", "--relays", "2", "--backend", "ray", "--actors", "2", 
 
 
 def test_the_cli_simulates_on_ray_in_two_actors() -> None:
-    import json  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    out = subprocess.run(
-        [sys.executable, "-m", "flare_async", "simulate", "tests.fl.test_ray:ray_recipe", *ARGS],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the actors import tests.fl.test_ray
+    out = cli("tests.fl.test_ray:ray_recipe", *ARGS, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    got = events(out.stdout)
     assert [(e["round"], e["of"]) for e in got if e["event"] == "round"] == [(1, 2), (2, 2)]
     assert got[-1]["event"] == "done"
